@@ -1,0 +1,1 @@
+"""Prompt-tuning and meta-learning steps (PT, MTL, MAML, first-order MAML, Reptile) as pure functions."""

@@ -1,0 +1,1 @@
+"""CrossFit data: reading, validation, the study's settings, batching and the offline gyms."""

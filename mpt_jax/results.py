@@ -1,0 +1,661 @@
+"""Result tables of the study: per-seed test scores -> per task mean and std, per setting average and
+relative gain over PT (ARG), as JSON, markdown, CSV and a bar plot; plus a record of each run.
+
+Numbers follow the study (reference/PROTOCOL.md, "Downstream"):
+- per task: mean and std of the test scores over the seeds; std is `np.std` with its default ddof=0,
+  i.e. the POPULATION std over the 5 seeds (what the study's tables used), recorded as "std_ddof".
+- per setting: "average" = mean over target tasks of the per-task means.
+- ARG = mean over tasks of (m - PT) / PT with m and PT per-task means (not the gain of the averages).
+  The formula is kept as the study wrote it, even where a negative PT score (Matthew-Correlation)
+  makes its sign misleading; a task whose PT mean is 0 has no relative gain (NaN, excluded).
+- NaN (a Pearson score of unparsable predictions, a failed run) is not silently averaged away nor
+  allowed to poison a whole table: with nan_policy="omit" (default) means and stds are over the finite
+  values only, and the count of excluded values is stored ("n_nan", "tasks_without_score", ...) and
+  flagged in the tables; nan_policy="propagate" gives NaN wherever a NaN enters (plain np.mean).
+
+Data model: plain JSON-serializable dicts (a run is a dict with "task", "seed", "test_score" and
+optional "dev_score", "best_lr", "best_step", "metric", ...; `RunResult` builds one). In memory a
+missing score is float('nan'); in the JSON files it is null. Scores are stored as the metrics return
+them (0..1 for most); the markdown tables and plots show them x100 like the study.
+
+  summary = summarize_runs(runs, setting="cls2cls", method="maml", pt="runs/pt_cls2cls/results.json")
+  write_setting_results(summary, "runs/maml_cls2cls")        # results.{json,md,csv,png}
+  write_comparison(compare_methods([pt, mtl, maml]), "runs/tables", name="cls2cls")
+
+Command line, the study's table for one setting from the methods' results.json files:
+  python -m mpt_jax.results --out=runs/tables runs/*_cls2cls/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+STD_DDOF = 0  # np.std's default, as in the study's tables: population std over seeds.
+NAN_POLICIES = ("omit", "propagate")
+METHOD_ORDER = ("pt", "mtl", "maml", "fomaml", "reptile")  # the study's column order, PT first.
+METHOD_DISPLAY_NAMES = {"pt": "PT", "mtl": "MTL", "maml": "MAML", "fomaml": "FoMAML",
+                        "reptile": "Reptile"}
+RECORDED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy")
+RESULTS_FILE = "results.json"
+RUN_RECORD_FILE = "run_record.json"
+
+
+@dataclasses.dataclass
+class RunResult:
+  """One downstream run: the test score of the best dev checkpoint of the best lr, for one seed."""
+  task: str
+  seed: int
+  test_score: float
+  dev_score: float | None = None
+  best_lr: float | None = None
+  best_step: int | None = None
+  metric: str | None = None
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small numeric helpers: every score read goes through _num, so a JSON null reads as NaN.
+# ---------------------------------------------------------------------------------------------------
+def _num(value: Any) -> float:
+  return float("nan") if value is None else float(value)
+
+
+def _finite(values: Iterable[float]) -> list[float]:
+  return [v for v in values if math.isfinite(v)]
+
+
+def _mean(values: Sequence[float], nan_policy: str) -> float:
+  values = _finite(values) if nan_policy == "omit" else list(values)
+  return float(np.mean(values)) if values else float("nan")
+
+
+def _std(values: Sequence[float], nan_policy: str) -> float:
+  values = _finite(values) if nan_policy == "omit" else list(values)
+  return float(np.std(values, ddof=STD_DDOF)) if values else float("nan")
+
+
+def _check_nan_policy(nan_policy: str) -> None:
+  if nan_policy not in NAN_POLICIES:
+    raise ValueError(f"nan_policy={nan_policy!r}; expected one of {NAN_POLICIES}")
+
+
+def _method_key(method: str) -> str:
+  return method.lower()
+
+
+def method_display_name(method: str) -> str:
+  return METHOD_DISPLAY_NAMES.get(_method_key(method), method)
+
+
+def _method_sort_key(method: str) -> tuple[int, str]:
+  key = _method_key(method)
+  return (METHOD_ORDER.index(key) if key in METHOD_ORDER else len(METHOD_ORDER), key)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Summaries.
+# ---------------------------------------------------------------------------------------------------
+def _as_run_dict(run: RunResult | Mapping[str, Any], index: int) -> dict[str, Any]:
+  run = run.to_dict() if isinstance(run, RunResult) else dict(run)
+  missing = [key for key in ("task", "seed", "test_score") if key not in run]
+  if missing:
+    raise ValueError(f"run {index} lacks {missing}: each run needs 'task', 'seed' and 'test_score' "
+                     f"(got keys {sorted(run)})")
+  run["test_score"] = _num(run["test_score"])
+  return run
+
+
+def summarize_task(task: str, runs: Iterable[RunResult | Mapping[str, Any]],
+                   nan_policy: str = "omit") -> dict[str, Any]:
+  """Per-seed test scores of one task -> {"seeds", "test_scores", "mean", "std", "n_nan", "runs", ...}."""
+  _check_nan_policy(nan_policy)
+  runs = [_as_run_dict(run, i) for i, run in enumerate(runs)]
+  if not runs:
+    raise ValueError(f"task {task!r}: no runs to summarize")
+  other_tasks = sorted({str(run["task"]) for run in runs if run["task"] != task})
+  if other_tasks:
+    raise ValueError(f"task {task!r}: got runs of other tasks {other_tasks}")
+  seeds = [run["seed"] for run in runs]
+  duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
+  if duplicates:
+    raise ValueError(f"task {task!r}: more than one run for seeds {duplicates}; keep one per seed")
+  runs.sort(key=lambda run: run["seed"])
+  metrics = sorted({run["metric"] for run in runs if run.get("metric")})
+  if len(metrics) > 1:
+    raise ValueError(f"task {task!r}: runs disagree on the metric: {metrics}")
+  scores = [run["test_score"] for run in runs]
+  return {
+      "task": task,
+      "metric": metrics[0] if metrics else None,
+      "seeds": [run["seed"] for run in runs],
+      "test_scores": scores,
+      "mean": _mean(scores, nan_policy),
+      "std": _std(scores, nan_policy),
+      "std_ddof": STD_DDOF,
+      "nan_policy": nan_policy,
+      "n_seeds": len(scores),
+      "n_nan": len(scores) - len(_finite(scores)),
+      "runs": runs,
+  }
+
+
+def _pt_means(pt: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, float], str]:
+  """Per-task PT means from a PT setting summary, or from the path of its results.json."""
+  source = "given summary"
+  if isinstance(pt, (str, os.PathLike)):
+    source = os.fspath(pt)
+    pt = load_results(pt)
+  if not isinstance(pt, Mapping) or not isinstance(pt.get("tasks"), Mapping):
+    raise ValueError(f"PT results ({source}) must be a setting summary with a 'tasks' mapping "
+                     "(a results.json written by write_setting_results)")
+  return {task: _num(summary["mean"]) for task, summary in pt["tasks"].items()}, source
+
+
+def relative_gains(means: Mapping[str, float], pt_means: Mapping[str, float]) -> dict[str, float]:
+  """(m - PT) / PT per task present in both; NaN where PT's mean is 0 or NaN."""
+  gains = {}
+  for task, mean in means.items():
+    if task in pt_means:
+      pt_mean = _num(pt_means[task])
+      gains[task] = (_num(mean) - pt_mean) / pt_mean if pt_mean != 0 else float("nan")
+  return gains
+
+
+def summarize_setting(task_summaries: Iterable[Mapping[str, Any]], *, setting: str, method: str,
+                      pt: str | os.PathLike | Mapping[str, Any] | None = None,
+                      nan_policy: str = "omit") -> dict[str, Any]:
+  """Task summaries of one method on one setting -> average over tasks and, given PT, the ARG."""
+  _check_nan_policy(nan_policy)
+  tasks = {}
+  for summary in task_summaries:
+    if summary["task"] in tasks:
+      raise ValueError(f"setting {setting!r}, method {method!r}: task {summary['task']!r} given twice")
+    tasks[summary["task"]] = dict(summary)
+  if not tasks:
+    raise ValueError(f"setting {setting!r}, method {method!r}: no task results")
+  means = {task: _num(summary["mean"]) for task, summary in tasks.items()}
+  result = {
+      "setting": setting,
+      "method": method,
+      "std_ddof": STD_DDOF,
+      "nan_policy": nan_policy,
+      "tasks": tasks,
+      "average": _mean(list(means.values()), nan_policy),
+      "n_tasks": len(tasks),
+      "tasks_without_score": [task for task, mean in means.items() if not math.isfinite(mean)],
+  }
+  if pt is not None:
+    pt_means, pt_source = _pt_means(pt)
+    gains = relative_gains(means, pt_means)
+    result.update({
+        "pt_source": pt_source,
+        "relative_gain": gains,
+        "arg": _mean(list(gains.values()), nan_policy),
+        "arg_tasks_missing_in_pt": [task for task in tasks if task not in pt_means],
+        "arg_tasks_without_gain": [task for task, gain in gains.items() if not math.isfinite(gain)],
+    })
+  return result
+
+
+def summarize_runs(runs: Iterable[RunResult | Mapping[str, Any]], *, setting: str, method: str,
+                   pt: str | os.PathLike | Mapping[str, Any] | None = None,
+                   nan_policy: str = "omit") -> dict[str, Any]:
+  """All runs of one method on one setting (any order) -> the setting summary, tasks in first-seen order."""
+  by_task: dict[str, list] = {}
+  for i, run in enumerate(runs):
+    run = _as_run_dict(run, i)
+    by_task.setdefault(run["task"], []).append(run)
+  return summarize_setting([summarize_task(task, task_runs, nan_policy)
+                            for task, task_runs in by_task.items()],
+                           setting=setting, method=method, pt=pt, nan_policy=nan_policy)
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON files (NaN <-> null, atomic writes: a preempted run never leaves half a file).
+# ---------------------------------------------------------------------------------------------------
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, float) or isinstance(value, np.floating):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, np.integer):
+    return int(value)
+  if isinstance(value, np.ndarray):
+    return _jsonable(value.tolist())
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, RunResult):
+    return _jsonable(value.to_dict())
+  if value is None or isinstance(value, (str, int)):
+    return value
+  return repr(value)
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", newline="") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _write_json(path: str, value: Any) -> None:
+  _write_atomic(path, json.dumps(_jsonable(value), indent=1, allow_nan=False) + "\n")
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+  """A results.json (task or setting summary, or comparison); a directory means its results.json."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = os.path.join(path, RESULTS_FILE)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"no results file at {path}; run the downstream stage (or "
+                            "write_setting_results) first") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); delete it and rewrite the results") from None
+
+
+def write_task_results(task_summary: Mapping[str, Any], task_dir: str | os.PathLike) -> str:
+  """<task_dir>/results.json of one task; returns its path."""
+  os.makedirs(task_dir, exist_ok=True)
+  path = os.path.join(os.fspath(task_dir), RESULTS_FILE)
+  _write_json(path, task_summary)
+  return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables and plots.
+# ---------------------------------------------------------------------------------------------------
+def _pct(value: Any, digits: int) -> str:
+  value = _num(value)
+  return f"{100 * value:.{digits}f}" if math.isfinite(value) else "NaN"
+
+
+def _signed_pct(value: Any, digits: int) -> str:
+  value = _num(value)
+  return f"{100 * value:+.{digits}f}%" if math.isfinite(value) else "NaN"
+
+
+def _mean_std_cell(summary: Mapping[str, Any], digits: int) -> str:
+  cell = f"{_pct(summary['mean'], digits)} ± {_pct(summary['std'], digits)}"
+  n_nan = summary.get("n_nan", 0)
+  if n_nan:
+    cell += f" ({n_nan}/{summary['n_seeds']} NaN)"
+  return cell
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator="\n")
+  writer.writerow(header)
+  for row in rows:
+    writer.writerow(["nan" if isinstance(v, float) and math.isnan(v) else v for v in row])
+  return buffer.getvalue()
+
+
+def _nan_notes(summary: Mapping[str, Any]) -> list[str]:
+  omit = summary.get("nan_policy", "omit") == "omit"
+  notes = []
+  if summary.get("tasks_without_score"):
+    notes.append(f"No finite score: {', '.join(summary['tasks_without_score'])}"
+                 + (" (left out of the average)." if omit else " (the average is NaN)."))
+  if any(t.get("n_nan") for t in summary["tasks"].values()):
+    notes.append("(k/n NaN): k of the n seeds scored NaN"
+                 + ("; mean and std are over the other seeds." if omit else "; the mean is NaN."))
+  if summary.get("arg_tasks_missing_in_pt"):
+    missing = ", ".join(summary["arg_tasks_missing_in_pt"])
+    notes.append(f"Not in the PT results, left out of the ARG: {missing}.")
+  if summary.get("arg_tasks_without_gain"):
+    notes.append(f"No relative gain (PT mean 0 or NaN): {', '.join(summary['arg_tasks_without_gain'])}.")
+  return notes
+
+
+def setting_table_markdown(summary: Mapping[str, Any], digits: int = 1) -> str:
+  """Markdown table of one method on one setting: per-seed scores, mean ± std, gain over PT (x100)."""
+  seeds = sorted({seed for t in summary["tasks"].values() for seed in t["seeds"]})
+  has_pt = "relative_gain" in summary
+  header = ["task", "metric"] + [f"seed {s}" for s in seeds] + ["mean ± std"] + (["vs PT"] if has_pt else [])
+  rows = []
+  for task, t in summary["tasks"].items():
+    by_seed = dict(zip(t["seeds"], t["test_scores"]))
+    row = [task, t.get("metric") or ""]
+    row += [_pct(by_seed[s], digits) if s in by_seed else "" for s in seeds]
+    row.append(_mean_std_cell(t, digits))
+    if has_pt:
+      gain = summary["relative_gain"].get(task)
+      row.append("" if gain is None and task not in summary["relative_gain"] else _signed_pct(gain, digits))
+    rows.append(row)
+  blank = [""] * (1 + len(seeds))
+  rows.append(["**Average**"] + blank + [_pct(summary["average"], digits)] + ([""] if has_pt else []))
+  if has_pt:
+    rows.append(["**ARG**"] + blank + [""] + [_signed_pct(summary["arg"], digits)])
+  title = (f"# {method_display_name(summary['method'])} on {summary['setting']}\n\nTest scores x100 over "
+           f"seeds; std is the population std (ddof={summary.get('std_ddof', STD_DDOF)}).")
+  if has_pt:
+    title += " vs PT: (m - PT) / PT of the task means; ARG: their mean over tasks."
+  notes = _nan_notes(summary)
+  return title + "\n\n" + _markdown(header, rows) + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+                                                      if notes else "")
+
+
+def setting_table_csv(summary: Mapping[str, Any]) -> str:
+  """CSV of one method on one setting, raw scores (not x100), full precision; 'average'/'ARG' rows last."""
+  seeds = sorted({seed for t in summary["tasks"].values() for seed in t["seeds"]})
+  gains = summary.get("relative_gain", {})
+  header = (["task", "metric"] + [f"seed_{s}" for s in seeds]
+            + ["mean", "std", "n_seeds", "n_nan", "relative_gain_vs_pt"])
+  rows = []
+  for task, t in summary["tasks"].items():
+    by_seed = dict(zip(t["seeds"], t["test_scores"]))
+    rows.append([task, t.get("metric") or ""] + [_num(by_seed[s]) if s in by_seed else "" for s in seeds]
+                + [_num(t["mean"]), _num(t["std"]), t["n_seeds"], t["n_nan"],
+                   _num(gains[task]) if task in gains else ""])
+  blank = [""] * len(seeds)
+  rows.append(["average", ""] + blank + [_num(summary["average"]), "", "", "", ""])
+  if "arg" in summary:
+    rows.append(["ARG", ""] + blank + ["", "", "", "", _num(summary["arg"])])
+  return _csv(header, rows)
+
+
+def plot_bars(tasks: Sequence[str], series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+              path: str | os.PathLike, title: str = "") -> str:
+  """Grouped bar chart (x100): one group per task, one bar per series with a std error bar; PNG."""
+  # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  n_series = max(len(series), 1)
+  width = 0.8 / n_series
+  figure = Figure(figsize=(max(6.0, 0.35 * len(tasks) * (n_series + 1)), 4.5))
+  FigureCanvasAgg(figure)
+  axes = figure.add_subplot()
+  x = np.arange(len(tasks))
+  for i, (name, (means, stds)) in enumerate(series.items()):
+    means = 100 * np.asarray([_num(m) for m in means], dtype=float)
+    stds = 100 * np.asarray([_num(s) for s in stds], dtype=float)
+    offsets = x - 0.4 + width * (i + 0.5)
+    axes.bar(offsets, np.nan_to_num(means), width, yerr=np.nan_to_num(stds), capsize=2, label=name)
+    for offset, mean in zip(offsets, means):
+      if not math.isfinite(mean):  # Say so on the plot rather than draw a silent zero.
+        axes.text(offset, 0, "NaN", rotation=90, ha="center", va="bottom", fontsize=7)
+  axes.set_xticks(x)
+  axes.set_xticklabels(tasks, rotation=45, ha="right", fontsize=8)
+  axes.set_ylabel("test score x100 (mean ± std over seeds)")
+  axes.set_title(title)
+  axes.legend(fontsize=8)
+  figure.tight_layout()
+  path = os.fspath(path)
+  figure.savefig(path, format="png", dpi=120)
+  return path
+
+
+def write_setting_results(summary: Mapping[str, Any], out_dir: str | os.PathLike,
+                          digits: int = 1) -> dict[str, str]:
+  """results.json, results.md, results.csv and results.png of one method on one setting."""
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {ext: os.path.join(out_dir, f"results.{ext}") for ext in ("json", "md", "csv", "png")}
+  _write_json(paths["json"], summary)
+  _write_atomic(paths["md"], setting_table_markdown(summary, digits))
+  _write_atomic(paths["csv"], setting_table_csv(summary))
+  tasks = list(summary["tasks"])
+  plot_bars(tasks + ["average"],
+            {method_display_name(summary["method"]):
+             ([summary["tasks"][t]["mean"] for t in tasks] + [summary["average"]],
+              [summary["tasks"][t]["std"] for t in tasks] + [0.0])},
+            paths["png"], title=f"{method_display_name(summary['method'])} on {summary['setting']}")
+  return paths
+
+
+# ---------------------------------------------------------------------------------------------------
+# The study's comparison table: one setting, methods as columns (PT, MTL, MAML, FoMAML, Reptile).
+# ---------------------------------------------------------------------------------------------------
+def compare_methods(summaries: Iterable[Mapping[str, Any] | str | os.PathLike],
+                    nan_policy: str = "omit") -> dict[str, Any]:
+  """Setting summaries (or their results.json paths) of several methods -> the comparison table.
+
+  ARG of each method is recomputed against the PT summary among them (if any), else taken from the
+  method's own summary (computed against the PT file it was given), else absent.
+  """
+  _check_nan_policy(nan_policy)
+  loaded = [load_results(s) if isinstance(s, (str, os.PathLike)) else s for s in summaries]
+  if not loaded:
+    raise ValueError("compare_methods: no summaries given")
+  by_method: dict[str, Mapping[str, Any]] = {}
+  for summary in loaded:
+    if "method" not in summary or "tasks" not in summary:
+      raise ValueError("compare_methods: each summary must be a setting summary (keys 'method', "
+                       f"'setting', 'tasks'), got keys {sorted(summary)}")
+    method = str(summary["method"])
+    if any(_method_key(m) == _method_key(method) for m in by_method):
+      raise ValueError(f"compare_methods: method {method!r} given twice")
+    by_method[method] = summary
+  settings = sorted({str(s.get("setting")) for s in by_method.values()})
+  if len(settings) > 1:
+    raise ValueError(f"compare_methods: summaries of different settings {settings}; compare one "
+                     "setting at a time")
+  methods = sorted(by_method, key=_method_sort_key)
+  tasks: list[str] = []
+  for method in methods:
+    tasks += [task for task in by_method[method]["tasks"] if task not in tasks]
+  pt = next((m for m in methods if _method_key(m) == "pt"), None)
+  pt_means = ({task: _num(t["mean"]) for task, t in by_method[pt]["tasks"].items()}
+              if pt is not None else None)
+  cells, average, n_tasks, arg = {}, {}, {}, {}
+  for method in methods:
+    summary = by_method[method]
+    cells[method] = {task: {"mean": _num(t["mean"]), "std": _num(t["std"]), "n_nan": t.get("n_nan", 0),
+                            "n_seeds": t.get("n_seeds")}
+                     for task, t in summary["tasks"].items()}
+    means = {task: cell["mean"] for task, cell in cells[method].items()}
+    average[method] = _mean(list(means.values()), nan_policy)
+    n_tasks[method] = len(means)
+    if pt_means is not None and method != pt:
+      arg[method] = _mean(list(relative_gains(means, pt_means).values()), nan_policy)
+    elif pt_means is None and "arg" in summary:
+      arg[method] = _num(summary["arg"])
+  return {"setting": settings[0], "methods": methods, "tasks": tasks, "cells": cells,
+          "average": average, "n_tasks": n_tasks, "arg": arg, "arg_baseline":
+          "pt column" if pt_means is not None else "each method's own PT file",
+          "std_ddof": STD_DDOF, "nan_policy": nan_policy}
+
+
+def comparison_table_markdown(comparison: Mapping[str, Any], digits: int = 1) -> str:
+  methods = comparison["methods"]
+  header = ["task"] + [method_display_name(m) for m in methods]
+  rows = []
+  for task in comparison["tasks"]:
+    rows.append([task] + [_mean_std_cell(comparison["cells"][m][task], digits)
+                          if task in comparison["cells"][m] else "—" for m in methods])
+  all_tasks = len(comparison["tasks"])
+  rows.append(["**Average**"] + [
+      _pct(comparison["average"][m], digits)
+      + ("" if comparison["n_tasks"][m] == all_tasks else f" ({comparison['n_tasks'][m]} tasks)")
+      for m in methods])
+  rows.append(["**ARG**"] + [_signed_pct(comparison["arg"][m], digits) if m in comparison["arg"] else "—"
+                             for m in methods])
+  text = (f"# {comparison['setting']}: test scores x100, mean ± std over seeds (population std)\n\n"
+          "ARG: mean over tasks of (m - PT) / PT.\n\n" + _markdown(header, rows))
+  if any(c.get("n_nan") for m in methods for c in comparison["cells"][m].values()):
+    text += ("\n- (k/n NaN): k of the n seeds scored NaN"
+             + ("; mean and std are over the other seeds.\n" if comparison["nan_policy"] == "omit"
+                else "; the mean is NaN.\n"))
+  return text
+
+
+def comparison_table_csv(comparison: Mapping[str, Any]) -> str:
+  methods = comparison["methods"]
+  header = ["task"] + [f"{method_display_name(m)}_{stat}" for m in methods for stat in ("mean", "std")]
+  rows = []
+  for task in comparison["tasks"]:
+    row = [task]
+    for m in methods:
+      cell = comparison["cells"][m].get(task)
+      row += [cell["mean"], cell["std"]] if cell else ["", ""]
+    rows.append(row)
+  rows.append(["average"] + [v for m in methods for v in (comparison["average"][m], "")])
+  rows.append(["ARG"] + [v for m in methods for v in (comparison["arg"].get(m, ""), "")])
+  return _csv(header, rows)
+
+
+def write_comparison(comparison: Mapping[str, Any], out_dir: str | os.PathLike, name: str | None = None,
+                     digits: int = 1) -> dict[str, str]:
+  """<name>.json/.md/.csv/.png of a comparison table (name defaults to the setting)."""
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  name = name or f"comparison_{comparison['setting']}"
+  paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "csv", "png")}
+  _write_json(paths["json"], comparison)
+  _write_atomic(paths["md"], comparison_table_markdown(comparison, digits))
+  _write_atomic(paths["csv"], comparison_table_csv(comparison))
+  tasks = comparison["tasks"]
+  nan_cell = {"mean": float("nan"), "std": float("nan")}
+  series = {}
+  for m in comparison["methods"]:
+    cells = [comparison["cells"][m].get(t, nan_cell) for t in tasks]
+    series[method_display_name(m)] = ([c["mean"] for c in cells] + [comparison["average"][m]],
+                                      [c["std"] for c in cells] + [0.0])
+  plot_bars(tasks + ["average"], series, paths["png"], title=str(comparison["setting"]))
+  return paths
+
+
+# ---------------------------------------------------------------------------------------------------
+# A reproducible record of the run, beside its results.
+# ---------------------------------------------------------------------------------------------------
+def _config_dict(config: Any) -> Any:
+  if hasattr(config, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
+    config = config.to_dict()
+  elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+    config = dataclasses.asdict(config)
+  return _jsonable(config)
+
+
+def _package_versions() -> dict[str, str | None]:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+
+  versions: dict[str, str | None] = {"python": platform.python_version()}
+  for name in RECORDED_PACKAGES:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      versions[name] = None
+  return versions
+
+
+def _git(args: Sequence[str], cwd: str) -> str | None:
+  try:
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                         check=True)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip()
+
+
+def _git_state() -> dict[str, Any]:
+  """Commit of the mpt_jax source checkout, and whether tracked files differ from it."""
+  source_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  commit = _git(["rev-parse", "HEAD"], source_dir)
+  if not commit:
+    return {"commit": "unknown", "dirty": None}
+  status = _git(["status", "--porcelain", "--untracked-files=no"], source_dir)
+  return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def _devices() -> dict[str, Any]:
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    devices = jax.devices()
+    return {"process_index": jax.process_index(), "process_count": jax.process_count(),
+            "count": len(devices),
+            "devices": [{"id": d.id, "platform": d.platform, "device_kind": d.device_kind,
+                         "process_index": d.process_index, "repr": str(d)} for d in devices]}
+  except Exception as e:  # pylint: disable=broad-except  # A record must not fail the run.
+    return {"error": f"{type(e).__name__}: {e}"}
+
+
+def run_record(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
+  """Record config, versions, git commit, devices, host, time and command line in workdir.
+
+  <workdir>/run_record.json holds a list with one record per invocation, oldest first: a resumed run
+  appends instead of overwriting the original record. Only process 0 writes (multi-host). Returns the
+  new record.
+  """
+  record = {
+      "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "hostname": socket.gethostname(),
+      "command_line": list(sys.argv),
+      "executable": sys.executable,
+      "cwd": os.getcwd(),
+      "config": _config_dict(config),
+      "packages": _package_versions(),
+      "git": _git_state(),
+      "devices": _devices(),
+  }
+  if record["devices"].get("process_index", 0) != 0:
+    return record
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, RUN_RECORD_FILE)
+  history = []
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        history = json.load(f)
+    except json.JSONDecodeError:
+      history = None
+    if not isinstance(history, list):  # Unreadable: keep it aside rather than lose or crash.
+      os.replace(path, path + ".unreadable")
+      history = []
+  _write_json(path, history + [record])
+  return record
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> dict[str, str]:
+  parser = argparse.ArgumentParser(
+      prog="python -m mpt_jax.results",
+      description="The study's comparison table of one setting from the methods' results.json files.")
+  parser.add_argument("results", nargs="+", help="setting results.json files (or their directories)")
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--name", default=None, help="file name stem (default: comparison_<setting>)")
+  parser.add_argument("--digits", type=int, default=1)
+  parser.add_argument("--nan_policy", choices=NAN_POLICIES, default="omit")
+  args = parser.parse_args(argv)
+  paths = write_comparison(compare_methods(args.results, args.nan_policy), args.out, args.name,
+                           args.digits)
+  with open(paths["md"]) as f:
+    print(f.read())
+  return paths
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,12 @@
+"""Multi-task learning (MTL) on the `cls2nocls` setting of the study: upstream on the source tasks, then prompt tuning on its target tasks.
+
+Run:  python -m mpt_jax.main --config=configs/mtl_cls2nocls.py --workdir=runs/mtl_cls2nocls \
+        --config.data_dir=/path/to/crossfit_data [--config.model=google/t5-large-lm-adapt]
+Smoke test on a tiny model:  --config=configs/mtl_cls2nocls.py:tiny --config.model=/path/to/tiny_t5
+"""
+
+from mpt_jax.config import base_config
+
+
+def get_config(arg=None):
+  return base_config("mtl", "cls2nocls", arg)

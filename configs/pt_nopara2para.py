@@ -1,0 +1,12 @@
+"""Prompt tuning (PT) from the target task's name on the `nopara2para` setting of the study: prompt tuning on its target tasks.
+
+Run:  python -m mpt_jax.main --config=configs/pt_nopara2para.py --workdir=runs/pt_nopara2para \
+        --config.data_dir=/path/to/crossfit_data [--config.model=google/t5-large-lm-adapt]
+Smoke test on a tiny model:  --config=configs/pt_nopara2para.py:tiny --config.model=/path/to/tiny_t5
+"""
+
+from mpt_jax.config import base_config
+
+
+def get_config(arg=None):
+  return base_config("pt", "nopara2para", arg)

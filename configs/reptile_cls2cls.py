@@ -1,0 +1,12 @@
+"""Reptile on the `cls2cls` setting of the study: upstream on the source tasks, then prompt tuning on its target tasks.
+
+Run:  python -m mpt_jax.main --config=configs/reptile_cls2cls.py --workdir=runs/reptile_cls2cls \
+        --config.data_dir=/path/to/crossfit_data [--config.model=google/t5-large-lm-adapt]
+Smoke test on a tiny model:  --config=configs/reptile_cls2cls.py:tiny --config.model=/path/to/tiny_t5
+"""
+
+from mpt_jax.config import base_config
+
+
+def get_config(arg=None):
+  return base_config("reptile", "cls2cls", arg)

@@ -1,0 +1,129 @@
+"""The shared base of every config in configs/: the study's defaults, method defaults and presets.
+
+A config file under configs/ is a thin `get_config(arg=None)` over `base_config(method, setting, arg)`;
+`arg` picks a preset (`configs/maml_cls2cls.py:tiny`). Defaults equal the reference study's
+(reference/PROTOCOL.md); every deliberate deviation says so in a comment.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ("pt", "mtl", "maml", "fomaml", "reptile")
+SEEDS = (100, 13, 21, 42, 87)
+
+# The upstream hyperparameters of the study, per method (PROTOCOL.md, "Upstream").
+_UPSTREAM = {
+    "pt": dict(),  # no upstream: PT prompt-tunes downstream from the target task's name.
+    "mtl": dict(batch_size=4, num_epochs=20, max_target_len=128),
+    "maml": dict(num_steps=5000, tasks_per_step=2, inner_steps=1, inner_batch_size=2, query_size=2,
+                 first_order=False),
+    "fomaml": dict(num_steps=5000, tasks_per_step=2, inner_steps=1, inner_batch_size=4, query_size=4,
+                   first_order=True),
+    # Reptile: 10 inner SGD steps of 4 examples = the 40 support examples of the study, no query.
+    "reptile": dict(num_steps=5000, tasks_per_step=2, inner_steps=10, inner_batch_size=4, query_size=0),
+}
+
+
+def base_config(method: str, setting: str, preset: str | None = None) -> ml_collections.ConfigDict:
+  """The full config of `method` on `setting`, with the named preset applied."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  c = ml_collections.ConfigDict()
+  c.method = method
+  c.setting = setting
+  # A JSON file {"source": [...], "target": [...]} defines a setting of your own (overrides `setting`).
+  c.setting_file = ""
+  c.data_dir = ""  # CrossFit data directory (DATA_DIR/{task}/{task}_{k}_{seed}_{split}.tsv).
+  # An offline gym instead of CrossFit ("synthetic" or "wordnet"); its data_dir is found or generated.
+  c.gym = ""
+  c.seeds = SEEDS
+  c.seed = 0  # rng of upstream sampling, dropout and prompt init.
+  c.stages = ("upstream", "downstream")
+  c.init_prompt = ""  # a saved prompt (.npy) to start downstream from; skips upstream.
+  c.cache_dir = ""  # tokenized-task cache; default: <workdir>/../cache
+
+  c.model = "google/t5-large-lm-adapt"
+  c.dtype = "float32"  # dtype of the frozen T5 weights ("bfloat16" halves memory); prompt and loss are f32.
+  c.remat_layers = False  # rematerialize each T5 layer in the backward pass.
+  c.dropout_rate = 0.1
+
+  c.prompt = ml_collections.ConfigDict()
+  c.prompt.length = 100
+  # Deviation: the reference appended the prompt after the padded input, which makes T5's relative
+  # positions depend on batch padding; "prepend" is the prompt-tuning literature's placement and
+  # "suffix" is the reference's placement (right after the last real token) without the artifact.
+  c.prompt.placement = "prepend"
+  c.prompt.init = "task_names"  # task_names (reference) | vocab | uniform | label_words
+  c.prompt.vocab_top_k = 5000
+
+  c.data = ml_collections.ConfigDict()
+  c.data.input_template = " [{task}] {input}"
+  c.data.max_input_len = 512
+
+  u = c.upstream = ml_collections.ConfigDict()
+  u.num_steps = 0
+  u.tasks_per_step = 2
+  u.inner_steps = 1
+  u.inner_batch_size = 2
+  u.query_size = 2
+  u.inner_lr = 3e-5
+  u.first_order = False
+  u.remat_inner = False  # rematerialize each inner step (second-order MAML on T5-large).
+  u.batch_size = 4  # MTL
+  u.num_epochs = 0  # MTL: epochs over the union of the source tasks' train+dev of all seeds
+  u.max_target_len = 64
+  u.optimizer = "adafactor"
+  u.lr = 0.5
+  u.checkpoint_every = 200
+  u.log_every = 10
+  u.update(_UPSTREAM[method])
+
+  d = c.downstream = ml_collections.ConfigDict()
+  d.lrs = (0.5, 0.4, 0.3, 0.2)
+  d.batch_size = 16
+  d.num_steps = 3000
+  d.eval_every = 50
+  d.optimizer = "adafactor"
+  d.max_target_len = 128
+  d.eval_batch_size = 32
+  d.decoding = "greedy"  # greedy | beam (the study's: 4 beams, repetition penalty 2.5) | rank
+  d.num_beams = 4
+  d.repetition_penalty = 2.5
+  d.max_decode_len = 128
+  d.tasks = ()  # a subset of the setting's target tasks; empty = all
+
+  c.pt_results = ""  # a PT results.json to compute the relative gain against.
+
+  _apply_preset(c, preset)
+  return c
+
+
+def _apply_preset(c: ml_collections.ConfigDict, preset: str | None) -> None:
+  if not preset:
+    return
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+  PRESETS[preset](c)
+
+
+def _tiny(c):
+  """A seconds-scale smoke run: tiny model size is set by the model path; few steps, short lengths."""
+  c.seeds = (100, 13)
+  c.prompt.length = 4
+  c.data.max_input_len = 32
+  c.upstream.num_steps = min(c.upstream.num_steps, 4) if c.upstream.num_steps else 0
+  c.upstream.num_epochs = 1 if c.method == "mtl" else 0
+  c.upstream.max_target_len = 8
+  c.upstream.checkpoint_every = 2
+  c.upstream.log_every = 1
+  c.downstream.lrs = (0.5, 0.3)
+  c.downstream.batch_size = 4
+  c.downstream.num_steps = 4
+  c.downstream.eval_every = 2
+  c.downstream.max_target_len = 8
+  c.downstream.max_decode_len = 8
+  c.downstream.eval_batch_size = 8
+
+
+PRESETS = {"tiny": _tiny}

@@ -1,0 +1,211 @@
+"""Reader and validator of the CrossFit few-shot layout.
+
+Layout: `DATA_DIR/{task}/{task}_{k}_{seed}_{split}.tsv` for the seeds 100, 13, 21, 42, 87 and the splits
+train, dev, test. A line is `input<TAB>answer[<TAB>answer2...]`. `k` (16 per class for classification,
+32 otherwise in the study) is read from the file names on disk, never assumed.
+
+Validation collects every problem of every requested file (missing directory or file, bad UTF-8, a line
+without a tab, an empty input or answer, a file without examples) and raises them together in one
+`CrossFitError`, each as `path:line: what`, so a broken data directory is fixed in one pass before any
+compute is spent.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+SEEDS = (100, 13, 21, 42, 87)
+SPLITS = ("train", "dev", "test")
+# How many problems the exception message spells out; `CrossFitError.problems` always holds all of them.
+_MESSAGE_PROBLEMS = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  path: str
+  line: int | None  # 1-based; None for a problem of the whole file or directory
+  message: str
+
+  def __str__(self) -> str:
+    return f"{self.path}:{self.line}: {self.message}" if self.line else f"{self.path}: {self.message}"
+
+
+class CrossFitError(ValueError):
+  """Every problem found in a CrossFit directory, raised at once."""
+
+  def __init__(self, problems: Sequence[Problem]):
+    self.problems = list(problems)
+    shown = "\n".join(f"  {p}" for p in self.problems[:_MESSAGE_PROBLEMS])
+    more = len(self.problems) - _MESSAGE_PROBLEMS
+    tail = f"\n  ... and {more} more (all in CrossFitError.problems)" if more > 0 else ""
+    super().__init__(
+        f"{len(self.problems)} problem(s) in the CrossFit data; fix them all, then rerun:\n{shown}{tail}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One file: `inputs[i]` with its gold answers `answers[i]` (at least one each, in file order)."""
+  task: str
+  seed: int
+  split: str  # "train" | "dev" | "test"
+  path: str
+  inputs: tuple[str, ...]
+  answers: tuple[tuple[str, ...], ...]
+
+  def __len__(self) -> int:
+    return len(self.inputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+  """The requested files of one task, keyed by (seed, split)."""
+  task: str
+  k: int
+  splits: dict[tuple[int, str], Split]
+
+  def split(self, seed: int, split: str) -> Split:
+    try:
+      return self.splits[(seed, split)]
+    except KeyError:
+      raise KeyError(f"task {self.task!r}: split ({seed}, {split!r}) was not read; read it with "
+                     f"read_crossfit(..., seeds=[{seed}], splits=[{split!r}])") from None
+
+  @property
+  def seeds(self) -> tuple[int, ...]:
+    return tuple(dict.fromkeys(seed for seed, _ in self.splits))
+
+
+def split_path(data_dir: str | os.PathLike, task: str, k: int, seed: int, split: str) -> Path:
+  return Path(data_dir) / task / f"{task}_{k}_{seed}_{split}.tsv"
+
+
+def discover_k(task_dir: Path, task: str) -> tuple[int | None, list[Problem]]:
+  """The k of the task's file names; a problem when there is none or more than one."""
+  pattern = re.compile(rf"^{re.escape(task)}_(\d+)_(\d+)_({'|'.join(SPLITS)})\.tsv$")
+  ks = sorted({int(m.group(1)) for name in os.listdir(task_dir) if (m := pattern.match(name))})
+  if not ks:
+    return None, [Problem(str(task_dir), None,
+                          f"no file named {task}_{{k}}_{{seed}}_{{train,dev,test}}.tsv in this directory")]
+  if len(ks) > 1:
+    return None, [Problem(str(task_dir), None,
+                          f"ambiguous k: files exist for k in {ks}; keep one k per task directory "
+                          f"or pass k explicitly")]
+  return ks[0], []
+
+
+def parse_lines(data: bytes, path: str) -> tuple[list[str], list[tuple[str, ...]], list[Problem]]:
+  """Examples of one file's bytes, and every problem of it with its 1-based line number.
+
+  Values are read as the reference does (`line.strip().split("\t")`), so a valid line gives the same
+  input and golds as there; the checks are made on the raw line so that an empty last field is caught
+  instead of silently dropped.
+  """
+  inputs, answers, problems = [], [], []
+  if data.startswith(codecs.BOM_UTF8):  # written by some editors; not part of the first input
+    data = data[len(codecs.BOM_UTF8):]
+  lines = data.split(b"\n")
+  if lines and lines[-1] == b"":  # the newline that ends the last line opens no new line
+    lines.pop()
+  for number, raw in enumerate(lines, start=1):
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      problems.append(Problem(path, number, f"not UTF-8 ({e.reason} at byte {e.start} of the line)"))
+      continue
+    line = line.rstrip("\r")
+    if "\t" not in line:
+      what = "empty line" if not line.strip() else "no tab between input and answer"
+      problems.append(Problem(path, number, what))
+      continue
+    fields = line.split("\t")
+    line_problems = []
+    if not fields[0].strip():
+      line_problems.append(Problem(path, number, "empty input"))
+    for i, field in enumerate(fields[1:], start=1):
+      if not field.strip():
+        line_problems.append(Problem(path, number, f"empty answer (column {i + 1})"))
+    if line_problems:
+      problems.extend(line_problems)
+      continue
+    values = line.strip().split("\t")
+    inputs.append(values[0])
+    answers.append(tuple(values[1:]))
+  if not lines:
+    problems.append(Problem(path, None, "empty file: no examples"))
+  return inputs, answers, problems
+
+
+def read_split(path: str | os.PathLike, task: str, seed: int, split: str) -> tuple[Split | None,
+                                                                                   list[Problem]]:
+  path = str(path)
+  try:
+    data = Path(path).read_bytes()
+  except OSError as e:
+    return None, [Problem(path, None, f"cannot read ({e.strerror or e})")]
+  inputs, answers, problems = parse_lines(data, path)
+  if problems:
+    return None, problems
+  return Split(task, seed, split, path, tuple(inputs), tuple(answers)), []
+
+
+def _check_requests(tasks: Sequence[str], seeds: Sequence[int], splits: Sequence[str]) -> None:
+  if isinstance(tasks, str):
+    raise TypeError(f"tasks must be a list of task names, not the string {tasks!r}")
+  bad_splits = [s for s in splits if s not in SPLITS]
+  if bad_splits:
+    raise ValueError(f"unknown split(s) {bad_splits}; CrossFit splits are {list(SPLITS)}")
+  duplicates = sorted({t for t in tasks if list(tasks).count(t) > 1})
+  if duplicates:
+    raise ValueError(f"task(s) listed more than once: {duplicates}")
+  if not seeds:
+    raise ValueError("no seeds requested")
+
+
+def validate_crossfit(data_dir: str | os.PathLike, tasks: Sequence[str], seeds: Iterable[int] = SEEDS,
+                      splits: Iterable[str] = SPLITS,
+                      k: int | None = None) -> tuple[dict[str, TaskData], list[Problem]]:
+  """Reads what is readable and lists every problem; `read_crossfit` raises when the list is not empty."""
+  seeds, splits = tuple(seeds), tuple(splits)
+  _check_requests(tasks, seeds, splits)
+  data_dir = Path(data_dir)
+  if not data_dir.is_dir():
+    raise CrossFitError([Problem(str(data_dir), None, "CrossFit data directory not found")])
+  result, problems = {}, []
+  for task in tasks:
+    task_dir = data_dir / task
+    if not task_dir.is_dir():
+      problems.append(Problem(str(task_dir), None, f"task directory of {task!r} not found"))
+      continue
+    task_k = k
+    if task_k is None:
+      task_k, k_problems = discover_k(task_dir, task)
+      if k_problems:
+        problems.extend(k_problems)
+        continue
+    task_splits = {}
+    for seed in seeds:
+      for split in splits:
+        path = split_path(data_dir, task, task_k, seed, split)
+        if not path.is_file():
+          problems.append(Problem(str(path), None, "file not found"))
+          continue
+        parsed, split_problems = read_split(path, task, seed, split)
+        problems.extend(split_problems)
+        if parsed is not None:
+          task_splits[(seed, split)] = parsed
+    result[task] = TaskData(task, task_k, task_splits)
+  return result, problems
+
+
+def read_crossfit(data_dir: str | os.PathLike, tasks: Sequence[str], seeds: Iterable[int] = SEEDS,
+                  splits: Iterable[str] = SPLITS, k: int | None = None) -> dict[str, TaskData]:
+  """The requested files of every task, checked; raises one `CrossFitError` listing every problem."""
+  result, problems = validate_crossfit(data_dir, tasks, seeds, splits, k)
+  if problems:
+    raise CrossFitError(problems)
+  return result

@@ -1,0 +1,64 @@
+"""Every config under configs/ loads, and its setting resolves to known tasks of that setting."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import importlib.util
+
+from mpt_jax import config as config_lib
+from mpt_jax.data import settings as settings_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+
+def _load(path: str, preset: str | None = None):
+  """What `--config=path[:preset]` gives: the file's get_config(preset)."""
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def test_there_is_a_config_for_every_method_and_study_setting():
+  names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
+  for method in config_lib.METHODS:
+    for setting in settings_lib.STUDY_SETTINGS:
+      assert f"{method}_{setting}" in names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: os.path.basename(p))
+def test_config_loads_and_resolves(path):
+  config = _load(path)
+  assert config.method in config_lib.METHODS
+  if config.gym:
+    from mpt_jax import gyms
+    gyms.ensure(config.gym)
+  setting = settings_lib.get_setting(config.setting) if not config.setting_file else \
+      settings_lib.load_setting(config.setting_file)
+  assert setting.source and setting.target
+  settings_lib.check_task_names(setting.source + setting.target, where=path)
+  for task in config.downstream.tasks:
+    assert task in setting.target
+  if config.method != "pt" and not config.gym:
+    # The study's defaults (PROTOCOL.md).
+    assert config.upstream.lr == 0.5 and config.upstream.optimizer == "adafactor"
+    assert config.prompt.length == 100
+    assert tuple(config.downstream.lrs) == (0.5, 0.4, 0.3, 0.2)
+    assert config.downstream.num_steps == 3000 and config.downstream.batch_size == 16
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if "maml_cls2cls" in p])
+def test_tiny_preset_shrinks_the_run(path):
+  config = _load(path, "tiny")
+  assert config.upstream.num_steps <= 4 and config.downstream.num_steps <= 4
+
+
+def test_unknown_method_and_preset_are_rejected():
+  with pytest.raises(ValueError, match="unknown method"):
+    config_lib.base_config("mamll", "cls2cls")
+  with pytest.raises(ValueError, match="unknown preset"):
+    config_lib.base_config("maml", "cls2cls", "tinyy")

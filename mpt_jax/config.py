@@ -56,6 +56,7 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   c.prompt.placement = "prepend"
   c.prompt.init = "task_names"  # task_names (reference) | vocab | uniform | label_words
   c.prompt.vocab_top_k = 5000
+  c.prompt.label_words = ()  # for init "label_words"
 
   c.data = ml_collections.ConfigDict()
   c.data.input_template = " [{task}] {input}"

@@ -28,6 +28,8 @@ def main(argv) -> None:
   os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
   import jax
 
+  # orbax logs every step of every save at INFO; keep our own progress lines readable.
+  logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
   if _MULTIHOST.value:
     jax.distributed.initialize()
   from mpt_jax import pipeline

@@ -1,0 +1,44 @@
+"""Offline gyms: task collections in the CrossFit layout that need no download.
+
+- "synthetic": artificial tasks from `mpt_jax.data.synthetic`, generated on first use (seconds).
+- "wordnet": real-language tasks built from WordNet, shipped in assets/wordnet_gym (the generator,
+  `mpt_jax.data.wordnet_gym`, reproduces them from Debian's wordnet-base).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mpt_jax.data import settings as settings_lib
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORDNET_GYM_DIR = REPO_ROOT / "assets" / "wordnet_gym"
+GYMS = ("synthetic", "wordnet")
+
+
+def ensure(name: str) -> None:
+  """Registers the gym's tasks and settings (the synthetic gym is built in)."""
+  if name not in GYMS:
+    raise ValueError(f"config.gym={name!r}: expected one of {GYMS} (or leave it empty for CrossFit data)")
+  if name == "wordnet" and "wordnet" not in settings_lib.gyms():
+    from mpt_jax.data import wordnet_gym
+    wordnet_gym.register(WORDNET_GYM_DIR)
+
+
+def data_dir(name: str, default_dir: str | os.PathLike) -> str:
+  """Where the gym's files are: the shipped directory, or `default_dir` generated on first use."""
+  ensure(name)
+  if name == "wordnet":
+    if not WORDNET_GYM_DIR.is_dir():
+      raise FileNotFoundError(f"{WORDNET_GYM_DIR} is missing: it ships with the repository; regenerate it "
+                              f"with `python -m mpt_jax.data.wordnet_gym` (needs apt-get install "
+                              f"wordnet-base)")
+    return str(WORDNET_GYM_DIR)
+  from mpt_jax.data import synthetic
+  out = Path(default_dir).resolve() / "synthetic"
+  marker = out / ".complete"
+  if not marker.exists():
+    synthetic.write_synthetic_gym(out)
+    marker.write_text("ok\n")
+  return str(out)

@@ -1,0 +1,49 @@
+"""Metrics to JSONL (one object a line, easy to read back) and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+  """Writes scalar metrics under `directory`: metrics.jsonl and TensorBoard events (process 0 only)."""
+
+  def __init__(self, directory: str | os.PathLike):
+    self._active = jax.process_index() == 0
+    self._jsonl = self._tb = None
+    if self._active:
+      os.makedirs(directory, exist_ok=True)
+      self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")
+      from tensorboardX import SummaryWriter  # deferred: only runs that log need it
+      self._tb = SummaryWriter(str(directory), flush_secs=30)
+
+  def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
+    if not self._active:
+      return
+    scalars = {f"{prefix}{k}": _scalar(v) for k, v in metrics.items()}
+    record = {"step": int(step), **{k: (v if math.isfinite(v) else None) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, int(step))
+
+  def close(self) -> None:
+    if self._active:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _scalar(value) -> float:
+  return float(np.asarray(jax.device_get(value), np.float64).mean())
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+  """The records of a metrics.jsonl file."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]

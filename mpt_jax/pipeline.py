@@ -1,0 +1,274 @@
+"""One method on one setting, end to end: check inputs, upstream, downstream, results.
+
+Sections, in the order a run meets them:
+  1. resolve: the setting's tasks, the data directory (CrossFit or an offline gym), the model.
+  2. check: every data file the stages need is read and validated before any compute.
+  3. upstream: learn the prompt initialization on the source tasks (train.train_prompt).
+  4. downstream: the study's grid on every target task (adapt.adapt_task), results per task.
+  5. results: the setting's table, with the relative gain over PT when a PT results file is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from mpt_jax import adapt, algorithms, decode, gyms, optim, parallel, prompt as prompt_lib, results, train
+from mpt_jax.data import batching, crossfit, settings as settings_lib
+from mpt_jax.model import hf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+UPSTREAM_METHODS = ("mtl", "maml", "fomaml", "reptile")
+
+
+# --- 1. resolve ------------------------------------------------------------------------------------------
+
+def resolve_setting(config) -> settings_lib.Setting:
+  if config.gym:
+    gyms.ensure(config.gym)
+  if config.setting_file:
+    return settings_lib.load_setting(config.setting_file)
+  return settings_lib.get_setting(config.setting)
+
+
+def resolve_data_dir(config, workdir: str) -> str:
+  """The config's data_dir, or the offline gym's directory (generated on first use)."""
+  if config.data_dir:
+    return config.data_dir
+  if config.gym:
+    return gyms.data_dir(config.gym, os.path.join(workdir, os.pardir, "gym_data"))
+  raise ValueError("config.data_dir is empty: pass --config.data_dir=/path/to/crossfit_data (the CrossFit "
+                   "layout DATA_DIR/{task}/{task}_{k}_{seed}_{split}.tsv), or --config.gym=synthetic for "
+                   "the offline gym")
+
+
+def load_model(config):
+  model, frozen_params, tokenizer = hf.load_pretrained(config.model, dtype=config.dtype,
+                                                       remat=config.remat_layers)
+  model = type(model)(dataclasses.replace(model.config, dropout_rate=config.dropout_rate))
+  return model, frozen_params, tokenizer
+
+
+# --- 2. check --------------------------------------------------------------------------------------------
+
+def read_tasks(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], splits: Sequence[str]):
+  if not tasks:
+    return {}
+  return crossfit.read_crossfit(data_dir, list(dict.fromkeys(tasks)), seeds, splits)
+
+
+def needed_stages(config) -> tuple[bool, bool]:
+  stages = set(config.stages)
+  unknown = stages - {"upstream", "downstream"}
+  if unknown:
+    raise ValueError(f"config.stages: unknown stage(s) {sorted(unknown)}; use upstream and/or downstream")
+  upstream = "upstream" in stages and config.method in UPSTREAM_METHODS and not config.init_prompt
+  return upstream, "downstream" in stages
+
+
+# --- 3. upstream -----------------------------------------------------------------------------------------
+
+def upstream_sampler(config, source_data, tokenizer, cache_dir):
+  """(sample_batch(step), num_steps) of the method: MTL pools batches, meta-learners draw episodes."""
+  u = config.upstream
+  spec = batching.TextSpec(config.data.max_input_len, u.max_target_len, config.data.input_template)
+  tokenized = batching.tokenize_tasks(source_data, tokenizer, spec, cache_dir)
+  if config.method == "mtl":
+    pool = batching.concat_splits([tokenized[key] for key in sorted(tokenized)], "mtl")
+    sampler = batching.EpochSampler(pool, u.batch_size, config.seed)
+    return sampler, u.num_steps or sampler.steps_for_epochs(u.num_epochs)
+  with_query = config.method != "reptile"
+  tasks = batching.meta_tasks(tokenized, list(source_data), config.seeds, with_query=with_query)
+  sampler = batching.EpisodeSampler(tasks, u.tasks_per_step, u.inner_steps, u.inner_batch_size,
+                                    u.query_size if with_query else None, config.seed)
+  return sampler, u.num_steps
+
+
+def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], seed: int) -> np.ndarray:
+  """The configured prompt init: task names (the study's), sampled vocabulary, uniform or label words."""
+  p = config.prompt
+  embedding = prompt_lib.token_embedding(frozen_params)
+  if p.init == "task_names":
+    init = prompt_lib.task_names(embedding, tokenizer, task_names, num_candidates=p.vocab_top_k)
+  elif p.init == "vocab":
+    init = prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer, num_candidates=p.vocab_top_k)
+  elif p.init == "uniform":
+    init = prompt_lib.uniform()
+  elif p.init == "label_words":
+    if not p.label_words:
+      raise ValueError("config.prompt.init='label_words' needs config.prompt.label_words")
+    init = prompt_lib.label_words(embedding, tokenizer, list(p.label_words), num_candidates=p.vocab_top_k)
+  else:
+    raise ValueError(f"config.prompt.init={p.init!r}: expected task_names, vocab, uniform or label_words")
+  return np.asarray(init(jax.random.PRNGKey(seed), (p.length, embedding.shape[1])))
+
+
+def run_upstream(config, workdir, model, frozen_params, tokenizer, source_data, mesh, cache_dir):
+  u = config.upstream
+  out_dir = os.path.join(workdir, "upstream")
+  prompt_path = os.path.join(out_dir, "prompt.npy")
+  sample_batch, num_steps = upstream_sampler(config, source_data, tokenizer, cache_dir)
+  prompt0 = initial_prompt(config, frozen_params, tokenizer, list(source_data), config.seed)
+  optimizer = optim.make_optimizer(u.optimizer, u.lr)
+  loss_fn = algorithms.make_loss_fn(model, deterministic=config.dropout_rate == 0,
+                                    placement=config.prompt.placement)
+  method = "mtl" if config.method == "mtl" else config.method
+  kwargs = {} if method == "mtl" else {"inner_lr": u.inner_lr, "remat": u.remat_inner}
+  put_batch = lambda batch: batch
+  if mesh.size > 1 and _divides(sample_batch(0), mesh.size):
+    step_fn = parallel.make_sharded_step(method, loss_fn, optimizer, mesh, **kwargs)
+    frozen_params = parallel.replicate(frozen_params, mesh)
+    put_batch = lambda batch: parallel.shard(batch, mesh)
+  else:
+    step_fn = algorithms.jit_step(algorithms.make_step(method, loss_fn, optimizer, **kwargs))
+  logging.info("upstream: %s on %d source tasks, %d steps", config.method, len(source_data), num_steps)
+  state = algorithms.init_state(prompt0, optimizer)
+  loop = train.LoopConfig(num_steps, u.checkpoint_every, u.log_every, config.seed)
+  state = train.train_prompt(step_fn, state, frozen_params, sample_batch, loop, out_dir, put_batch)
+  prompt = np.asarray(jax.device_get(state.prompt))
+  prompt_lib.save_prompt(prompt_path, prompt, _prompt_meta(config, model, source_tasks=list(source_data),
+                                                          steps=num_steps))
+  logging.info("upstream prompt saved to %s", prompt_path)
+  return prompt
+
+
+def _divides(batch, n: int) -> bool:
+  return algorithms.common.leading_size(batch, "batch") % n == 0
+
+
+def _prompt_meta(config, model, **extra):
+  return {"model": config.model, "d_model": model.config.d_model, "length": config.prompt.length,
+          "placement": config.prompt.placement, "method": config.method, "setting": config.setting,
+          **extra}
+
+
+# --- 4. downstream ---------------------------------------------------------------------------------------
+
+def make_predict(config, model, frozen_params, mesh, task: str, train_split=None):
+  """predict(prompts [R, P, D], batch [R, B, ...]) -> token ids [R, B, T] with the configured decoding."""
+  d = config.downstream
+  placement = config.prompt.placement
+  if d.decoding == "greedy":
+    def one(frozen, prompt, ids, mask):
+      return decode.greedy_decode(model, frozen, ids, mask, prompt, max_length=d.max_decode_len,
+                                  placement=placement)
+  elif d.decoding == "beam":
+    def one(frozen, prompt, ids, mask):
+      return decode.beam_search(model, frozen, ids, mask, prompt, max_length=d.max_decode_len,
+                                placement=placement, num_beams=d.num_beams,
+                                repetition_penalty=d.repetition_penalty)
+  elif d.decoding == "rank":
+    if train_split is None:
+      raise ValueError("rank decoding needs the task's label set")
+    candidates = decode.label_candidates(train_split)
+
+    def one(frozen, prompt, ids, mask):
+      return decode.rank_classify(model, frozen, ids, mask, prompt, candidates=candidates,
+                                  placement=placement)
+  else:
+    raise ValueError(f"config.downstream.decoding={d.decoding!r}: expected greedy, beam or rank")
+
+  @jax.jit
+  def predict_runs(frozen, prompts, input_ids, input_mask):
+    return jax.vmap(lambda p, i, m: one(frozen, p, i, m))(prompts, input_ids, input_mask)
+
+  def predict(prompts, batch):
+    ids, mask = batch["input_ids"], batch["input_mask"]
+    if mesh.size > 1 and ids.shape[0] % mesh.size == 0:
+      prompts, ids, mask = parallel.shard((jnp.asarray(prompts), ids, mask), mesh, "runs")
+    return predict_runs(frozen_params, prompts, ids, mask)
+
+  return predict
+
+
+def run_downstream(config, workdir, model, frozen_params, tokenizer, target_data, init_prompt, mesh,
+                   cache_dir):
+  d = config.downstream
+  spec = batching.TextSpec(config.data.max_input_len, d.max_target_len, config.data.input_template)
+  loss_fn = algorithms.make_loss_fn(model, deterministic=config.dropout_rate == 0,
+                                    placement=config.prompt.placement)
+  grid = adapt.GridConfig(tuple(d.lrs), d.batch_size, d.num_steps, d.eval_every, d.eval_batch_size,
+                          d.optimizer, config.seed)
+  summaries = []
+  for task, data in target_data.items():
+    task_dir = os.path.join(workdir, "downstream", task)
+    done = os.path.join(task_dir, "results.json")
+    if os.path.exists(done):
+      logging.info("downstream %s: results exist (%s), skipping", task, done)
+      summaries.append(results.load_results(done))
+      continue
+    tokenized = {key[1:]: split for key, split in
+                 batching.tokenize_tasks({task: data}, tokenizer, spec, cache_dir).items()}
+    if init_prompt is None:  # PT: each seed starts from the target task's own name
+      prompts = {s: initial_prompt(config, frozen_params, tokenizer, [task], config.seed + s)
+                 for s in config.seeds}
+    else:
+      prompts = {s: init_prompt for s in config.seeds}
+    predict = make_predict(config, model, frozen_params, mesh, task,
+                           tokenized[(config.seeds[0], "train")])
+    runs = adapt.adapt_task(task, init_prompts=prompts, frozen_params=frozen_params, tokenized=tokenized,
+                            loss_fn=loss_fn, predict=predict, tokenizer=tokenizer, config=grid,
+                            seeds=config.seeds, out_dir=task_dir, mesh=mesh,
+                            prompt_meta=_prompt_meta(config, model))
+    summary = results.summarize_task(task, runs)
+    results.write_task_results(summary, task_dir)
+    summaries.append(summary)
+  return summaries
+
+
+# --- the whole run ---------------------------------------------------------------------------------------
+
+def run(config, workdir: str) -> dict | None:
+  os.makedirs(workdir, exist_ok=True)
+  results.run_record(config, workdir)
+  do_upstream, do_downstream = needed_stages(config)
+  setting = resolve_setting(config)
+  data_dir = resolve_data_dir(config, workdir)
+  targets = list(config.downstream.tasks) or list(setting.target)
+  unknown = [t for t in targets if t not in setting.target]
+  if unknown:
+    raise ValueError(f"config.downstream.tasks: {unknown} are not target tasks of {setting.name!r} "
+                     f"({list(setting.target)})")
+  # Read and validate everything the stages need before loading the model or compiling anything.
+  source_data = read_tasks(data_dir, setting.source if do_upstream else (), config.seeds, ("train", "dev"))
+  target_data = read_tasks(data_dir, targets if do_downstream else (), config.seeds,
+                           ("train", "dev", "test"))
+  init_prompt = None
+  if config.init_prompt:
+    init_prompt, _ = prompt_lib.load_prompt(config.init_prompt)
+  model, frozen_params, tokenizer = load_model(config)
+  if init_prompt is not None and init_prompt.shape[1] != model.config.d_model:
+    raise ValueError(f"config.init_prompt {config.init_prompt}: prompt width {init_prompt.shape[1]} != "
+                     f"d_model {model.config.d_model} of {config.model}")
+  cache_dir = config.cache_dir or os.path.join(workdir, "cache")
+  mesh = parallel.make_mesh()
+  logging.info("setting %s: %d source, %d target tasks; data %s; %d device(s)", setting.name,
+               len(setting.source), len(targets), data_dir, mesh.size)
+  if do_upstream:
+    init_prompt = run_upstream(config, workdir, model, frozen_params, tokenizer, source_data, mesh,
+                               cache_dir)
+  elif config.method in UPSTREAM_METHODS and do_downstream and init_prompt is None:
+    saved = os.path.join(workdir, "upstream", "prompt.npy")
+    if not os.path.exists(saved):
+      raise FileNotFoundError(f"{config.method} downstream needs an upstream prompt: none at {saved}; run "
+                              f"the upstream stage first or pass --config.init_prompt=path.npy")
+    init_prompt, _ = prompt_lib.load_prompt(saved)
+  if not do_downstream:
+    return None
+  summaries = run_downstream(config, workdir, model, frozen_params, tokenizer, target_data, init_prompt,
+                             mesh, cache_dir)
+  summary = results.summarize_setting(summaries, setting=setting.name, method=config.method,
+                                      pt=config.pt_results or None)
+  results.write_setting_results(summary, workdir)
+  logging.info("results: %s", os.path.join(workdir, "results.md"))
+  return summary
+

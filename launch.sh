@@ -4,6 +4,14 @@
 #   bash launch.sh demo                      # the embedded offline default, end to end
 #   bash launch.sh test                      # the test suite
 #   bash launch.sh run --config=configs/maml_cls2cls.py --workdir=runs/maml_cls2cls [--config.x=y ...]
+#   bash launch.sh study --setting=cls2cls --workdir=runs/cls2cls --set data_dir=/data/crossfit
+#   bash launch.sh tpu --name=mpt --zone=us-central2-b --accelerator=v4-32 [--create] [--dry-run] \
+#       -- --config=configs/maml_cls2cls.py --workdir=runs/maml_cls2cls --config.data_dir=/data/crossfit
+#
+# tpu: (optionally) creates the TPU VM, copies this checkout to every worker, installs the pinned
+# requirements with the TPU build of JAX on every worker, runs the same `python -m mpt_jax.main
+# --multihost ...` on all workers (jax.distributed.initialize() joins them), and copies the workdir back
+# from worker 0. --dry-run prints the gcloud commands instead of running them.
 #
 # The environment lives in .venv (override with MPT_VENV); it is (re)installed whenever the pinned
 # requirements file changes.
@@ -25,6 +33,43 @@ ensure_env() {  # $1: requirements file
   fi
 }
 
+tpu_launch() {
+  local name="" zone="" accelerator="v4-8" version="tpu-ubuntu2204-base" create=0 dry=0 remote_dir="mpt-jax"
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --name=*) name="${1#*=}";; --zone=*) zone="${1#*=}";; --accelerator=*) accelerator="${1#*=}";;
+      --version=*) version="${1#*=}";; --create) create=1;; --dry-run) dry=1;;
+      --) shift; break;;
+      *) echo "tpu: unknown option $1 (options before --, mpt_jax.main flags after)" >&2; exit 2;;
+    esac
+    shift
+  done
+  [ -n "$name" ] && [ -n "$zone" ] || { echo "tpu: --name and --zone are required" >&2; exit 2; }
+  local workdir=""
+  for arg in "$@"; do case "$arg" in --workdir=*) workdir="${arg#*=}";; esac; done
+  [ -n "$workdir" ] || { echo "tpu: pass --workdir=... after --" >&2; exit 2; }
+  local vm=(gcloud compute tpus tpu-vm)
+  local at=(--zone="$zone")
+  run_or_print() { if [ "$dry" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
+  if [ "$create" = 1 ]; then
+    run_or_print "${vm[@]}" create "$name" "${at[@]}" --accelerator-type="$accelerator" --version="$version"
+  fi
+  local archive; archive="$(mktemp -u /tmp/mpt-jax-XXXX).tar.gz"
+  run_or_print git archive --format=tar.gz -o "$archive" HEAD
+  run_or_print "${vm[@]}" scp "$archive" "$name:~/mpt-jax.tar.gz" "${at[@]}" --worker=all
+  # TPU VM images ship an older Python; JAX 0.10.2 needs 3.11.
+  local setup="(command -v python3.11 || (sudo apt-get update -q && sudo apt-get install -y -q python3.11 \
+python3.11-venv)) && mkdir -p $remote_dir && tar -xzf ~/mpt-jax.tar.gz -C $remote_dir && cd $remote_dir && \
+python3.11 -m venv .venv && .venv/bin/pip install -q -r requirements.txt && \
+.venv/bin/pip install -q 'jax[tpu]==0.10.2'"
+  run_or_print "${vm[@]}" ssh "$name" "${at[@]}" --worker=all --command="$setup"
+  local args; args="$(printf '%q ' "$@")"
+  run_or_print "${vm[@]}" ssh "$name" "${at[@]}" --worker=all \
+    --command="cd $remote_dir && .venv/bin/python -m mpt_jax.main --multihost $args"
+  mkdir -p "$(dirname "$workdir")"
+  run_or_print "${vm[@]}" scp --recurse "$name:~/$remote_dir/$workdir" "$(dirname "$workdir")/" "${at[@]}" --worker=0
+}
+
 cmd="${1:-demo}"; shift || true
 case "$cmd" in
   test)
@@ -35,12 +80,20 @@ case "$cmd" in
   demo)
     ensure_env requirements.txt
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-    exec "$VENV/bin/python" -m mpt_jax.main --config=configs/demo.py --workdir="${MPT_DEMO_WORKDIR:-runs/demo}" "$@"
+    exec "$VENV/bin/python" experiments/run_setting.py --setting=wn_cls2cls --preset=demo \
+      --workdir="${MPT_DEMO_WORKDIR:-runs/demo}" "$@"
+    ;;
+  study)
+    ensure_env requirements.txt
+    exec "$VENV/bin/python" experiments/run_setting.py "$@"
+    ;;
+  tpu)
+    tpu_launch "$@"
     ;;
   run)
     ensure_env requirements.txt
     exec "$VENV/bin/python" -m mpt_jax.main "$@"
     ;;
   *)
-    echo "usage: bash launch.sh {demo|test|run} [args...]" >&2; exit 2;;
+    echo "usage: bash launch.sh {demo|test|run|study|tpu} [args...]" >&2; exit 2;;
 esac

@@ -22,8 +22,8 @@ def ensure(name: str) -> None:
   if name not in GYMS:
     raise ValueError(f"config.gym={name!r}: expected one of {GYMS} (or leave it empty for CrossFit data)")
   if name == "wordnet" and "wordnet" not in settings_lib.gyms():
-    from mpt_jax.data import wordnet_gym
-    wordnet_gym.register(WORDNET_GYM_DIR)
+    settings_lib.register_gym_files("wordnet", WORDNET_GYM_DIR / "wordnet_task_metrics.json",
+                                    WORDNET_GYM_DIR / "wordnet_settings.json")
 
 
 def data_dir(name: str, default_dir: str | os.PathLike) -> str:

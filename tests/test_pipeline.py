@@ -1,0 +1,161 @@
+"""The pipeline: resumable upstream, the vmapped downstream grid, best-dev selection, one end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers_t5
+from mpt_jax import adapt, algorithms, optim, train
+from mpt_jax.data import batching
+
+PROMPT_LEN = 3
+VOCAB = helpers_t5.TINY_VOCAB
+
+
+def _episodes(step: int) -> dict:
+  """A pure function of the step, like batching.EpisodeSampler: T=2 tasks, K=1, b=2, q=2."""
+  support = helpers_t5.random_batch(1000 + step, batch=4, input_length=6, target_length=3)
+  query = helpers_t5.random_batch(2000 + step, batch=4, input_length=6, target_length=3)
+  shape = lambda b, lead: {k: v.reshape(*lead, *v.shape[1:]) for k, v in b.items()}
+  return {"support": shape(support, (2, 1, 2)), "query": shape(query, (2, 2))}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model, params = helpers_t5.tiny_t5("1.1", dropout_rate=0.1)
+  prompt0 = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (PROMPT_LEN, model.config.d_model)))
+  return model, params, prompt0
+
+
+@pytest.fixture(scope="module")
+def maml_step(tiny):
+  """One jitted MAML step (with dropout) shared by every run here, so it compiles once."""
+  model, _, _ = tiny
+  optimizer = optim.make_optimizer("adafactor", 0.5)
+  loss_fn = algorithms.make_loss_fn(model, deterministic=False)
+  return optimizer, algorithms.jit_step(algorithms.make_step("maml", loss_fn, optimizer, inner_lr=0.3))
+
+
+def _upstream(tiny, maml_step, workdir, num_steps, fail_at=None, seed=7):
+  _, params, prompt0 = tiny
+  optimizer, step = maml_step
+
+  def sample(s):
+    if s == fail_at:
+      raise KeyboardInterrupt(f"killed at step {s}")
+    return _episodes(s)
+
+  loop = train.LoopConfig(num_steps=num_steps, checkpoint_every=2, log_every=1, seed=seed)
+  state = train.train_prompt(step, algorithms.init_state(prompt0, optimizer), params, sample, loop,
+                             str(workdir))
+  return state
+
+
+def test_killed_upstream_resumes_to_the_uninterrupted_result(tiny, maml_step, tmp_path):
+  straight = _upstream(tiny, maml_step, tmp_path / "straight", num_steps=6)
+  with pytest.raises(KeyboardInterrupt):
+    _upstream(tiny, maml_step, tmp_path / "killed", num_steps=6, fail_at=5)  # last checkpoint: step 4
+  assert sorted(os.listdir(tmp_path / "killed" / "checkpoints"))[-1] == "4"
+  resumed = _upstream(tiny, maml_step, tmp_path / "killed", num_steps=6)
+  assert int(resumed.step) == int(straight.step) == 6
+  # Prompt, optimizer state and step: bitwise what the uninterrupted run has.
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), resumed, straight)
+  # Step 5 ran before the kill but after the last checkpoint (4), so it ran (and was logged) twice.
+  logged = [json.loads(line)["step"] for line in
+            open(tmp_path / "killed" / "logs" / "metrics.jsonl", encoding="utf-8")]
+  assert logged == [1, 2, 3, 4, 5, 5, 6]
+
+
+def test_resume_refuses_a_checkpoint_of_another_seed(tiny, maml_step, tmp_path):
+  _upstream(tiny, maml_step, tmp_path / "run", num_steps=2)
+  with pytest.raises(ValueError, match="another seed"):
+    _upstream(tiny, maml_step, tmp_path / "run", num_steps=4, seed=8)
+
+
+class _Grid:
+  """Two seeds x two learning rates on random train/dev batches; dev score = -dev loss (pure)."""
+
+  def __init__(self, tiny):
+    self.model, self.params, self.prompt0 = tiny
+    self.runs = adapt.grid_runs([100, 13], [0.5, 0.2])
+    self.train = {s: helpers_t5.random_batch(s, batch=2, input_length=6, target_length=3) for s in (100, 13)}
+    self.dev = {s: helpers_t5.random_batch(s + 1, batch=3, input_length=6, target_length=3)
+                for s in (100, 13)}
+    self.loss = algorithms.make_loss_fn(self.model, deterministic=True)
+    self.config = adapt.GridConfig([0.5, 0.2], batch_size=2, num_steps=6, eval_every=2, eval_batch_size=3)
+    self.optimizer = optim.make_optimizer("adafactor", 0.5)
+    self.step = adapt.make_grid_trainer(self.loss, self.optimizer)  # compiled once per number of runs
+    self.score = jax.jit(jax.vmap(lambda p, b: -self.loss(p, self.params, b, None)))
+
+  def sampler(self, runs):
+    # the same batch every step: enough to compare grids; GridSampler has its own tests
+    batch = {k: np.stack([self.train[r.seed][k] for r in runs]) for k in self.train[100]}
+    return lambda step: batch
+
+  def dev_scores(self, runs):
+    dev = {k: np.stack([self.dev[r.seed][k] for r in runs]) for k in self.dev[100]}
+    return lambda prompts: np.asarray(self.score(jnp.asarray(prompts), dev))
+
+  def train_runs(self, runs, dev_scores=None):
+    states = algorithms.init_grid_state(self.prompt0, self.optimizer, [r.learning_rate for r in runs])
+    return adapt.train_grid(self.step, states, self.params, self.sampler(runs),
+                            dev_scores or self.dev_scores(runs), self.config)
+
+
+@pytest.fixture(scope="module")
+def grid(tiny):
+  return _Grid(tiny)
+
+
+def test_vmapped_grid_equals_runs_one_by_one(grid):
+  together = grid.train_runs(grid.runs)
+  for i, run in enumerate(grid.runs):
+    alone = grid.train_runs([run])
+    # float32 reductions batched over runs differ from unbatched ones in the last bits
+    np.testing.assert_allclose(together[0][i], alone[0][0], rtol=1e-4, atol=2e-5)  # best prompt
+    np.testing.assert_allclose(together[1][i], alone[1][0], rtol=1e-5)  # best dev score
+    assert together[2][i] == alone[2][0]  # best step
+  assert len(together[3]) == 1 + 6 // 2  # dev scored at steps 0, 2, 4, 6
+
+
+def test_best_dev_selection_keeps_the_best_steps_prompt_not_the_last(grid):
+  seen = []  # prompts at each evaluation, as the grid had them
+
+  def scores(prompts):  # dev scores peak at step 2 for runs 0 and 2, at step 4 for runs 1 and 3
+    seen.append(np.array(prompts))
+    peak = {1: [1.0, 0.0, 1.0, 0.0], 2: [0.0, 1.0, 0.0, 1.0]}
+    return np.asarray(peak.get(len(seen) - 1, [0.5] * 4))
+
+  best_prompts, best_scores, best_steps, _ = grid.train_runs(grid.runs, scores)
+  assert best_steps.tolist() == [2, 4, 2, 4]
+  assert best_scores.tolist() == [1.0] * 4
+  for run, evaluation in enumerate([1, 2, 1, 2]):
+    np.testing.assert_array_equal(best_prompts[run], seen[evaluation][run])
+    assert not np.allclose(best_prompts[run], seen[-1][run])  # the last prompt moved on
+
+
+def test_choose_best_runs_per_seed():
+  runs = adapt.grid_runs([100, 13], [0.5, 0.4, 0.3])
+  chosen = adapt.choose_best_runs(runs, [0.1, 0.7, 0.7, float("nan"), 0.2, 0.1])
+  assert chosen == {100: 1, 13: 4}  # ties keep the first learning rate; NaN never wins
+
+
+def test_grid_sampler_feeds_each_run_its_seeds_file(tmp_path):
+  from mpt_jax.data import synthetic, crossfit
+  import helpers_data
+  synthetic.write_synthetic_gym(tmp_path / "gym", tasks=["synth-sentiment_d"])
+  data = crossfit.read_crossfit(tmp_path / "gym", ["synth-sentiment_d"], seeds=(100, 13))
+  tok = helpers_data.tiny_tokenizer(tmp_path / "tok")
+  tokenized = batching.tokenize_tasks(data, tok, batching.TextSpec(32, 8))
+  sampler = batching.GridSampler.create({s: tokenized[("synth-sentiment_d", s, "train")] for s in (100, 13)},
+                                        [100, 100, 13, 13], batch_size=4)
+  batch = sampler(0)
+  assert batch["input_ids"].shape == (4, 4, 32)
+  np.testing.assert_array_equal(batch["input_ids"][0], batch["input_ids"][1])  # same seed, same data
+  assert not np.array_equal(batch["input_ids"][0], batch["input_ids"][2])

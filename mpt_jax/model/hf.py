@@ -1,0 +1,333 @@
+"""HF T5 checkpoints <-> our linen T5: `load_pretrained` (local dir or hub id) and `save_checkpoint`.
+
+A checkpoint is a directory with config.json (model_type "t5"), the weights in one of
+model.safetensors, model.safetensors.index.json (+ shards), flax_model.msgpack, pytorch_model.bin
+(+ .index.json shards; needs torch), and spiece.model for the tokenizer. Weights are read into the
+torch naming and layout (`encoder.block.0.layer.0.SelfAttention.q.weight`, Linear as [out, in]), then
+mapped one-to-one onto our parameter tree (`encoder/block_0/layer_0/SelfAttention/q/kernel`, [in, out]).
+
+Head tying: transformers 5 always ties `lm_head` to `shared` in memory and drops it on save, but a
+T5 v1.1 / LM-adapted checkpoint holds its own `lm_head.weight`. So the checkpoint decides: a distinct
+`lm_head.weight` means an untied head (used as is); only `shared.weight` means the head is `shared`.
+The d_model**-0.5 output scaling comes from config.json (`scale_decoder_outputs` in transformers 5
+files, `tie_word_embeddings` in older ones; see `T5Config.from_hf_dict`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpt_jax.model.t5 import DTYPES, T5, T5Config
+from mpt_jax.model.tokenizer import SPIECE, load_tokenizer
+
+CONFIG = "config.json"
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+FLAX_MSGPACK = "flax_model.msgpack"
+PYTORCH_BIN = "pytorch_model.bin"
+PYTORCH_INDEX = "pytorch_model.bin.index.json"
+
+# Tensors a T5 checkpoint may hold that our tree does not need: the stacks' copies of `shared`, and a
+# cross-attention bias table some old checkpoints carry but T5 never uses (HF ignores it as well).
+_IGNORED = re.compile(
+    r"^(encoder|decoder)\.embed_tokens\.weight$"
+    r"|^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$")
+_HUB_ALLOW = [CONFIG, SPIECE, "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32", *, remat: bool = False):
+  """-> (model, frozen_params, tokenizer) from a local checkpoint directory or a hub id.
+
+  dtype: "float32" or "bfloat16", the dtype the frozen params are kept and computed in (the prompt,
+  the loss and the logits stay float32). remat: rematerialize each block (saves memory for MAML).
+  """
+  if dtype not in DTYPES:
+    raise ValueError(f"load_pretrained dtype={dtype!r}: expected one of {DTYPES}")
+  path = resolve_checkpoint(name_or_path)
+  hf_config = read_config(path)
+  tensors = read_weights(path)
+  config, params = params_from_hf(hf_config, tensors, dtype=dtype, remat=remat, source=str(path))
+  return T5(config), params, load_tokenizer(path)
+
+
+def _looks_local(name: str) -> bool:
+  """Paths, not hub ids ("org/name" or "name"): absolute, ./ ../ ~, or more than one '/'."""
+  return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+          or "\\" in name or name.endswith("/"))
+
+
+def _hub_offline() -> bool:
+  flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+  return any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags)
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+  """The local directory of a checkpoint: the path itself, or a hub id's (cached or fresh) snapshot.
+
+  Fails fast, never waiting on an unreachable hub: a path that looks local is never looked up on the
+  hub, and with HF_HUB_OFFLINE=1 only the local hub cache is consulted.
+  """
+  name = os.fspath(name_or_path)
+  path = Path(name).expanduser()
+  if path.exists():
+    if not path.is_dir():
+      raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory holding {CONFIG}, "
+                               f"the weights and {SPIECE}.")
+    return path
+  how_to_get = (f"download it where the hub is reachable (`huggingface-cli download {name} "
+                f"--local-dir DIR`, or transformers' from_pretrained(...).save_pretrained(DIR) plus "
+                f"the tokenizer) and pass DIR")
+  if isinstance(name_or_path, os.PathLike) or _looks_local(name):
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist. To use a hub checkpoint "
+                            f"pass its id (e.g. google/t5-large-lm-adapt) with network access, or "
+                            f"download it first.")
+  from huggingface_hub import snapshot_download
+  from huggingface_hub.errors import HFValidationError
+
+  offline = _hub_offline()
+  try:
+    return _download(snapshot_download, name, local_files_only=offline)
+  except HFValidationError as error:
+    raise FileNotFoundError(f"{name!r} is neither an existing directory nor a valid hub id "
+                            f"({error}).") from None
+  except Exception as error:  # noqa: BLE001 (hub errors are many: offline, 404, gated, network)
+    where = ("the hub is offline here (HF_HUB_OFFLINE=1) and no copy is in the local hub cache"
+             if offline else f"the hub download failed: {type(error).__name__}: {error}")
+    raise FileNotFoundError(f"checkpoint {name!r} is not a local directory and {where}; "
+                            f"{how_to_get}.") from None
+
+
+def _download(snapshot_download, repo_id: str, local_files_only: bool) -> Path:
+  """Downloads config, tokenizer and one weight format (safetensors first) of a hub repo."""
+  formats = (["*.safetensors", SAFETENSORS_INDEX], [FLAX_MSGPACK],
+             [PYTORCH_BIN, "pytorch_model-*.bin", PYTORCH_INDEX])
+  for weights in formats:
+    path = Path(snapshot_download(repo_id, allow_patterns=_HUB_ALLOW + weights,
+                                  local_files_only=local_files_only))
+    if _weight_files(path):
+      return path
+  raise FileNotFoundError(f"hub repo {repo_id} has no {SAFETENSORS}, {FLAX_MSGPACK} or {PYTORCH_BIN}")
+
+
+def read_config(path: Path) -> dict:
+  file = Path(path) / CONFIG
+  if not file.is_file():
+    raise FileNotFoundError(f"{file}: no {CONFIG} in this checkpoint directory (an HF T5 checkpoint "
+                            f"has config.json, weights and {SPIECE}).")
+  try:
+    hf_config = json.loads(file.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{file}: not valid JSON ({error})") from None
+  if hf_config.get("model_type") != "t5":
+    raise ValueError(f"{file}: model_type is {hf_config.get('model_type')!r}, not 't5'; mpt_jax runs "
+                     f"T5 encoder-decoders only (t5, t5-v1_1, t5-lm-adapt, flan-t5 checkpoints).")
+  return hf_config
+
+
+def _weight_files(path: Path) -> list[Path]:
+  return [path / name for name in (SAFETENSORS, SAFETENSORS_INDEX, FLAX_MSGPACK, PYTORCH_BIN,
+                                   PYTORCH_INDEX) if (path / name).is_file()]
+
+
+def read_weights(path: Path) -> dict[str, np.ndarray]:
+  """All tensors of the checkpoint as host numpy arrays, in torch naming and layout."""
+  path = Path(path)
+  if (path / SAFETENSORS).is_file():
+    return _read_safetensors([path / SAFETENSORS])
+  if (path / SAFETENSORS_INDEX).is_file():
+    return _read_safetensors(_shards(path / SAFETENSORS_INDEX))
+  if (path / FLAX_MSGPACK).is_file():
+    return _read_flax_msgpack(path / FLAX_MSGPACK)
+  if (path / PYTORCH_BIN).is_file():
+    return _read_torch([path / PYTORCH_BIN])
+  if (path / PYTORCH_INDEX).is_file():
+    return _read_torch(_shards(path / PYTORCH_INDEX))
+  raise FileNotFoundError(f"{path}: no weights found; expected one of {SAFETENSORS}, "
+                          f"{SAFETENSORS_INDEX}, {FLAX_MSGPACK}, {PYTORCH_BIN}, {PYTORCH_INDEX}.")
+
+
+def _shards(index_file: Path) -> list[Path]:
+  weight_map = json.loads(index_file.read_text()).get("weight_map")
+  if not weight_map:
+    raise ValueError(f"{index_file}: no weight_map")
+  shards = [index_file.parent / name for name in sorted(set(weight_map.values()))]
+  missing = [str(s) for s in shards if not s.is_file()]
+  if missing:
+    raise FileNotFoundError(f"{index_file} names shard files that are missing: {missing}")
+  return shards
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
+  from safetensors import safe_open
+
+  tensors = {}
+  # framework="flax": numpy has no bfloat16; we then take the arrays to host numpy (ml_dtypes).
+  with jax.default_device(jax.devices("cpu")[0]):
+    for file in files:
+      with safe_open(str(file), framework="flax") as f:
+        for key in f.keys():
+          tensors[key] = np.asarray(f.get_tensor(key))
+  return tensors
+
+
+def _read_flax_msgpack(file: Path) -> dict[str, np.ndarray]:
+  """HF Flax T5 layout (block/0/layer/0/.../kernel [in, out]) -> torch naming and layout."""
+  from flax import serialization
+  from flax.traverse_util import flatten_dict
+
+  flat = flatten_dict(serialization.msgpack_restore(file.read_bytes()), sep=".")
+  tensors = {}
+  for key, value in flat.items():
+    value = np.asarray(value)
+    stem, leaf = key.rsplit(".", 1)
+    if leaf == "kernel":
+      value = value.T
+    tensors[f"{stem}.weight"] = value
+  return tensors
+
+
+def _read_torch(files: list[Path]) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise ImportError(
+        f"{files[0]} is a PyTorch pickle and reading it needs torch, which is not installed. Either "
+        f"`pip install torch` (CPU is enough), or convert the checkpoint once to safetensors where "
+        f"torch is available: `from transformers import T5ForConditionalGeneration as M; "
+        f"M.from_pretrained(DIR).save_pretrained(DIR)` (writes {SAFETENSORS}).") from None
+  tensors = {}
+  for file in files:
+    state = torch.load(str(file), map_location="cpu", weights_only=True)
+    for key, value in state.items():
+      tensors[key] = value.float().numpy() if value.is_floating_point() else value.numpy()
+  return tensors
+
+
+def hf_name(path: tuple[str, ...]) -> str:
+  """Our param path -> the torch tensor name (`block_0` -> `block.0`, kernel/embedding -> weight)."""
+  parts = []
+  for part in path:
+    match = re.fullmatch(r"(block|layer)_(\d+)", part)
+    if match:
+      parts.extend(match.groups())
+    elif part in ("kernel", "embedding"):
+      parts.append("weight")
+    else:
+      parts.append(part)
+  return ".".join(parts)
+
+
+def _is_kernel(path: tuple[str, ...]) -> bool:
+  return path[-1] == "kernel"
+
+
+def params_from_hf(hf_config: Mapping, tensors: Mapping[str, np.ndarray], *, dtype: str = "float32",
+                   remat: bool = False, source: str = "checkpoint"):
+  """(T5Config, params) from a config.json dict and torch-named tensors; every error names the tensor."""
+  tensors = dict(tensors)
+  if "shared.weight" not in tensors:
+    for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+      if alias in tensors:
+        tensors["shared.weight"] = tensors[alias]
+        break
+  head = tensors.get("lm_head.weight")
+  untied = head is not None and not (
+      "shared.weight" in tensors and head.shape == tensors["shared.weight"].shape
+      and np.array_equal(head, tensors["shared.weight"]))
+  if head is not None and not untied:
+    del tensors["lm_head.weight"]  # a saved copy of shared: the head is tied
+  try:
+    config = T5Config.from_hf_dict(hf_config, dtype=dtype, remat=remat,
+                                   tie_word_embeddings=not untied)
+  except (ValueError, TypeError) as error:
+    raise ValueError(f"{source}/{CONFIG}: {error}") from None
+  model = T5(config)
+  ids = jnp.zeros((1, 2), jnp.int32)
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, ids, ids)["params"]
+  target_dtype = config.compute_dtype
+  used = set()
+
+  def take(path_keys, leaf):
+    path = tuple(p.key for p in path_keys)
+    name = hf_name(path)
+    if name not in tensors:
+      raise ValueError(f"{source}: tensor {name} is missing (expected shape "
+                     f"{_torch_shape(path, leaf.shape)} for a T5 with this {CONFIG}).")
+    value = tensors[name]
+    if _is_kernel(path):
+      value = value.T
+    if value.shape != leaf.shape:
+      raise ValueError(f"{source}: tensor {name} has shape {_torch_shape(path, value.shape)}, expected "
+                       f"{_torch_shape(path, leaf.shape)} from {CONFIG} (d_model={config.d_model}, "
+                       f"d_kv={config.d_kv}, num_heads={config.num_heads}, d_ff={config.d_ff}, "
+                       f"vocab_size={config.vocab_size}).")
+    used.add(name)
+    return jnp.asarray(value.astype(np.float32) if value.dtype != np.float32 else value,
+                       dtype=target_dtype)
+
+  params = jax.tree_util.tree_map_with_path(take, expected)
+  unexpected = sorted(k for k in tensors if k not in used and not _IGNORED.match(k))
+  if unexpected:
+    warnings.warn(f"{source}: {len(unexpected)} tensors are not part of a T5ForConditionalGeneration "
+                  f"and were ignored: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+  return config, params
+
+
+def _torch_shape(path, shape) -> tuple[int, ...]:
+  return tuple(reversed(shape)) if _is_kernel(path) else tuple(shape)
+
+
+def params_to_hf(params) -> dict[str, np.ndarray]:
+  """Our params -> torch-named, torch-layout float32 numpy tensors (the inverse of params_from_hf)."""
+  tensors = {}
+
+  def put(path_keys, leaf):
+    path = tuple(p.key for p in path_keys)
+    value = np.asarray(jnp.asarray(leaf, jnp.float32))
+    tensors[hf_name(path)] = np.ascontiguousarray(value.T if _is_kernel(path) else value)
+
+  jax.tree_util.tree_map_with_path(put, params)
+  return tensors
+
+
+def save_checkpoint(directory: str | os.PathLike, config: T5Config, params, tokenizer=None) -> Path:
+  """Writes an HF T5 checkpoint (config.json, model.safetensors, spiece.model) that both
+  `load_pretrained` and transformers' `T5ForConditionalGeneration.from_pretrained` read.
+
+  tokenizer: a transformers T5 tokenizer read from a spiece.model (that file is copied), a path to a
+  spiece.model or to a directory holding one, or None (then load_pretrained will ask for spiece.model).
+  Weights are written in float32.
+  """
+  import shutil
+
+  from safetensors.numpy import save_file
+
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / CONFIG).write_text(json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+  # metadata format=pt: transformers refuses safetensors files without a known format tag.
+  save_file(params_to_hf(params), str(directory / SAFETENSORS), metadata={"format": "pt"})
+  if tokenizer is not None:
+    # A transformers 5 T5Tokenizer saves only tokenizer.json; we keep the SentencePiece model it was
+    # read from, which is what load_tokenizer (and every transformers version) reads.
+    source = getattr(tokenizer, "vocab_file", None) if not isinstance(
+        tokenizer, (str, os.PathLike)) else tokenizer
+    if source is None:
+      raise ValueError("save_checkpoint: this tokenizer has no vocab_file (SentencePiece model) to "
+                       "save; pass the path of its spiece.model instead.")
+    source = Path(source)
+    source = source / SPIECE if source.is_dir() else source
+    if not source.is_file():
+      raise FileNotFoundError(f"tokenizer {source}: no such SentencePiece model file")
+    if source.resolve() != (directory / SPIECE).resolve():
+      shutil.copyfile(source, directory / SPIECE)
+  return directory

@@ -1,0 +1,169 @@
+"""Soft prompts: initializers and export/import.
+
+Initializers follow google-research/prompt-tuning (`prompts.py`): each builder returns a small function
+`init(rng, shape) -> float32 [P, d_model]`, so configs pick one by name and every method (PT, MTL,
+MAML, FoMAML, Reptile) starts from the same kind of prompt.
+
+- `task_names`: the reference study's init. Row i is the mean token embedding of the i-th task name
+  ("_" and "-" read as spaces; tokens without EOS); the remaining rows are embeddings of token ids
+  sampled from the most frequent vocabulary ids.
+- `sampled_vocab`: every row from that frequent-vocabulary sample.
+- `uniform`: U[-scale, scale] (prompt-tuning's random-uniform init uses 0.5).
+- `label_words`: the first rows are the mean embeddings of the class label words (e.g. "positive",
+  "negative"), the rest from the frequent-vocabulary sample.
+
+"The 5000 most frequent ids": the study counted them on C4. Without those counts we use that
+SentencePiece (unigram) vocabularies are ordered by piece score, which tracks frequency: the frequent
+ids are the first `num_candidates` ids after the special tokens (pad 0, eos 1, unk 2), excluding the
+`<extra_id_*>` sentinels at the top of the vocabulary.
+
+`save_prompt` / `load_prompt` store a prompt as `.npy` plus a `.json` sidecar (model, d_model, length,
+placement, ... whatever `meta` holds), and check it fits the model on the way back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Initializer = Callable[[jax.Array, tuple[int, int]], jax.Array]
+
+NUM_SPECIAL_TOKENS = 3  # T5: pad 0, eos 1, unk 2
+FREQUENT_VOCAB = 5000
+
+
+def token_embedding(frozen_params) -> jax.Array:
+  """The shared token embedding [V, d_model] (float32) of a frozen T5 params tree."""
+  return jnp.asarray(frozen_params["shared"]["embedding"], jnp.float32)
+
+
+def frequent_id_range(tokenizer=None, num_candidates: int = FREQUENT_VOCAB,
+                      vocab_size: int | None = None) -> tuple[int, int]:
+  """[first, end) of the ids treated as the most frequent: after the special tokens, before the
+  sentinels (end is capped by the SentencePiece vocabulary size or `vocab_size`)."""
+  limit = vocab_size
+  if tokenizer is not None:
+    sentinels = [i for token, i in tokenizer.get_vocab().items() if token.startswith("<extra_id_")]
+    pieces = min(sentinels) if sentinels else len(tokenizer)
+    limit = pieces if limit is None else min(limit, pieces)
+  if limit is None:
+    raise ValueError("frequent_id_range needs a tokenizer or vocab_size")
+  end = min(NUM_SPECIAL_TOKENS + num_candidates, limit)
+  if end <= NUM_SPECIAL_TOKENS:
+    raise ValueError(f"no ordinary token ids to sample below {limit}")
+  return NUM_SPECIAL_TOKENS, end
+
+
+def uniform(scale: float = 0.5) -> Initializer:
+  def init(rng, shape):
+    return jax.random.uniform(rng, shape, jnp.float32, -scale, scale)
+  return init
+
+
+def _sample_rows(rng, embedding, num_rows: int, id_range: tuple[int, int]):
+  first, end = id_range
+  candidates = end - first
+  ids = first + jax.random.choice(rng, candidates, (num_rows,), replace=num_rows > candidates)
+  return embedding[ids]
+
+
+def sampled_vocab(embedding, *, tokenizer=None, num_candidates: int = FREQUENT_VOCAB) -> Initializer:
+  """Rows = embeddings of ids sampled (without replacement while possible) from the frequent ids."""
+  embedding = jnp.asarray(embedding, jnp.float32)
+  id_range = frequent_id_range(tokenizer, num_candidates, vocab_size=embedding.shape[0])
+
+  def init(rng, shape):
+    _check_shape(shape, embedding)
+    return _sample_rows(rng, embedding, shape[0], id_range)
+  return init
+
+
+def mean_token_embedding(embedding, tokenizer, text: str) -> jax.Array:
+  """Mean embedding of the tokens of `text` (no EOS)."""
+  ids = tokenizer(text, add_special_tokens=False).input_ids
+  if not ids:
+    raise ValueError(f"{text!r} tokenizes to nothing; cannot initialize a prompt row from it")
+  return jnp.mean(jnp.asarray(embedding, jnp.float32)[jnp.asarray(ids)], axis=0)
+
+
+def _rows_then_vocab(embedding, tokenizer, texts: Sequence[str], num_candidates: int,
+                     what: str) -> Initializer:
+  embedding = jnp.asarray(embedding, jnp.float32)
+  head = jnp.stack([mean_token_embedding(embedding, tokenizer, t) for t in texts]) if texts else None
+  id_range = frequent_id_range(tokenizer, num_candidates, vocab_size=embedding.shape[0])
+
+  def init(rng, shape):
+    _check_shape(shape, embedding)
+    if head is not None and head.shape[0] > shape[0]:
+      raise ValueError(f"{head.shape[0]} {what} do not fit a prompt of {shape[0]} rows")
+    num_head = 0 if head is None else head.shape[0]
+    rest = _sample_rows(rng, embedding, shape[0] - num_head, id_range)
+    return rest if head is None else jnp.concatenate([head, rest], axis=0)
+  return init
+
+
+def task_names(embedding, tokenizer, names: Sequence[str], *,
+               num_candidates: int = FREQUENT_VOCAB) -> Initializer:
+  """The reference study's init: row i = mean embedding of names[i] ("_", "-" as spaces), then
+  frequent-vocabulary samples. PT passes the target task's own name; upstream methods the source
+  tasks' names."""
+  texts = [name.replace("_", " ").replace("-", " ") for name in names]
+  return _rows_then_vocab(embedding, tokenizer, texts, num_candidates, "task names")
+
+
+def label_words(embedding, tokenizer, words: Sequence[str], *,
+                num_candidates: int = FREQUENT_VOCAB) -> Initializer:
+  """Rows = mean embeddings of the class label words, then frequent-vocabulary samples."""
+  return _rows_then_vocab(embedding, tokenizer, list(words), num_candidates, "label words")
+
+
+def _check_shape(shape, embedding):
+  if len(shape) != 2 or shape[1] != embedding.shape[1]:
+    raise ValueError(f"prompt shape {tuple(shape)}: expected (length, d_model={embedding.shape[1]})")
+
+
+# --- export / import ---------------------------------------------------------------------------------
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+  path = Path(path)
+  stem = path.with_suffix("") if path.suffix in (".npy", ".json") else path
+  return stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
+
+
+def save_prompt(path: str | os.PathLike, prompt, meta: dict | None = None) -> Path:
+  """Writes `<path>.npy` (float32 [P, d_model]) and `<path>.json` (meta + d_model and length)."""
+  array = np.asarray(jax.device_get(prompt), np.float32)
+  if array.ndim != 2:
+    raise ValueError(f"a prompt is [length, d_model]; got shape {array.shape}")
+  npy, sidecar = _paths(path)
+  npy.parent.mkdir(parents=True, exist_ok=True)
+  np.save(npy, array)
+  meta = dict(meta or {})
+  meta.update(length=int(array.shape[0]), d_model=int(array.shape[1]))
+  sidecar.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+  return npy
+
+
+def load_prompt(path: str | os.PathLike, *, d_model: int | None = None) -> tuple[np.ndarray, dict]:
+  """(prompt float32 [P, d_model], meta) from `save_prompt` files; d_model: the model's, checked."""
+  npy, sidecar = _paths(path)
+  if not npy.is_file():
+    raise FileNotFoundError(f"prompt file {npy} does not exist")
+  prompt = np.load(npy)
+  meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+  if prompt.ndim != 2:
+    raise ValueError(f"{npy}: a prompt is [length, d_model]; got shape {prompt.shape}")
+  for key, actual in (("length", prompt.shape[0]), ("d_model", prompt.shape[1])):
+    if key in meta and meta[key] != actual:
+      raise ValueError(f"{npy}: array {key} {actual} disagrees with {sidecar.name} ({meta[key]})")
+  if d_model is not None and prompt.shape[1] != d_model:
+    raise ValueError(f"{npy}: prompt d_model {prompt.shape[1]} (from model {meta.get('model', '?')}) "
+                     f"does not match this model's d_model {d_model}; a prompt only transfers "
+                     f"between models of the same width.")
+  return prompt.astype(np.float32), meta

@@ -9,3 +9,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=2").strip()
+
+# Tests use tiny models, where compiling dominates. The non-partitionable threefry compiles dropout's
+# random bits about 3x faster on CPU (measured); the programs under test are otherwise the same.
+import jax  # noqa: E402
+
+jax.config.update("jax_threefry_partitionable", False)

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mpt_jax import algorithms, logs, metrics, optim, parallel, prompt as prompt_lib
+from mpt_jax import algorithms, logs, metrics, parallel, prompt as prompt_lib
 from mpt_jax.data import batching
 
 
@@ -136,17 +136,16 @@ class Scorer:
 
 
 def adapt_task(task: str, *, init_prompts: Mapping[int, np.ndarray], frozen_params, tokenized:
-               Mapping[tuple[int, str], batching.TokenizedSplit], loss_fn, predict: Callable, tokenizer,
-               config: GridConfig, seeds: Sequence[int], out_dir: str, mesh=None,
+               Mapping[tuple[int, str], batching.TokenizedSplit], grid_step: Callable, optimizer,
+               predict: Callable, tokenizer, config: GridConfig, seeds: Sequence[int], out_dir: str,
                prompt_meta: Mapping[str, Any] | None = None) -> list[dict]:
   """The whole grid of one target task; returns one result dict per seed (for mpt_jax.results).
 
   init_prompts: the starting prompt of each seed's runs [P, D]. tokenized: (seed, split) -> split.
+  grid_step / optimizer: from `make_grid_trainer` (built once, shared by every task of the same shapes).
   Writes per-run best prompts and the dev curves under out_dir.
   """
   runs = grid_runs(seeds, config.learning_rates)
-  optimizer = optim.make_optimizer(config.optimizer, config.learning_rates[0])
-  grid_step = make_grid_trainer(loss_fn, optimizer, mesh)
   prompts0 = np.stack([np.asarray(init_prompts[r.seed], np.float32) for r in runs])
   states = algorithms.init_grid_state(prompts0, optimizer, [r.learning_rate for r in runs])
   sampler = batching.GridSampler.create({s: tokenized[(s, "train")] for s in seeds},

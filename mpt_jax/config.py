@@ -7,7 +7,11 @@ A config file under configs/ is a thin `get_config(arg=None)` over `base_config(
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_collections
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = ("pt", "mtl", "maml", "fomaml", "reptile")
 SEEDS = (100, 13, 21, 42, 87)
@@ -127,4 +131,33 @@ def _tiny(c):
   c.downstream.eval_batch_size = 8
 
 
-PRESETS = {"tiny": _tiny}
+def _demo(c):
+  """The embedded offline default: the small T5 pretrained here on WordNet text (assets/small_t5) and the
+  WordNet gym (assets/wordnet_gym), with a reduced grid (2 seeds x 2 learning rates, 2 target tasks, short
+  runs, prompt 10) so that all five methods finish in minutes on 2 CPU cores, and rank classification over
+  each task's labels (a small model's free generation is mostly not a label at all). Hyperparameters of the
+  methods themselves (Adafactor lr 0.5, inner SGD lr 3e-5, 2 tasks x (2+2) for MAML, ...) stay the study's."""
+  c.gym = "wordnet"
+  c.model = str(REPO_ROOT / "assets" / "small_t5")
+  c.seeds = (100, 13)
+  c.prompt.length = 10
+  c.data.max_input_len = 64  # the gym's inputs: median ~40 tokens, longest ~90
+  u = c.upstream
+  u.num_steps = 40
+  u.batch_size = 4
+  u.max_target_len = 8  # the gym's labels are 1-7 tokens
+  u.checkpoint_every = 20
+  u.log_every = 10
+  d = c.downstream
+  d.tasks = ("wn-noun_category_living", "wn-antonym_pair")
+  d.lrs = (0.5, 0.3)
+  d.batch_size = 8
+  d.num_steps = 40
+  d.eval_every = 10
+  d.max_target_len = 8
+  d.max_decode_len = 8
+  d.eval_batch_size = 40
+  d.decoding = "rank"
+
+
+PRESETS = {"tiny": _tiny, "demo": _demo}

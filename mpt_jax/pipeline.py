@@ -11,8 +11,7 @@ Sections, in the order a run meets them:
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from absl import logging
 from mpt_jax import adapt, algorithms, decode, gyms, optim, parallel, prompt as prompt_lib, results, train
 from mpt_jax.data import batching, crossfit, settings as settings_lib
 from mpt_jax.model import hf
+from mpt_jax.model.t5 import T5
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_METHODS = ("mtl", "maml", "fomaml", "reptile")
@@ -153,39 +153,57 @@ def _prompt_meta(config, model, **extra):
 
 # --- 4. downstream ---------------------------------------------------------------------------------------
 
-def make_predict(config, model, frozen_params, mesh, task: str, train_split=None):
-  """predict(prompts [R, P, D], batch [R, B, ...]) -> token ids [R, B, T] with the configured decoding."""
+@functools.lru_cache(maxsize=None)
+def grid_trainer(model_config, placement: str, optimizer_name: str, mesh):
+  """(optimizer, jitted grid step), built once per process for a model and optimizer: every target task
+  and every method of a study run reuses the same compiled step (the learning rates are state)."""
+  model = T5(model_config)
+  loss_fn = algorithms.make_loss_fn(model, deterministic=model_config.dropout_rate == 0,
+                                    placement=placement)
+  optimizer = optim.make_optimizer(optimizer_name, 1.0)
+  return optimizer, adapt.make_grid_trainer(loss_fn, optimizer, mesh)
+
+
+@functools.lru_cache(maxsize=None)
+def _generator(model_config, decoding: str, max_length: int, placement: str, num_beams: int,
+               repetition_penalty: float):
+  """generate(frozen, prompts [R, P, D], ids [R, B, L], mask) -> tokens [R, B, T], jitted once."""
+  model = T5(model_config)
+  if decoding == "greedy":
+    def one(frozen, prompt, ids, mask):
+      return decode.greedy_decode(model, frozen, ids, mask, prompt, max_length=max_length,
+                                  placement=placement)
+  else:
+    def one(frozen, prompt, ids, mask):
+      return decode.beam_search(model, frozen, ids, mask, prompt, max_length=max_length,
+                                placement=placement, num_beams=num_beams,
+                                repetition_penalty=repetition_penalty)
+  return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
+
+
+def make_predict(config, model, frozen_params, mesh, train_split):
+  """predict(prompts [R, P, D], batch [R, B, ...]) -> token ids [R, B, T] with the configured decoding
+  (rank classification scores the labels of `train_split`)."""
   d = config.downstream
   placement = config.prompt.placement
-  if d.decoding == "greedy":
-    def one(frozen, prompt, ids, mask):
-      return decode.greedy_decode(model, frozen, ids, mask, prompt, max_length=d.max_decode_len,
-                                  placement=placement)
-  elif d.decoding == "beam":
-    def one(frozen, prompt, ids, mask):
-      return decode.beam_search(model, frozen, ids, mask, prompt, max_length=d.max_decode_len,
-                                placement=placement, num_beams=d.num_beams,
-                                repetition_penalty=d.repetition_penalty)
+  if d.decoding in ("greedy", "beam"):
+    generate = _generator(model.config, d.decoding, d.max_decode_len, placement, d.num_beams,
+                          float(d.repetition_penalty))
   elif d.decoding == "rank":
-    if train_split is None:
-      raise ValueError("rank decoding needs the task's label set")
     candidates = decode.label_candidates(train_split)
 
     def one(frozen, prompt, ids, mask):
       return decode.rank_classify(model, frozen, ids, mask, prompt, candidates=candidates,
                                   placement=placement)
+    generate = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
   else:
     raise ValueError(f"config.downstream.decoding={d.decoding!r}: expected greedy, beam or rank")
-
-  @jax.jit
-  def predict_runs(frozen, prompts, input_ids, input_mask):
-    return jax.vmap(lambda p, i, m: one(frozen, p, i, m))(prompts, input_ids, input_mask)
 
   def predict(prompts, batch):
     ids, mask = batch["input_ids"], batch["input_mask"]
     if mesh.size > 1 and ids.shape[0] % mesh.size == 0:
       prompts, ids, mask = parallel.shard((jnp.asarray(prompts), ids, mask), mesh, "runs")
-    return predict_runs(frozen_params, prompts, ids, mask)
+    return generate(frozen_params, prompts, ids, mask)
 
   return predict
 
@@ -194,8 +212,7 @@ def run_downstream(config, workdir, model, frozen_params, tokenizer, target_data
                    cache_dir):
   d = config.downstream
   spec = batching.TextSpec(config.data.max_input_len, d.max_target_len, config.data.input_template)
-  loss_fn = algorithms.make_loss_fn(model, deterministic=config.dropout_rate == 0,
-                                    placement=config.prompt.placement)
+  optimizer, grid_step = grid_trainer(model.config, config.prompt.placement, d.optimizer, mesh)
   grid = adapt.GridConfig(tuple(d.lrs), d.batch_size, d.num_steps, d.eval_every, d.eval_batch_size,
                           d.optimizer, config.seed)
   summaries = []
@@ -213,11 +230,10 @@ def run_downstream(config, workdir, model, frozen_params, tokenizer, target_data
                  for s in config.seeds}
     else:
       prompts = {s: init_prompt for s in config.seeds}
-    predict = make_predict(config, model, frozen_params, mesh, task,
-                           tokenized[(config.seeds[0], "train")])
+    predict = make_predict(config, model, frozen_params, mesh, tokenized[(config.seeds[0], "train")])
     runs = adapt.adapt_task(task, init_prompts=prompts, frozen_params=frozen_params, tokenized=tokenized,
-                            loss_fn=loss_fn, predict=predict, tokenizer=tokenizer, config=grid,
-                            seeds=config.seeds, out_dir=task_dir, mesh=mesh,
+                            grid_step=grid_step, optimizer=optimizer, predict=predict,
+                            tokenizer=tokenizer, config=grid, seeds=config.seeds, out_dir=task_dir,
                             prompt_meta=_prompt_meta(config, model))
     summary = results.summarize_task(task, runs)
     results.write_task_results(summary, task_dir)

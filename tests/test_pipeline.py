@@ -162,3 +162,37 @@ def test_grid_sampler_feeds_each_run_its_seeds_file(tmp_path):
   assert batch["input_ids"].shape == (4, 4, 32)
   np.testing.assert_array_equal(batch["input_ids"][0], batch["input_ids"][1])  # same seed, same data
   assert not np.array_equal(batch["input_ids"][0], batch["input_ids"][2])
+
+
+def test_main_runs_a_setting_end_to_end_and_resumes(tmp_path):
+  """`python -m mpt_jax.main` in-process on the synthetic gym with a tiny checkpoint: upstream (MTL),
+  the downstream grid, results files; a second run finds everything done and recomputes nothing."""
+  from mpt_jax import config as config_lib, pipeline, results
+  from mpt_jax.model import hf, tokenizer as tokenizer_lib
+
+  ckpt = tmp_path / "tiny_t5"
+  helpers_t5.make_tokenizer_dir(ckpt)
+  tokenizer = tokenizer_lib.load_tokenizer(ckpt)
+  model, params = helpers_t5.tiny_t5("1.1", vocab_size=len(tokenizer))
+  hf.save_checkpoint(ckpt, model.config, params, tokenizer)
+
+  config = config_lib.base_config("mtl", "synth_mini", "tiny")
+  config.gym, config.model, config.dropout_rate = "synthetic", str(ckpt), 0.0
+  config.upstream.num_steps = 3
+  workdir = tmp_path / "run"
+  summary = pipeline.run(config, str(workdir))
+  assert summary["method"] == "mtl" and list(summary["tasks"]) == ["synth-sentiment_d"]
+  task = summary["tasks"]["synth-sentiment_d"]
+  assert task["seeds"] == sorted(config.seeds) and len(task["test_scores"]) == 2
+  assert all(0.0 <= s <= 1.0 for s in task["test_scores"])
+  for name in ("results.json", "results.md", "results.csv", "results.png", "run_record.json",
+               "upstream/prompt.npy", "upstream/prompt.json", "upstream/logs/metrics.jsonl",
+               "downstream/synth-sentiment_d/results.json", "downstream/synth-sentiment_d/dev_curve.json",
+               "downstream/synth-sentiment_d/prompts/seed100_lr0.5.npy"):
+    assert (workdir / name).exists(), name
+  first = (workdir / "downstream/synth-sentiment_d/results.json").stat().st_mtime_ns
+  again = pipeline.run(config, str(workdir))
+  assert (workdir / "downstream/synth-sentiment_d/results.json").stat().st_mtime_ns == first
+  assert again["tasks"]["synth-sentiment_d"]["test_scores"] == task["test_scores"]
+  assert len(json.load(open(workdir / "run_record.json"))) == 2
+  assert results.load_results(workdir / "results.json")["average"] == summary["average"]

@@ -95,7 +95,8 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   d.decoding = "greedy"  # greedy | beam (the study's: 4 beams, repetition penalty 2.5) | rank
   d.num_beams = 4
   d.repetition_penalty = 2.5
-  d.max_decode_len = 128
+  # The study's generate(max_length=128) counts the decoder start token; ours counts generated tokens.
+  d.max_decode_len = 127
   d.tasks = ()  # a subset of the setting's target tasks; empty = all
 
   c.pt_results = ""  # a PT results.json to compute the relative gain against.

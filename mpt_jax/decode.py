@@ -1,20 +1,29 @@
-"""Generation with the frozen T5 and a soft prompt: greedy decoding with the key/value cache.
+"""Predictions of the frozen T5 with a soft prompt: greedy decoding, beam search, rank scoring.
 
-Everything is jitted with static shapes: the cache holds `max_length` decoder positions and the loop
-is a `lax.while_loop` that stops once every sequence has produced EOS. The building blocks
+Everything is jitted with static shapes: the cache holds `max_length` decoder positions and the
+generation loops are `lax.while_loop`s that stop once every sequence is done. The building blocks
 (`start_generation`: encode once and build the cache; `decode_step`: logits of the next token) are
-separate so that beam search and rank classification can reuse them (the cache is batch-first, so
-beams can reorder it with `jax.tree_util.tree_map(lambda x: x[beam_index], cache)`).
+shared; beam search keeps its beams on the batch axis and reorders the batch-first cache by gathers.
+Beam search follows transformers' `generate(num_beams=...)` (the study decoded with it; the tests
+compare token for token). Rank classification picks the label with the highest likelihood.
+All three return token ids [B, T]: the caller turns them into text the same way.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
 
+from mpt_jax.model.loss import shift_right
 from mpt_jax.model.t5 import T5
+
+if TYPE_CHECKING:
+  from mpt_jax.data.batching import TokenizedSplit
 
 
 def start_generation(model: T5, frozen_params, input_ids, input_mask, prompt=None, *,
@@ -67,3 +76,237 @@ def greedy_decode(model: T5, frozen_params, input_ids, input_mask, prompt=None, 
   _, _, output, _, _ = jax.lax.while_loop(not_finished, step,
                                           (jnp.int32(0), start, output, done, cache))
   return output
+
+
+# --- beam search -----------------------------------------------------------------------------------------
+
+# What transformers adds to a score to rule a candidate out (not -inf: sums must stay finite).
+_EXCLUDED = -1.0e9
+
+
+def penalize_repetitions(log_probs, sequences, length, start_token_id: int, penalty: float):
+  """transformers' RepetitionPenaltyLogitsProcessor on the scores of the next token.
+
+  log_probs [N, V]; sequences [N, T] the generated tokens, of which the first `length` (traced) are
+  real. A token already in the decoder sequence (the start token included) gets score * penalty if
+  its score is negative, score / penalty otherwise. transformers' beam search (since 4.0) applies
+  its logits processors to the log-softmax scores, not to the raw logits, and does not renormalize
+  after: so the penalty multiplies the log-probability of a seen token.
+  """
+  num_rows, vocab = log_probs.shape
+  positions = jnp.arange(sequences.shape[1])
+  seen_ids = jnp.where(positions[None, :] < length, sequences, vocab)  # vocab: dropped below
+  rows = jnp.arange(num_rows)[:, None]
+  seen = jnp.zeros((num_rows, vocab), bool).at[rows, seen_ids].set(True, mode="drop")
+  seen = seen.at[:, start_token_id].set(True)
+  penalized = jnp.where(log_probs < 0, log_probs * penalty, log_probs / penalty)
+  return jnp.where(seen, penalized, log_probs)
+
+
+def _gather_beams(x, beam_index):
+  """x [B, K, ...] -> [B, K', ...] along the beam axis with beam_index [B, K']."""
+  index = beam_index.reshape(*beam_index.shape, *([1] * (x.ndim - 2)))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def _reorder_self_attention(cache, rows):
+  """The cache of the beams that go on: rows [B * K] index the old beams. Only the self-attention
+  keys/values depend on the beam; the cross-attention ones are the same for all beams of an example
+  (and a beam only ever continues a beam of its own example), so they are not copied."""
+  return [{name: x[rows] if name.startswith("self_") else x for name, x in layer.items()}
+          for layer in cache]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "placement", "num_beams"))
+def beam_search(model: T5, frozen_params, input_ids, input_mask, prompt=None, *, max_length: int,
+                placement: str = "prepend", num_beams: int = 4, repetition_penalty: float = 1.0,
+                length_penalty: float = 1.0, eos_token_id=None):
+  """The best beam's tokens [B, max_length] int32 (without the start token, up to and including EOS,
+  then padding), as transformers' `generate(num_beams=, repetition_penalty=, length_penalty=,
+  do_sample=False, early_stopping=False)` finds them (its beam search of 5.x; tested against 5.24).
+
+  That algorithm, step by step (each example independently):
+    scores: sum of the log-softmax of each step (after the repetition penalty, see
+      `penalize_repetitions`); at the first step only beam 0 is live (the others are copies);
+    candidates: the top 2 * num_beams (beam, token) continuations over all beams;
+    running beams: the best num_beams candidates that did not stop (EOS or the last position);
+    finished: a stopping candidate among the top num_beams candidates (not the 2nd half) joins the
+      num_beams best finished hypotheses with score sum / length ** length_penalty, where length
+      counts the generated tokens, EOS included, not the start token;
+    stop (early_stopping=False heuristic): once an example holds num_beams finished hypotheses and
+      the best running beam's score divided by the current length ** length_penalty is not above the
+      worst of them, nothing more is added for it; the loop ends when that holds for every example
+      or at max_length.
+
+  max_length counts generated tokens, like `greedy_decode` and transformers' `max_new_tokens`: it is
+  transformers' `max_length` minus one (theirs counts the decoder start token), so the study's
+  `generate(max_length=128)` is `max_length=127` here. A hypothesis cut at max_length has no EOS.
+  Padding is pad_token_id (transformers pads beam outputs with EOS when pad_token_id is 0).
+
+  repetition_penalty, length_penalty, eos_token_id (default: the model's): traced values, changing
+  them does not recompile.
+  """
+  if num_beams < 1:
+    raise ValueError(f"beam_search: num_beams={num_beams}; expected at least 1")
+  config = model.config
+  eos = config.eos_token_id if eos_token_id is None else eos_token_id
+  batch = input_ids.shape[0]
+  num_candidates = 2 * num_beams  # transformers' beams_to_keep with one EOS id
+  encoded, encoder_mask, cache = start_generation(
+      model, frozen_params, input_ids, input_mask, prompt, placement=placement,
+      max_length=max_length)
+  # Beams live on the batch axis, [B * K, ...] with example-major order; the cache is batch-first.
+  to_beams = lambda x: jnp.repeat(x, num_beams, axis=0)
+  encoded, encoder_mask, cache = jax.tree_util.tree_map(to_beams, (encoded, encoder_mask, cache))
+
+  running_sequences = jnp.full((batch, num_beams, max_length), config.pad_token_id, jnp.int32)
+  running_scores = jnp.where(jnp.arange(num_beams) == 0, 0.0, _EXCLUDED)
+  running_scores = jnp.broadcast_to(running_scores, (batch, num_beams)).astype(jnp.float32)
+  finished_sequences = running_sequences
+  finished_scores = jnp.full((batch, num_beams), _EXCLUDED, jnp.float32)
+  is_finished = jnp.zeros((batch, num_beams), bool)
+  can_improve = jnp.ones((batch,), bool)  # transformers' is_early_stop_heuristic_unsatisfied
+  tokens = jnp.full((batch * num_beams,), config.decoder_start_token_id, jnp.int32)
+  is_top_half = jnp.arange(num_candidates) < num_beams
+  example_offset = jnp.arange(batch)[:, None] * num_beams
+
+  def length_normalizer(length):
+    return jnp.asarray(length, jnp.float32) ** length_penalty
+
+  def not_finished(carry):
+    index, _, _, _, _, _, can_improve, _, all_stopped, _ = carry
+    return (index < max_length) & jnp.any(can_improve) & ~all_stopped
+
+  def step(carry):
+    (index, running_sequences, running_scores, finished_sequences, finished_scores, is_finished,
+     can_improve, tokens, _, cache) = carry
+    logits, cache = decode_step(model, frozen_params, tokens, encoded, encoder_mask, cache, index)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    vocab = log_probs.shape[-1]
+    log_probs = penalize_repetitions(  # the identity for a penalty of 1.0
+        log_probs, running_sequences.reshape(batch * num_beams, max_length), index,
+        config.decoder_start_token_id, repetition_penalty)
+    scores = log_probs.reshape(batch, num_beams, vocab) + running_scores[..., None]
+
+    # Candidates: the top 2K (beam, token) pairs of each example, best first.
+    candidate_scores, flat_index = jax.lax.top_k(scores.reshape(batch, num_beams * vocab),
+                                                 num_candidates)
+    candidate_beams = flat_index // vocab
+    candidate_tokens = (flat_index % vocab).astype(jnp.int32)
+    candidate_sequences = _gather_beams(running_sequences, candidate_beams)
+    candidate_sequences = candidate_sequences.at[:, :, index].set(candidate_tokens)
+    stops = (candidate_tokens == eos) | (index + 1 >= max_length)
+
+    # Running beams: the best K candidates that go on.
+    live_scores = candidate_scores + jnp.where(stops, _EXCLUDED, 0.0)
+    _, keep = jax.lax.top_k(live_scores, num_beams)
+    running_sequences = _gather_beams(candidate_sequences, keep)
+    running_scores = _gather_beams(live_scores, keep)
+    source_beams = _gather_beams(candidate_beams, keep)
+
+    # Finished hypotheses: merge the stopping candidates of the top half into the best K so far.
+    just_finished = stops & is_top_half
+    new_scores = candidate_scores / length_normalizer(index + 1)
+    new_scores = new_scores + jnp.where(can_improve[:, None], 0.0, _EXCLUDED)
+    new_scores = new_scores + jnp.where(just_finished, 0.0, _EXCLUDED)
+    merged_scores = jnp.concatenate([finished_scores, new_scores], axis=1)
+    _, best = jax.lax.top_k(merged_scores, num_beams)
+    finished_scores = _gather_beams(merged_scores, best)
+    finished_sequences = _gather_beams(
+        jnp.concatenate([finished_sequences, candidate_sequences], axis=1), best)
+    is_finished = _gather_beams(jnp.concatenate([is_finished, just_finished], axis=1), best)
+
+    cache = _reorder_self_attention(cache, (example_offset + source_beams).reshape(-1))
+    tokens = running_sequences[:, :, index].reshape(-1)
+
+    # early_stopping=False: can the best running beam, scored at its current length, still beat the
+    # worst finished hypothesis? (Only asked once all K finished slots are filled.)
+    best_possible = running_scores[:, 0] / length_normalizer(index + 1)
+    worst_finished = jnp.min(finished_scores, axis=1)
+    all_filled = jnp.all(is_finished, axis=1)
+    can_improve = can_improve & (~all_filled | (best_possible > worst_finished))
+    return (index + 1, running_sequences, running_scores, finished_sequences, finished_scores,
+            is_finished, can_improve, tokens, jnp.all(stops), cache)
+
+  carry = (jnp.int32(0), running_sequences, running_scores, finished_sequences, finished_scores,
+           is_finished, can_improve, tokens, jnp.bool_(False), cache)
+  carry = jax.lax.while_loop(not_finished, step, carry)
+  finished_sequences = carry[3]
+  return finished_sequences[:, 0]
+
+
+# --- rank classification ---------------------------------------------------------------------------------
+
+@struct.dataclass
+class Candidates:
+  """The label set of a classification task: each label's token ids (EOS-terminated, right-padded).
+
+  A pytree: the arrays are leaves (jit traces them, or a closure bakes them in as constants);
+  `texts` and `score_length` (the longest label, in tokens) are static.
+  """
+
+  target_ids: jax.Array  # [C, L_out] int32
+  target_mask: jax.Array  # [C, L_out] int32
+  texts: tuple[str, ...] = struct.field(pytree_node=False)
+  score_length: int = struct.field(pytree_node=False)
+
+
+def label_candidates(train_split: TokenizedSplit) -> Candidates:
+  """The distinct first golds of a split (what evaluation scores against), sorted by text.
+
+  Two texts that tokenize alike count once (the first in sorted order), since only the tokens can be
+  told apart.
+  """
+  if len(train_split) == 0:
+    raise ValueError(f"task {train_split.task!r} (seed {train_split.seed}, split "
+                     f"{train_split.split}) has no examples: rank classification takes its label "
+                     f"set from the train split")
+  first_rows = train_split.gold_offsets[:-1]
+  by_text = {}
+  for example, row in enumerate(first_rows):
+    by_text.setdefault(train_split.answers[example][0], int(row))
+  texts, rows, seen = [], [], set()
+  for text in sorted(by_text):
+    row = by_text[text]
+    ids = train_split.target_ids[row]
+    key = ids.tobytes()
+    if key not in seen:
+      seen.add(key)
+      texts.append(text)
+      rows.append(row)
+  rows = np.asarray(rows)
+  lengths = np.asarray(train_split.target_lengths)[rows]
+  width = train_split.target_ids.shape[1]
+  mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
+  return Candidates(np.asarray(train_split.target_ids[rows], np.int32), mask, tuple(texts),
+                    int(lengths.max()))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "placement"))
+def rank_classify(model: T5, frozen_params, input_ids, input_mask, prompt=None, *,
+                  candidates: Candidates, placement: str = "prepend"):
+  """The most likely label of each input, as that label's token ids [B, L_out] int32.
+
+  Likelihood as `sequence_log_likelihood`: the sum of the label's token log-probabilities, EOS
+  included. Each input is encoded once; the decoder scores all C labels against it in one batch of
+  B * C rows (teacher forcing over the longest label's length only: the causal decoder makes the
+  positions after it irrelevant). Ties go to the first label in `candidates` order.
+  """
+  variables = {"params": frozen_params}
+  encoded, encoder_mask = model.apply(variables, input_ids, input_mask, prompt, placement,
+                                      method=T5.encode)
+  batch = input_ids.shape[0]
+  labels = jnp.asarray(candidates.target_ids, jnp.int32)
+  num_labels = labels.shape[0]
+  targets = labels[:, :candidates.score_length]
+  target_mask = jnp.asarray(candidates.target_mask, jnp.float32)[:, :candidates.score_length]
+  # Row b * C + c: input b with label c.
+  encoded = jnp.repeat(encoded, num_labels, axis=0)
+  encoder_mask = jnp.repeat(encoder_mask, num_labels, axis=0)
+  targets = jnp.tile(targets, (batch, 1))
+  logits = model.apply(variables, encoded, encoder_mask,
+                       shift_right(targets, model.config.decoder_start_token_id), method=T5.decode)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  token_ll = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  scores = jnp.sum(token_ll.reshape(batch, num_labels, -1) * target_mask, axis=-1)
+  return labels[jnp.argmax(scores, axis=-1)]

@@ -79,7 +79,8 @@ case "$cmd" in
     ;;
   demo)
     ensure_env requirements.txt
-    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    # On CPU the non-partitionable threefry compiles dropout's random bits ~3x faster (measured).
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 JAX_THREEFRY_PARTITIONABLE="${JAX_THREEFRY_PARTITIONABLE:-0}"
     exec "$VENV/bin/python" experiments/run_setting.py --setting=wn_cls2cls --preset=demo \
       --workdir="${MPT_DEMO_WORKDIR:-runs/demo}" "$@"
     ;;

@@ -135,13 +135,13 @@ def _tiny(c):
 def _demo(c):
   """The embedded offline default: the small T5 pretrained here on WordNet text (assets/small_t5) and the
   WordNet gym (assets/wordnet_gym), with a reduced grid (2 seeds x 2 learning rates, 2 target tasks, short
-  runs, prompt 10) so that all five methods finish in minutes on 2 CPU cores, and rank classification over
+  runs, prompt 16: one row per source task name plus a few) so that all five methods finish in minutes on 2 CPU cores, and rank classification over
   each task's labels (a small model's free generation is mostly not a label at all). Hyperparameters of the
   methods themselves (Adafactor lr 0.5, inner SGD lr 3e-5, 2 tasks x (2+2) for MAML, ...) stay the study's."""
   c.gym = "wordnet"
   c.model = str(REPO_ROOT / "assets" / "small_t5")
   c.seeds = (100, 13)
-  c.prompt.length = 10
+  c.prompt.length = 16
   c.data.max_input_len = 64  # the gym's inputs: median ~40 tokens, longest ~90
   u = c.upstream
   u.num_steps = 40
@@ -161,4 +161,17 @@ def _demo(c):
   d.decoding = "rank"
 
 
-PRESETS = {"tiny": _tiny, "demo": _demo}
+def _mini(c):
+  """The offline mini-study (experiments/mini_study.py): the demo's model and gym with the study's grid
+  shape (5 seeds x 4 learning rates, every target task) and longer runs; hours on 2 CPU cores."""
+  _demo(c)
+  c.seeds = SEEDS
+  c.upstream.num_steps = 300
+  c.upstream.checkpoint_every = 50
+  c.downstream.tasks = ()
+  c.downstream.lrs = (0.5, 0.4, 0.3, 0.2)
+  c.downstream.num_steps = 300
+  c.downstream.eval_every = 25
+
+
+PRESETS = {"tiny": _tiny, "demo": _demo, "mini": _mini}

@@ -141,3 +141,21 @@ def hf_t5_v11_dir(tmp_path_factory) -> Path:
   pytest.importorskip("torch")
   return make_hf_t5_dir(tmp_path_factory.mktemp("t5-v1_1-tiny"), "1.1",
                         tokenizer_dir=_session_tokenizer_dir(tmp_path_factory))
+
+
+_REFERENCE_PAIRS = {}
+
+
+def load_reference_pair(request, version: str):
+  """(our model, our params, tokenizer, transformers' PyTorch reference model) of the tiny `version`
+  checkpoint fixture, loaded once per session (parity and decoding tests compare the two)."""
+  from transformers import T5ForConditionalGeneration
+
+  from mpt_jax.model.hf import load_pretrained
+
+  if version not in _REFERENCE_PAIRS:
+    path = request.getfixturevalue("hf_t5_v10_dir" if version == "1.0" else "hf_t5_v11_dir")
+    model, params, tokenizer = load_pretrained(path)
+    reference = T5ForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    _REFERENCE_PAIRS[version] = (model, params, tokenizer, reference)
+  return _REFERENCE_PAIRS[version]

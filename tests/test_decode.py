@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers_t5
 from helpers_t5 import (  # noqa: F401 (pytest fixtures are used by name)
     TINY_VOCAB, fast_compile, hf_t5_v10_dir, hf_t5_v11_dir, random_batch, tiny_t5)
 from mpt_jax.data.batching import TokenizedSplit
@@ -47,19 +48,8 @@ TEXTS = ["premise: the movie was great [SEP] hypothesis: good",
          "sentence: a blue bird in the city"]
 MAX_LENGTH = 10  # generated tokens (transformers' max_new_tokens)
 
-_PAIRS = {}
-
-
 def _load_pair(request, version):
-  """(our model, our params, tokenizer, transformers reference model), loaded once per version."""
-  from transformers import T5ForConditionalGeneration
-
-  if version not in _PAIRS:
-    path = request.getfixturevalue("hf_t5_v10_dir" if version == "1.0" else "hf_t5_v11_dir")
-    model, params, tokenizer = load_pretrained(path)
-    reference = T5ForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
-    _PAIRS[version] = (model, params, tokenizer, reference)
-  return _PAIRS[version]
+  return helpers_t5.load_reference_pair(request, version)
 
 
 @pytest.fixture(scope="module", params=["1.0", "1.1"])

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers_t5
 from helpers_t5 import (  # noqa: F401 (pytest fixtures are used by name)
     fast_compile, hf_t5_v10_dir, hf_t5_v11_dir, random_batch, tiny_t5)
 from mpt_jax.decode import greedy_decode
@@ -33,19 +34,9 @@ TEXTS = ["premise: the movie was great [SEP] hypothesis: good",
 TARGETS = ["positive", "a blue bird in the city", "no"]
 
 
-_PAIRS = {}
-
-
 def _load_pair(request, version):
   """(version, our model, our params, tokenizer, transformers reference model), loaded once."""
-  from transformers import T5ForConditionalGeneration
-
-  if version not in _PAIRS:
-    path = request.getfixturevalue("hf_t5_v10_dir" if version == "1.0" else "hf_t5_v11_dir")
-    model, params, tokenizer = load_pretrained(path)
-    reference = T5ForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
-    _PAIRS[version] = (version, model, params, tokenizer, reference)
-  return _PAIRS[version]
+  return (version, *helpers_t5.load_reference_pair(request, version))
 
 
 @pytest.fixture(scope="module", params=["1.0", "1.1"])

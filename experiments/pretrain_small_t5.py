@@ -1,0 +1,500 @@
+"""Pretrains the small T5 v1.1 shipped in assets/small_t5 (the frozen model of the offline default).
+
+Nobody here can download google/t5-large-lm-adapt, and prompt tuning only works on a frozen model that
+already knows some language. So this script builds an English corpus from the WordNet 3.0 database
+(definitions, example sentences, "X is a kind of Y" / synonym / antonym sentences, one short document
+per synset), trains a SentencePiece vocabulary on it, and pretrains a small T5 v1.1 (gated-GELU, untied
+head, no dropout) with T5's span-corruption objective (15% noise, mean span 3, <extra_id_*> sentinels)
+using our JAX model and AdamW. The result is saved in the Hugging Face layout (config.json,
+model.safetensors, spiece.model) and loads through `mpt_jax.model.hf.load_pretrained` like a hub model.
+
+Source text: `apt-get install wordnet-base` (gives /usr/share/wordnet), or set MPT_WORDNET_DIR.
+
+  # smoke run (a minute): tiny model, few steps, into runs/
+  python experiments/pretrain_small_t5.py --smoke
+  # a full run (resumes from work_dir after a kill; the exact commands of the shipped model, a run
+  # resumed twice with other --steps / batch shape, are in experiments/README.md)
+  nice -n 10 python experiments/pretrain_small_t5.py --out_dir=assets/small_t5 \
+      --work_dir=runs/pretrain_small_t5_v2 --steps=3000 --warmup_steps=200 --eval_every=100 \
+      --ckpt_every=200 --time_budget_min=58 \
+      > runs/pretrain_small_t5.log 2>&1 &
+
+Deterministic given --seed: the corpus, the held-out split, the vocabulary, the batch of every step
+(a pure function of the step) and the initialization. Checkpoints go to work_dir every --ckpt_every steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import sys
+import time
+import zlib
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from mpt_jax.data import span_corruption  # noqa: E402
+from mpt_jax.data import wordnet as wn  # noqa: E402
+from mpt_jax.model import tokenizer as tokenizer_lib  # noqa: E402
+
+HELDOUT_PERCENT = 1  # synsets whose hash falls in this percent are never trained on
+HELDOUT_FILE = "heldout_documents.txt"
+HELDOUT_BATCH_SIZE = 32  # the held-out evaluation batches
+
+# ----------------------------------------------------------------------------------------------------
+# Corpus
+
+
+def _capitalize(text: str) -> str:
+  return text[:1].upper() + text[1:]
+
+
+def _sentence(text: str) -> str:
+  text = text.strip()
+  return text if text[-1:] in ".!?" else text + "."
+
+
+def synset_document(synset: wn.Synset, synsets: dict) -> str:
+  """One short English document about a synset: its definition, examples and relations as sentences."""
+  word = synset.lemmas[0]
+  pos = wn.POS_NAMES[synset.pos]
+  parts = [f"{_capitalize(word)} ({pos}): {_sentence(synset.definition)}"]
+  parts += [_sentence(_capitalize(example)) for example in synset.examples]
+  if len(synset.lemmas) > 1:
+    parts.append(f"{_capitalize(word)} means the same as {' or '.join(synset.lemmas[1:4])}.")
+  hypernyms = [synsets[k].lemmas[0] for k in synset.related(wn.HYPERNYM) + synset.related(
+      wn.INSTANCE_HYPERNYM)]
+  if hypernyms and synset.pos == "n":
+    parts.append(f"{_capitalize(word)} is a kind of {hypernyms[0]}.")
+  elif hypernyms and synset.pos == "v":
+    parts.append(f"To {word} is a way to {hypernyms[0]}.")
+  for p in synset.pointers:
+    if p.symbol == wn.ANTONYM and p.source_word:
+      antonym = synsets[p.target].lemmas[p.target_word - 1]
+      parts.append(f"The opposite of {synset.lemmas[p.source_word - 1]} is {antonym}.")
+  return " ".join(parts)
+
+
+def is_heldout(synset: wn.Synset) -> bool:
+  return zlib.crc32(f"{synset.key[0]}{synset.key[1]}".encode()) % 100 < HELDOUT_PERCENT
+
+
+def build_corpus(wordnet_dir: str | None) -> tuple[list[str], list[str]]:
+  """(train documents, held-out documents), one per synset, in database order."""
+  synsets = wn.load_wordnet(wordnet_dir)
+  train, heldout = [], []
+  for synset in synsets.values():
+    (heldout if is_heldout(synset) else train).append(synset_document(synset, synsets))
+  return train, heldout
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: every step's batch is a pure function of (seed, step), so a resumed run sees the same data.
+
+
+class ChunkStream:
+  """Epochs of the train documents, shuffled per epoch, concatenated and cut into fixed-length chunks."""
+
+  def __init__(self, doc_ids: list[np.ndarray], chunk_len: int, seed: int):
+    self.doc_ids, self.chunk_len, self.seed = doc_ids, chunk_len, seed
+    self.num_chunks = sum(len(d) for d in doc_ids) // chunk_len
+    self._epoch, self._chunks = -1, None
+
+  def chunk(self, index: int) -> np.ndarray:
+    epoch, within = divmod(index, self.num_chunks)
+    if epoch != self._epoch:
+      order = np.random.default_rng([self.seed, epoch]).permutation(len(self.doc_ids))
+      stream = np.concatenate([self.doc_ids[i] for i in order])
+      self._chunks = stream[:self.num_chunks * self.chunk_len].reshape(self.num_chunks, self.chunk_len)
+      self._epoch = epoch
+    return self._chunks[within]
+
+
+def corrupted_batch(chunks: list[np.ndarray], rng: np.random.Generator, sentinel_start: int,
+                    chunk_len: int) -> dict:
+  input_len, target_len = span_corruption.corrupted_lengths(chunk_len)
+  pairs = [span_corruption.span_corrupt(c, rng, sentinel_start) for c in chunks]
+  return span_corruption.pad_batch(pairs, input_len, target_len)
+
+
+def train_batch(stream: ChunkStream, step: int, batch_size: int, sentinel_start: int) -> dict:
+  chunks = [stream.chunk(step * batch_size + i) for i in range(batch_size)]
+  rng = np.random.default_rng([stream.seed, 1_000_003, step])
+  return corrupted_batch(chunks, rng, sentinel_start, stream.chunk_len)
+
+
+def heldout_batches(doc_ids: list[np.ndarray], chunk_len: int, batch_size: int, num_batches: int,
+                    sentinel_start: int, seed: int) -> list[dict]:
+  """Fixed corrupted batches of held-out text (same noise every evaluation)."""
+  stream = np.concatenate(doc_ids)
+  n = min(len(stream) // chunk_len, batch_size * num_batches)
+  chunks = list(stream[:n * chunk_len].reshape(n, chunk_len))
+  rng = np.random.default_rng([seed, 7])
+  return [corrupted_batch(chunks[i:i + batch_size], rng, sentinel_start, chunk_len)
+          for i in range(0, n - batch_size + 1, batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model, loss and step
+
+
+def make_config(args, vocab_size: int):
+  from mpt_jax.model.t5 import T5Config
+  return T5Config(
+      vocab_size=vocab_size, d_model=args.d_model, d_kv=args.d_model // args.num_heads, d_ff=args.d_ff,
+      num_layers=args.num_layers, num_decoder_layers=args.num_layers, num_heads=args.num_heads,
+      relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
+      layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+      scale_decoder_outputs=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+      dtype="float32", remat=False)
+
+
+def make_optimizer(args):
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=args.lr, warmup_steps=args.warmup_steps, decay_steps=args.steps,
+      end_value=args.lr * 0.1)
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=args.weight_decay))
+
+
+def pretrain_loss(model, params, batch):
+  """`mpt_jax.model.loss.seq2seq_loss` without its stop_gradient on the T5 params (which guards the
+  frozen model in prompt tuning): token cross-entropy, mean over the non-pad target tokens."""
+  from mpt_jax.model.loss import shift_right
+
+  logits = model.apply({"params": params}, batch["input_ids"], batch["input_mask"],
+                       shift_right(batch["target_ids"], model.config.decoder_start_token_id))
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  token_ll = jnp.take_along_axis(log_probs, batch["target_ids"][..., None], axis=-1)[..., 0]
+  mask = batch["target_mask"].astype(jnp.float32)
+  return -jnp.sum(token_ll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def make_steps(model, optimizer):
+  def loss_fn(params, batch):
+    return pretrain_loss(model, params, batch)
+
+  @jax.jit
+  def eval_loss(params, batch):
+    # Token-weighted, so that the held-out mean is over tokens, like the training loss.
+    return loss_fn(params, batch) * batch["target_mask"].sum(), batch["target_mask"].sum()
+
+  def train_step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+
+  return jax.jit(train_step, donate_argnums=(0, 1)), eval_loss
+
+
+def heldout_loss(eval_loss, params, batches, shuffle_inputs: bool = False) -> float:
+  """Mean held-out token loss. shuffle_inputs: pair each target with another example's input; the gap
+  to the true loss says how much the model reads its input (a decoder that ignores the encoder, the
+  first plateau of seq2seq training, has no gap, and a prompt could not steer it)."""
+  total, count = 0.0, 0.0
+  for batch in batches:
+    if shuffle_inputs:
+      batch = dict(batch, input_ids=np.roll(batch["input_ids"], 1, axis=0),
+                   input_mask=np.roll(batch["input_mask"], 1, axis=0))
+    s, n = eval_loss(params, batch)
+    total, count = total + float(s), count + float(n)
+  return total / count
+
+
+def greedy_decode(model, params, input_ids: np.ndarray, max_len: int, eos_id: int = 1) -> list[list[int]]:
+  """Plain greedy decoding by re-running the decoder on the growing prefix (short outputs only)."""
+  apply = jax.jit(lambda p, i, m, d: model.apply({"params": p}, i, m, d))
+  batch = input_ids.shape[0]
+  decoder = np.zeros((batch, max_len + 1), np.int32)  # position 0: decoder start (pad) token
+  input_mask = (input_ids != 0).astype(np.int32)
+  for t in range(max_len):
+    logits = apply(params, input_ids, input_mask, decoder[:, :max_len])
+    decoder[:, t + 1] = np.asarray(jnp.argmax(logits[:, t], axis=-1))
+  outputs = []
+  for row in decoder[:, 1:]:
+    row = list(row)
+    outputs.append(row[:row.index(eos_id)] if eos_id in row else row)
+  return outputs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints (the training state; the HF-layout model is written at the end)
+
+
+def save_state(path: Path, step: int, params, opt_state, log: dict) -> None:
+  tmp = path.with_suffix(".tmp")
+  with open(tmp, "wb") as f:
+    pickle.dump({"step": step, "params": jax.device_get(params),
+                 "opt_state": jax.device_get(opt_state), "log": log}, f)
+  os.replace(tmp, path)
+
+
+def load_state(path: Path):
+  with open(path, "rb") as f:
+    return pickle.load(f)
+
+
+def hf_state_dict(params) -> dict[str, np.ndarray]:
+  """Our param tree under HF T5 names (encoder/block_0/.../q/kernel -> encoder.block.0....q.weight)."""
+  state = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = [entry.key for entry in path]
+    value = np.asarray(value, np.float32)
+    if names[-1] == "kernel":  # flax Dense kernels are [in, out]; torch Linear weights are [out, in]
+      value = value.T
+    name = re.sub(r"(block|layer)_(\d+)", r"\1.\2", ".".join(names[:-1] + ["weight"]))
+    state[name] = np.ascontiguousarray(value)
+  return state
+
+
+def save_hf(out_dir: Path, config, params, tokenizer) -> None:
+  """config.json + model.safetensors + spiece.model, through mpt_jax.model.hf when it has the saver."""
+  params = jax.device_get(params)
+  try:
+    from mpt_jax.model.hf import save_checkpoint
+  except ImportError:
+    save_checkpoint = None
+  if save_checkpoint is not None:
+    save_checkpoint(out_dir, config, params, tokenizer)
+    return
+  from safetensors.numpy import save_file
+  print("mpt_jax.model.hf.save_checkpoint is missing: writing the HF layout here", flush=True)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  save_file(hf_state_dict(params), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+  (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+  tokenizer.save_pretrained(str(out_dir))
+
+
+def plot_log(log_path: Path, png_path: Path) -> None:
+  """The train and held-out loss curves of a pretrain_log.json, as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  log = json.loads(Path(log_path).read_text())
+  fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+  labels = {"train": "train", "heldout": "held-out",
+            "heldout_shuffled_inputs": "held-out, another example's input"}
+  for name, style in (("train", "-"), ("heldout", "o-"), ("heldout_shuffled_inputs", "x--")):
+    if log.get(name):
+      steps, losses = zip(*log[name])
+      ax.plot(steps, losses, style, markersize=3, label=labels[name])
+  config_path = Path(log_path).parent / "config.json"
+  vocab = log.get("vocab_size")
+  if not vocab and config_path.is_file():
+    vocab = json.loads(config_path.read_text())["vocab_size"]
+  if vocab:
+    ax.axhline(math.log(vocab), color="gray", linestyle=":", label=f"uniform guess, ln {vocab}")
+  args = log["args"]
+  ax.set_xlabel(f"step (from step 0: batch of {args['batch_size']} chunks x {args['chunk_len']} tokens)")
+  for resume in log.get("resumes", []):  # a resume may change the batch shape or the schedule
+    r = resume["args"]
+    ax.axvline(resume["step"], color="gray", linewidth=0.8)
+    ax.annotate(f" {r['batch_size']}x{r['chunk_len']}", (resume["step"], 0.98),
+                xycoords=("data", "axes fraction"), va="top", fontsize=7, color="gray")
+  ax.set_ylabel("span-corruption loss (nats/token)")
+  ax.set_title(f"small T5 ({log['num_params'] / 1e6:.1f}M params) on WordNet text")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="center right", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(png_path)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--wordnet_dir", default=None)
+  p.add_argument("--out_dir", default="runs/small_t5_smoke/model")
+  p.add_argument("--work_dir", default="runs/small_t5_smoke/work")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--vocab_size", type=int, default=8000, help="SentencePiece pieces (+100 sentinels)")
+  p.add_argument("--d_model", type=int, default=128)
+  p.add_argument("--d_ff", type=int, default=512)
+  p.add_argument("--num_heads", type=int, default=4)
+  p.add_argument("--num_layers", type=int, default=4, help="encoder layers = decoder layers")
+  p.add_argument("--chunk_len", type=int, default=128, help="raw tokens per span-corrupted example")
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--steps", type=int, default=3000)
+  p.add_argument("--lr", type=float, default=2e-3)
+  p.add_argument("--warmup_steps", type=int, default=200)
+  p.add_argument("--weight_decay", type=float, default=0.01)
+  p.add_argument("--eval_every", type=int, default=100)
+  p.add_argument("--ckpt_every", type=int, default=200)
+  p.add_argument("--heldout_batches", type=int, default=4)
+  p.add_argument("--heldout_chunk_len", type=int, default=128,
+                 help="chunk length of the held-out batches (fixed, whatever the training batches)")
+  p.add_argument("--time_budget_min", type=float, default=58,
+                 help="stop early (and save) when this many minutes have passed; 0: no limit")
+  p.add_argument("--smoke", action="store_true", help="tiny model and few steps: checks the pipeline")
+  p.add_argument("--plot", default="experiments/small_t5_pretrain_loss.png",
+                 help="where the loss-curve PNG goes")
+  p.add_argument("--plot_only", action="store_true", help="only redraw --plot from out_dir's log")
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.vocab_size, args.d_model, args.d_ff, args.num_layers = 2000, 32, 64, 1
+    args.steps, args.batch_size, args.eval_every, args.ckpt_every, args.warmup_steps = 30, 8, 10, 20, 5
+    args.heldout_batches = 1
+    args.plot = str(Path(args.out_dir) / "pretrain_loss.png")
+  return args
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  t_start = time.time()
+  out_dir, work_dir = Path(args.out_dir), Path(args.work_dir)
+  if args.plot_only:
+    plot_log(out_dir / "pretrain_log.json", Path(args.plot))
+    return
+  work_dir.mkdir(parents=True, exist_ok=True)
+  print(f"args: {vars(args)}", flush=True)
+
+  # -- corpus and vocabulary
+  train_docs, heldout_docs = build_corpus(args.wordnet_dir)
+  print(f"corpus: {len(train_docs)} train / {len(heldout_docs)} held-out documents, "
+        f"{sum(len(d.split()) for d in train_docs)} train words", flush=True)
+  tok_dir = work_dir / "tokenizer"
+  tok_stamp = tok_dir / "trained_with.json"  # reuse a trained vocabulary only for the same settings
+  tok_settings = json.dumps({"vocab_size": args.vocab_size, "documents": len(train_docs)})
+  if not tok_stamp.is_file() or tok_stamp.read_text() != tok_settings:
+    tokenizer_lib.train_sentencepiece(train_docs, tok_dir, args.vocab_size)
+    tok_stamp.write_text(tok_settings)
+  tokenizer = tokenizer_lib.load_tokenizer(tok_dir)
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor(model_file=str(tok_dir / tokenizer_lib.SPIECE))
+  # The T5 tokenizer's ids are the SentencePiece ids, sentinels on top (<extra_id_0> = the last id):
+  # encode the corpus with the fast processor, after checking both agree.
+  sentinel_start = tokenizer.convert_tokens_to_ids("<extra_id_0>")
+  assert sentinel_start == len(tokenizer) - 1 == sp.get_piece_size() + 99, (sentinel_start, len(tokenizer))
+  for doc in train_docs[:50]:
+    assert tokenizer(doc)["input_ids"][:-1] == sp.encode(doc), doc
+  train_ids = [np.asarray(x, np.int32) for x in sp.encode(train_docs)]
+  heldout_ids = [np.asarray(x, np.int32) for x in sp.encode(heldout_docs)]
+  stream = ChunkStream(train_ids, args.chunk_len, args.seed)
+  print(f"tokens: {sum(map(len, train_ids))} train ({stream.num_chunks} chunks of {args.chunk_len}), "
+        f"{sum(map(len, heldout_ids))} held-out; vocab {len(tokenizer)}", flush=True)
+  # Fixed whatever the training batch shape, so that curves stay comparable across resumes.
+  heldout = heldout_batches(heldout_ids, args.heldout_chunk_len, HELDOUT_BATCH_SIZE,
+                            args.heldout_batches, sentinel_start, args.seed)
+
+  # -- model and optimizer
+  from mpt_jax.model.t5 import T5
+  config = make_config(args, vocab_size=int(math.ceil(len(tokenizer) / 64) * 64))
+  model = T5(config)
+  example = train_batch(stream, 0, 2, sentinel_start)
+  init_rng, head_rng = jax.random.split(jax.random.PRNGKey(args.seed))
+  params = model.init(init_rng, example["input_ids"], example["input_mask"],
+                      example["target_ids"])["params"]
+  # HF initializes the untied head with std 1.0, which makes the first logits ~sqrt(d_model) large;
+  # t5x uses fan-in scaling (std d_model**-0.5) for the untied head: start from uniform-ish predictions.
+  head = params["lm_head"]["kernel"]
+  params["lm_head"]["kernel"] = jax.random.normal(head_rng, head.shape, head.dtype) * args.d_model**-0.5
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  print(f"model: {config}\nparameters: {num_params} ({num_params * 4 / 2**20:.1f} MiB float32)", flush=True)
+  optimizer = make_optimizer(args)
+  opt_state = optimizer.init(params)
+  train_step, eval_loss = make_steps(model, optimizer)
+
+  log = {"args": vars(args), "num_params": int(num_params), "vocab_size": config.vocab_size,
+         "train": [], "heldout": [], "heldout_shuffled_inputs": []}
+  state_path = work_dir / "state.pkl"
+  start_step = 0
+  if state_path.is_file():
+    state = load_state(state_path)
+    start_step, params, opt_state, log = state["step"], state["params"], state["opt_state"], state["log"]
+    # A resume may change the arguments (e.g. --steps once the throughput is known): keep the record.
+    log.setdefault("resumes", []).append({"step": start_step, "args": vars(args)})
+    print(f"resumed from {state_path} at step {start_step}", flush=True)
+  wall_before = log.get("wall_s", 0.0)  # wall time of earlier (killed) processes of this run
+  if start_step == 0:
+    log["heldout"].append([0, heldout_loss(eval_loss, params, heldout)])
+    log["heldout_shuffled_inputs"].append([0, heldout_loss(eval_loss, params, heldout, True)])
+    print(f"step 0 held-out loss {log['heldout'][-1][1]:.4f}", flush=True)
+
+  # -- train
+  t_train, window = time.time(), []
+  step = start_step
+  for step in range(start_step, args.steps):
+    batch = train_batch(stream, step, args.batch_size, sentinel_start)
+    params, opt_state, loss, grad_norm = train_step(params, opt_state, batch)
+    window.append(float(loss))
+    if not np.isfinite(window[-1]):
+      raise FloatingPointError(f"loss is {window[-1]} at step {step}")
+    done = step + 1
+    if done % args.eval_every == 0 or done == args.steps:
+      log["train"].append([done, float(np.mean(window))])
+      log["heldout"].append([done, heldout_loss(eval_loss, params, heldout)])
+      log["heldout_shuffled_inputs"].append([done, heldout_loss(eval_loss, params, heldout, True)])
+      rate = (done - start_step) / (time.time() - t_train)
+      print(f"step {done}/{args.steps} train loss {np.mean(window):.4f} held-out loss "
+            f"{log['heldout'][-1][1]:.4f} (shuffled inputs {log['heldout_shuffled_inputs'][-1][1]:.4f}) "
+            f"grad norm {float(grad_norm):.3f} ({rate:.2f} steps/s, "
+            f"eta {(args.steps - done) / rate / 60:.1f} min)", flush=True)
+      window = []
+    out_of_time = args.time_budget_min and time.time() - t_start > args.time_budget_min * 60
+    if done % args.ckpt_every == 0 or done == args.steps or out_of_time:
+      log["wall_s"] = wall_before + time.time() - t_start
+      log["steps_done"] = done
+      save_state(state_path, done, params, opt_state, log)
+    if out_of_time:
+      print(f"time budget of {args.time_budget_min} min reached at step {done}: stopping", flush=True)
+      log["stopped_by_time_budget"] = True
+      break
+
+  # -- save the model in the HF layout, with the log, held-out text and the WordNet license
+  save_hf(out_dir, config, params, tokenizer)
+  # transformers 5's tokenizer saves tokenizer.json only; our loader wants the SentencePiece model.
+  shutil.copyfile(tok_dir / tokenizer_lib.SPIECE, out_dir / tokenizer_lib.SPIECE)
+  (out_dir / HELDOUT_FILE).write_text("\n".join(heldout_docs[:64]) + "\n")
+  (out_dir / "WORDNET_LICENSE.txt").write_text(wn.WORDNET_LICENSE)
+
+  # -- samples
+  samples = {"span_corruption": [], "greedy": []}
+  sample_batch = heldout[0]
+  outputs = greedy_decode(model, params, sample_batch["input_ids"][:6], sample_batch["target_ids"].shape[1])
+  print("\nspan-corruption completions of held-out text (input / gold / model):")
+  for row, out in enumerate(outputs):
+    n_in = int(sample_batch["input_mask"][row].sum())
+    n_out = int(sample_batch["target_mask"][row].sum())
+    item = {"input": tokenizer.decode(sample_batch["input_ids"][row, :n_in]),
+            "gold": tokenizer.decode(sample_batch["target_ids"][row, :n_out]),
+            "model": tokenizer.decode(out)}
+    samples["span_corruption"].append(item)
+    print(json.dumps(item, indent=1))
+  prompts = []
+  for doc in heldout_docs[:8]:  # mask the end of each held-out document's first sentence
+    first = doc.split(". ")[0].rstrip(".")
+    words = first.split()
+    cut = max(2, len(words) * 2 // 3)
+    prompts.append((" ".join(words[:cut]) + " <extra_id_0>.", " ".join(words[cut:])))
+  enc = tokenizer([p for p, _ in prompts], padding=True, return_tensors="np")
+  outputs = greedy_decode(model, params, enc["input_ids"].astype(np.int32), 16)
+  print("\ngreedy completions of held-out sentences (prompt / gold / model):")
+  for (prompt, gold), out in zip(prompts, outputs):
+    item = {"prompt": prompt, "gold": gold, "model": tokenizer.decode(out)}
+    samples["greedy"].append(item)
+    print(json.dumps(item))
+  log["samples"] = samples
+  log["wall_s"] = wall_before + time.time() - t_start  # corpus, vocabulary, training and samples
+  (out_dir / "pretrain_log.json").write_text(json.dumps(log, indent=1) + "\n")
+  plot_log(out_dir / "pretrain_log.json", Path(args.plot))
+  print(f"\nsaved {out_dir}; wall time {time.time() - t_start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+  main()

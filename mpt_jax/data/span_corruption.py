@@ -1,0 +1,86 @@
+"""T5's span-corruption (denoising) objective in NumPy, as in t5.data.preprocessors.span_corruption.
+
+A chunk of `tokens_length` tokens gets round(15%) of its tokens marked as noise, grouped in spans of mean
+length 3; each noise span is replaced in the input by one sentinel (<extra_id_0>, <extra_id_1>, ... =
+ids vocab-1, vocab-2, ... of the T5 tokenizer), and the target lists the sentinels each followed by the
+tokens it hides. Example: "The cat sat on the mat" -> input "The <X> on the <Y>", target
+"<X> cat sat <Y> mat".
+Segmentation follows T5's `random_spans_noise_mask` (the chunk starts with a non-noise span).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def span_counts(length: int, noise_density: float = 0.15,
+                mean_noise_span_length: float = 3.0) -> tuple[int, int]:
+  """(noise tokens, noise spans) of a chunk of `length` tokens, as T5 counts them."""
+  num_noise_tokens = int(np.round(length * noise_density))
+  num_noise_tokens = min(max(num_noise_tokens, 1), length - 1)
+  num_noise_spans = max(int(np.round(num_noise_tokens / mean_noise_span_length)), 1)
+  return num_noise_tokens, num_noise_spans
+
+
+def corrupted_lengths(tokens_length: int, noise_density: float = 0.15,
+                      mean_noise_span_length: float = 3.0) -> tuple[int, int]:
+  """(input length, target length), EOS included, of a full chunk: pad batches to these."""
+  noise, spans = span_counts(tokens_length, noise_density, mean_noise_span_length)
+  return tokens_length - noise + spans + 1, noise + spans + 1
+
+
+def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:
+  """Lengths of `num_segments` non-empty segments that partition `num_items`, uniformly at random."""
+  first_in_segment = np.zeros(num_items, dtype=np.int64)
+  first_in_segment[1:] = rng.permutation(np.arange(num_items - 1) < num_segments - 1)
+  segment_id = np.cumsum(first_in_segment)
+  return np.bincount(segment_id, minlength=num_segments)
+
+
+def random_spans_noise_mask(length: int, rng: np.random.Generator, noise_density: float = 0.15,
+                            mean_noise_span_length: float = 3.0) -> np.ndarray:
+  """Boolean [length]: True where a token is noise. Alternates non-noise and noise spans."""
+  num_noise_tokens, num_noise_spans = span_counts(length, noise_density, mean_noise_span_length)
+  noise_lengths = _random_segmentation(num_noise_tokens, num_noise_spans, rng)
+  nonnoise_lengths = _random_segmentation(length - num_noise_tokens, num_noise_spans, rng)
+  interleaved = np.stack([nonnoise_lengths, noise_lengths], axis=1).reshape(-1)
+  span_starts = np.cumsum(interleaved)[:-1]
+  span_start_indicator = np.zeros(length, dtype=np.int64)
+  span_start_indicator[span_starts] = 1
+  return np.cumsum(span_start_indicator) % 2 == 1
+
+
+def _replace_spans_with_sentinels(tokens: np.ndarray, mask: np.ndarray, first_sentinel: int) -> np.ndarray:
+  """Each run of masked tokens becomes one sentinel (first_sentinel, first_sentinel - 1, ...)."""
+  previous = np.concatenate([[False], mask[:-1]])
+  first_of_span = mask & ~previous
+  sentinels = first_sentinel + 1 - np.cumsum(first_of_span)
+  out = np.where(first_of_span, sentinels, tokens)
+  return out[~(mask & previous)]
+
+
+def span_corrupt(tokens: np.ndarray, rng: np.random.Generator, sentinel_start: int, eos_id: int = 1,
+                 noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(input ids, target ids) of one chunk, each ending with EOS. `sentinel_start` is <extra_id_0>'s id."""
+  tokens = np.asarray(tokens)
+  mask = random_spans_noise_mask(len(tokens), rng, noise_density, mean_noise_span_length)
+  inputs = _replace_spans_with_sentinels(tokens, mask, sentinel_start)
+  targets = _replace_spans_with_sentinels(tokens, ~mask, sentinel_start)
+  return np.append(inputs, eos_id), np.append(targets, eos_id)
+
+
+def pad_batch(pairs: list[tuple[np.ndarray, np.ndarray]], input_len: int, target_len: int) -> dict:
+  """Right-pads (input, target) pairs into the batch dict of docs/CONTRACTS.md (pad id 0)."""
+  batch = {name: np.zeros((len(pairs), n), np.int32) for name, n in
+           (("input_ids", input_len), ("input_mask", input_len), ("target_ids", target_len),
+            ("target_mask", target_len))}
+  for row, (inputs, targets) in enumerate(pairs):
+    if len(inputs) > input_len or len(targets) > target_len:
+      raise ValueError(f"example {row} is longer ({len(inputs)}, {len(targets)}) than the padded "
+                       f"lengths ({input_len}, {target_len})")
+    batch["input_ids"][row, :len(inputs)] = inputs
+    batch["input_mask"][row, :len(inputs)] = 1
+    batch["target_ids"][row, :len(targets)] = targets
+    batch["target_mask"][row, :len(targets)] = 1
+  return batch

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -209,3 +210,21 @@ def read_crossfit(data_dir: str | os.PathLike, tasks: Sequence[str], seeds: Iter
   if problems:
     raise CrossFitError(problems)
   return result
+
+
+# --- writing (the offline gyms write their tasks in this layout) ----------------------------------------
+
+def tsv_bytes(examples: Iterable[tuple[str, Sequence[str]]]) -> bytes:
+  """A split file: one `input<TAB>answer[<TAB>answer2...]` line per (input, golds) example."""
+  lines = []
+  for text, golds in examples:
+    fields = (text,) + tuple(golds)
+    if not all(f.strip() and "\t" not in f and "\n" not in f for f in fields):
+      raise ValueError(f"cannot write {fields!r}: empty field, tab or newline")
+    lines.append("\t".join(fields) + "\n")
+  return "".join(lines).encode("utf-8")
+
+
+def json_bytes(data) -> bytes:
+  """A gym's metric table or settings file, byte-stable (sorted keys)."""
+  return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")

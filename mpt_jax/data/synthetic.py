@@ -26,13 +26,13 @@ and disjoint from every train and dev file.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from mpt_jax.data import settings as settings_lib
+from mpt_jax.data import crossfit
 from mpt_jax.data.crossfit import SEEDS
 
 GYM_NAME = "synthetic"
@@ -349,19 +349,6 @@ def _draw(spec: TaskSpec, rng: random.Random, count: int, seen: set[str]) -> lis
   return examples
 
 
-def _tsv(examples: Iterable[Example]) -> bytes:
-  lines = []
-  for text, golds in examples:
-    fields = (text,) + tuple(golds)
-    assert all(f.strip() and "\t" not in f and "\n" not in f for f in fields), fields
-    lines.append("\t".join(fields) + "\n")
-  return "".join(lines).encode("utf-8")
-
-
-def _json(data) -> bytes:
-  return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
 def write_synthetic_gym(out_dir: str | os.PathLike, seed: int = 0, tasks: Sequence[str] | None = None,
                         seeds: Sequence[int] = SEEDS, k_per_class: int = K_PER_CLASS, k: int = K,
                         test_size: int = TEST_SIZE) -> list[str]:
@@ -394,7 +381,7 @@ def write_synthetic_gym(out_dir: str | os.PathLike, seed: int = 0, tasks: Sequen
       files = {"train": _draw(spec, rng, file_k, seen_here), "dev": _draw(spec, rng, file_k, seen_here),
                "test": test}
       for split, examples in files.items():
-        (task_dir / f"{name}_{file_k}_{data_seed}_{split}.tsv").write_bytes(_tsv(examples))
-  (out_dir / METRICS_FILE).write_bytes(_json(TASK_METRICS))
-  (out_dir / SETTINGS_FILE).write_bytes(_json(SETTINGS))
+        (task_dir / f"{name}_{file_k}_{data_seed}_{split}.tsv").write_bytes(crossfit.tsv_bytes(examples))
+  (out_dir / METRICS_FILE).write_bytes(crossfit.json_bytes(TASK_METRICS))
+  (out_dir / SETTINGS_FILE).write_bytes(crossfit.json_bytes(SETTINGS))
   return names

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from mpt_jax.data import settings as settings_lib
 from mpt_jax.data import wordnet as wn
+from mpt_jax.data import crossfit
 from mpt_jax.data.crossfit import SEEDS
 
 GYM_NAME = "wordnet"
@@ -566,19 +567,6 @@ def _split_examples(spec: TaskSpec, pool: list[Example], seeds: Sequence[int], k
   return test, per_seed
 
 
-def _tsv(examples: Iterable[Example]) -> bytes:
-  lines = []
-  for text, golds in examples:
-    fields = (text,) + tuple(golds)
-    assert all(f.strip() and "\t" not in f and "\n" not in f for f in fields), fields
-    lines.append("\t".join(fields) + "\n")
-  return "".join(lines).encode("utf-8")
-
-
-def _json(data) -> bytes:
-  return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
 def database_fingerprint(wordnet_dir: str | os.PathLike | None = None) -> str:
   """sha256 over the four data files: the shipped gym is reproducible from exactly this database."""
   digest = hashlib.sha256()
@@ -618,14 +606,14 @@ def write_wordnet_gym(out_dir: str | os.PathLike, wordnet_dir: str | os.PathLike
     task_dir.mkdir(exist_ok=True)
     for seed, (train, dev) in per_seed.items():
       for split, examples in (("train", train), ("dev", dev), ("test", test)):
-        (task_dir / f"{name}_{file_k}_{seed}_{split}.tsv").write_bytes(_tsv(examples))
-  (out_dir / METRICS_FILE).write_bytes(_json(TASK_METRICS))
-  (out_dir / SETTINGS_FILE).write_bytes(_json(SETTINGS))
+        (task_dir / f"{name}_{file_k}_{seed}_{split}.tsv").write_bytes(crossfit.tsv_bytes(examples))
+  (out_dir / METRICS_FILE).write_bytes(crossfit.json_bytes(TASK_METRICS))
+  (out_dir / SETTINGS_FILE).write_bytes(crossfit.json_bytes(SETTINGS))
   info = {"source": "WordNet 3.0 (Debian wordnet-base; `apt-get install wordnet-base`)",
           "database_sha256": database_fingerprint(wordnet_dir), "classification": list(CLASSIFICATION_TASKS),
           "candidate_examples": pool_sizes, "k_per_class": k_per_class, "k": k, "seeds": list(seeds),
           "test_size": {"classification": TEST_SIZE_CLASSIFICATION, "other": TEST_SIZE}}
-  (out_dir / INFO_FILE).write_bytes(_json(info))
+  (out_dir / INFO_FILE).write_bytes(crossfit.json_bytes(info))
   (out_dir / LICENSE_FILE).write_text(wn.WORDNET_LICENSE, encoding="utf-8")
   return names
 

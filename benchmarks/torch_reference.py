@@ -64,7 +64,8 @@ def build_torch_t5(config, params, *, dropout_rate: float | None = None):
                          f"disagree")
     if tuple(state[name].shape) != value.shape or not np.array_equal(state[name].numpy(), value):
       raise RuntimeError(f"torch T5 tensor {name} differs from our params after the round trip")
-  if config.tie_word_embeddings is False and model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
+  tied = model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()
+  if not config.tie_word_embeddings and tied:
     raise RuntimeError("transformers tied lm_head to shared although our T5 has an untied head")
   return model
 

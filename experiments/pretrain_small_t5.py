@@ -4,23 +4,24 @@ Nobody here can download google/t5-large-lm-adapt, and prompt tuning only works 
 already knows some language. So this script builds an English corpus from the WordNet 3.0 database
 (definitions, example sentences, "X is a kind of Y" / synonym / antonym sentences, one short document
 per synset), trains a SentencePiece vocabulary on it, and pretrains a small T5 v1.1 (gated-GELU, untied
-head, no dropout) with T5's span-corruption objective (15% noise, mean span 3, <extra_id_*> sentinels)
-using our JAX model and AdamW. The result is saved in the Hugging Face layout (config.json,
-model.safetensors, spiece.model) and loads through `mpt_jax.model.hf.load_pretrained` like a hub model.
+head, no dropout) using our JAX model and AdamW, in two phases like the checkpoint the study uses:
+T5's span-corruption objective (15% noise, mean span 3, <extra_id_*> sentinels), then the "LM
+adaptation" (`--objective=prefix_lm`: continue a document from a random cut, no sentinels), without
+which every output starts with a sentinel and prompt tuning fights that first. The result is saved in
+the Hugging Face layout (config.json, model.safetensors, spiece.model) and loads through
+`mpt_jax.model.hf.load_pretrained` like a hub model.
 
 Source text: `apt-get install wordnet-base` (gives /usr/share/wordnet), or set MPT_WORDNET_DIR.
 
-  # smoke run (a minute): tiny model, few steps, into runs/
+  # smoke run (a minute): tiny model, few steps, into runs/; then its LM-adaptation phase
   python experiments/pretrain_small_t5.py --smoke
-  # a full run (resumes from work_dir after a kill; the exact commands of the shipped model, a run
-  # resumed twice with other --steps / batch shape, are in experiments/README.md)
-  nice -n 10 python experiments/pretrain_small_t5.py --out_dir=assets/small_t5 \
-      --work_dir=runs/pretrain_small_t5_v2 --steps=3000 --warmup_steps=200 --eval_every=100 \
-      --ckpt_every=200 --time_budget_min=58 \
-      > runs/pretrain_small_t5.log 2>&1 &
+  python experiments/pretrain_small_t5.py --smoke --steps=40 --objective=prefix_lm --phase_start=30
+  # the shipped model: the exact commands (one run resumed with other --steps, batch shapes and the
+  # second phase) are in experiments/README.md
 
 Deterministic given --seed: the corpus, the held-out split, the vocabulary, the batch of every step
-(a pure function of the step) and the initialization. Checkpoints go to work_dir every --ckpt_every steps.
+(a pure function of the step) and the initialization. Checkpoints go to work_dir every --ckpt_every
+steps; a killed run resumes from there.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from mpt_jax.data import span_corruption  # noqa: E402
+from mpt_jax.data import pretrain_objectives  # noqa: E402
 from mpt_jax.data import wordnet as wn  # noqa: E402
 from mpt_jax.model import tokenizer as tokenizer_lib  # noqa: E402
 
@@ -123,27 +124,70 @@ class ChunkStream:
     return self._chunks[within]
 
 
-def corrupted_batch(chunks: list[np.ndarray], rng: np.random.Generator, sentinel_start: int,
-                    chunk_len: int) -> dict:
-  input_len, target_len = span_corruption.corrupted_lengths(chunk_len)
-  pairs = [span_corruption.span_corrupt(c, rng, sentinel_start) for c in chunks]
-  return span_corruption.pad_batch(pairs, input_len, target_len)
+class DocumentStream:
+  """Epochs of the train documents, shuffled per epoch, one example per document (its first chunk_len
+  tokens). The prefix LM cuts each document, not a chunk of concatenated ones: WordNet documents are
+  short (~42 tokens), so a chunk's continuation would often be the next, unrelated document, which no
+  model can predict from its input (C4's documents, T5's, are hundreds of tokens long)."""
+
+  def __init__(self, doc_ids: list[np.ndarray], chunk_len: int, seed: int):
+    self.docs = [d[:chunk_len] for d in doc_ids if len(d) >= 2]
+    self.chunk_len, self.seed = chunk_len, seed
+    self.num_chunks = len(self.docs)
+    self._epoch, self._order = -1, None
+
+  def chunk(self, index: int) -> np.ndarray:
+    epoch, within = divmod(index, self.num_chunks)
+    if epoch != self._epoch:
+      self._order = np.random.default_rng([self.seed, 2, epoch]).permutation(self.num_chunks)
+      self._epoch = epoch
+    return self.docs[self._order[within]]
 
 
-def train_batch(stream: ChunkStream, step: int, batch_size: int, sentinel_start: int) -> dict:
+def make_stream(objective: str, doc_ids: list[np.ndarray], chunk_len: int, seed: int):
+  return (DocumentStream if objective == "prefix_lm" else ChunkStream)(doc_ids, chunk_len, seed)
+
+
+OBJECTIVES = ("span_corruption", "prefix_lm")
+
+
+PREFIX_LM_MAX_TARGET = 24  # target tokens of a prefix-LM example at most (the gym's labels: 1-7 tokens)
+
+
+def objective_batch(objective: str, chunks: list[np.ndarray], rng: np.random.Generator,
+                    sentinel_start: int, chunk_len: int) -> dict:
+  """A padded batch of (input, target) pairs of `objective` made from raw chunks of chunk_len tokens."""
+  if objective == "span_corruption":
+    lengths = pretrain_objectives.corrupted_lengths(chunk_len)
+    pairs = [pretrain_objectives.span_corrupt(c, rng, sentinel_start) for c in chunks]
+  elif objective == "prefix_lm":
+    lengths = pretrain_objectives.prefix_lm_lengths(chunk_len, PREFIX_LM_MAX_TARGET)
+    pairs = [pretrain_objectives.prefix_lm(c, rng, max_target_tokens=PREFIX_LM_MAX_TARGET)
+             for c in chunks]
+  else:
+    raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+  return pretrain_objectives.pad_batch(pairs, *lengths)
+
+
+def train_batch(stream: ChunkStream, step: int, batch_size: int, sentinel_start: int,
+                objective: str = "span_corruption") -> dict:
   chunks = [stream.chunk(step * batch_size + i) for i in range(batch_size)]
   rng = np.random.default_rng([stream.seed, 1_000_003, step])
-  return corrupted_batch(chunks, rng, sentinel_start, stream.chunk_len)
+  return objective_batch(objective, chunks, rng, sentinel_start, stream.chunk_len)
 
 
 def heldout_batches(doc_ids: list[np.ndarray], chunk_len: int, batch_size: int, num_batches: int,
-                    sentinel_start: int, seed: int) -> list[dict]:
-  """Fixed corrupted batches of held-out text (same noise every evaluation)."""
-  stream = np.concatenate(doc_ids)
-  n = min(len(stream) // chunk_len, batch_size * num_batches)
-  chunks = list(stream[:n * chunk_len].reshape(n, chunk_len))
+                    sentinel_start: int, seed: int, objective: str = "span_corruption") -> list[dict]:
+  """Fixed batches of held-out text (same noise and cuts every evaluation)."""
+  if objective == "prefix_lm":  # one example per document, as in training
+    chunks = [d[:chunk_len] for d in doc_ids if len(d) >= 2][:batch_size * num_batches]
+  else:
+    stream = np.concatenate(doc_ids)
+    n = min(len(stream) // chunk_len, batch_size * num_batches)
+    chunks = list(stream[:n * chunk_len].reshape(n, chunk_len))
+  n = len(chunks)
   rng = np.random.default_rng([seed, 7])
-  return [corrupted_batch(chunks[i:i + batch_size], rng, sentinel_start, chunk_len)
+  return [objective_batch(objective, chunks[i:i + batch_size], rng, sentinel_start, chunk_len)
           for i in range(0, n - batch_size + 1, batch_size)]
 
 
@@ -163,9 +207,15 @@ def make_config(args, vocab_size: int):
 
 
 def make_optimizer(args):
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=args.lr, warmup_steps=args.warmup_steps, decay_steps=args.steps,
-      end_value=args.lr * 0.1)
+  """AdamW with clipping; the learning rate warms up and decays by cosine over [phase_start, steps], so
+  that a new phase of a resumed run (e.g. the LM adaptation) gets its own schedule."""
+  phase = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=args.lr, warmup_steps=args.warmup_steps,
+      decay_steps=args.steps - args.phase_start, end_value=args.lr * 0.1)
+
+  def schedule(count):
+    return phase(jnp.maximum(count - args.phase_start, 0))
+
   return optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=args.weight_decay))
 
@@ -278,6 +328,17 @@ def save_hf(out_dir: Path, config, params, tokenizer) -> None:
   tokenizer.save_pretrained(str(out_dir))
 
 
+def training_phases(log: dict) -> list[dict]:
+  """[{step, objective}] where the objective changed, from the run's arguments and its resumes
+  (runs from before --objective existed were span corruption)."""
+  phases = []
+  for step, args in [(0, log["args"])] + [(r["step"], r["args"]) for r in log.get("resumes", [])]:
+    objective = args.get("objective", "span_corruption")
+    if not phases or phases[-1]["objective"] != objective:
+      phases.append({"step": step, "objective": objective})
+  return phases
+
+
 def plot_log(log_path: Path, png_path: Path) -> None:
   """The train and held-out loss curves of a pretrain_log.json, as a PNG."""
   import matplotlib
@@ -285,13 +346,20 @@ def plot_log(log_path: Path, png_path: Path) -> None:
   import matplotlib.pyplot as plt
 
   log = json.loads(Path(log_path).read_text())
-  fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-  labels = {"train": "train", "heldout": "held-out",
-            "heldout_shuffled_inputs": "held-out, another example's input"}
-  for name, style in (("train", "-"), ("heldout", "o-"), ("heldout_shuffled_inputs", "x--")):
+  fig, ax = plt.subplots(figsize=(10, 4), dpi=120)
+  curves = (("train", "-", "C0", "train (objective of the phase)"),
+            ("heldout", "o-", "C1", "held-out span corruption"),
+            ("heldout_shuffled_inputs", "x--", "C1", "  same, another example's input"),
+            ("heldout_prefix_lm", "o-", "C2", "held-out prefix LM"),
+            ("heldout_prefix_lm_shuffled_inputs", "x--", "C2", "  same, another example's input"))
+  for name, style, color, label in curves:
     if log.get(name):
       steps, losses = zip(*log[name])
-      ax.plot(steps, losses, style, markersize=3, label=labels[name])
+      ax.plot(steps, losses, style, color=color, markersize=3, label=label)
+  for phase in training_phases(log)[1:]:
+    ax.axvline(phase["step"], color="C2", linewidth=1.2)
+    ax.annotate(f" from here: {phase['objective']}", (phase["step"], 0.88),
+                xycoords=("data", "axes fraction"), fontsize=8, color="C2")
   config_path = Path(log_path).parent / "config.json"
   vocab = log.get("vocab_size")
   if not vocab and config_path.is_file():
@@ -305,10 +373,10 @@ def plot_log(log_path: Path, png_path: Path) -> None:
     ax.axvline(resume["step"], color="gray", linewidth=0.8)
     ax.annotate(f" {r['batch_size']}x{r['chunk_len']}", (resume["step"], 0.98),
                 xycoords=("data", "axes fraction"), va="top", fontsize=7, color="gray")
-  ax.set_ylabel("span-corruption loss (nats/token)")
+  ax.set_ylabel("loss (nats/target token)")
   ax.set_title(f"small T5 ({log['num_params'] / 1e6:.1f}M params) on WordNet text")
   ax.grid(alpha=0.3)
-  ax.legend(loc="center right", fontsize=8)
+  ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
   fig.tight_layout()
   fig.savefig(png_path)
   plt.close(fig)
@@ -328,7 +396,12 @@ def parse_args(argv=None):
   p.add_argument("--d_ff", type=int, default=512)
   p.add_argument("--num_heads", type=int, default=4)
   p.add_argument("--num_layers", type=int, default=4, help="encoder layers = decoder layers")
-  p.add_argument("--chunk_len", type=int, default=128, help="raw tokens per span-corrupted example")
+  p.add_argument("--objective", choices=OBJECTIVES, default="span_corruption",
+                 help="span_corruption (T5's pretraining), then prefix_lm (the LM adaptation of the "
+                      "t5-*-lm-adapt checkpoints) in a resumed second phase")
+  p.add_argument("--phase_start", type=int, default=0,
+                 help="the step where this phase's learning-rate schedule (warm-up, cosine) starts")
+  p.add_argument("--chunk_len", type=int, default=128, help="raw tokens per training example")
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--steps", type=int, default=3000)
   p.add_argument("--lr", type=float, default=2e-3)
@@ -345,11 +418,11 @@ def parse_args(argv=None):
   p.add_argument("--plot", default="experiments/small_t5_pretrain_loss.png",
                  help="where the loss-curve PNG goes")
   p.add_argument("--plot_only", action="store_true", help="only redraw --plot from out_dir's log")
+  if p.parse_known_args(argv)[0].smoke:  # the smoke run's defaults; flags given explicitly still win
+    p.set_defaults(vocab_size=2000, d_model=32, d_ff=64, num_layers=1, steps=30, batch_size=8,
+                   eval_every=10, ckpt_every=20, warmup_steps=5, heldout_batches=1, plot=None)
   args = p.parse_args(argv)
-  if args.smoke:
-    args.vocab_size, args.d_model, args.d_ff, args.num_layers = 2000, 32, 64, 1
-    args.steps, args.batch_size, args.eval_every, args.ckpt_every, args.warmup_steps = 30, 8, 10, 20, 5
-    args.heldout_batches = 1
+  if args.smoke and args.plot is None:
     args.plot = str(Path(args.out_dir) / "pretrain_loss.png")
   return args
 
@@ -385,18 +458,19 @@ def main(argv=None) -> None:
     assert tokenizer(doc)["input_ids"][:-1] == sp.encode(doc), doc
   train_ids = [np.asarray(x, np.int32) for x in sp.encode(train_docs)]
   heldout_ids = [np.asarray(x, np.int32) for x in sp.encode(heldout_docs)]
-  stream = ChunkStream(train_ids, args.chunk_len, args.seed)
-  print(f"tokens: {sum(map(len, train_ids))} train ({stream.num_chunks} chunks of {args.chunk_len}), "
+  stream = make_stream(args.objective, train_ids, args.chunk_len, args.seed)
+  print(f"tokens: {sum(map(len, train_ids))} train ({stream.num_chunks} examples of <= {args.chunk_len}), "
         f"{sum(map(len, heldout_ids))} held-out; vocab {len(tokenizer)}", flush=True)
   # Fixed whatever the training batch shape, so that curves stay comparable across resumes.
-  heldout = heldout_batches(heldout_ids, args.heldout_chunk_len, HELDOUT_BATCH_SIZE,
-                            args.heldout_batches, sentinel_start, args.seed)
+  heldout = {objective: heldout_batches(heldout_ids, args.heldout_chunk_len, HELDOUT_BATCH_SIZE,
+                                        args.heldout_batches, sentinel_start, args.seed, objective)
+             for objective in OBJECTIVES}
 
   # -- model and optimizer
   from mpt_jax.model.t5 import T5
   config = make_config(args, vocab_size=int(math.ceil(len(tokenizer) / 64) * 64))
   model = T5(config)
-  example = train_batch(stream, 0, 2, sentinel_start)
+  example = train_batch(stream, 0, 2, sentinel_start, args.objective)
   init_rng, head_rng = jax.random.split(jax.random.PRNGKey(args.seed))
   params = model.init(init_rng, example["input_ids"], example["input_mask"],
                       example["target_ids"])["params"]
@@ -412,6 +486,8 @@ def main(argv=None) -> None:
 
   log = {"args": vars(args), "num_params": int(num_params), "vocab_size": config.vocab_size,
          "train": [], "heldout": [], "heldout_shuffled_inputs": []}
+  if args.phase_start and not (ckpt := work_dir / "state.pkl").is_file():
+    raise SystemExit(f"--phase_start={args.phase_start} continues a run, but {ckpt} does not exist")
   state_path = work_dir / "state.pkl"
   start_step = 0
   if state_path.is_file():
@@ -421,16 +497,26 @@ def main(argv=None) -> None:
     log.setdefault("resumes", []).append({"step": start_step, "args": vars(args)})
     print(f"resumed from {state_path} at step {start_step}", flush=True)
   wall_before = log.get("wall_s", 0.0)  # wall time of earlier (killed) processes of this run
+  if args.phase_start > start_step:
+    raise SystemExit(f"--phase_start={args.phase_start} is after the checkpoint's step {start_step}")
+
+  def evaluate(step: int) -> str:
+    """Held-out losses of both objectives (own and another example's input) into the log."""
+    for objective, batches in heldout.items():
+      suffix = "" if objective == "span_corruption" else f"_{objective}"  # older logs: span only
+      for key, shuffle in ((f"heldout{suffix}", False), (f"heldout{suffix}_shuffled_inputs", True)):
+        log.setdefault(key, []).append([step, heldout_loss(eval_loss, params, batches, shuffle)])
+    return "; ".join(f"held-out {o} {log[k][-1][1]:.4f} (other input {log[k + '_shuffled_inputs'][-1][1]:.4f})"
+                     for o, k in (("span corruption", "heldout"), ("prefix LM", "heldout_prefix_lm")))
+
   if start_step == 0:
-    log["heldout"].append([0, heldout_loss(eval_loss, params, heldout)])
-    log["heldout_shuffled_inputs"].append([0, heldout_loss(eval_loss, params, heldout, True)])
-    print(f"step 0 held-out loss {log['heldout'][-1][1]:.4f}", flush=True)
+    print(f"step 0 {evaluate(0)}", flush=True)
 
   # -- train
   t_train, window = time.time(), []
   step = start_step
   for step in range(start_step, args.steps):
-    batch = train_batch(stream, step, args.batch_size, sentinel_start)
+    batch = train_batch(stream, step, args.batch_size, sentinel_start, args.objective)
     params, opt_state, loss, grad_norm = train_step(params, opt_state, batch)
     window.append(float(loss))
     if not np.isfinite(window[-1]):
@@ -438,12 +524,9 @@ def main(argv=None) -> None:
     done = step + 1
     if done % args.eval_every == 0 or done == args.steps:
       log["train"].append([done, float(np.mean(window))])
-      log["heldout"].append([done, heldout_loss(eval_loss, params, heldout)])
-      log["heldout_shuffled_inputs"].append([done, heldout_loss(eval_loss, params, heldout, True)])
       rate = (done - start_step) / (time.time() - t_train)
-      print(f"step {done}/{args.steps} train loss {np.mean(window):.4f} held-out loss "
-            f"{log['heldout'][-1][1]:.4f} (shuffled inputs {log['heldout_shuffled_inputs'][-1][1]:.4f}) "
-            f"grad norm {float(grad_norm):.3f} ({rate:.2f} steps/s, "
+      print(f"step {done}/{args.steps} train loss ({args.objective}) {np.mean(window):.4f}; "
+            f"{evaluate(done)}; grad norm {float(grad_norm):.3f} ({rate:.2f} steps/s, "
             f"eta {(args.steps - done) / rate / 60:.1f} min)", flush=True)
       window = []
     out_of_time = args.time_budget_min and time.time() - t_start > args.time_budget_min * 60
@@ -464,8 +547,8 @@ def main(argv=None) -> None:
   (out_dir / "WORDNET_LICENSE.txt").write_text(wn.WORDNET_LICENSE)
 
   # -- samples
-  samples = {"span_corruption": [], "greedy": []}
-  sample_batch = heldout[0]
+  samples = {"span_corruption": [], "greedy": [], "prefix_lm": []}
+  sample_batch = heldout["span_corruption"][0]
   outputs = greedy_decode(model, params, sample_batch["input_ids"][:6], sample_batch["target_ids"].shape[1])
   print("\nspan-corruption completions of held-out text (input / gold / model):")
   for row, out in enumerate(outputs):
@@ -488,6 +571,15 @@ def main(argv=None) -> None:
   for (prompt, gold), out in zip(prompts, outputs):
     item = {"prompt": prompt, "gold": gold, "model": tokenizer.decode(out)}
     samples["greedy"].append(item)
+    print(json.dumps(item))
+  # LM adaptation: plain continuations (no sentinel) of the start of held-out documents.
+  starts = [" ".join(doc.split()[:6]) for doc in heldout_docs[8:16]]
+  enc = tokenizer(starts, padding=True, return_tensors="np")
+  outputs = greedy_decode(model, params, enc["input_ids"].astype(np.int32), 20)
+  print("\ngreedy continuations of held-out document starts (input / gold / model):")
+  for start, doc, out in zip(starts, heldout_docs[8:16], outputs):
+    item = {"input": start, "gold": doc[len(start):].strip()[:100], "model": tokenizer.decode(out)}
+    samples["prefix_lm"].append(item)
     print(json.dumps(item))
   log["samples"] = samples
   log["wall_s"] = wall_before + time.time() - t_start  # corpus, vocabulary, training and samples

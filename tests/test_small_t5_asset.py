@@ -1,8 +1,10 @@
-"""The shipped small T5 (assets/small_t5) loads like a hub checkpoint and really learned English:
-its span-corruption loss on held-out WordNet text is far below a random model's and below uniform guessing."""
+"""The shipped small T5 (assets/small_t5) loads like a hub checkpoint and really learned English: on
+held-out WordNet text its LM loss is far below a random model's and uniform guessing, it reads its input,
+and it answers in plain text (LM-adapted); the pretraining objectives cut and corrupt text correctly."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,15 +13,21 @@ import jax
 import numpy as np
 import pytest
 
-from mpt_jax.data import span_corruption
+from mpt_jax.data import pretrain_objectives
 from mpt_jax.model.hf import load_pretrained
 from mpt_jax.model.loss import seq2seq_loss
 from mpt_jax.model.t5 import init_params
 
-ASSET = Path(__file__).resolve().parents[1] / "assets" / "small_t5"
-CHUNK = 64  # raw tokens per span-corrupted example: short, to keep the test fast
-# The shipped model scores 0.17 here; a decoder that ignores its input (the 480-step first run) 0.01.
-INPUT_GAP_NATS = 0.05
+REPO = Path(__file__).resolve().parents[1]
+ASSET = REPO / "assets" / "small_t5"
+_spec = importlib.util.spec_from_file_location("pretrain_small_t5", REPO / "experiments" / "pretrain_small_t5.py")
+pretrain_small_t5 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pretrain_small_t5)
+CHUNK = 64  # raw tokens per example, as the pretraining's LM phase
+PREFIX_LM_MAX_TARGET = pretrain_small_t5.PREFIX_LM_MAX_TARGET
+# On these 16 examples the shipped model scores 3.69 with its own input and 4.03 with another (gap 0.34);
+# the span-corruption-only model before it 13.61 / 13.59 (no gap, and every output opened with a sentinel).
+PREFIX_LM_INPUT_GAP_NATS = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +52,24 @@ def test_asset_is_a_small_t5_v1_1_checkpoint(loaded):
                           skip_special_tokens=True) == "a dog is a kind of canine"
 
 
-def _heldout_batch(tokenizer, num_examples: int = 8) -> dict:
-  docs = (ASSET / "heldout_documents.txt").read_text(encoding="utf-8").splitlines()
-  stream = np.concatenate([tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs])
-  assert len(stream) >= num_examples * CHUNK
+def _heldout_prefix_lm_batch(tokenizer, num_examples: int = 16) -> dict:
+  """One example per held-out document, cut as in the LM-adaptation phase of the pretraining."""
+  docs = (ASSET / "heldout_documents.txt").read_text(encoding="utf-8").splitlines()[:num_examples]
   rng = np.random.default_rng(0)
-  sentinel = tokenizer.convert_tokens_to_ids("<extra_id_0>")
-  pairs = [span_corruption.span_corrupt(stream[i * CHUNK:(i + 1) * CHUNK], rng, sentinel)
-           for i in range(num_examples)]
-  return span_corruption.pad_batch(pairs, *span_corruption.corrupted_lengths(CHUNK))
+  pairs = [pretrain_objectives.prefix_lm(np.asarray(tokenizer(d, add_special_tokens=False)["input_ids"][:CHUNK]),
+                                         rng, max_target_tokens=PREFIX_LM_MAX_TARGET) for d in docs]
+  return pretrain_objectives.pad_batch(pairs, *pretrain_objectives.prefix_lm_lengths(CHUNK, PREFIX_LM_MAX_TARGET))
+
+
+def _loss(model):
+  return jax.jit(lambda p, b: seq2seq_loss(model, p, None, b, deterministic=True))
 
 
 def test_pretrained_loss_is_far_below_a_random_model_and_uniform_guessing(loaded):
   model, params, tokenizer = loaded
-  batch = _heldout_batch(tokenizer)
-  loss = jax.jit(lambda p, b: seq2seq_loss(model, p, None, b, deterministic=True))
-  trained = float(loss(params, batch))
-  random = float(loss(init_params(model, jax.random.PRNGKey(0)), batch))
+  batch = _heldout_prefix_lm_batch(tokenizer)
+  trained = float(_loss(model)(params, batch))
+  random = float(_loss(model)(init_params(model, jax.random.PRNGKey(0)), batch))
   uniform = math.log(model.config.vocab_size)
   assert trained < 0.6 * random, (trained, random)
   assert trained < 0.6 * uniform, (trained, uniform)
@@ -70,19 +79,39 @@ def test_pretrained_model_reads_its_input(loaded):
   """A decoder that ignores the encoder (the first plateau of seq2seq training) also has a low loss,
   but no prompt could steer it: with another example's input, the loss must be clearly worse."""
   model, params, tokenizer = loaded
-  batch = _heldout_batch(tokenizer, num_examples=16)
-  loss = jax.jit(lambda p, b: seq2seq_loss(model, p, None, b, deterministic=True))
+  batch = _heldout_prefix_lm_batch(tokenizer)
   other_inputs = dict(batch, input_ids=np.roll(batch["input_ids"], 1, axis=0),
                       input_mask=np.roll(batch["input_mask"], 1, axis=0))
-  right, wrong = float(loss(params, batch)), float(loss(params, other_inputs))
-  assert right < wrong - INPUT_GAP_NATS, (right, wrong)
+  right, wrong = float(_loss(model)(params, batch)), float(_loss(model)(params, other_inputs))
+  assert right < wrong - PREFIX_LM_INPUT_GAP_NATS, (right, wrong)
 
 
-def test_pretrain_log_records_a_falling_loss():
+def test_lm_adapted_model_answers_in_plain_text(loaded):
+  """Like google/t5-*-lm-adapt (what prompt tuning uses), the model continues plain text. A span-
+  corruption-only model opens every output with <extra_id_0> (the first shipped model did, costing ~22
+  nats on the first token of any label word)."""
+  model, params, tokenizer = loaded
+  first_tokens = greedy_first_tokens(model, params, _heldout_prefix_lm_batch(tokenizer))
+  sentinels = [t for t in first_tokens if t >= len(tokenizer) - 100]
+  assert not sentinels, tokenizer.convert_ids_to_tokens(sentinels)
+
+
+def greedy_first_tokens(model, params, batch) -> list[int]:
+  start = np.zeros((batch["input_ids"].shape[0], 1), np.int32)
+  logits = model.apply({"params": params}, batch["input_ids"], batch["input_mask"], start)
+  return [int(t) for t in np.asarray(logits[:, 0].argmax(-1))]
+
+
+def test_pretrain_log_records_both_phases_and_falling_losses():
   log = json.loads((ASSET / "pretrain_log.json").read_text())
+  phases = pretrain_small_t5.training_phases(log)
+  assert [phase["objective"] for phase in phases] == ["span_corruption", "prefix_lm"]
   start = log["heldout"][0][1]  # before the first step: about a uniform guess over the vocabulary
-  assert start > math.log(8000) and log["train"][-1][1] < 0.6 * start
-  assert log["samples"]["greedy"] and log["samples"]["span_corruption"]
+  assert start > math.log(8000) and min(loss for _, loss in log["heldout"]) < 0.6 * start
+  lm_start = phases[1]["step"]
+  lm = [loss for step, loss in log["heldout_prefix_lm"] if step > lm_start]
+  assert lm and lm[-1] < 0.6 * math.log(8000)
+  assert log["samples"]["greedy"] and log["samples"]["span_corruption"] and log["samples"]["prefix_lm"]
 
 
 def _uncorrupt(inputs: np.ndarray, targets: np.ndarray, sentinel_start: int) -> list[int]:
@@ -105,12 +134,37 @@ def test_span_corruption_hides_15_percent_in_spans_and_is_invertible(length):
   sentinel = 8099
   rng = np.random.default_rng(length)
   tokens = rng.integers(3, 7900, length)
-  inputs, targets = span_corruption.span_corrupt(tokens, rng, sentinel)
+  inputs, targets = pretrain_objectives.span_corrupt(tokens, rng, sentinel)
   noise, spans = round(0.15 * length), max(round(round(0.15 * length) / 3), 1)
   assert inputs[-1] == targets[-1] == 1  # EOS
-  assert (len(inputs), len(targets)) == span_corruption.corrupted_lengths(length)
+  assert (len(inputs), len(targets)) == pretrain_objectives.corrupted_lengths(length)
   assert len(inputs) == length - noise + spans + 1 and len(targets) == noise + spans + 1
   # Sentinels count down from <extra_id_0> in both, in the same order; the input starts with real text.
   assert [t for t in inputs if t > sentinel - 100] == list(range(sentinel, sentinel - spans, -1))
   assert inputs[0] < sentinel - 100 and targets[0] == sentinel
   assert _uncorrupt(inputs, targets, sentinel) == list(tokens)
+
+
+@pytest.mark.parametrize("length,cap", [(2, None), (64, None), (64, 24), (10, 24), (301, 1)])
+def test_prefix_lm_cuts_a_chunk_into_a_nonempty_input_and_a_capped_target(length, cap):
+  rng = np.random.default_rng(length)
+  tokens = rng.integers(3, 7900, length)
+  input_len, target_len = pretrain_objectives.prefix_lm_lengths(length, cap)
+  targets_seen = set()
+  for _ in range(3000):
+    inputs, targets = pretrain_objectives.prefix_lm(tokens, rng, max_target_tokens=cap)
+    assert inputs[-1] == targets[-1] == 1  # EOS
+    assert len(inputs) >= 2 and len(targets) >= 2  # both parts non-empty
+    assert len(inputs) <= input_len and len(targets) <= target_len
+    assert list(inputs[:-1]) + list(targets[:-1]) == list(tokens)
+    targets_seen.add(len(targets) - 1)
+  # Every allowed cut is drawn (uniform over them): target lengths 1 .. min(cap, length - 1).
+  assert targets_seen == set(range(1, min(cap or length, length - 1) + 1))
+
+
+def test_prefix_lm_refuses_what_it_cannot_cut():
+  rng = np.random.default_rng(0)
+  with pytest.raises(ValueError, match="at least 2 tokens"):
+    pretrain_objectives.prefix_lm(np.array([5]), rng)
+  with pytest.raises(ValueError, match="max_target_tokens"):
+    pretrain_objectives.prefix_lm(np.arange(3, 10), rng, max_target_tokens=0)

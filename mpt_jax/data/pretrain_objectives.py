@@ -1,11 +1,17 @@
-"""T5's span-corruption (denoising) objective in NumPy, as in t5.data.preprocessors.span_corruption.
+"""T5's pretraining objectives in NumPy: span corruption, then prefix LM (the "LM adaptation").
 
-A chunk of `tokens_length` tokens gets round(15%) of its tokens marked as noise, grouped in spans of mean
+Span corruption, as in t5.data.preprocessors.span_corruption: a chunk of `tokens_length` tokens gets round(15%) of its tokens marked as noise, grouped in spans of mean
 length 3; each noise span is replaced in the input by one sentinel (<extra_id_0>, <extra_id_1>, ... =
 ids vocab-1, vocab-2, ... of the T5 tokenizer), and the target lists the sentinels each followed by the
 tokens it hides. Example: "The cat sat on the mat" -> input "The <X> on the <Y>", target
 "<X> cat sat <Y> mat".
 Segmentation follows T5's `random_spans_noise_mask` (the chunk starts with a non-noise span).
+
+Prefix LM, as in t5.data.preprocessors.prefix_lm: the chunk is cut at a uniformly random point; the input
+is the part before, the target the part after. This is the objective of the "LM-adapted" T5 checkpoints
+(google/t5-*-lm-adapt, Lester et al. 2021) that prompt tuning uses: a span-corruption-only model starts
+every output with a sentinel (<extra_id_0>), so any plain-text target costs it tens of nats on its first
+token and a soft prompt has to unlearn that before it can learn the task.
 """
 
 from __future__ import annotations
@@ -68,6 +74,28 @@ def span_corrupt(tokens: np.ndarray, rng: np.random.Generator, sentinel_start: i
   inputs = _replace_spans_with_sentinels(tokens, mask, sentinel_start)
   targets = _replace_spans_with_sentinels(tokens, ~mask, sentinel_start)
   return np.append(inputs, eos_id), np.append(targets, eos_id)
+
+
+def prefix_lm(tokens: np.ndarray, rng: np.random.Generator, eos_id: int = 1,
+              max_target_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(input ids, target ids) of one chunk of at least 2 tokens, each ending with EOS: cut at a uniformly
+  random point, so that both parts are non-empty and the target has at most max_target_tokens tokens
+  (None: any cut in [1, len - 1], as T5's prefix_lm; a cap spends less compute on long targets and
+  matches prompt tuning's use, long inputs and short outputs)."""
+  tokens = np.asarray(tokens)
+  if len(tokens) < 2:
+    raise ValueError(f"prefix_lm needs a chunk of at least 2 tokens, got {len(tokens)}")
+  if max_target_tokens is not None and max_target_tokens < 1:
+    raise ValueError(f"max_target_tokens must be at least 1, got {max_target_tokens}")
+  lowest = 1 if max_target_tokens is None else max(1, len(tokens) - max_target_tokens)
+  cut = int(rng.integers(lowest, len(tokens)))
+  return np.append(tokens[:cut], eos_id), np.append(tokens[cut:], eos_id)
+
+
+def prefix_lm_lengths(tokens_length: int, max_target_tokens: int | None = None) -> tuple[int, int]:
+  """Padded (input, target) lengths that hold any prefix_lm split of a chunk (EOS included)."""
+  targets = tokens_length - 1 if max_target_tokens is None else min(max_target_tokens, tokens_length - 1)
+  return tokens_length, targets + 1
 
 
 def pad_batch(pairs: list[tuple[np.ndarray, np.ndarray]], input_len: int, target_len: int) -> dict:

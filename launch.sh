@@ -3,6 +3,7 @@
 #
 #   bash launch.sh demo                      # the embedded offline default, end to end
 #   bash launch.sh test                      # the test suite
+#   bash launch.sh mini-study                # the offline mini-study (experiments/mini_study.py), ~1 h
 #   bash launch.sh run --config=configs/maml_cls2cls.py --workdir=runs/maml_cls2cls [--config.x=y ...]
 #   bash launch.sh study --setting=cls2cls --workdir=runs/cls2cls --set data_dir=/data/crossfit
 #   bash launch.sh tpu --name=mpt --zone=us-central2-b --accelerator=v4-32 [--create] [--dry-run] \
@@ -84,6 +85,11 @@ case "$cmd" in
     exec "$VENV/bin/python" experiments/run_setting.py --setting=wn_cls2cls --preset=demo \
       --workdir="${MPT_DEMO_WORKDIR:-runs/demo}" "$@"
     ;;
+  mini-study)
+    ensure_env requirements.txt
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 JAX_THREEFRY_PARTITIONABLE="${JAX_THREEFRY_PARTITIONABLE:-0}"
+    exec "$VENV/bin/python" experiments/mini_study.py "$@"
+    ;;
   study)
     ensure_env requirements.txt
     exec "$VENV/bin/python" experiments/run_setting.py "$@"
@@ -96,5 +102,5 @@ case "$cmd" in
     exec "$VENV/bin/python" -m mpt_jax.main "$@"
     ;;
   *)
-    echo "usage: bash launch.sh {demo|test|run|study|tpu} [args...]" >&2; exit 2;;
+    echo "usage: bash launch.sh {demo|test|mini-study|run|study|tpu} [args...]" >&2; exit 2;;
 esac

@@ -1,36 +1,81 @@
-r"""The offline mini-study: all five methods on the WordNet gym's cls->cls and non-cls->cls settings,
-with the small T5 pretrained here (assets/small_t5), 5 seeds x 4 learning rates per target task.
+r"""The offline mini-study: all five methods on the WordNet gym's settings, with the small T5 pretrained
+here (assets/small_t5), 5 seeds per target task (preset `mini`, see mpt_jax/config.py).
 
-  python experiments/mini_study.py [--workdir=runs/mini_study] [--settings=wn_cls2cls,wn_nocls2cls]
+  python experiments/mini_study.py [--workdir=runs/mini_study] \
+      [--settings=wn_cls2cls,wn_nocls2cls] [--preset=mini] [--set key=value ...]
 
-Each setting is `experiments/run_setting.py --preset=mini`; the study's tables land in
-<workdir>/<setting>/comparison_<setting>.{md,csv,json,png}. Resumable: run it again to continue.
+Each setting is `experiments/run_setting.py --preset=<preset>`; the study's tables land in
+<workdir>/<setting>/comparison_<setting>.{md,csv,json,png} and the wall time of each setting in
+<workdir>/timings.json. Resumable: run it again to continue (finished stages and tasks are kept).
+
+PT does not depend on the source tasks: its config differs between settings only in the setting's name.
+So a setting whose target tasks were already prompt-tuned by an earlier setting of this study reuses
+those PT runs (copied, and said so in the log) instead of computing the same numbers again.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 _WORKDIR = flags.DEFINE_string("workdir", "runs/mini_study", "Output directory.")
 _SETTINGS = flags.DEFINE_list("settings", ["wn_cls2cls", "wn_nocls2cls"], "WordNet gym settings.")
 _PRESET = flags.DEFINE_string("preset", "mini", "Config preset (mini; demo for a quick look).")
+_SET = flags.DEFINE_multi_string("set", [], "key=value config override for every method and setting.")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def share_pt_runs(workdir: str, setting: str, earlier: list[str]) -> list[str]:
+  """Copies finished PT target-task runs of earlier settings into this setting's PT directory."""
+  copied = []
+  target = os.path.join(workdir, setting, "pt", "downstream")
+  for other in earlier:
+    source = os.path.join(workdir, other, "pt", "downstream")
+    if not os.path.isdir(source):
+      continue
+    for task in sorted(os.listdir(source)):
+      done = os.path.join(source, task, "results.json")
+      if os.path.exists(done) and not os.path.exists(os.path.join(target, task, "results.json")):
+        shutil.copytree(os.path.join(source, task), os.path.join(target, task), dirs_exist_ok=True)
+        copied.append(f"{task} (from {other})")
+  return copied
+
+
 def main(argv) -> None:
   del argv
+  from mpt_jax.data import settings as settings_lib
+  from mpt_jax.data import wordnet_gym
+
+  wordnet_gym.register()
+  timings_path = os.path.join(_WORKDIR.value, "timings.json")
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+  done = []
   for setting in _SETTINGS.value:
+    targets = set(settings_lib.get_setting(setting).target)
+    same_targets = [s for s in done if set(settings_lib.get_setting(s).target) & targets]
+    copied = share_pt_runs(_WORKDIR.value, setting, same_targets)
+    if copied:
+      print(f"{setting}: PT reuses the runs of {', '.join(copied)}", flush=True)
     start = time.time()
     subprocess.run([sys.executable, os.path.join(HERE, "run_setting.py"), f"--setting={setting}",
-                    f"--preset={_PRESET.value}", f"--workdir={os.path.join(_WORKDIR.value, setting)}"],
-                   check=True)
-    print(f"{setting}: {(time.time() - start) / 60:.1f} min")
+                    f"--preset={_PRESET.value}", f"--workdir={os.path.join(_WORKDIR.value, setting)}",
+                    *[f"--set={item}" for item in _SET.value]], check=True)
+    minutes = (time.time() - start) / 60
+    timings.setdefault(setting, []).append({"minutes": round(minutes, 2), "pt_reused": copied})
+    with open(timings_path, "w") as f:
+      json.dump(timings, f, indent=1)
+    print(f"{setting}: {minutes:.1f} min", flush=True)
+    done.append(setting)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/mini_study", "Output directory."
 _SETTINGS = flags.DEFINE_list("settings", ["wn_cls2cls", "wn_nocls2cls"], "WordNet gym settings.")
 _PRESET = flags.DEFINE_string("preset", "mini", "Config preset (mini; demo for a quick look).")
 _SET = flags.DEFINE_multi_string("set", [], "key=value config override for every method and setting.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only (re)write the downstream loss tables.")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,8 +51,48 @@ def share_pt_runs(workdir: str, setting: str, earlier: list[str]) -> list[str]:
   return copied
 
 
+METHOD_ORDER = ("pt", "mtl", "maml", "fomaml", "reptile")
+
+
+def downstream_loss_table(setting_dir: str) -> str:
+  """Markdown: each method's downstream training loss (mean over the grid's runs of the batch loss, at
+  every logged step) per target task. Where the test scores are all near chance, this still shows
+  whether an initialization helps prompt tuning fit the target task."""
+  rows, steps = {}, set()
+  for method in METHOD_ORDER:
+    downstream = os.path.join(setting_dir, method, "downstream")
+    for task in sorted(os.listdir(downstream)) if os.path.isdir(downstream) else ():
+      path = os.path.join(downstream, task, "logs", "metrics.jsonl")
+      if os.path.exists(path):
+        with open(path) as f:
+          losses = {r["step"]: r[f"{task}/loss"] for r in map(json.loads, f) if f"{task}/loss" in r}
+        rows.setdefault(task, {})[method] = losses
+        steps.update(losses)
+  methods = [m for m in METHOD_ORDER if any(m in by_method for by_method in rows.values())]
+  steps_text = "/".join(str(s) for s in sorted(steps))
+  lines = [f"Downstream training loss (nats/target token, mean over the grid's runs) at steps {steps_text}:",
+           "", "| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+  for task, by_method in sorted(rows.items()):
+    cells = ["/".join(f"{by_method[m][s]:.2f}" for s in sorted(by_method[m])) if m in by_method else ""
+             for m in methods]
+    lines.append(f"| {task} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_loss_table(workdir: str, setting: str) -> None:
+  setting_dir = os.path.join(workdir, setting)
+  table = downstream_loss_table(setting_dir)
+  with open(os.path.join(setting_dir, f"downstream_losses_{setting}.md"), "w") as f:
+    f.write(f"# {setting}\n\n{table}")
+  print(table, flush=True)
+
+
 def main(argv) -> None:
   del argv
+  if _REPORT_ONLY.value:
+    for setting in _SETTINGS.value:
+      write_loss_table(_WORKDIR.value, setting)
+    return
   from mpt_jax.data import settings as settings_lib
   from mpt_jax.data import wordnet_gym
 
@@ -75,6 +116,7 @@ def main(argv) -> None:
     with open(timings_path, "w") as f:
       json.dump(timings, f, indent=1)
     print(f"{setting}: {minutes:.1f} min", flush=True)
+    write_loss_table(_WORKDIR.value, setting)
     done.append(setting)
 
 

@@ -300,24 +300,27 @@ def _word_from_definition(index: WordNetIndex) -> list[Example]:
           for s in index.synsets.values() if any(_is_word(w) for w in s.lemmas)]
 
 
-def _hypernym_of_word(index: WordNetIndex) -> list[Example]:
-  out = []
-  for s in index.synsets.values():
-    hypernyms = s.related(wn.HYPERNYM)
-    if s.pos in "nv" and hypernyms and _is_word(s.lemmas[0]):
-      golds = _golds(w for k in hypernyms for w in index[k].lemmas)
-      out.append((f"word: {s.lemmas[0]}{SEP}definition: {_definition(s)}", golds))
-  return out
+def _related_lemmas_task(symbol: str, field: str, keep: Callable[[wn.Synset], bool] = lambda s: True,
+                         word_only: bool = True) -> Callable[[WordNetIndex], list[Example]]:
+  """A generation task: a synset's first lemma and definition -> the lemmas of the synsets it points to
+  with `symbol` (e.g. its hypernyms), for the synsets that `keep` accepts and, if word_only, whose first
+  lemma is a word."""
+  def build(index: WordNetIndex) -> list[Example]:
+    out = []
+    for s in index.synsets.values():
+      related = s.related(symbol)
+      if related and keep(s) and (not word_only or _is_word(s.lemmas[0])):
+        golds = _golds(w for k in related for w in index[k].lemmas)
+        out.append((f"{field}: {s.lemmas[0]}{SEP}definition: {_definition(s)}", golds))
+    return out
+  return build
 
 
-def _instance_of(index: WordNetIndex) -> list[Example]:
-  out = []
-  for s in index.synsets.values():
-    classes = s.related(wn.INSTANCE_HYPERNYM)
-    if classes:
-      golds = _golds(w for k in classes for w in index[k].lemmas)
-      out.append((f"name: {s.lemmas[0]}{SEP}definition: {_definition(s)}", golds))
-  return out
+_hypernym_of_word = _related_lemmas_task(wn.HYPERNYM, "word", keep=lambda s: s.pos in "nv")
+_instance_of = _related_lemmas_task(wn.INSTANCE_HYPERNYM, "name", word_only=False)
+_attribute_of_adjective = _related_lemmas_task(wn.ATTRIBUTE, "adjective", keep=lambda s: s.pos == "a")
+_verb_entailment = _related_lemmas_task(wn.ENTAILMENT, "verb")
+_whole_of_part = _related_lemmas_task(wn.PART_HOLONYM, "part")
 
 
 def _synonym_of_word(index: WordNetIndex) -> list[Example]:
@@ -365,16 +368,6 @@ def _noun_of_verb(index: WordNetIndex) -> list[Example]:
   return [(f"verb: {verb}", _golds(found)) for verb, found in nouns.items()]
 
 
-def _attribute_of_adjective(index: WordNetIndex) -> list[Example]:
-  out = []
-  for s in index.synsets.values():
-    attributes = s.related(wn.ATTRIBUTE)
-    if s.pos == "a" and attributes and _is_word(s.lemmas[0]):
-      golds = _golds(w for k in attributes for w in index[k].lemmas)
-      out.append((f"adjective: {s.lemmas[0]}{SEP}definition: {_definition(s)}", golds))
-  return out
-
-
 def _noun_of_adjective(index: WordNetIndex) -> list[Example]:
   """Relational adjectives and the noun they pertain to (musical -> music)."""
   nouns = collections.defaultdict(list)
@@ -384,26 +377,6 @@ def _noun_of_adjective(index: WordNetIndex) -> list[Example]:
         if _is_word(adjective) and _is_word(noun):
           nouns[adjective].append(noun)
   return [(f"adjective: {adjective}", _golds(found)) for adjective, found in nouns.items()]
-
-
-def _verb_entailment(index: WordNetIndex) -> list[Example]:
-  out = []
-  for s in index.synsets.values():
-    entailed = s.related(wn.ENTAILMENT)
-    if entailed and _is_word(s.lemmas[0]):
-      golds = _golds(w for k in entailed for w in index[k].lemmas)
-      out.append((f"verb: {s.lemmas[0]}{SEP}definition: {_definition(s)}", golds))
-  return out
-
-
-def _whole_of_part(index: WordNetIndex) -> list[Example]:
-  out = []
-  for s in index.synsets.values():
-    wholes = s.related(wn.PART_HOLONYM)
-    if wholes and _is_word(s.lemmas[0]):
-      golds = _golds(w for k in wholes for w in index[k].lemmas)
-      out.append((f"part: {s.lemmas[0]}{SEP}definition: {_definition(s)}", golds))
-  return out
 
 
 def _definition_completion(index: WordNetIndex) -> list[Example]:

@@ -223,14 +223,11 @@ def make_optimizer(args):
 def pretrain_loss(model, params, batch):
   """`mpt_jax.model.loss.seq2seq_loss` without its stop_gradient on the T5 params (which guards the
   frozen model in prompt tuning): token cross-entropy, mean over the non-pad target tokens."""
-  from mpt_jax.model.loss import shift_right
+  from mpt_jax.model.loss import mean_token_nll, shift_right, target_log_likelihoods
 
   logits = model.apply({"params": params}, batch["input_ids"], batch["input_mask"],
                        shift_right(batch["target_ids"], model.config.decoder_start_token_id))
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  token_ll = jnp.take_along_axis(log_probs, batch["target_ids"][..., None], axis=-1)[..., 0]
-  mask = batch["target_mask"].astype(jnp.float32)
-  return -jnp.sum(token_ll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return mean_token_nll(target_log_likelihoods(logits, batch["target_ids"]), batch["target_mask"])
 
 
 def make_steps(model, optimizer):

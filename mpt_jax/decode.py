@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from mpt_jax.model.loss import shift_right
+from mpt_jax.model.loss import shift_right, target_log_likelihoods
 from mpt_jax.model.t5 import T5
 
 if TYPE_CHECKING:
@@ -306,7 +306,6 @@ def rank_classify(model: T5, frozen_params, input_ids, input_mask, prompt=None, 
   targets = jnp.tile(targets, (batch, 1))
   logits = model.apply(variables, encoded, encoder_mask,
                        shift_right(targets, model.config.decoder_start_token_id), method=T5.decode)
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  token_ll = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  token_ll = target_log_likelihoods(logits, targets)
   scores = jnp.sum(token_ll.reshape(batch, num_labels, -1) * target_mask, axis=-1)
   return labels[jnp.argmax(scores, axis=-1)]

@@ -18,6 +18,18 @@ def shift_right(target_ids, decoder_start_token_id: int):
   return jnp.concatenate([start, target_ids[..., :-1]], axis=-1)
 
 
+def target_log_likelihoods(logits, target_ids):
+  """log p(target_t) per position from decoder logits [B, L, V] (computed in float32) -> [B, L]."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(log_probs, target_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def mean_token_nll(token_ll, target_mask):
+  """Token cross-entropy: the mean negative log-likelihood over the non-pad target tokens (scalar)."""
+  mask = target_mask.astype(jnp.float32)
+  return -jnp.sum(token_ll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def token_log_likelihoods(model: T5, frozen_params, prompt, batch, rng=None, *, deterministic=True,
                           placement: str = "prepend"):
   """log p(target_t | input, target_<t) per target position, float32 [B, L_out] (pads included)."""
@@ -31,8 +43,7 @@ def token_log_likelihoods(model: T5, frozen_params, prompt, batch, rng=None, *, 
       {"params": jax.lax.stop_gradient(frozen_params)}, batch["input_ids"], batch["input_mask"],
       shift_right(target_ids, model.config.decoder_start_token_id), prompt=prompt,
       placement=placement, deterministic=deterministic, rngs=rngs)
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(log_probs, target_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return target_log_likelihoods(logits, target_ids)
 
 
 def seq2seq_loss(model: T5, frozen_params, prompt, batch, rng=None, *, deterministic: bool,
@@ -40,8 +51,7 @@ def seq2seq_loss(model: T5, frozen_params, prompt, batch, rng=None, *, determini
   """Token cross-entropy, mean over the non-pad target tokens of the batch (float32 scalar)."""
   token_ll = token_log_likelihoods(model, frozen_params, prompt, batch, rng,
                                    deterministic=deterministic, placement=placement)
-  mask = batch["target_mask"].astype(jnp.float32)
-  return -jnp.sum(token_ll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return mean_token_nll(token_ll, batch["target_mask"])
 
 
 def sequence_log_likelihood(model: T5, frozen_params, prompt, batch, *, placement: str = "prepend"):

@@ -1,0 +1,179 @@
+"""Can prompt tuning move this frozen model? Three measurements, on the WordNet gym, in a few minutes.
+
+1. Encoder swap: does the decoder read the encoder? For N train inputs of a task (no prompt, labels
+   teacher-forced), the KL divergence of the first target token's distribution when each example's
+   encoder output is replaced by another example's (rolled by one) and when it is zeroed, and the label
+   loss with the own vs another example's encoding. A prompt acts only through the encoder output: a
+   decoder that ignores it cannot be steered.
+2. Overfit check: can a prompt memorize a fixed batch? Prompt tuning (Adafactor, dropout off) on 16
+   fixed train examples for S steps, at several prompt lengths; the loss per target token, the label
+   token's loss, and the accuracy on those 16 examples by rank classification and by greedy generation.
+   A prompt that cannot fit 16 two-label examples will not learn the task from them.
+3. Dev accuracy of those memorizing prompts (rank classification), for what it is worth: 16 examples
+   and no early stopping.
+
+  python experiments/diagnose_pt.py --model=assets/small_t5 --out=experiments/results/diagnosis/small_t5.json
+
+Everything is a pure function of the arguments (fixed examples, fixed prompt-init seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mpt_jax import algorithms, decode, optim, prompt as prompt_lib  # noqa: E402
+from mpt_jax.data import batching, crossfit  # noqa: E402
+from mpt_jax.model import hf  # noqa: E402
+from mpt_jax.model.loss import shift_right, target_log_likelihoods  # noqa: E402
+from mpt_jax.model.t5 import T5  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GYM_DIR = REPO_ROOT / "assets" / "wordnet_gym"
+SPEC = batching.TextSpec(max_input_length=64, max_target_length=8)  # the demo/mini presets' lengths
+
+
+def read_split(gym_dir, task: str, seed: int, split: str, tokenizer) -> batching.TokenizedSplit:
+  data = crossfit.read_crossfit(gym_dir, [task], [seed], [split])[task]
+  return batching.tokenize_split(data.splits[(seed, split)], tokenizer, SPEC)
+
+
+def encoder_swap(model, params, split: batching.TokenizedSplit, n: int) -> dict:
+  """KL(first token | own encoding || other / zeroed encoding) and label loss, own vs other."""
+  batch = batching.make_batch(split, np.arange(min(n, len(split))))
+  encoded, mask = model.apply({"params": params}, batch["input_ids"], batch["input_mask"],
+                              method=T5.encode)
+  decoder_in = shift_right(jnp.asarray(batch["target_ids"]), model.config.decoder_start_token_id)
+
+  def logits_with(enc, enc_mask):
+    return model.apply({"params": params}, enc, enc_mask, decoder_in, method=T5.decode)
+
+  own = logits_with(encoded, mask)
+  other = logits_with(jnp.roll(encoded, 1, axis=0), jnp.roll(mask, 1, axis=0))
+  zeroed = logits_with(jnp.zeros_like(encoded), mask)
+
+  def kl_first(p_logits, q_logits):
+    p = jax.nn.log_softmax(p_logits[:, 0]); q = jax.nn.log_softmax(q_logits[:, 0])
+    return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), axis=-1)))
+
+  target_mask = jnp.asarray(batch["target_mask"], jnp.float32)
+
+  def label_loss(logits):
+    ll = target_log_likelihoods(logits, batch["target_ids"])
+    return float(-jnp.sum(ll * target_mask) / jnp.sum(target_mask))
+
+  return {"task": split.task, "examples": int(batch["input_ids"].shape[0]),
+          "kl_first_token_other_encoding": kl_first(own, other),
+          "kl_first_token_zeroed_encoding": kl_first(own, zeroed),
+          "label_loss_own": label_loss(own), "label_loss_other": label_loss(other)}
+
+
+def overfit(model, params, tokenizer, train: batching.TokenizedSplit, dev: batching.TokenizedSplit,
+            prompt_length: int, steps: int, lr: float, n: int, init_seed: int) -> dict:
+  """Prompt tuning on a fixed batch of n train examples; losses and accuracies along the way."""
+  batch = {k: jnp.asarray(v) for k, v in batching.make_batch(train, np.arange(n)).items()}
+  embedding = prompt_lib.token_embedding(params)
+  prompt0 = prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer)(
+      jax.random.PRNGKey(init_seed), (prompt_length, embedding.shape[1]))
+  optimizer = optim.make_optimizer("adafactor", lr)
+  loss_fn = algorithms.make_loss_fn(model, deterministic=True)
+  step = algorithms.jit_step(algorithms.make_pt_step(loss_fn, optimizer))
+  state = algorithms.init_state(prompt0, optimizer)
+  candidates = decode.label_candidates(train)
+
+  @jax.jit
+  def label_token_loss(prompt):  # the first target token (the label word's first piece)
+    ll = target_log_likelihoods(model.apply({"params": params}, batch["input_ids"], batch["input_mask"],
+                                            shift_right(batch["target_ids"], 0), prompt=prompt),
+                                batch["target_ids"])
+    return -jnp.mean(ll[:, 0])
+
+  def accuracy(prompt, split, rows, how):
+    b = batching.make_batch(split, rows)
+    if how == "rank":
+      ids = decode.rank_classify(model, params, b["input_ids"], b["input_mask"], prompt,
+                                 candidates=candidates)
+    else:
+      ids = decode.greedy_decode(model, params, b["input_ids"], b["input_mask"], prompt, max_length=8)
+    texts = tokenizer.batch_decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+    golds = [split.answers[i] for i in rows]
+    return float(np.mean([t.strip() in g for t, g in zip(texts, golds)])), texts
+
+  curve = []
+  rng = jax.random.PRNGKey(0)
+  t0 = time.time()
+  for s in range(steps + 1):
+    if s % max(steps // 6, 1) == 0 or s == steps:
+      curve.append([s, float(loss_fn(state.prompt, params, batch, rng))])
+    if s < steps:
+      state, _ = step(state, params, batch, rng)
+  seconds = time.time() - t0
+  rows = np.arange(n)
+  rank_acc, _ = accuracy(state.prompt, train, rows, "rank")
+  gen_acc, gen_texts = accuracy(state.prompt, train, rows, "greedy")
+  dev_rows = np.arange(len(dev))
+  dev_rank, dev_texts = accuracy(state.prompt, dev, dev_rows, "rank")
+  majority = max(np.mean([a[0] == c for a in dev.answers]) for c in candidates.texts)
+  return {"task": train.task, "prompt_length": prompt_length, "steps": steps, "lr": lr, "examples": n,
+          "loss_curve": curve, "final_loss": curve[-1][1],
+          "label_token_loss": float(label_token_loss(state.prompt)),
+          "train_rank_accuracy": rank_acc, "train_generation_accuracy": gen_acc,
+          "generations": sorted(set(gen_texts))[:8], "dev_rank_accuracy": dev_rank,
+          "dev_predicted_labels": sorted(set(dev_texts)), "dev_majority_accuracy": float(majority),
+          "seconds": round(seconds, 1)}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default=str(REPO_ROOT / "assets" / "small_t5"))
+  p.add_argument("--gym_dir", default=str(GYM_DIR))
+  p.add_argument("--swap_tasks", default="wn-noun_category_living,wn-antonym_pair,wn-part_of_speech")
+  p.add_argument("--swap_examples", type=int, default=32)
+  p.add_argument("--overfit_tasks", default="wn-antonym_pair,wn-noun_category_living")
+  p.add_argument("--prompt_lengths", default="16,50,100")
+  p.add_argument("--steps", type=int, default=150)
+  p.add_argument("--lr", type=float, default=0.5)
+  p.add_argument("--examples", type=int, default=16)
+  p.add_argument("--seed", type=int, default=100, help="the gym's data seed (file) to read")
+  p.add_argument("--skip_overfit", action="store_true")
+  p.add_argument("--out", default="")
+  args = p.parse_args(argv)
+
+  t0 = time.time()
+  model, params, tokenizer = hf.load_pretrained(args.model)
+  report = {"model": args.model, "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+            "args": vars(args), "encoder_swap": [], "overfit": []}
+  for task in filter(None, args.swap_tasks.split(",")):
+    row = encoder_swap(model, params, read_split(args.gym_dir, task, args.seed, "train", tokenizer),
+                       args.swap_examples)
+    report["encoder_swap"].append(row)
+    print(json.dumps(row), flush=True)
+  if not args.skip_overfit:
+    for task in filter(None, args.overfit_tasks.split(",")):
+      train = read_split(args.gym_dir, task, args.seed, "train", tokenizer)
+      dev = read_split(args.gym_dir, task, args.seed, "dev", tokenizer)
+      # A fixed, class-balanced-as-it-comes batch: the first n examples of the shuffled train file.
+      for length in map(int, args.prompt_lengths.split(",")):
+        row = overfit(model, params, tokenizer, train, dev, length, args.steps, args.lr, args.examples,
+                      init_seed=args.seed)
+        report["overfit"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "generations"}), flush=True)
+  report["wall_s"] = round(time.time() - t0, 1)
+  if args.out:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+  return report
+
+
+if __name__ == "__main__":
+  main()

@@ -45,7 +45,11 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   c.seed = 0  # rng of upstream sampling, dropout and prompt init.
   c.stages = ("upstream", "downstream")
   c.init_prompt = ""  # a saved prompt (.npy) to start downstream from; skips upstream.
-  c.cache_dir = ""  # tokenized-task cache; default: <workdir>/../cache
+  c.cache_dir = ""  # tokenized tasks and compiled steps; default: <workdir>/cache
+  # JAX's persistent compilation cache: a resumed or repeated run, and the next method of a study (which
+  # share a cache_dir), load their compiled steps instead of compiling again (mpt_jax/compilation.py).
+  c.compilation_cache = True
+  c.compilation_cache_dir = ""  # default: <cache_dir>/compiled
 
   c.model = "google/t5-large-lm-adapt"
   c.dtype = "float32"  # dtype of the frozen T5 weights ("bfloat16" halves memory); prompt and loss are f32.
@@ -65,6 +69,13 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   c.data = ml_collections.ConfigDict()
   c.data.input_template = " [{task}] {input}"
   c.data.max_input_len = 512
+  # Length buckets: each batch is padded to its longest input (target) rounded up to a multiple of these,
+  # not to max_input_len (max_target_len): the study's inputs are mostly far shorter than 512, and a step
+  # compiles once per bucket shape met (benchmarks/README.md: 1-6 per step). 0: pad to the maximum.
+  # Losses do not depend on it, except with prompt.placement "after_padding", whose prompt position moves
+  # with the padding (the reference cut each batch to its longest row: multiples of 1).
+  c.data.input_bucket_multiple = 64
+  c.data.target_bucket_multiple = 16
 
   u = c.upstream = ml_collections.ConfigDict()
   u.num_steps = 0
@@ -92,6 +103,9 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   d.optimizer = "adafactor"
   d.max_target_len = 128
   d.eval_batch_size = 32
+  # Memory for the grid's step and its dev decoding, in GiB: the runs go in the fewest chunks that fit
+  # (same results, mpt_jax/chunking.py). 0: the device's free memory (CPUs report none: one chunk).
+  d.memory_budget_gb = 0.0
   d.decoding = "greedy"  # greedy | beam (the study's: 4 beams, repetition penalty 2.5) | rank
   d.num_beams = 4
   d.repetition_penalty = 2.5

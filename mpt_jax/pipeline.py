@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mpt_jax import adapt, algorithms, decode, gyms, optim, parallel, prompt as prompt_lib, results, train
+from mpt_jax import (adapt, algorithms, chunking, compilation, decode, gyms, optim, parallel,
+                     prompt as prompt_lib, results, train)
 from mpt_jax.data import batching, crossfit, settings as settings_lib
 from mpt_jax.model import hf
 from mpt_jax.model.t5 import T5
@@ -77,6 +78,10 @@ def needed_stages(config) -> tuple[bool, bool]:
 
 # --- 3. upstream -----------------------------------------------------------------------------------------
 
+def length_buckets(config) -> batching.LengthBuckets:
+  return batching.LengthBuckets(config.data.input_bucket_multiple, config.data.target_bucket_multiple)
+
+
 def upstream_sampler(config, source_data, tokenizer, cache_dir):
   """(sample_batch(step), num_steps) of the method: MTL pools batches, meta-learners draw episodes."""
   u = config.upstream
@@ -84,12 +89,13 @@ def upstream_sampler(config, source_data, tokenizer, cache_dir):
   tokenized = batching.tokenize_tasks(source_data, tokenizer, spec, cache_dir)
   if config.method == "mtl":
     pool = batching.concat_splits([tokenized[key] for key in sorted(tokenized)], "mtl")
-    sampler = batching.EpochSampler(pool, u.batch_size, config.seed)
+    sampler = batching.EpochSampler(pool, u.batch_size, config.seed, length_buckets(config))
     return sampler, u.num_steps or sampler.steps_for_epochs(u.num_epochs)
   with_query = config.method != "reptile"
   tasks = batching.meta_tasks(tokenized, list(source_data), config.seeds, with_query=with_query)
   sampler = batching.EpisodeSampler(tasks, u.tasks_per_step, u.inner_steps, u.inner_batch_size,
-                                    u.query_size if with_query else None, config.seed)
+                                    u.query_size if with_query else None, config.seed,
+                                    length_buckets(config))
   return sampler, u.num_steps
 
 
@@ -153,20 +159,33 @@ def _prompt_meta(config, model, **extra):
 
 # --- 4. downstream ---------------------------------------------------------------------------------------
 
+def memory_budget_bytes(config) -> int | None:
+  """The downstream's memory budget: configured, or None for the device's free memory."""
+  budget = config.downstream.memory_budget_gb
+  return int(budget * 2**30) if budget else None
+
+
 @functools.lru_cache(maxsize=None)
-def grid_trainer(model_config, placement: str, optimizer_name: str, mesh):
+def grid_trainer(model_config, placement: str, optimizer_name: str, mesh, budget_bytes: int | None = None):
   """(optimizer, jitted grid step), built once per process for a model and optimizer: every target task
   and every method of a study run reuses the same compiled step (the learning rates are state)."""
   model = T5(model_config)
   loss_fn = algorithms.make_loss_fn(model, deterministic=model_config.dropout_rate == 0,
                                     placement=placement)
   optimizer = optim.make_optimizer(optimizer_name, 1.0)
-  return optimizer, adapt.make_grid_trainer(loss_fn, optimizer, mesh)
+  return optimizer, adapt.make_grid_trainer(loss_fn, optimizer, mesh, budget_bytes)
+
+
+def _runs_in_chunks(generate, mesh, budget_bytes: int | None):
+  """Decoding of R runs in the fewest chunks of runs that fit the memory (one device; see chunking)."""
+  if mesh.size > 1:
+    return generate
+  return chunking.RunChunks(generate, (None, 0, 0, 0), budget_bytes=budget_bytes, name="decoding")
 
 
 @functools.lru_cache(maxsize=None)
 def _generator(model_config, decoding: str, max_length: int, placement: str, num_beams: int,
-               repetition_penalty: float):
+               repetition_penalty: float, mesh, budget_bytes: int | None):
   """generate(frozen, prompts [R, P, D], ids [R, B, L], mask) -> tokens [R, B, T], jitted once."""
   model = T5(model_config)
   if decoding == "greedy":
@@ -178,7 +197,7 @@ def _generator(model_config, decoding: str, max_length: int, placement: str, num
       return decode.beam_search(model, frozen, ids, mask, prompt, max_length=max_length,
                                 placement=placement, num_beams=num_beams,
                                 repetition_penalty=repetition_penalty)
-  return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
+  return _runs_in_chunks(jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0))), mesh, budget_bytes)
 
 
 def make_predict(config, model, frozen_params, mesh, train_split):
@@ -188,14 +207,15 @@ def make_predict(config, model, frozen_params, mesh, train_split):
   placement = config.prompt.placement
   if d.decoding in ("greedy", "beam"):
     generate = _generator(model.config, d.decoding, d.max_decode_len, placement, d.num_beams,
-                          float(d.repetition_penalty))
+                          float(d.repetition_penalty), mesh, memory_budget_bytes(config))
   elif d.decoding == "rank":
     candidates = decode.label_candidates(train_split)
 
     def one(frozen, prompt, ids, mask):
       return decode.rank_classify(model, frozen, ids, mask, prompt, candidates=candidates,
                                   placement=placement)
-    generate = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
+    generate = _runs_in_chunks(jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0))), mesh,
+                               memory_budget_bytes(config))
   else:
     raise ValueError(f"config.downstream.decoding={d.decoding!r}: expected greedy, beam or rank")
 
@@ -212,9 +232,10 @@ def run_downstream(config, workdir, model, frozen_params, tokenizer, target_data
                    cache_dir):
   d = config.downstream
   spec = batching.TextSpec(config.data.max_input_len, d.max_target_len, config.data.input_template)
-  optimizer, grid_step = grid_trainer(model.config, config.prompt.placement, d.optimizer, mesh)
+  optimizer, grid_step = grid_trainer(model.config, config.prompt.placement, d.optimizer, mesh,
+                                      memory_budget_bytes(config))
   grid = adapt.GridConfig(tuple(d.lrs), d.batch_size, d.num_steps, d.eval_every, d.eval_batch_size,
-                          d.optimizer, config.seed)
+                          d.optimizer, config.seed, length_buckets(config))
   summaries = []
   for task, data in target_data.items():
     task_dir = os.path.join(workdir, "downstream", task)
@@ -261,11 +282,15 @@ def run(config, workdir: str) -> dict | None:
   init_prompt = None
   if config.init_prompt:
     init_prompt, _ = prompt_lib.load_prompt(config.init_prompt)
+  cache_dir = config.cache_dir or os.path.join(workdir, "cache")
+  if config.compilation_cache:
+    directory = compilation.enable_persistent_cache(
+        config.compilation_cache_dir or os.path.join(cache_dir, "compiled"))
+    logging.info("persistent compilation cache: %s", directory)
   model, frozen_params, tokenizer = load_model(config)
   if init_prompt is not None and init_prompt.shape[1] != model.config.d_model:
     raise ValueError(f"config.init_prompt {config.init_prompt}: prompt width {init_prompt.shape[1]} != "
                      f"d_model {model.config.d_model} of {config.model}")
-  cache_dir = config.cache_dir or os.path.join(workdir, "cache")
   mesh = parallel.make_mesh()
   logging.info("setting %s: %d source, %d target tasks; data %s; %d device(s)", setting.name,
                len(setting.source), len(targets), data_dir, mesh.size)

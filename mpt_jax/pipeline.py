@@ -54,8 +54,10 @@ def resolve_data_dir(config, workdir: str) -> str:
 
 def load_model(config):
   model, frozen_params, tokenizer = hf.load_pretrained(config.model, dtype=config.dtype,
-                                                       remat=config.remat_layers)
-  model = type(model)(dataclasses.replace(model.config, dropout_rate=config.dropout_rate))
+                                                       remat=config.remat_layers,
+                                                       scan_layers=config.scan_layers)
+  model = type(model)(dataclasses.replace(model.config, dropout_rate=config.dropout_rate,
+                                          remat_policy=config.remat_policy))
   return model, frozen_params, tokenizer
 
 

@@ -58,6 +58,9 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # One lax.scan over the T5 layers (params stacked): compiles one layer body instead of one per layer
   # (a T5-large step compiled for 1-2 minutes unrolled); same checkpoints, same numbers.
   c.scan_layers = False
+  # Attention: our einsums, or jax.nn.dot_product_attention ("xla", or "cudnn": fused kernels on NVIDIA
+  # GPUs, bfloat16, first-order gradients) where no dropout is drawn (evaluation, dropout_rate 0).
+  c.attention = "einsum"
   c.dropout_rate = 0.1
 
   c.prompt = ml_collections.ConfigDict()

@@ -57,7 +57,7 @@ def load_model(config):
                                                        remat=config.remat_layers,
                                                        scan_layers=config.scan_layers)
   model = type(model)(dataclasses.replace(model.config, dropout_rate=config.dropout_rate,
-                                          remat_policy=config.remat_policy))
+                                          remat_policy=config.remat_policy, attention=config.attention))
   return model, frozen_params, tokenizer
 
 

@@ -62,6 +62,11 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep x @ W, recompute the rest
 }
 STACKED_BLOCKS = "blocks"  # the parameter of blocks 1..N-1 of a stack when config.scan_layers
+# How attention is computed: our einsums ("einsum"), or jax.nn.dot_product_attention with that
+# implementation ("xla"; "cudnn": fused cuDNN kernels, bfloat16 on NVIDIA GPUs, first-order gradients
+# only). dot_product_attention has no dropout, so it serves only dropout-free calls (evaluation,
+# dropout_rate 0); others fall back to the einsums.
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 
 Cache = list  # per decoder layer: {"self_key", "self_value", "cross_key", "cross_value"}
 
@@ -92,6 +97,7 @@ class T5Config:
   remat: bool = False
   remat_policy: str = "nothing"  # see REMAT_POLICIES
   scan_layers: bool = False  # blocks 1..N-1 of each stack as one lax.scan (params stacked)
+  attention: str = "einsum"  # see ATTENTION_IMPLEMENTATIONS
 
   def __post_init__(self):
     if self.num_decoder_layers is None:
@@ -101,6 +107,8 @@ class T5Config:
                        f"{FEED_FORWARD_PROJS} (T5 v1.0 and v1.1/LM-adapted/Flan-T5).")
     if self.dtype not in DTYPES:
       raise ValueError(f"T5Config.dtype={self.dtype!r}: supported are {DTYPES}.")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"T5Config.attention={self.attention!r}: supported are {ATTENTION_IMPLEMENTATIONS}.")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}: supported are "
                        f"{tuple(REMAT_POLICIES)}.")
@@ -141,7 +149,7 @@ class T5Config:
     names = [f.name for f in dataclasses.fields(cls)]
     plain = {k: hf[k] for k in names if k in hf and k not in (
         "tie_word_embeddings", "scale_decoder_outputs", "dtype", "remat", "remat_policy", "scan_layers",
-        "feed_forward_proj")}
+        "attention", "feed_forward_proj")}
     if plain.get("decoder_start_token_id") is None:
       plain["decoder_start_token_id"] = hf.get("pad_token_id", 0) or 0
     for key in ("pad_token_id", "eos_token_id"):
@@ -295,6 +303,14 @@ class Attention(nn.Module):
     """x [B, Lq, D]; keys/values [B, Lk, H, d_kv]; mask broadcastable to [B, H, Lq, Lk] (True = see);
     bias None or broadcastable to [B, H, Lq, Lk] float32."""
     query = self._heads(self.q(x))
+    c = self.config
+    if c.attention != "einsum" and (deterministic or c.dropout_rate == 0):
+      # T5 does not scale the scores; the position bias joins in the compute dtype (what cuDNN takes).
+      out = jax.nn.dot_product_attention(
+          query, keys.astype(query.dtype), values.astype(query.dtype),
+          bias=None if bias is None else bias.astype(query.dtype), mask=mask, scale=1.0,
+          implementation=c.attention)
+      return self.o(out.reshape(*out.shape[:2], -1))
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, keys).astype(jnp.float32)
     if bias is not None:
       scores = scores + bias

@@ -190,16 +190,16 @@ def _generator(model_config, decoding: str, max_length: int, placement: str, num
                repetition_penalty: float, mesh, budget_bytes: int | None):
   """generate(frozen, prompts [R, P, D], ids [R, B, L], mask) -> tokens [R, B, T], jitted once."""
   model = T5(model_config)
-  if decoding == "greedy":
-    def one(frozen, prompt, ids, mask):
-      return decode.greedy_decode(model, frozen, ids, mask, prompt, max_length=max_length,
-                                  placement=placement)
+  if decoding == "greedy":  # all runs' rows in one decoding loop (see decode.greedy_decode_runs)
+    generate = jax.jit(lambda frozen, prompts, ids, mask: decode.greedy_decode_runs(
+        model, frozen, ids, mask, prompts, max_length=max_length, placement=placement))
   else:
     def one(frozen, prompt, ids, mask):
       return decode.beam_search(model, frozen, ids, mask, prompt, max_length=max_length,
                                 placement=placement, num_beams=num_beams,
                                 repetition_penalty=repetition_penalty)
-  return _runs_in_chunks(jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0))), mesh, budget_bytes)
+    generate = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
+  return _runs_in_chunks(generate, mesh, budget_bytes)
 
 
 def make_predict(config, model, frozen_params, mesh, train_split):

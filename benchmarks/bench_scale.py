@@ -47,6 +47,7 @@ def parse_args(argv=None):
   # step times scale with the runs, so the bucketed / padded ratio does not depend on them.
   parser.add_argument("--grid_runs", type=int, default=4, help="runs of the PT grid (the study: 20)")
   parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+  parser.add_argument("--render", action="store_true", help="only rewrite OUT/scale.md from OUT/scale.json")
   return parser.parse_args(argv)
 
 
@@ -305,7 +306,7 @@ def section_depth(args, results) -> None:
         rows.append(dict(step=method, layers=layers, blocks="scanned" if scan else "unrolled", **info))
         log(f"  depth {method} {layers} layers {rows[-1]['blocks']}: lower {info['lower_s']:.1f} s, compile "
             f"{info['compile_s']:.1f} s")
-  results["depth"] = dict(shape=bench_steps.shapes_line("small"), rows=rows)
+  results["depth"] = dict(shape=bench_steps.shapes_line("small").replace("8+8 layers, ", ""), rows=rows)
 
 
 def section_dev_eval(args, results) -> None:
@@ -462,6 +463,10 @@ def main():
     raise SystemExit(f"--only: unknown {unknown}; choose from {SECTIONS}")
   path = args.out / "scale.json"
   results = json.loads(path.read_text()) if path.exists() else {}
+  if args.render:
+    (args.out / "scale.md").write_text(markdown(results))
+    print(markdown(results))
+    return
   cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
               if line.startswith("model name")), "unknown CPU")
   command = " ".join(["python -m benchmarks.bench_scale", *sys.argv[1:]])

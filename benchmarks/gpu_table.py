@@ -33,6 +33,8 @@ OUT/gpu_<date>.json and OUT/gpu_<date>.md. In order:
  grid_dots     the padded grid with remat policy "dots" (matmul outputs kept).
  grid_cudnn    the padded grid with cuDNN fused attention (jax.nn.dot_product_attention).
  maml_bf16     the scanned MAML step with bf16 weights.
+ greedy_runs   greedy dev decoding of the 20 runs: vmap of greedy_decode against greedy_decode_runs (all
+               rows in one loop; no per-step select of the cache between runs), same tokens.
  maml_unrolled our MAML step with per-layer (unrolled) blocks: the scan's step-time reference (its
                compile took 116 s on 2026-11-29, ../shared/measurements/gpu_2026-11-29; when the
                budget skips it, run `--sections env,maml_scan,maml_unrolled`).
@@ -73,7 +75,7 @@ SCALES = {
 # Estimated seconds per section at the large scale (compile included), for the budget.
 NEEDS = dict(env=15, reference=70, maml_scan=45, maml_remat=45, pt_scan=35, grid_padded=60, grid_bucketed=40,
              dev_eval=60,
-             grid_dots=60, grid_cudnn=60, maml_unrolled=140, maml_bf16=45)
+             grid_dots=60, grid_cudnn=60, maml_unrolled=140, maml_bf16=45, greedy_runs=60)
 FLAVOUR = bench_steps.MODEL_FLAVOUR
 INNER_LR = bench_steps.STUDY_INNER_LR
 GRID_LRS = bench_steps.GRID_LEARNING_RATES
@@ -436,9 +438,39 @@ def dev_eval(table: Table, entry: dict) -> None:
 
 
 # In order of importance (the budget skips the last ones first).
+def greedy_runs(table: Table, entry: dict) -> None:
+  st = setup(table)
+  model = T5(model_config(table.scale, dtype="bfloat16", scan_layers=True))
+  if "bf16_stacked" not in st:
+    st["bf16_stacked"] = cast_params(st["stacked"], "bfloat16")
+  length, runs = table.scale["decode_length"], table.scale["grid_runs"]
+  prompts = jnp.broadcast_to(jnp.asarray(st["prompt"]), (runs, *st["prompt"].shape))
+  batch = st["batches"]["eval"]
+  args = (st["bf16_stacked"], prompts, jax.device_put(batch["input_ids"]),
+          jax.device_put(batch["input_mask"]))
+  decoders = dict(
+      vmapped=jax.jit(jax.vmap(lambda frozen, prompt, ids, mask: decode.greedy_decode(
+          model, frozen, ids, mask, prompt, max_length=length), in_axes=(None, 0, 0, 0))),
+      one_batch=jax.jit(lambda frozen, prompts, ids, mask: decode.greedy_decode_runs(
+          model, frozen, ids, mask, prompts, max_length=length)))
+  tokens = {}
+  for name, fn in decoders.items():
+    start = time.perf_counter()
+    tokens[name] = np.asarray(fn(*args))
+    entry[f"{name}_first_call_s"] = round(time.perf_counter() - start, 1)
+    entry[f"{name}_time"] = median_time(lambda fn=fn: fn(*args), max(2, table.scale["repeats"] - 2), warmup=0)
+  entry["same_tokens"] = bool(np.array_equal(tokens["vmapped"], tokens["one_batch"]))
+  entry["time"] = entry["one_batch_time"]
+  entry["one_batch_over_vmapped"] = round(entry["one_batch_time"]["median_s"]
+                                          / entry["vmapped_time"]["median_s"], 3)
+  log(f"  greedy: vmapped {entry['vmapped_time']['median_s']:.3f} s, one batch "
+      f"{entry['one_batch_time']['median_s']:.3f} s, same tokens {entry['same_tokens']}")
+
+
 SECTIONS = dict(env=env, reference=reference, maml_scan=maml_scan, maml_remat=maml_remat, pt_scan=pt_scan,
                 grid_padded=grid_padded, grid_bucketed=grid_bucketed, dev_eval=dev_eval, grid_dots=grid_dots,
-                grid_cudnn=grid_cudnn, maml_bf16=maml_bf16, maml_unrolled=maml_unrolled)
+                grid_cudnn=grid_cudnn, maml_bf16=maml_bf16, greedy_runs=greedy_runs,
+                maml_unrolled=maml_unrolled)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,7 +554,7 @@ def markdown(record: dict) -> str:
     t = s.get("time", {}).get("median_s")
     notes = []
     for key in ("shape", "chunks", "attention", "scanned_over_unrolled_step", "share_at_one_per_50_steps",
-                "generated_tokens_mean"):
+                "generated_tokens_mean", "one_batch_over_vmapped", "same_tokens"):
       if key in s:
         notes.append(f"{key} {s[key]}")
     if name in flops and t:

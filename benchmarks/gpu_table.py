@@ -563,12 +563,12 @@ def markdown(record: dict) -> str:
       notes.append(f"{rate:.3g} TFLOP/s analytic"
                    + (f" = {rate / matmul:.0%} of bf16 matmul" if matmul else ""))
     memory = (f"{s['total_gib']} (temp {s['temp_gib']})" if "total_gib" in s
-              else f"{s.get('chunk_gib')} per chunk")
+              else f"{s['chunk_gib']} per chunk" if s.get("chunk_gib") is not None else "")
     if s.get("reference_peak_gib") is not None:
       memory += f" / reference peak {s['reference_peak_gib']}"
     vs = s.get("speedup_vs_reference") or s.get("per_run_speedup_vs_reference")
     per_run = f"{s['per_run_s']:.4f}" if "per_run_s" in s else ""
-    lines.append(f"| {name} | {t:.4f} | {per_run} | {f'{vs}x' if vs else ''} | {s.get('compile_s')} | "
+    lines.append(f"| {name} | {t:.4f} | {per_run} | {f'{vs}x' if vs else ''} | {s.get('compile_s', '')} | "
                  f"{memory} | {'; '.join(notes)} |")
   estimate = study_estimate(record)
   if estimate:

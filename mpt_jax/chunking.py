@@ -36,10 +36,13 @@ def device_memory_budget(device: jax.Device | None = None, fraction: float = 0.9
   return int(fraction * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
 
 
-def compiled_bytes(compiled) -> int:
+def compiled_bytes(compiled) -> int | None:
   """What running a compiled executable allocates beyond its (already resident) arguments: its
-  temporaries and its outputs, less the outputs written into donated arguments."""
+  temporaries and its outputs, less the outputs written into donated arguments (None: the backend
+  does not analyze it)."""
   memory = compiled.memory_analysis()
+  if memory is None:
+    return None
   return int(memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
              + memory.generated_code_size_in_bytes)
 
@@ -97,7 +100,7 @@ class RunChunks:
              if num_runs % k == 0 and (num_runs // k) % self.run_multiple == 0]
     full = self._compile(args, sizes[0])
     needed = compiled_bytes(full)
-    if needed <= budget:
+    if needed is None or needed <= budget:
       return Plan(1, needed, full)
     # Memory is nearly proportional to the runs in a chunk: start from the size that estimate allows,
     # and check each candidate's compiled program.

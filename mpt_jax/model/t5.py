@@ -30,7 +30,7 @@ or "dots" (keep the outputs of the matmuls with the weights, recompute the rest)
 
 Scanned layers (`config.scan_layers`): the blocks after the first of each stack are one `lax.scan` over
 their parameters stacked on a leading axis, so XLA compiles one block body instead of one per layer
-(compile time stops growing with depth; same numbers up to float rounding). The parameter tree then
+(compile time grows far less with depth; same numbers up to float rounding). The parameter tree then
 holds `block_0` (which owns the position-bias table) and `blocks`, blocks 1..N-1 stacked;
 `stack_blocks` / `unstack_blocks` convert between the two layouts, and `hf.py` reads and writes
 checkpoints in the per-layer one. Generation with the KV cache runs the stacked blocks in a Python loop
@@ -438,8 +438,9 @@ class Stack(nn.Module):
 
   def setup(self):
     c = self.config
-    block_cls = nn.remat(Block, static_argnums=(10,), policy=REMAT_POLICIES[c.remat_policy]) if c.remat \
-        else Block
+    block_cls = Block
+    if c.remat:
+      block_cls = nn.remat(Block, static_argnums=(10,), policy=REMAT_POLICIES[c.remat_policy])
     n = c.num_decoder_layers if self.is_decoder else c.num_layers
     if self._has_stacked_blocks:
       self.block = [block_cls(c, self.is_decoder, True)]

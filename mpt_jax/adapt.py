@@ -164,6 +164,9 @@ def adapt_task(task: str, *, init_prompts: Mapping[int, np.ndarray], frozen_para
   test_scores = scorer.scores(jnp.asarray(best_prompts[chosen_runs]),
                               [tokenized[(s, "test")] for s in seeds])
   prompt_dir = os.path.join(out_dir, "prompts")
+  for seed in seeds:  # what training started from: a prompt's change is its task embedding (analysis.py)
+    prompt_lib.save_prompt(os.path.join(prompt_dir, f"init_seed{seed}.npy"), init_prompts[seed],
+                           {**(prompt_meta or {}), "task": task, "seed": int(seed), "initial": True})
   for i, run in enumerate(runs):
     prompt_lib.save_prompt(os.path.join(prompt_dir, f"{run.name}.npy"), best_prompts[i],
                            {**(prompt_meta or {}), "task": task, "seed": run.seed,

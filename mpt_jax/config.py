@@ -92,12 +92,17 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   d.optimizer = "adafactor"
   d.max_target_len = 128
   d.eval_batch_size = 32
-  d.decoding = "greedy"  # greedy | beam (the study's: 4 beams, repetition penalty 2.5) | rank
+  # greedy | beam (the study's: 4 beams, repetition penalty 2.5) | rank | auto (rank for tasks scored by a
+  # classification metric, greedy for the others)
+  d.decoding = "greedy"
   d.num_beams = 4
   d.repetition_penalty = 2.5
   # The study's generate(max_length=128) counts the decoder start token; ours counts generated tokens.
   d.max_decode_len = 127
   d.tasks = ()  # a subset of the setting's target tasks; empty = all
+  # Also prompt-tune every source task of the setting with the same grid, into <workdir>/sources/<task>/:
+  # the task embeddings of mpt_jax.analysis (task similarity vs gain). Only the PT run acts on it.
+  d.prompt_tune_sources = False
 
   c.pt_results = ""  # a PT results.json to compute the relative gain against.
 
@@ -158,7 +163,7 @@ def _demo(c):
   d.max_target_len = 8
   d.max_decode_len = 8
   d.eval_batch_size = 40
-  d.decoding = "rank"
+  d.decoding = "auto"  # rank classification for classification tasks, greedy generation for the others
 
 
 def _mini(c):

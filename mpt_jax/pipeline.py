@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mpt_jax import adapt, algorithms, decode, gyms, optim, parallel, prompt as prompt_lib, results, train
+from mpt_jax import (adapt, algorithms, baselines, decode, gyms, metrics, optim, parallel, prompt as prompt_lib,
+                     results, train)
 from mpt_jax.data import batching, crossfit, settings as settings_lib
 from mpt_jax.model import hf
 from mpt_jax.model.t5 import T5
@@ -66,6 +67,15 @@ def read_tasks(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], splits
   return crossfit.read_crossfit(data_dir, list(dict.fromkeys(tasks)), seeds, splits)
 
 
+def target_baselines(config, workdir: str) -> dict[str, dict[str, float]]:
+  """{target task: {"constant": x, "random": y}}: the chance levels of the run's target tasks under
+  their metrics, from the same train and test files the methods use (mpt_jax.baselines)."""
+  setting = resolve_setting(config)
+  targets = list(config.downstream.tasks) or list(setting.target)
+  data = read_tasks(resolve_data_dir(config, workdir), targets, config.seeds, ("train", "test"))
+  return baselines.setting_baselines(data, config.seeds)
+
+
 def needed_stages(config) -> tuple[bool, bool]:
   stages = set(config.stages)
   unknown = stages - {"upstream", "downstream"}
@@ -73,6 +83,13 @@ def needed_stages(config) -> tuple[bool, bool]:
     raise ValueError(f"config.stages: unknown stage(s) {sorted(unknown)}; use upstream and/or downstream")
   upstream = "upstream" in stages and config.method in UPSTREAM_METHODS and not config.init_prompt
   return upstream, "downstream" in stages
+
+
+def prompt_tunes_sources(config) -> bool:
+  """PT runs the downstream grid on the source tasks too (task embeddings for mpt_jax.analysis); the
+  other methods leave that to PT (a study sets the switch for every method at once)."""
+  return (bool(config.downstream.prompt_tune_sources) and config.method == "pt"
+          and "downstream" in config.stages)
 
 
 # --- 3. upstream -----------------------------------------------------------------------------------------
@@ -181,15 +198,27 @@ def _generator(model_config, decoding: str, max_length: int, placement: str, num
   return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
 
 
+CLASSIFICATION_METRICS = (metrics.ACC, metrics.CLASSIFICATION_F1, metrics.MATTHEW_CORRELATION)
+
+
+def resolve_decoding(decoding: str, task: str) -> str:
+  """The decoding of `task`: "auto" is rank classification for a task scored by a classification
+  metric (its answers are a fixed label set) and greedy generation for any other (free-form answers)."""
+  if decoding != "auto":
+    return decoding
+  return "rank" if settings_lib.metric_for_task(task) in CLASSIFICATION_METRICS else "greedy"
+
+
 def make_predict(config, model, frozen_params, mesh, train_split):
   """predict(prompts [R, P, D], batch [R, B, ...]) -> token ids [R, B, T] with the configured decoding
   (rank classification scores the labels of `train_split`)."""
   d = config.downstream
   placement = config.prompt.placement
-  if d.decoding in ("greedy", "beam"):
-    generate = _generator(model.config, d.decoding, d.max_decode_len, placement, d.num_beams,
+  decoding = resolve_decoding(d.decoding, train_split.task)
+  if decoding in ("greedy", "beam"):
+    generate = _generator(model.config, decoding, d.max_decode_len, placement, d.num_beams,
                           float(d.repetition_penalty))
-  elif d.decoding == "rank":
+  elif decoding == "rank":
     candidates = decode.label_candidates(train_split)
 
     def one(frozen, prompt, ids, mask):
@@ -197,7 +226,7 @@ def make_predict(config, model, frozen_params, mesh, train_split):
                                   placement=placement)
     generate = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
   else:
-    raise ValueError(f"config.downstream.decoding={d.decoding!r}: expected greedy, beam or rank")
+    raise ValueError(f"config.downstream.decoding={d.decoding!r}: expected greedy, beam, rank or auto")
 
   def predict(prompts, batch):
     ids, mask = batch["input_ids"], batch["input_mask"]
@@ -209,7 +238,7 @@ def make_predict(config, model, frozen_params, mesh, train_split):
 
 
 def run_downstream(config, workdir, model, frozen_params, tokenizer, target_data, init_prompt, mesh,
-                   cache_dir):
+                   cache_dir, out_subdir: str = "downstream"):
   d = config.downstream
   spec = batching.TextSpec(config.data.max_input_len, d.max_target_len, config.data.input_template)
   optimizer, grid_step = grid_trainer(model.config, config.prompt.placement, d.optimizer, mesh)
@@ -217,7 +246,7 @@ def run_downstream(config, workdir, model, frozen_params, tokenizer, target_data
                           d.optimizer, config.seed)
   summaries = []
   for task, data in target_data.items():
-    task_dir = os.path.join(workdir, "downstream", task)
+    task_dir = os.path.join(workdir, out_subdir, task)
     done = os.path.join(task_dir, "results.json")
     if os.path.exists(done):
       logging.info("downstream %s: results exist (%s), skipping", task, done)
@@ -258,6 +287,8 @@ def run(config, workdir: str) -> dict | None:
   source_data = read_tasks(data_dir, setting.source if do_upstream else (), config.seeds, ("train", "dev"))
   target_data = read_tasks(data_dir, targets if do_downstream else (), config.seeds,
                            ("train", "dev", "test"))
+  source_runs = read_tasks(data_dir, setting.source if prompt_tunes_sources(config) else (), config.seeds,
+                           ("train", "dev", "test"))
   init_prompt = None
   if config.init_prompt:
     init_prompt, _ = prompt_lib.load_prompt(config.init_prompt)
@@ -282,6 +313,11 @@ def run(config, workdir: str) -> dict | None:
     return None
   summaries = run_downstream(config, workdir, model, frozen_params, tokenizer, target_data, init_prompt,
                              mesh, cache_dir)
+  if source_runs:
+    logging.info("prompt-tuning the %d source tasks too (config.downstream.prompt_tune_sources)",
+                 len(source_runs))
+    run_downstream(config, workdir, model, frozen_params, tokenizer, source_runs, init_prompt, mesh,
+                   cache_dir, out_subdir="sources")
   summary = results.summarize_setting(summaries, setting=setting.name, method=config.method,
                                       pt=config.pt_results or None)
   results.write_setting_results(summary, workdir)

@@ -124,7 +124,10 @@ class Scorer:
       ids = np.asarray(jax.device_get(self.predict(prompts, eb.batch)))
       for r in range(len(splits)):
         real = eb.mask[r].astype(bool)
-        texts = self.tokenizer.batch_decode(ids[r][real].tolist(), skip_special_tokens=True)
+        # As the study decoded: spaces before punctuation are kept (a tokenizer may default to cleaning
+        # them up, which changes EM, ACC and Rouge-L scores).
+        texts = self.tokenizer.batch_decode(ids[r][real].tolist(), skip_special_tokens=True,
+                                            clean_up_tokenization_spaces=False)
         for index, text in zip(eb.indices[r][real], texts):
           out[r][int(index)] = text
     return out

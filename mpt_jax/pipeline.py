@@ -166,7 +166,7 @@ def grid_trainer(model_config, placement: str, optimizer_name: str, mesh):
 
 @functools.lru_cache(maxsize=None)
 def _generator(model_config, decoding: str, max_length: int, placement: str, num_beams: int,
-               repetition_penalty: float):
+               repetition_penalty: float, early_stopping: bool):
   """generate(frozen, prompts [R, P, D], ids [R, B, L], mask) -> tokens [R, B, T], jitted once."""
   model = T5(model_config)
   if decoding == "greedy":
@@ -177,7 +177,7 @@ def _generator(model_config, decoding: str, max_length: int, placement: str, num
     def one(frozen, prompt, ids, mask):
       return decode.beam_search(model, frozen, ids, mask, prompt, max_length=max_length,
                                 placement=placement, num_beams=num_beams,
-                                repetition_penalty=repetition_penalty)
+                                repetition_penalty=repetition_penalty, early_stopping=early_stopping)
   return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
 
 
@@ -188,7 +188,7 @@ def make_predict(config, model, frozen_params, mesh, train_split):
   placement = config.prompt.placement
   if d.decoding in ("greedy", "beam"):
     generate = _generator(model.config, d.decoding, d.max_decode_len, placement, d.num_beams,
-                          float(d.repetition_penalty))
+                          float(d.repetition_penalty), bool(d.early_stopping))
   elif d.decoding == "rank":
     candidates = decode.label_candidates(train_split)
 

@@ -84,7 +84,7 @@ def _pad_after_eos(tokens, eos, max_length):
 
 
 def _hf_beam_search(model, reference, input_mask, *, eos, input_ids=None, inputs_embeds=None,
-                    num_beams=4, repetition_penalty=2.5, length_penalty=1.0):
+                    num_beams=4, repetition_penalty=2.5, length_penalty=1.0, early_stopping=False):
   # transformers' cache breaks when the decoder is deeper than the encoder (DESIGN.md).
   use_cache = model.config.num_decoder_layers <= model.config.num_layers
   inputs = ({"input_ids": torch.tensor(input_ids, dtype=torch.long)} if inputs_embeds is None
@@ -92,18 +92,20 @@ def _hf_beam_search(model, reference, input_mask, *, eos, input_ids=None, inputs
   with torch.no_grad():
     out = reference.generate(
         **inputs, attention_mask=torch.tensor(input_mask, dtype=torch.long), num_beams=num_beams,
-        repetition_penalty=repetition_penalty, length_penalty=length_penalty, early_stopping=False,
+        repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+        early_stopping=early_stopping,
         max_new_tokens=MAX_LENGTH, do_sample=False, use_cache=use_cache, eos_token_id=eos,
         pad_token_id=0)
   return _pad_after_eos(out.numpy()[:, 1:], eos, MAX_LENGTH)  # without the decoder start token
 
 
 def _our_beam_search(model, params, input_ids, input_mask, *, eos, num_beams=4,
-                     repetition_penalty=2.5, length_penalty=1.0):
+                     repetition_penalty=2.5, length_penalty=1.0, early_stopping=False):
   # Every traced argument given explicitly: jit compiles again when the set of given ones changes.
   return np.asarray(beam_search(model, params, input_ids, input_mask, max_length=MAX_LENGTH,
                                 num_beams=num_beams, repetition_penalty=repetition_penalty,
-                                length_penalty=length_penalty, eos_token_id=eos))
+                                length_penalty=length_penalty, early_stopping=early_stopping,
+                                eos_token_id=eos))
 
 
 def _mid_sequence_eos(tokens):
@@ -135,6 +137,38 @@ def test_beam_search_matches_transformers_generate(pair):
   assert (ours == eos).any(axis=1).sum() >= 2  # hypotheses finished at EOS, not only at max_length
   assert (ours == 0).any()  # and were padded after it
   assert not np.array_equal(ours, by_length_penalty[2.0])  # the length penalty mattered
+
+
+@needs_torch
+def test_beam_search_early_stopping_matches_transformers_generate(pair):
+  # The study decoded with early_stopping=True; "never" is transformers' third value. Stop tokens that
+  # the examples emit at different steps make hypotheses finish early, where the three rules part.
+  model, params, tokenizer, reference = pair
+  ids, mask = _inputs(tokenizer)
+  eos = model.config.eos_token_id
+  free = _hf_beam_search(model, reference, mask, input_ids=ids, eos=eos)
+  differs = {True: 0, "never": 0}
+  for stop_token in (eos, *map(int, free[0, 2:5])):
+    for length_penalty in (1.0, 2.0):
+      kwargs = dict(num_beams=4, repetition_penalty=2.5, length_penalty=length_penalty)
+      plain = _hf_beam_search(model, reference, mask, input_ids=ids, eos=stop_token, **kwargs)
+      for early_stopping in (True, "never"):
+        expected = _hf_beam_search(model, reference, mask, input_ids=ids, eos=stop_token,
+                                   early_stopping=early_stopping, **kwargs)
+        ours = _our_beam_search(model, params, ids, mask, eos=stop_token,
+                                early_stopping=early_stopping, **kwargs)
+        np.testing.assert_array_equal(ours, expected, err_msg=f"{early_stopping=} {stop_token=} {kwargs}")
+        differs[early_stopping] += int((expected != plain).any(axis=1).sum())
+  # Both rules changed some outputs here, so an implementation that ignored them would fail above.
+  assert differs[True] > 0 and differs["never"] > 0, differs
+
+
+def test_beam_search_rejects_unknown_early_stopping():
+  model, params = tiny_t5("1.0", seed=4, num_layers=1, num_decoder_layers=1)
+  batch = random_batch(5, batch=2, input_length=6)
+  with pytest.raises(ValueError, match="early_stopping='always'"):
+    beam_search(model, params, batch["input_ids"], batch["input_mask"], max_length=4,
+                early_stopping="always")
 
 
 def test_one_beam_is_greedy_decoding():

@@ -196,3 +196,27 @@ def test_main_runs_a_setting_end_to_end_and_resumes(tmp_path):
   assert again["tasks"]["synth-sentiment_d"]["test_scores"] == task["test_scores"]
   assert len(json.load(open(workdir / "run_record.json"))) == 2
   assert results.load_results(workdir / "results.json")["average"] == summary["average"]
+
+
+def test_scorer_decodes_as_the_study_without_cleaning_up_spaces(tmp_path):
+  import helpers_data
+  from mpt_jax.data import crossfit
+
+  tokenizer = helpers_data.tiny_tokenizer(tmp_path / "tok")
+  gold = "paris , france ."
+  # What a checkpoint's tokenizer_config.json may set; transformers then cleans " ," to "," by default.
+  tokenizer.clean_up_tokenization_spaces = True
+  ids = tokenizer(gold).input_ids
+  assert tokenizer.batch_decode([ids], skip_special_tokens=True) == ["paris, france."]
+  split = crossfit.Split("qa_toy", 100, "dev", "qa_toy_3_100_dev.tsv", ("where?",), ((gold,),))
+  tokenized = batching.tokenize_split(split, tokenizer, batching.TextSpec(16, 16))
+  width = 16
+
+  def predict(prompts, batch):  # every row "generates" the gold's tokens
+    out = np.zeros((*batch["input_ids"].shape[:2], width), np.int32)
+    out[..., :len(ids)] = ids
+    return out
+
+  scorer = adapt.Scorer(predict, tokenizer, "qa_toy", batch_size=2, metric="ACC")
+  assert scorer.predictions(None, [tokenized]) == [[gold]]
+  assert scorer.scores(None, [tokenized]).tolist() == [1.0]  # ACC compares the strings as they are

@@ -88,7 +88,17 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   d.lrs = (0.5, 0.4, 0.3, 0.2)
   d.batch_size = 16
   d.num_steps = 3000
+  # The reference's loop also ended after 1000 epochs (--num_train_epochs 1000): a task of 32 train
+  # examples (batch 16, 2 steps an epoch) trained 2000 steps, not 3000. 0: no epoch cap.
+  d.max_epochs = 1000
   d.eval_every = 50
+  # Is the initial prompt (step 0) a candidate for the best-dev prompt? The reference's first candidate
+  # came after eval_every steps; True can favour a good initialization over prompt tuning.
+  d.step0_candidate = False
+  # Which prompt of a seed's best-dev learning rate is tested: "best_dev" (a copy of its best-dev prompt)
+  # or "last" (its prompt at the last step: what the reference tested, as its "best" was a reference to
+  # the live parameter, not a copy).
+  d.test_prompt = "best_dev"
   d.optimizer = "adafactor"
   d.max_target_len = 128
   d.eval_batch_size = 32

@@ -214,7 +214,8 @@ def run_downstream(config, workdir, model, frozen_params, tokenizer, target_data
   spec = batching.TextSpec(config.data.max_input_len, d.max_target_len, config.data.input_template)
   optimizer, grid_step = grid_trainer(model.config, config.prompt.placement, d.optimizer, mesh)
   grid = adapt.GridConfig(tuple(d.lrs), d.batch_size, d.num_steps, d.eval_every, d.eval_batch_size,
-                          d.optimizer, config.seed)
+                          d.optimizer, config.seed, max_epochs=d.max_epochs,
+                          step0_candidate=d.step0_candidate, test_prompt=d.test_prompt)
   summaries = []
   for task, data in target_data.items():
     task_dir = os.path.join(workdir, "downstream", task)

@@ -98,6 +98,9 @@ def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], 
   p = config.prompt
   embedding = prompt_lib.token_embedding(frozen_params)
   if p.init == "task_names":
+    if len(task_names) > p.length:
+      logging.info("prompt init: %d task names for %d prompt rows: the first %d fill it (as the reference)",
+                   len(task_names), p.length, p.length)
     init = prompt_lib.task_names(embedding, tokenizer, task_names, num_candidates=p.vocab_top_k)
   elif p.init == "vocab":
     init = prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer, num_candidates=p.vocab_top_k)

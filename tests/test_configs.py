@@ -1,4 +1,5 @@
-"""Every config under configs/ loads, and its setting resolves to known tasks of that setting."""
+"""Every config under configs/ loads, its setting resolves to known tasks of that setting, and its prompt
+initializes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 
 import pytest
 import importlib.util
+
+from helpers_t5 import tiny_tokenizer_dir  # noqa: F401 (a pytest fixture, used by name)
 
 from mpt_jax import config as config_lib
 from mpt_jax.data import settings as settings_lib
@@ -62,3 +65,30 @@ def test_unknown_method_and_preset_are_rejected():
     config_lib.base_config("mamll", "cls2cls")
   with pytest.raises(ValueError, match="unknown preset"):
     config_lib.base_config("maml", "cls2cls", "tinyy")
+
+
+def test_all_55_configs_resolve_their_setting_and_initialize_their_prompt(tiny_tokenizer_dir):
+  # On a tiny model with the tiny tokenizer: the configs' own prompt length (100) and init (task names),
+  # so the 114 names of `random` must fit its 100 rows as in the reference.
+  import warnings
+
+  import numpy as np
+
+  import helpers_t5
+  from mpt_jax import pipeline
+  from mpt_jax.model.tokenizer import load_tokenizer
+
+  tokenizer = load_tokenizer(tiny_tokenizer_dir)
+  model, params = helpers_t5.tiny_t5("1.1", vocab_size=len(tokenizer))
+  assert len(CONFIG_FILES) == 55
+  for path in CONFIG_FILES:
+    config = _load(path)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # nonli2nli's sick leak has its own test
+      setting = pipeline.resolve_setting(config)
+    # Upstream methods start from the source tasks' names; PT from each target task's own name.
+    name_lists = [list(setting.source)] if config.method != "pt" else [[t] for t in setting.target]
+    for names in name_lists:
+      prompt = pipeline.initial_prompt(config, params, tokenizer, names, config.seed)
+      assert prompt.shape == (config.prompt.length, model.config.d_model), path
+      assert np.all(np.isfinite(prompt)), path

@@ -54,9 +54,10 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
 
   c.prompt = ml_collections.ConfigDict()
   c.prompt.length = 100
-  # Deviation: the reference appended the prompt after the padded input, which makes T5's relative
-  # positions depend on batch padding; "prepend" is the prompt-tuning literature's placement and
-  # "suffix" is the reference's placement (right after the last real token) without the artifact.
+  # Deviation (docs/PROTOCOL.md): the reference appended the prompt after each batch's longest input
+  # ("after_padding", reproduced exactly), so an example's prompt positions depend on the other inputs
+  # of its batch; "prepend" is the prompt-tuning literature's placement, "suffix" puts the prompt right
+  # after each example's own last token.
   c.prompt.placement = "prepend"
   c.prompt.init = "task_names"  # task_names (reference) | vocab | uniform | label_words
   c.prompt.vocab_top_k = 5000

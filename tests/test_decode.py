@@ -220,6 +220,53 @@ def test_prompted_beam_search_under_vmap_matches_transformers_inputs_embeds(pair
   assert not np.array_equal(ours[0], ours[1][::-1])  # the prompt changes what is generated
 
 
+def _trimmed_then_prompt(reference, input_ids, input_mask, prompt):
+  """The reference's encoder input, built by hand (numpy) for transformers: the batch's all-padding
+  columns dropped (its trim_batch), then the prompt appended to every row, its mask all ones."""
+  keep = (input_ids != 0).any(axis=0)
+  tokens = reference.shared.weight.detach().numpy()[input_ids[:, keep]]
+  batch = tokens.shape[0]
+  embeds = np.concatenate([tokens, np.broadcast_to(prompt, (batch, *prompt.shape))], axis=1)
+  mask = np.concatenate([input_mask[:, keep], np.ones((batch, prompt.shape[0]), np.int64)], axis=1)
+  return embeds.astype(np.float32), mask
+
+
+@needs_torch
+def test_after_padding_placement_is_the_references_trimmed_batch_then_prompt(pair_v11):
+  # Our batch carries static padding (columns beyond its longest input); the reference trimmed them
+  # before appending the prompt. Same logits and same beam search outputs.
+  model, params, tokenizer, reference = pair_v11
+  ids, mask = _inputs(tokenizer)
+  width = ids.shape[1]
+  ids = np.pad(ids, ((0, 0), (0, 5)))  # 5 all-padding columns, as a fixed-length batch has
+  mask = np.pad(mask, ((0, 0), (0, 5)))
+  prompt = np.random.default_rng(1).normal(size=(3, model.config.d_model)).astype(np.float32)
+  embeds, embeds_mask = _trimmed_then_prompt(reference, ids, mask, prompt)
+  assert embeds.shape[1] == width + 3
+  decoder_ids = np.asarray([[0, 12, 40, 7]] * len(TEXTS), np.int32)
+  ours = model.apply({"params": params}, ids, mask, decoder_ids, prompt=jnp.asarray(prompt),
+                     placement="after_padding")
+  with torch.no_grad():
+    expected = reference(inputs_embeds=torch.tensor(embeds), attention_mask=torch.tensor(embeds_mask),
+                         decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), expected, atol=2e-5, rtol=1e-4)
+  generated = beam_search(model, params, ids, mask, jnp.asarray(prompt), max_length=MAX_LENGTH,
+                          placement="after_padding", num_beams=4, repetition_penalty=2.5,
+                          early_stopping=True)
+  np.testing.assert_array_equal(
+      np.asarray(generated),
+      _hf_beam_search(model, reference, embeds_mask, inputs_embeds=embeds,
+                      eos=model.config.eos_token_id, early_stopping=True))
+  # Prompt right after the padded width instead (the old reading of "after padding"): other logits.
+  padded_embeds = np.concatenate([reference.shared.weight.detach().numpy()[ids],
+                                  np.broadcast_to(prompt, (len(TEXTS), *prompt.shape))], axis=1)
+  padded_mask = np.concatenate([mask, np.ones((len(TEXTS), 3), np.int64)], axis=1)
+  with torch.no_grad():
+    other = reference(inputs_embeds=torch.tensor(padded_embeds), attention_mask=torch.tensor(padded_mask),
+                      decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long)).logits.numpy()
+  assert np.abs(other - expected).max() > 1e-3
+
+
 # --- rank classification ---------------------------------------------------------------------------------
 
 def _split(answers, target_rows, target_length=6):

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mpt_jax import adapt, algorithms, decode, gyms, optim, parallel, prompt as prompt_lib, results, train
+from mpt_jax import (adapt, algorithms, decode, gyms, metrics, optim, parallel, prompt as prompt_lib, results,
+                     train)
 from mpt_jax.data import batching, crossfit, settings as settings_lib
 from mpt_jax.model import hf
 from mpt_jax.model.t5 import T5
@@ -60,10 +61,32 @@ def load_model(config):
 
 # --- 2. check --------------------------------------------------------------------------------------------
 
-def read_tasks(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], splits: Sequence[str]):
+def read_tasks(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], splits: Sequence[str],
+               keep_empty_answers: Sequence[str] = ()):
+  """The tasks' files, checked. Lines without an answer are dropped except in `keep_empty_answers`: the
+  reference dropped them upstream and kept them in the target tasks' dev and test files (scored 0)."""
   if not tasks:
     return {}
-  return crossfit.read_crossfit(data_dir, list(dict.fromkeys(tasks)), seeds, splits)
+  return crossfit.read_crossfit(data_dir, list(dict.fromkeys(tasks)), seeds, splits,
+                                keep_empty_answers=keep_empty_answers)
+
+
+def check_scorable(target_data) -> None:
+  """A metric of the first gold (Classification-F1, Matthew- and Pearson-Correlation) cannot score an
+  example without an answer (the reference's scorer failed on it too): refuse before any compute."""
+  unscorable = []
+  for task, data in target_data.items():
+    metric = settings_lib.metric_for_task(task)
+    if metric not in metrics.FIRST_GOLD_METRICS:
+      continue
+    for split in data.splits.values():
+      count = sum(not golds for golds in split.answers)
+      if count:
+        unscorable.append(f"  {split.path}: {count} line(s) without an answer ({metric})")
+  if unscorable:
+    raise ValueError("these target files have lines without an answer, which their metric (of the "
+                     "first gold) cannot score; give them an answer or remove them:\n"
+                     + "\n".join(unscorable))
 
 
 def needed_stages(config) -> tuple[bool, bool]:
@@ -261,7 +284,8 @@ def run(config, workdir: str) -> dict | None:
   # Read and validate everything the stages need before loading the model or compiling anything.
   source_data = read_tasks(data_dir, setting.source if do_upstream else (), config.seeds, ("train", "dev"))
   target_data = read_tasks(data_dir, targets if do_downstream else (), config.seeds,
-                           ("train", "dev", "test"))
+                           ("train", "dev", "test"), keep_empty_answers=("dev", "test"))
+  check_scorable(target_data)
   init_prompt = None
   if config.init_prompt:
     init_prompt, _ = prompt_lib.load_prompt(config.init_prompt)

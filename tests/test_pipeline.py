@@ -283,3 +283,26 @@ def test_scorer_decodes_as_the_study_without_cleaning_up_spaces(tmp_path):
   scorer = adapt.Scorer(predict, tokenizer, "qa_toy", batch_size=2, metric="ACC")
   assert scorer.predictions(None, [tokenized]) == [[gold]]
   assert scorer.scores(None, [tokenized]).tolist() == [1.0]  # ACC compares the strings as they are
+
+
+def test_target_files_keep_lines_without_an_answer_where_their_metric_can_score_them(tmp_path):
+  import warnings
+
+  from mpt_jax import pipeline
+
+  for task in ("squad-no_context", "ag_news"):  # EM; Classification-F1 (scores the first gold)
+    (tmp_path / task).mkdir()
+    for split in ("train", "dev", "test"):
+      empty = "q9\t\n" if split != "train" else ""
+      (tmp_path / task / f"{task}_16_100_{split}.tsv").write_text(f"q1\ta1\nq2\ta2\n{empty}")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    data = pipeline.read_tasks(str(tmp_path), ["squad-no_context"], [100], ("train", "dev", "test"),
+                               keep_empty_answers=("dev", "test"))
+    pipeline.check_scorable(data)  # EM scores them 0, as the reference
+    assert data["squad-no_context"].split(100, "test").answers == (("a1",), ("a2",), ())
+    data = pipeline.read_tasks(str(tmp_path), ["ag_news"], [100], ("train", "dev", "test"),
+                               keep_empty_answers=("dev", "test"))
+  with pytest.raises(ValueError, match=r"ag_news_16_100_dev.tsv: 1 line\(s\) without an answer "
+                                       r"\(Classification-F1\)"):
+    pipeline.check_scorable(data)

@@ -239,6 +239,8 @@ def test_eval_batches_keep_file_order_and_mask_padding(tokenized):
   first_golds = np.concatenate([b.batch["target_ids"][b.mask == 1] for b in batches])
   np.testing.assert_array_equal(first_golds, ids.target_ids[ids.gold_offsets[:-1]])
   assert [ids.answers[i] for b in batches for i in b.indices if i >= 0] == list(ids.answers)
+  # The padding row repeats its batch's own first example: the batch's longest input stays a real one.
+  np.testing.assert_array_equal(batches[1].batch["input_ids"][1], ids.input_ids[2])
 
 
 def test_grid_eval_batches_pad_shorter_runs(tokenized):

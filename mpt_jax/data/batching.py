@@ -451,8 +451,10 @@ class EvalBatch:
 def _eval_batch(data: TokenizedSplit, start: int, batch_size: int) -> EvalBatch:
   indices = np.arange(start, start + batch_size)
   real = indices < len(data)
-  # Padding rows repeat example 0 so that the model sees ordinary inputs; the mask drops them.
-  batch = make_batch(data, np.where(real, indices, 0))
+  # Padding rows repeat the batch's first example (example 0 once the split is done) so that the model
+  # sees ordinary inputs and the batch's longest input is a real one, as in the reference's shorter last
+  # batch (the "after_padding" prompt starts after it); the mask drops them.
+  batch = make_batch(data, np.where(real, indices, start if start < len(data) else 0))
   return EvalBatch(batch, real.astype(np.int32), np.where(real, indices, -1))
 
 

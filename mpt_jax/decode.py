@@ -117,9 +117,6 @@ def _reorder_self_attention(cache, rows):
           for layer in cache]
 
 
-EARLY_STOPPING = (True, False, "never")  # transformers' values of `generate(early_stopping=)`
-
-
 @functools.partial(jax.jit, static_argnames=("model", "max_length", "placement", "num_beams",
                                              "early_stopping"))
 def beam_search(model: T5, frozen_params, input_ids, input_mask, prompt=None, *, max_length: int,

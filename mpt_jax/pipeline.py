@@ -61,10 +61,32 @@ def load_model(config):
 
 # --- 2. check --------------------------------------------------------------------------------------------
 
-def read_tasks(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], splits: Sequence[str]):
+def read_tasks(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], splits: Sequence[str],
+               keep_empty_answers: Sequence[str] = ()):
+  """The tasks' files, checked. Lines without an answer are dropped except in `keep_empty_answers`: the
+  reference dropped them upstream and kept them in the target tasks' dev and test files (scored 0)."""
   if not tasks:
     return {}
-  return crossfit.read_crossfit(data_dir, list(dict.fromkeys(tasks)), seeds, splits)
+  return crossfit.read_crossfit(data_dir, list(dict.fromkeys(tasks)), seeds, splits,
+                                keep_empty_answers=keep_empty_answers)
+
+
+def check_scorable(target_data) -> None:
+  """A metric of the first gold (Classification-F1, Matthew- and Pearson-Correlation) cannot score an
+  example without an answer (the reference's scorer failed on it too): refuse before any compute."""
+  unscorable = []
+  for task, data in target_data.items():
+    metric = settings_lib.metric_for_task(task)
+    if metric not in metrics.FIRST_GOLD_METRICS:
+      continue
+    for split in data.splits.values():
+      count = sum(not golds for golds in split.answers)
+      if count:
+        unscorable.append(f"  {split.path}: {count} line(s) without an answer ({metric})")
+  if unscorable:
+    raise ValueError("these target files have lines without an answer, which their metric (of the "
+                     "first gold) cannot score; give them an answer or remove them:\n"
+                     + "\n".join(unscorable))
 
 
 def target_baselines(config, workdir: str) -> dict[str, dict[str, float]]:
@@ -72,7 +94,8 @@ def target_baselines(config, workdir: str) -> dict[str, dict[str, float]]:
   their metrics, from the same train and test files the methods use (mpt_jax.baselines)."""
   setting = resolve_setting(config)
   targets = list(config.downstream.tasks) or list(setting.target)
-  data = read_tasks(resolve_data_dir(config, workdir), targets, config.seeds, ("train", "test"))
+  data = read_tasks(resolve_data_dir(config, workdir), targets, config.seeds, ("train", "test"),
+                    keep_empty_answers=("test",))
   return baselines.setting_baselines(data, config.seeds)
 
 
@@ -115,6 +138,9 @@ def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], 
   p = config.prompt
   embedding = prompt_lib.token_embedding(frozen_params)
   if p.init == "task_names":
+    if len(task_names) > p.length:
+      logging.info("prompt init: %d task names for %d prompt rows: the first %d fill it (as the reference)",
+                   len(task_names), p.length, p.length)
     init = prompt_lib.task_names(embedding, tokenizer, task_names, num_candidates=p.vocab_top_k)
   elif p.init == "vocab":
     init = prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer, num_candidates=p.vocab_top_k)
@@ -183,7 +209,7 @@ def grid_trainer(model_config, placement: str, optimizer_name: str, mesh):
 
 @functools.lru_cache(maxsize=None)
 def _generator(model_config, decoding: str, max_length: int, placement: str, num_beams: int,
-               repetition_penalty: float):
+               repetition_penalty: float, early_stopping: bool):
   """generate(frozen, prompts [R, P, D], ids [R, B, L], mask) -> tokens [R, B, T], jitted once."""
   model = T5(model_config)
   if decoding == "greedy":
@@ -194,7 +220,7 @@ def _generator(model_config, decoding: str, max_length: int, placement: str, num
     def one(frozen, prompt, ids, mask):
       return decode.beam_search(model, frozen, ids, mask, prompt, max_length=max_length,
                                 placement=placement, num_beams=num_beams,
-                                repetition_penalty=repetition_penalty)
+                                repetition_penalty=repetition_penalty, early_stopping=early_stopping)
   return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
 
 
@@ -217,7 +243,7 @@ def make_predict(config, model, frozen_params, mesh, train_split):
   decoding = resolve_decoding(d.decoding, train_split.task)
   if decoding in ("greedy", "beam"):
     generate = _generator(model.config, decoding, d.max_decode_len, placement, d.num_beams,
-                          float(d.repetition_penalty))
+                          float(d.repetition_penalty), bool(d.early_stopping))
   elif decoding == "rank":
     candidates = decode.label_candidates(train_split)
 
@@ -243,7 +269,8 @@ def run_downstream(config, workdir, model, frozen_params, tokenizer, target_data
   spec = batching.TextSpec(config.data.max_input_len, d.max_target_len, config.data.input_template)
   optimizer, grid_step = grid_trainer(model.config, config.prompt.placement, d.optimizer, mesh)
   grid = adapt.GridConfig(tuple(d.lrs), d.batch_size, d.num_steps, d.eval_every, d.eval_batch_size,
-                          d.optimizer, config.seed)
+                          d.optimizer, config.seed, max_epochs=d.max_epochs,
+                          step0_candidate=d.step0_candidate, test_prompt=d.test_prompt)
   summaries = []
   for task, data in target_data.items():
     task_dir = os.path.join(workdir, out_subdir, task)
@@ -286,7 +313,8 @@ def run(config, workdir: str) -> dict | None:
   # Read and validate everything the stages need before loading the model or compiling anything.
   source_data = read_tasks(data_dir, setting.source if do_upstream else (), config.seeds, ("train", "dev"))
   target_data = read_tasks(data_dir, targets if do_downstream else (), config.seeds,
-                           ("train", "dev", "test"))
+                           ("train", "dev", "test"), keep_empty_answers=("dev", "test"))
+  check_scorable(target_data)
   source_runs = read_tasks(data_dir, setting.source if prompt_tunes_sources(config) else (), config.seeds,
                            ("train", "dev", "test"))
   init_prompt = None

@@ -27,9 +27,10 @@ OUT/gpu_<date>.json and OUT/gpu_<date>.md. In order:
                the fewest chunks of runs that fit (mpt_jax/chunking.py). Target: per run >= 5x the
                reference's PT step.
  grid_bucketed the same at the realistic bucket.
- dev_eval      one dev evaluation of the 20 runs (beam search, 4 beams, penalty 2.5, up to 127 tokens,
-               32 examples per run, bucketed input, bf16, scanned); random weights rarely emit EOS, so
-               this is the worst case (every beam runs to 127 tokens). Its share at one per 50 steps.
+ dev_eval      one dev evaluation of the 20 runs (the study's beam search: 4 beams, penalty 2.5, early
+               stopping; up to 127 tokens, 32 examples per run, bucketed input, bf16, scanned); random
+               weights rarely emit EOS, so this is the worst case (every beam runs to 127 tokens). Its
+               share at one per 50 steps.
  grid_dots     the padded grid with remat policy "dots" (matmul outputs kept).
  grid_cudnn    the padded grid with cuDNN fused attention (jax.nn.dot_product_attention).
  maml_bf16     the scanned MAML step with bf16 weights.
@@ -413,7 +414,8 @@ def dev_eval(table: Table, entry: dict) -> None:
     st["bf16_stacked"] = cast_params(st["stacked"], "bfloat16")
   length = table.scale["decode_length"]
   generate = jax.jit(jax.vmap(lambda frozen, prompt, ids, mask: decode.beam_search(
-      model, frozen, ids, mask, prompt, max_length=length, num_beams=4, repetition_penalty=2.5),
+      model, frozen, ids, mask, prompt, max_length=length, num_beams=4, repetition_penalty=2.5,
+      early_stopping=True),
       in_axes=(None, 0, 0, 0)))
   chunks = chunking.RunChunks(generate, (None, 0, 0, 0),
                               budget_bytes=chunking.device_memory_budget() or 2**62, name="dev decoding")

@@ -2,15 +2,18 @@ r"""The offline mini-study: all five methods on the WordNet gym's settings, with
 here (assets/small_t5), 5 seeds per target task (preset `mini`, see mpt_jax/config.py).
 
   python experiments/mini_study.py [--workdir=runs/mini_study] \
-      [--settings=wn_cls2cls,wn_nocls2cls] [--preset=mini] [--set key=value ...]
+      [--settings=wn_cls2cls,wn_nocls2cls,wn_both2cls,wn_nocls2nocls] [--preset=mini] [--set key=value ...]
 
 Each setting is `experiments/run_setting.py --preset=<preset>`; the study's tables land in
 <workdir>/<setting>/comparison_<setting>.{md,csv,json,png} and the wall time of each setting in
 <workdir>/timings.json. Resumable: run it again to continue (finished stages and tasks are kept).
 
 PT does not depend on the source tasks: its config differs between settings only in the setting's name.
-So a setting whose target tasks were already prompt-tuned by an earlier setting of this study reuses
-those PT runs (copied, and said so in the log) instead of computing the same numbers again.
+So a task already prompt-tuned by an earlier setting of this study (as a target, or as a source for the
+similarity analysis) reuses those PT runs (copied, and said so in the log) instead of computing the same
+numbers again. With the preset's `downstream.prompt_tune_sources`, PT also prompt-tunes every source task,
+and the study ends with the task-similarity analysis (mpt_jax/analysis.py) over all its settings, in
+<workdir>/analysis/.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/mini_study", "Output directory.")
-_SETTINGS = flags.DEFINE_list("settings", ["wn_cls2cls", "wn_nocls2cls"], "WordNet gym settings.")
+_SETTINGS = flags.DEFINE_list("settings", ["wn_cls2cls", "wn_nocls2cls", "wn_both2cls", "wn_nocls2nocls"],
+                              "WordNet gym settings.")
 _PRESET = flags.DEFINE_string("preset", "mini", "Config preset (mini; demo for a quick look).")
 _SET = flags.DEFINE_multi_string("set", [], "key=value config override for every method and setting.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only (re)write the downstream loss tables.")
@@ -35,19 +39,30 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only (re)write the downs
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def share_pt_runs(workdir: str, setting: str, earlier: list[str]) -> list[str]:
-  """Copies finished PT target-task runs of earlier settings into this setting's PT directory."""
+def finished_pt_runs(workdir: str, settings: list[str]) -> dict[str, str]:
+  """{task: directory} of every finished PT grid (target or source) of the given settings."""
+  found = {}
+  for other in settings:
+    for kind in ("downstream", "sources"):
+      parent = os.path.join(workdir, other, "pt", kind)
+      for task in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
+        if os.path.exists(os.path.join(parent, task, "results.json")):
+          found.setdefault(task, os.path.join(parent, task))
+  return found
+
+
+def share_pt_runs(workdir: str, setting: str, earlier: list[str], targets, sources=()) -> list[str]:
+  """Copies finished PT grids of earlier settings to where this setting's PT run needs them: a target
+  task's into pt/downstream/, a source task's into pt/sources/ (the same computation either way: the
+  same grid from the task's own name)."""
+  found = finished_pt_runs(workdir, earlier)
   copied = []
-  target = os.path.join(workdir, setting, "pt", "downstream")
-  for other in earlier:
-    source = os.path.join(workdir, other, "pt", "downstream")
-    if not os.path.isdir(source):
-      continue
-    for task in sorted(os.listdir(source)):
-      done = os.path.join(source, task, "results.json")
-      if os.path.exists(done) and not os.path.exists(os.path.join(target, task, "results.json")):
-        shutil.copytree(os.path.join(source, task), os.path.join(target, task), dirs_exist_ok=True)
-        copied.append(f"{task} (from {other})")
+  for kind, tasks in (("downstream", targets), ("sources", sources)):
+    for task in tasks:
+      destination = os.path.join(workdir, setting, "pt", kind, task)
+      if task in found and not os.path.exists(os.path.join(destination, "results.json")):
+        shutil.copytree(found[task], destination, dirs_exist_ok=True)
+        copied.append(f"{task} (from {os.path.relpath(found[task], workdir)})")
   return copied
 
 
@@ -102,9 +117,8 @@ def main(argv) -> None:
   timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
   done = []
   for setting in _SETTINGS.value:
-    targets = set(settings_lib.get_setting(setting).target)
-    same_targets = [s for s in done if set(settings_lib.get_setting(s).target) & targets]
-    copied = share_pt_runs(_WORKDIR.value, setting, same_targets)
+    resolved = settings_lib.get_setting(setting)  # an unknown name fails here, before any compute
+    copied = share_pt_runs(_WORKDIR.value, setting, done, resolved.target, resolved.source)
     if copied:
       print(f"{setting}: PT reuses the runs of {', '.join(copied)}", flush=True)
     start = time.time()
@@ -118,6 +132,19 @@ def main(argv) -> None:
     print(f"{setting}: {minutes:.1f} min", flush=True)
     write_loss_table(_WORKDIR.value, setting)
     done.append(setting)
+  similarity_analysis(_WORKDIR.value, done)
+
+
+def similarity_analysis(workdir: str, settings: list[str]) -> None:
+  """Task similarity vs gain over PT (mpt_jax.analysis), when the PT runs prompt-tuned the sources."""
+  from mpt_jax import analysis
+
+  dirs = [os.path.join(workdir, s) for s in settings]
+  if not all(os.path.isdir(os.path.join(d, "pt", "sources")) for d in dirs):
+    print("no source-task PT runs (downstream.prompt_tune_sources off): similarity analysis skipped")
+    return
+  paths = analysis.write_report(analysis.analyze(dirs), os.path.join(workdir, "analysis"))
+  print(open(paths["md"], encoding="utf-8").read(), flush=True)
 
 
 if __name__ == "__main__":

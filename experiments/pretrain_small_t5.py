@@ -27,12 +27,13 @@ steps; a killed run resumes from there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import pickle
 import re
-import shutil
 import sys
 import time
 import zlib
@@ -68,11 +69,18 @@ def _sentence(text: str) -> str:
   return text if text[-1:] in ".!?" else text + "."
 
 
-def synset_document(synset: wn.Synset, synsets: dict) -> str:
-  """One short English document about a synset: its definition, examples and relations as sentences."""
+def synset_document(synset: wn.Synset, synsets: dict, categories: bool = True) -> str:
+  """One short English document about a synset: its definition, examples and relations as sentences.
+
+  categories: head a noun or verb with its WordNet lexicographer category, as a dictionary's field
+  label ("Temple orange (noun, plant): ..."), the way a large corpus states somewhere that a temple
+  orange is a plant; the tree of "is a kind of" sentences alone leaves it many hops away.
+  """
   word = synset.lemmas[0]
   pos = wn.POS_NAMES[synset.pos]
-  parts = [f"{_capitalize(word)} ({pos}): {_sentence(synset.definition)}"]
+  category = synset.lexname.split(".", 1)[1]
+  label = f"{pos}, {category}" if categories and synset.pos in "nv" and category != "Tops" else pos
+  parts = [f"{_capitalize(word)} ({label}): {_sentence(synset.definition)}"]
   parts += [_sentence(_capitalize(example)) for example in synset.examples]
   if len(synset.lemmas) > 1:
     parts.append(f"{_capitalize(word)} means the same as {' or '.join(synset.lemmas[1:4])}.")
@@ -93,12 +101,12 @@ def is_heldout(synset: wn.Synset) -> bool:
   return zlib.crc32(f"{synset.key[0]}{synset.key[1]}".encode()) % 100 < HELDOUT_PERCENT
 
 
-def build_corpus(wordnet_dir: str | None) -> tuple[list[str], list[str]]:
+def build_corpus(wordnet_dir: str | None, categories: bool = True) -> tuple[list[str], list[str]]:
   """(train documents, held-out documents), one per synset, in database order."""
   synsets = wn.load_wordnet(wordnet_dir)
   train, heldout = [], []
   for synset in synsets.values():
-    (heldout if is_heldout(synset) else train).append(synset_document(synset, synsets))
+    (heldout if is_heldout(synset) else train).append(synset_document(synset, synsets, categories))
   return train, heldout
 
 
@@ -148,7 +156,18 @@ def make_stream(objective: str, doc_ids: list[np.ndarray], chunk_len: int, seed:
   return (DocumentStream if objective == "prefix_lm" else ChunkStream)(doc_ids, chunk_len, seed)
 
 
+def make_streams(objective: str, doc_ids: list[np.ndarray], chunk_len: int, seed: int) -> dict:
+  """{objective: stream} of the objectives a training run draws from."""
+  names = OBJECTIVES if objective == "mixture" else (objective,)
+  return {name: make_stream(name, doc_ids, chunk_len, seed) for name in names}
+
+
 OBJECTIVES = ("span_corruption", "prefix_lm")
+# "mixture": every batch holds both objectives (--span_fraction of its rows span corruption), as
+# UL2-style mixtures do, so that the decoder keeps learning to read its input while the model learns to
+# continue plain text (span corruption alone never produces plain text; prefix LM alone lets a small
+# decoder get by as an unconditional LM).
+TRAIN_OBJECTIVES = OBJECTIVES + ("mixture",)
 
 
 PREFIX_LM_MAX_TARGET = 24  # target tokens of a prefix-LM example at most (the gym's labels: 1-7 tokens)
@@ -176,6 +195,31 @@ def train_batch(stream: ChunkStream, step: int, batch_size: int, sentinel_start:
   return objective_batch(objective, chunks, rng, sentinel_start, stream.chunk_len)
 
 
+def mixed_batch(streams: dict, step: int, batch_size: int, sentinel_start: int,
+                span_fraction: float) -> dict:
+  """One batch of both objectives: the first round(span_fraction * batch_size) rows span corruption,
+  the rest prefix LM, padded to common lengths (each stream advances by its own rows per step)."""
+  num_span = int(round(span_fraction * batch_size))
+  parts = [(name, n) for name, n in (("span_corruption", num_span), ("prefix_lm", batch_size - num_span))
+           if n]
+  batches = [train_batch(streams[name], step, n, sentinel_start, name) for name, n in parts]
+  input_len = max(b["input_ids"].shape[1] for b in batches)
+  target_len = max(b["target_ids"].shape[1] for b in batches)
+
+  def pad_to(x, width):
+    return np.pad(x, ((0, 0), (0, width - x.shape[1])))
+
+  return {key: np.concatenate([pad_to(b[key], input_len if key.startswith("input") else target_len)
+                               for b in batches]) for key in batches[0]}
+
+
+def step_batch(streams: dict, step: int, args, sentinel_start: int) -> dict:
+  """The training batch of `step` for the run's objective (a pure function of seed and step)."""
+  if args.objective == "mixture":
+    return mixed_batch(streams, step, args.batch_size, sentinel_start, args.span_fraction)
+  return train_batch(streams[args.objective], step, args.batch_size, sentinel_start, args.objective)
+
+
 def heldout_batches(doc_ids: list[np.ndarray], chunk_len: int, batch_size: int, num_batches: int,
                     sentinel_start: int, seed: int, objective: str = "span_corruption") -> list[dict]:
   """Fixed batches of held-out text (same noise and cuts every evaluation)."""
@@ -199,11 +243,12 @@ def make_config(args, vocab_size: int):
   from mpt_jax.model.t5 import T5Config
   return T5Config(
       vocab_size=vocab_size, d_model=args.d_model, d_kv=args.d_model // args.num_heads, d_ff=args.d_ff,
-      num_layers=args.num_layers, num_decoder_layers=args.num_layers, num_heads=args.num_heads,
+      num_layers=args.num_layers, num_decoder_layers=args.num_decoder_layers or args.num_layers,
+      num_heads=args.num_heads,
       relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
       layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
       scale_decoder_outputs=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-      dtype="float32", remat=False)
+      dtype=args.compute_dtype, remat=False)
 
 
 def make_optimizer(args):
@@ -294,35 +339,12 @@ def load_state(path: Path):
     return pickle.load(f)
 
 
-def hf_state_dict(params) -> dict[str, np.ndarray]:
-  """Our param tree under HF T5 names (encoder/block_0/.../q/kernel -> encoder.block.0....q.weight)."""
-  state = {}
-  for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = [entry.key for entry in path]
-    value = np.asarray(value, np.float32)
-    if names[-1] == "kernel":  # flax Dense kernels are [in, out]; torch Linear weights are [out, in]
-      value = value.T
-    name = re.sub(r"(block|layer)_(\d+)", r"\1.\2", ".".join(names[:-1] + ["weight"]))
-    state[name] = np.ascontiguousarray(value)
-  return state
+def save_hf(out_dir: Path, config, params, tokenizer, dtype: str = "float32") -> None:
+  """config.json + model.safetensors (weights in `dtype`) + spiece.model, loadable by load_pretrained."""
+  from mpt_jax.model.hf import save_checkpoint
 
-
-def save_hf(out_dir: Path, config, params, tokenizer) -> None:
-  """config.json + model.safetensors + spiece.model, through mpt_jax.model.hf when it has the saver."""
-  params = jax.device_get(params)
-  try:
-    from mpt_jax.model.hf import save_checkpoint
-  except ImportError:
-    save_checkpoint = None
-  if save_checkpoint is not None:
-    save_checkpoint(out_dir, config, params, tokenizer)
-    return
-  from safetensors.numpy import save_file
-  print("mpt_jax.model.hf.save_checkpoint is missing: writing the HF layout here", flush=True)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  save_file(hf_state_dict(params), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-  (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-  tokenizer.save_pretrained(str(out_dir))
+  save_checkpoint(out_dir, dataclasses.replace(config, dtype="float32"), jax.device_get(params),
+                  tokenizer, dtype=dtype)
 
 
 def training_phases(log: dict) -> list[dict]:
@@ -388,14 +410,29 @@ def parse_args(argv=None):
   p.add_argument("--out_dir", default="runs/small_t5_smoke/model")
   p.add_argument("--work_dir", default="runs/small_t5_smoke/work")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--categories", action=argparse.BooleanOptionalAction, default=True,
+                 help="head noun and verb documents with their lexicographer category (the model shipped "
+                      "before 2026-11-29 was trained with --no-categories)")
   p.add_argument("--vocab_size", type=int, default=8000, help="SentencePiece pieces (+100 sentinels)")
   p.add_argument("--d_model", type=int, default=128)
   p.add_argument("--d_ff", type=int, default=512)
   p.add_argument("--num_heads", type=int, default=4)
-  p.add_argument("--num_layers", type=int, default=4, help="encoder layers = decoder layers")
-  p.add_argument("--objective", choices=OBJECTIVES, default="span_corruption",
+  p.add_argument("--num_layers", type=int, default=4, help="encoder layers (and decoder layers unless "
+                 "--num_decoder_layers is given)")
+  p.add_argument("--num_decoder_layers", type=int, default=0,
+                 help="decoder layers; 0: as many as --num_layers")
+  p.add_argument("--objective", choices=TRAIN_OBJECTIVES, default="span_corruption",
                  help="span_corruption (T5's pretraining), then prefix_lm (the LM adaptation of the "
-                      "t5-*-lm-adapt checkpoints) in a resumed second phase")
+                      "t5-*-lm-adapt checkpoints) in a resumed second phase; mixture: both in every batch")
+  p.add_argument("--span_fraction", type=float, default=0.5,
+                 help="mixture: the fraction of each batch that is span corruption")
+  p.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="matmul dtype (bfloat16 on a GPU/TPU; params and optimizer stay float32)")
+  p.add_argument("--save_dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="dtype of the saved model.safetensors")
+  p.add_argument("--export_every", type=int, default=0,
+                 help="also write the model in the HF layout to work_dir/export every this many steps "
+                      "(to diagnose it while training goes on); 0: never")
   p.add_argument("--phase_start", type=int, default=0,
                  help="the step where this phase's learning-rate schedule (warm-up, cosine) starts")
   p.add_argument("--chunk_len", type=int, default=128, help="raw tokens per training example")
@@ -435,12 +472,14 @@ def main(argv=None) -> None:
   print(f"args: {vars(args)}", flush=True)
 
   # -- corpus and vocabulary
-  train_docs, heldout_docs = build_corpus(args.wordnet_dir)
+  train_docs, heldout_docs = build_corpus(args.wordnet_dir, args.categories)
   print(f"corpus: {len(train_docs)} train / {len(heldout_docs)} held-out documents, "
         f"{sum(len(d.split()) for d in train_docs)} train words", flush=True)
   tok_dir = work_dir / "tokenizer"
   tok_stamp = tok_dir / "trained_with.json"  # reuse a trained vocabulary only for the same settings
-  tok_settings = json.dumps({"vocab_size": args.vocab_size, "documents": len(train_docs)})
+  corpus_hash = hashlib.sha256("\n".join(train_docs).encode("utf-8")).hexdigest()[:16]
+  tok_settings = json.dumps({"vocab_size": args.vocab_size, "documents": len(train_docs),
+                             "corpus_sha256": corpus_hash})
   if not tok_stamp.is_file() or tok_stamp.read_text() != tok_settings:
     tokenizer_lib.train_sentencepiece(train_docs, tok_dir, args.vocab_size)
     tok_stamp.write_text(tok_settings)
@@ -455,8 +494,9 @@ def main(argv=None) -> None:
     assert tokenizer(doc)["input_ids"][:-1] == sp.encode(doc), doc
   train_ids = [np.asarray(x, np.int32) for x in sp.encode(train_docs)]
   heldout_ids = [np.asarray(x, np.int32) for x in sp.encode(heldout_docs)]
-  stream = make_stream(args.objective, train_ids, args.chunk_len, args.seed)
-  print(f"tokens: {sum(map(len, train_ids))} train ({stream.num_chunks} examples of <= {args.chunk_len}), "
+  streams = make_streams(args.objective, train_ids, args.chunk_len, args.seed)
+  examples = ", ".join(f"{s.num_chunks} {name} examples" for name, s in streams.items())
+  print(f"tokens: {sum(map(len, train_ids))} train ({examples} of <= {args.chunk_len}), "
         f"{sum(map(len, heldout_ids))} held-out; vocab {len(tokenizer)}", flush=True)
   # Fixed whatever the training batch shape, so that curves stay comparable across resumes.
   heldout = {objective: heldout_batches(heldout_ids, args.heldout_chunk_len, HELDOUT_BATCH_SIZE,
@@ -467,7 +507,7 @@ def main(argv=None) -> None:
   from mpt_jax.model.t5 import T5
   config = make_config(args, vocab_size=int(math.ceil(len(tokenizer) / 64) * 64))
   model = T5(config)
-  example = train_batch(stream, 0, 2, sentinel_start, args.objective)
+  example = step_batch(streams, 0, argparse.Namespace(**{**vars(args), "batch_size": 2}), sentinel_start)
   init_rng, head_rng = jax.random.split(jax.random.PRNGKey(args.seed))
   params = model.init(init_rng, example["input_ids"], example["input_mask"],
                       example["target_ids"])["params"]
@@ -513,7 +553,7 @@ def main(argv=None) -> None:
   t_train, window = time.time(), []
   step = start_step
   for step in range(start_step, args.steps):
-    batch = train_batch(stream, step, args.batch_size, sentinel_start, args.objective)
+    batch = step_batch(streams, step, args, sentinel_start)
     params, opt_state, loss, grad_norm = train_step(params, opt_state, batch)
     window.append(float(loss))
     if not np.isfinite(window[-1]):
@@ -531,15 +571,16 @@ def main(argv=None) -> None:
       log["wall_s"] = wall_before + time.time() - t_start
       log["steps_done"] = done
       save_state(state_path, done, params, opt_state, log)
+    if args.export_every and (done % args.export_every == 0 or done == args.steps):
+      save_hf(work_dir / "export", config, params, tok_dir, args.save_dtype)
+      (work_dir / "export" / "step.txt").write_text(f"{done}\n")
     if out_of_time:
       print(f"time budget of {args.time_budget_min} min reached at step {done}: stopping", flush=True)
       log["stopped_by_time_budget"] = True
       break
 
   # -- save the model in the HF layout, with the log, held-out text and the WordNet license
-  save_hf(out_dir, config, params, tokenizer)
-  # transformers 5's tokenizer saves tokenizer.json only; our loader wants the SentencePiece model.
-  shutil.copyfile(tok_dir / tokenizer_lib.SPIECE, out_dir / tokenizer_lib.SPIECE)
+  save_hf(out_dir, config, params, tok_dir, args.save_dtype)
   (out_dir / HELDOUT_FILE).write_text("\n".join(heldout_docs[:64]) + "\n")
   (out_dir / "WORDNET_LICENSE.txt").write_text(wn.WORDNET_LICENSE)
 

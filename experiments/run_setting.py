@@ -76,7 +76,9 @@ def main(argv) -> None:
     summary = pipeline.run(config, os.path.join(workdir, method))
     if summary is not None:
       summaries.append(summary)
-  comparison = results.compare_methods(summaries)
+  first = next(iter(configs))
+  chance = pipeline.target_baselines(configs[first], os.path.join(workdir, first))
+  comparison = results.compare_methods(summaries, baselines=chance)
   paths = results.write_comparison(comparison, workdir)
   print(open(paths["md"], encoding="utf-8").read())
   print(f"written: {', '.join(paths.values())}")

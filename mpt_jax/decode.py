@@ -145,13 +145,15 @@ def _reorder_self_attention(cache, rows):
           for layer in cache]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_length", "placement", "num_beams"))
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "placement", "num_beams",
+                                             "early_stopping"))
 def beam_search(model: T5, frozen_params, input_ids, input_mask, prompt=None, *, max_length: int,
                 placement: str = "prepend", num_beams: int = 4, repetition_penalty: float = 1.0,
-                length_penalty: float = 1.0, eos_token_id=None):
+                length_penalty: float = 1.0, early_stopping: bool | str = False, eos_token_id=None):
   """The best beam's tokens [B, max_length] int32 (without the start token, up to and including EOS,
   then padding), as transformers' `generate(num_beams=, repetition_penalty=, length_penalty=,
-  do_sample=False, early_stopping=False)` finds them (its beam search of 5.x; tested against 5.24).
+  early_stopping=, do_sample=False)` finds them (its beam search of 5.x; tested against 5.24). The
+  study decoded with `early_stopping=True`, 4 beams and a repetition penalty of 2.5.
 
   That algorithm, step by step (each example independently):
     scores: sum of the log-softmax of each step (after the repetition penalty, see
@@ -161,10 +163,16 @@ def beam_search(model: T5, frozen_params, input_ids, input_mask, prompt=None, *,
     finished: a stopping candidate among the top num_beams candidates (not the 2nd half) joins the
       num_beams best finished hypotheses with score sum / length ** length_penalty, where length
       counts the generated tokens, EOS included, not the start token;
-    stop (early_stopping=False heuristic): once an example holds num_beams finished hypotheses and
-      the best running beam's score divided by the current length ** length_penalty is not above the
-      worst of them, nothing more is added for it; the loop ends when that holds for every example
-      or at max_length.
+    stop, per example: nothing more is added to its finished hypotheses once
+      early_stopping=True: it holds num_beams of them ("full"; the rule of transformers 4.x's
+        `BeamHypotheses.is_done` too, which the study ran);
+      early_stopping=False: it is full and the best running beam's score divided by the current
+        length ** length_penalty is not above the worst of them (a heuristic: scores could still
+        rise with a length penalty above 0);
+      early_stopping="never": as False, but with a positive length_penalty the best running beam is
+        scored at max_length (the most its score can become), so only a beam that cannot win stops;
+    the loop ends when that holds for every example (True: every example is full, or cannot improve),
+    when every candidate stopped, or at max_length.
 
   max_length counts generated tokens, like `greedy_decode` and transformers' `max_new_tokens`: it is
   transformers' `max_length` minus one (theirs counts the decoder start token), so the study's
@@ -176,6 +184,8 @@ def beam_search(model: T5, frozen_params, input_ids, input_mask, prompt=None, *,
   """
   if num_beams < 1:
     raise ValueError(f"beam_search: num_beams={num_beams}; expected at least 1")
+  if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
+    raise ValueError(f"beam_search: early_stopping={early_stopping!r}; expected True, False or 'never'")
   config = model.config
   eos = config.eos_token_id if eos_token_id is None else eos_token_id
   batch = input_ids.shape[0]
@@ -202,8 +212,11 @@ def beam_search(model: T5, frozen_params, input_ids, input_mask, prompt=None, *,
     return jnp.asarray(length, jnp.float32) ** length_penalty
 
   def not_finished(carry):
-    index, _, _, _, _, _, can_improve, _, all_stopped, _ = carry
-    return (index < max_length) & jnp.any(can_improve) & ~all_stopped
+    index, _, _, _, _, is_finished, can_improve, _, all_stopped, _ = carry
+    going = (index < max_length) & jnp.any(can_improve) & ~all_stopped
+    if early_stopping is True:  # transformers: done once every example of the batch is full
+      going = going & ~jnp.all(is_finished)
+    return going
 
   def step(carry):
     (index, running_sequences, running_scores, finished_sequences, finished_scores, is_finished,
@@ -235,6 +248,8 @@ def beam_search(model: T5, frozen_params, input_ids, input_mask, prompt=None, *,
     # Finished hypotheses: merge the stopping candidates of the top half into the best K so far.
     just_finished = stops & is_top_half
     new_scores = candidate_scores / length_normalizer(index + 1)
+    if early_stopping is True:  # a full example takes no more hypotheses
+      new_scores = new_scores + jnp.where(jnp.all(is_finished, axis=1)[:, None], _EXCLUDED, 0.0)
     new_scores = new_scores + jnp.where(can_improve[:, None], 0.0, _EXCLUDED)
     new_scores = new_scores + jnp.where(just_finished, 0.0, _EXCLUDED)
     merged_scores = jnp.concatenate([finished_scores, new_scores], axis=1)
@@ -247,9 +262,13 @@ def beam_search(model: T5, frozen_params, input_ids, input_mask, prompt=None, *,
     cache = _reorder_self_attention(cache, (example_offset + source_beams).reshape(-1))
     tokens = running_sequences[:, :, index].reshape(-1)
 
-    # early_stopping=False: can the best running beam, scored at its current length, still beat the
-    # worst finished hypothesis? (Only asked once all K finished slots are filled.)
-    best_possible = running_scores[:, 0] / length_normalizer(index + 1)
+    # Can the best running beam, scored at its current length ("never" with a positive length penalty:
+    # at max_length), still beat the worst finished hypothesis? (Only asked once all K slots are filled;
+    # with early_stopping=True a full example is already closed above.)
+    best_length = index + 1
+    if early_stopping == "never":
+      best_length = jnp.where(length_penalty > 0, max_length, best_length)
+    best_possible = running_scores[:, 0] / length_normalizer(best_length)
     worst_finished = jnp.min(finished_scores, axis=1)
     all_filled = jnp.all(is_finished, axis=1)
     can_improve = can_improve & (~all_filled | (best_possible > worst_finished))

@@ -201,6 +201,7 @@ _CORPUS_LEVEL = {
     MATTHEW_CORRELATION: matthews_correlation,
     PEARSON_CORRELATION: pearson_correlation,
 }
+FIRST_GOLD_METRICS = tuple(_CORPUS_LEVEL)  # they need a gold in every example
 
 
 # ---------------------------------------------------------------------------------------------------

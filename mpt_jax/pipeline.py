@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mpt_jax import (adapt, algorithms, chunking, compilation, decode, gyms, optim, parallel,
-                     prompt as prompt_lib, results, train)
+from mpt_jax import (adapt, algorithms, baselines, chunking, compilation, decode, gyms, metrics, optim,
+                     parallel, prompt as prompt_lib, results, train)
 from mpt_jax.data import batching, crossfit, settings as settings_lib
 from mpt_jax.model import hf
 from mpt_jax.model.t5 import T5
@@ -63,10 +63,42 @@ def load_model(config):
 
 # --- 2. check --------------------------------------------------------------------------------------------
 
-def read_tasks(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], splits: Sequence[str]):
+def read_tasks(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], splits: Sequence[str],
+               keep_empty_answers: Sequence[str] = ()):
+  """The tasks' files, checked. Lines without an answer are dropped except in `keep_empty_answers`: the
+  reference dropped them upstream and kept them in the target tasks' dev and test files (scored 0)."""
   if not tasks:
     return {}
-  return crossfit.read_crossfit(data_dir, list(dict.fromkeys(tasks)), seeds, splits)
+  return crossfit.read_crossfit(data_dir, list(dict.fromkeys(tasks)), seeds, splits,
+                                keep_empty_answers=keep_empty_answers)
+
+
+def check_scorable(target_data) -> None:
+  """A metric of the first gold (Classification-F1, Matthew- and Pearson-Correlation) cannot score an
+  example without an answer (the reference's scorer failed on it too): refuse before any compute."""
+  unscorable = []
+  for task, data in target_data.items():
+    metric = settings_lib.metric_for_task(task)
+    if metric not in metrics.FIRST_GOLD_METRICS:
+      continue
+    for split in data.splits.values():
+      count = sum(not golds for golds in split.answers)
+      if count:
+        unscorable.append(f"  {split.path}: {count} line(s) without an answer ({metric})")
+  if unscorable:
+    raise ValueError("these target files have lines without an answer, which their metric (of the "
+                     "first gold) cannot score; give them an answer or remove them:\n"
+                     + "\n".join(unscorable))
+
+
+def target_baselines(config, workdir: str) -> dict[str, dict[str, float]]:
+  """{target task: {"constant": x, "random": y}}: the chance levels of the run's target tasks under
+  their metrics, from the same train and test files the methods use (mpt_jax.baselines)."""
+  setting = resolve_setting(config)
+  targets = list(config.downstream.tasks) or list(setting.target)
+  data = read_tasks(resolve_data_dir(config, workdir), targets, config.seeds, ("train", "test"),
+                    keep_empty_answers=("test",))
+  return baselines.setting_baselines(data, config.seeds)
 
 
 def needed_stages(config) -> tuple[bool, bool]:
@@ -76,6 +108,13 @@ def needed_stages(config) -> tuple[bool, bool]:
     raise ValueError(f"config.stages: unknown stage(s) {sorted(unknown)}; use upstream and/or downstream")
   upstream = "upstream" in stages and config.method in UPSTREAM_METHODS and not config.init_prompt
   return upstream, "downstream" in stages
+
+
+def prompt_tunes_sources(config) -> bool:
+  """PT runs the downstream grid on the source tasks too (task embeddings for mpt_jax.analysis); the
+  other methods leave that to PT (a study sets the switch for every method at once)."""
+  return (bool(config.downstream.prompt_tune_sources) and config.method == "pt"
+          and "downstream" in config.stages)
 
 
 # --- 3. upstream -----------------------------------------------------------------------------------------
@@ -106,6 +145,9 @@ def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], 
   p = config.prompt
   embedding = prompt_lib.token_embedding(frozen_params)
   if p.init == "task_names":
+    if len(task_names) > p.length:
+      logging.info("prompt init: %d task names for %d prompt rows: the first %d fill it (as the reference)",
+                   len(task_names), p.length, p.length)
     init = prompt_lib.task_names(embedding, tokenizer, task_names, num_candidates=p.vocab_top_k)
   elif p.init == "vocab":
     init = prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer, num_candidates=p.vocab_top_k)
@@ -187,7 +229,7 @@ def _runs_in_chunks(generate, mesh, budget_bytes: int | None):
 
 @functools.lru_cache(maxsize=None)
 def _generator(model_config, decoding: str, max_length: int, placement: str, num_beams: int,
-               repetition_penalty: float, mesh, budget_bytes: int | None):
+               repetition_penalty: float, early_stopping: bool, mesh, budget_bytes: int | None):
   """generate(frozen, prompts [R, P, D], ids [R, B, L], mask) -> tokens [R, B, T], jitted once."""
   model = T5(model_config)
   if decoding == "greedy":  # all runs' rows in one decoding loop (see decode.greedy_decode_runs)
@@ -197,9 +239,20 @@ def _generator(model_config, decoding: str, max_length: int, placement: str, num
     def one(frozen, prompt, ids, mask):
       return decode.beam_search(model, frozen, ids, mask, prompt, max_length=max_length,
                                 placement=placement, num_beams=num_beams,
-                                repetition_penalty=repetition_penalty)
+                                repetition_penalty=repetition_penalty, early_stopping=early_stopping)
     generate = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
   return _runs_in_chunks(generate, mesh, budget_bytes)
+
+
+CLASSIFICATION_METRICS = (metrics.ACC, metrics.CLASSIFICATION_F1, metrics.MATTHEW_CORRELATION)
+
+
+def resolve_decoding(decoding: str, task: str) -> str:
+  """The decoding of `task`: "auto" is rank classification for a task scored by a classification
+  metric (its answers are a fixed label set) and greedy generation for any other (free-form answers)."""
+  if decoding != "auto":
+    return decoding
+  return "rank" if settings_lib.metric_for_task(task) in CLASSIFICATION_METRICS else "greedy"
 
 
 def make_predict(config, model, frozen_params, mesh, train_split):
@@ -207,10 +260,12 @@ def make_predict(config, model, frozen_params, mesh, train_split):
   (rank classification scores the labels of `train_split`)."""
   d = config.downstream
   placement = config.prompt.placement
-  if d.decoding in ("greedy", "beam"):
-    generate = _generator(model.config, d.decoding, d.max_decode_len, placement, d.num_beams,
-                          float(d.repetition_penalty), mesh, memory_budget_bytes(config))
-  elif d.decoding == "rank":
+  decoding = resolve_decoding(d.decoding, train_split.task)
+  if decoding in ("greedy", "beam"):
+    generate = _generator(model.config, decoding, d.max_decode_len, placement, d.num_beams,
+                          float(d.repetition_penalty), bool(d.early_stopping), mesh,
+                          memory_budget_bytes(config))
+  elif decoding == "rank":
     candidates = decode.label_candidates(train_split)
 
     def one(frozen, prompt, ids, mask):
@@ -219,7 +274,7 @@ def make_predict(config, model, frozen_params, mesh, train_split):
     generate = _runs_in_chunks(jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0))), mesh,
                                memory_budget_bytes(config))
   else:
-    raise ValueError(f"config.downstream.decoding={d.decoding!r}: expected greedy, beam or rank")
+    raise ValueError(f"config.downstream.decoding={d.decoding!r}: expected greedy, beam, rank or auto")
 
   def predict(prompts, batch):
     ids, mask = batch["input_ids"], batch["input_mask"]
@@ -231,16 +286,17 @@ def make_predict(config, model, frozen_params, mesh, train_split):
 
 
 def run_downstream(config, workdir, model, frozen_params, tokenizer, target_data, init_prompt, mesh,
-                   cache_dir):
+                   cache_dir, out_subdir: str = "downstream"):
   d = config.downstream
   spec = batching.TextSpec(config.data.max_input_len, d.max_target_len, config.data.input_template)
   optimizer, grid_step = grid_trainer(model.config, config.prompt.placement, d.optimizer, mesh,
                                       memory_budget_bytes(config))
   grid = adapt.GridConfig(tuple(d.lrs), d.batch_size, d.num_steps, d.eval_every, d.eval_batch_size,
-                          d.optimizer, config.seed, length_buckets(config))
+                          d.optimizer, config.seed, length_buckets(config), max_epochs=d.max_epochs,
+                          step0_candidate=d.step0_candidate, test_prompt=d.test_prompt)
   summaries = []
   for task, data in target_data.items():
-    task_dir = os.path.join(workdir, "downstream", task)
+    task_dir = os.path.join(workdir, out_subdir, task)
     done = os.path.join(task_dir, "results.json")
     if os.path.exists(done):
       logging.info("downstream %s: results exist (%s), skipping", task, done)
@@ -280,6 +336,9 @@ def run(config, workdir: str) -> dict | None:
   # Read and validate everything the stages need before loading the model or compiling anything.
   source_data = read_tasks(data_dir, setting.source if do_upstream else (), config.seeds, ("train", "dev"))
   target_data = read_tasks(data_dir, targets if do_downstream else (), config.seeds,
+                           ("train", "dev", "test"), keep_empty_answers=("dev", "test"))
+  check_scorable(target_data)
+  source_runs = read_tasks(data_dir, setting.source if prompt_tunes_sources(config) else (), config.seeds,
                            ("train", "dev", "test"))
   init_prompt = None
   if config.init_prompt:
@@ -309,6 +368,11 @@ def run(config, workdir: str) -> dict | None:
     return None
   summaries = run_downstream(config, workdir, model, frozen_params, tokenizer, target_data, init_prompt,
                              mesh, cache_dir)
+  if source_runs:
+    logging.info("prompt-tuning the %d source tasks too (config.downstream.prompt_tune_sources)",
+                 len(source_runs))
+    run_downstream(config, workdir, model, frozen_params, tokenizer, source_runs, init_prompt, mesh,
+                   cache_dir, out_subdir="sources")
   summary = results.summarize_setting(summaries, setting=setting.name, method=config.method,
                                       pt=config.pt_results or None)
   results.write_setting_results(summary, workdir)

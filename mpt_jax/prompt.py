@@ -6,7 +6,7 @@ MAML, FoMAML, Reptile) starts from the same kind of prompt.
 
 - `task_names`: the reference study's init. Row i is the mean token embedding of the i-th task name
   ("_" and "-" read as spaces; tokens without EOS); the remaining rows are embeddings of token ids
-  sampled from the most frequent vocabulary ids.
+  sampled from the most frequent vocabulary ids. With more names than rows, the first names fill it.
 - `sampled_vocab`: every row from that frequent-vocabulary sample.
 - `uniform`: U[-scale, scale] (prompt-tuning's random-uniform init uses 0.5).
 - `label_words`: the first rows are the mean embeddings of the class label words (e.g. "positive",
@@ -93,18 +93,22 @@ def mean_token_embedding(embedding, tokenizer, text: str) -> jax.Array:
 
 
 def _rows_then_vocab(embedding, tokenizer, texts: Sequence[str], num_candidates: int,
-                     what: str) -> Initializer:
+                     what: str, keep_first: bool = False) -> Initializer:
+  """keep_first: more texts than rows fill the prompt with the first ones (else: an error)."""
   embedding = jnp.asarray(embedding, jnp.float32)
   head = jnp.stack([mean_token_embedding(embedding, tokenizer, t) for t in texts]) if texts else None
   id_range = frequent_id_range(tokenizer, num_candidates, vocab_size=embedding.shape[0])
 
   def init(rng, shape):
     _check_shape(shape, embedding)
-    if head is not None and head.shape[0] > shape[0]:
-      raise ValueError(f"{head.shape[0]} {what} do not fit a prompt of {shape[0]} rows")
-    num_head = 0 if head is None else head.shape[0]
+    rows = head
+    if rows is not None and rows.shape[0] > shape[0]:
+      if not keep_first:
+        raise ValueError(f"{rows.shape[0]} {what} do not fit a prompt of {shape[0]} rows")
+      rows = rows[:shape[0]]
+    num_head = 0 if rows is None else rows.shape[0]
     rest = _sample_rows(rng, embedding, shape[0] - num_head, id_range)
-    return rest if head is None else jnp.concatenate([head, rest], axis=0)
+    return rest if rows is None else jnp.concatenate([rows, rest], axis=0)
   return init
 
 
@@ -112,9 +116,10 @@ def task_names(embedding, tokenizer, names: Sequence[str], *,
                num_candidates: int = FREQUENT_VOCAB) -> Initializer:
   """The reference study's init: row i = mean embedding of names[i] ("_", "-" as spaces), then
   frequent-vocabulary samples. PT passes the target task's own name; upstream methods the source
-  tasks' names."""
+  tasks' names. More names than rows (the `random` setting: 114 names, 100 rows): the first names fill
+  the prompt, as the reference's `getpromptembedding` did."""
   texts = [name.replace("_", " ").replace("-", " ") for name in names]
-  return _rows_then_vocab(embedding, tokenizer, texts, num_candidates, "task names")
+  return _rows_then_vocab(embedding, tokenizer, texts, num_candidates, "task names", keep_first=True)
 
 
 def label_words(embedding, tokenizer, words: Sequence[str], *,

@@ -296,6 +296,12 @@ def _signed_pct(value: Any, digits: int) -> str:
   return f"{100 * value:+.{digits}f}%" if math.isfinite(value) else "NaN"
 
 
+def _signed_points(value: Any, digits: int) -> str:
+  """A score difference x100, in points (not a relative gain)."""
+  value = _num(value)
+  return f"{100 * value:+.{digits}f}" if math.isfinite(value) else "NaN"
+
+
 def _mean_std_cell(summary: Mapping[str, Any], digits: int) -> str:
   cell = f"{_pct(summary['mean'], digits)} ± {_pct(summary['std'], digits)}"
   n_nan = summary.get("n_nan", 0)
@@ -436,12 +442,58 @@ def write_setting_results(summary: Mapping[str, Any], out_dir: str | os.PathLike
 # ---------------------------------------------------------------------------------------------------
 # The study's comparison table: one setting, methods as columns (PT, MTL, MAML, FoMAML, Reptile).
 # ---------------------------------------------------------------------------------------------------
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def _seed_scores(task_summary: Mapping[str, Any]) -> dict[int, float]:
+  return {int(seed): _num(score) for seed, score in zip(task_summary.get("seeds", ()),
+                                                        task_summary.get("test_scores", ()))}
+
+
+def paired_comparison(method_summary: Mapping[str, Any], pt_summary: Mapping[str, Any], *,
+                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+  """A method against PT over the (task, seed) pairs both have a finite test score for.
+
+  -> {"n_pairs", "mean_difference" (method - PT, in score units), "wins", "ties", "losses",
+  "wilcoxon_p" (two-sided signed-rank test; tied pairs dropped as Wilcoxon did, 1.0 when every pair
+  ties), "bootstrap_ci95" (percentile interval of the mean difference over `resamples` resamplings of
+  the pairs, fixed seed)}. Seeds pair up because a method and PT see the same few-shot files per seed.
+  """
+  differences = []
+  for task, summary in method_summary["tasks"].items():
+    pt_task = pt_summary["tasks"].get(task)
+    if pt_task is None:
+      continue
+    pt_scores = _seed_scores(pt_task)
+    for seed_, score in _seed_scores(summary).items():
+      if seed_ in pt_scores and math.isfinite(score) and math.isfinite(pt_scores[seed_]):
+        differences.append(score - pt_scores[seed_])
+  d = np.asarray(differences, np.float64)
+  result: dict[str, Any] = {"n_pairs": int(d.size), "wins": int((d > 0).sum()), "ties": int((d == 0).sum()),
+                            "losses": int((d < 0).sum())}
+  if d.size == 0:
+    return {**result, "mean_difference": float("nan"), "wilcoxon_p": float("nan"),
+            "bootstrap_ci95": [float("nan"), float("nan")]}
+  from scipy import stats  # deferred: only the comparison needs it
+
+  nonzero = d[d != 0]
+  p_value = 1.0 if nonzero.size == 0 else float(stats.wilcoxon(nonzero).pvalue)
+  rng = np.random.default_rng(seed)
+  means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+  low, high = np.percentile(means, [2.5, 97.5])
+  return {**result, "mean_difference": float(d.mean()), "wilcoxon_p": p_value,
+          "bootstrap_ci95": [float(low), float(high)]}
+
+
 def compare_methods(summaries: Iterable[Mapping[str, Any] | str | os.PathLike],
-                    nan_policy: str = "omit") -> dict[str, Any]:
+                    nan_policy: str = "omit",
+                    baselines: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
   """Setting summaries (or their results.json paths) of several methods -> the comparison table.
 
   ARG of each method is recomputed against the PT summary among them (if any), else taken from the
-  method's own summary (computed against the PT file it was given), else absent.
+  method's own summary (computed against the PT file it was given), else absent. With PT among them,
+  "paired" holds each other method's `paired_comparison` against it. `baselines` ({task: {"constant":
+  x, "random": y}}, see mpt_jax.baselines) are stored and shown beside the methods.
   """
   _check_nan_policy(nan_policy)
   loaded = [load_results(s) if isinstance(s, (str, os.PathLike)) else s for s in summaries]
@@ -480,28 +532,59 @@ def compare_methods(summaries: Iterable[Mapping[str, Any] | str | os.PathLike],
       arg[method] = _mean(list(relative_gains(means, pt_means).values()), nan_policy)
     elif pt_means is None and "arg" in summary:
       arg[method] = _num(summary["arg"])
-  return {"setting": settings[0], "methods": methods, "tasks": tasks, "cells": cells,
-          "average": average, "n_tasks": n_tasks, "arg": arg, "arg_baseline":
-          "pt column" if pt_means is not None else "each method's own PT file",
-          "std_ddof": STD_DDOF, "nan_policy": nan_policy}
+  paired = ({m: paired_comparison(by_method[m], by_method[pt]) for m in methods if m != pt}
+            if pt is not None else {})
+  comparison = {"setting": settings[0], "methods": methods, "tasks": tasks, "cells": cells,
+                "average": average, "n_tasks": n_tasks, "arg": arg, "arg_baseline":
+                "pt column" if pt_means is not None else "each method's own PT file",
+                "paired": paired, "std_ddof": STD_DDOF, "nan_policy": nan_policy}
+  if baselines is not None:
+    missing = [task for task in tasks if task not in baselines]
+    if missing:
+      raise ValueError(f"compare_methods: baselines lack tasks {missing}")
+    comparison["baselines"] = {task: {k: float(v) for k, v in baselines[task].items()} for task in tasks}
+    comparison["baseline_average"] = {
+        k: _mean([comparison["baselines"][t][k] for t in tasks], nan_policy) for k in ("constant", "random")}
+  return comparison
 
 
 def comparison_table_markdown(comparison: Mapping[str, Any], digits: int = 1) -> str:
   methods = comparison["methods"]
-  header = ["task"] + [method_display_name(m) for m in methods]
+  baselines = comparison.get("baselines")
+  chance = ("constant", "random") if baselines else ()
+  header = ["task"] + [f"{kind} answer" if kind == "constant" else "random guess" for kind in chance] + [
+      method_display_name(m) for m in methods]
   rows = []
   for task in comparison["tasks"]:
-    rows.append([task] + [_mean_std_cell(comparison["cells"][m][task], digits)
-                          if task in comparison["cells"][m] else "—" for m in methods])
+    rows.append([task] + [_pct(baselines[task][kind], digits) for kind in chance]
+                + [_mean_std_cell(comparison["cells"][m][task], digits)
+                   if task in comparison["cells"][m] else "—" for m in methods])
   all_tasks = len(comparison["tasks"])
-  rows.append(["**Average**"] + [
+  rows.append(["**Average**"] + [_pct(comparison["baseline_average"][kind], digits) for kind in chance] + [
       _pct(comparison["average"][m], digits)
       + ("" if comparison["n_tasks"][m] == all_tasks else f" ({comparison['n_tasks'][m]} tasks)")
       for m in methods])
-  rows.append(["**ARG**"] + [_signed_pct(comparison["arg"][m], digits) if m in comparison["arg"] else "—"
-                             for m in methods])
+  rows.append(["**ARG**"] + [""] * len(chance)
+              + [_signed_pct(comparison["arg"][m], digits) if m in comparison["arg"] else "—"
+                 for m in methods])
   text = (f"# {comparison['setting']}: test scores x100, mean ± std over seeds (population std)\n\n"
           "ARG: mean over tasks of (m - PT) / PT.\n\n" + _markdown(header, rows))
+  if baselines:
+    text += ("\nconstant answer: the train file's most frequent answer for every test example; random "
+             "guess: a uniformly random train answer per example (expected score). Both per seed, "
+             "averaged.\n")
+  paired = comparison.get("paired") or {}
+  if paired:
+    text += ("\nPaired against PT over (task, seed) pairs (difference x100; Wilcoxon signed-rank, ties "
+             "dropped; bootstrap 95% CI of the mean difference):\n\n")
+    rows = [[method_display_name(m), str(p["n_pairs"]), f"{p['wins']}/{p['ties']}/{p['losses']}",
+             _signed_points(p["mean_difference"], digits),
+             f"[{_signed_points(p['bootstrap_ci95'][0], digits)}, "
+             f"{_signed_points(p['bootstrap_ci95'][1], digits)}]",
+             "—" if not math.isfinite(p["wilcoxon_p"]) else f"{p['wilcoxon_p']:.3g}"]
+            for m, p in paired.items()]
+    text += _markdown(["method", "pairs", "wins/ties/losses", "mean difference", "95% CI", "Wilcoxon p"],
+                      rows)
   if any(c.get("n_nan") for m in methods for c in comparison["cells"][m].values()):
     text += ("\n- (k/n NaN): k of the n seeds scored NaN"
              + ("; mean and std are over the other seeds.\n" if comparison["nan_policy"] == "omit"

@@ -239,6 +239,8 @@ def test_eval_batches_keep_file_order_and_mask_padding(tokenized):
   first_golds = np.concatenate([b.batch["target_ids"][b.mask == 1] for b in batches])
   np.testing.assert_array_equal(first_golds, ids.target_ids[ids.gold_offsets[:-1]])
   assert [ids.answers[i] for b in batches for i in b.indices if i >= 0] == list(ids.answers)
+  # The padding row repeats its batch's own first example: the batch's longest input stays a real one.
+  np.testing.assert_array_equal(batches[1].batch["input_ids"][1], ids.input_ids[2])
 
 
 def test_grid_eval_batches_pad_shorter_runs(tokenized):
@@ -255,6 +257,27 @@ def test_mixed_lengths_are_refused(data, tokenizer, tokenized):
                                   dataclasses.replace(SPEC, max_input_length=32))
   with pytest.raises(ValueError, match="different lengths"):
     batching.concat_splits([tokenized[("qa_toy", 100, "train")], other])
+
+
+def test_kept_lines_without_an_answer_evaluate_with_an_empty_target_and_score_0(tokenizer):
+  # A downstream dev/test file with lines without an answer, kept as the reference kept them.
+  from mpt_jax import metrics
+
+  split = crossfit.Split("qa_toy", 100, "dev", "qa_toy_3_100_dev.tsv", ("q0", "q1", "q2", "q3"),
+                         ((), ("honey",), ("eight", "8"), ()), num_without_answer=2)
+  ids = batching.tokenize_split(split, tokenizer, SPEC)
+  assert ids.num_golds.tolist() == [0, 1, 2, 0]
+  batch = next(batching.eval_batches(ids, batch_size=4)).batch
+  assert batch["target_mask"][[0, 3]].sum() == 0 and (batch["target_ids"][[0, 3]] == PAD_ID).all()
+  np.testing.assert_array_equal(batch["target_ids"][1], ids.target_ids[0])
+  np.testing.assert_array_equal(batch["target_ids"][2], ids.target_ids[1])
+  with pytest.raises(ValueError, match="2 example.s. without a gold answer cannot be trained on"):
+    batching.EpochSampler(ids, batch_size=2)
+  # As the reference's EM: no gold scores 0, even for an empty prediction.
+  assert metrics.evaluate("qa_toy", ["", "honey", "8", "x"], ids.answers, metric="EM") == 0.5
+  only_empty = dataclasses.replace(split, inputs=("q0",), answers=((),))
+  empty_batch = next(batching.eval_batches(batching.tokenize_split(only_empty, tokenizer, SPEC), 2)).batch
+  assert empty_batch["target_mask"].sum() == 0
 
 
 # --- length buckets --------------------------------------------------------------------------------------

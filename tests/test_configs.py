@@ -1,4 +1,5 @@
-"""Every config under configs/ loads, and its setting resolves to known tasks of that setting."""
+"""Every config under configs/ loads, its setting resolves to known tasks of that setting, and its prompt
+initializes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 
 import pytest
 import importlib.util
+
+from helpers_t5 import tiny_tokenizer_dir  # noqa: F401 (a pytest fixture, used by name)
 
 from mpt_jax import config as config_lib
 from mpt_jax.data import settings as settings_lib
@@ -49,6 +52,48 @@ def test_config_loads_and_resolves(path):
     assert config.prompt.length == 100
     assert tuple(config.downstream.lrs) == (0.5, 0.4, 0.3, 0.2)
     assert config.downstream.num_steps == 3000 and config.downstream.batch_size == 16
+  if not config.gym:
+    # The study's decoding, epoch cap and best-dev candidates (docs/PROTOCOL.md).
+    d = config.downstream
+    assert (d.decoding, d.num_beams, d.repetition_penalty, d.early_stopping) == ("beam", 4, 2.5, True)
+    assert d.max_decode_len == 127  # its generate(max_length=128) counted the decoder start token
+    assert d.max_epochs == 1000 and d.step0_candidate is False
+
+
+def _flat(config) -> dict:
+  out = {}
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(value, f"{prefix}{key}.")
+      else:
+        out[prefix + key] = value
+  walk(config.to_dict(), "")
+  return out
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: os.path.basename(p))
+def test_reference_preset_sets_the_references_behaviour_and_nothing_else(path):
+  default, reference = _flat(_load(path)), _flat(_load(path, "reference"))
+  # Where our defaults deviate from the reference implementation:
+  assert reference["prompt.placement"] == "after_padding"  # trimmed batch, then the prompt
+  assert reference["downstream.test_prompt"] == "last"  # it tested the live (last) prompt
+  assert reference["downstream.eval_batch_size"] == 16  # its predict_batch_size
+  changed = {key for key in default if default[key] != reference[key]}
+  assert changed == {"prompt.placement", "downstream.test_prompt", "downstream.eval_batch_size"}
+  # Where they already agree, the preset says so too.
+  assert reference["downstream.step0_candidate"] is False and reference["downstream.max_epochs"] == 1000
+  assert (reference["downstream.decoding"], reference["downstream.num_beams"],
+          reference["downstream.repetition_penalty"], reference["downstream.early_stopping"],
+          reference["downstream.max_decode_len"]) == ("beam", 4, 2.5, True, 127)
+  assert reference["dtype"] == "float32"  # fp16 autocast is not available (docs/PROTOCOL.md)
+
+
+def test_protocol_doc_names_every_key_of_the_reference_preset():
+  text = open(os.path.join(REPO, "docs", "PROTOCOL.md"), encoding="utf-8").read()
+  for key in config_lib.REFERENCE_BEHAVIOUR:
+    assert f"`{key}`" in text, key
+  assert "`:reference`" in text
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIG_FILES if "maml_cls2cls" in p])
@@ -62,3 +107,30 @@ def test_unknown_method_and_preset_are_rejected():
     config_lib.base_config("mamll", "cls2cls")
   with pytest.raises(ValueError, match="unknown preset"):
     config_lib.base_config("maml", "cls2cls", "tinyy")
+
+
+def test_all_55_configs_resolve_their_setting_and_initialize_their_prompt(tiny_tokenizer_dir):
+  # On a tiny model with the tiny tokenizer: the configs' own prompt length (100) and init (task names),
+  # so the 114 names of `random` must fit its 100 rows as in the reference.
+  import warnings
+
+  import numpy as np
+
+  import helpers_t5
+  from mpt_jax import pipeline
+  from mpt_jax.model.tokenizer import load_tokenizer
+
+  tokenizer = load_tokenizer(tiny_tokenizer_dir)
+  model, params = helpers_t5.tiny_t5("1.1", vocab_size=len(tokenizer))
+  assert len(CONFIG_FILES) == 55
+  for path in CONFIG_FILES:
+    config = _load(path)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # nonli2nli's sick leak has its own test
+      setting = pipeline.resolve_setting(config)
+    # Upstream methods start from the source tasks' names; PT from each target task's own name.
+    name_lists = [list(setting.source)] if config.method != "pt" else [[t] for t in setting.target]
+    for names in name_lists:
+      prompt = pipeline.initial_prompt(config, params, tokenizer, names, config.seed)
+      assert prompt.shape == (config.prompt.length, model.config.d_model), path
+      assert np.all(np.isfinite(prompt)), path

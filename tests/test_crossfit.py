@@ -50,7 +50,6 @@ def test_every_problem_is_reported_at_once_with_file_and_line():
   expected = {
       ("broken_task/broken_task_2_100_train.tsv", 2, "no tab between input and answer"),
       ("broken_task/broken_task_2_100_train.tsv", 3, "empty input"),
-      ("broken_task/broken_task_2_100_train.tsv", 4, "empty answer"),
       ("broken_task/broken_task_2_100_dev.tsv", 2, "not UTF-8"),
       ("broken_task/broken_task_2_100_dev.tsv", 4, "empty line"),
       ("broken_task/broken_task_2_100_test.tsv", None, "file not found"),
@@ -61,8 +60,8 @@ def test_every_problem_is_reported_at_once_with_file_and_line():
   }
   assert found == expected
   message = str(info.value)
-  assert "9 problem(s)" in message
-  assert "broken_task_2_100_train.tsv:4: empty answer (column 3)" in message
+  assert "8 problem(s)" in message
+  assert "broken_task_2_100_train.tsv:3: empty input" in message
   assert "broken_task_2_100_dev.tsv:2: not UTF-8" in message
 
 
@@ -88,7 +87,7 @@ def test_task_names_with_underscores_do_not_match_longer_names(tmp_path):
 
 def test_validate_returns_problems_and_what_was_readable():
   data, problems = crossfit.validate_crossfit(BROKEN_FIXTURES, ["broken_task", "empty_file"], seeds=[100])
-  assert len(problems) == 7
+  assert len(problems) == 6
   assert sorted(data["empty_file"].splits) == [(100, "dev"), (100, "test")]
 
 
@@ -114,3 +113,46 @@ def test_parse_lines_matches_the_reference_reading_of_valid_lines():
 def test_a_utf8_byte_order_mark_is_not_part_of_the_first_input():
   inputs, answers, problems = crossfit.parse_lines(b"\xef\xbb\xbfhello\tworld\n", "x.tsv")
   assert (inputs, answers, problems) == (["hello"], [("world",)], [])
+
+
+def _write_task(root, task, files):
+  (root / task).mkdir(parents=True)
+  for name, text in files.items():
+    (root / task / f"{task}_2_100_{name}.tsv").write_text(text)
+
+
+def test_lines_without_an_answer_are_dropped_or_kept_as_the_reference(tmp_path):
+  # "x<TAB>" (nothing after the tab but whitespace): the reference's meta-learning and multi-task
+  # loaders dropped such lines, its single-task (downstream) loader kept them with no gold.
+  _write_task(tmp_path, "qa_toy", {
+      "train": "q1\ta1\nq2\t\nq3\ta3\t\n",  # a trailing tab is no empty answer (strip)
+      "dev": "q1\t \t\nq2\ta2\nq3\t\n",
+      "test": "q1\ta\t\tb\n",  # an empty field between answers is the gold "", as the reference read it
+  })
+  with pytest.warns(UserWarning) as caught:
+    dropped = crossfit.read_crossfit(tmp_path, ["qa_toy"], seeds=[100])["qa_toy"]
+  assert sorted(str(w.message) for w in caught) == sorted([
+      f"{tmp_path}/qa_toy/qa_toy_2_100_train.tsv: 1 of 3 line(s) without an answer, dropped, as the "
+      f"reference's meta-learning and multi-task loaders did",
+      f"{tmp_path}/qa_toy/qa_toy_2_100_dev.tsv: 2 of 3 line(s) without an answer, dropped, as the "
+      f"reference's meta-learning and multi-task loaders did"])
+  train = dropped.split(100, "train")
+  assert train.inputs == ("q1", "q3") and train.answers == (("a1",), ("a3",))
+  assert train.num_without_answer == 1
+  assert dropped.split(100, "dev").answers == (("a2",),)
+  assert dropped.split(100, "test").answers == (("a", "", "b"),)
+
+  with pytest.warns(UserWarning, match=r"dev.tsv: 2 of 3 line\(s\) without an answer, kept"):
+    kept = crossfit.read_crossfit(tmp_path, ["qa_toy"], seeds=[100], splits=["dev"],
+                                  keep_empty_answers=["dev", "test"])["qa_toy"]
+  dev = kept.split(100, "dev")
+  assert dev.inputs == ("q1", "q2", "q3") and dev.answers == ((), ("a2",), ())
+  assert dev.num_without_answer == 2
+
+
+def test_a_file_of_lines_without_answers_has_no_examples_left(tmp_path):
+  _write_task(tmp_path, "qa_toy", {"train": "q1\t\nq2\t\n"})
+  with pytest.warns(UserWarning), pytest.raises(crossfit.CrossFitError, match="all 2 line.s. lack an answer"):
+    crossfit.read_crossfit(tmp_path, ["qa_toy"], seeds=[100], splits=["train"])
+  with pytest.raises(ValueError, match="keep_empty_answers: unknown split"):
+    crossfit.read_crossfit(tmp_path, ["qa_toy"], seeds=[100], keep_empty_answers=["validation"])

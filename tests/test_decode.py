@@ -84,7 +84,7 @@ def _pad_after_eos(tokens, eos, max_length):
 
 
 def _hf_beam_search(model, reference, input_mask, *, eos, input_ids=None, inputs_embeds=None,
-                    num_beams=4, repetition_penalty=2.5, length_penalty=1.0):
+                    num_beams=4, repetition_penalty=2.5, length_penalty=1.0, early_stopping=False):
   # transformers' cache breaks when the decoder is deeper than the encoder (DESIGN.md).
   use_cache = model.config.num_decoder_layers <= model.config.num_layers
   inputs = ({"input_ids": torch.tensor(input_ids, dtype=torch.long)} if inputs_embeds is None
@@ -92,18 +92,20 @@ def _hf_beam_search(model, reference, input_mask, *, eos, input_ids=None, inputs
   with torch.no_grad():
     out = reference.generate(
         **inputs, attention_mask=torch.tensor(input_mask, dtype=torch.long), num_beams=num_beams,
-        repetition_penalty=repetition_penalty, length_penalty=length_penalty, early_stopping=False,
+        repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+        early_stopping=early_stopping,
         max_new_tokens=MAX_LENGTH, do_sample=False, use_cache=use_cache, eos_token_id=eos,
         pad_token_id=0)
   return _pad_after_eos(out.numpy()[:, 1:], eos, MAX_LENGTH)  # without the decoder start token
 
 
 def _our_beam_search(model, params, input_ids, input_mask, *, eos, num_beams=4,
-                     repetition_penalty=2.5, length_penalty=1.0):
+                     repetition_penalty=2.5, length_penalty=1.0, early_stopping=False):
   # Every traced argument given explicitly: jit compiles again when the set of given ones changes.
   return np.asarray(beam_search(model, params, input_ids, input_mask, max_length=MAX_LENGTH,
                                 num_beams=num_beams, repetition_penalty=repetition_penalty,
-                                length_penalty=length_penalty, eos_token_id=eos))
+                                length_penalty=length_penalty, early_stopping=early_stopping,
+                                eos_token_id=eos))
 
 
 def _mid_sequence_eos(tokens):
@@ -135,6 +137,38 @@ def test_beam_search_matches_transformers_generate(pair):
   assert (ours == eos).any(axis=1).sum() >= 2  # hypotheses finished at EOS, not only at max_length
   assert (ours == 0).any()  # and were padded after it
   assert not np.array_equal(ours, by_length_penalty[2.0])  # the length penalty mattered
+
+
+@needs_torch
+def test_beam_search_early_stopping_matches_transformers_generate(pair):
+  # The study decoded with early_stopping=True; "never" is transformers' third value. Stop tokens that
+  # the examples emit at different steps make hypotheses finish early, where the three rules part.
+  model, params, tokenizer, reference = pair
+  ids, mask = _inputs(tokenizer)
+  eos = model.config.eos_token_id
+  free = _hf_beam_search(model, reference, mask, input_ids=ids, eos=eos)
+  differs = {True: 0, "never": 0}
+  for stop_token in (eos, *map(int, free[0, 2:5])):
+    for length_penalty in (1.0, 2.0):
+      kwargs = dict(num_beams=4, repetition_penalty=2.5, length_penalty=length_penalty)
+      plain = _hf_beam_search(model, reference, mask, input_ids=ids, eos=stop_token, **kwargs)
+      for early_stopping in (True, "never"):
+        expected = _hf_beam_search(model, reference, mask, input_ids=ids, eos=stop_token,
+                                   early_stopping=early_stopping, **kwargs)
+        ours = _our_beam_search(model, params, ids, mask, eos=stop_token,
+                                early_stopping=early_stopping, **kwargs)
+        np.testing.assert_array_equal(ours, expected, err_msg=f"{early_stopping=} {stop_token=} {kwargs}")
+        differs[early_stopping] += int((expected != plain).any(axis=1).sum())
+  # Both rules changed some outputs here, so an implementation that ignored them would fail above.
+  assert differs[True] > 0 and differs["never"] > 0, differs
+
+
+def test_beam_search_rejects_unknown_early_stopping():
+  model, params = tiny_t5("1.0", seed=4, num_layers=1, num_decoder_layers=1)
+  batch = random_batch(5, batch=2, input_length=6)
+  with pytest.raises(ValueError, match="early_stopping='always'"):
+    beam_search(model, params, batch["input_ids"], batch["input_mask"], max_length=4,
+                early_stopping="always")
 
 
 def test_one_beam_is_greedy_decoding():
@@ -184,6 +218,53 @@ def test_prompted_beam_search_under_vmap_matches_transformers_inputs_embeds(pair
     expected = _hf_beam_search(model, reference, embeds_mask, inputs_embeds=embeds, eos=eos)
     np.testing.assert_array_equal(ours[r], expected)
   assert not np.array_equal(ours[0], ours[1][::-1])  # the prompt changes what is generated
+
+
+def _trimmed_then_prompt(reference, input_ids, input_mask, prompt):
+  """The reference's encoder input, built by hand (numpy) for transformers: the batch's all-padding
+  columns dropped (its trim_batch), then the prompt appended to every row, its mask all ones."""
+  keep = (input_ids != 0).any(axis=0)
+  tokens = reference.shared.weight.detach().numpy()[input_ids[:, keep]]
+  batch = tokens.shape[0]
+  embeds = np.concatenate([tokens, np.broadcast_to(prompt, (batch, *prompt.shape))], axis=1)
+  mask = np.concatenate([input_mask[:, keep], np.ones((batch, prompt.shape[0]), np.int64)], axis=1)
+  return embeds.astype(np.float32), mask
+
+
+@needs_torch
+def test_after_padding_placement_is_the_references_trimmed_batch_then_prompt(pair_v11):
+  # Our batch carries static padding (columns beyond its longest input); the reference trimmed them
+  # before appending the prompt. Same logits and same beam search outputs.
+  model, params, tokenizer, reference = pair_v11
+  ids, mask = _inputs(tokenizer)
+  width = ids.shape[1]
+  ids = np.pad(ids, ((0, 0), (0, 5)))  # 5 all-padding columns, as a fixed-length batch has
+  mask = np.pad(mask, ((0, 0), (0, 5)))
+  prompt = np.random.default_rng(1).normal(size=(3, model.config.d_model)).astype(np.float32)
+  embeds, embeds_mask = _trimmed_then_prompt(reference, ids, mask, prompt)
+  assert embeds.shape[1] == width + 3
+  decoder_ids = np.asarray([[0, 12, 40, 7]] * len(TEXTS), np.int32)
+  ours = model.apply({"params": params}, ids, mask, decoder_ids, prompt=jnp.asarray(prompt),
+                     placement="after_padding")
+  with torch.no_grad():
+    expected = reference(inputs_embeds=torch.tensor(embeds), attention_mask=torch.tensor(embeds_mask),
+                         decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), expected, atol=2e-5, rtol=1e-4)
+  generated = beam_search(model, params, ids, mask, jnp.asarray(prompt), max_length=MAX_LENGTH,
+                          placement="after_padding", num_beams=4, repetition_penalty=2.5,
+                          early_stopping=True)
+  np.testing.assert_array_equal(
+      np.asarray(generated),
+      _hf_beam_search(model, reference, embeds_mask, inputs_embeds=embeds,
+                      eos=model.config.eos_token_id, early_stopping=True))
+  # Prompt right after the padded width instead (the old reading of "after padding"): other logits.
+  padded_embeds = np.concatenate([reference.shared.weight.detach().numpy()[ids],
+                                  np.broadcast_to(prompt, (len(TEXTS), *prompt.shape))], axis=1)
+  padded_mask = np.concatenate([mask, np.ones((len(TEXTS), 3), np.int64)], axis=1)
+  with torch.no_grad():
+    other = reference(inputs_embeds=torch.tensor(padded_embeds), attention_mask=torch.tensor(padded_mask),
+                      decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long)).logits.numpy()
+  assert np.abs(other - expected).max() > 1e-3
 
 
 # --- rank classification ---------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ mini_study = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mini_study)
 
 
-def _write_task(root: Path, setting: str, method: str, task: str, losses: dict | None, done: bool):
-  task_dir = root / setting / method / "downstream" / task
+def _write_task(root: Path, setting: str, method: str, task: str, losses: dict | None, done: bool,
+                kind: str = "downstream"):
+  task_dir = root / setting / method / kind / task
   (task_dir / "logs").mkdir(parents=True)
   if losses is not None:
     (task_dir / "logs" / "metrics.jsonl").write_text(
@@ -28,10 +29,17 @@ def test_pt_runs_are_shared_only_when_finished_and_never_overwritten(tmp_path):
   _write_task(tmp_path, "a", "pt", "t2", {20: 1.0}, done=False)  # killed mid-task: not shared
   _write_task(tmp_path, "b", "pt", "t3", {20: 9.0}, done=True)  # already done in b: kept as is
   _write_task(tmp_path, "a", "pt", "t3", {20: 1.0}, done=True)
-  copied = mini_study.share_pt_runs(str(tmp_path), "b", ["a"])
-  assert copied == ["t1 (from a)"]
+  _write_task(tmp_path, "a", "pt", "s1", {20: 2.0}, done=True, kind="sources")
+  _write_task(tmp_path, "a", "pt", "t5", {20: 1.0}, done=True)  # neither a target nor a source of b
+  copied = mini_study.share_pt_runs(str(tmp_path), "b", ["a"], targets=["t1", "t2", "t3", "s1"],
+                                    sources=["t1", "t4"])
+  assert copied == ["t1 (from a/pt/downstream/t1)", "s1 (from a/pt/sources/s1)",
+                    "t1 (from a/pt/downstream/t1)"]
   assert (tmp_path / "b" / "pt" / "downstream" / "t1" / "results.json").is_file()
+  assert (tmp_path / "b" / "pt" / "downstream" / "s1" / "results.json").is_file()  # a source's run
+  assert (tmp_path / "b" / "pt" / "sources" / "t1" / "results.json").is_file()  # a target's run
   assert not (tmp_path / "b" / "pt" / "downstream" / "t2").exists()
+  assert not (tmp_path / "b" / "pt" / "downstream" / "t5").exists()
   assert "9.0" in (tmp_path / "b" / "pt" / "downstream" / "t3" / "logs" / "metrics.jsonl").read_text()
 
 

@@ -104,10 +104,11 @@ class _Grid:
     dev = {k: np.stack([self.dev[r.seed][k] for r in runs]) for k in self.dev[100]}
     return lambda prompts: np.asarray(self.score(jnp.asarray(prompts), dev))
 
-  def train_runs(self, runs, dev_scores=None):
+  def train_runs(self, runs, dev_scores=None, config=None, run_steps=None):
     states = algorithms.init_grid_state(self.prompt0, self.optimizer, [r.learning_rate for r in runs])
     return adapt.train_grid(self.step, states, self.params, self.sampler(runs),
-                            dev_scores or self.dev_scores(runs), self.config)
+                            dev_scores or self.dev_scores(runs), config or self.config,
+                            run_steps=run_steps)
 
 
 @pytest.fixture(scope="module")
@@ -124,23 +125,76 @@ def test_vmapped_grid_equals_runs_one_by_one(grid):
     np.testing.assert_allclose(together[0][i], alone[0][0], rtol=1e-4, atol=1e-4)  # best prompt
     np.testing.assert_allclose(together[1][i], alone[1][0], rtol=1e-4)  # best dev score
     assert together[2][i] == alone[2][0]  # best step
-  assert len(together[3]) == 1 + 6 // 2  # dev scored at steps 0, 2, 4, 6
+  assert [step for step, _ in together[3]] == [2, 4, 6]  # no step-0 candidate by default
+
+
+def _recording(peaks, default=0.5):
+  """dev scores per evaluation (index -> scores [4]), and the prompts each evaluation saw."""
+  seen = []
+
+  def scores(prompts):
+    seen.append(np.array(prompts))
+    return np.asarray(peaks.get(len(seen) - 1, [default] * 4), np.float64)
+  return scores, seen
 
 
 def test_best_dev_selection_keeps_the_best_steps_prompt_not_the_last(grid):
-  seen = []  # prompts at each evaluation, as the grid had them
-
-  def scores(prompts):  # dev scores peak at step 2 for runs 0 and 2, at step 4 for runs 1 and 3
-    seen.append(np.array(prompts))
-    peak = {1: [1.0, 0.0, 1.0, 0.0], 2: [0.0, 1.0, 0.0, 1.0]}
-    return np.asarray(peak.get(len(seen) - 1, [0.5] * 4))
-
-  best_prompts, best_scores, best_steps, _ = grid.train_runs(grid.runs, scores)
+  # dev scores peak at step 2 (evaluation 0) for runs 0 and 2, at step 4 for runs 1 and 3
+  scores, seen = _recording({0: [1.0, 0.0, 1.0, 0.0], 1: [0.0, 1.0, 0.0, 1.0]})
+  best_prompts, best_scores, best_steps, _, last_prompts = grid.train_runs(grid.runs, scores)
   assert best_steps.tolist() == [2, 4, 2, 4]
   assert best_scores.tolist() == [1.0] * 4
-  for run, evaluation in enumerate([1, 2, 1, 2]):
+  for run, evaluation in enumerate([0, 1, 0, 1]):
     np.testing.assert_array_equal(best_prompts[run], seen[evaluation][run])
     assert not np.allclose(best_prompts[run], seen[-1][run])  # the last prompt moved on
+  np.testing.assert_array_equal(last_prompts, seen[-1])  # what test_prompt="last" tests
+
+
+def test_the_initial_prompt_is_a_candidate_only_when_asked(grid):
+  import dataclasses
+
+  # The initial prompt scores best of all; later ones worse, the first of them 0.2.
+  peaks = {0: [0.9] * 4, 1: [0.2] * 4}
+  scores, seen = _recording(peaks, default=0.1)
+  with_step0 = dataclasses.replace(grid.config, step0_candidate=True)
+  best_prompts, best_scores, best_steps, curve, _ = grid.train_runs(grid.runs, scores, with_step0)
+  assert [step for step, _ in curve] == [0, 2, 4, 6]
+  assert best_steps.tolist() == [0] * 4 and best_scores.tolist() == [0.9] * 4
+  np.testing.assert_array_equal(best_prompts, np.broadcast_to(grid.prompt0, best_prompts.shape))
+
+  # Off (the default, as the reference): step 0 is not even scored; the first evaluation is the first
+  # candidate, whatever its score.
+  scores, seen = _recording({0: [0.2] * 4}, default=0.1)
+  best_prompts, best_scores, best_steps, curve, _ = grid.train_runs(grid.runs, scores)
+  assert [step for step, _ in curve] == [2, 4, 6] and len(seen) == 3
+  assert best_steps.tolist() == [2] * 4 and best_scores.tolist() == [0.2] * 4
+  np.testing.assert_array_equal(best_prompts, seen[0])
+
+
+def test_step_budget_counts_epochs_as_the_reference_loop():
+  # The reference's wiki_qa: 32 train examples, batch 16, 1000 epochs -> "Global step 2000 ... epoch=999".
+  assert adapt.step_budget(3000, 1000, train_size=32, batch_size=16) == 2000
+  assert adapt.step_budget(3000, 1000, train_size=48, batch_size=16) == 3000  # 3 classes x 16
+  assert adapt.step_budget(3000, 1000, train_size=33, batch_size=16) == 3000  # a short 3rd batch
+  assert adapt.step_budget(3000, 1, train_size=33, batch_size=16) == 3
+  assert adapt.step_budget(3000, 0, train_size=32, batch_size=16) == 3000  # 0: no cap
+  with pytest.raises(ValueError, match="downstream.max_epochs=-1"):
+    adapt.GridConfig([0.5], 16, 3000, 50, 32, max_epochs=-1)
+  with pytest.raises(ValueError, match="downstream.test_prompt='best'"):
+    adapt.GridConfig([0.5], 16, 3000, 50, 32, test_prompt="best")
+
+
+def test_runs_past_their_step_budget_are_not_candidates(grid):
+  # Runs 1 and 3 may train 4 and 3 steps of the grid's 6 (e.g. seeds with fewer train examples).
+  scores, seen = _recording({0: [0.1] * 4, 1: [0.2] * 4, 2: [0.3] * 4, 3: [0.9] * 4})
+  best_prompts, best_scores, best_steps, curve, last_prompts = grid.train_runs(
+      grid.runs, scores, run_steps=[6, 4, 6, 3])
+  assert [step for step, _ in curve] == [2, 3, 4, 6]  # every eval_every, and each budget's end
+  assert best_steps.tolist() == [6, 4, 6, 3]
+  assert best_scores.tolist() == [0.9, 0.3, 0.9, 0.2]
+  assert curve[-1][1][1] != curve[-1][1][1] and curve[-1][1][3] != curve[-1][1][3]  # NaN: past budget
+  for run, evaluation in enumerate([3, 2, 3, 1]):  # each run's last prompt: at its own budget
+    np.testing.assert_array_equal(last_prompts[run], seen[evaluation][run])
 
 
 def test_choose_best_runs_per_seed():
@@ -179,12 +233,21 @@ def test_main_runs_a_setting_end_to_end_and_resumes(tmp_path):
   config = config_lib.base_config("mtl", "synth_mini", "tiny")
   config.gym, config.model, config.dropout_rate = "synthetic", str(ckpt), 0.0
   config.upstream.num_steps = 3
+  config.downstream.max_epochs = 1  # 1 epoch of 32 examples in batches of 16 ends the 4-step runs early
+  config.downstream.batch_size = 16
   workdir = tmp_path / "run"
   summary = pipeline.run(config, str(workdir))
   assert summary["method"] == "mtl" and list(summary["tasks"]) == ["synth-sentiment_d"]
   task = summary["tasks"]["synth-sentiment_d"]
   assert task["seeds"] == sorted(config.seeds) and len(task["test_scores"]) == 2
   assert all(0.0 <= s <= 1.0 for s in task["test_scores"])
+  task_dir = workdir.parent / "gym_data" / "synthetic" / "synth-sentiment_d"
+  train_sizes = {s: len(next(task_dir.glob(f"*_{s}_train.tsv")).read_text().splitlines())
+                 for s in config.seeds}
+  for run in task["runs"]:  # results.json records the steps each seed's chosen run trained
+    expected = -(-train_sizes[run["seed"]] // config.downstream.batch_size)
+    assert expected < config.downstream.num_steps and run["steps"] == expected
+    assert run["test_prompt"] == "best_dev" and run["tested_step"] == run["best_step"]
   for name in ("results.json", "results.md", "results.csv", "results.png", "run_record.json",
                "upstream/prompt.npy", "upstream/prompt.json", "upstream/logs/metrics.jsonl",
                "downstream/synth-sentiment_d/results.json", "downstream/synth-sentiment_d/dev_curve.json",
@@ -196,3 +259,50 @@ def test_main_runs_a_setting_end_to_end_and_resumes(tmp_path):
   assert again["tasks"]["synth-sentiment_d"]["test_scores"] == task["test_scores"]
   assert len(json.load(open(workdir / "run_record.json"))) == 2
   assert results.load_results(workdir / "results.json")["average"] == summary["average"]
+
+
+def test_scorer_decodes_as_the_study_without_cleaning_up_spaces(tmp_path):
+  import helpers_data
+  from mpt_jax.data import crossfit
+
+  tokenizer = helpers_data.tiny_tokenizer(tmp_path / "tok")
+  gold = "paris , france ."
+  # What a checkpoint's tokenizer_config.json may set; transformers then cleans " ," to "," by default.
+  tokenizer.clean_up_tokenization_spaces = True
+  ids = tokenizer(gold).input_ids
+  assert tokenizer.batch_decode([ids], skip_special_tokens=True) == ["paris, france."]
+  split = crossfit.Split("qa_toy", 100, "dev", "qa_toy_3_100_dev.tsv", ("where?",), ((gold,),))
+  tokenized = batching.tokenize_split(split, tokenizer, batching.TextSpec(16, 16))
+  width = 16
+
+  def predict(prompts, batch):  # every row "generates" the gold's tokens
+    out = np.zeros((*batch["input_ids"].shape[:2], width), np.int32)
+    out[..., :len(ids)] = ids
+    return out
+
+  scorer = adapt.Scorer(predict, tokenizer, "qa_toy", batch_size=2, metric="ACC")
+  assert scorer.predictions(None, [tokenized]) == [[gold]]
+  assert scorer.scores(None, [tokenized]).tolist() == [1.0]  # ACC compares the strings as they are
+
+
+def test_target_files_keep_lines_without_an_answer_where_their_metric_can_score_them(tmp_path):
+  import warnings
+
+  from mpt_jax import pipeline
+
+  for task in ("squad-no_context", "ag_news"):  # EM; Classification-F1 (scores the first gold)
+    (tmp_path / task).mkdir()
+    for split in ("train", "dev", "test"):
+      empty = "q9\t\n" if split != "train" else ""
+      (tmp_path / task / f"{task}_16_100_{split}.tsv").write_text(f"q1\ta1\nq2\ta2\n{empty}")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    data = pipeline.read_tasks(str(tmp_path), ["squad-no_context"], [100], ("train", "dev", "test"),
+                               keep_empty_answers=("dev", "test"))
+    pipeline.check_scorable(data)  # EM scores them 0, as the reference
+    assert data["squad-no_context"].split(100, "test").answers == (("a1",), ("a2",), ())
+    data = pipeline.read_tasks(str(tmp_path), ["ag_news"], [100], ("train", "dev", "test"),
+                               keep_empty_answers=("dev", "test"))
+  with pytest.raises(ValueError, match=r"ag_news_16_100_dev.tsv: 1 line\(s\) without an answer "
+                                       r"\(Classification-F1\)"):
+    pipeline.check_scorable(data)

@@ -96,18 +96,27 @@ def test_output_does_not_depend_on_batch_padding(tiny, placement):
 
 
 def test_reference_after_padding_placement(tiny):
-  """The reference's placement equals "suffix" without padding, and depends on padding with it."""
+  """The reference's placement: the prompt right after the batch's longest input (the reference trimmed
+  the batch's all-padding columns first), so the batch's static padding does not matter, but the other
+  inputs of the batch do. (tests/test_decode.py compares it with transformers on the trimmed batch.)"""
   model, params, forward = tiny
-  input_ids, input_mask, decoder_input_ids = _padded_pair()
+  input_ids, input_mask, decoder_input_ids = _padded_pair()  # lengths 7 and 3, padded to 11
   prompt = _prompt(5, seed=3)
-  n = int(input_mask[1].sum())
-  alone = {placement: forward({"params": params}, input_ids[1:, :n], input_mask[1:, :n],
-                              decoder_input_ids[1:], prompt=prompt, placement=placement)
-           for placement in ("suffix", "after_padding")}
-  np.testing.assert_allclose(alone["after_padding"], alone["suffix"], atol=1e-5, rtol=0)
-  padded = forward({"params": params}, input_ids, input_mask, decoder_input_ids, prompt=prompt,
-                   placement="after_padding")
-  assert float(jnp.abs(padded[1:] - alone["after_padding"]).max()) > 1e-3
+  run = lambda ids, mask, dec: forward({"params": params}, ids, mask, dec, prompt=prompt,
+                                       placement="after_padding")
+  padded = run(input_ids, input_mask, decoder_input_ids)
+  trimmed = run(input_ids[:, :7], input_mask[:, :7], decoder_input_ids)
+  np.testing.assert_allclose(padded, trimmed, atol=1e-5, rtol=0)
+  # Alone, the short input has its prompt at position 3: as "suffix". In the batch, at position 7.
+  alone = run(input_ids[1:, :3], input_mask[1:, :3], decoder_input_ids[1:])
+  suffix = forward({"params": params}, input_ids[1:, :3], input_mask[1:, :3], decoder_input_ids[1:],
+                   prompt=prompt, placement="suffix")
+  np.testing.assert_allclose(alone, suffix, atol=1e-5, rtol=0)
+  assert float(jnp.abs(padded[1:] - alone).max()) > 1e-3
+  # The longest input's prompt follows it directly: as "suffix" for it.
+  np.testing.assert_allclose(padded[:1], forward({"params": params}, input_ids, input_mask,
+                                                 decoder_input_ids, prompt=prompt,
+                                                 placement="suffix")[:1], atol=1e-5, rtol=0)
 
 
 def _padded_to(batch: dict, input_length: int, target_length: int) -> dict:
@@ -227,13 +236,16 @@ def test_task_name_init_is_the_references(tokenizer, embedding):
   first, end = prompts.frequent_id_range(tokenizer)
   rest = _row_ids(prompt[2:], embedding)
   assert np.all((rest >= first) & (rest < end))
-  with pytest.raises(ValueError, match="2 task names do not fit a prompt of 1 rows"):
-    prompts.task_names(embedding, tokenizer, names)(jax.random.PRNGKey(2), (1, 16))
+  # More names than rows (the `random` setting: 114 names, 100 rows): the first names fill the prompt.
+  one_row = prompts.task_names(embedding, tokenizer, names)(jax.random.PRNGKey(2), (1, 16))
+  np.testing.assert_array_equal(one_row, prompt[:1])
   with pytest.raises(ValueError, match="d_model=16"):
     prompts.task_names(embedding, tokenizer, names)(jax.random.PRNGKey(2), (4, 32))
 
 
 def test_label_word_init(tokenizer, embedding):
+  with pytest.raises(ValueError, match="2 label words do not fit a prompt of 1 rows"):
+    prompts.label_words(embedding, tokenizer, ["positive", "negative"])(jax.random.PRNGKey(3), (1, 16))
   prompt = prompts.label_words(embedding, tokenizer, ["positive", "negative"])(
       jax.random.PRNGKey(3), (5, 16))
   positive = tokenizer("positive", add_special_tokens=False).input_ids

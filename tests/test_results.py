@@ -152,8 +152,10 @@ def test_comparison_orders_pt_first_and_computes_arg(tmp_path):
   header = next(line for line in md.splitlines() if line.startswith("| task"))
   assert [c.strip() for c in header.split("|")[1:-1]] == \
       ["task", "PT", "MTL", "MAML", "FoMAML", "Reptile", "MyMethod"]
-  lines = [line for line in md.splitlines() if line.startswith("| ")]
+  first_table = md.split("\n\n| method")[0]  # the paired comparison against PT follows
+  lines = [line for line in first_table.splitlines() if line.startswith("| ")]
   assert [line.split("|")[1].strip() for line in lines[1:]] == ["A", "B", "**Average**", "**ARG**"]
+  assert "| MAML | 5 |" in md  # paired against PT over (task, seed) pairs: B has a NaN seed
   arg_row = [c.strip() for c in lines[-1].split("|")[2:-1]]
   assert arg_row == ["—", "+5.0%", "+25.0%", "-50.0%", "+0.0%", "+0.0%"]
   b_row = [c.strip() for c in lines[2].split("|")[2:-1]]

@@ -48,6 +48,32 @@ def test_sources_are_the_original_split_files_training_tasks():
     assert sorted(setting.source) == sorted(split["train"]), name
 
 
+# Where each study setting's target list comes from in its split file; the *2nocls targets come from the
+# reference's run scripts only (their split files are the *2cls ones).
+_TARGETS_IN_SPLIT_FILE = {"cls2cls": "test", "nocls2cls": "test", "both2cls": "test", "qa2qa": "dev",
+                          "noqa2qa": "dev", "nonli2nli": "dev", "nopara2para": "dev", "random": "test"}
+
+
+def test_targets_agree_with_the_study_split_files():
+  # settings.json is what the code reads; the split files are the study's record of the same lists.
+  raw = _raw_settings()
+  for name, key in _TARGETS_IN_SPLIT_FILE.items():
+    split = json.loads((SPLITS_DIR / raw[name]["split_file"]).read_text())
+    expected = split[key] + (["samsum"] if name == "random" else [])
+    assert raw[name]["target"] == expected, name
+  both = json.loads((SPLITS_DIR / raw["both2cls"]["split_file"]).read_text())
+  assert "amazon_polarity" in both["test"] and "financial_phrasebank" not in both["test"]
+
+
+def test_random_adapts_to_the_21_targets_of_the_reference_runs():
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    setting = settings.get_setting("random")
+  assert len(setting.target) == 21 and "samsum" in setting.target
+  assert len(setting.source) == 114 and "samsum" not in setting.source
+  assert "samsum" in setting.note
+
+
 def test_nonli2nli_keeps_the_sick_leak_and_warns():
   with pytest.warns(UserWarning, match=r"\['sick'\].*leak in the original split file"):
     setting = settings.get_setting("nonli2nli")

@@ -168,3 +168,48 @@ def test_prefix_lm_refuses_what_it_cannot_cut():
     pretrain_objectives.prefix_lm(np.array([5]), rng)
   with pytest.raises(ValueError, match="max_target_tokens"):
     pretrain_objectives.prefix_lm(np.arange(3, 10), rng, max_target_tokens=0)
+
+
+def _synset(key, pos, lexname, lemmas, definition, pointers=()):
+  from mpt_jax.data import wordnet as wn
+  return wn.Synset(key=key, pos=pos, satellite=False, lexname=lexname, lemmas=lemmas, pointers=pointers,
+                   verb_frames=(), definition=definition, examples=())
+
+
+def test_documents_carry_the_lexicographer_category_of_nouns_and_verbs_only():
+  from mpt_jax.data import wordnet as wn
+  tree = _synset(("n", 2), "n", "noun.plant", ("tree",), "a tall perennial woody plant")
+  orange = _synset(("n", 1), "n", "noun.plant", ("temple orange",), "large citrus tree",
+                   (wn.Pointer(wn.HYPERNYM, ("n", 2), 0, 0),))
+  top = _synset(("n", 3), "n", "noun.Tops", ("entity",), "that which exists")
+  quick = _synset(("a", 4), "a", "adj.all", ("quick",), "moving fast")
+  synsets = {s.key: s for s in (tree, orange, top, quick)}
+  doc = pretrain_small_t5.synset_document(orange, synsets)
+  assert doc == "Temple orange (noun, plant): large citrus tree. Temple orange is a kind of tree."
+  assert pretrain_small_t5.synset_document(orange, synsets, categories=False).startswith(
+      "Temple orange (noun): ")
+  assert pretrain_small_t5.synset_document(top, synsets).startswith("Entity (noun): ")
+  assert pretrain_small_t5.synset_document(quick, synsets).startswith("Quick (adjective): ")
+
+
+def test_mixture_batches_hold_both_objectives_and_are_a_pure_function_of_the_step():
+  docs = [np.arange(3, 3 + n, dtype=np.int32) for n in (30, 50, 70, 90, 45, 12, 64, 80)] * 4
+  sentinel = 8099
+
+  def batch(step):  # fresh streams each time: nothing carried over between calls
+    streams = pretrain_small_t5.make_streams("mixture", docs, CHUNK, seed=0)
+    return streams, pretrain_small_t5.mixed_batch(streams, step, 8, sentinel, span_fraction=0.25)
+
+  streams, first = batch(5)
+  _, again = batch(5)
+  for key in first:
+    np.testing.assert_array_equal(first[key], again[key])
+  assert first["input_ids"].shape[0] == 8
+  # The first 2 rows (25%) are span corruption (targets open with a sentinel), the other 6 prefix LM.
+  assert (first["target_ids"][:2, 0] == sentinel).all() and (first["target_ids"][2:, 0] < 8000).all()
+  span = pretrain_small_t5.train_batch(streams["span_corruption"], 5, 2, sentinel, "span_corruption")
+  prefix = pretrain_small_t5.train_batch(streams["prefix_lm"], 5, 6, sentinel, "prefix_lm")
+  for key in ("input_ids", "target_ids"):
+    np.testing.assert_array_equal(first[key][:2, :span[key].shape[1]], span[key])
+    np.testing.assert_array_equal(first[key][2:, :prefix[key].shape[1]], prefix[key])
+    assert not first[key][:2, span[key].shape[1]:].any() and not first[key][2:, prefix[key].shape[1]:].any()

@@ -3,9 +3,9 @@
 Dividing by inner_lr makes the meta-gradient the sum of the K inner gradients taken along the inner
 trajectory (for K = 1 exactly the support gradient at theta), so the outer optimizer sees a gradient of
 the usual scale whatever the inner learning rate. The reference fed the same quantity to Adafactor.
-Tasks are vmapped; the meta-gradient is the mean over tasks (the reference summed: see maml.py for why
-that is the same update under Adafactor). There is no query set and no differentiation through the
-inner loop.
+Tasks are vmapped; the meta-gradient is the mean over tasks, as in the reference (it added each task's
+(theta - phi) / inner_lr scaled by 1 / gradient_accumulation_steps, its number of tasks per step; its
+MAML summed instead, see maml.py). There is no query set and no differentiation through the inner loop.
 """
 
 from __future__ import annotations

@@ -307,17 +307,24 @@ def _check_same_lengths(splits: Sequence[TokenizedSplit]) -> None:
 def make_batch(data: TokenizedSplit, examples: np.ndarray, golds: np.ndarray | None = None) -> dict:
   """The contract batch of `examples` (any shape S) -> arrays [*S, L]; `golds` picks each one's gold
 
-  (an index into the example's golds; None: the first gold).
+  (an index into the example's golds; None: the first gold). An example without a gold (a kept
+  CrossFit line without an answer, evaluation only) gets an empty target: all padding, mask 0.
   """
   examples = np.asarray(examples)
+  has_gold = data.num_golds[examples] > 0
   rows = data.gold_offsets[examples] + (0 if golds is None else np.asarray(golds))
+  rows = np.where(has_gold, rows, 0)
   input_lengths = data.input_lengths[examples]
-  target_lengths = data.target_lengths[rows]
   l_in, l_out = data.lengths
+  if len(data.target_ids):
+    target_ids, target_lengths = data.target_ids[rows], data.target_lengths[rows]
+  else:  # every example of the split lacks a gold
+    target_ids, target_lengths = np.zeros((*rows.shape, l_out), np.int32), np.zeros(rows.shape, np.int32)
+  target_lengths = np.where(has_gold, target_lengths, 0)
   return {
       "input_ids": data.input_ids[examples],
       "input_mask": (np.arange(l_in) < input_lengths[..., None]).astype(np.int32),
-      "target_ids": data.target_ids[rows],
+      "target_ids": np.where(has_gold[..., None], target_ids, PAD_ID).astype(np.int32),
       "target_mask": (np.arange(l_out) < target_lengths[..., None]).astype(np.int32),
   }
 
@@ -330,6 +337,13 @@ def _rng(seed: int, stream: int, *counters: int) -> np.random.Generator:
 def random_golds(rng: np.random.Generator, data: TokenizedSplit, examples: np.ndarray) -> np.ndarray:
   """One gold per example, uniformly among its golds (training)."""
   return rng.integers(0, data.num_golds[examples])
+
+
+def _check_trainable(data: TokenizedSplit) -> None:
+  without = int(np.sum(data.num_golds == 0))
+  if without:
+    raise ValueError(f"{data.task} (seed {data.seed}, {data.split}): {without} example(s) without a gold "
+                     f"answer cannot be trained on; read training files without keep_empty_answers")
 
 
 def draw_examples(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
@@ -383,6 +397,10 @@ class EpisodeSampler:
     missing = [(m.task, m.seed) for m in self.meta_tasks if self.query_size and m.query is None]
     if missing:
       raise ValueError(f"query examples asked for, but no dev split for {missing[:5]}")
+    for m in self.meta_tasks:
+      _check_trainable(m.support)
+      if self.query_size and m.query is not None:
+        _check_trainable(m.query)
     _check_same_lengths([m.support for m in self.meta_tasks]
                         + [m.query for m in self.meta_tasks if m.query is not None])
 
@@ -424,6 +442,7 @@ class EpochSampler:
   def __post_init__(self):
     if self.batch_size < 1 or len(self.data) == 0:
       raise ValueError(f"EpochSampler needs a positive batch size and examples ({self.data.task})")
+    _check_trainable(self.data)
 
   @property
   def steps_per_epoch(self) -> float:
@@ -488,8 +507,10 @@ class EvalBatch:
 def _eval_batch(data: TokenizedSplit, start: int, batch_size: int) -> EvalBatch:
   indices = np.arange(start, start + batch_size)
   real = indices < len(data)
-  # Padding rows repeat example 0 so that the model sees ordinary inputs; the mask drops them.
-  batch = make_batch(data, np.where(real, indices, 0))
+  # Padding rows repeat the batch's first example (example 0 once the split is done) so that the model
+  # sees ordinary inputs and the batch's longest input is a real one, as in the reference's shorter last
+  # batch (the "after_padding" prompt starts after it); the mask drops them.
+  batch = make_batch(data, np.where(real, indices, start if start < len(data) else 0))
   return EvalBatch(batch, real.astype(np.int32), np.where(real, indices, -1))
 
 

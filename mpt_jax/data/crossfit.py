@@ -5,9 +5,14 @@ train, dev, test. A line is `input<TAB>answer[<TAB>answer2...]`. `k` (16 per cla
 32 otherwise in the study) is read from the file names on disk, never assumed.
 
 Validation collects every problem of every requested file (missing directory or file, bad UTF-8, a line
-without a tab, an empty input or answer, a file without examples) and raises them together in one
-`CrossFitError`, each as `path:line: what`, so a broken data directory is fixed in one pass before any
-compute is spent.
+without a tab, an empty input, a file without examples) and raises them together in one `CrossFitError`,
+each as `path:line: what`, so a broken data directory is fixed in one pass before any compute is spent.
+
+Lines without an answer (`input<TAB>` with nothing after it but whitespace; some CrossFit tasks have
+them) are read as the reference read them: its meta-learning and multi-task loaders dropped them
+(upstream), its single-task loader kept them (downstream), where they score 0 under EM, ACC, QA-F1 and
+Rouge-L. `keep_empty_answers` names the splits that keep them; each file with such lines gives one
+warning with their count.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -56,7 +62,8 @@ class Split:
   split: str  # "train" | "dev" | "test"
   path: str
   inputs: tuple[str, ...]
-  answers: tuple[tuple[str, ...], ...]
+  answers: tuple[tuple[str, ...], ...]  # () for a kept line without an answer
+  num_without_answer: int = 0  # lines of the file without an answer (dropped, or kept with answers ())
 
   def __len__(self) -> int:
     return len(self.inputs)
@@ -102,9 +109,9 @@ def discover_k(task_dir: Path, task: str) -> tuple[int | None, list[Problem]]:
 def parse_lines(data: bytes, path: str) -> tuple[list[str], list[tuple[str, ...]], list[Problem]]:
   """Examples of one file's bytes, and every problem of it with its 1-based line number.
 
-  Values are read as the reference does (`line.strip().split("\t")`), so a valid line gives the same
-  input and golds as there; the checks are made on the raw line so that an empty last field is caught
-  instead of silently dropped.
+  Values are read as the reference does (`line.strip().split("\t")`), so a line gives the same input and
+  golds as there: a line without an answer (`input<TAB>`) gives the golds (), and an empty field between
+  two answers the gold "". The checks are made on the raw line (a tab, a non-empty input).
   """
   inputs, answers, problems = [], [], []
   if data.startswith(codecs.BOM_UTF8):  # written by some editors; not part of the first input
@@ -123,15 +130,8 @@ def parse_lines(data: bytes, path: str) -> tuple[list[str], list[tuple[str, ...]
       what = "empty line" if not line.strip() else "no tab between input and answer"
       problems.append(Problem(path, number, what))
       continue
-    fields = line.split("\t")
-    line_problems = []
-    if not fields[0].strip():
-      line_problems.append(Problem(path, number, "empty input"))
-    for i, field in enumerate(fields[1:], start=1):
-      if not field.strip():
-        line_problems.append(Problem(path, number, f"empty answer (column {i + 1})"))
-    if line_problems:
-      problems.extend(line_problems)
+    if not line.split("\t")[0].strip():
+      problems.append(Problem(path, number, "empty input"))
       continue
     values = line.strip().split("\t")
     inputs.append(values[0])
@@ -141,8 +141,9 @@ def parse_lines(data: bytes, path: str) -> tuple[list[str], list[tuple[str, ...]
   return inputs, answers, problems
 
 
-def read_split(path: str | os.PathLike, task: str, seed: int, split: str) -> tuple[Split | None,
-                                                                                   list[Problem]]:
+def read_split(path: str | os.PathLike, task: str, seed: int, split: str,
+               keep_empty_answers: bool = False) -> tuple[Split | None, list[Problem]]:
+  """One file; lines without an answer are kept (answers ()) or dropped, with one warning either way."""
   path = str(path)
   try:
     data = Path(path).read_bytes()
@@ -151,7 +152,20 @@ def read_split(path: str | os.PathLike, task: str, seed: int, split: str) -> tup
   inputs, answers, problems = parse_lines(data, path)
   if problems:
     return None, problems
-  return Split(task, seed, split, path, tuple(inputs), tuple(answers)), []
+  without_answer = sum(not golds for golds in answers)
+  if without_answer:
+    num_lines = len(answers)
+    if keep_empty_answers:
+      what = "kept, as the reference's single-task loader did: they score 0 (EM, ACC, QA-F1, Rouge-L)"
+    else:
+      what = "dropped, as the reference's meta-learning and multi-task loaders did"
+      kept = [i for i, golds in enumerate(answers) if golds]
+      inputs, answers = [inputs[i] for i in kept], [answers[i] for i in kept]
+    warnings.warn(f"{path}: {without_answer} of {num_lines} line(s) without an answer, {what}",
+                  UserWarning, stacklevel=2)
+    if not inputs:
+      return None, [Problem(path, None, f"no examples left: all {without_answer} line(s) lack an answer")]
+  return Split(task, seed, split, path, tuple(inputs), tuple(answers), without_answer), []
 
 
 def _check_requests(tasks: Sequence[str], seeds: Sequence[int], splits: Sequence[str]) -> None:
@@ -168,11 +182,18 @@ def _check_requests(tasks: Sequence[str], seeds: Sequence[int], splits: Sequence
 
 
 def validate_crossfit(data_dir: str | os.PathLike, tasks: Sequence[str], seeds: Iterable[int] = SEEDS,
-                      splits: Iterable[str] = SPLITS,
-                      k: int | None = None) -> tuple[dict[str, TaskData], list[Problem]]:
-  """Reads what is readable and lists every problem; `read_crossfit` raises when the list is not empty."""
-  seeds, splits = tuple(seeds), tuple(splits)
+                      splits: Iterable[str] = SPLITS, k: int | None = None,
+                      keep_empty_answers: Iterable[str] = ()) -> tuple[dict[str, TaskData], list[Problem]]:
+  """Reads what is readable and lists every problem; `read_crossfit` raises when the list is not empty.
+
+  keep_empty_answers: the splits whose lines without an answer are kept (the reference downstream:
+  dev and test; train too, where its loader then failed); elsewhere they are dropped.
+  """
+  seeds, splits, keep_empty_answers = tuple(seeds), tuple(splits), tuple(keep_empty_answers)
   _check_requests(tasks, seeds, splits)
+  bad_keep = [s for s in keep_empty_answers if s not in SPLITS]
+  if bad_keep:
+    raise ValueError(f"keep_empty_answers: unknown split(s) {bad_keep}; CrossFit splits are {list(SPLITS)}")
   data_dir = Path(data_dir)
   if not data_dir.is_dir():
     raise CrossFitError([Problem(str(data_dir), None, "CrossFit data directory not found")])
@@ -195,7 +216,7 @@ def validate_crossfit(data_dir: str | os.PathLike, tasks: Sequence[str], seeds: 
         if not path.is_file():
           problems.append(Problem(str(path), None, "file not found"))
           continue
-        parsed, split_problems = read_split(path, task, seed, split)
+        parsed, split_problems = read_split(path, task, seed, split, split in keep_empty_answers)
         problems.extend(split_problems)
         if parsed is not None:
           task_splits[(seed, split)] = parsed
@@ -204,9 +225,11 @@ def validate_crossfit(data_dir: str | os.PathLike, tasks: Sequence[str], seeds: 
 
 
 def read_crossfit(data_dir: str | os.PathLike, tasks: Sequence[str], seeds: Iterable[int] = SEEDS,
-                  splits: Iterable[str] = SPLITS, k: int | None = None) -> dict[str, TaskData]:
-  """The requested files of every task, checked; raises one `CrossFitError` listing every problem."""
-  result, problems = validate_crossfit(data_dir, tasks, seeds, splits, k)
+                  splits: Iterable[str] = SPLITS, k: int | None = None,
+                  keep_empty_answers: Iterable[str] = ()) -> dict[str, TaskData]:
+  """The requested files of every task, checked; raises one `CrossFitError` listing every problem.
+  Lines without an answer are dropped, except in the `keep_empty_answers` splits (module docstring)."""
+  result, problems = validate_crossfit(data_dir, tasks, seeds, splits, k, keep_empty_answers)
   if problems:
     raise CrossFitError(problems)
   return result

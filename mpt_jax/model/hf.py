@@ -291,28 +291,32 @@ def _torch_shape(path, shape) -> tuple[int, ...]:
   return tuple(reversed(shape)) if _is_kernel(path) else tuple(shape)
 
 
-def params_to_hf(params) -> dict[str, np.ndarray]:
-  """Our params (per-layer or scanned layout) -> torch-named, torch-layout float32 numpy tensors (the
+def params_to_hf(params, dtype: str = "float32") -> dict[str, np.ndarray]:
+  """Our params (per-layer or scanned layout) -> torch-named, torch-layout numpy tensors of `dtype` (the
   inverse of params_from_hf)."""
+  if dtype not in DTYPES:
+    raise ValueError(f"params_to_hf dtype={dtype!r}: expected one of {DTYPES}")
   params = unstack_blocks(params)
   tensors = {}
 
   def put(path_keys, leaf):
     path = tuple(p.key for p in path_keys)
-    value = np.asarray(jnp.asarray(leaf, jnp.float32))
+    value = np.asarray(jnp.asarray(leaf, dtype))
     tensors[hf_name(path)] = np.ascontiguousarray(value.T if _is_kernel(path) else value)
 
   jax.tree_util.tree_map_with_path(put, params)
   return tensors
 
 
-def save_checkpoint(directory: str | os.PathLike, config: T5Config, params, tokenizer=None) -> Path:
+def save_checkpoint(directory: str | os.PathLike, config: T5Config, params, tokenizer=None, *,
+                    dtype: str = "float32") -> Path:
   """Writes an HF T5 checkpoint (config.json, model.safetensors, spiece.model) that both
   `load_pretrained` and transformers' `T5ForConditionalGeneration.from_pretrained` read.
 
   tokenizer: a transformers T5 tokenizer read from a spiece.model (that file is copied), a path to a
   spiece.model or to a directory holding one, or None (then load_pretrained will ask for spiece.model).
-  Weights are written in float32.
+  dtype: of the written weights, "float32" or "bfloat16" (half the file; Google's T5 checkpoints were
+  trained and released in bfloat16). `load_pretrained` casts them to the dtype it is asked for.
   """
   import shutil
 
@@ -322,7 +326,7 @@ def save_checkpoint(directory: str | os.PathLike, config: T5Config, params, toke
   directory.mkdir(parents=True, exist_ok=True)
   (directory / CONFIG).write_text(json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
   # metadata format=pt: transformers refuses safetensors files without a known format tag.
-  save_file(params_to_hf(params), str(directory / SAFETENSORS), metadata={"format": "pt"})
+  save_file(params_to_hf(params, dtype), str(directory / SAFETENSORS), metadata={"format": "pt"})
   if tokenizer is not None:
     # A transformers 5 T5Tokenizer saves only tokenizer.json; we keep the SentencePiece model it was
     # read from, which is what load_tokenizer (and every transformers version) reads.

@@ -17,8 +17,12 @@ and the trained prompt stay two pytrees. Placements:
   "prepend"  prompt before the input tokens (the prompt-tuning literature; the default).
   "suffix"   prompt right after each example's last real token (position len_i), so relative positions
              never depend on how much padding the batch has.
-  "after_padding"  prompt after the padded input: what the reference implementation did; kept only to
-             reproduce it (its result depends on batch padding).
+  "after_padding"  the reference implementation's: it dropped each batch's all-padding columns, then
+             appended the prompt, so the prompt starts right after the batch's longest input (position
+             max_i len_i) and a shorter input has padding between its last token and the prompt. Here the
+             prompt goes to that position whatever the batch's static padding (the padding beyond it
+             moves after the prompt, masked), which reproduces the reference exactly, batch by batch; an
+             example's output still depends on the other inputs of its batch, as it did there.
 The prompt is the embedding (it bypasses the token embedding), is visible in encoder self-attention and
 in cross-attention, and gets the embedding dropout like the tokens. Inputs must be right-padded.
 
@@ -541,25 +545,27 @@ def place_prompt(embeddings, input_mask, prompt, placement: str):
   num_prompt = prompt.shape[0]
   prompt = prompt.astype(embeddings.dtype)
   input_mask = input_mask.astype(bool)
-  prompt_batch = jnp.broadcast_to(prompt[None], (batch, *prompt.shape))
-  prompt_mask = jnp.ones((batch, num_prompt), bool)
   if placement == "prepend":
+    prompt_batch = jnp.broadcast_to(prompt[None], (batch, *prompt.shape))
     return (jnp.concatenate([prompt_batch, embeddings], 1),
-            jnp.concatenate([prompt_mask, input_mask], 1))
-  if placement == "after_padding":
-    return (jnp.concatenate([embeddings, prompt_batch], 1),
-            jnp.concatenate([input_mask, prompt_mask], 1))
+            jnp.concatenate([jnp.ones((batch, num_prompt), bool), input_mask], 1))
+  lengths = input_mask.sum(axis=1, dtype=jnp.int32)[:, None]  # right padding assumed
   if placement == "suffix":
-    lengths = input_mask.sum(axis=1, dtype=jnp.int32)[:, None]  # right padding assumed
-    positions = jnp.arange(length + num_prompt, dtype=jnp.int32)[None, :]
-    in_prompt = (positions >= lengths) & (positions < lengths + num_prompt)
-    # Tokens after the prompt are the input's padding, shifted right by P.
-    token_index = jnp.where(positions < lengths, positions, jnp.clip(positions - num_prompt, 0,
-                                                                     length - 1))
-    tokens = jnp.take_along_axis(embeddings, token_index[..., None], axis=1)
-    prompt_rows = prompt[jnp.clip(positions - lengths, 0, num_prompt - 1)]
-    return jnp.where(in_prompt[..., None], prompt_rows, tokens), positions < lengths + num_prompt
-  raise ValueError(f"prompt placement {placement!r}: expected one of {PLACEMENTS}")
+    start = lengths
+  elif placement == "after_padding":
+    # The reference dropped the batch's all-padding columns, then appended the prompt: it starts right
+    # after the batch's longest input, whatever padding the batch came with.
+    start = jnp.broadcast_to(jnp.max(lengths), lengths.shape)
+  else:
+    raise ValueError(f"prompt placement {placement!r}: expected one of {PLACEMENTS}")
+  positions = jnp.arange(length + num_prompt, dtype=jnp.int32)[None, :]
+  in_prompt = (positions >= start) & (positions < start + num_prompt)
+  # The columns after the prompt are the input's remaining (padding) columns, shifted right by P.
+  token_index = jnp.where(positions < start, positions, jnp.clip(positions - num_prompt, 0, length - 1))
+  tokens = jnp.take_along_axis(embeddings, token_index[..., None], axis=1)
+  token_mask = jnp.take_along_axis(input_mask, token_index, axis=1)
+  prompt_rows = prompt[jnp.clip(positions - start, 0, num_prompt - 1)]
+  return jnp.where(in_prompt[..., None], prompt_rows, tokens), in_prompt | token_mask
 
 
 class T5(nn.Module):

@@ -324,7 +324,7 @@ def section_dev_eval(args, results) -> None:
           model, params, ids, mask, p, max_length=max_length)),
       "greedy, runs as one batch": jax.jit(lambda p, ids, mask: decode.greedy_decode_runs(
           model, params, ids, mask, p, max_length=max_length)),
-      "beam (4 beams, penalty 2.5), vmapped": vmapped(lambda p, ids, mask: decode.beam_search(
+      "beam (4 beams, penalty 2.5, early stopping), vmapped": vmapped(lambda p, ids, mask: decode.beam_search(
           model, params, ids, mask, p, max_length=max_length, num_beams=4, repetition_penalty=2.5,
           early_stopping=True)),
       "rank classification, vmapped": vmapped(lambda p, ids, mask: decode.rank_classify(

@@ -121,6 +121,7 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # Also prompt-tune every source task of the setting with the same grid, into <workdir>/sources/<task>/:
   # the task embeddings of mpt_jax.analysis (task similarity vs gain). Only the PT run acts on it.
   d.prompt_tune_sources = False
+  d.source_seeds = ()  # the seeds of those source grids; empty: config.seeds
 
   c.pt_results = ""  # a PT results.json to compute the relative gain against.
 
@@ -201,6 +202,10 @@ def _mini(c):
   d.lrs = (0.5, 0.3)
   d.num_steps = 60
   d.eval_every = 20
+  # PT also prompt-tunes the source tasks (2 seeds): their prompts are the task embeddings of the
+  # similarity analysis (mpt_jax/analysis.py) that experiments/mini_study.py ends with.
+  d.prompt_tune_sources = True
+  d.source_seeds = SEEDS[:2]
 
 
 # The reference implementation's behaviour, key by key, wherever ours can follow it (docs/PROTOCOL.md

@@ -264,8 +264,9 @@ def make_predict(config, model, frozen_params, mesh, train_split):
 
 
 def run_downstream(config, workdir, model, frozen_params, tokenizer, target_data, init_prompt, mesh,
-                   cache_dir, out_subdir: str = "downstream"):
+                   cache_dir, out_subdir: str = "downstream", seeds: Sequence[int] | None = None):
   d = config.downstream
+  seeds = tuple(config.seeds if seeds is None else seeds)
   spec = batching.TextSpec(config.data.max_input_len, d.max_target_len, config.data.input_template)
   optimizer, grid_step = grid_trainer(model.config, config.prompt.placement, d.optimizer, mesh)
   grid = adapt.GridConfig(tuple(d.lrs), d.batch_size, d.num_steps, d.eval_every, d.eval_batch_size,
@@ -283,13 +284,13 @@ def run_downstream(config, workdir, model, frozen_params, tokenizer, target_data
                  batching.tokenize_tasks({task: data}, tokenizer, spec, cache_dir).items()}
     if init_prompt is None:  # PT: each seed starts from the target task's own name
       prompts = {s: initial_prompt(config, frozen_params, tokenizer, [task], config.seed + s)
-                 for s in config.seeds}
+                 for s in seeds}
     else:
-      prompts = {s: init_prompt for s in config.seeds}
-    predict = make_predict(config, model, frozen_params, mesh, tokenized[(config.seeds[0], "train")])
+      prompts = {s: init_prompt for s in seeds}
+    predict = make_predict(config, model, frozen_params, mesh, tokenized[(seeds[0], "train")])
     runs = adapt.adapt_task(task, init_prompts=prompts, frozen_params=frozen_params, tokenized=tokenized,
                             grid_step=grid_step, optimizer=optimizer, predict=predict,
-                            tokenizer=tokenizer, config=grid, seeds=config.seeds, out_dir=task_dir,
+                            tokenizer=tokenizer, config=grid, seeds=seeds, out_dir=task_dir,
                             prompt_meta=_prompt_meta(config, model))
     summary = results.summarize_task(task, runs)
     results.write_task_results(summary, task_dir)
@@ -315,7 +316,8 @@ def run(config, workdir: str) -> dict | None:
   target_data = read_tasks(data_dir, targets if do_downstream else (), config.seeds,
                            ("train", "dev", "test"), keep_empty_answers=("dev", "test"))
   check_scorable(target_data)
-  source_runs = read_tasks(data_dir, setting.source if prompt_tunes_sources(config) else (), config.seeds,
+  source_seeds = tuple(config.downstream.source_seeds or config.seeds)
+  source_runs = read_tasks(data_dir, setting.source if prompt_tunes_sources(config) else (), source_seeds,
                            ("train", "dev", "test"))
   init_prompt = None
   if config.init_prompt:
@@ -345,7 +347,7 @@ def run(config, workdir: str) -> dict | None:
     logging.info("prompt-tuning the %d source tasks too (config.downstream.prompt_tune_sources)",
                  len(source_runs))
     run_downstream(config, workdir, model, frozen_params, tokenizer, source_runs, init_prompt, mesh,
-                   cache_dir, out_subdir="sources")
+                   cache_dir, out_subdir="sources", seeds=source_seeds)
   summary = results.summarize_setting(summaries, setting=setting.name, method=config.method,
                                       pt=config.pt_results or None)
   results.write_setting_results(summary, workdir)

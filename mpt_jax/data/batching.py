@@ -27,14 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
+from mpt_jax import study
 from mpt_jax.data.crossfit import Split, TaskData
 
 PAD_ID = 0
 EOS_ID = 1
 INPUT_FORMAT = " [{task}] {input}"
-MAX_INPUT_LENGTH = 512
-UPSTREAM_TARGET_LENGTH = 64  # meta-learning upstream
-DOWNSTREAM_TARGET_LENGTH = 128  # MTL upstream and every downstream run
+MAX_INPUT_LENGTH = study.MAX_INPUT_LEN
+UPSTREAM_TARGET_LENGTH = study.UPSTREAM_TARGET_LEN  # meta-learning upstream
+DOWNSTREAM_TARGET_LENGTH = study.DOWNSTREAM_TARGET_LEN  # MTL upstream and every downstream run
 _CACHE_VERSION = 1  # bump when the cached layout or the tokenization rule changes
 BATCH_KEYS = ("input_ids", "input_mask", "target_ids", "target_mask")
 

@@ -97,6 +97,18 @@ def make_tokenizer_dir(out_dir: str | os.PathLike) -> Path:
   return Path(out_dir)
 
 
+def make_tiny_checkpoint(out_dir: str | os.PathLike) -> Path:
+  """A tiny random v1.1 checkpoint (config.json, model.safetensors, spiece.model) written by our own
+  `hf.save_checkpoint`, without torch: a `config.model` for end-to-end runs."""
+  from mpt_jax.model import hf, tokenizer as tokenizer_lib
+
+  make_tokenizer_dir(out_dir)
+  tokenizer = tokenizer_lib.load_tokenizer(out_dir)
+  model, params = tiny_t5("1.1", vocab_size=len(tokenizer))
+  hf.save_checkpoint(out_dir, model.config, params, tokenizer)
+  return Path(out_dir)
+
+
 def make_hf_t5_dir(out_dir: str | os.PathLike, version: str = "1.1", **kwargs) -> Path:
   """A tiny random transformers T5 checkpoint directory (see scripts/make_test_assets.py)."""
   return _assets_module().make_hf_t5(out_dir, version, **kwargs)

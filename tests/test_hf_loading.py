@@ -223,5 +223,5 @@ def test_saved_checkpoint_reloads_here_and_in_transformers(version, request, tmp
 
 
 def test_hub_name_heuristic():
-  assert not hf._looks_local("google/t5-large-lm-adapt") and not hf._looks_local("t5-small")
-  assert hf._looks_local("/data/t5") and hf._looks_local("./t5") and hf._looks_local("a/b/c")
+  assert not hf.looks_local("google/t5-large-lm-adapt") and not hf.looks_local("t5-small")
+  assert hf.looks_local("/data/t5") and hf.looks_local("./t5") and hf.looks_local("a/b/c")

@@ -40,7 +40,7 @@ from mpt_jax.model.t5 import T5  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GYM_DIR = REPO_ROOT / "assets" / "wordnet_gym"
-SPEC = batching.TextSpec(max_input_length=64, max_target_length=8)  # the demo/mini presets' lengths
+SPEC = batching.TextSpec(max_input_len=64, max_target_len=8)  # the demo/mini presets' lengths
 
 
 def read_split(gym_dir, task: str, seed: int, split: str, tokenizer) -> batching.TokenizedSplit:

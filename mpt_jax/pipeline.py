@@ -367,16 +367,18 @@ def resolve_decoding(decoding: str, task: str) -> str:
 def upstream_sampler(config, source_data, tokenizer, cache_dir):
   """(sample_batch(step), num_steps) of the method: MTL pools batches, meta-learners draw episodes."""
   u = config.upstream
-  spec = batching.TextSpec(config.data.max_input_len, u.max_target_len, config.data.input_template)
+  spec = batching.TextSpec(max_input_len=config.data.max_input_len, max_target_len=u.max_target_len,
+                           input_template=config.data.input_template)
   tokenized = batching.tokenize_tasks(source_data, tokenizer, spec, cache_dir)
   if config.method == "mtl":
     pool = batching.concat_splits([tokenized[key] for key in sorted(tokenized)], "mtl")
-    sampler = batching.EpochSampler(pool, u.batch_size, config.seed)
+    sampler = batching.EpochSampler(pool, batch_size=u.batch_size, seed=config.seed)
     return sampler, u.num_steps or sampler.steps_for_epochs(u.num_epochs)
   with_query = config.method != "reptile"
   tasks = batching.meta_tasks(tokenized, list(source_data), config.seeds, with_query=with_query)
-  sampler = batching.EpisodeSampler(tasks, u.tasks_per_step, u.inner_steps, u.inner_batch_size,
-                                    u.query_size if with_query else None, config.seed)
+  sampler = batching.EpisodeSampler(tasks, tasks_per_step=u.tasks_per_step, inner_steps=u.inner_steps,
+                                    inner_batch_size=u.inner_batch_size,
+                                    query_size=u.query_size if with_query else None, seed=config.seed)
   return sampler, u.num_steps
 
 
@@ -474,7 +476,8 @@ def run_downstream(runtime: Runtime, target_data, init_prompt: np.ndarray | None
   """The grid on every task of `target_data` from `init_prompt` (None: PT, each seed from the task's own
   name); a task whose results exist with this config is reused, one whose grid was interrupted resumes."""
   config, d = runtime.config, runtime.config.downstream
-  spec = batching.TextSpec(config.data.max_input_len, d.max_target_len, config.data.input_template)
+  spec = batching.TextSpec(max_input_len=config.data.max_input_len, max_target_len=d.max_target_len,
+                           input_template=config.data.input_template)
   grid = grid_config(config)
   fix = _fresh_workdir_fix(runtime.workdir, config.method in UPSTREAM_METHODS)
   summaries = []

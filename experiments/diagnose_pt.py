@@ -63,7 +63,7 @@ def encoder_swap(model, params, split: batching.TokenizedSplit, n: int) -> dict:
   zeroed = logits_with(jnp.zeros_like(encoded), mask)
 
   def kl_first(p_logits, q_logits):
-    p = jax.nn.log_softmax(p_logits[:, 0]); q = jax.nn.log_softmax(q_logits[:, 0])
+    p, q = jax.nn.log_softmax(p_logits[:, 0]), jax.nn.log_softmax(q_logits[:, 0])
     return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), axis=-1)))
 
   target_mask = jnp.asarray(batch["target_mask"], jnp.float32)

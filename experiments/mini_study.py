@@ -27,9 +27,7 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mpt_jax import study  # noqa: E402
+from mpt_jax import study
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/mini_study", "Output directory.")
 _SETTINGS = flags.DEFINE_list("settings", ["wn_cls2cls", "wn_nocls2cls", "wn_both2cls", "wn_nocls2nocls"],

@@ -40,7 +40,8 @@ import platform
 import socket
 import subprocess
 import sys
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -704,7 +705,7 @@ def run_record(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
   new record.
   """
   record = {
-      "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "hostname": socket.gethostname(),
       "command_line": list(sys.argv),
       "executable": sys.executable,

@@ -6,8 +6,8 @@ Two kinds:
 - `make_hf_t5_dir(out_dir, version)`: a tiny random transformers (PyTorch) T5 saved with
   save_pretrained + a tiny spiece.model, i.e. a checkpoint directory that `load_pretrained` reads:
   for loader / parity / end-to-end tests. Needs torch. The session-scoped pytest fixtures
-  `hf_t5_v10_dir` and `hf_t5_v11_dir` build each once per session; import them into a test module
-  (`from helpers_t5 import hf_t5_v11_dir`) to use them.
+  `hf_t5_v10_dir` and `hf_t5_v11_dir` build each once per session (tests/conftest.py registers them:
+  a test takes them by name).
 - `fast_compile`: a module-scoped fixture that turns XLA optimizations off while a module runs.
 
 Versions: "1.0" = ReLU, tied head, scaled decoder output; "1.1" = gated-GELU, untied head, no scaling,
@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
+from mpt_jax.model.t5 import T5, T5Config, init_params
 
-from mpt_jax.model.t5 import T5, T5Config, init_params  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_VOCAB = 64
 

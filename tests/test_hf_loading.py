@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from helpers_t5 import (  # noqa: F401 (pytest fixtures are used by name)
-    fast_compile, hf_t5_v10_dir, hf_t5_v11_dir, tiny_tokenizer_dir)
 from mpt_jax.model import hf
 from mpt_jax.model.hf import load_pretrained, save_checkpoint
 from mpt_jax.model.t5 import T5Config

@@ -282,7 +282,7 @@ def params_from_hf(hf_config: Mapping, tensors: Mapping[str, np.ndarray], *, dty
   unexpected = sorted(k for k in tensors if k not in used and not _IGNORED.match(k))
   if unexpected:
     warnings.warn(f"{source}: {len(unexpected)} tensors are not part of a T5ForConditionalGeneration "
-                  f"and were ignored: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+                  f"and were ignored: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}", stacklevel=2)
   return config, params
 
 

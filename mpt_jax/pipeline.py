@@ -225,15 +225,19 @@ def check_workdir(config, workdir: str, data: RunData, init_prompt: np.ndarray |
                   upstream: bool) -> fingerprint.Check | None:
   """Compares every stage directory of the workdir with this config's fingerprints before any compute;
   raises one WorkdirConflict naming every difference. Returns upstream's check (its record, and the new
-  learning rates it accepts after a divergence)."""
+  learning rates it accepts after a divergence).
+
+  The upstream stage is compared whenever downstream starts from this workdir's upstream prompt, run now
+  or not (a downstream-only rerun with other upstream keys would label the old prompt's results with
+  them); without the source data read, their hash is not compared."""
   problems, upstream_check = [], None
   upstream_prompt = os.path.exists(os.path.join(workdir, "upstream", "prompt.npy"))
   fix = _fresh_workdir_fix(workdir, upstream_prompt)
-  if upstream:
+  if config.method in UPSTREAM_METHODS and not config.init_prompt:
     upstream_check = fingerprint.check_stage(os.path.join(workdir, "upstream"),
                                              upstream_fingerprint(config, data.source),
-                                             what=os.path.join(workdir, "upstream"),
-                                             fix=fix)
+                                             what=os.path.join(workdir, "upstream"), fix=fix,
+                                             unknown=() if upstream else (fingerprint.DATA,))
     problems.append(upstream_check.problem)
   # The upstream prompt is known here unless upstream is still to make it; then it is compared when the
   # downstream stage starts.

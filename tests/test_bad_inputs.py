@@ -178,6 +178,14 @@ def rerun(ctx, method="maml", kind=fingerprint.WorkdirConflict, **overrides) -> 
   return message
 
 
+def other_upstream_lr(ctx):
+  message = rerun(ctx, **{"upstream.lr": 0.1})
+  # Downstream alone, from the upstream prompt of the same workdir: refused too (the prompt was not made
+  # with 0.1, and the results would say it was).
+  assert "upstream.lr: 0.5 -> 0.1" in rerun(ctx, **{"upstream.lr": 0.1, "stages": ("downstream",)})
+  return message
+
+
 def harmless_change(ctx, caplog):
   before = snapshot(ctx.finished)
   with caplog.at_level("INFO"):
@@ -243,7 +251,7 @@ REPRODUCTIONS = {
     "weights-truncated": weights_truncated,
     "model-missing": lambda ctx: refused_config(ctx, model="./no_such_model"),
     "other-method": lambda ctx: rerun(ctx, "fomaml"),
-    "other-upstream-lr": lambda ctx: rerun(ctx, **{"upstream.lr": 0.1}),
+    "other-upstream-lr": lambda ctx: other_upstream_lr(ctx),
     "other-downstream-lrs": lambda ctx: rerun(ctx, **{"downstream.lrs": (0.4,)}),
     "fewer-steps": lambda ctx: rerun(ctx, **{"upstream.num_steps": 2}),
     "other-seed": lambda ctx: rerun(ctx, seed=1),

@@ -74,13 +74,19 @@ def main(argv) -> None:
   logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
   if _MULTIHOST.value:
     jax.distributed.initialize()
-  from mpt_jax import pipeline
+  from mpt_jax import config as config_lib, fingerprint, pipeline
+  from mpt_jax.data import crossfit
 
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or not workdir:
     raise app.UsageError("both --config and --workdir are required")
   logging.info("devices: %s", jax.devices())
-  pipeline.run(config, workdir)
+  try:
+    pipeline.run(config, workdir)
+  except (config_lib.ConfigError, crossfit.CrossFitError, fingerprint.WorkdirConflict,
+          pipeline.UpstreamDiverged) as error:  # the user's to fix, and said in full: no traceback
+    sys.stderr.write(f"FATAL {type(error).__name__}: {error}\n")
+    sys.exit(1)
 
 
 if __name__ == "__main__":

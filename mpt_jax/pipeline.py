@@ -408,6 +408,10 @@ def _learning_rates(keys: Mapping[str, Any]) -> dict[str, Any]:
   return {key: keys[key] for key in fingerprint.UPSTREAM_LEARNING_RATES if key in keys}
 
 
+class UpstreamDiverged(FloatingPointError):
+  """Upstream stopped at a step that failed the guard; the workdir keeps what a lower rate resumes from."""
+
+
 def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.ndarray:
   """The upstream prompt: reused when this workdir finished it with this config, else trained (resumed from
   the latest checkpoint). After a divergence, a rerun with lower learning rates continues from the last good
@@ -445,12 +449,14 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
     record.divergences.append({"step": diverged.step, "reason": diverged.reason,
                                "resume_step": diverged.resume_step, "learning_rates": rates})
     record.save(out_dir)
-    raise FloatingPointError(
+    resume = (f"it continues from step {diverged.resume_step}, the last good checkpoint, with the new rate "
+              f"({os.path.join(out_dir, fingerprint.FILE)} records which rate trained which steps)"
+              if diverged.resume_step else "it starts again from the initial prompt (no step before the "
+                                           "divergence was checkpointed)")
+    raise UpstreamDiverged(
         f"upstream diverged at step {diverged.step}: {diverged.reason}. The update was not applied, and "
         f"every checkpoint holds steps that passed the guard. Rerun with a lower --config.upstream.lr (now "
-        f"{u.lr:g}; e.g. --config.upstream.lr={u.lr / 10:g}): it continues from step {diverged.resume_step}, "
-        f"the last good checkpoint, with the new rate ({out_dir}/{fingerprint.FILE} records which rate "
-        f"trained which steps).") from diverged
+        f"{u.lr:g}): {resume}.") from diverged
   prompt = np.asarray(jax.device_get(state.prompt))
   prompt_lib.save_prompt(prompt_path, prompt, prompt_meta(runtime, source_tasks=list(source_data),
                                                           steps=num_steps, config_fingerprint=record.hash,

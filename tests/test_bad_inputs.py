@@ -109,6 +109,16 @@ def unknown_key(ctx):
   return done.stderr
 
 
+def unknown_method(ctx):
+  # Through the command line: the ConfigError is the whole message (no traceback), exit 1, no workdir.
+  workdir = ctx.tmp / "never"
+  done = _main("--config=configs/maml_cls2cls.py:demo", f"--workdir={workdir}", "--config.setting=wn_cls2cls",
+               "--config.method=mamll")
+  assert done.returncode == 1 and not workdir.exists() and "Traceback" not in done.stderr
+  assert refused_config(ctx, **{"method": "mamll"}) in done.stderr  # pipeline.run raises the same
+  return done.stderr
+
+
 def first_order_key(ctx):
   done = _main("--config=configs/maml_cls2cls.py:demo", f"--workdir={ctx.tmp / 'never'}",
                "--config.upstream.first_order=True")
@@ -234,7 +244,7 @@ def upstream_diverges(ctx):
 REPRODUCTIONS = {
     "config-file-missing": config_file_missing,
     "unknown-key": unknown_key,
-    "unknown-method": lambda ctx: refused_config(ctx, **{"method": "mamll"}),
+    "unknown-method": unknown_method,
     "bad-enums": lambda ctx: refused_config(ctx, **{"downstream.decoding": "beem", "prompt.placement": "append",
                                                     "upstream.optimizer": "adam"}),
     "eval-every-zero": lambda ctx: refused_config(ctx, **{"downstream.eval_every": 0}),

@@ -310,3 +310,22 @@ def test_target_files_keep_lines_without_an_answer_where_their_metric_can_score_
   with pytest.raises(ValueError, match=r"ag_news_16_100_dev.tsv: 1 line\(s\) without an answer, which "
                                        r"Classification-F1 \(a metric of the first gold\) cannot score"):
     pipeline.check_scorable(data)
+
+
+def test_the_runtime_places_the_frozen_weights_on_every_device_once(tmp_path):
+  """build_runtime: the weights both stages use are replicated over the whole mesh (2 simulated
+  devices), upstream's step is the data-parallel one, and nothing is compiled until first called."""
+  import jax
+
+  from mpt_jax import config as config_lib, pipeline
+
+  config = config_lib.base_config("maml", "synth_mini", "tiny")
+  config.model = str(helpers_t5.make_tiny_checkpoint(tmp_path / "tiny_t5"))
+  runtime = pipeline.build_runtime(config, str(tmp_path / "run"), upstream=True)
+  assert runtime.mesh.size == jax.device_count() == 2
+  for leaf in jax.tree.leaves(runtime.frozen_params):
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 2
+  assert runtime.upstream_step._cache_size() == 0 and runtime.grid_step._cache_size() == 0
+  assert runtime.cache_dir == str(tmp_path / "run" / "cache")  # as config.py says
+  config.num_devices = 1
+  assert pipeline.build_runtime(config, str(tmp_path / "run"), upstream=False).mesh.size == 1

@@ -47,7 +47,8 @@ HARMLESS = {
     "init_prompt": "where the initial prompt is: its content is fingerprinted",
     "remat_layers": "the same function, recomputed in the backward pass",
     "upstream.remat_inner": "the same function, recomputed in the backward pass",
-    "num_devices": "the same data-parallel step on more or fewer devices",
+    # (MTL's dropout masks are drawn per device: another draw of the same distribution.)
+    "num_devices": "the same data-parallel step, split over more or fewer devices",
     # The batch only sets the prompt's position under after_padding (see `stage_keys`).
     "downstream.eval_batch_size": "evaluation batches score each example on its own",
 }

@@ -40,7 +40,7 @@ from mpt_jax.model.t5 import T5  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GYM_DIR = REPO_ROOT / "assets" / "wordnet_gym"
-SPEC = batching.TextSpec(max_input_length=64, max_target_length=8)  # the demo/mini presets' lengths
+SPEC = batching.TextSpec(max_input_len=64, max_target_len=8)  # the demo/mini presets' lengths
 
 
 def read_split(gym_dir, task: str, seed: int, split: str, tokenizer) -> batching.TokenizedSplit:
@@ -63,7 +63,7 @@ def encoder_swap(model, params, split: batching.TokenizedSplit, n: int) -> dict:
   zeroed = logits_with(jnp.zeros_like(encoded), mask)
 
   def kl_first(p_logits, q_logits):
-    p = jax.nn.log_softmax(p_logits[:, 0]); q = jax.nn.log_softmax(q_logits[:, 0])
+    p, q = jax.nn.log_softmax(p_logits[:, 0]), jax.nn.log_softmax(q_logits[:, 0])
     return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), axis=-1)))
 
   target_mask = jnp.asarray(batch["target_mask"], jnp.float32)

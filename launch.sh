@@ -3,6 +3,7 @@
 #
 #   bash launch.sh demo                      # the embedded offline default, end to end
 #   bash launch.sh test                      # the test suite
+#   bash launch.sh lint                      # ruff: lint and format check (CI runs it before the tests)
 #   bash launch.sh mini-study                # the offline mini-study (experiments/mini_study.py), ~1 h
 #   bash launch.sh run --config=configs/maml_cls2cls.py --workdir=runs/maml_cls2cls [--config.x=y ...]
 #   bash launch.sh study --setting=cls2cls --workdir=runs/cls2cls --set data_dir=/data/crossfit
@@ -14,8 +15,8 @@
 # --multihost ...` on all workers (jax.distributed.initialize() joins them), and copies the workdir back
 # from worker 0. --dry-run prints the gcloud commands instead of running them.
 #
-# The environment lives in .venv (override with MPT_VENV); it is (re)installed whenever the pinned
-# requirements file changes.
+# The environment lives in .venv (override with MPT_VENV): the pinned requirements, then this package
+# itself (`pip install -e .`, pyproject.toml); it is (re)installed whenever either changes.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${MPT_VENV:-.venv}"
@@ -27,10 +28,11 @@ ensure_env() {  # $1: requirements file
   if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
   fi
-  if [ ! -f "$stamp" ] || ! cmp -s <(cat "$req" requirements.txt) "$stamp"; then
+  if [ ! -f "$stamp" ] || ! cmp -s <(cat "$req" requirements.txt pyproject.toml) "$stamp"; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -r "$req"
-    cat "$req" requirements.txt > "$stamp"
+    "$VENV/bin/python" -m pip install --quiet --no-deps -e .
+    cat "$req" requirements.txt pyproject.toml > "$stamp"
   fi
 }
 
@@ -62,7 +64,7 @@ tpu_launch() {
   local setup="(command -v python3.11 || (sudo apt-get update -q && sudo apt-get install -y -q python3.11 \
 python3.11-venv)) && mkdir -p $remote_dir && tar -xzf ~/mpt-jax.tar.gz -C $remote_dir && cd $remote_dir && \
 python3.11 -m venv .venv && .venv/bin/pip install -q -r requirements.txt && \
-.venv/bin/pip install -q 'jax[tpu]==0.10.2'"
+.venv/bin/pip install -q 'jax[tpu]==0.10.2' && .venv/bin/pip install -q --no-deps -e ."
   run_or_print "${vm[@]}" ssh "$name" "${at[@]}" --worker=all --command="$setup"
   local args; args="$(printf '%q ' "$@")"
   run_or_print "${vm[@]}" ssh "$name" "${at[@]}" --worker=all \
@@ -73,6 +75,11 @@ python3.11 -m venv .venv && .venv/bin/pip install -q -r requirements.txt && \
 
 cmd="${1:-demo}"; shift || true
 case "$cmd" in
+  lint)
+    ensure_env requirements-test.txt
+    "$VENV/bin/ruff" check .
+    exec "$VENV/bin/ruff" format --check .
+    ;;
   test)
     ensure_env requirements-test.txt
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -102,5 +109,5 @@ case "$cmd" in
     exec "$VENV/bin/python" -m mpt_jax.main "$@"
     ;;
   *)
-    echo "usage: bash launch.sh {demo|test|mini-study|run|study|tpu} [args...]" >&2; exit 2;;
+    echo "usage: bash launch.sh {demo|test|lint|mini-study|run|study|tpu} [args...]" >&2; exit 2;;
 esac

@@ -111,9 +111,6 @@ elif ARGS is not None:
     raise SystemExit("unset XLA_FLAGS=--xla_force_host_platform_device_count: the benchmark times one "
                      "CPU device using all its cores")
 
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -46,13 +46,11 @@ rates, and an estimate of the whole study's wall time on one device, ours and th
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -315,7 +313,7 @@ def reference(table: Table, entry: dict) -> None:
   entry.update(device=device, torch=torch.__version__, build_s=round(time.perf_counter() - start, 1))
   sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
 
-  def timed(method, batch):
+  def timed(model, method, batch):
     batch = ref.to_torch(batch, device)
     run = ref.ReferenceRun(model, st["prompt"], inner_lr=INNER_LR)
     if device == "cuda":
@@ -334,10 +332,10 @@ def reference(table: Table, entry: dict) -> None:
       entry[f"{method}_peak_gib"] = gib(torch.cuda.max_memory_allocated())
     log(f"  reference {method}: {entry[f'{method}_time']['median_s']:.4f} s")
 
-  timed("pt", st["batches"]["pt"])
+  timed(model, "pt", st["batches"]["pt"])
   try:
     import higher  # noqa: F401
-    timed("maml", st["batches"]["maml"])
+    timed(model, "maml", st["batches"]["maml"])
   except ImportError:
     entry["maml_skipped"] = "higher is not installed (pip install higher==0.2.1)"
   del model

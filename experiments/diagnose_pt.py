@@ -40,7 +40,7 @@ from mpt_jax.model.t5 import T5  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GYM_DIR = REPO_ROOT / "assets" / "wordnet_gym"
-SPEC = batching.TextSpec(max_input_length=64, max_target_length=8)  # the demo/mini presets' lengths
+SPEC = batching.TextSpec(max_input_len=64, max_target_len=8)  # the demo/mini presets' lengths
 
 
 def read_split(gym_dir, task: str, seed: int, split: str, tokenizer) -> batching.TokenizedSplit:
@@ -63,7 +63,7 @@ def encoder_swap(model, params, split: batching.TokenizedSplit, n: int) -> dict:
   zeroed = logits_with(jnp.zeros_like(encoded), mask)
 
   def kl_first(p_logits, q_logits):
-    p = jax.nn.log_softmax(p_logits[:, 0]); q = jax.nn.log_softmax(q_logits[:, 0])
+    p, q = jax.nn.log_softmax(p_logits[:, 0]), jax.nn.log_softmax(q_logits[:, 0])
     return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), axis=-1)))
 
   target_mask = jnp.asarray(batch["target_mask"], jnp.float32)
@@ -79,13 +79,14 @@ def encoder_swap(model, params, split: batching.TokenizedSplit, n: int) -> dict:
 
 
 def overfit(model, params, tokenizer, train: batching.TokenizedSplit, dev: batching.TokenizedSplit,
-            prompt_length: int, steps: int, lr: float, n: int, init_seed: int) -> dict:
+            prompt_length: int, steps: int, lr: float, n: int, init_seed: int,
+            optimizer_name: str = "adafactor") -> dict:
   """Prompt tuning on a fixed batch of n train examples; losses and accuracies along the way."""
   batch = {k: jnp.asarray(v) for k, v in batching.make_batch(train, np.arange(n)).items()}
   embedding = prompt_lib.token_embedding(params)
   prompt0 = prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer)(
       jax.random.PRNGKey(init_seed), (prompt_length, embedding.shape[1]))
-  optimizer = optim.make_optimizer("adafactor", lr)
+  optimizer = optim.make_optimizer(optimizer_name, lr)
   loss_fn = algorithms.make_loss_fn(model, deterministic=True)
   step = algorithms.jit_step(algorithms.make_pt_step(loss_fn, optimizer))
   state = algorithms.init_state(prompt0, optimizer)
@@ -125,6 +126,7 @@ def overfit(model, params, tokenizer, train: batching.TokenizedSplit, dev: batch
   dev_rank, dev_texts = accuracy(state.prompt, dev, dev_rows, "rank")
   majority = max(np.mean([a[0] == c for a in dev.answers]) for c in candidates.texts)
   return {"task": train.task, "prompt_length": prompt_length, "steps": steps, "lr": lr, "examples": n,
+          "optimizer": optimizer_name,
           "loss_curve": curve, "final_loss": curve[-1][1],
           "label_token_loss": float(label_token_loss(state.prompt)),
           "train_rank_accuracy": rank_acc, "train_generation_accuracy": gen_acc,
@@ -143,6 +145,7 @@ def main(argv=None):
   p.add_argument("--prompt_lengths", default="16,50,100")
   p.add_argument("--steps", type=int, default=150)
   p.add_argument("--lr", type=float, default=0.5)
+  p.add_argument("--optimizer", default="adafactor", help="adafactor (the study's), adamw or sgd")
   p.add_argument("--examples", type=int, default=16)
   p.add_argument("--seed", type=int, default=100, help="the gym's data seed (file) to read")
   p.add_argument("--skip_overfit", action="store_true")
@@ -165,7 +168,7 @@ def main(argv=None):
       # A fixed, class-balanced-as-it-comes batch: the first n examples of the shuffled train file.
       for length in map(int, args.prompt_lengths.split(",")):
         row = overfit(model, params, tokenizer, train, dev, length, args.steps, args.lr, args.examples,
-                      init_seed=args.seed)
+                      init_seed=args.seed, optimizer_name=args.optimizer)
         report["overfit"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "generations"}), flush=True)
   report["wall_s"] = round(time.time() - t0, 1)

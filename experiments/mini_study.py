@@ -27,7 +27,7 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mpt_jax import study
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/mini_study", "Output directory.")
 _SETTINGS = flags.DEFINE_list("settings", ["wn_cls2cls", "wn_nocls2cls", "wn_both2cls", "wn_nocls2nocls"],
@@ -66,7 +66,7 @@ def share_pt_runs(workdir: str, setting: str, earlier: list[str], targets, sourc
   return copied
 
 
-METHOD_ORDER = ("pt", "mtl", "maml", "fomaml", "reptile")
+METHOD_ORDER = study.METHODS
 
 
 def downstream_loss_table(setting_dir: str) -> str:

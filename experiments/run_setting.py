@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import ast
 import os
-import sys
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mpt_jax import config as config_lib  # noqa: E402
+from mpt_jax import config as config_lib
 
 _SETTING = flags.DEFINE_string("setting", None, "Setting name (e.g. cls2cls, wn_cls2cls, synth_mini).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one subdirectory per method).")
@@ -41,12 +38,13 @@ def method_config(method: str, setting: str, preset: str | None, overrides: list
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       value = text  # a plain string (a path, a model id)
+    unknown = config_lib.unknown_keys(config, [key])
+    if unknown:
+      raise app.UsageError(f"--set {item!r}: {unknown[0]}")
     node = config
     *parents, leaf = key.split(".")
     for part in parents:
       node = node[part]
-    if leaf not in node:
-      raise app.UsageError(f"--set {item!r}: the config has no field {key!r}")
     node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], tuple) else value
   return config
 

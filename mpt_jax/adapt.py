@@ -11,6 +11,12 @@ Step budget, as the reference's loop counted it (`for epoch in range(1000): for 
 stopping at 3000 steps): a run trains min(num_steps, max_epochs * ceil(train examples / batch)) steps,
 so a task of 32 train examples trains 2000 steps, not 3000. The initial prompt is a best-dev candidate
 only with `step0_candidate` (the reference's first candidate came after eval_every steps).
+
+Preemption: the grid is checkpointed at every dev evaluation (run states, best and last prompts, best
+scores and steps, dev curve, failed runs, step budgets), so a grid killed at any point and started again
+ends with exactly the results and prompts of one that never stopped (the batches and dropout are pure
+functions of the step). Divergence: a run whose update fails the guard (non-finite or diverging) is
+marked failed at that step and left out of the choice of its seed's learning rate; the others go on.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,13 +34,14 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mpt_jax import algorithms, chunking, logs, metrics, parallel, prompt as prompt_lib
+from mpt_jax import algorithms, checkpoints, chunking, logs, metrics, parallel, prompt as prompt_lib
 from mpt_jax.data import batching
 
 
 @dataclasses.dataclass(frozen=True)
 class GridConfig:
-  learning_rates: Sequence[float]
+  """The grid of one target task; fields are named as in the config (`config.downstream`)."""
+  lrs: Sequence[float]
   batch_size: int
   num_steps: int
   eval_every: int
@@ -82,10 +90,10 @@ def grid_runs(seeds: Sequence[int], learning_rates: Sequence[float]) -> list[Run
 
 
 def make_grid_trainer(loss_fn, optimizer, mesh=None, memory_budget_bytes: int | None = None) -> Callable:
-  """grid_step(states [R], frozen_params, batches [R, ...], rngs [R]), jitted (sharded by run if a mesh
-  with several devices is given and R divides over it). On one device, the runs go in the fewest
-  chunks whose compiled step fits the memory budget (default: the device's free memory; mpt_jax/
-  chunking.py), so a grid too big for the device still runs, with the same results."""
+  """grid_step(states [R], frozen_params, batches [R, ...], rngs [R]), jitted (split over the devices by
+  run if a mesh with several devices is given; runs are padded to a multiple of them). On one device, the
+  runs go in the fewest chunks whose compiled step fits the memory budget (default: the device's free
+  memory; mpt_jax/chunking.py), so a grid too big for the device still runs, with the same results."""
   step = algorithms.make_pt_step(loss_fn, optimizer)
   if mesh is not None and mesh.size > 1:
     return parallel.shard_grid_step(step, mesh)
@@ -94,58 +102,132 @@ def make_grid_trainer(loss_fn, optimizer, mesh=None, memory_budget_bytes: int | 
                             name="downstream grid step")
 
 
+@dataclasses.dataclass
+class GridProgress:
+  """What a grid of R runs has found so far, on the host (checkpointed at every dev evaluation).
+
+  A run's best prompt is a copy taken when its dev score improves (strictly); its last prompt the one at
+  the end of its step budget; failed_steps[r] the step at which run r failed the guard (0: it did not).
+  """
+  best_prompts: np.ndarray  # [R, P, D]
+  last_prompts: np.ndarray  # [R, P, D]
+  best_scores: np.ndarray  # [R] float64, NaN until the first candidate (or a run without a defined score)
+  best_steps: np.ndarray  # [R]
+  has_candidate: np.ndarray  # [R] bool
+  failed_steps: np.ndarray  # [R]
+  dev_curve: list  # (step, scores [R] with None where a run was not a candidate)
+
+  @classmethod
+  def start(cls, prompts: np.ndarray) -> GridProgress:
+    num_runs = prompts.shape[0]
+    return cls(prompts.copy(), prompts.copy(), np.full(num_runs, np.nan), np.zeros(num_runs, np.int64),
+               np.zeros(num_runs, bool), np.zeros(num_runs, np.int64), [])
+
+  def meta(self) -> dict:
+    """The JSON part of a checkpoint (floats exact: JSON keeps a float64's shortest repr)."""
+    return {"best_scores": _json_floats(self.best_scores), "best_steps": self.best_steps.tolist(),
+            "has_candidate": self.has_candidate.tolist(), "failed_steps": self.failed_steps.tolist(),
+            "dev_curve": [[step, _json_floats(scores)] for step, scores in self.dev_curve]}
+
+  @classmethod
+  def from_checkpoint(cls, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> GridProgress:
+    return cls(np.array(arrays["best_prompts"]), np.array(arrays["last_prompts"]),
+               _floats(meta["best_scores"]), np.asarray(meta["best_steps"], np.int64),
+               np.asarray(meta["has_candidate"], bool), np.asarray(meta["failed_steps"], np.int64),
+               [(int(step), _floats(scores).tolist()) for step, scores in meta["dev_curve"]])
+
+
+@jax.jit
+def _note_failures(failed_steps: jax.Array, update_ok: jax.Array, step: jax.Array) -> jax.Array:
+  """Each run's first step that failed the guard (0: none yet), kept on the device between evaluations."""
+  return jnp.where((failed_steps == 0) & ~update_ok, step, failed_steps)
+
+
 def train_grid(grid_step: Callable, states, frozen_params, sampler: batching.GridSampler,
                evaluate_dev: Callable[[jax.Array], np.ndarray], config: GridConfig,
                writer: logs.MetricWriter | None = None, desc: str = "grid",
-               run_steps: Sequence[int] | None = None):
-  """Trains R runs together; returns (best_prompts [R, P, D] host, best_scores [R], best_steps [R],
-  dev_curve: list of (step, scores [R]), last_prompts [R, P, D] host).
+               run_steps: Sequence[int] | None = None, checkpointer: checkpoints.Checkpointer | None = None,
+               checkpoint_meta: Mapping[str, Any] | None = None,
+               run_names: Sequence[str] | None = None) -> GridProgress:
+  """Trains R runs together; returns their GridProgress at the end.
 
-  evaluate_dev(prompts [R, P, D]) -> dev scores [R]. A run's best prompt is a host copy taken when its dev
-  score improves (strictly), from its first evaluation on: at step 0 with `config.step0_candidate`, else
-  at eval_every (then the initial prompt stays the best only if no dev score is ever defined).
-  run_steps: each run's step budget (default config.num_steps for all). The grid steps until the largest;
-  a run past its budget keeps stepping with the others, but its later dev scores are not candidates
-  (None in the curve) and its last prompt is the one at its budget. Dev is scored every eval_every steps
-  and at the end of each budget.
+  evaluate_dev(prompts [R, P, D]) -> dev scores [R]. A run's first candidate for the best prompt is at
+  step 0 with `config.step0_candidate`, else at eval_every (then the initial prompt stays the best only if
+  no dev score is ever defined). run_steps: each run's step budget (default config.num_steps for all).
+  The grid steps until the largest; a run past its budget keeps stepping with the others, but its later
+  dev scores are not candidates (None in the curve) and its last prompt is the one at its budget; the
+  same holds for a run from the step it failed the guard. Dev is scored every eval_every steps and at the
+  end of each budget.
+  checkpointer: saves the states and the progress at every evaluation (with `checkpoint_meta`), and
+  restores the latest at the start, so that a killed grid resumes where it stopped.
   """
   num_runs = int(np.asarray(states.step).shape[0])
   run_steps = np.full(num_runs, config.num_steps, np.int64) if run_steps is None else \
       np.asarray(run_steps, np.int64)
+  names = list(run_names) if run_names is not None else [f"run {r}" for r in range(num_runs)]
   total_steps = int(run_steps.max(initial=0))
   eval_steps = set(range(config.eval_every, total_steps + 1, config.eval_every)) | set(run_steps.tolist())
   base_rng = jax.random.PRNGKey(config.seed)
-  best_prompts = np.array(jax.device_get(states.prompt))
-  last_prompts = best_prompts.copy()
-  best_scores = np.full(num_runs, np.nan)
-  best_steps = np.zeros(num_runs, np.int64)
-  has_candidate = np.zeros(num_runs, bool)
-  dev_curve = []
-  if config.step0_candidate:
-    best_scores = np.asarray(evaluate_dev(states.prompt), np.float64)
-    has_candidate[:] = True
-    dev_curve.append((0, best_scores.tolist()))
-  for step in tqdm(range(total_steps), desc=desc, disable=jax.process_index() != 0, mininterval=5):
+  progress = GridProgress.start(np.array(jax.device_get(states.prompt)))
+  start = 0
+  restored = None if checkpointer is None else checkpointer.restore_latest(
+      {"states": states, "best_prompts": progress.best_prompts, "last_prompts": progress.last_prompts})
+  if restored is not None:
+    if restored.meta.get("run_steps") != run_steps.tolist():
+      raise ValueError(f"{checkpointer.directory}: the checkpointed grid has step budgets "
+                       f"{restored.meta.get('run_steps')}, this one {run_steps.tolist()}; use a fresh --workdir")
+    start, states = restored.step, restored.arrays["states"]
+    progress = GridProgress.from_checkpoint(restored.arrays, restored.meta)
+    logging.info("%s: resuming the grid from step %d (%s)", desc, start, checkpointer.directory)
+  elif config.step0_candidate:
+    progress.best_scores = np.asarray(evaluate_dev(states.prompt), np.float64)
+    progress.has_candidate[:] = True
+    progress.dev_curve.append((0, progress.best_scores.tolist()))
+  failed_steps = jnp.asarray(progress.failed_steps, jnp.int32)
+  for step in tqdm(range(start, total_steps), initial=start, total=total_steps, desc=desc,
+                   disable=jax.process_index() != 0, mininterval=5):
     rngs = jax.random.split(jax.random.fold_in(base_rng, step), num_runs)
     states, step_metrics = grid_step(states, frozen_params, sampler(step), rngs)
     done = step + 1
-    if done in eval_steps:
-      algorithms.check_finite(step_metrics, step)
-      in_budget = done <= run_steps
-      scores = np.where(in_budget, np.asarray(evaluate_dev(states.prompt), np.float64), np.nan)
-      dev_curve.append((done, scores.tolist()))
-      improved = in_budget & (~has_candidate | _better(scores, best_scores))
-      ended = done == run_steps
-      if improved.any() or ended.any():
-        prompts = np.asarray(jax.device_get(states.prompt))
-        best_prompts[improved] = prompts[improved]
-        best_scores[improved] = scores[improved]
-        best_steps[improved] = done
-        has_candidate |= improved
-        last_prompts[ended] = prompts[ended]
-      if writer is not None:
-        writer.write(done, {"loss": step_metrics["loss"], "dev_score": np.nanmean(scores)}, f"{desc}/")
-  return best_prompts, best_scores, best_steps, dev_curve, last_prompts
+    failed_steps = _note_failures(failed_steps, step_metrics["update_ok"], done)
+    if done not in eval_steps:
+      continue
+    failed = np.asarray(failed_steps, np.int64)
+    for r in np.flatnonzero((failed > 0) & (progress.failed_steps == 0)):
+      logging.warning("%s: %s failed the guard at step %d (a non-finite or diverging update): left out of "
+                      "its seed's choice of learning rate; the other runs go on", desc, names[r], failed[r])
+    progress.failed_steps = failed
+    in_budget = (done <= run_steps) & (failed == 0)
+    scores = np.where(in_budget, np.asarray(evaluate_dev(states.prompt), np.float64), np.nan)
+    progress.dev_curve.append((done, scores.tolist()))
+    improved = in_budget & (~progress.has_candidate | _better(scores, progress.best_scores))
+    ended = done == run_steps
+    if improved.any() or ended.any():
+      prompts = np.asarray(jax.device_get(states.prompt))
+      progress.best_prompts[improved] = prompts[improved]
+      progress.best_scores[improved] = scores[improved]
+      progress.best_steps[improved] = done
+      progress.has_candidate |= improved
+      progress.last_prompts[ended] = prompts[ended]
+    if writer is not None:
+      healthy = failed == 0
+      loss = np.asarray(step_metrics["loss"], np.float64)
+      writer.write(done, {"loss": loss[healthy].mean() if healthy.any() else np.nan,
+                          "dev_score": np.nanmean(scores) if in_budget.any() else np.nan}, f"{desc}/")
+    if checkpointer is not None:
+      checkpointer.save(done, {"states": states, "best_prompts": progress.best_prompts,
+                               "last_prompts": progress.last_prompts},
+                        {**(checkpoint_meta or {}), **progress.meta(), "run_steps": run_steps.tolist()},
+                        force=True)
+  return progress
+
+
+def _json_floats(values) -> list:
+  return [float(x) if np.isfinite(x) else None for x in np.asarray(values, np.float64)]
+
+
+def _floats(values) -> np.ndarray:
+  return np.asarray([np.nan if x is None else x for x in values], np.float64)
 
 
 def _better(new: np.ndarray, best: np.ndarray) -> np.ndarray:
@@ -153,10 +235,14 @@ def _better(new: np.ndarray, best: np.ndarray) -> np.ndarray:
   return np.where(np.isnan(best), ~np.isnan(new), new > best)
 
 
-def choose_best_runs(runs: Sequence[Run], dev_scores: Sequence[float]) -> dict[int, int]:
-  """Per seed, the index of its run with the best dev score (the first learning rate on ties)."""
+def choose_best_runs(runs: Sequence[Run], dev_scores: Sequence[float],
+                     failed: Sequence[bool] | None = None) -> dict[int, int]:
+  """Per seed, the index of its run with the best dev score (the first learning rate on ties); failed runs
+  are left out (a seed whose runs all failed has none)."""
   chosen: dict[int, int] = {}
   for i, run in enumerate(runs):
+    if failed is not None and failed[i]:
+      continue
     j = chosen.get(run.seed)
     if j is None or _better(np.asarray(dev_scores[i]), np.asarray(dev_scores[j])):
       chosen[run.seed] = i
@@ -203,9 +289,10 @@ def adapt_task(task: str, *, init_prompts: Mapping[int, np.ndarray], frozen_para
 
   init_prompts: the starting prompt of each seed's runs [P, D]. tokenized: (seed, split) -> split.
   grid_step / optimizer: from `make_grid_trainer` (built once, shared by every task of the same shapes).
-  Writes per-run best prompts and the dev curves under out_dir.
+  Writes per-run best prompts and the dev curves under out_dir; checkpoints the grid in
+  out_dir/checkpoints (with `prompt_meta`) until the results are written, and resumes from there.
   """
-  runs = grid_runs(seeds, config.learning_rates)
+  runs = grid_runs(seeds, config.lrs)
   run_steps = [step_budget(config.num_steps, config.max_epochs, len(tokenized[(r.seed, "train")]),
                            config.batch_size) for r in runs]
   if min(run_steps) < config.num_steps:
@@ -221,45 +308,74 @@ def adapt_task(task: str, *, init_prompts: Mapping[int, np.ndarray], frozen_para
   scorer = Scorer(predict, tokenizer, task, config.eval_batch_size,
                   length_buckets=config.length_buckets)
   dev_splits = [tokenized[(r.seed, "dev")] for r in runs]
+  checkpoint_dir = os.path.join(out_dir, "checkpoints")
+  checkpointer = checkpoints.Checkpointer(checkpoint_dir)
   writer = logs.MetricWriter(os.path.join(out_dir, "logs"))
   try:
-    best_prompts, best_dev, best_steps, curve, last_prompts = train_grid(
-        grid_step, states, frozen_params, sampler, lambda p: scorer.scores(p, dev_splits), config,
-        writer, desc=task, run_steps=run_steps)
+    progress = train_grid(grid_step, states, frozen_params, sampler, lambda p: scorer.scores(p, dev_splits),
+                          config, writer, desc=task, run_steps=run_steps, checkpointer=checkpointer,
+                          checkpoint_meta=prompt_meta, run_names=[r.name for r in runs])
   finally:
+    checkpointer.close()
     writer.close()
-  chosen = choose_best_runs(runs, best_dev)
-  chosen_runs = [chosen[s] for s in seeds]
-  tested_prompts, tested_steps = ((last_prompts, run_steps) if config.test_prompt == "last" else
-                                  (best_prompts, best_steps))
-  test_scores = scorer.scores(jnp.asarray(tested_prompts[chosen_runs]),
-                              [tokenized[(s, "test")] for s in seeds])
+  failed = progress.failed_steps > 0
+  chosen = choose_best_runs(runs, progress.best_scores, failed)
+  tested_prompts, tested_steps = ((progress.last_prompts, run_steps) if config.test_prompt == "last" else
+                                  (progress.best_prompts, progress.best_steps))
+  tested_seeds = [s for s in seeds if s in chosen]
+  test_scores = dict(zip(tested_seeds, scorer.scores(
+      jnp.asarray(tested_prompts[[chosen[s] for s in tested_seeds]]),
+      [tokenized[(s, "test")] for s in tested_seeds]) if tested_seeds else []))
   prompt_dir = os.path.join(out_dir, "prompts")
   for seed in seeds:  # what training started from: a prompt's change is its task embedding (analysis.py)
     prompt_lib.save_prompt(os.path.join(prompt_dir, f"init_seed{seed}.npy"), init_prompts[seed],
                            {**(prompt_meta or {}), "task": task, "seed": int(seed), "initial": True})
   for i, run in enumerate(runs):
     meta = {**(prompt_meta or {}), "task": task, "seed": run.seed, "learning_rate": run.learning_rate,
-            "best_step": int(best_steps[i]), "dev_score": _json_float(best_dev[i]),
+            "best_step": int(progress.best_steps[i]), "dev_score": _json_float(progress.best_scores[i]),
             "steps": int(run_steps[i])}
-    prompt_lib.save_prompt(os.path.join(prompt_dir, f"{run.name}.npy"), best_prompts[i], meta)
+    if failed[i]:
+      meta["failed_at_step"] = int(progress.failed_steps[i])
+    prompt_lib.save_prompt(os.path.join(prompt_dir, f"{run.name}.npy"), progress.best_prompts[i], meta)
     if config.test_prompt == "last":
-      prompt_lib.save_prompt(os.path.join(prompt_dir, f"{run.name}_last.npy"), last_prompts[i], meta)
-  with open(os.path.join(out_dir, "dev_curve.json"), "w", encoding="utf-8") as f:
-    json.dump({"runs": [r.name for r in runs],
-               "curve": [[step, [_json_float(x) for x in scores]] for step, scores in curve]}, f)
+      prompt_lib.save_prompt(os.path.join(prompt_dir, f"{run.name}_last.npy"), progress.last_prompts[i], meta)
+  _write_json_atomic(os.path.join(out_dir, "dev_curve.json"), {
+      "runs": [r.name for r in runs],
+      "curve": [[step, [_json_float(x) for x in scores]] for step, scores in progress.dev_curve]})
   results = []
-  for seed, i, score in zip(seeds, chosen_runs, test_scores):
+  for seed in seeds:
+    failures = [{"learning_rate": runs[i].learning_rate, "step": int(progress.failed_steps[i])}
+                for i in range(len(runs)) if runs[i].seed == seed and failed[i]]
+    if seed not in chosen:
+      logging.warning("%s seed %d: every learning rate failed the guard (%s): no test score", task, seed,
+                      failures)
+      results.append({"task": task, "seed": seed, "test_score": None, "metric": metrics_name(task),
+                      "failed_runs": failures})
+      continue
+    i = chosen[seed]
+    score = test_scores[seed]
     results.append({"task": task, "seed": seed, "test_score": _json_float(score),
-                    "dev_score": _json_float(best_dev[i]), "best_lr": runs[i].learning_rate,
-                    "best_step": int(best_steps[i]), "metric": metrics_name(task),
+                    "dev_score": _json_float(progress.best_scores[i]), "best_lr": runs[i].learning_rate,
+                    "best_step": int(progress.best_steps[i]), "metric": metrics_name(task),
                     # steps the chosen run trained (the epoch cap may end it before num_steps), and
                     # which of its prompts the test score is of
                     "steps": int(run_steps[i]), "test_prompt": config.test_prompt,
-                    "tested_step": int(tested_steps[i])})
+                    "tested_step": int(tested_steps[i]), "failed_runs": failures})
     logging.info("%s seed %d: best lr %g (dev %.4f at step %d), test %.4f", task, seed,
-                 runs[i].learning_rate, best_dev[i], best_steps[i], score)
+                 runs[i].learning_rate, progress.best_scores[i], progress.best_steps[i], score)
   return results
+
+
+def remove_checkpoints(out_dir: str) -> None:
+  """Drops a finished grid's checkpoints (its results and prompts are written): they are large."""
+  shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
+
+
+def _write_json_atomic(path: str, value) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f)
+  os.replace(tmp, path)
 
 
 def metrics_name(task: str) -> str:

@@ -8,23 +8,29 @@ docs/PROTOCOL.md lists a deviation (each says so in a comment here too); the `re
 
 from __future__ import annotations
 
+import difflib
+import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
+from mpt_jax import study
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-METHODS = ("pt", "mtl", "maml", "fomaml", "reptile")
-SEEDS = (100, 13, 21, 42, 87)
+METHODS = study.METHODS
+SEEDS = study.SEEDS
+STAGES = ("upstream", "downstream")
 
 # The upstream hyperparameters of the study, per method (PROTOCOL.md, "Upstream").
 _UPSTREAM = {
     "pt": dict(),  # no upstream: PT prompt-tunes downstream from the target task's name.
-    "mtl": dict(batch_size=4, num_epochs=20, max_target_len=128),
-    "maml": dict(num_steps=5000, tasks_per_step=2, inner_steps=1, inner_batch_size=2, query_size=2,
-                 first_order=False),
-    "fomaml": dict(num_steps=5000, tasks_per_step=2, inner_steps=1, inner_batch_size=4, query_size=4,
-                   first_order=True),
+    "mtl": dict(batch_size=4, num_epochs=20, max_target_len=study.DOWNSTREAM_TARGET_LEN),
+    "maml": dict(num_steps=5000, tasks_per_step=2, inner_steps=1, inner_batch_size=2, query_size=2),
+    # First-order MAML (the meta-gradient does not flow through the inner steps' gradients).
+    "fomaml": dict(num_steps=5000, tasks_per_step=2, inner_steps=1, inner_batch_size=4, query_size=4),
     # Reptile: 10 inner SGD steps of 4 examples = the 40 support examples of the study, no query.
     "reptile": dict(num_steps=5000, tasks_per_step=2, inner_steps=10, inner_batch_size=4, query_size=0),
 }
@@ -51,6 +57,9 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # share a cache_dir), load their compiled steps instead of compiling again (mpt_jax/compilation.py).
   c.compilation_cache = True
   c.compilation_cache_dir = ""  # default: <cache_dir>/compiled
+  # Devices of the 1-D data-parallel mesh: 0 = all. Upstream splits each step's tasks (MTL: examples) over
+  # them, so their number must divide upstream.tasks_per_step (MTL: upstream.batch_size).
+  c.num_devices = 0
 
   c.model = "google/t5-large-lm-adapt"
   # The frozen T5's weights and compute (matmuls, activations, residual stream): "float32" or "bfloat16"
@@ -68,7 +77,7 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   c.dropout_rate = 0.1
 
   c.prompt = ml_collections.ConfigDict()
-  c.prompt.length = 100
+  c.prompt.length = study.PROMPT_LENGTH
   # Deviation (docs/PROTOCOL.md): the reference appended the prompt after each batch's longest input
   # ("after_padding", reproduced exactly), so an example's prompt positions depend on the other inputs
   # of its batch; "prepend" is the prompt-tuning literature's placement, "suffix" puts the prompt right
@@ -80,7 +89,7 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
 
   c.data = ml_collections.ConfigDict()
   c.data.input_template = " [{task}] {input}"
-  c.data.max_input_len = 512
+  c.data.max_input_len = study.MAX_INPUT_LEN
   # Length buckets: each batch is padded to its longest input (target) rounded up to a multiple of these,
   # not to max_input_len (max_target_len): the study's inputs are mostly far shorter than 512, and a step
   # compiles once per bucket shape met (benchmarks/README.md: 1-6 per step). 0: pad to the maximum.
@@ -96,11 +105,10 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   u.inner_batch_size = 2
   u.query_size = 2
   u.inner_lr = 3e-5
-  u.first_order = False
   u.remat_inner = False  # rematerialize each inner step (second-order MAML on T5-large).
   u.batch_size = 4  # MTL
   u.num_epochs = 0  # MTL: epochs over the union of the source tasks' train+dev of all seeds
-  u.max_target_len = 64
+  u.max_target_len = study.UPSTREAM_TARGET_LEN
   u.optimizer = "adafactor"
   u.lr = 0.5
   u.checkpoint_every = 200
@@ -123,7 +131,7 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # the live parameter, not a copy).
   d.test_prompt = "best_dev"
   d.optimizer = "adafactor"
-  d.max_target_len = 128
+  d.max_target_len = study.DOWNSTREAM_TARGET_LEN
   d.eval_batch_size = 32
   # Memory for the grid's step and its dev decoding, in GiB: the runs go in the fewest chunks that fit
   # (same results, mpt_jax/chunking.py). 0: the device's free memory (CPUs report none: one chunk).
@@ -142,6 +150,7 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # Also prompt-tune every source task of the setting with the same grid, into <workdir>/sources/<task>/:
   # the task embeddings of mpt_jax.analysis (task similarity vs gain). Only the PT run acts on it.
   d.prompt_tune_sources = False
+  d.source_seeds = ()  # the seeds of those source grids; empty: config.seeds
 
   c.pt_results = ""  # a PT results.json to compute the relative gain against.
 
@@ -222,6 +231,10 @@ def _mini(c):
   d.lrs = (0.5, 0.3)
   d.num_steps = 60
   d.eval_every = 20
+  # PT also prompt-tunes the source tasks (2 seeds): their prompts are the task embeddings of the
+  # similarity analysis (mpt_jax/analysis.py) that experiments/mini_study.py ends with.
+  d.prompt_tune_sources = True
+  d.source_seeds = SEEDS[:2]
 
 
 # The reference implementation's behaviour, key by key, wherever ours can follow it (docs/PROTOCOL.md
@@ -259,3 +272,216 @@ def _reference(c):
 
 
 PRESETS = {"tiny": _tiny, "demo": _demo, "mini": _mini, "reference": _reference}
+
+
+# --- checks: every key, before anything is written or computed ------------------------------------------
+
+class ConfigError(ValueError):
+  """Every problem of a config at once, found before anything is written or computed."""
+
+  def __init__(self, problems):
+    self.problems = list(problems)
+    super().__init__(f"{len(self.problems)} problem(s) in the config; fix them all, then rerun:\n"
+                     + "\n".join(f"  {p}" for p in self.problems))
+
+
+def flatten(config) -> dict[str, Any]:
+  """{"upstream.lr": 0.5, ...}: every leaf of a (nested) config under its dotted key."""
+  out = {}
+
+  def walk(node: Mapping, prefix: str) -> None:
+    for key, value in node.items():
+      if isinstance(value, Mapping):
+        walk(value, f"{prefix}{key}.")
+      else:
+        out[prefix + key] = value
+
+  walk(config.to_dict() if hasattr(config, "to_dict") else config, "")
+  return out
+
+
+# Names a user may know from the code or the paper for a config key (the config's own name wins).
+_KEY_ALIASES = {
+    "learning_rate": "lr", "learning_rates": "lrs", "outer_lr": "lr", "steps": "num_steps",
+    "support_size": "inner_batch_size", "input_format": "input_template", "max_input_length": "max_input_len",
+    "max_target_length": "max_target_len", "prompt_length": "prompt.length", "first_order": None,
+}
+
+
+def suggest_key(config, key: str) -> str:
+  """' (did you mean 'upstream.lr'?)' for an unknown dotted key, or ''."""
+  keys = list(flatten(config)) + [k for k, v in config.items() if isinstance(v, Mapping)]
+  parent, _, leaf = key.rpartition(".")
+  if leaf in _KEY_ALIASES:
+    alias = _KEY_ALIASES[leaf]
+    if alias is None:  # a key that became a choice of method
+      return " (first-order MAML is --config.method=fomaml)"
+    for candidate in (f"{parent}.{alias}" if parent else alias, alias):
+      if candidate in keys:
+        return f" (did you mean {candidate!r}?)"
+  siblings = [k for k in keys if k.rpartition(".")[0] == parent]
+  close = difflib.get_close_matches(key, siblings, n=3, cutoff=0.6) or difflib.get_close_matches(
+      key, keys, n=3, cutoff=0.6)
+  if not close:  # the right leaf under another parent (`--config.lr` for upstream.lr)
+    close = [k for k in keys if k.rpartition(".")[2] == leaf][:3]
+  return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def unknown_keys(config, keys) -> list[str]:
+  """'config.x: no such key (did you mean ...)' for each of `keys` (dotted) the config lacks."""
+  known = set(flatten(config)) | {k for k, v in config.items() if isinstance(v, Mapping)}
+  return [f"config.{key}: no such key{suggest_key(config, key)}" for key in keys if key not in known]
+
+
+def _did_you_mean(value: str, options) -> str:
+  close = difflib.get_close_matches(value, [str(o) for o in options], n=1, cutoff=0.6)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def validate(config, available_devices: int | None = None) -> None:
+  """Raises ConfigError naming every invalid value: enumerations (method, decoding, placement,
+  optimizers, gym, stages, prompt init, dtype, tested prompt), positive integers (steps, sizes, eval and
+  log intervals), learning rates, seeds, the setting and its target tasks, files named by the config,
+  and (given the devices there are) how upstream's batches split over the devices."""
+  # The enumerations live with the code that dispatches on them; imported here rather than at the top so
+  # that loading a config file stays light.
+  import os
+
+  from mpt_jax import adapt, gyms, optim, pipeline, prompt as prompt_lib
+  from mpt_jax.model import hf, t5
+
+  flat = flatten(config)
+  problems = []
+
+  def add(key: str, expected: str) -> None:
+    problems.append(f"config.{key}={flat[key]!r}: expected {expected}")
+
+  def one_of(key: str, options) -> None:
+    value = flat[key]
+    if value not in options:
+      hint = _did_you_mean(value, options) if isinstance(value, str) else ""
+      problems.append(f"config.{key}={value!r}: expected one of {', '.join(map(repr, options))}{hint}")
+
+  def integer(key: str, minimum: int = 1) -> None:
+    value = flat[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      add(key, f"an integer >= {minimum}")
+
+  def rate(key: str, value=None) -> bool:
+    value = flat[key] if value is None else value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+      add(key, "a finite number > 0")
+    return ok
+
+  one_of("method", METHODS)
+  one_of("prompt.placement", t5.PLACEMENTS)
+  one_of("prompt.init", prompt_lib.INITS)
+  one_of("dtype", t5.DTYPES)
+  one_of("remat_policy", tuple(t5.REMAT_POLICIES))
+  one_of("attention", t5.ATTENTION_IMPLEMENTATIONS)
+  one_of("downstream.decoding", pipeline.DECODINGS)
+  one_of("downstream.optimizer", optim.OPTIMIZERS)
+  one_of("downstream.test_prompt", adapt.TEST_PROMPTS)
+  if flat["gym"]:
+    one_of("gym", gyms.GYMS)
+  elif not flat["data_dir"]:
+    problems.append("config.data_dir is empty: pass --config.data_dir=/path/to/crossfit_data (the CrossFit "
+                    "layout DATA_DIR/{task}/{task}_{k}_{seed}_{split}.tsv), or --config.gym=wordnet (or "
+                    "synthetic) for an offline gym")
+  stages = tuple(flat["stages"])
+  if not stages or any(stage not in STAGES for stage in stages):
+    add("stages", f"one or both of {STAGES}")
+  if flat["prompt.init"] == "label_words" and not flat["prompt.label_words"]:
+    add("prompt.label_words", "label words for prompt.init='label_words'")
+  for key, minimum in (("prompt.length", 1), ("prompt.vocab_top_k", 1), ("data.max_input_len", 2),
+                       ("data.input_bucket_multiple", 0), ("data.target_bucket_multiple", 0),
+                       ("num_devices", 0), ("seed", 0)):
+    integer(key, minimum)
+  if not 0 <= flat["dropout_rate"] < 1:
+    add("dropout_rate", "a probability in [0, 1)")
+  template = flat["data.input_template"]
+  try:
+    template.format(task="t", input="x")
+    if "{input}" not in template:
+      add("data.input_template", "a format with {input} (and optionally {task})")
+  except (KeyError, IndexError, ValueError):
+    add("data.input_template", "a format with the fields {input} and optionally {task}, nothing else")
+  seeds = tuple(flat["seeds"])
+  if (not seeds or len(set(seeds)) != len(seeds)
+      or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+    add("seeds", "distinct integers >= 0 (CrossFit's data seeds: 100, 13, 21, 42, 87)")
+  source_seeds = tuple(flat["downstream.source_seeds"])
+  if len(set(source_seeds)) != len(source_seeds) or not all(
+      isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in source_seeds):
+    add("downstream.source_seeds", "distinct integers >= 0, or () for config.seeds")
+
+  method = flat["method"]
+  if method in study.UPSTREAM_METHODS:
+    one_of("upstream.optimizer", optim.OPTIMIZERS)
+    rate("upstream.lr")
+    for key in ("upstream.max_target_len",):
+      integer(key, 2)
+    for key in ("upstream.checkpoint_every", "upstream.log_every"):
+      integer(key)
+    if method == "mtl":
+      integer("upstream.batch_size")
+      integer("upstream.num_steps", 0)
+      if flat["upstream.num_steps"] == 0 and not (isinstance(flat["upstream.num_epochs"], (int, float))
+                                                  and flat["upstream.num_epochs"] > 0):
+        add("upstream.num_epochs", "> 0 when upstream.num_steps is 0 (MTL trains num_steps, or epochs)")
+      per_step, per_step_key = flat["upstream.batch_size"], "upstream.batch_size"
+    else:
+      for key in ("upstream.num_steps", "upstream.tasks_per_step", "upstream.inner_steps",
+                  "upstream.inner_batch_size"):
+        integer(key)
+      if method != "reptile":
+        integer("upstream.query_size")
+      rate("upstream.inner_lr")
+      per_step, per_step_key = flat["upstream.tasks_per_step"], "upstream.tasks_per_step"
+    if available_devices is not None and isinstance(per_step, int) and per_step > 0:
+      devices = flat["num_devices"] or available_devices
+      if isinstance(devices, int) and devices > available_devices:
+        add("num_devices", f"at most the {available_devices} device(s) there are")
+      elif isinstance(devices, int) and devices > 0 and per_step % devices:
+        problems.append(
+            f"config.{per_step_key}={per_step} does not split over {devices} devices (upstream is data "
+            f"parallel over it): make it a multiple of {devices}, or use fewer devices with "
+            f"--config.num_devices (a divisor of {per_step})")
+
+  d = "downstream."
+  lrs = tuple(flat[d + "lrs"])
+  if not lrs or len(set(lrs)) != len(lrs) or not all(
+      isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
+      for lr in lrs):
+    add(d + "lrs", "distinct finite learning rates > 0")
+  for key in ("batch_size", "num_steps", "eval_every", "eval_batch_size", "max_decode_len", "num_beams"):
+    integer(d + key)
+  integer(d + "max_target_len", 2)
+  integer(d + "max_epochs", 0)
+  rate(d + "repetition_penalty")
+  budget = flat[d + "memory_budget_gb"]
+  if (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget)
+      or budget < 0):
+    add(d + "memory_budget_gb", "a number of GiB >= 0 (0: the device's free memory)")
+
+  # The setting, its target tasks and the files the config names.
+  try:
+    setting = pipeline.resolve_setting(config)
+  except (ValueError, OSError) as error:
+    problems.append(f"config.setting={flat['setting']!r}: {error}")
+  else:
+    unknown = [t for t in flat[d + "tasks"] if t not in setting.target]
+    if unknown:
+      problems.append(f"config.downstream.tasks: {unknown} are not target tasks of {setting.name!r} "
+                      f"({list(setting.target)})")
+  for key in ("init_prompt", "pt_results", "setting_file"):
+    path = flat[key]
+    if path and not os.path.isfile(path):
+      problems.append(f"config.{key}={path!r}: no such file")
+  model = flat["model"]
+  if hf.looks_local(model) and not os.path.isdir(os.path.expanduser(model)):
+    problems.append(f"config.model={model!r}: no such checkpoint directory (or pass a hub id such as "
+                    f"google/t5-large-lm-adapt)")
+  if problems:
+    raise ConfigError(problems)

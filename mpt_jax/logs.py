@@ -28,8 +28,11 @@ class MetricWriter:
       return
     scalars = {f"{prefix}{k}": _scalar(v) for k, v in metrics.items()}
     record = {"step": int(step), **{k: (v if math.isfinite(v) else None) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    try:
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
+    except OSError as error:  # a full disk says only "No space left on device": name the file
+      raise OSError(error.errno, f"writing {self._jsonl.name}: {error.strerror or error}") from error
     for name, value in scalars.items():
       self._tb.add_scalar(name, value, int(step))
 

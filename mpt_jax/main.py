@@ -7,12 +7,15 @@ Stages (`--config.stages`): "upstream" learns the prompt initialization on the s
 PT), "downstream" prompt-tunes from it on every target task with the study's grid and writes
 results. `--config.init_prompt=path.npy` starts downstream from a saved prompt (skips upstream).
 Running the same command again with the same workdir resumes: upstream from its latest checkpoint,
-downstream from the first target task without results.
+downstream from each target task's latest grid checkpoint; a different config in the same workdir is
+refused (docs/BAD_INPUTS.md lists what each mistake gives).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -21,6 +24,45 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, prompts, logs and results.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods).")
+
+
+def config_mistakes(argv: list[str]) -> list[str]:
+  """What is wrong with the command line's config before absl parses it: a config file that does not load,
+  `--config.x` keys the config lacks (with "did you mean"). ml_collections would raise a bare
+  AttributeError for the latter, and load a missing file only when the config is first used."""
+  from mpt_jax import config as config_lib
+
+  args = argv[1:]
+  config_arg, keys = None, []
+  for i, arg in enumerate(args):
+    if arg == "--config" and i + 1 < len(args):
+      config_arg = args[i + 1]
+    elif arg.startswith("--config="):
+      config_arg = arg.split("=", 1)[1]
+    elif arg.startswith(("--config.", "--noconfig.")):
+      keys.append(arg.split(".", 1)[1].split("=", 1)[0])
+  if config_arg is None:
+    return []
+  path, _, preset = config_arg.partition(":")
+  if not os.path.isfile(path):
+    return [f"--config={config_arg}: no config file {path!r} (from {os.getcwd()}); the configs are "
+            f"configs/<method>_<setting>.py[:preset]"]
+  try:  # as ml_collections loads it: the file's get_config(preset)
+    spec = importlib.util.spec_from_file_location("mpt_jax_checked_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(*([preset] if preset else []))
+  except Exception as error:  # noqa: BLE001 (a config file can raise anything)
+    return [f"--config={config_arg}: the config does not load: {type(error).__name__}: {error}"]
+  return config_lib.unknown_keys(config, keys)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  mistakes = config_mistakes(argv)
+  if mistakes:
+    sys.stderr.write("FATAL Flags parsing error:\n" + "".join(f"  {m}\n" for m in mistakes))
+    sys.exit(1)
+  return app.parse_flags_with_usage(argv)
 
 
 def main(argv) -> None:
@@ -32,15 +74,21 @@ def main(argv) -> None:
   logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
   if _MULTIHOST.value:
     jax.distributed.initialize()
-  from mpt_jax import pipeline
+  from mpt_jax import config as config_lib, fingerprint, pipeline
+  from mpt_jax.data import crossfit
 
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or not workdir:
     raise app.UsageError("both --config and --workdir are required")
   logging.info("devices: %s", jax.devices())
-  pipeline.run(config, workdir)
+  try:
+    pipeline.run(config, workdir)
+  except (config_lib.ConfigError, crossfit.CrossFitError, fingerprint.WorkdirConflict,
+          pipeline.UpstreamDiverged) as error:  # the user's to fix, and said in full: no traceback
+    sys.stderr.write(f"FATAL {type(error).__name__}: {error}\n")
+    sys.exit(1)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

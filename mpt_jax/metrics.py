@@ -36,7 +36,7 @@ import functools
 import re
 import string
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

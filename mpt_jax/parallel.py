@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -26,10 +27,43 @@ from mpt_jax.algorithms import common
 DATA_AXIS = "data"
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh named ('data',) over `devices` (default: all). Auto axis: jit may reshard inputs."""
+def make_mesh(devices: Sequence[jax.Device] | None = None, num_devices: int = 0) -> Mesh:
+  """A 1-D mesh named ('data',) over `devices` (default: all), or their first `num_devices` (0: all).
+  Auto axis: jit may reshard inputs."""
   devices = list(jax.devices() if devices is None else devices)
+  if num_devices:
+    if num_devices > len(devices):
+      raise ValueError(f"num_devices={num_devices}: only {len(devices)} device(s) here")
+    devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def describe(mesh: Mesh) -> str:
+  """'2 x cpu (ids 0, 1)': the devices a run uses, for its log."""
+  devices = list(mesh.devices.flat)
+  kinds = sorted({d.device_kind for d in devices})
+  return f"{len(devices)} x {'/'.join(kinds)} (ids {', '.join(str(d.id) for d in devices)})"
+
+
+def padded_runs(num_runs: int, mesh: Mesh) -> int:
+  """The smallest multiple of the mesh's devices that holds `num_runs` runs."""
+  n = mesh.shape[DATA_AXIS]
+  return -(-num_runs // n) * n
+
+
+def _pad_leading(tree, size: int, xp=np):
+  """Every array of `tree` with its leading axis padded to `size` by repeating its last entry."""
+  def pad(x):
+    extra = size - x.shape[0]
+    return x if extra == 0 else xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)])
+  return jax.tree.map(pad, tree)
+
+
+def shard_runs(tree, mesh: Mesh):
+  """Host arrays with a leading run axis, padded to a multiple of the devices (repeating the last run)
+  and split over them; take the first R rows of what comes back."""
+  num_runs = common.leading_size(tree, "runs")
+  return shard(_pad_leading(tree, padded_runs(num_runs, mesh)), mesh, "runs")
 
 
 def replicate(tree, mesh: Mesh):
@@ -76,15 +110,19 @@ def make_sharded_step(method: str, loss_fn, optimizer, mesh: Mesh, **kwargs) -> 
 def shard_grid_step(step: common.StepFn, mesh: Mesh) -> common.StepFn:
   """Jitted grid step: R runs of the (unsharded, axis_name=None) `step`, split over devices by run.
 
-  `grid_step(states [R], frozen_params, batches [R, ...], rngs [R])`; R must divide over the devices.
-  Each device vmaps its R / n runs; runs are independent, so nothing is reduced across devices.
+  `grid_step(states [R], frozen_params, batches [R, ...], rngs [R])`. Each device vmaps its share of the
+  runs; runs are independent, so nothing is reduced across devices. When R does not divide over the
+  devices, the runs are padded (the last one repeated) inside the step and the padding dropped from
+  what it returns, so no device idles and the results are those of the R runs.
   """
   grid = common.make_grid_step(step)
   sharded = jax.shard_map(grid, mesh=mesh, in_specs=(P(DATA_AXIS), P(), P(DATA_AXIS), P(DATA_AXIS)),
                           out_specs=(P(DATA_AXIS), P(DATA_AXIS)))
 
   def grid_step(states, frozen_params, batches, rngs):
-    _check_divisible((states, batches, rngs), mesh, "grid runs (leading axis R)")
-    return sharded(states, frozen_params, batches, rngs)
+    num_runs = common.leading_size((states, batches, rngs), "grid runs (leading axis R)")
+    padded = _pad_leading((states, batches, rngs), padded_runs(num_runs, mesh), jnp)
+    out = sharded(padded[0], frozen_params, padded[1], padded[2])
+    return jax.tree.map(lambda x: x[:num_runs], out)
 
   return jax.jit(grid_step, donate_argnums=(0,))

@@ -1,37 +1,92 @@
-"""One method on one setting, end to end: check inputs, upstream, downstream, results.
+"""One method on one setting, end to end: `run(config, workdir)`, read top to bottom in sections.
 
-Sections, in the order a run meets them:
-  1. resolve: the setting's tasks, the data directory (CrossFit or an offline gym), the model.
-  2. check: every data file the stages need is read and validated before any compute.
-  3. upstream: learn the prompt initialization on the source tasks (train.train_prompt).
-  4. downstream: the study's grid on every target task (adapt.adapt_task), results per task.
-  5. results: the setting's table, with the relative gain over PT when a PT results file is given.
+  1. config: every key checked (`mpt_jax.config.validate`) before anything is written or computed.
+  2. data: every file of the source and target tasks read and checked, all problems reported at once;
+     the initial prompt's shape checked against the config and the model.
+  3. workdir: work made with another config is never reused or relabelled (`mpt_jax.fingerprint`).
+  4. runtime: what the stages compute with, built once (`build_runtime`): the model and its frozen
+     weights placed on the mesh, the tokenizer, the compiled upstream and grid steps, the decoders.
+  5. upstream: learn the prompt initialization on the source tasks (`train.train_prompt`).
+  6. downstream: the study's grid on every target task (`adapt.adapt_task`), results per task.
+  7. results: the setting's table, with the relative gain over PT when a PT results file is given.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mpt_jax import (adapt, algorithms, baselines, chunking, compilation, decode, gyms, metrics, optim,
-                     parallel, prompt as prompt_lib, results, train)
+from mpt_jax import (adapt, algorithms, baselines, chunking, compilation, config as config_lib, decode,
+                     fingerprint, gyms, metrics, optim, parallel, prompt as prompt_lib, results, study, train)
 from mpt_jax.data import batching, crossfit, settings as settings_lib
 from mpt_jax.model import hf
-from mpt_jax.model.t5 import T5
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-UPSTREAM_METHODS = ("mtl", "maml", "fomaml", "reptile")
+UPSTREAM_METHODS = study.UPSTREAM_METHODS
+DECODINGS = ("beam", "greedy", "rank", "auto")  # config.downstream.decoding
+CLASSIFICATION_METRICS = (metrics.ACC, metrics.CLASSIFICATION_F1, metrics.MATTHEW_CORRELATION)
 
 
-# --- 1. resolve ------------------------------------------------------------------------------------------
+def run(config, workdir: str) -> dict | None:
+  """Upstream (if the method has one), then the downstream grid on every target task, then the setting's
+  results; returns the setting summary (None when the downstream stage is not run). Resumable: the same
+  command continues where it stopped; a different config in the same workdir is refused."""
+  # --- 1. config -------------------------------------------------------------------------------------------
+  config_lib.validate(config, available_devices=jax.device_count())
+  do_upstream, do_downstream = needed_stages(config)
+  setting = resolve_setting(config)
+  targets = list(config.downstream.tasks) or list(setting.target)
+
+  # --- 2. data and the initial prompt ----------------------------------------------------------------------
+  data = read_data(config, resolve_data_dir(config, workdir), setting, targets, upstream=do_upstream,
+                   downstream=do_downstream)
+  d_model = hf.read_config(hf.resolve_checkpoint(config.model))["d_model"]
+  init_prompt = initial_prompt_file(config, workdir, d_model, upstream=do_upstream, downstream=do_downstream)
+
+  # --- 3. workdir: refuse to mix work of another config -----------------------------------------------------
+  upstream_check = check_workdir(config, workdir, data, init_prompt, upstream=do_upstream)
+  os.makedirs(workdir, exist_ok=True)
+  results.run_record(config, workdir)
+
+  # --- 4. runtime: model, weights on the mesh, tokenizer, compiled steps ---------------------------------
+  runtime = build_runtime(config, workdir, upstream=do_upstream)
+  logging.info("setting %s: %d source, %d target tasks; data %s; devices %s", setting.name,
+               len(setting.source), len(targets), data.data_dir, parallel.describe(runtime.mesh))
+
+  # --- 5. upstream -----------------------------------------------------------------------------------------
+  if do_upstream:
+    init_prompt = run_upstream(runtime, data.source, upstream_check)
+  if not do_downstream:
+    return None
+
+  # --- 6. downstream ---------------------------------------------------------------------------------------
+  summaries = run_downstream(runtime, data.target, init_prompt)
+  if data.source_runs:
+    logging.info("prompt-tuning the %d source tasks too (config.downstream.prompt_tune_sources)",
+                 len(data.source_runs))
+    run_downstream(runtime, data.source_runs, init_prompt, out_subdir="sources", seeds=source_run_seeds(config))
+
+  # --- 7. results ------------------------------------------------------------------------------------------
+  summary = results.summarize_setting(summaries, setting=setting.name, method=config.method,
+                                      pt=config.pt_results or None)
+  results.write_setting_results(summary, workdir)
+  logging.info("results: %s", os.path.join(workdir, "results.md"))
+  return summary
+
+
+# --- 1. config ---------------------------------------------------------------------------------------------
+
+def needed_stages(config) -> tuple[bool, bool]:
+  """(upstream, downstream): upstream only for a method that has one and no given initial prompt."""
+  stages = set(config.stages)
+  upstream = "upstream" in stages and config.method in UPSTREAM_METHODS and not config.init_prompt
+  return upstream, "downstream" in stages
+
 
 def resolve_setting(config) -> settings_lib.Setting:
   if config.gym:
@@ -41,27 +96,62 @@ def resolve_setting(config) -> settings_lib.Setting:
   return settings_lib.get_setting(config.setting)
 
 
+def source_run_seeds(config) -> tuple[int, ...]:
+  """The seeds of the source tasks' PT grids (`downstream.source_seeds`, else the study's seeds)."""
+  return tuple(config.downstream.source_seeds or config.seeds)
+
+
+def prompt_tunes_sources(config) -> bool:
+  """PT runs the downstream grid on the source tasks too (task embeddings for mpt_jax.analysis); the
+  other methods leave that to PT (a study sets the switch for every method at once)."""
+  return (bool(config.downstream.prompt_tune_sources) and config.method == "pt"
+          and "downstream" in config.stages)
+
+
+# --- 2. data and the initial prompt ------------------------------------------------------------------------
+
 def resolve_data_dir(config, workdir: str) -> str:
   """The config's data_dir, or the offline gym's directory (generated on first use)."""
   if config.data_dir:
     return config.data_dir
   if config.gym:
     return gyms.data_dir(config.gym, os.path.join(workdir, os.pardir, "gym_data"))
-  raise ValueError("config.data_dir is empty: pass --config.data_dir=/path/to/crossfit_data (the CrossFit "
-                   "layout DATA_DIR/{task}/{task}_{k}_{seed}_{split}.tsv), or --config.gym=synthetic for "
-                   "the offline gym")
+  raise config_lib.ConfigError([
+      "config.data_dir is empty: pass --config.data_dir=/path/to/crossfit_data (the CrossFit layout "
+      "DATA_DIR/{task}/{task}_{k}_{seed}_{split}.tsv), or --config.gym=synthetic for the offline gym"])
 
 
-def load_model(config):
-  model, frozen_params, tokenizer = hf.load_pretrained(config.model, dtype=config.dtype,
-                                                       remat=config.remat_layers,
-                                                       scan_layers=config.scan_layers)
-  model = type(model)(dataclasses.replace(model.config, dropout_rate=config.dropout_rate,
-                                          remat_policy=config.remat_policy, attention=config.attention))
-  return model, frozen_params, tokenizer
+@dataclasses.dataclass(frozen=True)
+class RunData:
+  """The checked files of every task the stages need ({task: crossfit.TaskData})."""
+  data_dir: str
+  source: dict  # upstream's source tasks (train, dev)
+  target: dict  # the target tasks (train, dev, test)
+  source_runs: dict  # the source tasks prompt-tuned downstream (`prompt_tunes_sources`)
 
 
-# --- 2. check --------------------------------------------------------------------------------------------
+def read_data(config, data_dir: str, setting, targets: Sequence[str], *, upstream: bool,
+              downstream: bool) -> RunData:
+  """Every file the stages need, read and checked; one CrossFitError lists every problem of every task,
+  source and target alike. Lines without an answer are dropped from source tasks and kept (scored 0) in
+  target tasks' dev and test files, as the reference read them."""
+  requests = {
+      "source": (setting.source if upstream else (), config.seeds, ("train", "dev"), ()),
+      "target": (targets if downstream else (), config.seeds, ("train", "dev", "test"), ("dev", "test")),
+      "source_runs": (setting.source if prompt_tunes_sources(config) else (), source_run_seeds(config),
+                      ("train", "dev", "test"), ()),
+  }
+  read, problems = {}, []
+  for name, (tasks, seeds, splits, keep_empty) in requests.items():
+    tasks = list(dict.fromkeys(tasks))
+    read[name], found = crossfit.validate_crossfit(data_dir, tasks, seeds, splits, None, keep_empty) \
+        if tasks else ({}, [])
+    problems += [p for p in found if p not in problems]
+  problems += [crossfit.Problem(path, None, message) for path, message in unscorable_files(read["target"])]
+  if problems:
+    raise crossfit.CrossFitError(problems)
+  return RunData(data_dir=data_dir, **read)
+
 
 def read_tasks(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], splits: Sequence[str],
                keep_empty_answers: Sequence[str] = ()):
@@ -73,10 +163,11 @@ def read_tasks(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], splits
                                 keep_empty_answers=keep_empty_answers)
 
 
-def check_scorable(target_data) -> None:
-  """A metric of the first gold (Classification-F1, Matthew- and Pearson-Correlation) cannot score an
-  example without an answer (the reference's scorer failed on it too): refuse before any compute."""
-  unscorable = []
+def unscorable_files(target_data) -> list[tuple[str, str]]:
+  """(path, why) of target files with lines without an answer under a metric of the first gold
+  (Classification-F1, Matthew- and Pearson-Correlation), which cannot score them (the reference's scorer
+  failed on them too)."""
+  found = []
   for task, data in target_data.items():
     metric = settings_lib.metric_for_task(task)
     if metric not in metrics.FIRST_GOLD_METRICS:
@@ -84,40 +175,227 @@ def check_scorable(target_data) -> None:
     for split in data.splits.values():
       count = sum(not golds for golds in split.answers)
       if count:
-        unscorable.append(f"  {split.path}: {count} line(s) without an answer ({metric})")
-  if unscorable:
-    raise ValueError("these target files have lines without an answer, which their metric (of the "
-                     "first gold) cannot score; give them an answer or remove them:\n"
-                     + "\n".join(unscorable))
+        found.append((split.path, f"{count} line(s) without an answer, which {metric} (a metric of the "
+                                  f"first gold) cannot score; give them an answer or remove them"))
+  return found
 
 
-def target_baselines(config, workdir: str) -> dict[str, dict[str, float]]:
-  """{target task: {"constant": x, "random": y}}: the chance levels of the run's target tasks under
-  their metrics, from the same train and test files the methods use (mpt_jax.baselines)."""
-  setting = resolve_setting(config)
-  targets = list(config.downstream.tasks) or list(setting.target)
-  data = read_tasks(resolve_data_dir(config, workdir), targets, config.seeds, ("train", "test"),
-                    keep_empty_answers=("test",))
-  return baselines.setting_baselines(data, config.seeds)
+def check_scorable(target_data) -> None:
+  """Raises when a target file has lines its metric cannot score (see `unscorable_files`)."""
+  found = unscorable_files(target_data)
+  if found:
+    raise crossfit.CrossFitError([crossfit.Problem(path, None, why) for path, why in found])
 
 
-def needed_stages(config) -> tuple[bool, bool]:
-  stages = set(config.stages)
-  unknown = stages - {"upstream", "downstream"}
-  if unknown:
-    raise ValueError(f"config.stages: unknown stage(s) {sorted(unknown)}; use upstream and/or downstream")
-  upstream = "upstream" in stages and config.method in UPSTREAM_METHODS and not config.init_prompt
-  return upstream, "downstream" in stages
+def initial_prompt_file(config, workdir: str, d_model: int, *, upstream: bool,
+                        downstream: bool) -> np.ndarray | None:
+  """The prompt downstream starts from when it is a file: `config.init_prompt`, or (downstream alone, for
+  a method with an upstream stage) the upstream prompt of this workdir; shape-checked [prompt.length,
+  d_model]. None when upstream makes it now, or for PT (each task starts from its own name)."""
+  if config.init_prompt:
+    path, key = config.init_prompt, "config.init_prompt"
+  elif downstream and not upstream and config.method in UPSTREAM_METHODS:
+    path, key = os.path.join(workdir, "upstream", "prompt.npy"), "the upstream prompt"
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{config.method} downstream needs an upstream prompt: none at {path}; run "
+                              f"the upstream stage first or pass --config.init_prompt=path.npy")
+  else:
+    return None
+  prompt, _ = prompt_lib.load_prompt(path, d_model=d_model)
+  if prompt.shape[0] != config.prompt.length:
+    raise ValueError(f"{key} {path} has {prompt.shape[0]} rows but config.prompt.length is "
+                     f"{config.prompt.length}: pass --config.prompt.length={prompt.shape[0]} to use it, or a "
+                     f"prompt of {config.prompt.length} rows")
+  return prompt
 
 
-def prompt_tunes_sources(config) -> bool:
-  """PT runs the downstream grid on the source tasks too (task embeddings for mpt_jax.analysis); the
-  other methods leave that to PT (a study sets the switch for every method at once)."""
-  return (bool(config.downstream.prompt_tune_sources) and config.method == "pt"
-          and "downstream" in config.stages)
+# --- 3. workdir --------------------------------------------------------------------------------------------
+
+def upstream_fingerprint(config, source_data) -> dict[str, Any]:
+  return {**fingerprint.stage_keys(config, "upstream"), fingerprint.DATA: fingerprint.data_digest(source_data)}
 
 
-# --- 3. upstream -----------------------------------------------------------------------------------------
+def task_fingerprint(config, task: str, task_data, init_prompt: np.ndarray | None) -> dict[str, Any]:
+  return {**fingerprint.stage_keys(config, "downstream"),
+          fingerprint.DATA: fingerprint.data_digest({task: task_data}),
+          fingerprint.INITIAL_PROMPT: None if init_prompt is None else fingerprint.digest(init_prompt)}
+
+
+def _fresh_workdir_fix(workdir: str, upstream_prompt: bool) -> str:
+  reuse = (f" (to keep its upstream prompt, start downstream from it there: --config.init_prompt="
+           f"{os.path.join(workdir, 'upstream', 'prompt.npy')})") if upstream_prompt else ""
+  return f"Use a fresh --workdir{reuse}"
+
+
+def check_workdir(config, workdir: str, data: RunData, init_prompt: np.ndarray | None, *,
+                  upstream: bool) -> fingerprint.Check | None:
+  """Compares every stage directory of the workdir with this config's fingerprints before any compute;
+  raises one WorkdirConflict naming every difference. Returns upstream's check (its record, and the new
+  learning rates it accepts after a divergence).
+
+  The upstream stage is compared whenever downstream starts from this workdir's upstream prompt, run now
+  or not (a downstream-only rerun with other upstream keys would label the old prompt's results with
+  them); without the source data read, their hash is not compared."""
+  problems, upstream_check = [], None
+  upstream_prompt = os.path.exists(os.path.join(workdir, "upstream", "prompt.npy"))
+  fix = _fresh_workdir_fix(workdir, upstream_prompt)
+  if config.method in UPSTREAM_METHODS and not config.init_prompt:
+    upstream_check = fingerprint.check_stage(os.path.join(workdir, "upstream"),
+                                             upstream_fingerprint(config, data.source),
+                                             what=os.path.join(workdir, "upstream"), fix=fix,
+                                             unknown=() if upstream else (fingerprint.DATA,))
+    problems.append(upstream_check.problem)
+  # The upstream prompt is known here unless upstream is still to make it; then it is compared when the
+  # downstream stage starts.
+  known_prompt = init_prompt is not None or config.method not in UPSTREAM_METHODS
+  for subdir, tasks in (("downstream", data.target), ("sources", data.source_runs)):
+    for task, task_data in tasks.items():
+      task_dir = os.path.join(workdir, subdir, task)
+      check = fingerprint.check_stage(task_dir, task_fingerprint(config, task, task_data, init_prompt),
+                                      what=task_dir, fix=fix,
+                                      unknown=() if known_prompt else (fingerprint.INITIAL_PROMPT,))
+      problems.append(check.problem)
+  problems = [p for p in problems if p]
+  if problems:
+    raise fingerprint.WorkdirConflict("\n".join(problems))
+  return upstream_check
+
+
+# --- 4. runtime --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """What the stages of one run compute with, built once by `build_runtime` and passed to them."""
+  config: Any
+  workdir: str
+  cache_dir: str  # tokenized tasks, compiled steps
+  model: Any  # mpt_jax.model.t5.T5
+  frozen_params: Any  # placed on the mesh (replicated) once, for every stage
+  tokenizer: Any
+  mesh: Any  # 1-D ('data',)
+  upstream_optimizer: Any  # None without an upstream stage
+  upstream_step: Callable | None  # jitted (sharded over the mesh's devices when there are several)
+  put_batch: Callable  # places an upstream batch for upstream_step
+  grid_optimizer: Any  # the learning rates are state: one optimizer for every run
+  grid_step: Callable  # jitted; runs split over the devices
+  generate: Callable | None  # greedy or beam decoding of [R] prompts, jitted (None: rank only)
+  rank: Callable  # rank classification of [R] prompts over a task's labels, jitted
+
+  def predictor(self, train_split: batching.TokenizedSplit) -> Callable:
+    """predict(prompts [R, P, D], batch [R, B, ...]) -> token ids [R, B, T] with the task's decoding
+    (rank classification scores the labels of `train_split`); runs split over the devices, padded to a
+    multiple of them."""
+    if resolve_decoding(self.config.downstream.decoding, train_split.task) == "rank":
+      candidates = decode.label_candidates(train_split)
+      generate = lambda frozen, prompts, ids, mask: self.rank(frozen, prompts, ids, mask, candidates)
+    else:
+      generate = self.generate
+
+    def predict(prompts, batch):
+      ids, mask = batch["input_ids"], batch["input_mask"]
+      num_runs = ids.shape[0]
+      if self.mesh.size > 1:
+        prompts, ids, mask = parallel.shard_runs((np.asarray(prompts), ids, mask), self.mesh)
+      return generate(self.frozen_params, prompts, ids, mask)[:num_runs]
+
+    return predict
+
+
+def load_model(config):
+  """(model, frozen_params, tokenizer) of config.model in config.dtype, with the config's dropout."""
+  model, frozen_params, tokenizer = hf.load_pretrained(config.model, dtype=config.dtype,
+                                                       remat=config.remat_layers,
+                                                       scan_layers=config.scan_layers)
+  model = type(model)(dataclasses.replace(model.config, dropout_rate=config.dropout_rate,
+                                          remat_policy=config.remat_policy, attention=config.attention))
+  return model, frozen_params, tokenizer
+
+
+def memory_budget_bytes(config) -> int | None:
+  """The downstream's memory budget: configured, or None for the device's free memory."""
+  budget = config.downstream.memory_budget_gb
+  return int(budget * 2**30) if budget else None
+
+
+def runs_in_chunks(fn: Callable, run_axes, mesh, budget_bytes: int | None, name: str) -> Callable:
+  """fn over R runs in the fewest chunks of runs that fit the memory (one device; mpt_jax/chunking.py).
+  Over several devices the runs are split across them instead."""
+  if mesh.size > 1:
+    return fn
+  return chunking.RunChunks(fn, run_axes, budget_bytes=budget_bytes, name=name)
+
+
+def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
+  """The model and its weights on the mesh, the tokenizer, the compiled steps and decoders (compiled at
+  their first call, once per shape)."""
+  u, d = config.upstream, config.downstream
+  cache_dir = config.cache_dir or os.path.join(workdir, "cache")
+  if config.compilation_cache:  # before anything compiles: JAX opens its cache at the first compilation
+    logging.info("persistent compilation cache: %s", compilation.enable_persistent_cache(
+        config.compilation_cache_dir or os.path.join(cache_dir, "compiled")))
+  model, frozen_params, tokenizer = load_model(config)
+  mesh = parallel.make_mesh(num_devices=config.num_devices)
+  frozen_params = parallel.replicate(frozen_params, mesh)
+  loss_fn = algorithms.make_loss_fn(model, deterministic=config.dropout_rate == 0,
+                                    placement=config.prompt.placement)
+  upstream_optimizer = upstream_step = None
+  put_batch = lambda batch: batch
+  if upstream:
+    upstream_optimizer = optim.make_optimizer(u.optimizer, u.lr)
+    kwargs = {} if config.method == "mtl" else {"inner_lr": u.inner_lr, "remat": u.remat_inner}
+    if mesh.size > 1:  # config.validate checked that the step's tasks (MTL: examples) split over them
+      upstream_step = parallel.make_sharded_step(config.method, loss_fn, upstream_optimizer, mesh, **kwargs)
+      put_batch = lambda batch: parallel.shard(batch, mesh)
+    else:
+      upstream_step = algorithms.jit_step(algorithms.make_step(config.method, loss_fn, upstream_optimizer,
+                                                               **kwargs))
+  grid_optimizer = optim.make_optimizer(d.optimizer, 1.0)
+  budget = memory_budget_bytes(config)
+  generate = None
+  if d.decoding in ("greedy", "beam", "auto"):
+    generate = make_generate(model, "greedy" if d.decoding == "auto" else d.decoding,
+                             max_decode_len=d.max_decode_len, placement=config.prompt.placement,
+                             num_beams=d.num_beams, repetition_penalty=float(d.repetition_penalty),
+                             early_stopping=bool(d.early_stopping))
+    generate = runs_in_chunks(generate, (None, 0, 0, 0), mesh, budget, "dev decoding")
+
+  def rank_one(frozen, prompt, ids, mask, candidates):
+    return decode.rank_classify(model, frozen, ids, mask, prompt, candidates=candidates,
+                                placement=config.prompt.placement)
+
+  rank = runs_in_chunks(jax.jit(jax.vmap(rank_one, in_axes=(None, 0, 0, 0, None))), (None, 0, 0, 0, None),
+                        mesh, budget, "rank classification")
+  return Runtime(config=config, workdir=workdir, cache_dir=cache_dir, model=model,
+                 frozen_params=frozen_params, tokenizer=tokenizer, mesh=mesh,
+                 upstream_optimizer=upstream_optimizer, upstream_step=upstream_step, put_batch=put_batch,
+                 grid_optimizer=grid_optimizer,
+                 grid_step=adapt.make_grid_trainer(loss_fn, grid_optimizer, mesh, budget),
+                 generate=generate, rank=rank)
+
+
+def make_generate(model, decoding: str, *, max_decode_len: int, placement: str, num_beams: int,
+                  repetition_penalty: float, early_stopping: bool) -> Callable:
+  """generate(frozen, prompts [R, P, D], ids [R, B, L], mask) -> tokens [R, B, T], jitted."""
+  if decoding == "greedy":  # all runs' rows in one decoding loop (see decode.greedy_decode_runs)
+    return jax.jit(lambda frozen, prompts, ids, mask: decode.greedy_decode_runs(
+        model, frozen, ids, mask, prompts, max_length=max_decode_len, placement=placement))
+
+  def one(frozen, prompt, ids, mask):
+    return decode.beam_search(model, frozen, ids, mask, prompt, max_length=max_decode_len,
+                              placement=placement, num_beams=num_beams,
+                              repetition_penalty=repetition_penalty, early_stopping=early_stopping)
+  return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
+
+
+def resolve_decoding(decoding: str, task: str) -> str:
+  """The decoding of `task`: "auto" is rank classification for a task scored by a classification
+  metric (its answers are a fixed label set) and greedy generation for any other (free-form answers)."""
+  if decoding != "auto":
+    return decoding
+  return "rank" if settings_lib.metric_for_task(task) in CLASSIFICATION_METRICS else "greedy"
+
+
+# --- 5. upstream -------------------------------------------------------------------------------------------
 
 def length_buckets(config) -> batching.LengthBuckets:
   return batching.LengthBuckets(config.data.input_bucket_multiple, config.data.target_bucket_multiple)
@@ -126,17 +404,20 @@ def length_buckets(config) -> batching.LengthBuckets:
 def upstream_sampler(config, source_data, tokenizer, cache_dir):
   """(sample_batch(step), num_steps) of the method: MTL pools batches, meta-learners draw episodes."""
   u = config.upstream
-  spec = batching.TextSpec(config.data.max_input_len, u.max_target_len, config.data.input_template)
+  spec = batching.TextSpec(max_input_len=config.data.max_input_len, max_target_len=u.max_target_len,
+                           input_template=config.data.input_template)
   tokenized = batching.tokenize_tasks(source_data, tokenizer, spec, cache_dir)
   if config.method == "mtl":
     pool = batching.concat_splits([tokenized[key] for key in sorted(tokenized)], "mtl")
-    sampler = batching.EpochSampler(pool, u.batch_size, config.seed, length_buckets(config))
+    sampler = batching.EpochSampler(pool, batch_size=u.batch_size, seed=config.seed,
+                                    buckets=length_buckets(config))
     return sampler, u.num_steps or sampler.steps_for_epochs(u.num_epochs)
   with_query = config.method != "reptile"
   tasks = batching.meta_tasks(tokenized, list(source_data), config.seeds, with_query=with_query)
-  sampler = batching.EpisodeSampler(tasks, u.tasks_per_step, u.inner_steps, u.inner_batch_size,
-                                    u.query_size if with_query else None, config.seed,
-                                    length_buckets(config))
+  sampler = batching.EpisodeSampler(tasks, tasks_per_step=u.tasks_per_step, inner_steps=u.inner_steps,
+                                    inner_batch_size=u.inner_batch_size,
+                                    query_size=u.query_size if with_query else None, seed=config.seed,
+                                    buckets=length_buckets(config))
   return sampler, u.num_steps
 
 
@@ -153,229 +434,138 @@ def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], 
     init = prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer, num_candidates=p.vocab_top_k)
   elif p.init == "uniform":
     init = prompt_lib.uniform()
-  elif p.init == "label_words":
-    if not p.label_words:
-      raise ValueError("config.prompt.init='label_words' needs config.prompt.label_words")
+  else:  # "label_words" (config.validate checked the choice and the words)
     init = prompt_lib.label_words(embedding, tokenizer, list(p.label_words), num_candidates=p.vocab_top_k)
-  else:
-    raise ValueError(f"config.prompt.init={p.init!r}: expected task_names, vocab, uniform or label_words")
   return np.asarray(init(jax.random.PRNGKey(seed), (p.length, embedding.shape[1])))
 
 
-def run_upstream(config, workdir, model, frozen_params, tokenizer, source_data, mesh, cache_dir):
-  u = config.upstream
-  out_dir = os.path.join(workdir, "upstream")
+def _learning_rates(keys: Mapping[str, Any]) -> dict[str, Any]:
+  return {key: keys[key] for key in fingerprint.UPSTREAM_LEARNING_RATES if key in keys}
+
+
+class UpstreamDiverged(FloatingPointError):
+  """Upstream stopped at a step that failed the guard; the workdir keeps what a lower rate resumes from."""
+
+
+def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.ndarray:
+  """The upstream prompt: reused when this workdir finished it with this config, else trained (resumed from
+  the latest checkpoint). After a divergence, a rerun with lower learning rates continues from the last good
+  checkpoint with them."""
+  config, u = runtime.config, runtime.config.upstream
+  out_dir = os.path.join(runtime.workdir, "upstream")
   prompt_path = os.path.join(out_dir, "prompt.npy")
-  sample_batch, num_steps = upstream_sampler(config, source_data, tokenizer, cache_dir)
-  prompt0 = initial_prompt(config, frozen_params, tokenizer, list(source_data), config.seed)
-  optimizer = optim.make_optimizer(u.optimizer, u.lr)
-  loss_fn = algorithms.make_loss_fn(model, deterministic=config.dropout_rate == 0,
-                                    placement=config.prompt.placement)
-  method = "mtl" if config.method == "mtl" else config.method
-  kwargs = {} if method == "mtl" else {"inner_lr": u.inner_lr, "remat": u.remat_inner}
-  put_batch = lambda batch: batch
-  if mesh.size > 1 and _divides(sample_batch(0), mesh.size):
-    step_fn = parallel.make_sharded_step(method, loss_fn, optimizer, mesh, **kwargs)
-    frozen_params = parallel.replicate(frozen_params, mesh)
-    put_batch = lambda batch: parallel.shard(batch, mesh)
-  else:
-    step_fn = algorithms.jit_step(algorithms.make_step(method, loss_fn, optimizer, **kwargs))
+  keys = upstream_fingerprint(config, source_data)
+  record = check.record
+  if record is not None and check.new_learning_rates is None and os.path.exists(prompt_path):
+    logging.info("upstream: done with this config (%s), reusing its prompt", prompt_path)
+    return prompt_lib.load_prompt(prompt_path)[0]
+  if record is None:
+    record = fingerprint.Record(keys=keys, learning_rates=[{"step": 0, **_learning_rates(keys)}])
+  elif check.new_learning_rates is not None:
+    resume_step = record.divergences[-1]["resume_step"]
+    logging.info("upstream: continuing from step %d (the last good checkpoint) with %s after the divergence "
+                 "at step %d", resume_step, check.new_learning_rates, record.divergences[-1]["step"])
+    record.keys, record.diverged = keys, False
+    record.learning_rates.append({"step": resume_step, **_learning_rates(keys)})
+  record.save(out_dir)
+
+  sample_batch, num_steps = upstream_sampler(config, source_data, runtime.tokenizer, runtime.cache_dir)
+  prompt0 = initial_prompt(config, runtime.frozen_params, runtime.tokenizer, list(source_data), config.seed)
   logging.info("upstream: %s on %d source tasks, %d steps", config.method, len(source_data), num_steps)
-  state = algorithms.init_state(prompt0, optimizer)
-  loop = train.LoopConfig(num_steps, u.checkpoint_every, u.log_every, config.seed)
-  state = train.train_prompt(step_fn, state, frozen_params, sample_batch, loop, out_dir, put_batch)
+  state = algorithms.init_state(prompt0, runtime.upstream_optimizer)
+  loop = train.LoopConfig(num_steps=num_steps, checkpoint_every=u.checkpoint_every, log_every=u.log_every,
+                          seed=config.seed, learning_rate=u.lr)
+  try:
+    state = train.train_prompt(runtime.upstream_step, state, runtime.frozen_params, sample_batch, loop, out_dir,
+                               runtime.put_batch, checkpoint_meta={"config_fingerprint": record.hash})
+  except algorithms.Diverged as diverged:
+    rates = _learning_rates(keys)
+    record.diverged = True
+    record.divergences.append({"step": diverged.step, "reason": diverged.reason,
+                               "resume_step": diverged.resume_step, "learning_rates": rates})
+    record.save(out_dir)
+    resume = (f"it continues from step {diverged.resume_step}, the last good checkpoint, with the new rate "
+              f"({os.path.join(out_dir, fingerprint.FILE)} records which rate trained which steps)"
+              if diverged.resume_step else "it starts again from the initial prompt (no step before the "
+                                           "divergence was checkpointed)")
+    raise UpstreamDiverged(
+        f"upstream diverged at step {diverged.step}: {diverged.reason}. The update was not applied, and "
+        f"every checkpoint holds steps that passed the guard. Rerun with a lower --config.upstream.lr (now "
+        f"{u.lr:g}): {resume}.") from diverged
   prompt = np.asarray(jax.device_get(state.prompt))
-  prompt_lib.save_prompt(prompt_path, prompt, _prompt_meta(config, model, source_tasks=list(source_data),
-                                                          steps=num_steps))
+  prompt_lib.save_prompt(prompt_path, prompt, prompt_meta(runtime, source_tasks=list(source_data),
+                                                          steps=num_steps, config_fingerprint=record.hash,
+                                                          learning_rates=record.learning_rates))
   logging.info("upstream prompt saved to %s", prompt_path)
   return prompt
 
 
-def _divides(batch, n: int) -> bool:
-  return algorithms.common.leading_size(batch, "batch") % n == 0
+def prompt_meta(runtime: Runtime, **extra) -> dict[str, Any]:
+  config = runtime.config
+  return {"model": config.model, "d_model": runtime.model.config.d_model, "length": config.prompt.length,
+          "placement": config.prompt.placement, "method": config.method, "setting": config.setting, **extra}
 
 
-def _prompt_meta(config, model, **extra):
-  return {"model": config.model, "d_model": model.config.d_model, "length": config.prompt.length,
-          "placement": config.prompt.placement, "method": config.method, "setting": config.setting,
-          **extra}
+# --- 6. downstream -----------------------------------------------------------------------------------------
 
-
-# --- 4. downstream ---------------------------------------------------------------------------------------
-
-def memory_budget_bytes(config) -> int | None:
-  """The downstream's memory budget: configured, or None for the device's free memory."""
-  budget = config.downstream.memory_budget_gb
-  return int(budget * 2**30) if budget else None
-
-
-@functools.lru_cache(maxsize=None)
-def grid_trainer(model_config, placement: str, optimizer_name: str, mesh, budget_bytes: int | None = None):
-  """(optimizer, jitted grid step), built once per process for a model and optimizer: every target task
-  and every method of a study run reuses the same compiled step (the learning rates are state)."""
-  model = T5(model_config)
-  loss_fn = algorithms.make_loss_fn(model, deterministic=model_config.dropout_rate == 0,
-                                    placement=placement)
-  optimizer = optim.make_optimizer(optimizer_name, 1.0)
-  return optimizer, adapt.make_grid_trainer(loss_fn, optimizer, mesh, budget_bytes)
-
-
-def _runs_in_chunks(generate, mesh, budget_bytes: int | None):
-  """Decoding of R runs in the fewest chunks of runs that fit the memory (one device; see chunking)."""
-  if mesh.size > 1:
-    return generate
-  return chunking.RunChunks(generate, (None, 0, 0, 0), budget_bytes=budget_bytes, name="decoding")
-
-
-@functools.lru_cache(maxsize=None)
-def _generator(model_config, decoding: str, max_length: int, placement: str, num_beams: int,
-               repetition_penalty: float, early_stopping: bool, mesh, budget_bytes: int | None):
-  """generate(frozen, prompts [R, P, D], ids [R, B, L], mask) -> tokens [R, B, T], jitted once."""
-  model = T5(model_config)
-  if decoding == "greedy":  # all runs' rows in one decoding loop (see decode.greedy_decode_runs)
-    generate = jax.jit(lambda frozen, prompts, ids, mask: decode.greedy_decode_runs(
-        model, frozen, ids, mask, prompts, max_length=max_length, placement=placement))
-  else:
-    def one(frozen, prompt, ids, mask):
-      return decode.beam_search(model, frozen, ids, mask, prompt, max_length=max_length,
-                                placement=placement, num_beams=num_beams,
-                                repetition_penalty=repetition_penalty, early_stopping=early_stopping)
-    generate = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
-  return _runs_in_chunks(generate, mesh, budget_bytes)
-
-
-CLASSIFICATION_METRICS = (metrics.ACC, metrics.CLASSIFICATION_F1, metrics.MATTHEW_CORRELATION)
-
-
-def resolve_decoding(decoding: str, task: str) -> str:
-  """The decoding of `task`: "auto" is rank classification for a task scored by a classification
-  metric (its answers are a fixed label set) and greedy generation for any other (free-form answers)."""
-  if decoding != "auto":
-    return decoding
-  return "rank" if settings_lib.metric_for_task(task) in CLASSIFICATION_METRICS else "greedy"
-
-
-def make_predict(config, model, frozen_params, mesh, train_split):
-  """predict(prompts [R, P, D], batch [R, B, ...]) -> token ids [R, B, T] with the configured decoding
-  (rank classification scores the labels of `train_split`)."""
+def grid_config(config) -> adapt.GridConfig:
   d = config.downstream
-  placement = config.prompt.placement
-  decoding = resolve_decoding(d.decoding, train_split.task)
-  if decoding in ("greedy", "beam"):
-    generate = _generator(model.config, decoding, d.max_decode_len, placement, d.num_beams,
-                          float(d.repetition_penalty), bool(d.early_stopping), mesh,
-                          memory_budget_bytes(config))
-  elif decoding == "rank":
-    candidates = decode.label_candidates(train_split)
-
-    def one(frozen, prompt, ids, mask):
-      return decode.rank_classify(model, frozen, ids, mask, prompt, candidates=candidates,
-                                  placement=placement)
-    generate = _runs_in_chunks(jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0))), mesh,
-                               memory_budget_bytes(config))
-  else:
-    raise ValueError(f"config.downstream.decoding={d.decoding!r}: expected greedy, beam, rank or auto")
-
-  def predict(prompts, batch):
-    ids, mask = batch["input_ids"], batch["input_mask"]
-    if mesh.size > 1 and ids.shape[0] % mesh.size == 0:
-      prompts, ids, mask = parallel.shard((jnp.asarray(prompts), ids, mask), mesh, "runs")
-    return generate(frozen_params, prompts, ids, mask)
-
-  return predict
-
-
-def run_downstream(config, workdir, model, frozen_params, tokenizer, target_data, init_prompt, mesh,
-                   cache_dir, out_subdir: str = "downstream"):
-  d = config.downstream
-  spec = batching.TextSpec(config.data.max_input_len, d.max_target_len, config.data.input_template)
-  optimizer, grid_step = grid_trainer(model.config, config.prompt.placement, d.optimizer, mesh,
-                                      memory_budget_bytes(config))
-  grid = adapt.GridConfig(tuple(d.lrs), d.batch_size, d.num_steps, d.eval_every, d.eval_batch_size,
-                          d.optimizer, config.seed, length_buckets(config), max_epochs=d.max_epochs,
+  return adapt.GridConfig(lrs=tuple(d.lrs), batch_size=d.batch_size, num_steps=d.num_steps,
+                          eval_every=d.eval_every, eval_batch_size=d.eval_batch_size, optimizer=d.optimizer,
+                          seed=config.seed, length_buckets=length_buckets(config), max_epochs=d.max_epochs,
                           step0_candidate=d.step0_candidate, test_prompt=d.test_prompt)
+
+
+def run_downstream(runtime: Runtime, target_data, init_prompt: np.ndarray | None,
+                   out_subdir: str = "downstream", seeds: Sequence[int] | None = None) -> list[dict]:
+  """The grid on every task of `target_data` from `init_prompt` (None: PT, each seed from the task's own
+  name); a task whose results exist with this config is reused, one whose grid was interrupted resumes."""
+  config, d = runtime.config, runtime.config.downstream
+  seeds = tuple(config.seeds if seeds is None else seeds)
+  spec = batching.TextSpec(max_input_len=config.data.max_input_len, max_target_len=d.max_target_len,
+                           input_template=config.data.input_template)
+  grid = grid_config(config)
+  fix = _fresh_workdir_fix(runtime.workdir, config.method in UPSTREAM_METHODS)
   summaries = []
   for task, data in target_data.items():
-    task_dir = os.path.join(workdir, out_subdir, task)
-    done = os.path.join(task_dir, "results.json")
-    if os.path.exists(done):
-      logging.info("downstream %s: results exist (%s), skipping", task, done)
+    task_dir = os.path.join(runtime.workdir, out_subdir, task)
+    keys = task_fingerprint(config, task, data, init_prompt)
+    check = fingerprint.check_stage(task_dir, keys, what=task_dir, fix=fix)
+    if check.problem:
+      raise fingerprint.WorkdirConflict(check.problem)
+    done = os.path.join(task_dir, results.RESULTS_FILE)
+    if check.record is not None and os.path.exists(done):
+      logging.info("downstream %s: done with this config (%s), reusing it", task, done)
+      adapt.remove_checkpoints(task_dir)  # left behind when a run stopped between results and cleanup
       summaries.append(results.load_results(done))
       continue
+    record = check.record or fingerprint.Record(keys=keys)
+    record.save(task_dir)
     tokenized = {key[1:]: split for key, split in
-                 batching.tokenize_tasks({task: data}, tokenizer, spec, cache_dir).items()}
+                 batching.tokenize_tasks({task: data}, runtime.tokenizer, spec, runtime.cache_dir).items()}
     if init_prompt is None:  # PT: each seed starts from the target task's own name
-      prompts = {s: initial_prompt(config, frozen_params, tokenizer, [task], config.seed + s)
-                 for s in config.seeds}
+      prompts = {s: initial_prompt(config, runtime.frozen_params, runtime.tokenizer, [task], config.seed + s)
+                 for s in seeds}
     else:
-      prompts = {s: init_prompt for s in config.seeds}
-    predict = make_predict(config, model, frozen_params, mesh, tokenized[(config.seeds[0], "train")])
-    runs = adapt.adapt_task(task, init_prompts=prompts, frozen_params=frozen_params, tokenized=tokenized,
-                            grid_step=grid_step, optimizer=optimizer, predict=predict,
-                            tokenizer=tokenizer, config=grid, seeds=config.seeds, out_dir=task_dir,
-                            prompt_meta=_prompt_meta(config, model))
-    summary = results.summarize_task(task, runs)
+      prompts = {s: init_prompt for s in seeds}
+    runs = adapt.adapt_task(task, init_prompts=prompts, frozen_params=runtime.frozen_params,
+                            tokenized=tokenized, grid_step=runtime.grid_step,
+                            optimizer=runtime.grid_optimizer,
+                            predict=runtime.predictor(tokenized[(seeds[0], "train")]),
+                            tokenizer=runtime.tokenizer, config=grid, seeds=seeds, out_dir=task_dir,
+                            prompt_meta=prompt_meta(runtime, config_fingerprint=record.hash))
+    summary = {**results.summarize_task(task, runs), "config_fingerprint": record.hash}
     results.write_task_results(summary, task_dir)
+    adapt.remove_checkpoints(task_dir)
     summaries.append(summary)
   return summaries
 
 
-# --- the whole run ---------------------------------------------------------------------------------------
-
-def run(config, workdir: str) -> dict | None:
-  os.makedirs(workdir, exist_ok=True)
-  results.run_record(config, workdir)
-  do_upstream, do_downstream = needed_stages(config)
+def target_baselines(config, workdir: str) -> dict[str, dict[str, float]]:
+  """{target task: {"constant": x, "random": y}}: the chance levels of the run's target tasks under
+  their metrics, from the same train and test files the methods use (mpt_jax.baselines)."""
   setting = resolve_setting(config)
-  data_dir = resolve_data_dir(config, workdir)
   targets = list(config.downstream.tasks) or list(setting.target)
-  unknown = [t for t in targets if t not in setting.target]
-  if unknown:
-    raise ValueError(f"config.downstream.tasks: {unknown} are not target tasks of {setting.name!r} "
-                     f"({list(setting.target)})")
-  # Read and validate everything the stages need before loading the model or compiling anything.
-  source_data = read_tasks(data_dir, setting.source if do_upstream else (), config.seeds, ("train", "dev"))
-  target_data = read_tasks(data_dir, targets if do_downstream else (), config.seeds,
-                           ("train", "dev", "test"), keep_empty_answers=("dev", "test"))
-  check_scorable(target_data)
-  source_runs = read_tasks(data_dir, setting.source if prompt_tunes_sources(config) else (), config.seeds,
-                           ("train", "dev", "test"))
-  init_prompt = None
-  if config.init_prompt:
-    init_prompt, _ = prompt_lib.load_prompt(config.init_prompt)
-  cache_dir = config.cache_dir or os.path.join(workdir, "cache")
-  if config.compilation_cache:
-    directory = compilation.enable_persistent_cache(
-        config.compilation_cache_dir or os.path.join(cache_dir, "compiled"))
-    logging.info("persistent compilation cache: %s", directory)
-  model, frozen_params, tokenizer = load_model(config)
-  if init_prompt is not None and init_prompt.shape[1] != model.config.d_model:
-    raise ValueError(f"config.init_prompt {config.init_prompt}: prompt width {init_prompt.shape[1]} != "
-                     f"d_model {model.config.d_model} of {config.model}")
-  mesh = parallel.make_mesh()
-  logging.info("setting %s: %d source, %d target tasks; data %s; %d device(s)", setting.name,
-               len(setting.source), len(targets), data_dir, mesh.size)
-  if do_upstream:
-    init_prompt = run_upstream(config, workdir, model, frozen_params, tokenizer, source_data, mesh,
-                               cache_dir)
-  elif config.method in UPSTREAM_METHODS and do_downstream and init_prompt is None:
-    saved = os.path.join(workdir, "upstream", "prompt.npy")
-    if not os.path.exists(saved):
-      raise FileNotFoundError(f"{config.method} downstream needs an upstream prompt: none at {saved}; run "
-                              f"the upstream stage first or pass --config.init_prompt=path.npy")
-    init_prompt, _ = prompt_lib.load_prompt(saved)
-  if not do_downstream:
-    return None
-  summaries = run_downstream(config, workdir, model, frozen_params, tokenizer, target_data, init_prompt,
-                             mesh, cache_dir)
-  if source_runs:
-    logging.info("prompt-tuning the %d source tasks too (config.downstream.prompt_tune_sources)",
-                 len(source_runs))
-    run_downstream(config, workdir, model, frozen_params, tokenizer, source_runs, init_prompt, mesh,
-                   cache_dir, out_subdir="sources")
-  summary = results.summarize_setting(summaries, setting=setting.name, method=config.method,
-                                      pt=config.pt_results or None)
-  results.write_setting_results(summary, workdir)
-  logging.info("results: %s", os.path.join(workdir, "results.md"))
-  return summary
-
+  data = read_tasks(resolve_data_dir(config, workdir), targets, config.seeds, ("train", "test"),
+                    keep_empty_answers=("test",))
+  return baselines.setting_baselines(data, config.seeds)

@@ -34,6 +34,7 @@ import numpy as np
 
 Initializer = Callable[[jax.Array, tuple[int, int]], jax.Array]
 
+INITS = ("task_names", "vocab", "uniform", "label_words")  # config.prompt.init
 NUM_SPECIAL_TOKENS = 3  # T5: pad 0, eos 1, unk 2
 FREQUENT_VOCAB = 5000
 
@@ -142,17 +143,30 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def save_prompt(path: str | os.PathLike, prompt, meta: dict | None = None) -> Path:
-  """Writes `<path>.npy` (float32 [P, d_model]) and `<path>.json` (meta + d_model and length)."""
+  """Writes `<path>.npy` (float32 [P, d_model]) and `<path>.json` (meta + d_model and length), each
+  atomically (a killed or failed write leaves the previous file or none, never half of one)."""
   array = np.asarray(jax.device_get(prompt), np.float32)
   if array.ndim != 2:
     raise ValueError(f"a prompt is [length, d_model]; got shape {array.shape}")
   npy, sidecar = _paths(path)
-  npy.parent.mkdir(parents=True, exist_ok=True)
-  np.save(npy, array)
   meta = dict(meta or {})
   meta.update(length=int(array.shape[0]), d_model=int(array.shape[1]))
-  sidecar.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+  npy.parent.mkdir(parents=True, exist_ok=True)
+  _write_atomic(npy, lambda f: np.save(f, array))
+  text = json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
+  _write_atomic(sidecar, lambda f: f.write(text.encode()))
   return npy
+
+
+def _write_atomic(path: Path, write) -> None:
+  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+  try:
+    with open(tmp, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  except OSError as error:
+    tmp.unlink(missing_ok=True)
+    raise OSError(error.errno, f"writing {path}: {error.strerror or error}") from error
 
 
 def load_prompt(path: str | os.PathLike, *, d_model: int | None = None) -> tuple[np.ndarray, dict]:
@@ -160,10 +174,14 @@ def load_prompt(path: str | os.PathLike, *, d_model: int | None = None) -> tuple
   npy, sidecar = _paths(path)
   if not npy.is_file():
     raise FileNotFoundError(f"prompt file {npy} does not exist")
-  prompt = np.load(npy)
-  meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-  if prompt.ndim != 2:
-    raise ValueError(f"{npy}: a prompt is [length, d_model]; got shape {prompt.shape}")
+  try:
+    prompt = np.load(npy, allow_pickle=False)
+    meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+  except (ValueError, OSError, EOFError) as error:  # a truncated or foreign file
+    raise ValueError(f"{npy}: not a readable prompt ({type(error).__name__}: {error}); a prompt is a "
+                     f"float [length, d_model] .npy written by mpt_jax (upstream/prompt.npy)") from None
+  if prompt.ndim != 2 or not np.issubdtype(prompt.dtype, np.floating):
+    raise ValueError(f"{npy}: a prompt is a float [length, d_model] array; got {prompt.dtype} {prompt.shape}")
   for key, actual in (("length", prompt.shape[0]), ("d_model", prompt.shape[1])):
     if key in meta and meta[key] != actual:
       raise ValueError(f"{npy}: array {key} {actual} disagrees with {sidecar.name} ({meta[key]})")
@@ -171,4 +189,6 @@ def load_prompt(path: str | os.PathLike, *, d_model: int | None = None) -> tuple
     raise ValueError(f"{npy}: prompt d_model {prompt.shape[1]} (from model {meta.get('model', '?')}) "
                      f"does not match this model's d_model {d_model}; a prompt only transfers "
                      f"between models of the same width.")
+  if not np.all(np.isfinite(prompt)):
+    raise ValueError(f"{npy}: the prompt has non-finite values (a diverged run's?)")
   return prompt.astype(np.float32), meta

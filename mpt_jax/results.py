@@ -40,15 +40,17 @@ import platform
 import socket
 import subprocess
 import sys
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from mpt_jax import study
+
 STD_DDOF = 0  # np.std's default, as in the study's tables: population std over seeds.
 NAN_POLICIES = ("omit", "propagate")
-METHOD_ORDER = ("pt", "mtl", "maml", "fomaml", "reptile")  # the study's column order, PT first.
-METHOD_DISPLAY_NAMES = {"pt": "PT", "mtl": "MTL", "maml": "MAML", "fomaml": "FoMAML",
-                        "reptile": "Reptile"}
+METHOD_ORDER = study.METHODS  # the study's column order, PT first.
+METHOD_DISPLAY_NAMES = study.METHOD_DISPLAY_NAMES
 RECORDED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy")
 RESULTS_FILE = "results.json"
 RUN_RECORD_FILE = "run_record.json"
@@ -140,6 +142,8 @@ def summarize_task(task: str, runs: Iterable[RunResult | Mapping[str, Any]],
   if len(metrics) > 1:
     raise ValueError(f"task {task!r}: runs disagree on the metric: {metrics}")
   scores = [run["test_score"] for run in runs]
+  # Grid runs that failed the NaN/divergence guard (left out of their seed's choice of learning rate).
+  failed = [{"seed": run["seed"], **failure} for run in runs for failure in run.get("failed_runs") or ()]
   return {
       "task": task,
       "metric": metrics[0] if metrics else None,
@@ -151,6 +155,7 @@ def summarize_task(task: str, runs: Iterable[RunResult | Mapping[str, Any]],
       "nan_policy": nan_policy,
       "n_seeds": len(scores),
       "n_nan": len(scores) - len(_finite(scores)),
+      "failed_runs": failed,
       "runs": runs,
   }
 
@@ -251,9 +256,14 @@ def _jsonable(value: Any) -> Any:
 
 def _write_atomic(path: str, text: str) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", newline="") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", newline="") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except OSError as error:  # a full disk says only "No space left on device": name the file
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise OSError(error.errno, f"writing {path}: {error.strerror or error}") from error
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -334,6 +344,10 @@ def _nan_notes(summary: Mapping[str, Any]) -> list[str]:
   if any(t.get("n_nan") for t in summary["tasks"].values()):
     notes.append("(k/n NaN): k of the n seeds scored NaN"
                  + ("; mean and std are over the other seeds." if omit else "; the mean is NaN."))
+  failed = [f"{task} (seed {f['seed']}, lr {f['learning_rate']:g}, step {f['step']})"
+            for task, t in summary["tasks"].items() for f in t.get("failed_runs") or ()]
+  if failed:
+    notes.append(f"Runs that diverged (left out of the choice of learning rate): {', '.join(failed)}.")
   if summary.get("arg_tasks_missing_in_pt"):
     missing = ", ".join(summary["arg_tasks_missing_in_pt"])
     notes.append(f"Not in the PT results, left out of the ARG: {missing}.")
@@ -691,7 +705,7 @@ def run_record(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
   new record.
   """
   record = {
-      "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "hostname": socket.gethostname(),
       "command_line": list(sys.argv),
       "executable": sys.executable,

@@ -18,42 +18,52 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mpt_jax import checkpoints, logs
-from mpt_jax.algorithms import PromptState, check_finite
+from mpt_jax import checkpoints, logs, optim
+from mpt_jax.algorithms import Diverged, PromptState, check_update
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoopConfig:
   num_steps: int
   checkpoint_every: int
   log_every: int
   seed: int
+  # The optimizer's learning rate, set on a restored state: it comes from the config, not from the
+  # checkpoint (it may change on a rerun after a divergence). None: keep the checkpoint's.
+  learning_rate: float | None = None
 
 
 def train_prompt(step_fn: Callable, state: PromptState, frozen_params: Any,
                  sample_batch: Callable[[int], dict], loop: LoopConfig, workdir: str,
-                 put_batch: Callable[[dict], Any] = lambda batch: batch) -> PromptState:
+                 put_batch: Callable[[dict], Any] = lambda batch: batch,
+                 checkpoint_meta: dict | None = None) -> PromptState:
   """Runs `step_fn` from the latest checkpoint in `workdir` (or from `state`) to `loop.num_steps`.
 
   step_fn(state, frozen_params, batch, rng) -> (state, metrics), jitted, state donated.
   sample_batch(step) -> batch (host arrays); put_batch places it (e.g. shards it over devices).
-  The state is saved every `checkpoint_every` steps and at the end; a non-finite step stops the run
-  with the last good state saved (the step's guard leaves the state unchanged when non-finite).
+  The state is saved every `checkpoint_every` steps and at the end, with `checkpoint_meta` (the config
+  fingerprint). A step that fails the guard (a non-finite or diverging update) stops the run with
+  `algorithms.Diverged`; every checkpoint is of steps that passed it, and the exception's `resume_step`
+  is the latest of them (0: none, the initial state), where a rerun with a lower learning rate continues.
   """
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), loop.checkpoint_every)
   writer = logs.MetricWriter(os.path.join(workdir, "logs"))
   base_rng = jax.random.PRNGKey(loop.seed)
-  restored = ckpt.restore_latest({"state": state, "rng": base_rng})
   start = 0
-  if restored is not None:
-    start, saved = restored
-    state = saved["state"]
-    if not np.array_equal(np.asarray(saved["rng"]), np.asarray(base_rng)):
-      raise ValueError(f"{workdir}: the checkpoint was made with another seed; use a fresh --workdir "
-                       f"or the seed it was made with")
-    logging.info("resuming upstream from step %d (%s)", start, workdir)
   pending = []  # metrics of the steps since the last log line, fetched together (one host sync)
   try:
+    restored = ckpt.restore_latest({"state": state, "rng": base_rng})
+    if restored is not None:
+      start, state = restored.step, restored.arrays["state"]
+      if not np.array_equal(np.asarray(restored.arrays["rng"]), np.asarray(base_rng)):
+        raise ValueError(f"{workdir}: the checkpoint was made with another seed; use a fresh --workdir "
+                         f"or the seed it was made with")
+      if start > loop.num_steps:
+        raise ValueError(f"{workdir}: the checkpoint is at step {start}, past num_steps={loop.num_steps}; "
+                         f"use a fresh --workdir")
+      if loop.learning_rate is not None:
+        state = state.replace(opt_state=optim.set_learning_rate(state.opt_state, loop.learning_rate))
+      logging.info("resuming upstream from step %d (%s)", start, workdir)
     for step in tqdm(range(start, loop.num_steps), initial=start, total=loop.num_steps,
                      desc="upstream", disable=jax.process_index() != 0, mininterval=5):
       batch = put_batch(sample_batch(step))
@@ -63,7 +73,11 @@ def train_prompt(step_fn: Callable, state: PromptState, frozen_params: Any,
       last = done == loop.num_steps
       if done % loop.log_every == 0 or done % ckpt.every == 0 or last:
         _flush(pending, writer)
-        ckpt.maybe_save(done, {"state": state, "rng": base_rng}, force=last)
+        ckpt.save(done, {"state": state, "rng": base_rng}, checkpoint_meta, force=last)
+  except Diverged as diverged:
+    ckpt.close()
+    diverged.resume_step = ckpt.latest_step() or 0
+    raise
   finally:
     ckpt.close()
     writer.close()
@@ -71,13 +85,14 @@ def train_prompt(step_fn: Callable, state: PromptState, frozen_params: Any,
 
 
 def _flush(pending: list, writer: logs.MetricWriter) -> None:
-  """Checks every pending step for non-finite values (naming the first bad one), then logs the mean."""
+  """Checks every pending step with the guard (naming the first bad one, counted from 1 as the log
+  lines are), then logs the mean of the steps."""
   fetched = jax.device_get(pending)
   pending.clear()
   for step, metrics in fetched:
-    check_finite(metrics, step)
+    check_update(metrics, step + 1)
   step = fetched[-1][0]
-  keys = [k for k in fetched[-1][1] if k != "is_finite"]
+  keys = [k for k in fetched[-1][1] if k != "update_ok"]
   writer.write(step + 1, {k: np.mean([np.mean(m[k]) for _, m in fetched]) for k in keys}, "upstream/")
   logging.info("upstream step %d: %s", step + 1,
                ", ".join(f"{k}={np.mean(fetched[-1][1][k]):.4g}" for k in keys))

@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
 
 # Words the tiny tokenizer must know well: CrossFit-style prefixes, labels and task names.
 _WORDS = """the a an of to and in is was it for on that with as by at from this be are or not but

@@ -1,4 +1,5 @@
-"""Test-wide settings: offline hub, CPU JAX with 2 simulated devices (for the sharded-step tests)."""
+"""Test-wide settings: offline hub, CPU JAX with 2 simulated devices (for the sharded-step tests); the
+shared fixtures of tests/helpers_t5.py (tiny checkpoints and tokenizer, fast compilation)."""
 
 import os
 
@@ -17,3 +18,6 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", False)
+
+# Fixtures every test module may use by name (defined in helpers_t5, registered here).
+from helpers_t5 import fast_compile, hf_t5_v10_dir, hf_t5_v11_dir, tiny_tokenizer_dir  # noqa: E402,F401

@@ -6,8 +6,8 @@ Two kinds:
 - `make_hf_t5_dir(out_dir, version)`: a tiny random transformers (PyTorch) T5 saved with
   save_pretrained + a tiny spiece.model, i.e. a checkpoint directory that `load_pretrained` reads:
   for loader / parity / end-to-end tests. Needs torch. The session-scoped pytest fixtures
-  `hf_t5_v10_dir` and `hf_t5_v11_dir` build each once per session; import them into a test module
-  (`from helpers_t5 import hf_t5_v11_dir`) to use them.
+  `hf_t5_v10_dir` and `hf_t5_v11_dir` build each once per session (tests/conftest.py registers them:
+  a test takes them by name).
 - `fast_compile`: a module-scoped fixture that turns XLA optimizations off while a module runs.
 
 Versions: "1.0" = ReLU, tied head, scaled decoder output; "1.1" = gated-GELU, untied head, no scaling,
@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
+from mpt_jax.model.t5 import T5, T5Config, init_params
 
-from mpt_jax.model.t5 import T5, T5Config, init_params  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_VOCAB = 64
 
@@ -94,6 +91,18 @@ def _assets_module():
 def make_tokenizer_dir(out_dir: str | os.PathLike) -> Path:
   """out_dir/spiece.model: a tiny SentencePiece model (160 pieces; 260 with the T5 sentinels)."""
   _assets_module().make_tokenizer(out_dir)
+  return Path(out_dir)
+
+
+def make_tiny_checkpoint(out_dir: str | os.PathLike) -> Path:
+  """A tiny random v1.1 checkpoint (config.json, model.safetensors, spiece.model) written by our own
+  `hf.save_checkpoint`, without torch: a `config.model` for end-to-end runs."""
+  from mpt_jax.model import hf, tokenizer as tokenizer_lib
+
+  make_tokenizer_dir(out_dir)
+  tokenizer = tokenizer_lib.load_tokenizer(out_dir)
+  model, params = tiny_t5("1.1", vocab_size=len(tokenizer))
+  hf.save_checkpoint(out_dir, model.config, params, tokenizer)
   return Path(out_dir)
 
 

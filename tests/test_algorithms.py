@@ -358,7 +358,7 @@ def test_pt_step_is_an_optimizer_step_on_the_loss_gradient():
   np.testing.assert_allclose(state.prompt, theta + updates, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
   np.testing.assert_allclose(metrics["grad_norm"], jnp.linalg.norm(grad), rtol=1e-5)
-  assert int(state.step) == 1 and bool(metrics["is_finite"])
+  assert int(state.step) == 1 and bool(metrics["update_ok"])
   np.testing.assert_allclose(metrics["learning_rate"], 0.5)
 
 
@@ -374,7 +374,7 @@ def run_steps(model, method, step, state, seeds):
     batch = (random_batch(np.random.default_rng(i), (4,), **model.batch_kw) if method in ("pt", "mtl")
              else model.episode(i, with_query=method != "reptile"))
     state, metrics = step(state, model.frozen, batch, jax.random.key(i))
-    common.check_finite(metrics, i)
+    common.check_update(metrics, i + 1)
   return state, batch
 
 
@@ -412,10 +412,10 @@ def test_tiny_t5_maml_step_compiles_once_keeps_frozen_params_and_guards_nans():
   poisoned = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf), model.frozen)
   before = jax.device_get(state)
   state, metrics = step(state, poisoned, batch, jax.random.key(9))
-  assert not bool(metrics["is_finite"])
+  assert not bool(metrics["update_ok"])
   jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.device_get(state))
-  with pytest.raises(FloatingPointError, match="step 4"):
-    common.check_finite(metrics, 4)
+  with pytest.raises(FloatingPointError, match="step 4: the loss is"):
+    common.check_update(metrics, 4)
   assert step._cache_size() == 1 and len(traces) == traces_after_compile
 
 
@@ -426,8 +426,26 @@ def test_nan_guard_on_an_infinite_gradient():
   grad = jnp.zeros_like(theta).at[1, 2].set(jnp.inf)
   new_state, metrics = jax.jit(lambda s, g: common.apply_gradient(s, g, {"loss": jnp.float32(1.0)},
                                                                   optimizer))(state, grad)
-  assert not bool(metrics["is_finite"]) and not np.isfinite(metrics["grad_norm"])
+  assert not bool(metrics["update_ok"]) and not np.isfinite(metrics["grad_norm"])
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(new_state))
+
+
+def test_guard_rejects_a_finite_update_of_a_diverging_learning_rate():
+  # What the issue saw: Adafactor at lr 1e30 moves the prompt to ~1e30 in one *finite* step; the layer
+  # norms then keep the loss finite and the gradient ~0, and only later does the state overflow. The
+  # guard rejects that first step already, so the state kept is a good one.
+  theta = random_prompt()
+  frozen, batch = standin_params(), random_batch(np.random.default_rng(0), (4,))
+  for lr, applied in ((0.5, True), (1e30, False)):
+    step = jax.jit(algorithms.make_step("pt", standin_loss, optim.make_optimizer("adafactor", lr)))
+    state = common.init_state(theta, optim.make_optimizer("adafactor", lr))
+    new_state, metrics = step(state, frozen, batch, jax.random.key(0))
+    assert bool(metrics["update_ok"]) is applied
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["update_rms"]))
+  np.testing.assert_array_equal(new_state.prompt, theta)
+  with pytest.raises(common.Diverged, match=r"step 1: the update's RMS, 1e\+30, is over 1000 times the "
+                                            r"prompt's, 0.628: the learning rate is far too large"):
+    common.check_update(metrics, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -466,11 +484,11 @@ def test_grid_guard_is_per_run():
   step = algorithms.make_grid_step(algorithms.make_step("pt", standin_loss, optim.make_optimizer("sgd", 0.1)))
   new, metrics = jax.jit(step)(states, frozen, random_batch(np.random.default_rng(0), (2, 4)),
                                jax.random.split(jax.random.key(0), 2))
-  assert metrics["is_finite"].tolist() == [True, False]
+  assert metrics["update_ok"].tolist() == [True, False]
   assert not np.allclose(new.prompt[0], states.prompt[0])
   np.testing.assert_array_equal(new.prompt[1], states.prompt[1])
-  with pytest.raises(FloatingPointError, match=r"step 3: .*runs \[1\]"):
-    common.check_finite(metrics, 3)
+  with pytest.raises(FloatingPointError, match=r"step 3 in runs \[1\] .*: the update overflowed"):
+    common.check_update(metrics, 3)
 
 
 # ---------------------------------------------------------------------------------------------------

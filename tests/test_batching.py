@@ -12,7 +12,7 @@ from mpt_jax.data import batching, crossfit
 from mpt_jax.data.batching import EOS_ID, PAD_ID, TextSpec
 from tests.helpers_data import CROSSFIT_FIXTURES, CountingTokenizer, tiny_tokenizer
 
-SPEC = TextSpec(max_input_length=24, max_target_length=6)
+SPEC = TextSpec(max_input_len=24, max_target_len=6)
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +47,11 @@ def test_inputs_are_task_prefixed_truncated_and_eos_terminated(data, tokenizer, 
     ids = tokenized[("qa_toy", seed, split)]
     batch = batching.make_batch(ids, np.arange(len(source)))
     for i, text in enumerate(source.inputs):
-      expected = _reference_ids(tokenizer, " [qa_toy] " + text, SPEC.max_input_length)
+      expected = _reference_ids(tokenizer, " [qa_toy] " + text, SPEC.max_input_len)
       assert _row(batch["input_ids"][i], batch["input_mask"][i]) == expected
   # The long test input is cut to the input length with EOS kept last.
   test = tokenized[("qa_toy", 100, "test")]
-  assert test.input_lengths[1] == SPEC.max_input_length and test.input_ids[1, -1] == EOS_ID
+  assert test.input_lengths[1] == SPEC.max_input_len and test.input_ids[1, -1] == EOS_ID
   assert test.num_truncated >= 1
   assert tokenizer.decode(test.input_ids[0]).startswith("[qa_toy] question: who painted")
 
@@ -64,15 +64,15 @@ def test_every_gold_is_tokenized_with_eos_and_padded(data, tokenizer, tokenized)
     for j, gold in enumerate(golds):
       batch = batching.make_batch(ids, np.array([i]), np.array([j]))
       assert _row(batch["target_ids"][0], batch["target_mask"][0]) == _reference_ids(
-          tokenizer, gold, SPEC.max_target_length)
+          tokenizer, gold, SPEC.max_target_len)
   assert ids.answers == source.answers  # the text of every gold stays for evaluation
 
 
 def test_masks_mark_exactly_the_real_tokens(tokenized):
   ids = tokenized[("sentiment_toy", 13, "dev")]
   batch = batching.make_batch(ids, np.arange(len(ids)))
-  assert batch["input_ids"].shape == (4, SPEC.max_input_length)
-  assert batch["target_ids"].shape == (4, SPEC.max_target_length)
+  assert batch["input_ids"].shape == (4, SPEC.max_input_len)
+  assert batch["target_ids"].shape == (4, SPEC.max_target_len)
   for key in ("input", "target"):
     token_ids, mask = batch[f"{key}_ids"], batch[f"{key}_mask"]
     assert token_ids.dtype == np.int32 and mask.dtype == np.int32
@@ -83,13 +83,13 @@ def test_masks_mark_exactly_the_real_tokens(tokenized):
     assert np.all(token_ids[np.arange(len(lengths)), lengths - 1] == EOS_ID)
 
 
-def test_the_input_format_is_configurable(data, tokenizer):
-  spec = dataclasses.replace(SPEC, input_format="{input} ({task})")
+def test_the_input_template_is_configurable(data, tokenizer):
+  spec = dataclasses.replace(SPEC, input_template="{input} ({task})")
   ids = batching.tokenize_split(data["sentiment_toy"].split(100, "train"), tokenizer, spec)
   text = "review: the food was wonderful (sentiment_toy)"
   assert ids.input_ids[0, :ids.input_lengths[0]].tolist() == _reference_ids(tokenizer, text, 24)
   with pytest.raises(ValueError, match="only the fields"):
-    TextSpec(input_format="[{name}] {input}")
+    TextSpec(input_template="[{name}] {input}")
 
 
 def test_a_second_tokenization_reads_the_cache(data, tokenizer, tmp_path):
@@ -104,7 +104,7 @@ def test_a_second_tokenization_reads_the_cache(data, tokenizer, tmp_path):
     np.testing.assert_array_equal(getattr(first, field), getattr(second, field))
   assert second.num_truncated == first.num_truncated and second.answers == first.answers
   # Another length, or other file content, is another key.
-  batching.tokenize_split(split, counting, dataclasses.replace(SPEC, max_target_length=8), tmp_path)
+  batching.tokenize_split(split, counting, dataclasses.replace(SPEC, max_target_len=8), tmp_path)
   assert counting.calls == 4
   edited = dataclasses.replace(split, inputs=(split.inputs[0] + " !",) + split.inputs[1:])
   batching.tokenize_split(edited, counting, SPEC, cache_dir=tmp_path)
@@ -130,21 +130,21 @@ def _rows_of(ids: batching.TokenizedSplit) -> set[tuple[int, ...]]:
 
 def _sampler(tokenized, **kwargs):
   tasks = batching.meta_tasks(tokenized, ["sentiment_toy", "qa_toy"], [100, 13])
-  defaults = dict(num_tasks=2, inner_steps=3, support_size=2, query_size=3, seed=7)
+  defaults = dict(tasks_per_step=2, inner_steps=3, inner_batch_size=2, query_size=3, seed=7)
   return batching.EpisodeSampler(tasks, **{**defaults, **kwargs})
 
 
 def test_episode_shapes_and_sources(tokenized):
   sampler = _sampler(tokenized)
   episode = sampler(5)
-  assert episode["support"]["input_ids"].shape == (2, 3, 2, SPEC.max_input_length)
-  assert episode["support"]["target_mask"].shape == (2, 3, 2, SPEC.max_target_length)
-  assert episode["query"]["input_ids"].shape == (2, 3, SPEC.max_input_length)
+  assert episode["support"]["input_ids"].shape == (2, 3, 2, SPEC.max_input_len)
+  assert episode["support"]["target_mask"].shape == (2, 3, 2, SPEC.max_target_len)
+  assert episode["query"]["input_ids"].shape == (2, 3, SPEC.max_input_len)
   chosen = sampler.task_indices(5)
   assert len(set(chosen.tolist())) == 2  # distinct meta-tasks within a step
   for t, index in enumerate(chosen):
     task = sampler.meta_tasks[index]
-    support = {tuple(r) for r in episode["support"]["input_ids"][t].reshape(-1, SPEC.max_input_length)}
+    support = {tuple(r) for r in episode["support"]["input_ids"][t].reshape(-1, SPEC.max_input_len)}
     query = {tuple(r) for r in episode["query"]["input_ids"][t]}
     assert support <= _rows_of(task.support) and query <= _rows_of(task.query)
 
@@ -166,15 +166,15 @@ def test_episodes_are_a_pure_function_of_seed_and_step(tokenized):
 def test_reptile_episodes_have_no_query_and_reuse_small_files_evenly(tokenized):
   # 4 train examples, 10 support examples: whole passes over the file (each seen 2 or 3 times).
   tasks = batching.meta_tasks(tokenized, ["sentiment_toy"], [42], with_query=False)
-  sampler = batching.EpisodeSampler(tasks, num_tasks=1, inner_steps=5, support_size=2, query_size=None)
+  sampler = batching.EpisodeSampler(tasks, tasks_per_step=1, inner_steps=5, inner_batch_size=2, query_size=None)
   episode = sampler(3)
   assert set(episode) == {"support"}
-  rows = [tuple(r) for r in episode["support"]["input_ids"].reshape(-1, SPEC.max_input_length)]
+  rows = [tuple(r) for r in episode["support"]["input_ids"].reshape(-1, SPEC.max_input_len)]
   counts = collections.Counter(rows)
   assert set(counts) == _rows_of(tasks[0].support) and sorted(counts.values()) == [2, 2, 3, 3]
   # When the file is big enough, no example repeats.
-  small = batching.EpisodeSampler(tasks, num_tasks=1, inner_steps=2, support_size=2, query_size=None)
-  rows = small(3)["support"]["input_ids"].reshape(-1, SPEC.max_input_length)
+  small = batching.EpisodeSampler(tasks, tasks_per_step=1, inner_steps=2, inner_batch_size=2, query_size=None)
+  rows = small(3)["support"]["input_ids"].reshape(-1, SPEC.max_input_len)
   assert len({tuple(r) for r in rows}) == 4
 
 
@@ -203,7 +203,7 @@ def test_epoch_sampler_covers_each_epoch_once_and_resumes(tokenized):
   assert not np.array_equal(stream[:24], stream[24:48])  # a new shuffle each epoch
   again = batching.EpochSampler(pool, batch_size=5, seed=3)
   np.testing.assert_array_equal(again(7)["input_ids"], sampler(7)["input_ids"])
-  assert sampler(7)["input_ids"].shape == (5, SPEC.max_input_length)
+  assert sampler(7)["input_ids"].shape == (5, SPEC.max_input_len)
 
 
 def test_pooled_examples_keep_their_own_golds(tokenizer, tokenized):
@@ -221,7 +221,7 @@ def test_grid_batches_have_a_run_axis_and_each_run_its_own_seed(tokenized):
   run_seeds = [100, 13, 21, 100]  # e.g. seeds x learning rates: runs 0 and 3 share seed 100
   grid = batching.GridSampler.create(train, run_seeds, batch_size=3)
   batch = grid(4)
-  assert batch["input_ids"].shape == (4, 3, SPEC.max_input_length)
+  assert batch["input_ids"].shape == (4, 3, SPEC.max_input_len)
   for r, seed in enumerate(run_seeds):
     assert {tuple(x) for x in batch["input_ids"][r]} <= _rows_of(train[seed])
   np.testing.assert_array_equal(batch["input_ids"][0], batch["input_ids"][3])
@@ -247,14 +247,14 @@ def test_grid_eval_batches_pad_shorter_runs(tokenized):
   splits = [tokenized[("qa_toy", 100, "test")], tokenized[("sentiment_toy", 100, "test")]]  # 2 and 3
   batches = list(batching.grid_eval_batches(splits, batch_size=2))
   assert len(batches) == 2
-  assert batches[0].batch["input_ids"].shape == (2, 2, SPEC.max_input_length)
+  assert batches[0].batch["input_ids"].shape == (2, 2, SPEC.max_input_len)
   assert batches[1].mask.tolist() == [[0, 0], [1, 0]]
   assert batches[1].indices.tolist() == [[-1, -1], [2, -1]]
 
 
 def test_mixed_lengths_are_refused(data, tokenizer, tokenized):
   other = batching.tokenize_split(data["qa_toy"].split(13, "train"), tokenizer,
-                                  dataclasses.replace(SPEC, max_input_length=32))
+                                  dataclasses.replace(SPEC, max_input_len=32))
   with pytest.raises(ValueError, match="different lengths"):
     batching.concat_splits([tokenized[("qa_toy", 100, "train")], other])
 
@@ -283,7 +283,7 @@ def test_kept_lines_without_an_answer_evaluate_with_an_empty_target_and_score_0(
 # --- length buckets --------------------------------------------------------------------------------------
 
 BUCKETS = batching.LengthBuckets(input_multiple=8, target_multiple=4)
-LONG_SPEC = TextSpec(max_input_length=64, max_target_length=12)  # room to cut: most inputs are shorter
+LONG_SPEC = TextSpec(max_input_len=64, max_target_len=12)  # room to cut: most inputs are shorter
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +323,7 @@ def test_every_sampler_cuts_its_batches_to_bucket_lengths_only(tokenized_long):
     shapes |= lengths
     _assert_cut_of(bucketed["support"], padded["support"], padded["query"])
     _assert_cut_of(bucketed["query"], padded["query"], padded["support"])
-  assert max(length for length, _ in shapes) < LONG_SPEC.max_input_length  # there was padding to cut
+  assert max(length for length, _ in shapes) < LONG_SPEC.max_input_len  # there was padding to cut
   pool = batching.source_pool(tokenized_long, ["sentiment_toy"], [100, 13, 21])
   epoch = (batching.EpochSampler(pool, 5, 3), batching.EpochSampler(pool, 5, 3, BUCKETS))
   train = {s: tokenized_long[("sentiment_toy", s, "train")] for s in (100, 13)}
@@ -346,7 +346,7 @@ def test_eval_batches_are_bucketed_with_their_masks_and_indices(tokenized_long):
     _assert_cut_of(b.batch, p.batch)
     np.testing.assert_array_equal(b.mask, p.mask)
     np.testing.assert_array_equal(b.indices, p.indices)
-  assert bucketed[-1].batch["input_ids"].shape[-1] < LONG_SPEC.max_input_length
+  assert bucketed[-1].batch["input_ids"].shape[-1] < LONG_SPEC.max_input_len
   for p, b in zip(batching.eval_batches(splits[1], 2), batching.eval_batches(splits[1], 2, BUCKETS),
                   strict=True):
     _assert_cut_of(b.batch, p.batch)

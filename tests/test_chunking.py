@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import helpers_t5
-from helpers_t5 import fast_compile  # noqa: F401 (pytest fixtures are used by name)
 from mpt_jax import adapt, algorithms, chunking, decode, optim
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling dominates

@@ -9,7 +9,6 @@ import os
 import pytest
 import importlib.util
 
-from helpers_t5 import tiny_tokenizer_dir  # noqa: F401 (a pytest fixture, used by name)
 
 from mpt_jax import config as config_lib
 from mpt_jax.data import settings as settings_lib

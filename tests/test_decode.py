@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 
 import helpers_t5
-from helpers_t5 import (  # noqa: F401 (pytest fixtures are used by name)
-    TINY_VOCAB, fast_compile, hf_t5_v10_dir, hf_t5_v11_dir, random_batch, tiny_t5)
+from helpers_t5 import TINY_VOCAB, random_batch, tiny_t5
 from mpt_jax.data.batching import TokenizedSplit
 from mpt_jax.decode import beam_search, greedy_decode, label_candidates, rank_classify
-from mpt_jax.model.hf import load_pretrained
 from mpt_jax.model.loss import sequence_log_likelihood
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling dominates

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers_t5 import fast_compile, random_batch, tiny_t5  # noqa: F401 (pytest fixtures are used by name)
+from helpers_t5 import random_batch, tiny_t5
 from mpt_jax import decode
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling dominates

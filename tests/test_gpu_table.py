@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from helpers_t5 import REPO  # noqa: F401 (puts the repository on sys.path)
-
-from benchmarks import gpu_table  # noqa: E402
-from mpt_jax.data import settings as settings_lib  # noqa: E402
+from benchmarks import gpu_table
+from mpt_jax.data import settings as settings_lib
 
 
 def test_study_estimate_counts_every_target_method_step_and_evaluation():

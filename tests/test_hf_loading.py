@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from helpers_t5 import (  # noqa: F401 (pytest fixtures are used by name)
-    fast_compile, hf_t5_v10_dir, hf_t5_v11_dir, tiny_tokenizer_dir)
 from mpt_jax.model import hf
 from mpt_jax.model.hf import load_pretrained, save_checkpoint
 from mpt_jax.model.t5 import T5Config
@@ -223,5 +221,5 @@ def test_saved_checkpoint_reloads_here_and_in_transformers(version, request, tmp
 
 
 def test_hub_name_heuristic():
-  assert not hf._looks_local("google/t5-large-lm-adapt") and not hf._looks_local("t5-small")
-  assert hf._looks_local("/data/t5") and hf._looks_local("./t5") and hf._looks_local("a/b/c")
+  assert not hf.looks_local("google/t5-large-lm-adapt") and not hf.looks_local("t5-small")
+  assert hf.looks_local("/data/t5") and hf.looks_local("./t5") and hf.looks_local("a/b/c")

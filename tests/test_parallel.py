@@ -40,7 +40,7 @@ def assert_steps_agree(method, loss_fn, frozen, prompt, batches, mesh, *, rtol=1
     for name in ("loss", "grad_norm"):
       np.testing.assert_allclose(sharded_metrics[name], single_metrics[name], rtol=rtol,
                                  err_msg=f"{method} step {i}: {name}")
-    assert bool(sharded_metrics["is_finite"])
+    assert bool(sharded_metrics["update_ok"])
     np.testing.assert_allclose(sharded_state.prompt, single_state.prompt, rtol=rtol, atol=rtol * 1e-1)
   assert int(sharded_state.step) == len(batches)
   assert sharded_state.prompt.sharding.is_fully_replicated
@@ -99,3 +99,24 @@ def test_indivisible_leading_axis_fails_clearly(mesh):
   with pytest.raises(ValueError, match="does not split over 2 devices"):
     sharded(parallel.replicate(common.init_state(random_prompt(), sgd), mesh), standin_params(),
             random_episode(0, tasks=3), jax.random.key(0))
+
+
+def test_a_grid_of_runs_that_does_not_divide_over_the_devices_is_padded_not_run_on_one(mesh):
+  # 3 runs over 2 devices: padded to 4 inside the step (no silent fallback to one device), the padding
+  # dropped from what comes back; the 3 runs are those of the unsharded grid.
+  learning_rates = [0.5, 0.3, 0.2]
+  frozen = standin_params()
+  step = algorithms.make_step("pt", standin_loss, optim.make_optimizer("adafactor", 0.5))
+  states = algorithms.init_grid_state(jnp.stack([random_prompt(seed) for seed in range(3)]),
+                                      optim.make_optimizer("adafactor", 0.5), learning_rates)
+  batches = random_batch(np.random.default_rng(0), (3, 4))
+  rngs = jax.random.split(jax.random.key(0), 3)
+  expected, expected_metrics = jax.jit(algorithms.make_grid_step(step))(states, frozen, batches, rngs)
+  sharded, metrics = parallel.shard_grid_step(step, mesh)(states, parallel.replicate(frozen, mesh), batches,
+                                                          rngs)
+  assert sharded.prompt.shape[0] == 3 and metrics["loss"].shape == (3,)
+  np.testing.assert_allclose(sharded.prompt, expected.prompt, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics["learning_rate"], learning_rates)
+  assert parallel.padded_runs(3, mesh) == 4 and parallel.padded_runs(4, mesh) == 4
+  placed = parallel.shard_runs({"ids": np.arange(3)}, mesh)
+  assert placed["ids"].tolist() == [0, 1, 2, 2] and not placed["ids"].sharding.is_fully_replicated

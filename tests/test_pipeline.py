@@ -88,7 +88,7 @@ class _Grid:
     self.dev = {s: helpers_t5.random_batch(s + 1, batch=3, input_length=6, target_length=3)
                 for s in (100, 13)}
     self.loss = algorithms.make_loss_fn(self.model, deterministic=True)
-    self.config = adapt.GridConfig([0.5, 0.2], batch_size=2, num_steps=6, eval_every=2, eval_batch_size=3)
+    self.config = adapt.GridConfig(lrs=[0.5, 0.2], batch_size=2, num_steps=6, eval_every=2, eval_batch_size=3)
     # SGD: the comparison is about batching runs; Adafactor's update normalization would amplify the
     # last-bit differences of batched float32 reductions over several steps.
     self.optimizer = optim.make_optimizer("sgd", 0.5)
@@ -104,11 +104,13 @@ class _Grid:
     dev = {k: np.stack([self.dev[r.seed][k] for r in runs]) for k in self.dev[100]}
     return lambda prompts: np.asarray(self.score(jnp.asarray(prompts), dev))
 
-  def train_runs(self, runs, dev_scores=None, config=None, run_steps=None):
+  def train_runs(self, runs, dev_scores=None, config=None, run_steps=None, **kwargs):
+    """(best prompts, best scores, best steps, dev curve, last prompts) of the grid."""
     states = algorithms.init_grid_state(self.prompt0, self.optimizer, [r.learning_rate for r in runs])
-    return adapt.train_grid(self.step, states, self.params, self.sampler(runs),
-                            dev_scores or self.dev_scores(runs), config or self.config,
-                            run_steps=run_steps)
+    p = adapt.train_grid(self.step, states, self.params, self.sampler(runs),
+                         dev_scores or self.dev_scores(runs), config or self.config, run_steps=run_steps,
+                         **kwargs)
+    return p.best_prompts, p.best_scores, p.best_steps, p.dev_curve, p.last_prompts
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +181,11 @@ def test_step_budget_counts_epochs_as_the_reference_loop():
   assert adapt.step_budget(3000, 1, train_size=33, batch_size=16) == 3
   assert adapt.step_budget(3000, 0, train_size=32, batch_size=16) == 3000  # 0: no cap
   with pytest.raises(ValueError, match="downstream.max_epochs=-1"):
-    adapt.GridConfig([0.5], 16, 3000, 50, 32, max_epochs=-1)
+    adapt.GridConfig(lrs=[0.5], batch_size=16, num_steps=3000, eval_every=50, eval_batch_size=32,
+                     max_epochs=-1)
   with pytest.raises(ValueError, match="downstream.test_prompt='best'"):
-    adapt.GridConfig([0.5], 16, 3000, 50, 32, test_prompt="best")
+    adapt.GridConfig(lrs=[0.5], batch_size=16, num_steps=3000, eval_every=50, eval_batch_size=32,
+                     test_prompt="best")
 
 
 def test_runs_past_their_step_budget_are_not_candidates(grid):
@@ -303,6 +307,25 @@ def test_target_files_keep_lines_without_an_answer_where_their_metric_can_score_
     assert data["squad-no_context"].split(100, "test").answers == (("a1",), ("a2",), ())
     data = pipeline.read_tasks(str(tmp_path), ["ag_news"], [100], ("train", "dev", "test"),
                                keep_empty_answers=("dev", "test"))
-  with pytest.raises(ValueError, match=r"ag_news_16_100_dev.tsv: 1 line\(s\) without an answer "
-                                       r"\(Classification-F1\)"):
+  with pytest.raises(ValueError, match=r"ag_news_16_100_dev.tsv: 1 line\(s\) without an answer, which "
+                                       r"Classification-F1 \(a metric of the first gold\) cannot score"):
     pipeline.check_scorable(data)
+
+
+def test_the_runtime_places_the_frozen_weights_on_every_device_once(tmp_path):
+  """build_runtime: the weights both stages use are replicated over the whole mesh (2 simulated
+  devices), upstream's step is the data-parallel one, and nothing is compiled until first called."""
+  import jax
+
+  from mpt_jax import config as config_lib, pipeline
+
+  config = config_lib.base_config("maml", "synth_mini", "tiny")
+  config.model = str(helpers_t5.make_tiny_checkpoint(tmp_path / "tiny_t5"))
+  runtime = pipeline.build_runtime(config, str(tmp_path / "run"), upstream=True)
+  assert runtime.mesh.size == jax.device_count() == 2
+  for leaf in jax.tree.leaves(runtime.frozen_params):
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 2
+  assert runtime.upstream_step._cache_size() == 0 and runtime.grid_step._cache_size() == 0
+  assert runtime.cache_dir == str(tmp_path / "run" / "cache")  # as config.py says
+  config.num_devices = 1
+  assert pipeline.build_runtime(config, str(tmp_path / "run"), upstream=False).mesh.size == 1

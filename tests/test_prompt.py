@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers_t5 import (  # noqa: F401 (pytest fixtures are used by name)
-    fast_compile, random_batch, tiny_t5, tiny_tokenizer_dir)
+from helpers_t5 import random_batch, tiny_t5
 from mpt_jax import algorithms, optim, prompt as prompts
 from mpt_jax.data import batching
 from mpt_jax.model.loss import seq2seq_loss

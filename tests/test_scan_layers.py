@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers_t5 import (  # noqa: F401 (pytest fixtures are used by name)
-    fast_compile, hf_t5_v11_dir, random_batch, tiny_t5)
+from helpers_t5 import random_batch, tiny_t5
 from mpt_jax import algorithms, decode
 from mpt_jax.model import hf
 from mpt_jax.model.loss import shift_right

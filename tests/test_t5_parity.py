@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 
 import helpers_t5
-from helpers_t5 import (  # noqa: F401 (pytest fixtures are used by name)
-    fast_compile, hf_t5_v10_dir, hf_t5_v11_dir, random_batch, tiny_t5)
+from helpers_t5 import random_batch, tiny_t5
 from mpt_jax.decode import greedy_decode
-from mpt_jax.model.hf import load_pretrained
 from mpt_jax.model.loss import seq2seq_loss, sequence_log_likelihood, shift_right
 from mpt_jax.model.t5 import T5, cast_params, relative_position_bucket
 

@@ -19,7 +19,7 @@ pytest.importorskip("higher")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from helpers_t5 import REPO, random_batch, tiny_t5  # noqa: E402,F401  (REPO: puts the repo on sys.path)
+from helpers_t5 import random_batch, tiny_t5  # noqa: E402
 from mpt_jax import algorithms, optim  # noqa: E402
 from mpt_jax.algorithms import common  # noqa: E402
 

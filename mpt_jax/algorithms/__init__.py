@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import optax
 
-from mpt_jax.algorithms.common import (PromptState, apply_gradient, check_finite, init_grid_state,
-                                       init_state, jit_step, make_grid_step, make_loss_fn)
+from mpt_jax import study
+from mpt_jax.algorithms.common import (Diverged, PromptState, apply_gradient, check_update, guard_failure,
+                                       init_grid_state, init_state, jit_step, make_grid_step, make_loss_fn)
 from mpt_jax.algorithms.maml import make_maml_grad_fn, make_maml_step
 from mpt_jax.algorithms.pt import make_mtl_step, make_pt_grad_fn, make_pt_step
 from mpt_jax.algorithms.reptile import make_reptile_grad_fn, make_reptile_step
 
-METHODS = ("pt", "mtl", "maml", "fomaml", "reptile")
+METHODS = study.METHODS
 
 
 def make_step(method: str, loss_fn, optimizer: optax.GradientTransformation, *,
@@ -37,7 +38,8 @@ def make_step(method: str, loss_fn, optimizer: optax.GradientTransformation, *,
 
 
 __all__ = [
-    "METHODS", "PromptState", "apply_gradient", "check_finite", "init_grid_state", "init_state",
+    "METHODS", "Diverged", "PromptState", "apply_gradient", "check_update", "guard_failure", "init_grid_state",
+    "init_state",
     "jit_step", "make_grid_step", "make_loss_fn", "make_maml_grad_fn", "make_maml_step",
     "make_mtl_step", "make_pt_grad_fn", "make_pt_step", "make_reptile_grad_fn", "make_reptile_step",
     "make_step",

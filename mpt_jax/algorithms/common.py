@@ -75,21 +75,38 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def _rms(x: jax.Array) -> jax.Array:
+  """Root mean square, scaled by the largest entry so that squaring a finite 1e30 does not overflow."""
+  x = x.astype(jnp.float32)
+  largest = jnp.max(jnp.abs(x))
+  return largest * jnp.sqrt(jnp.mean(jnp.square(x / jnp.where(largest > 0, largest, 1.0))))
+
+
+# An update this many times the prompt's RMS (or 1, for a prompt of small entries) is a divergence even
+# while float32 still holds it: a learning rate of 1e30 moves the prompt to ~1e30 in one finite step, after
+# which T5's layer norms keep the loss finite and make the gradient vanish (a dead run that looks alive).
+# A healthy update is about the learning rate at most (Adafactor clips it to RMS 1).
+MAX_UPDATE_RATIO = 1e3
+
+
 def apply_gradient(state: PromptState, grad: jax.Array, metrics: dict[str, jax.Array],
                    optimizer: optax.GradientTransformation) -> tuple[PromptState, dict[str, jax.Array]]:
-  """One optimizer update of the prompt, skipped (state returned as is) when anything is non-finite.
+  """One optimizer update of the prompt, skipped (state returned as is) when it fails the guard: a
+  non-finite loss, gradient or new state, or an update over MAX_UPDATE_RATIO times the prompt's RMS.
 
-  The guard makes a NaN/inf loss or gradient harmless to the saved state: the host sees
-  `metrics["is_finite"] == False` and stops (`check_finite`) with the last good state in hand.
+  The guard keeps a diverging step out of the state: the host sees `metrics["update_ok"] == False` and
+  stops (`check_update`) or marks the run failed, with the last good state in hand.
   """
   grad_norm = optax.tree.norm(grad)
   updates, opt_state = optimizer.update(grad, state.opt_state, state.prompt)
   new_state = PromptState(step=state.step + 1, prompt=optax.apply_updates(state.prompt, updates),
                           opt_state=opt_state)
-  is_finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & _all_finite(new_state)
-  new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(is_finite, new, old), new_state, state)
-  metrics = {**metrics, "grad_norm": grad_norm, "is_finite": is_finite,
-             "learning_rate": _learning_rate_or_nan(state.opt_state)}
+  prompt_rms, update_rms = _rms(state.prompt), _rms(updates)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & _all_finite(new_state)
+  update_ok = finite & (update_rms <= MAX_UPDATE_RATIO * jnp.maximum(prompt_rms, 1.0))
+  new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(update_ok, new, old), new_state, state)
+  metrics = {**metrics, "grad_norm": grad_norm, "update_rms": update_rms, "prompt_rms": prompt_rms,
+             "update_ok": update_ok, "learning_rate": _learning_rate_or_nan(state.opt_state)}
   return new_state, metrics
 
 
@@ -133,21 +150,45 @@ def jit_step(step: StepFn, *, donate_state: bool = True) -> StepFn:
   return jax.jit(step, donate_argnums=(0,) if donate_state else ())
 
 
-def check_finite(metrics: Mapping[str, Any], step: int) -> None:
-  """Host side: raise FloatingPointError naming the step when the step's loss or gradient was not finite.
+def guard_failure(metrics: Mapping[str, Any]) -> str:
+  """Why a step failed the guard, from the host metrics of one run (scalars)."""
+  value = lambda key: float(np.asarray(metrics[key]))
+  loss, grad_norm, update_rms, prompt_rms = (value(k) for k in ("loss", "grad_norm", "update_rms",
+                                                                 "prompt_rms"))
+  if not np.isfinite(loss):
+    return f"the loss is {loss}"
+  if not np.isfinite(grad_norm):
+    return f"the gradient norm is {grad_norm} (the loss, {loss:.4g}, is finite)"
+  if not np.isfinite(update_rms):
+    return f"the update overflowed (the loss, {loss:.4g}, and the gradient norm, {grad_norm:.4g}, are finite)"
+  if update_rms > MAX_UPDATE_RATIO * max(prompt_rms, 1.0):
+    return (f"the update's RMS, {update_rms:.3g}, is over {MAX_UPDATE_RATIO:g} times the prompt's, "
+            f"{prompt_rms:.3g}: the learning rate is far too large")
+  return (f"the optimizer state overflowed (loss {loss:.4g}, gradient norm {grad_norm:.4g} and update RMS "
+          f"{update_rms:.3g} are finite)")
 
-  The state returned by that step is the state before it (see `apply_gradient`), so it is safe to save.
-  """
-  is_finite = np.asarray(jax.device_get(metrics["is_finite"]))
-  if is_finite.all():
+
+class Diverged(FloatingPointError):
+  """A step failed the guard. `step` counts updates from 1, as metrics.jsonl does."""
+
+  def __init__(self, step: int, reason: str, where: str = ""):
+    self.step, self.reason = int(step), reason
+    super().__init__(f"step {self.step}{where}: {reason}. The update was skipped, so the state in hand is "
+                     f"the one before this step. Lower the learning rate, check the batch at this step, or "
+                     f"use float32.")
+
+
+def check_update(metrics: Mapping[str, Any], step: int) -> None:
+  """Host side: raises Diverged naming `step` (counted from 1) when the step failed the guard."""
+  ok = np.asarray(jax.device_get(metrics["update_ok"]))
+  if ok.all():
     return
-  loss = np.asarray(jax.device_get(metrics["loss"]))
-  grad_norm = np.asarray(jax.device_get(metrics["grad_norm"]))
-  where = "" if is_finite.ndim == 0 else f" in runs {np.flatnonzero(~is_finite).tolist()}"
-  raise FloatingPointError(
-      f"step {step}: non-finite loss or gradient{where} (loss={loss.tolist()}, "
-      f"grad_norm={grad_norm.tolist()}); the update was skipped, so the returned state is the one before "
-      f"this step. Lower the learning rate, check the batch at this step, or use float32.")
+  host = jax.device_get(dict(metrics))
+  if ok.ndim == 0:
+    raise Diverged(step, guard_failure(host))
+  bad = np.flatnonzero(~ok)
+  first = {key: np.asarray(value)[bad[0]] for key, value in host.items()}
+  raise Diverged(step, guard_failure(first), f" in runs {bad.tolist()} (the first shown)")
 
 
 def leading_size(tree, what: str) -> int:

@@ -31,14 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
+from mpt_jax import study
 from mpt_jax.data.crossfit import Split, TaskData
 
 PAD_ID = 0
 EOS_ID = 1
 INPUT_FORMAT = " [{task}] {input}"
-MAX_INPUT_LENGTH = 512
-UPSTREAM_TARGET_LENGTH = 64  # meta-learning upstream
-DOWNSTREAM_TARGET_LENGTH = 128  # MTL upstream and every downstream run
+MAX_INPUT_LENGTH = study.MAX_INPUT_LEN
+UPSTREAM_TARGET_LENGTH = study.UPSTREAM_TARGET_LEN  # meta-learning upstream
+DOWNSTREAM_TARGET_LENGTH = study.DOWNSTREAM_TARGET_LEN  # MTL upstream and every downstream run
 _CACHE_VERSION = 1  # bump when the cached layout or the tokenization rule changes
 BATCH_KEYS = ("input_ids", "input_mask", "target_ids", "target_mask")
 
@@ -46,18 +47,18 @@ BATCH_KEYS = ("input_ids", "input_mask", "target_ids", "target_mask")
 @dataclasses.dataclass(frozen=True)
 class TextSpec:
   """How examples become token ids: the input format and the fixed (truncation = padding) lengths."""
-  max_input_length: int = MAX_INPUT_LENGTH
-  max_target_length: int = DOWNSTREAM_TARGET_LENGTH
-  input_format: str = INPUT_FORMAT  # fields: {task}, {input}
+  max_input_len: int = MAX_INPUT_LENGTH
+  max_target_len: int = DOWNSTREAM_TARGET_LENGTH
+  input_template: str = INPUT_FORMAT  # fields: {task}, {input}
   input_eos: bool = True  # T5 inputs end with EOS (what the tokenizer adds by default)
 
   def __post_init__(self):
-    if self.max_input_length < 2 or self.max_target_length < 2:
+    if self.max_input_len < 2 or self.max_target_len < 2:
       raise ValueError(f"lengths must be at least 2 (a token and EOS): {self}")
     try:
-      self.input_format.format(task="t", input="x")
+      self.input_template.format(task="t", input="x")
     except (KeyError, IndexError, ValueError) as e:
-      raise ValueError(f"input_format {self.input_format!r} must use only the fields {{task}} and "
+      raise ValueError(f"input_template {self.input_template!r} must use only the fields {{task}} and "
                        f"{{input}}: {e!r}") from None
 
 
@@ -119,7 +120,7 @@ class TokenizedSplit:
   target_lengths: np.ndarray  # [G]
   gold_offsets: np.ndarray  # [N + 1]: the golds of example i are target rows gold_offsets[i]:[i + 1]
   answers: tuple[tuple[str, ...], ...]  # the golds as text, for evaluation
-  num_truncated: int = 0  # inputs cut at max_input_length (worth a log line)
+  num_truncated: int = 0  # inputs cut at max_input_len (worth a log line)
 
   def __len__(self) -> int:
     return int(self.input_ids.shape[0])
@@ -220,9 +221,9 @@ def _load_arrow(path: Path, spec: TextSpec) -> tuple[np.ndarray, ...] | None:
   target_lengths = np.asarray(targets.value_lengths(), np.int64)
   num_golds = np.asarray(golds.value_lengths(), np.int64)
   num_truncated = int(table.schema.metadata[b"num_truncated"])
-  return (_pad(None, input_lengths, np.asarray(inputs.flatten(), np.int32), spec.max_input_length),
+  return (_pad(None, input_lengths, np.asarray(inputs.flatten(), np.int32), spec.max_input_len),
           input_lengths,
-          _pad(None, target_lengths, np.asarray(targets.flatten(), np.int32), spec.max_target_length),
+          _pad(None, target_lengths, np.asarray(targets.flatten(), np.int32), spec.max_target_len),
           target_lengths, num_golds, num_truncated)
 
 
@@ -234,7 +235,7 @@ def tokenize_split(split: Split, tokenizer, spec: TextSpec = TextSpec(),
   With `cache_dir`, the ids are kept as Arrow files under a key of (texts, tokenizer, spec): a second
   call with the same key reads them back and does not call the tokenizer.
   """
-  inputs = [spec.input_format.format(task=split.task, input=text) for text in split.inputs]
+  inputs = [spec.input_template.format(task=split.task, input=text) for text in split.inputs]
   num_golds = np.asarray([len(golds) for golds in split.answers], np.int64)
   cached = path = None
   if cache_dir is not None:
@@ -243,15 +244,15 @@ def tokenize_split(split: Split, tokenizer, spec: TextSpec = TextSpec(),
     path = Path(cache_dir) / split.task / f"{split.seed}_{split.split}_{key}.arrow"
     cached = _load_arrow(path, spec)
   if cached is None:
-    input_rows, num_truncated = _encode(tokenizer, inputs, spec.max_input_length, spec.input_eos)
+    input_rows, num_truncated = _encode(tokenizer, inputs, spec.max_input_len, spec.input_eos)
     target_rows, _ = _encode(tokenizer, [g for golds in split.answers for g in golds],
-                             spec.max_target_length, eos=True)
+                             spec.max_target_len, eos=True)
     if path is not None:
       _save_arrow(path, input_rows, target_rows, num_golds, num_truncated)
     input_lengths = np.asarray([len(r) for r in input_rows], np.int64)
     target_lengths = np.asarray([len(r) for r in target_rows], np.int64)
-    cached = (_pad(input_rows, input_lengths, None, spec.max_input_length), input_lengths,
-              _pad(target_rows, target_lengths, None, spec.max_target_length), target_lengths,
+    cached = (_pad(input_rows, input_lengths, None, spec.max_input_len), input_lengths,
+              _pad(target_rows, target_lengths, None, spec.max_target_len), target_lengths,
               num_golds, num_truncated)
   input_ids, input_lengths, target_ids, target_lengths, cached_golds, num_truncated = cached
   if not np.array_equal(cached_golds, num_golds):
@@ -379,9 +380,9 @@ def meta_tasks(tokenized: Mapping[tuple[str, int, str], TokenizedSplit], tasks: 
 class EpisodeSampler:
   """Meta-batches: T meta-tasks per step; support [T, K, b, L], query [T, q, L] (none when q is None)."""
   meta_tasks: tuple[MetaTask, ...]
-  num_tasks: int  # T
+  tasks_per_step: int  # T
   inner_steps: int  # K
-  support_size: int  # b: examples per inner step
+  inner_batch_size: int  # b: examples per inner step
   query_size: int | None  # q; None for Reptile
   seed: int = 0
   buckets: LengthBuckets = NO_BUCKETS  # support and query are cut to one length
@@ -390,10 +391,10 @@ class EpisodeSampler:
     object.__setattr__(self, "meta_tasks", tuple(self.meta_tasks))
     if not self.meta_tasks:
       raise ValueError("EpisodeSampler needs at least one meta-task")
-    if min(self.num_tasks, self.inner_steps, self.support_size) < 1 or (
+    if min(self.tasks_per_step, self.inner_steps, self.inner_batch_size) < 1 or (
         self.query_size is not None and self.query_size < 1):
-      raise ValueError(f"sizes must be positive: T={self.num_tasks} K={self.inner_steps} "
-                       f"b={self.support_size} q={self.query_size}")
+      raise ValueError(f"sizes must be positive: T={self.tasks_per_step} K={self.inner_steps} "
+                       f"b={self.inner_batch_size} q={self.query_size}")
     missing = [(m.task, m.seed) for m in self.meta_tasks if self.query_size and m.query is None]
     if missing:
       raise ValueError(f"query examples asked for, but no dev split for {missing[:5]}")
@@ -406,14 +407,14 @@ class EpisodeSampler:
 
   def task_indices(self, step: int) -> np.ndarray:
     """Which meta-tasks the step uses: distinct ones while there are enough."""
-    return draw_examples(_rng(self.seed, 0, step), len(self.meta_tasks), self.num_tasks)
+    return draw_examples(_rng(self.seed, 0, step), len(self.meta_tasks), self.tasks_per_step)
 
   def __call__(self, step: int) -> dict:
     rng = _rng(self.seed, 1, step)
     supports, queries = [], []
     for t in self.task_indices(step):
       task = self.meta_tasks[t]
-      shape = (self.inner_steps, self.support_size)
+      shape = (self.inner_steps, self.inner_batch_size)
       examples = draw_examples(rng, len(task.support), int(np.prod(shape))).reshape(shape)
       supports.append(make_batch(task.support, examples, random_golds(rng, task.support, examples)))
       if self.query_size is not None:

@@ -26,7 +26,9 @@ import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-SEEDS = (100, 13, 21, 42, 87)
+from mpt_jax import study
+
+SEEDS = study.SEEDS
 SPLITS = ("train", "dev", "test")
 # How many problems the exception message spells out; `CrossFitError.problems` always holds all of them.
 _MESSAGE_PROBLEMS = 200

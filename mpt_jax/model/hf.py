@@ -62,7 +62,7 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32", *, 
   return T5(config), params, load_tokenizer(path)
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
   """Paths, not hub ids ("org/name" or "name"): absolute, ./ ../ ~, or more than one '/'."""
   return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
           or "\\" in name or name.endswith("/"))
@@ -89,7 +89,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
   how_to_get = (f"download it where the hub is reachable (`huggingface-cli download {name} "
                 f"--local-dir DIR`, or transformers' from_pretrained(...).save_pretrained(DIR) plus "
                 f"the tokenizer) and pass DIR")
-  if isinstance(name_or_path, os.PathLike) or _looks_local(name):
+  if isinstance(name_or_path, os.PathLike) or looks_local(name):
     raise FileNotFoundError(f"checkpoint directory {path} does not exist. To use a hub checkpoint "
                             f"pass its id (e.g. google/t5-large-lm-adapt) with network access, or "
                             f"download it first.")
@@ -176,9 +176,13 @@ def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
   # framework="flax": numpy has no bfloat16; we then take the arrays to host numpy (ml_dtypes).
   with jax.default_device(jax.devices("cpu")[0]):
     for file in files:
-      with safe_open(str(file), framework="flax") as f:
-        for key in f.keys():
-          tensors[key] = np.asarray(f.get_tensor(key))
+      try:
+        with safe_open(str(file), framework="flax") as f:
+          for key in f.keys():
+            tensors[key] = np.asarray(f.get_tensor(key))
+      except Exception as error:  # noqa: BLE001 (safetensors raises its own error types, without the path)
+        raise ValueError(f"{file}: unreadable safetensors file ({type(error).__name__}: {error}); a "
+                         f"truncated download? Download the checkpoint again.") from None
   return tensors
 
 
@@ -283,7 +287,7 @@ def params_from_hf(hf_config: Mapping, tensors: Mapping[str, np.ndarray], *, dty
   unexpected = sorted(k for k in tensors if k not in used and not _IGNORED.match(k))
   if unexpected:
     warnings.warn(f"{source}: {len(unexpected)} tensors are not part of a T5ForConditionalGeneration "
-                  f"and were ignored: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+                  f"and were ignored: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}", stacklevel=2)
   return config, stack_blocks(params) if config.scan_layers else params
 
 

@@ -53,7 +53,7 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
   ARGS = parse_args()
-  cores = sorted(os.sched_getaffinity(0))[:ARGS.threads]
+  cores = sorted(os.sched_getaffinity(0))[: ARGS.threads]
   os.sched_setaffinity(0, cores)  # before JAX starts: XLA sizes its thread pool from the affinity
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -94,9 +94,14 @@ def timed_calls(functions: dict, repeats: int, warmup: int = 1) -> dict[str, dic
       wall, cpu = time.perf_counter(), time.process_time()
       jax.block_until_ready(fn())
       times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-  return {name: dict(median_s=float(np.median([t[0] for t in ts])),
-                     cpu_s=float(np.median([t[1] for t in ts])), all_s=[t[0] for t in ts])
-          for name, ts in times.items()}
+  return {
+    name: dict(
+      median_s=float(np.median([t[0] for t in ts])),
+      cpu_s=float(np.median([t[1] for t in ts])),
+      all_s=[t[0] for t in ts],
+    )
+    for name, ts in times.items()
+  }
 
 
 def compile_timed(jitted, *args) -> tuple[object, dict]:
@@ -151,32 +156,59 @@ def section_buckets(args, results) -> None:
   # MAML upstream: episodes of the setting's source tasks.
   tokenized = wordnet_tokenized(tokenizer, batching.UPSTREAM_TARGET_LENGTH, setting.source)
   tasks = batching.meta_tasks(tokenized, list(setting.source), SEEDS)
-  samplers = {name: batching.EpisodeSampler(tasks, 2, 1, 2, 2, seed=0, buckets=b)
-              for name, b in (("padded", batching.NO_BUCKETS), ("bucketed", BUCKETS))}
+  samplers = {
+    name: batching.EpisodeSampler(tasks, 2, 1, 2, 2, seed=0, buckets=b)
+    for name, b in (("padded", batching.NO_BUCKETS), ("bucketed", BUCKETS))
+  }
   step = common_bucket_step(samplers["bucketed"])
   optimizer = optim.make_optimizer("adafactor", 0.5)
   loss_fn = algorithms.make_loss_fn(model, deterministic=False)
   maml = algorithms.jit_step(algorithms.make_step("maml", loss_fn, optimizer, inner_lr=3e-5))
-  rows.append(_time_variants("MAML step, 2 tasks x (2 + 2)", maml, samplers, step, params,
-                             lambda: algorithms.init_state(jnp.asarray(prompt), optimizer),
-                             jax.random.key(0), args.repeats))
+  rows.append(
+    _time_variants(
+      "MAML step, 2 tasks x (2 + 2)",
+      maml,
+      samplers,
+      step,
+      params,
+      lambda: algorithms.init_state(jnp.asarray(prompt), optimizer),
+      jax.random.key(0),
+      args.repeats,
+    )
+  )
   # The downstream grid: 5 seeds x 4 learning rates on the target task.
   tokenized = wordnet_tokenized(tokenizer, batching.DOWNSTREAM_TARGET_LENGTH, [TARGET_TASK])
-  runs = [s for s in SEEDS for _ in GRID_LRS][:args.grid_runs]
+  runs = [s for s in SEEDS for _ in GRID_LRS][: args.grid_runs]
   train = {s: tokenized[(TARGET_TASK, s, "train")] for s in SEEDS}
-  samplers = {name: batching.GridSampler.create(train, runs, 16, buckets=b)
-              for name, b in (("padded", batching.NO_BUCKETS), ("bucketed", BUCKETS))}
+  samplers = {
+    name: batching.GridSampler.create(train, runs, 16, buckets=b)
+    for name, b in (("padded", batching.NO_BUCKETS), ("bucketed", BUCKETS))
+  }
   grid_optimizer = optim.make_optimizer("adafactor", 1.0)
-  grid = jax.jit(algorithms.make_grid_step(algorithms.make_step("pt", loss_fn, grid_optimizer)),
-                 donate_argnums=(0,))
+  grid = jax.jit(
+    algorithms.make_grid_step(algorithms.make_step("pt", loss_fn, grid_optimizer)), donate_argnums=(0,)
+  )
   lrs = np.resize(np.asarray(GRID_LRS, np.float32), len(runs))
   step = common_bucket_step(samplers["bucketed"])
-  rows.append(_time_variants(f"PT grid step, {len(runs)} runs x 16", grid, samplers, step, params,
-                             lambda: algorithms.init_grid_state(jnp.asarray(prompt), grid_optimizer, lrs),
-                             jax.random.split(jax.random.key(0), len(runs)), args.repeats))
-  results["buckets"] = dict(model=str(SMALL_T5.relative_to(REPO)), setting=SETTING, target=TARGET_TASK,
-                            buckets=dict(input=BUCKETS.input_multiple, target=BUCKETS.target_multiple),
-                            rows=rows)
+  rows.append(
+    _time_variants(
+      f"PT grid step, {len(runs)} runs x 16",
+      grid,
+      samplers,
+      step,
+      params,
+      lambda: algorithms.init_grid_state(jnp.asarray(prompt), grid_optimizer, lrs),
+      jax.random.split(jax.random.key(0), len(runs)),
+      args.repeats,
+    )
+  )
+  results["buckets"] = dict(
+    model=str(SMALL_T5.relative_to(REPO)),
+    setting=SETTING,
+    target=TARGET_TASK,
+    buckets=dict(input=BUCKETS.input_multiple, target=BUCKETS.target_multiple),
+    rows=rows,
+  )
 
 
 def _time_variants(title, jitted, samplers, step, params, make_state, rng, repeats) -> dict:
@@ -195,8 +227,9 @@ def _time_variants(title, jitted, samplers, step, params, make_state, rng, repea
       return metrics["loss"]
 
     functions[name] = call
-    row["variants"][name] = dict(shape=f"{first['input_ids'].shape[-1]} x {first['target_ids'].shape[-1]}",
-                                 **info)
+    row["variants"][name] = dict(
+      shape=f"{first['input_ids'].shape[-1]} x {first['target_ids'].shape[-1]}", **info
+    )
     log(f"  {title} {name}: shape {row['variants'][name]['shape']}, compile {info['compile_s']:.1f} s")
   for name, timing in timed_calls(functions, repeats).items():
     row["variants"][name].update(timing)
@@ -238,16 +271,28 @@ def section_cache(args, results) -> None:
   with tempfile.TemporaryDirectory(prefix="jax_cache_") as cache_dir:
     for label in ("cold (empty cache)", "warm (second process)"):
       start = time.perf_counter()
-      out = subprocess.run([sys.executable, "-c", CACHE_PROCESS, cache_dir, str(REPO)], capture_output=True,
-                           text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-      row = dict(process=label, wall_s=time.perf_counter() - start,
-                 **json.loads(out.stdout.strip().splitlines()[-1]))
+      out = subprocess.run(
+        [sys.executable, "-c", CACHE_PROCESS, cache_dir, str(REPO)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      )
+      row = dict(
+        process=label, wall_s=time.perf_counter() - start, **json.loads(out.stdout.strip().splitlines()[-1])
+      )
       rows.append(row)
-      log(f"  cache {label}: lower {row['lower_s']:.1f} s, compile {row['compile_s']:.1f} s, hits "
-          f"{row['hits']}, misses {row['misses']}")
+      log(
+        f"  cache {label}: lower {row['lower_s']:.1f} s, compile {row['compile_s']:.1f} s, hits "
+        f"{row['hits']}, misses {row['misses']}"
+      )
     size = sum(f.stat().st_size for f in Path(cache_dir).rglob("*") if f.is_file())
-  results["cache"] = dict(step="T5-small-shaped MAML step (8 + 8 layers, unrolled), 2 tasks x (2 + 2), "
-                               "input 128 / output 16, prompt 100", cache_bytes=size, rows=rows)
+  results["cache"] = dict(
+    step="T5-small-shaped MAML step (8 + 8 layers, unrolled), 2 tasks x (2 + 2), "
+    "input 128 / output 16, prompt 100",
+    cache_bytes=size,
+    rows=rows,
+  )
 
 
 def section_scan(args, results) -> None:
@@ -273,16 +318,19 @@ def section_scan(args, results) -> None:
 
       functions[name] = call
       row["variants"][name] = info
-      log(f"  scan {method} {name}: lower {info['lower_s']:.1f} s, compile {info['compile_s']:.1f} s, "
-          f"temp {info['temp_bytes'] / 2**20:.0f} MiB")
+      log(
+        f"  scan {method} {name}: lower {info['lower_s']:.1f} s, compile {info['compile_s']:.1f} s, "
+        f"temp {info['temp_bytes'] / 2**20:.0f} MiB"
+      )
     for name, timing in timed_calls(functions, args.repeats).items():
       row["variants"][name].update(timing)
     row["step_ratio"] = row["variants"]["scanned"]["median_s"] / row["variants"]["unrolled"]["median_s"]
-    row["compile_ratio"] = ((row["variants"]["scanned"]["lower_s"] + row["variants"]["scanned"]["compile_s"])
-                            / (row["variants"]["unrolled"]["lower_s"]
-                               + row["variants"]["unrolled"]["compile_s"]))
-    log(f"  scan {method}: step scanned / unrolled {row['step_ratio']:.3f}, compile "
-        f"{row['compile_ratio']:.3f}")
+    row["compile_ratio"] = (
+      row["variants"]["scanned"]["lower_s"] + row["variants"]["scanned"]["compile_s"]
+    ) / (row["variants"]["unrolled"]["lower_s"] + row["variants"]["unrolled"]["compile_s"])
+    log(
+      f"  scan {method}: step scanned / unrolled {row['step_ratio']:.3f}, compile {row['compile_ratio']:.3f}"
+    )
     rows.append(row)
   results["scan"] = dict(shape=bench_steps.shapes_line("small"), rows=rows)
 
@@ -293,17 +341,27 @@ def section_depth(args, results) -> None:
   for method in ("pt", "maml"):
     for layers in (2, 8, 16):
       for scan in (False, True):
-        unrolled = T5(bench_steps.build_model("small", dropout_rate=0.1).config.replace(
-            num_layers=layers, num_decoder_layers=layers))
+        unrolled = T5(
+          bench_steps.build_model("small", dropout_rate=0.1).config.replace(
+            num_layers=layers, num_decoder_layers=layers
+          )
+        )
         params = bench_steps.random_params(unrolled)
         model = T5(unrolled.config.replace(scan_layers=scan))
         jitted, optimizer = bench_steps.our_timed_step(method, model)
         state = algorithms.init_state(jnp.asarray(bench_steps.initial_prompt(params, 100)), optimizer)
-        _, info = compile_timed(jitted, state, stack_blocks(params) if scan else params,
-                                jax.device_put(batches[method]), jax.random.key(0))
+        _, info = compile_timed(
+          jitted,
+          state,
+          stack_blocks(params) if scan else params,
+          jax.device_put(batches[method]),
+          jax.random.key(0),
+        )
         rows.append(dict(step=method, layers=layers, blocks="scanned" if scan else "unrolled", **info))
-        log(f"  depth {method} {layers} layers {rows[-1]['blocks']}: lower {info['lower_s']:.1f} s, compile "
-            f"{info['compile_s']:.1f} s")
+        log(
+          f"  depth {method} {layers} layers {rows[-1]['blocks']}: lower {info['lower_s']:.1f} s, compile "
+          f"{info['compile_s']:.1f} s"
+        )
   results["depth"] = dict(shape=bench_steps.shapes_line("small").replace("8+8 layers, ", ""), rows=rows)
 
 
@@ -311,34 +369,53 @@ def section_dev_eval(args, results) -> None:
   model, params, tokenizer = small_t5(dropout_rate=0.0)  # decoding draws no dropout
   train_model = T5(model.config.replace(dropout_rate=0.1))
   tokenized = wordnet_tokenized(tokenizer, batching.DOWNSTREAM_TARGET_LENGTH, [TARGET_TASK])
-  runs = [s for s in SEEDS for _ in GRID_LRS][:args.grid_runs]
+  runs = [s for s in SEEDS for _ in GRID_LRS][: args.grid_runs]
   dev = [tokenized[(TARGET_TASK, s, "dev")] for s in runs]
   train = {s: tokenized[(TARGET_TASK, s, "train")] for s in SEEDS}
   candidates = decode.label_candidates(train[SEEDS[0]])
   max_length = 127  # the study's generate(max_length=128)
   vmapped = lambda one: jax.jit(jax.vmap(one))
   decoders = {
-      "greedy, vmapped over runs": vmapped(lambda p, ids, mask: decode.greedy_decode(
-          model, params, ids, mask, p, max_length=max_length)),
-      "greedy, runs as one batch": jax.jit(lambda p, ids, mask: decode.greedy_decode_runs(
-          model, params, ids, mask, p, max_length=max_length)),
-      "beam (4 beams, penalty 2.5, early stopping), vmapped": vmapped(lambda p, ids, mask: decode.beam_search(
-          model, params, ids, mask, p, max_length=max_length, num_beams=4, repetition_penalty=2.5,
-          early_stopping=True)),
-      "rank classification, vmapped": vmapped(lambda p, ids, mask: decode.rank_classify(
-          model, params, ids, mask, p, candidates=candidates)),
+    "greedy, vmapped over runs": vmapped(
+      lambda p, ids, mask: decode.greedy_decode(model, params, ids, mask, p, max_length=max_length)
+    ),
+    "greedy, runs as one batch": jax.jit(
+      lambda p, ids, mask: decode.greedy_decode_runs(model, params, ids, mask, p, max_length=max_length)
+    ),
+    "beam (4 beams, penalty 2.5, early stopping), vmapped": vmapped(
+      lambda p, ids, mask: decode.beam_search(
+        model,
+        params,
+        ids,
+        mask,
+        p,
+        max_length=max_length,
+        num_beams=4,
+        repetition_penalty=2.5,
+        early_stopping=True,
+      )
+    ),
+    "rank classification, vmapped": vmapped(
+      lambda p, ids, mask: decode.rank_classify(model, params, ids, mask, p, candidates=candidates)
+    ),
   }
   optimizer = optim.make_optimizer("adafactor", 1.0)
-  grid = jax.jit(algorithms.make_grid_step(algorithms.make_step(
-      "pt", algorithms.make_loss_fn(train_model, deterministic=False), optimizer)), donate_argnums=(0,))
+  grid = jax.jit(
+    algorithms.make_grid_step(
+      algorithms.make_step("pt", algorithms.make_loss_fn(train_model, deterministic=False), optimizer)
+    ),
+    donate_argnums=(0,),
+  )
   sampler = batching.GridSampler.create(train, runs, 16, buckets=BUCKETS)
   initial = jnp.asarray(np.stack([study_prompt(params, seed=r) for r in range(len(runs))]))
-  states = algorithms.init_grid_state(initial, optimizer, np.resize(np.asarray(GRID_LRS, np.float32),
-                                                                     len(runs)))
+  states = algorithms.init_grid_state(
+    initial, optimizer, np.resize(np.asarray(GRID_LRS, np.float32), len(runs))
+  )
   train_steps = 30
   for step in range(train_steps):  # prompts that have started to learn the task, as most evaluations see
-    states, _ = grid(states, params, jax.device_put(sampler(step)),
-                     jax.random.split(jax.random.key(step), len(runs)))
+    states, _ = grid(
+      states, params, jax.device_put(sampler(step)), jax.random.split(jax.random.key(step), len(runs))
+    )
   trained = jnp.array(states.prompt)
   holder = {"states": states, "batch": jax.device_put(sampler(train_steps))}
   rngs = jax.random.split(jax.random.key(0), len(runs))
@@ -347,8 +424,10 @@ def section_dev_eval(args, results) -> None:
     holder["states"], metrics = grid(holder["states"], params, holder["batch"], rngs)
     return metrics["loss"]
 
-  evals = {label: [jax.device_put(eb.batch) for eb in batching.grid_eval_batches(dev, 32, buckets)]
-           for label, buckets in (("bucketed", BUCKETS), ("padded", batching.NO_BUCKETS))}
+  evals = {
+    label: [jax.device_put(eb.batch) for eb in batching.grid_eval_batches(dev, 32, buckets)]
+    for label, buckets in (("bucketed", BUCKETS), ("padded", batching.NO_BUCKETS))
+  }
   rows = []
   for prompts_label, prompts in (("initial prompts", initial), (f"after {train_steps} steps", trained)):
     functions, generated = {"grid step": grid_step}, {}
@@ -367,15 +446,33 @@ def section_dev_eval(args, results) -> None:
     step_s = timing.pop("grid step")["median_s"]
     for (name, padding), t in timing.items():
       share = t["median_s"] / (EVAL_EVERY * step_s + t["median_s"])
-      rows.append(dict(prompts=prompts_label, decoding=name, padding=padding,
-                       input_length=int(evals[padding][0]["input_ids"].shape[-1]), eval_s=t["median_s"],
-                       all_s=t["all_s"], grid_step_s=step_s, share=share,
-                       mean_generated_tokens=generated.get((name, padding))))
-      log(f"  dev eval, {prompts_label}, {name}, {padding}: {t['median_s']:.2f} s per evaluation (grid step "
-          f"{step_s:.2f} s): share {share:.1%}, {generated.get((name, padding))} tokens on average")
-  results["dev_eval"] = dict(model=str(SMALL_T5.relative_to(REPO)), task=TARGET_TASK, runs=len(runs),
-                             dev_examples=len(dev[0]), eval_batch_size=32, eval_every=EVAL_EVERY,
-                             train_steps=train_steps, rows=rows)
+      rows.append(
+        dict(
+          prompts=prompts_label,
+          decoding=name,
+          padding=padding,
+          input_length=int(evals[padding][0]["input_ids"].shape[-1]),
+          eval_s=t["median_s"],
+          all_s=t["all_s"],
+          grid_step_s=step_s,
+          share=share,
+          mean_generated_tokens=generated.get((name, padding)),
+        )
+      )
+      log(
+        f"  dev eval, {prompts_label}, {name}, {padding}: {t['median_s']:.2f} s per evaluation (grid step "
+        f"{step_s:.2f} s): share {share:.1%}, {generated.get((name, padding))} tokens on average"
+      )
+  results["dev_eval"] = dict(
+    model=str(SMALL_T5.relative_to(REPO)),
+    task=TARGET_TASK,
+    runs=len(runs),
+    dev_examples=len(dev[0]),
+    eval_batch_size=32,
+    eval_every=EVAL_EVERY,
+    train_steps=train_steps,
+    rows=rows,
+  )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,73 +480,109 @@ def section_dev_eval(args, results) -> None:
 # --------------------------------------------------------------------------------------------------
 def run_line(section: dict) -> str:
   m = section["machine"]
-  return (f"`{section['command']}` ({section['section_s'] / 60:.1f} min): {m['cpu']}, {m['cores']} core(s) "
-          f"pinned, load average at start {', '.join(f'{x:.1f}' for x in m['load'])}; jax {m['jax']}; "
-          f"{m['date']}.")
+  return (
+    f"`{section['command']}` ({section['section_s'] / 60:.1f} min): {m['cpu']}, {m['cores']} core(s) "
+    f"pinned, load average at start {', '.join(f'{x:.1f}' for x in m['load'])}; jax {m['jax']}; "
+    f"{m['date']}."
+  )
 
 
 def markdown(results: dict) -> str:
   lines = []
   if "buckets" in results:
     b = results["buckets"]
-    lines += [f"### Length buckets: padded to 512 vs bucketed (multiples of {b['buckets']['input']} / "
-              f"{b['buckets']['target']}), WordNet gym ({b['setting']}; grid on {b['target']}), "
-              f"{b['model']}, prompt {PROMPT_LENGTH}, dropout 0.1", "", run_line(b), "",
-              "| step | padded: shape, step (s), compile (s) | bucketed: shape, step (s), compile (s) | "
-              "bucketed / padded |", "|---|---|---|---|"]
+    lines += [
+      f"### Length buckets: padded to 512 vs bucketed (multiples of {b['buckets']['input']} / "
+      f"{b['buckets']['target']}), WordNet gym ({b['setting']}; grid on {b['target']}), "
+      f"{b['model']}, prompt {PROMPT_LENGTH}, dropout 0.1",
+      "",
+      run_line(b),
+      "",
+      "| step | padded: shape, step (s), compile (s) | bucketed: shape, step (s), compile (s) | "
+      "bucketed / padded |",
+      "|---|---|---|---|",
+    ]
     for r in b["rows"]:
       p, q = r["variants"]["padded"], r["variants"]["bucketed"]
-      lines.append(f"| {r['step']} | {p['shape']}, {p['median_s']:.3f}, {p['compile_s']:.1f} | "
-                   f"{q['shape']}, {q['median_s']:.3f}, {q['compile_s']:.1f} | **{r['ratio']:.2f}** |")
+      lines.append(
+        f"| {r['step']} | {p['shape']}, {p['median_s']:.3f}, {p['compile_s']:.1f} | "
+        f"{q['shape']}, {q['median_s']:.3f}, {q['compile_s']:.1f} | **{r['ratio']:.2f}** |"
+      )
     lines.append("")
   if "cache" in results:
     c = results["cache"]
-    lines += [f"### Persistent compilation cache: {c['step']}", "", run_line(c), "",
-              "| process | trace + lower (s) | compile or load (s) | cache hits / misses | "
-              "whole process (s) |",
-              "|---|---|---|---|---|"]
+    lines += [
+      f"### Persistent compilation cache: {c['step']}",
+      "",
+      run_line(c),
+      "",
+      "| process | trace + lower (s) | compile or load (s) | cache hits / misses | whole process (s) |",
+      "|---|---|---|---|---|",
+    ]
     for r in c["rows"]:
-      lines.append(f"| {r['process']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | {r['hits']} / "
-                   f"{r['misses']} | {r['wall_s']:.1f} |")
+      lines.append(
+        f"| {r['process']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | {r['hits']} / "
+        f"{r['misses']} | {r['wall_s']:.1f} |"
+      )
     lines += ["", f"Cache size after both: {c['cache_bytes'] / 2**20:.1f} MiB.", ""]
   if "scan" in results:
     s = results["scan"]
-    lines += [f"### Scanned vs unrolled layers: {s['shape']}", "", run_line(s), "",
-              "| step | unrolled: lower + compile (s), step (s), temp (MiB) | scanned: lower + compile (s), "
-              "step (s), temp (MiB) | compile scanned / unrolled | step scanned / unrolled |",
-              "|---|---|---|---|---|"]
+    lines += [
+      f"### Scanned vs unrolled layers: {s['shape']}",
+      "",
+      run_line(s),
+      "",
+      "| step | unrolled: lower + compile (s), step (s), temp (MiB) | scanned: lower + compile (s), "
+      "step (s), temp (MiB) | compile scanned / unrolled | step scanned / unrolled |",
+      "|---|---|---|---|---|",
+    ]
     for r in s["rows"]:
       u, v = r["variants"]["unrolled"], r["variants"]["scanned"]
-      lines.append(f"| {r['step']} | {u['lower_s']:.1f} + {u['compile_s']:.1f}, {u['median_s']:.3f}, "
-                   f"{u['temp_bytes'] / 2**20:,.0f} | {v['lower_s']:.1f} + {v['compile_s']:.1f}, "
-                   f"{v['median_s']:.3f}, {v['temp_bytes'] / 2**20:,.0f} | **{r['compile_ratio']:.2f}** | "
-                   f"**{r['step_ratio']:.2f}** |")
+      lines.append(
+        f"| {r['step']} | {u['lower_s']:.1f} + {u['compile_s']:.1f}, {u['median_s']:.3f}, "
+        f"{u['temp_bytes'] / 2**20:,.0f} | {v['lower_s']:.1f} + {v['compile_s']:.1f}, "
+        f"{v['median_s']:.3f}, {v['temp_bytes'] / 2**20:,.0f} | **{r['compile_ratio']:.2f}** | "
+        f"**{r['step_ratio']:.2f}** |"
+      )
     lines.append("")
   if "depth" in results:
     d = results["depth"]
-    lines += [f"### Compile time against depth (layers per stack), T5-small width: {d['shape']}", "",
-              run_line(d), "",
-              "| step | layers | unrolled: lower + compile (s) | scanned: lower + compile (s) |",
-              "|---|---|---|---|"]
+    lines += [
+      f"### Compile time against depth (layers per stack), T5-small width: {d['shape']}",
+      "",
+      run_line(d),
+      "",
+      "| step | layers | unrolled: lower + compile (s) | scanned: lower + compile (s) |",
+      "|---|---|---|---|",
+    ]
     by_key = {(r["step"], r["layers"], r["blocks"]): r for r in d["rows"]}
     pairs = sorted({(r["step"], r["layers"]) for r in d["rows"]}, key=lambda k: (k[0] != "pt", k[1]))
     for step, layers in pairs:
       u, v = by_key[(step, layers, "unrolled")], by_key[(step, layers, "scanned")]
-      lines.append(f"| {step} | {layers} | {u['lower_s']:.1f} + {u['compile_s']:.1f} | {v['lower_s']:.1f} + "
-                   f"{v['compile_s']:.1f} |")
+      lines.append(
+        f"| {step} | {layers} | {u['lower_s']:.1f} + {u['compile_s']:.1f} | {v['lower_s']:.1f} + "
+        f"{v['compile_s']:.1f} |"
+      )
     lines.append("")
   if "dev_eval" in results:
     d = results["dev_eval"]
-    lines += [f"### Dev evaluation vs the grid step: {d['model']}, {d['task']} ({d['dev_examples']} dev "
-              f"examples per run, batches of {d['eval_batch_size']} per run), {d['runs']} runs, up to 127 "
-              f"tokens; prompts as initialized and after {d['train_steps']} grid steps", "", run_line(d), "",
-              "| prompts | decoding | padding (input) | one evaluation (s) | generated tokens (mean) | "
-              "grid step (s) | share at one evaluation per " + f"{d['eval_every']} steps |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+      f"### Dev evaluation vs the grid step: {d['model']}, {d['task']} ({d['dev_examples']} dev "
+      f"examples per run, batches of {d['eval_batch_size']} per run), {d['runs']} runs, up to 127 "
+      f"tokens; prompts as initialized and after {d['train_steps']} grid steps",
+      "",
+      run_line(d),
+      "",
+      "| prompts | decoding | padding (input) | one evaluation (s) | generated tokens (mean) | "
+      "grid step (s) | share at one evaluation per " + f"{d['eval_every']} steps |",
+      "|---|---|---|---|---|---|---|",
+    ]
     for r in d["rows"]:
       tokens = "" if r["mean_generated_tokens"] is None else f"{r['mean_generated_tokens']:.1f}"
-      lines.append(f"| {r['prompts']} | {r['decoding']} | {r['padding']} ({r['input_length']}) | "
-                   f"{r['eval_s']:.2f} | {tokens} | {r['grid_step_s']:.2f} | {r['share']:.1%} |")
+      lines.append(
+        f"| {r['prompts']} | {r['decoding']} | {r['padding']} ({r['input_length']}) | "
+        f"{r['eval_s']:.2f} | {tokens} | {r['grid_step_s']:.2f} | {r['share']:.1%} |"
+      )
     lines.append("")
   return "\n".join(lines) + "\n"
 
@@ -466,14 +599,25 @@ def main():
     (args.out / "scale.md").write_text(markdown(results))
     print(markdown(results))
     return
-  cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-              if line.startswith("model name")), "unknown CPU")
+  cpu = next(
+    (
+      line.split(":", 1)[1].strip()
+      for line in Path("/proc/cpuinfo").read_text().splitlines()
+      if line.startswith("model name")
+    ),
+    "unknown CPU",
+  )
   command = " ".join(["python -m benchmarks.bench_scale", *sys.argv[1:]])
   args.out.mkdir(parents=True, exist_ok=True)
   for name in only:
     log(f"== {name}")
-    machine = dict(cpu=cpu, cores=len(os.sched_getaffinity(0)), load=os.getloadavg(), jax=jax.__version__,
-                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    machine = dict(
+      cpu=cpu,
+      cores=len(os.sched_getaffinity(0)),
+      load=os.getloadavg(),
+      jax=jax.__version__,
+      date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
     start = time.perf_counter()
     globals()[f"section_{name}"](args, results)
     results[name].update(command=command, machine=machine, section_s=time.perf_counter() - start)

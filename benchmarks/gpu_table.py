@@ -61,20 +61,59 @@ from mpt_jax import algorithms, chunking, decode, optim
 from mpt_jax.model.t5 import T5, T5Config, cast_params, stack_blocks
 
 SCALES = {
-    "large": dict(model=dict(vocab_size=32128, d_model=1024, d_kv=64, num_heads=16, d_ff=2816, num_layers=24,
-                             num_decoder_layers=24),
-                  prompt=100, padded=dict(maml=(512, 64), pt=(512, 128)), bucketed=(128, 16), batch=16,
-                  grid_runs=20, eval_examples=32, decode_length=127, matmul_size=8192, repeats=5),
-    "tiny": dict(model=dict(vocab_size=256, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=3,
-                            num_decoder_layers=3, relative_attention_num_buckets=8,
-                            relative_attention_max_distance=16),
-                 prompt=20, padded=dict(maml=(32, 8), pt=(32, 8)), bucketed=(16, 4), batch=4,
-                 grid_runs=4, eval_examples=4, decode_length=6, matmul_size=512, repeats=2),
+  "large": dict(
+    model=dict(
+      vocab_size=32128, d_model=1024, d_kv=64, num_heads=16, d_ff=2816, num_layers=24, num_decoder_layers=24
+    ),
+    prompt=100,
+    padded=dict(maml=(512, 64), pt=(512, 128)),
+    bucketed=(128, 16),
+    batch=16,
+    grid_runs=20,
+    eval_examples=32,
+    decode_length=127,
+    matmul_size=8192,
+    repeats=5,
+  ),
+  "tiny": dict(
+    model=dict(
+      vocab_size=256,
+      d_model=64,
+      d_kv=16,
+      num_heads=4,
+      d_ff=128,
+      num_layers=3,
+      num_decoder_layers=3,
+      relative_attention_num_buckets=8,
+      relative_attention_max_distance=16,
+    ),
+    prompt=20,
+    padded=dict(maml=(32, 8), pt=(32, 8)),
+    bucketed=(16, 4),
+    batch=4,
+    grid_runs=4,
+    eval_examples=4,
+    decode_length=6,
+    matmul_size=512,
+    repeats=2,
+  ),
 }
 # Estimated seconds per section at the large scale (compile included), for the budget.
-NEEDS = dict(env=15, reference=70, maml_scan=45, maml_remat=45, pt_scan=35, grid_padded=60, grid_bucketed=40,
-             dev_eval=60,
-             grid_dots=60, grid_cudnn=60, maml_unrolled=140, maml_bf16=45, greedy_runs=60)
+NEEDS = dict(
+  env=15,
+  reference=70,
+  maml_scan=45,
+  maml_remat=45,
+  pt_scan=35,
+  grid_padded=60,
+  grid_bucketed=40,
+  dev_eval=60,
+  grid_dots=60,
+  grid_cudnn=60,
+  maml_unrolled=140,
+  maml_bf16=45,
+  greedy_runs=60,
+)
 FLAVOUR = bench_steps.MODEL_FLAVOUR
 INNER_LR = bench_steps.STUDY_INNER_LR
 GRID_LRS = bench_steps.GRID_LEARNING_RATES
@@ -98,8 +137,12 @@ class Table:
     stamp = time.strftime("%Y-%m-%d_%H%M", time.gmtime())
     self.json_path = args.out / f"gpu_{stamp}{'' if args.scale == 'large' else '_' + args.scale}.json"
     self.md_path = self.json_path.with_suffix(".md")
-    self.record = dict(command=" ".join(["python -m benchmarks.bench_steps", *sys.argv[1:]]),
-                       scale=args.scale, shapes=self.scale, sections={})
+    self.record = dict(
+      command=" ".join(["python -m benchmarks.bench_steps", *sys.argv[1:]]),
+      scale=args.scale,
+      shapes=self.scale,
+      sections={},
+    )
     self.state: dict = {}
 
   def left(self) -> float:
@@ -145,12 +188,15 @@ def batches_for(scale: dict, seed: int = 0) -> dict:
   kw = lambda lengths: dict(vocab_size=vocab, input_length=lengths[0], output_length=lengths[1])
   b, runs = scale["batch"], scale["grid_runs"]
   return dict(
-      maml={"support": bench_steps.random_batch(rng, (2, 1, 2), **kw(scale["padded"]["maml"])),
-            "query": bench_steps.random_batch(rng, (2, 2), **kw(scale["padded"]["maml"]))},
-      pt=bench_steps.random_batch(rng, (b,), **kw(scale["padded"]["pt"])),
-      grid_padded=bench_steps.random_batch(rng, (runs, b), **kw(scale["padded"]["pt"])),
-      grid_bucketed=bench_steps.random_batch(rng, (runs, b), **kw(scale["bucketed"])),
-      eval=bench_steps.random_batch(rng, (runs, scale["eval_examples"]), **kw(scale["bucketed"])))
+    maml={
+      "support": bench_steps.random_batch(rng, (2, 1, 2), **kw(scale["padded"]["maml"])),
+      "query": bench_steps.random_batch(rng, (2, 2), **kw(scale["padded"]["maml"])),
+    },
+    pt=bench_steps.random_batch(rng, (b,), **kw(scale["padded"]["pt"])),
+    grid_padded=bench_steps.random_batch(rng, (runs, b), **kw(scale["padded"]["pt"])),
+    grid_bucketed=bench_steps.random_batch(rng, (runs, b), **kw(scale["bucketed"])),
+    eval=bench_steps.random_batch(rng, (runs, scale["eval_examples"]), **kw(scale["bucketed"])),
+  )
 
 
 def setup(table: Table) -> dict:
@@ -160,10 +206,13 @@ def setup(table: Table) -> dict:
     start = time.perf_counter()
     model = T5(model_config(table.scale))
     params = jax.device_put(bench_steps.random_params(model))
-    st.update(params=params, stacked=jax.device_put(stack_blocks(params)),
-              prompt=bench_steps.initial_prompt(params, table.scale["prompt"]),
-              batches=batches_for(table.scale),
-              num_params=int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params))))
+    st.update(
+      params=params,
+      stacked=jax.device_put(stack_blocks(params)),
+      prompt=bench_steps.initial_prompt(params, table.scale["prompt"]),
+      batches=batches_for(table.scale),
+      num_params=int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params))),
+    )
     table.record["num_params"] = st["num_params"]
     table.record["setup_s"] = round(time.perf_counter() - start, 1)
   return st
@@ -203,8 +252,12 @@ def compile_step(jitted, *args) -> tuple[object, dict]:
   if memory is not None:
     info["temp_gib"] = gib(memory.temp_size_in_bytes)
     # Comparable with the reference's peak, which holds the weights too: arguments + temporaries + outputs.
-    info["total_gib"] = gib(memory.argument_size_in_bytes + memory.temp_size_in_bytes
-                            + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+    info["total_gib"] = gib(
+      memory.argument_size_in_bytes
+      + memory.temp_size_in_bytes
+      + memory.output_size_in_bytes
+      - memory.alias_size_in_bytes
+    )
   return compiled, info
 
 
@@ -227,8 +280,10 @@ def step_run(table: Table, entry: dict, method: str, config: T5Config, params, b
 
   entry["time"] = median_time(call, table.scale["repeats"])
   entry["peak_gib"] = gib(peak_bytes())
-  log(f"  {method}: {entry['time']['median_s']:.4f} s, compile {entry['compile_s']} s, temp "
-      f"{entry.get('temp_gib')} GiB")
+  log(
+    f"  {method}: {entry['time']['median_s']:.4f} s, compile {entry['compile_s']} s, temp "
+    f"{entry.get('temp_gib')} GiB"
+  )
 
 
 def grid_run(table: Table, entry: dict, batch_key: str, **changes) -> None:
@@ -240,21 +295,27 @@ def grid_run(table: Table, entry: dict, batch_key: str, **changes) -> None:
   params = st["bf16_stacked"]
   optimizer = optim.make_optimizer("adafactor", 1.0)
   loss_fn = algorithms.make_loss_fn(T5(config), deterministic=True)
-  jitted = jax.jit(algorithms.make_grid_step(algorithms.make_step("pt", loss_fn, optimizer)),
-                   donate_argnums=(0,))
+  jitted = jax.jit(
+    algorithms.make_grid_step(algorithms.make_step("pt", loss_fn, optimizer)), donate_argnums=(0,)
+  )
   runs = table.scale["grid_runs"]
   # The device's free memory decides the chunks; a CPU reports none: plan for "unlimited" there, so the
   # step is still compiled (and timed) ahead of the calls.
-  grid = chunking.RunChunks(jitted, (0, None, 0, 0), budget_bytes=chunking.device_memory_budget() or 2**62,
-                            name="grid")
+  grid = chunking.RunChunks(
+    jitted, (0, None, 0, 0), budget_bytes=chunking.device_memory_budget() or 2**62, name="grid"
+  )
   states = algorithms.init_grid_state(jnp.asarray(st["prompt"]), optimizer, np.resize(GRID_LRS, runs))
   batch = jax.device_put(st["batches"][batch_key])
   rngs = jax.random.split(jax.random.key(0), runs)
   start = time.perf_counter()
   plan = grid.plan(states, params, batch, rngs)
-  entry.update(compile_s=round(time.perf_counter() - start, 1), chunks=plan.num_chunks,
-               chunk_gib=gib(plan.chunk_bytes), runs=runs,
-               shape=f"{batch['input_ids'].shape[-1]} x {batch['target_ids'].shape[-1]}")
+  entry.update(
+    compile_s=round(time.perf_counter() - start, 1),
+    chunks=plan.num_chunks,
+    chunk_gib=gib(plan.chunk_bytes),
+    runs=runs,
+    shape=f"{batch['input_ids'].shape[-1]} x {batch['target_ids'].shape[-1]}",
+  )
   holder = {"states": states}
 
   def call():
@@ -267,8 +328,10 @@ def grid_run(table: Table, entry: dict, batch_key: str, **changes) -> None:
   reference = table.record["sections"].get("reference", {}).get("pt_time", {}).get("median_s")
   if reference:
     entry["per_run_speedup_vs_reference"] = round(reference / entry["per_run_s"], 2)
-  log(f"  grid {batch_key} {changes}: {entry['time']['median_s']:.3f} s ({entry['per_run_s']:.4f} s per "
-      f"run, {plan.num_chunks} chunk(s)), compile {entry['compile_s']} s")
+  log(
+    f"  grid {batch_key} {changes}: {entry['time']['median_s']:.3f} s ({entry['per_run_s']:.4f} s per "
+    f"run, {plan.num_chunks} chunk(s)), compile {entry['compile_s']} s"
+  )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,17 +339,24 @@ def grid_run(table: Table, entry: dict, batch_key: str, **changes) -> None:
 # --------------------------------------------------------------------------------------------------
 def env(table: Table, entry: dict) -> None:
   import flax
+
   device = jax.devices()[0]
-  entry.update(jax=jax.__version__, flax=flax.__version__, devices=[str(d) for d in jax.devices()],
-               platform=device.platform, python=sys.version.split()[0])
+  entry.update(
+    jax=jax.__version__,
+    flax=flax.__version__,
+    devices=[str(d) for d in jax.devices()],
+    platform=device.platform,
+    python=sys.version.split()[0],
+  )
   try:
     stats = device.memory_stats() or {}
     entry["memory_limit_gib"] = gib(stats.get("bytes_limit"))
   except Exception:  # noqa: BLE001
     entry["memory_limit_gib"] = None
   try:
-    entry["nvidia_smi"] = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                                         timeout=20).stdout.strip()
+    entry["nvidia_smi"] = subprocess.run(
+      ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20
+    ).stdout.strip()
   except (OSError, subprocess.SubprocessError) as error:
     entry["nvidia_smi"] = repr(error)
   n = table.scale["matmul_size"]
@@ -294,7 +364,7 @@ def env(table: Table, entry: dict) -> None:
     a = jnp.ones((n, n), dtype)
     matmul = jax.jit(jnp.matmul)
     timing = median_time(lambda: matmul(a, a), 5)
-    entry[f"matmul_{dtype}_tflops"] = round(2 * n ** 3 / timing["median_s"] / 1e12, 2)
+    entry[f"matmul_{dtype}_tflops"] = round(2 * n**3 / timing["median_s"] / 1e12, 2)
   log(f"  {json.dumps({k: v for k, v in entry.items() if k != 'nvidia_smi'})}")
 
 
@@ -335,6 +405,7 @@ def reference(table: Table, entry: dict) -> None:
   timed(model, "pt", st["batches"]["pt"])
   try:
     import higher  # noqa: F401
+
     timed(model, "maml", st["batches"]["maml"])
   except ImportError:
     entry["maml_skipped"] = "higher is not installed (pip install higher==0.2.1)"
@@ -345,22 +416,30 @@ def reference(table: Table, entry: dict) -> None:
 
 def maml_scan(table: Table, entry: dict) -> None:
   st = setup(table)
-  step_run(table, entry, "maml", model_config(table.scale, scan_layers=True), st["stacked"],
-           st["batches"]["maml"])
+  step_run(
+    table, entry, "maml", model_config(table.scale, scan_layers=True), st["stacked"], st["batches"]["maml"]
+  )
   _versus_reference(table, entry, "maml")
 
 
 def maml_remat(table: Table, entry: dict) -> None:
   st = setup(table)
-  step_run(table, entry, "maml", model_config(table.scale, scan_layers=True, remat=True), st["stacked"],
-           st["batches"]["maml"])
+  step_run(
+    table,
+    entry,
+    "maml",
+    model_config(table.scale, scan_layers=True, remat=True),
+    st["stacked"],
+    st["batches"]["maml"],
+  )
   _versus_reference(table, entry, "maml")
 
 
 def pt_scan(table: Table, entry: dict) -> None:
   st = setup(table)
-  step_run(table, entry, "pt", model_config(table.scale, scan_layers=True), st["stacked"],
-           st["batches"]["pt"])
+  step_run(
+    table, entry, "pt", model_config(table.scale, scan_layers=True), st["stacked"], st["batches"]["pt"]
+  )
   _versus_reference(table, entry, "pt")
 
 
@@ -382,8 +461,14 @@ def maml_unrolled(table: Table, entry: dict) -> None:
 
 def maml_bf16(table: Table, entry: dict) -> None:
   st = setup(table)
-  step_run(table, entry, "maml", model_config(table.scale, scan_layers=True, dtype="bfloat16"),
-           cast_params(st["stacked"], "bfloat16"), st["batches"]["maml"])
+  step_run(
+    table,
+    entry,
+    "maml",
+    model_config(table.scale, scan_layers=True, dtype="bfloat16"),
+    cast_params(st["stacked"], "bfloat16"),
+    st["batches"]["maml"],
+  )
 
 
 def grid_padded(table: Table, entry: dict) -> None:
@@ -411,22 +496,45 @@ def dev_eval(table: Table, entry: dict) -> None:
   if "bf16_stacked" not in st:
     st["bf16_stacked"] = cast_params(st["stacked"], "bfloat16")
   length = table.scale["decode_length"]
-  generate = jax.jit(jax.vmap(lambda frozen, prompt, ids, mask: decode.beam_search(
-      model, frozen, ids, mask, prompt, max_length=length, num_beams=4, repetition_penalty=2.5,
-      early_stopping=True),
-      in_axes=(None, 0, 0, 0)))
-  chunks = chunking.RunChunks(generate, (None, 0, 0, 0),
-                              budget_bytes=chunking.device_memory_budget() or 2**62, name="dev decoding")
+  generate = jax.jit(
+    jax.vmap(
+      lambda frozen, prompt, ids, mask: decode.beam_search(
+        model,
+        frozen,
+        ids,
+        mask,
+        prompt,
+        max_length=length,
+        num_beams=4,
+        repetition_penalty=2.5,
+        early_stopping=True,
+      ),
+      in_axes=(None, 0, 0, 0),
+    )
+  )
+  chunks = chunking.RunChunks(
+    generate, (None, 0, 0, 0), budget_bytes=chunking.device_memory_budget() or 2**62, name="dev decoding"
+  )
   runs = table.scale["grid_runs"]
   prompts = jnp.broadcast_to(jnp.asarray(st["prompt"]), (runs, *st["prompt"].shape))
   batch = st["batches"]["eval"]
-  args = (st["bf16_stacked"], prompts, jax.device_put(batch["input_ids"]),
-          jax.device_put(batch["input_mask"]))
+  args = (
+    st["bf16_stacked"],
+    prompts,
+    jax.device_put(batch["input_ids"]),
+    jax.device_put(batch["input_mask"]),
+  )
   start = time.perf_counter()
   plan = chunks.plan(*args)
-  entry.update(compile_s=round(time.perf_counter() - start, 1), chunks=plan.num_chunks,
-               chunk_gib=gib(plan.chunk_bytes), runs=runs, examples_per_run=table.scale["eval_examples"],
-               input_length=int(batch["input_ids"].shape[-1]), max_tokens=length)
+  entry.update(
+    compile_s=round(time.perf_counter() - start, 1),
+    chunks=plan.num_chunks,
+    chunk_gib=gib(plan.chunk_bytes),
+    runs=runs,
+    examples_per_run=table.scale["eval_examples"],
+    input_length=int(batch["input_ids"].shape[-1]),
+    max_tokens=length,
+  )
   tokens = chunks(*args)
   entry["generated_tokens_mean"] = float(np.mean(np.asarray(tokens) != 0)) * length
   entry["time"] = median_time(lambda: chunks(*args), max(2, table.scale["repeats"] - 2))
@@ -446,13 +554,27 @@ def greedy_runs(table: Table, entry: dict) -> None:
   length, runs = table.scale["decode_length"], table.scale["grid_runs"]
   prompts = jnp.broadcast_to(jnp.asarray(st["prompt"]), (runs, *st["prompt"].shape))
   batch = st["batches"]["eval"]
-  args = (st["bf16_stacked"], prompts, jax.device_put(batch["input_ids"]),
-          jax.device_put(batch["input_mask"]))
+  args = (
+    st["bf16_stacked"],
+    prompts,
+    jax.device_put(batch["input_ids"]),
+    jax.device_put(batch["input_mask"]),
+  )
   decoders = dict(
-      vmapped=jax.jit(jax.vmap(lambda frozen, prompt, ids, mask: decode.greedy_decode(
-          model, frozen, ids, mask, prompt, max_length=length), in_axes=(None, 0, 0, 0))),
-      one_batch=jax.jit(lambda frozen, prompts, ids, mask: decode.greedy_decode_runs(
-          model, frozen, ids, mask, prompts, max_length=length)))
+    vmapped=jax.jit(
+      jax.vmap(
+        lambda frozen, prompt, ids, mask: decode.greedy_decode(
+          model, frozen, ids, mask, prompt, max_length=length
+        ),
+        in_axes=(None, 0, 0, 0),
+      )
+    ),
+    one_batch=jax.jit(
+      lambda frozen, prompts, ids, mask: decode.greedy_decode_runs(
+        model, frozen, ids, mask, prompts, max_length=length
+      )
+    ),
+  )
   tokens = {}
   for name, fn in decoders.items():
     start = time.perf_counter()
@@ -461,16 +583,30 @@ def greedy_runs(table: Table, entry: dict) -> None:
     entry[f"{name}_time"] = median_time(lambda fn=fn: fn(*args), max(2, table.scale["repeats"] - 2), warmup=0)
   entry["same_tokens"] = bool(np.array_equal(tokens["vmapped"], tokens["one_batch"]))
   entry["time"] = entry["one_batch_time"]
-  entry["one_batch_over_vmapped"] = round(entry["one_batch_time"]["median_s"]
-                                          / entry["vmapped_time"]["median_s"], 3)
-  log(f"  greedy: vmapped {entry['vmapped_time']['median_s']:.3f} s, one batch "
-      f"{entry['one_batch_time']['median_s']:.3f} s, same tokens {entry['same_tokens']}")
+  entry["one_batch_over_vmapped"] = round(
+    entry["one_batch_time"]["median_s"] / entry["vmapped_time"]["median_s"], 3
+  )
+  log(
+    f"  greedy: vmapped {entry['vmapped_time']['median_s']:.3f} s, one batch "
+    f"{entry['one_batch_time']['median_s']:.3f} s, same tokens {entry['same_tokens']}"
+  )
 
 
-SECTIONS = dict(env=env, reference=reference, maml_scan=maml_scan, maml_remat=maml_remat, pt_scan=pt_scan,
-                grid_padded=grid_padded, grid_bucketed=grid_bucketed, dev_eval=dev_eval, grid_dots=grid_dots,
-                grid_cudnn=grid_cudnn, maml_bf16=maml_bf16, greedy_runs=greedy_runs,
-                maml_unrolled=maml_unrolled)
+SECTIONS = dict(
+  env=env,
+  reference=reference,
+  maml_scan=maml_scan,
+  maml_remat=maml_remat,
+  pt_scan=pt_scan,
+  grid_padded=grid_padded,
+  grid_bucketed=grid_bucketed,
+  dev_eval=dev_eval,
+  grid_dots=grid_dots,
+  grid_cudnn=grid_cudnn,
+  maml_bf16=maml_bf16,
+  greedy_runs=greedy_runs,
+  maml_unrolled=maml_unrolled,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,15 +621,17 @@ def analytic_flops(record: dict) -> dict:
   prompt = scale["prompt"]
   forward = lambda lengths: bench_steps.forward_flops(config, prompt + lengths[0], lengths[1])["total"]
   grid_examples = scale["grid_runs"] * scale["batch"]
-  return dict(maml_scan=forward(scale["padded"]["maml"]) * (4 * 4 + 2 * 4),
-              maml_remat=forward(scale["padded"]["maml"]) * (4 * 4 + 2 * 4),
-              maml_unrolled=forward(scale["padded"]["maml"]) * (4 * 4 + 2 * 4),
-              maml_bf16=forward(scale["padded"]["maml"]) * (4 * 4 + 2 * 4),
-              pt_scan=forward(scale["padded"]["pt"]) * 2 * scale["batch"],
-              grid_padded=forward(scale["padded"]["pt"]) * 2 * grid_examples,
-              grid_dots=forward(scale["padded"]["pt"]) * 2 * grid_examples,
-              grid_cudnn=forward(scale["padded"]["pt"]) * 2 * grid_examples,
-              grid_bucketed=forward(scale["bucketed"]) * 2 * grid_examples)
+  return dict(
+    maml_scan=forward(scale["padded"]["maml"]) * (4 * 4 + 2 * 4),
+    maml_remat=forward(scale["padded"]["maml"]) * (4 * 4 + 2 * 4),
+    maml_unrolled=forward(scale["padded"]["maml"]) * (4 * 4 + 2 * 4),
+    maml_bf16=forward(scale["padded"]["maml"]) * (4 * 4 + 2 * 4),
+    pt_scan=forward(scale["padded"]["pt"]) * 2 * scale["batch"],
+    grid_padded=forward(scale["padded"]["pt"]) * 2 * grid_examples,
+    grid_dots=forward(scale["padded"]["pt"]) * 2 * grid_examples,
+    grid_cudnn=forward(scale["padded"]["pt"]) * 2 * grid_examples,
+    grid_bucketed=forward(scale["bucketed"]) * 2 * grid_examples,
+  )
 
 
 def study_estimate(record: dict) -> dict | None:
@@ -510,34 +648,49 @@ def study_estimate(record: dict) -> dict | None:
   eval_s = sections.get("dev_eval", {}).get("time", {}).get("median_s")
 
   def hours(grid_step_s, maml_s, eval_each_s):
-    downstream = STUDY["methods"] * targets * (STUDY["downstream_steps"] * grid_step_s
-                                               + evals * (eval_each_s or 0.0))
+    downstream = (
+      STUDY["methods"] * targets * (STUDY["downstream_steps"] * grid_step_s + evals * (eval_each_s or 0.0))
+    )
     upstream = settings * STUDY["meta_methods"] * STUDY["upstream_steps"] * (maml_s or 0.0)
-    return dict(downstream_h=round(downstream / 3600, 1), upstream_h=round(upstream / 3600, 1),
-                total_h=round((downstream + upstream) / 3600, 1))
+    return dict(
+      downstream_h=round(downstream / 3600, 1),
+      upstream_h=round(upstream / 3600, 1),
+      total_h=round((downstream + upstream) / 3600, 1),
+    )
 
-  maml = next((sections[k]["time"]["median_s"] for k in ("maml_bf16", "maml_scan", "maml_unrolled")
-               if "time" in sections.get(k, {})), None)
+  maml = next(
+    (
+      sections[k]["time"]["median_s"]
+      for k in ("maml_bf16", "maml_scan", "maml_unrolled")
+      if "time" in sections.get(k, {})
+    ),
+    None,
+  )
   for label, key in (("ours_padded", "grid_padded"), ("ours_bucketed", "grid_bucketed")):
     grid = sections.get(key, {}).get("time", {}).get("median_s")
     if grid:
       out[label] = hours(grid, maml, eval_s)
   if "pt_time" in ref:
-    out["reference_padded"] = hours(runs * ref["pt_time"]["median_s"],
-                                    ref.get("maml_time", {}).get("median_s"), eval_s)
+    out["reference_padded"] = hours(
+      runs * ref["pt_time"]["median_s"], ref.get("maml_time", {}).get("median_s"), eval_s
+    )
   return out
 
 
 def markdown(record: dict) -> str:
   sections = record["sections"]
   e = sections.get("env", {})
-  lines = [f"# GPU table ({record['scale']}): `{record['command']}`", "",
-           f"{e.get('nvidia_smi', '')}; jax {e.get('jax')}, flax {e.get('flax')}; device memory limit "
-           f"{e.get('memory_limit_gib')} GiB; measured matmul: bf16 {e.get('matmul_bfloat16_tflops')} "
-           f"TFLOP/s, float32 (default precision) {e.get('matmul_float32_tflops')} TFLOP/s. "
-           f"{record.get('num_params', 0):,} params. Total {record.get('total_s')} s.", "",
-           "| section | step (s) | per run (s) | vs reference | compile (s) | memory (GiB) | notes |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    f"# GPU table ({record['scale']}): `{record['command']}`",
+    "",
+    f"{e.get('nvidia_smi', '')}; jax {e.get('jax')}, flax {e.get('flax')}; device memory limit "
+    f"{e.get('memory_limit_gib')} GiB; measured matmul: bf16 {e.get('matmul_bfloat16_tflops')} "
+    f"TFLOP/s, float32 (default precision) {e.get('matmul_float32_tflops')} TFLOP/s. "
+    f"{record.get('num_params', 0):,} params. Total {record.get('total_s')} s.",
+    "",
+    "| section | step (s) | per run (s) | vs reference | compile (s) | memory (GiB) | notes |",
+    "|---|---|---|---|---|---|---|",
+  ]
   flops = analytic_flops(record)
   for name, s in sections.items():
     if name in ("env",):
@@ -548,38 +701,60 @@ def markdown(record: dict) -> str:
     if name == "reference":
       for method in ("pt", "maml"):
         if f"{method}_time" in s:
-          lines.append(f"| reference {method} | {s[f'{method}_time']['median_s']:.4f} | | | | "
-                       f"{s.get(f'{method}_peak_gib')} peak | torch {s.get('torch')}, {s.get('device')} |")
+          lines.append(
+            f"| reference {method} | {s[f'{method}_time']['median_s']:.4f} | | | | "
+            f"{s.get(f'{method}_peak_gib')} peak | torch {s.get('torch')}, {s.get('device')} |"
+          )
       continue
     t = s.get("time", {}).get("median_s")
     notes = []
-    for key in ("shape", "chunks", "attention", "scanned_over_unrolled_step", "share_at_one_per_50_steps",
-                "generated_tokens_mean", "one_batch_over_vmapped", "same_tokens"):
+    for key in (
+      "shape",
+      "chunks",
+      "attention",
+      "scanned_over_unrolled_step",
+      "share_at_one_per_50_steps",
+      "generated_tokens_mean",
+      "one_batch_over_vmapped",
+      "same_tokens",
+    ):
       if key in s:
         notes.append(f"{key} {s[key]}")
     if name in flops and t:
       rate = flops[name] / t / 1e12
       matmul = e.get("matmul_bfloat16_tflops")
-      notes.append(f"{rate:.3g} TFLOP/s analytic"
-                   + (f" = {rate / matmul:.0%} of bf16 matmul" if matmul else ""))
-    memory = (f"{s['total_gib']} (temp {s['temp_gib']})" if "total_gib" in s
-              else f"{s['chunk_gib']} per chunk" if s.get("chunk_gib") is not None else "")
+      notes.append(
+        f"{rate:.3g} TFLOP/s analytic" + (f" = {rate / matmul:.0%} of bf16 matmul" if matmul else "")
+      )
+    memory = (
+      f"{s['total_gib']} (temp {s['temp_gib']})"
+      if "total_gib" in s
+      else f"{s['chunk_gib']} per chunk"
+      if s.get("chunk_gib") is not None
+      else ""
+    )
     if s.get("reference_peak_gib") is not None:
       memory += f" / reference peak {s['reference_peak_gib']}"
     vs = s.get("speedup_vs_reference") or s.get("per_run_speedup_vs_reference")
     per_run = f"{s['per_run_s']:.4f}" if "per_run_s" in s else ""
-    lines.append(f"| {name} | {t:.4f} | {per_run} | {f'{vs}x' if vs else ''} | {s.get('compile_s', '')} | "
-                 f"{memory} | {'; '.join(notes)} |")
+    lines.append(
+      f"| {name} | {t:.4f} | {per_run} | {f'{vs}x' if vs else ''} | {s.get('compile_s', '')} | "
+      f"{memory} | {'; '.join(notes)} |"
+    )
   estimate = study_estimate(record)
   if estimate:
-    lines += ["", f"Whole study on one device (11 settings, {estimate['target_tasks_over_settings']} target "
-                  f"tasks over them, 5 methods, 20 runs x 3000 steps, dev every 50; upstream 3 meta-"
-                  f"learning methods x 5000 MAML-priced steps per setting; MTL left out): "]
+    lines += [
+      "",
+      f"Whole study on one device (11 settings, {estimate['target_tasks_over_settings']} target "
+      f"tasks over them, 5 methods, 20 runs x 3000 steps, dev every 50; upstream 3 meta-"
+      f"learning methods x 5000 MAML-priced steps per setting; MTL left out): ",
+    ]
     for label in ("ours_padded", "ours_bucketed", "reference_padded"):
       if label in estimate:
         h = estimate[label]
-        lines.append(f"- {label}: downstream {h['downstream_h']} h + upstream {h['upstream_h']} h = "
-                     f"**{h['total_h']} h**")
+        lines.append(
+          f"- {label}: downstream {h['downstream_h']} h + upstream {h['upstream_h']} h = **{h['total_h']} h**"
+        )
   return "\n".join(lines) + "\n"
 
 

@@ -50,8 +50,11 @@ def parse_args(argv=None):
   parser.add_argument("--gyms", default="wordnet,synthetic", help="offline gyms to measure")
   parser.add_argument("--data_dir", default="", help="a CrossFit data directory instead of the gyms")
   parser.add_argument("--settings", default="", help="settings to simulate (default: all of the gym's)")
-  parser.add_argument("--model", default=str(REPO / "assets" / "small_t5"),
-                      help="checkpoint directory or hub id whose tokenizer counts the tokens")
+  parser.add_argument(
+    "--model",
+    default=str(REPO / "assets" / "small_t5"),
+    help="checkpoint directory or hub id whose tokenizer counts the tokens",
+  )
   parser.add_argument("--input_multiple", type=int, default=64)
   parser.add_argument("--target_multiple", type=int, default=16)
   parser.add_argument("--upstream_steps", type=int, default=5000, help="MAML episodes simulated")
@@ -86,9 +89,13 @@ def length_table(tokenized) -> dict:
   for (task, _, _), split in tokenized.items():
     per_task[task].append(split.input_lengths)
   task_medians = {task: int(np.median(np.concatenate(v))) for task, v in per_task.items()}
-  return dict(examples=int(inputs.size), input=percentiles(inputs), target=percentiles(targets),
-              truncated_at_512=int(sum(s.num_truncated for s in tokenized.values())),
-              task_median_input=dict(sorted(task_medians.items(), key=lambda kv: kv[1])))
+  return dict(
+    examples=int(inputs.size),
+    input=percentiles(inputs),
+    target=percentiles(targets),
+    truncated_at_512=int(sum(s.num_truncated for s in tokenized.values())),
+    task_median_input=dict(sorted(task_medians.items(), key=lambda kv: kv[1])),
+  )
 
 
 class ShapeTally:
@@ -111,10 +118,12 @@ class ShapeTally:
       self.decoder[1] += rows * padded_lengths[1]
 
   def summary(self) -> dict:
-    return dict(shapes={f"{a}x{b}": n for (a, b), n in sorted(self.shapes.items())},
-                distinct_shapes=len(self.shapes),
-                encoder_fraction=self.encoder[0] / max(self.encoder[1], 1),
-                decoder_fraction=self.decoder[0] / max(self.decoder[1], 1))
+    return dict(
+      shapes={f"{a}x{b}": n for (a, b), n in sorted(self.shapes.items())},
+      distinct_shapes=len(self.shapes),
+      encoder_fraction=self.encoder[0] / max(self.encoder[1], 1),
+      decoder_fraction=self.decoder[0] / max(self.decoder[1], 1),
+    )
 
 
 def simulate_setting(setting, tokenized_up, tokenized_down, buckets, args) -> dict:
@@ -133,8 +142,9 @@ def simulate_setting(setting, tokenized_up, tokenized_down, buckets, args) -> di
   grid_shapes_per_task = {}
   for task in setting.target:
     runs = [s for s in SEEDS for _ in range(STUDY_GRID_LRS)]
-    sampler = batching.GridSampler.create({s: tokenized_down[(task, s, "train")] for s in SEEDS}, runs, 16,
-                                          buckets=buckets)
+    sampler = batching.GridSampler.create(
+      {s: tokenized_down[(task, s, "train")] for s in SEEDS}, runs, 16, buckets=buckets
+    )
     task_tally = ShapeTally()
     for step in range(down_steps):
       batch = sampler(step)
@@ -142,10 +152,13 @@ def simulate_setting(setting, tokenized_up, tokenized_down, buckets, args) -> di
       grid.add([batch], (MAX_INPUT, batching.DOWNSTREAM_TARGET_LENGTH))
     grid_shapes_per_task[task] = sorted(f"{a}x{b}" for a, b in task_tally.shapes)
     dev_splits = [tokenized_down[(task, s, "dev")] for s in runs]
-    dev.add([eb.batch for eb in batching.grid_eval_batches(dev_splits, 32, buckets)],
-            (MAX_INPUT, batching.DOWNSTREAM_TARGET_LENGTH))
-  out["downstream_grid"] = dict(steps_per_task=down_steps, shapes_per_task=grid_shapes_per_task,
-                                **grid.summary())
+    dev.add(
+      [eb.batch for eb in batching.grid_eval_batches(dev_splits, 32, buckets)],
+      (MAX_INPUT, batching.DOWNSTREAM_TARGET_LENGTH),
+    )
+  out["downstream_grid"] = dict(
+    steps_per_task=down_steps, shapes_per_task=grid_shapes_per_task, **grid.summary()
+  )
   dev_summary = dev.summary()
   # Generation does not read the targets: only the encoder side matters for dev decoding.
   out["dev_eval"] = {k: dev_summary[k] for k in ("shapes", "distinct_shapes", "encoder_fraction")}
@@ -153,31 +166,50 @@ def simulate_setting(setting, tokenized_up, tokenized_down, buckets, args) -> di
 
 
 def markdown(results: dict) -> str:
-  lines = [f"`{results['command']}` ({results['seconds']:.0f} s). Tokenizer: {results['tokenizer']}. "
-           f"Buckets: inputs to multiples of {results['input_multiple']}, targets to multiples of "
-           f"{results['target_multiple']}; prompt {PROMPT_LENGTH} positions in the encoder.", ""]
+  lines = [
+    f"`{results['command']}` ({results['seconds']:.0f} s). Tokenizer: {results['tokenizer']}. "
+    f"Buckets: inputs to multiples of {results['input_multiple']}, targets to multiples of "
+    f"{results['target_multiple']}; prompt {PROMPT_LENGTH} positions in the encoder.",
+    "",
+  ]
   for gym, g in results["gyms"].items():
     t = g["lengths"]
-    lines += [f"### {gym}: {t['examples']:,} examples (every task, seed and split)", "",
-              "| tokens | p50 | p90 | p99 | max |", "|---|---|---|---|---|",
-              "| input | " + " | ".join(str(t["input"][f"p{p}"]) for p in PERCENTILES) + " |",
-              "| target | " + " | ".join(str(t["target"][f"p{p}"]) for p in PERCENTILES) + " |", "",
-              f"Inputs cut at {MAX_INPUT}: {t['truncated_at_512']}. Median input per task: "
-              + ", ".join(f"{k} {v}" for k, v in t["task_median_input"].items()) + ".", "",
-              "| setting | step | shapes met (input x target: batches) | encoder positions | "
-              "decoder positions |", "|---|---|---|---|---|"]
+    lines += [
+      f"### {gym}: {t['examples']:,} examples (every task, seed and split)",
+      "",
+      "| tokens | p50 | p90 | p99 | max |",
+      "|---|---|---|---|---|",
+      "| input | " + " | ".join(str(t["input"][f"p{p}"]) for p in PERCENTILES) + " |",
+      "| target | " + " | ".join(str(t["target"][f"p{p}"]) for p in PERCENTILES) + " |",
+      "",
+      f"Inputs cut at {MAX_INPUT}: {t['truncated_at_512']}. Median input per task: "
+      + ", ".join(f"{k} {v}" for k, v in t["task_median_input"].items())
+      + ".",
+      "",
+      "| setting | step | shapes met (input x target: batches) | encoder positions | decoder positions |",
+      "|---|---|---|---|---|",
+    ]
     for name, s in g["settings"].items():
-      for step, label in (("maml_upstream", "MAML episodes"), ("downstream_grid", "grid 20 x 16"),
-                          ("dev_eval", "dev eval 20 x 32")):
+      for step, label in (
+        ("maml_upstream", "MAML episodes"),
+        ("downstream_grid", "grid 20 x 16"),
+        ("dev_eval", "dev eval 20 x 32"),
+      ):
         if step not in s:
           continue
         r = s[step]
         shapes = ", ".join(f"{k}: {v}" for k, v in r["shapes"].items())
         decoder = f"{r['decoder_fraction']:.1%}" if "decoder_fraction" in r else "(not used)"
-        lines.append(f"| {name} | {label} | {r['distinct_shapes']} ({shapes}) | "
-                     f"{r['encoder_fraction']:.1%} | {decoder} |")
-    lines += ["", "Positions are the bucketed batches' share of the padded batches' (512 inputs + 100 "
-              "prompt; 64 upstream / 128 downstream targets).", ""]
+        lines.append(
+          f"| {name} | {label} | {r['distinct_shapes']} ({shapes}) | "
+          f"{r['encoder_fraction']:.1%} | {decoder} |"
+        )
+    lines += [
+      "",
+      "Positions are the bucketed batches' share of the padded batches' (512 inputs + 100 "
+      "prompt; 64 upstream / 128 downstream targets).",
+      "",
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -187,15 +219,23 @@ def main():
   tokenizer = load_tokenizer(args.model) if Path(args.model).is_dir() else None
   if tokenizer is None:
     from mpt_jax.model import hf
+
     tokenizer = load_tokenizer(hf.resolve_checkpoint(args.model))
   buckets = batching.LengthBuckets(args.input_multiple, args.target_multiple)
-  results = dict(command=" ".join(["python -m benchmarks.length_stats", *sys.argv[1:]]),
-                 tokenizer=args.model, input_multiple=args.input_multiple,
-                 target_multiple=args.target_multiple, gyms={})
+  results = dict(
+    command=" ".join(["python -m benchmarks.length_stats", *sys.argv[1:]]),
+    tokenizer=args.model,
+    input_multiple=args.input_multiple,
+    target_multiple=args.target_multiple,
+    gyms={},
+  )
   wanted = [s for s in args.settings.split(",") if s]
   with tempfile.TemporaryDirectory(prefix="gyms_") as workdir:
-    sources = ([("crossfit", args.data_dir)] if args.data_dir else
-               [(name, None) for name in args.gyms.split(",") if name])
+    sources = (
+      [("crossfit", args.data_dir)]
+      if args.data_dir
+      else [(name, None) for name in args.gyms.split(",") if name]
+    )
     for name, data_dir in sources:
       if data_dir is None:
         data_dir, settings, tasks = gym_data(name, workdir)
@@ -209,8 +249,9 @@ def main():
       entry = dict(lengths=length_table(tokenized_down), settings={})
       for setting_name, setting in chosen.items():
         print(f"  simulating {setting_name}", flush=True)
-        entry["settings"][setting_name] = simulate_setting(setting, tokenized_up, tokenized_down,
-                                                           buckets, args)
+        entry["settings"][setting_name] = simulate_setting(
+          setting, tokenized_up, tokenized_down, buckets, args
+        )
       results["gyms"][name] = entry
   results["seconds"] = time.perf_counter() - start
   args.out.mkdir(parents=True, exist_ok=True)

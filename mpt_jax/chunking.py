@@ -43,8 +43,12 @@ def compiled_bytes(compiled) -> int | None:
   memory = compiled.memory_analysis()
   if memory is None:
     return None
-  return int(memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-             + memory.generated_code_size_in_bytes)
+  return int(
+    memory.temp_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+    + memory.generated_code_size_in_bytes
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +69,15 @@ class RunChunks:
   Plans (chunk count and compiled executable) are kept per argument shape, on this object.
   """
 
-  def __init__(self, fn: Callable, run_axes: Sequence[int | None], *, budget_bytes: int | None = None,
-               run_multiple: int = 1, name: str = "runs"):
+  def __init__(
+    self,
+    fn: Callable,
+    run_axes: Sequence[int | None],
+    *,
+    budget_bytes: int | None = None,
+    run_multiple: int = 1,
+    name: str = "runs",
+  ):
     self.fn = fn
     self.run_axes = tuple(run_axes)
     self.budget_bytes = budget_bytes
@@ -96,8 +107,11 @@ class RunChunks:
     if budget is None:
       return Plan(1, None, self.fn)
     num_runs = self._num_runs(args)
-    sizes = [num_runs // k for k in range(1, num_runs + 1)
-             if num_runs % k == 0 and (num_runs // k) % self.run_multiple == 0]
+    sizes = [
+      num_runs // k
+      for k in range(1, num_runs + 1)
+      if num_runs % k == 0 and (num_runs // k) % self.run_multiple == 0
+    ]
     full = self._compile(args, sizes[0])
     needed = compiled_bytes(full)
     if needed is None or needed <= budget:
@@ -112,29 +126,49 @@ class RunChunks:
       chunk_bytes = compiled_bytes(compiled)
       if chunk_bytes <= budget or size == sizes[-1]:
         if chunk_bytes > budget:
-          logging.warning("%s: one chunk of %d runs needs %.2f GiB, over the budget of %.2f GiB; running "
-                          "it anyway", self.name, size, chunk_bytes / 2**30, budget / 2**30)
-        logging.info("%s: %d runs in %d chunks of %d (%.2f GiB each; all at once: %.2f GiB; budget "
-                     "%.2f GiB)", self.name, num_runs, num_runs // size, size, chunk_bytes / 2**30,
-                     needed / 2**30, budget / 2**30)
+          logging.warning(
+            "%s: one chunk of %d runs needs %.2f GiB, over the budget of %.2f GiB; running it anyway",
+            self.name,
+            size,
+            chunk_bytes / 2**30,
+            budget / 2**30,
+          )
+        logging.info(
+          "%s: %d runs in %d chunks of %d (%.2f GiB each; all at once: %.2f GiB; budget %.2f GiB)",
+          self.name,
+          num_runs,
+          num_runs // size,
+          size,
+          chunk_bytes / 2**30,
+          needed / 2**30,
+          budget / 2**30,
+        )
         return Plan(num_runs // size, chunk_bytes, compiled)
     raise AssertionError("unreachable: the last candidate is always taken")
 
   def _num_runs(self, args) -> int:
-    sizes = {jnp.shape(leaf)[0] for arg, axis in zip(args, self.run_axes) if axis is not None
-             for leaf in jax.tree_util.tree_leaves(arg)}
+    sizes = {
+      jnp.shape(leaf)[0]
+      for arg, axis in zip(args, self.run_axes)
+      if axis is not None
+      for leaf in jax.tree_util.tree_leaves(arg)
+    }
     if len(sizes) != 1:
       raise ValueError(f"{self.name}: the run axis of the arguments differs in size: {sorted(sizes)}")
     return sizes.pop()
 
   def _chunk(self, args, start: int, stop: int):
-    return tuple(arg if axis is None else jax.tree_util.tree_map(lambda x: x[start:stop], arg)
-                 for arg, axis in zip(args, self.run_axes))
+    return tuple(
+      arg if axis is None else jax.tree_util.tree_map(lambda x: x[start:stop], arg)
+      for arg, axis in zip(args, self.run_axes)
+    )
 
   def _compile(self, args, size: int):
     shapes = tuple(
-        jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(jnp.shape(x) if axis is None else (size, *jnp.shape(x)[1:]),
-                                           x.dtype), arg)
-        for arg, axis in zip(args, self.run_axes))
+      jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x) if axis is None else (size, *jnp.shape(x)[1:]), x.dtype),
+        arg,
+      )
+      for arg, axis in zip(args, self.run_axes)
+    )
     return self.fn.lower(*shapes).compile()

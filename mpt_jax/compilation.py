@@ -46,6 +46,7 @@ def disable_persistent_cache() -> None:
 @dataclasses.dataclass
 class CacheEvents:
   """Persistent-cache lookups seen while `count_cache_events` was open."""
+
   hits: int = 0
   misses: int = 0
 

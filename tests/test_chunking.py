@@ -21,8 +21,13 @@ def grid():
   optimizer = optim.make_optimizer("adafactor", 1.0)
   loss_fn = algorithms.make_loss_fn(model, deterministic=True)
   prompts = 0.5 * np.random.default_rng(0).normal(size=(NUM_RUNS, 3, model.config.d_model))
-  batches = [{k: v.reshape(NUM_RUNS, 2, -1) for k, v in helpers_t5.random_batch(
-      step, batch=2 * NUM_RUNS, input_length=7, target_length=4).items()} for step in range(3)]
+  batches = [
+    {
+      k: v.reshape(NUM_RUNS, 2, -1)
+      for k, v in helpers_t5.random_batch(step, batch=2 * NUM_RUNS, input_length=7, target_length=4).items()
+    }
+    for step in range(3)
+  ]
   return model, params, optimizer, loss_fn, prompts.astype(np.float32), batches
 
 
@@ -59,8 +64,9 @@ def test_a_chunked_grid_equals_the_grid_in_one_step(grid):
   # normalizes its update, which carries that to ~5e-6 in the prompt over 3 steps at lr 0.5 (as between
   # the vmapped grid and runs one by one, tests/test_pipeline.py). A mixed-up run would differ at O(1).
   np.testing.assert_allclose(chunked_losses, expected_losses, rtol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5),
-                         chunked_states, expected_states)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5), chunked_states, expected_states
+  )
   assert not np.allclose(expected_states.prompt, prompts)  # the runs did train
   # A budget below one run's needs: one run per chunk (the most there can be), with a warning.
   tight = adapt.make_grid_trainer(loss_fn, optimizer, memory_budget_bytes=sizes[1] // 2)
@@ -72,9 +78,12 @@ def test_a_chunked_grid_equals_the_grid_in_one_step(grid):
 
 def test_chunked_decoding_equals_decoding_all_runs_at_once(grid):
   model, params, _, _, prompts, batches = grid
-  generate = jax.jit(jax.vmap(
-      lambda frozen, prompt, ids, mask: decode.greedy_decode(model, frozen, ids, mask, prompt,
-                                                             max_length=5), in_axes=(None, 0, 0, 0)))
+  generate = jax.jit(
+    jax.vmap(
+      lambda frozen, prompt, ids, mask: decode.greedy_decode(model, frozen, ids, mask, prompt, max_length=5),
+      in_axes=(None, 0, 0, 0),
+    )
+  )
   args = (params, jnp.asarray(prompts), batches[1]["input_ids"], batches[1]["input_mask"])
   whole = chunking.RunChunks(generate, (None, 0, 0, 0))
   one_run = chunking.compiled_bytes(whole._compile(args, 1))

@@ -41,8 +41,13 @@ print(json.dumps({"hits": events.hits, "misses": events.misses, "seconds": secon
 
 
 def _run_process(cache_dir: Path) -> dict:
-  result = subprocess.run([sys.executable, "-c", PROCESS, str(cache_dir), str(REPO)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  result = subprocess.run(
+    [sys.executable, "-c", PROCESS, str(cache_dir), str(REPO)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 

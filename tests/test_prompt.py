@@ -30,8 +30,14 @@ def tiny():
 def tiny_wide_buckets():
   """`tiny` with T5's 32 relative-position buckets up to distance 128: moving the padding by tens of
   positions changes the position bias (the tiny default, 8 buckets up to 12, would hide it)."""
-  model, params = tiny_t5("1.1", seed=3, num_layers=1, num_decoder_layers=1,
-                          relative_attention_num_buckets=32, relative_attention_max_distance=128)
+  model, params = tiny_t5(
+    "1.1",
+    seed=3,
+    num_layers=1,
+    num_decoder_layers=1,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+  )
   return model, params
 
 
@@ -54,8 +60,9 @@ def test_empty_prompt_is_the_plain_model_and_a_prompt_changes_it(tiny):
 def test_gradient_reaches_every_prompt_row_and_matches_finite_differences(tiny, placement):
   model, params, _ = tiny
   batch = random_batch(1, batch=3)
-  loss = jax.jit(lambda p, fp: seq2seq_loss(model, fp, p, batch, None, deterministic=True,
-                                            placement=placement))
+  loss = jax.jit(
+    lambda p, fp: seq2seq_loss(model, fp, p, batch, None, deterministic=True, placement=placement)
+  )
   prompt = _prompt(5, seed=1)
   grad, frozen_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))(prompt, params)
   assert all(not np.any(g) for g in jax.tree_util.tree_leaves(frozen_grad))  # the T5 stays frozen
@@ -73,7 +80,7 @@ def _padded_pair():
   input_ids = np.zeros((2, 11), np.int32)
   input_mask = np.zeros((2, 11), np.int32)
   for i, n in enumerate((7, 3)):
-    input_ids[i, :n - 1] = rng.integers(3, 64, n - 1)
+    input_ids[i, : n - 1] = rng.integers(3, 64, n - 1)
     input_ids[i, n - 1] = 1
     input_mask[i, :n] = 1
   decoder_input_ids = np.array([[0, 9, 4, 12], [0, 5, 33, 1]], np.int32)
@@ -85,13 +92,20 @@ def test_output_does_not_depend_on_batch_padding(tiny, placement):
   model, params, forward = tiny
   input_ids, input_mask, decoder_input_ids = _padded_pair()
   prompt = _prompt(5, seed=3)
-  batched = forward({"params": params}, input_ids, input_mask, decoder_input_ids, prompt=prompt,
-                    placement=placement)
+  batched = forward(
+    {"params": params}, input_ids, input_mask, decoder_input_ids, prompt=prompt, placement=placement
+  )
   for i in range(2):
     n = int(input_mask[i].sum())
-    alone = forward({"params": params}, input_ids[i:i + 1, :n], input_mask[i:i + 1, :n],
-                    decoder_input_ids[i:i + 1], prompt=prompt, placement=placement)
-    np.testing.assert_allclose(batched[i:i + 1], alone, atol=1e-5, rtol=0)
+    alone = forward(
+      {"params": params},
+      input_ids[i : i + 1, :n],
+      input_mask[i : i + 1, :n],
+      decoder_input_ids[i : i + 1],
+      prompt=prompt,
+      placement=placement,
+    )
+    np.testing.assert_allclose(batched[i : i + 1], alone, atol=1e-5, rtol=0)
 
 
 def test_reference_after_padding_placement(tiny):
@@ -101,27 +115,41 @@ def test_reference_after_padding_placement(tiny):
   model, params, forward = tiny
   input_ids, input_mask, decoder_input_ids = _padded_pair()  # lengths 7 and 3, padded to 11
   prompt = _prompt(5, seed=3)
-  run = lambda ids, mask, dec: forward({"params": params}, ids, mask, dec, prompt=prompt,
-                                       placement="after_padding")
+  run = lambda ids, mask, dec: forward(
+    {"params": params}, ids, mask, dec, prompt=prompt, placement="after_padding"
+  )
   padded = run(input_ids, input_mask, decoder_input_ids)
   trimmed = run(input_ids[:, :7], input_mask[:, :7], decoder_input_ids)
   np.testing.assert_allclose(padded, trimmed, atol=1e-5, rtol=0)
   # Alone, the short input has its prompt at position 3: as "suffix". In the batch, at position 7.
   alone = run(input_ids[1:, :3], input_mask[1:, :3], decoder_input_ids[1:])
-  suffix = forward({"params": params}, input_ids[1:, :3], input_mask[1:, :3], decoder_input_ids[1:],
-                   prompt=prompt, placement="suffix")
+  suffix = forward(
+    {"params": params},
+    input_ids[1:, :3],
+    input_mask[1:, :3],
+    decoder_input_ids[1:],
+    prompt=prompt,
+    placement="suffix",
+  )
   np.testing.assert_allclose(alone, suffix, atol=1e-5, rtol=0)
   assert float(jnp.abs(padded[1:] - alone).max()) > 1e-3
   # The longest input's prompt follows it directly: as "suffix" for it.
-  np.testing.assert_allclose(padded[:1], forward({"params": params}, input_ids, input_mask,
-                                                 decoder_input_ids, prompt=prompt,
-                                                 placement="suffix")[:1], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    padded[:1],
+    forward({"params": params}, input_ids, input_mask, decoder_input_ids, prompt=prompt, placement="suffix")[
+      :1
+    ],
+    atol=1e-5,
+    rtol=0,
+  )
 
 
 def _padded_to(batch: dict, input_length: int, target_length: int) -> dict:
   """`batch` (any leading dims) right-padded with zeros to the given lengths: fixed padding."""
+
   def pad(x, length):
     return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])])
+
   return {k: pad(v, input_length if k.startswith("input") else target_length) for k, v in batch.items()}
 
 
@@ -138,8 +166,11 @@ def _bucketed_and_padded(seed: int, lead: tuple[int, ...]):
 @pytest.mark.parametrize("placement", ["prepend", "suffix"])
 def test_bucketed_batches_give_the_padded_loss_and_gradient(tiny_wide_buckets, placement):
   model, params = tiny_wide_buckets
-  loss_and_grad = jax.jit(jax.value_and_grad(
-      lambda p, fp, b: seq2seq_loss(model, fp, p, b, None, deterministic=True, placement=placement)))
+  loss_and_grad = jax.jit(
+    jax.value_and_grad(
+      lambda p, fp, b: seq2seq_loss(model, fp, p, b, None, deterministic=True, placement=placement)
+    )
+  )
   prompt = _prompt(5, seed=4)
   bucketed, padded = _bucketed_and_padded(6, (4,))
   loss, grad = loss_and_grad(prompt, params, bucketed)
@@ -157,12 +188,15 @@ def test_bucketed_episodes_and_grid_batches_give_the_padded_meta_gradient_and_up
   # An episode's parts share one length (EpisodeSampler); cut both to the longer one here too.
   length_in = max(support["input_ids"].shape[-1], query["input_ids"].shape[-1])
   length_out = max(support["target_ids"].shape[-1], query["target_ids"].shape[-1])
-  episode = {"support": _padded_to(support, length_in, length_out),
-             "query": _padded_to(query, length_in, length_out)}
+  episode = {
+    "support": _padded_to(support, length_in, length_out),
+    "query": _padded_to(query, length_in, length_out),
+  }
   grad_fn = jax.jit(algorithms.make_maml_grad_fn(loss_fn, inner_lr=10.0))
   grad, metrics = grad_fn(prompt, params, episode, jax.random.key(0), 0)
-  padded_grad, padded_metrics = grad_fn(prompt, params, {"support": padded_support, "query": padded_query},
-                                        jax.random.key(0), 0)
+  padded_grad, padded_metrics = grad_fn(
+    prompt, params, {"support": padded_support, "query": padded_query}, jax.random.key(0), 0
+  )
   np.testing.assert_allclose(metrics["loss"], padded_metrics["loss"], rtol=1e-6)
   np.testing.assert_allclose(grad, padded_grad, rtol=1e-5, atol=1e-6 * float(jnp.abs(padded_grad).max()))
   # The downstream grid: 3 runs, one Adafactor step each.
@@ -187,6 +221,7 @@ def test_bad_placement_and_prompt_width_are_rejected(tiny):
 
 
 # --- initializers ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_tokenizer_dir):
@@ -221,7 +256,8 @@ def test_uniform_init():
 
 def test_sampled_vocab_rows_are_distinct_frequent_token_embeddings(tokenizer, embedding):
   prompt = prompts.sampled_vocab(embedding, tokenizer=tokenizer, num_candidates=50)(
-      jax.random.PRNGKey(1), (20, 16))
+    jax.random.PRNGKey(1), (20, 16)
+  )
   ids = _row_ids(prompt, embedding)
   assert np.all((ids >= 3) & (ids < 53)) and len(set(ids)) == 20
 
@@ -245,8 +281,7 @@ def test_task_name_init_is_the_references(tokenizer, embedding):
 def test_label_word_init(tokenizer, embedding):
   with pytest.raises(ValueError, match="2 label words do not fit a prompt of 1 rows"):
     prompts.label_words(embedding, tokenizer, ["positive", "negative"])(jax.random.PRNGKey(3), (1, 16))
-  prompt = prompts.label_words(embedding, tokenizer, ["positive", "negative"])(
-      jax.random.PRNGKey(3), (5, 16))
+  prompt = prompts.label_words(embedding, tokenizer, ["positive", "negative"])(jax.random.PRNGKey(3), (5, 16))
   positive = tokenizer("positive", add_special_tokens=False).input_ids
   np.testing.assert_allclose(prompt[0], embedding[positive].mean(axis=0), rtol=1e-6, atol=1e-7)
   assert np.all(_row_ids(prompt[2:], embedding) >= 3)
@@ -254,15 +289,16 @@ def test_label_word_init(tokenizer, embedding):
 
 # --- files -------------------------------------------------------------------------------------------
 
+
 def test_save_and_load_round_trip(tmp_path):
   prompt = _prompt(7)
-  path = prompts.save_prompt(tmp_path / "init" / "maml_cls2cls",
-                             prompt, {"model": "google/t5-large-lm-adapt", "placement": "prepend"})
+  path = prompts.save_prompt(
+    tmp_path / "init" / "maml_cls2cls", prompt, {"model": "google/t5-large-lm-adapt", "placement": "prepend"}
+  )
   assert path.name == "maml_cls2cls.npy"
   loaded, meta = prompts.load_prompt(tmp_path / "init" / "maml_cls2cls.npy", d_model=16)
   np.testing.assert_array_equal(loaded, prompt)
-  assert meta == {"model": "google/t5-large-lm-adapt", "placement": "prepend", "length": 7,
-                  "d_model": 16}
+  assert meta == {"model": "google/t5-large-lm-adapt", "placement": "prepend", "length": 7, "d_model": 16}
 
 
 def test_load_prompt_rejects_what_does_not_fit(tmp_path):

@@ -22,8 +22,7 @@ def _scanned(model: T5, **changes) -> T5:
 
 
 def _prompt(model: T5, rows: int = 3, seed: int = 0):
-  return 0.5 * jnp.asarray(np.random.default_rng(seed).normal(size=(rows, model.config.d_model)),
-                           jnp.float32)
+  return 0.5 * jnp.asarray(np.random.default_rng(seed).normal(size=(rows, model.config.d_model)), jnp.float32)
 
 
 @pytest.mark.parametrize("version", ["1.0", "1.1"])
@@ -50,11 +49,13 @@ def test_scanned_logits_equal_the_per_layer_models(version):
   batch = random_batch(1, batch=3, input_length=9, target_length=5)
   args = (batch["input_ids"], batch["input_mask"], shift_right(batch["target_ids"], 0))
   apply = lambda m, p, placement: jax.jit(m.apply, static_argnames="placement")(
-      {"params": p}, *args, prompt=_prompt(model), placement=placement)
+    {"params": p}, *args, prompt=_prompt(model), placement=placement
+  )
   for placement in ("prepend", "suffix"):
     logits = apply(model, params, placement)
-    np.testing.assert_allclose(apply(_scanned(model), stack_blocks(params), placement), logits,
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+      apply(_scanned(model), stack_blocks(params), placement), logits, atol=1e-5, rtol=0
+    )
     remat = _scanned(model, remat=True, remat_policy="dots")
     np.testing.assert_allclose(apply(remat, stack_blocks(params), placement), logits, atol=1e-5, rtol=0)
 
@@ -63,8 +64,10 @@ def test_scanned_meta_gradient_equals_the_per_layer_models():
   model, params = tiny_t5("1.1", seed=5, num_layers=3, num_decoder_layers=3, dropout_rate=0.0)
   support = random_batch(2, batch=4, input_length=8, target_length=4)
   query = random_batch(3, batch=4, input_length=8, target_length=4)
-  episode = {"support": {k: v.reshape(2, 1, 2, -1) for k, v in support.items()},
-             "query": {k: v.reshape(2, 2, -1) for k, v in query.items()}}
+  episode = {
+    "support": {k: v.reshape(2, 1, 2, -1) for k, v in support.items()},
+    "query": {k: v.reshape(2, 2, -1) for k, v in query.items()},
+  }
 
   def meta_gradient(model, params):
     loss_fn = algorithms.make_loss_fn(model, deterministic=True)
@@ -77,9 +80,11 @@ def test_scanned_meta_gradient_equals_the_per_layer_models():
     np.testing.assert_allclose(scanned_metrics["loss"], metrics["loss"], rtol=1e-6)
     np.testing.assert_allclose(scanned_grad, grad, rtol=1e-5, atol=1e-5 * float(jnp.abs(grad).max()))
   # The inner step matters at this inner lr: a first-order meta-gradient is far from it.
-  first_order = jax.jit(algorithms.make_maml_grad_fn(algorithms.make_loss_fn(model, deterministic=True),
-                                                     inner_lr=10.0, first_order=True))(
-      _prompt(model, 4, seed=1), params, episode, jax.random.key(0), 0)[0]
+  first_order = jax.jit(
+    algorithms.make_maml_grad_fn(
+      algorithms.make_loss_fn(model, deterministic=True), inner_lr=10.0, first_order=True
+    )
+  )(_prompt(model, 4, seed=1), params, episode, jax.random.key(0), 0)[0]
   assert float(jnp.abs(first_order - grad).max()) > 100 * float(jnp.abs(scanned_grad - grad).max())
 
 
@@ -111,8 +116,9 @@ def test_scanned_generation_equals_the_per_layer_models():
   prompt = _prompt(model)
   for generate in (decode.greedy_decode, lambda *a, **k: decode.beam_search(*a, num_beams=3, **k)):
     tokens = generate(model, params, batch["input_ids"], batch["input_mask"], prompt, max_length=6)
-    scanned = generate(_scanned(model), stack_blocks(params), batch["input_ids"], batch["input_mask"],
-                       prompt, max_length=6)
+    scanned = generate(
+      _scanned(model), stack_blocks(params), batch["input_ids"], batch["input_mask"], prompt, max_length=6
+    )
     np.testing.assert_array_equal(scanned, tokens)
 
 
@@ -121,8 +127,9 @@ def test_scanned_model_loads_and_saves_hf_checkpoints(hf_t5_v11_dir, tmp_path):
   scanned_model, scanned_params, _ = hf.load_pretrained(hf_t5_v11_dir, scan_layers=True)
   assert scanned_model.config == model.config.replace(scan_layers=True)
   jax.tree_util.tree_map(np.testing.assert_array_equal, scanned_params, stack_blocks(params))
-  saved = hf.save_checkpoint(tmp_path / "saved", scanned_model.config, scanned_params,
-                             hf_t5_v11_dir / "spiece.model")
+  saved = hf.save_checkpoint(
+    tmp_path / "saved", scanned_model.config, scanned_params, hf_t5_v11_dir / "spiece.model"
+  )
   reread = hf.read_weights(saved)
   original = hf.params_to_hf(params)
   assert sorted(reread) == sorted(original)

@@ -51,8 +51,7 @@ def read_split(gym_dir, task: str, seed: int, split: str, tokenizer) -> batching
 def encoder_swap(model, params, split: batching.TokenizedSplit, n: int) -> dict:
   """KL(first token | own encoding || other / zeroed encoding) and label loss, own vs other."""
   batch = batching.make_batch(split, np.arange(min(n, len(split))))
-  encoded, mask = model.apply({"params": params}, batch["input_ids"], batch["input_mask"],
-                              method=T5.encode)
+  encoded, mask = model.apply({"params": params}, batch["input_ids"], batch["input_mask"], method=T5.encode)
   decoder_in = shift_right(jnp.asarray(batch["target_ids"]), model.config.decoder_start_token_id)
 
   def logits_with(enc, enc_mask):
@@ -72,19 +71,34 @@ def encoder_swap(model, params, split: batching.TokenizedSplit, n: int) -> dict:
     ll = target_log_likelihoods(logits, batch["target_ids"])
     return float(-jnp.sum(ll * target_mask) / jnp.sum(target_mask))
 
-  return {"task": split.task, "examples": int(batch["input_ids"].shape[0]),
-          "kl_first_token_other_encoding": kl_first(own, other),
-          "kl_first_token_zeroed_encoding": kl_first(own, zeroed),
-          "label_loss_own": label_loss(own), "label_loss_other": label_loss(other)}
+  return {
+    "task": split.task,
+    "examples": int(batch["input_ids"].shape[0]),
+    "kl_first_token_other_encoding": kl_first(own, other),
+    "kl_first_token_zeroed_encoding": kl_first(own, zeroed),
+    "label_loss_own": label_loss(own),
+    "label_loss_other": label_loss(other),
+  }
 
 
-def overfit(model, params, tokenizer, train: batching.TokenizedSplit, dev: batching.TokenizedSplit,
-            prompt_length: int, steps: int, lr: float, n: int, init_seed: int) -> dict:
+def overfit(
+  model,
+  params,
+  tokenizer,
+  train: batching.TokenizedSplit,
+  dev: batching.TokenizedSplit,
+  prompt_length: int,
+  steps: int,
+  lr: float,
+  n: int,
+  init_seed: int,
+) -> dict:
   """Prompt tuning on a fixed batch of n train examples; losses and accuracies along the way."""
   batch = {k: jnp.asarray(v) for k, v in batching.make_batch(train, np.arange(n)).items()}
   embedding = prompt_lib.token_embedding(params)
   prompt0 = prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer)(
-      jax.random.PRNGKey(init_seed), (prompt_length, embedding.shape[1]))
+    jax.random.PRNGKey(init_seed), (prompt_length, embedding.shape[1])
+  )
   optimizer = optim.make_optimizer("adafactor", lr)
   loss_fn = algorithms.make_loss_fn(model, deterministic=True)
   step = algorithms.jit_step(algorithms.make_pt_step(loss_fn, optimizer))
@@ -93,16 +107,24 @@ def overfit(model, params, tokenizer, train: batching.TokenizedSplit, dev: batch
 
   @jax.jit
   def label_token_loss(prompt):  # the first target token (the label word's first piece)
-    ll = target_log_likelihoods(model.apply({"params": params}, batch["input_ids"], batch["input_mask"],
-                                            shift_right(batch["target_ids"], 0), prompt=prompt),
-                                batch["target_ids"])
+    ll = target_log_likelihoods(
+      model.apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["input_mask"],
+        shift_right(batch["target_ids"], 0),
+        prompt=prompt,
+      ),
+      batch["target_ids"],
+    )
     return -jnp.mean(ll[:, 0])
 
   def accuracy(prompt, split, rows, how):
     b = batching.make_batch(split, rows)
     if how == "rank":
-      ids = decode.rank_classify(model, params, b["input_ids"], b["input_mask"], prompt,
-                                 candidates=candidates)
+      ids = decode.rank_classify(
+        model, params, b["input_ids"], b["input_mask"], prompt, candidates=candidates
+      )
     else:
       ids = decode.greedy_decode(model, params, b["input_ids"], b["input_mask"], prompt, max_length=8)
     texts = tokenizer.batch_decode(np.asarray(ids).tolist(), skip_special_tokens=True)
@@ -124,13 +146,23 @@ def overfit(model, params, tokenizer, train: batching.TokenizedSplit, dev: batch
   dev_rows = np.arange(len(dev))
   dev_rank, dev_texts = accuracy(state.prompt, dev, dev_rows, "rank")
   majority = max(np.mean([a[0] == c for a in dev.answers]) for c in candidates.texts)
-  return {"task": train.task, "prompt_length": prompt_length, "steps": steps, "lr": lr, "examples": n,
-          "loss_curve": curve, "final_loss": curve[-1][1],
-          "label_token_loss": float(label_token_loss(state.prompt)),
-          "train_rank_accuracy": rank_acc, "train_generation_accuracy": gen_acc,
-          "generations": sorted(set(gen_texts))[:8], "dev_rank_accuracy": dev_rank,
-          "dev_predicted_labels": sorted(set(dev_texts)), "dev_majority_accuracy": float(majority),
-          "seconds": round(seconds, 1)}
+  return {
+    "task": train.task,
+    "prompt_length": prompt_length,
+    "steps": steps,
+    "lr": lr,
+    "examples": n,
+    "loss_curve": curve,
+    "final_loss": curve[-1][1],
+    "label_token_loss": float(label_token_loss(state.prompt)),
+    "train_rank_accuracy": rank_acc,
+    "train_generation_accuracy": gen_acc,
+    "generations": sorted(set(gen_texts))[:8],
+    "dev_rank_accuracy": dev_rank,
+    "dev_predicted_labels": sorted(set(dev_texts)),
+    "dev_majority_accuracy": float(majority),
+    "seconds": round(seconds, 1),
+  }
 
 
 def main(argv=None):
@@ -151,11 +183,17 @@ def main(argv=None):
 
   t0 = time.time()
   model, params, tokenizer = hf.load_pretrained(args.model)
-  report = {"model": args.model, "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-            "args": vars(args), "encoder_swap": [], "overfit": []}
+  report = {
+    "model": args.model,
+    "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+    "args": vars(args),
+    "encoder_swap": [],
+    "overfit": [],
+  }
   for task in filter(None, args.swap_tasks.split(",")):
-    row = encoder_swap(model, params, read_split(args.gym_dir, task, args.seed, "train", tokenizer),
-                       args.swap_examples)
+    row = encoder_swap(
+      model, params, read_split(args.gym_dir, task, args.seed, "train", tokenizer), args.swap_examples
+    )
     report["encoder_swap"].append(row)
     print(json.dumps(row), flush=True)
   if not args.skip_overfit:
@@ -164,8 +202,18 @@ def main(argv=None):
       dev = read_split(args.gym_dir, task, args.seed, "dev", tokenizer)
       # A fixed, class-balanced-as-it-comes batch: the first n examples of the shuffled train file.
       for length in map(int, args.prompt_lengths.split(",")):
-        row = overfit(model, params, tokenizer, train, dev, length, args.steps, args.lr, args.examples,
-                      init_seed=args.seed)
+        row = overfit(
+          model,
+          params,
+          tokenizer,
+          train,
+          dev,
+          length,
+          args.steps,
+          args.lr,
+          args.examples,
+          init_seed=args.seed,
+        )
         report["overfit"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "generations"}), flush=True)
   report["wall_s"] = round(time.time() - t0, 1)

@@ -48,28 +48,52 @@ METHODS_ORDER = ("maml", "fomaml", "reptile", "pt", "grid")
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true",
-                      help="the tiny configuration only, 3 repeats (a smoke run)")
-  parser.add_argument("--configs", default=None,
-                      help="comma-separated subset of: tiny,small (default: both; tiny with --quick)")
-  parser.add_argument("--repeats", type=int, default=None,
-                      help="timed calls per step and side (default: per configuration and step; 3 "
-                           "with --quick)")
-  parser.add_argument("--threads", type=int, default=1,
-                      help="cores (= threads of XLA and of torch) to run on; default 1 (see above)")
-  parser.add_argument("--tolerance", type=float, default=1e-3,
-                      help="max relative L2 error of the baseline's gradients and update vs ours")
-  parser.add_argument("--check-only", action="store_true",
-                      help="only check that the baseline computes what ours does (no timing)")
-  parser.add_argument("--only", default=None,
-                      help=f"comma-separated subset of the steps {','.join(METHODS_ORDER)} (a "
-                           f"diagnostic run: no memory/FLOP section)")
-  parser.add_argument("--profile", action="store_true",
-                      help="profile every timed step (default: per configuration)")
-  parser.add_argument("--render", action="store_true",
-                      help="only rewrite OUT/steps.md from OUT/steps.json (after changing the tables)")
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="the tiny configuration only, 3 repeats (a smoke run)"
+  )
+  parser.add_argument(
+    "--configs", default=None, help="comma-separated subset of: tiny,small (default: both; tiny with --quick)"
+  )
+  parser.add_argument(
+    "--repeats",
+    type=int,
+    default=None,
+    help="timed calls per step and side (default: per configuration and step; 3 with --quick)",
+  )
+  parser.add_argument(
+    "--threads",
+    type=int,
+    default=1,
+    help="cores (= threads of XLA and of torch) to run on; default 1 (see above)",
+  )
+  parser.add_argument(
+    "--tolerance",
+    type=float,
+    default=1e-3,
+    help="max relative L2 error of the baseline's gradients and update vs ours",
+  )
+  parser.add_argument(
+    "--check-only",
+    action="store_true",
+    help="only check that the baseline computes what ours does (no timing)",
+  )
+  parser.add_argument(
+    "--only",
+    default=None,
+    help=f"comma-separated subset of the steps {','.join(METHODS_ORDER)} (a "
+    f"diagnostic run: no memory/FLOP section)",
+  )
+  parser.add_argument(
+    "--profile", action="store_true", help="profile every timed step (default: per configuration)"
+  )
+  parser.add_argument(
+    "--render",
+    action="store_true",
+    help="only rewrite OUT/steps.md from OUT/steps.json (after changing the tables)",
+  )
   parser.add_argument("--out", type=Path, default=RESULTS, help="where steps.json / steps.md go")
   return parser.parse_args(argv)
 
@@ -92,8 +116,10 @@ if ARGS is not None:
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-    raise SystemExit("unset XLA_FLAGS=--xla_force_host_platform_device_count: the benchmark times one "
-                     "CPU device using all its cores")
+    raise SystemExit(
+      "unset XLA_FLAGS=--xla_force_host_platform_device_count: the benchmark times one "
+      "CPU device using all its cores"
+    )
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -119,46 +145,64 @@ MIN_FIRST_ORDER_GAP = 0.05
 # CPU-seconds per call and side here; the grid's point, 20 runs in one vmapped step against 20 steps
 # one after another, is shown in full on the tiny model.
 CONFIGS = {
-    "tiny": dict(
-        model=dict(vocab_size=256, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2,
-                   num_decoder_layers=2, relative_attention_num_buckets=8,
-                   relative_attention_max_distance=16),
-        prompt_length=20, input_length=32, output_length=8, grid_runs=20,
-        repeats=dict(maml=5, fomaml=5, reptile=5, pt=5, grid=5),
-        warmup=dict(maml=1, fomaml=1, reptile=1, pt=1, grid=1),
-        check=("maml", "fomaml", "reptile", "pt"), profile=METHODS),
-    "small": dict(
-        model=dict(vocab_size=32128, d_model=512, d_kv=64, num_heads=6, d_ff=1024, num_layers=8,
-                   num_decoder_layers=8),
-        prompt_length=100, input_length=128, output_length=16, grid_runs=4,
-        repeats=dict(maml=3, fomaml=3, reptile=2, pt=3, grid=2),
-        # Reptile and the grid take ~50 / ~40 s a call here: no warm-up call (compilation is apart,
-        # and a first call's one-off costs are small against that).
-        warmup=dict(maml=1, fomaml=1, reptile=0, pt=1, grid=0),
-        check=("maml",), profile=("maml", "pt")),
+  "tiny": dict(
+    model=dict(
+      vocab_size=256,
+      d_model=64,
+      d_kv=16,
+      num_heads=4,
+      d_ff=128,
+      num_layers=2,
+      num_decoder_layers=2,
+      relative_attention_num_buckets=8,
+      relative_attention_max_distance=16,
+    ),
+    prompt_length=20,
+    input_length=32,
+    output_length=8,
+    grid_runs=20,
+    repeats=dict(maml=5, fomaml=5, reptile=5, pt=5, grid=5),
+    warmup=dict(maml=1, fomaml=1, reptile=1, pt=1, grid=1),
+    check=("maml", "fomaml", "reptile", "pt"),
+    profile=METHODS,
+  ),
+  "small": dict(
+    model=dict(
+      vocab_size=32128, d_model=512, d_kv=64, num_heads=6, d_ff=1024, num_layers=8, num_decoder_layers=8
+    ),
+    prompt_length=100,
+    input_length=128,
+    output_length=16,
+    grid_runs=4,
+    repeats=dict(maml=3, fomaml=3, reptile=2, pt=3, grid=2),
+    # Reptile and the grid take ~50 / ~40 s a call here: no warm-up call (compilation is apart,
+    # and a first call's one-off costs are small against that).
+    warmup=dict(maml=1, fomaml=1, reptile=0, pt=1, grid=0),
+    check=("maml",),
+    profile=("maml", "pt"),
+  ),
 }
-MODEL_FLAVOUR = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                     scale_decoder_outputs=False)
+MODEL_FLAVOUR = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, scale_decoder_outputs=False)
 
 # What one step of each method processes (reference/PROTOCOL.md): tasks T, inner steps K, support
 # examples per inner step b, query examples q; PT batch B; the grid: R runs (per configuration) of B.
 STEPS = {
-    "maml": dict(tasks=2, inner_steps=1, support=2, query=2),
-    "fomaml": dict(tasks=2, inner_steps=1, support=4, query=4),
-    "reptile": dict(tasks=2, inner_steps=10, support=4),
-    "pt": dict(batch=16),
-    "grid": dict(batch=16),
+  "maml": dict(tasks=2, inner_steps=1, support=2, query=2),
+  "fomaml": dict(tasks=2, inner_steps=1, support=4, query=4),
+  "reptile": dict(tasks=2, inner_steps=10, support=4),
+  "pt": dict(batch=16),
+  "grid": dict(batch=16),
 }
 
 
 def step_title(name: str, method: str) -> str:
   runs = CONFIGS[name]["grid_runs"]
   return {
-      "maml": "MAML outer step (2 tasks x 2+2 ex.)",
-      "fomaml": "first-order MAML step (2 tasks x 4+4 ex.)",
-      "reptile": "Reptile step (2 tasks x 10 inner steps of 4 ex.)",
-      "pt": "PT step (batch 16)",
-      "grid": f"downstream grid: {runs} runs x batch 16, one step each",
+    "maml": "MAML outer step (2 tasks x 2+2 ex.)",
+    "fomaml": "first-order MAML step (2 tasks x 4+4 ex.)",
+    "reptile": "Reptile step (2 tasks x 10 inner steps of 4 ex.)",
+    "pt": "PT step (batch 16)",
+    "grid": f"downstream grid: {runs} runs x batch 16, one step each",
   }[method]
 
 
@@ -170,20 +214,20 @@ def log(message: str) -> None:
 # Model, weights, batches
 # --------------------------------------------------------------------------------------------------
 def build_model(name: str, *, dropout_rate: float, remat: bool = False) -> T5:
-  return T5(T5Config(**CONFIGS[name]["model"], **MODEL_FLAVOUR, dropout_rate=dropout_rate,
-                     remat=remat))
+  return T5(T5Config(**CONFIGS[name]["model"], **MODEL_FLAVOUR, dropout_rate=dropout_rate, remat=remat))
 
 
 def random_params(model: T5, seed: int = 0):
   """HF-initialized random weights, the untied head scaled by d_model**-0.5 so that the logits (and
   the loss, ~log V) have a realistic size, as after pre-training."""
   params = init_params(model, seed)
-  scale = model.config.d_model ** -0.5
+  scale = model.config.d_model**-0.5
   return {**params, "lm_head": {"kernel": params["lm_head"]["kernel"] * scale}}
 
 
-def random_batch(rng: np.random.Generator, lead: tuple[int, ...], *, vocab_size: int,
-                 input_length: int, output_length: int) -> dict[str, np.ndarray]:
+def random_batch(
+  rng: np.random.Generator, lead: tuple[int, ...], *, vocab_size: int, input_length: int, output_length: int
+) -> dict[str, np.ndarray]:
   """A right-padded batch (pad 0, EOS 1 last) with random lengths and leading dims `lead`."""
 
   def padded(length, min_length):
@@ -196,16 +240,23 @@ def random_batch(rng: np.random.Generator, lead: tuple[int, ...], *, vocab_size:
 
   input_ids, input_mask = padded(input_length, max(2, input_length // 2))
   target_ids, target_mask = padded(output_length, 2)
-  return {"input_ids": input_ids, "input_mask": input_mask, "target_ids": target_ids,
-          "target_mask": target_mask}
+  return {
+    "input_ids": input_ids,
+    "input_mask": input_mask,
+    "target_ids": target_ids,
+    "target_mask": target_mask,
+  }
 
 
 def make_batches(name: str, seed: int = 0) -> dict:
   """One batch (or episode) per step kind, in the docs/CONTRACTS.md layout."""
   cfg = CONFIGS[name]
   rng = np.random.default_rng(seed)
-  kw = dict(vocab_size=cfg["model"]["vocab_size"], input_length=cfg["input_length"],
-            output_length=cfg["output_length"])
+  kw = dict(
+    vocab_size=cfg["model"]["vocab_size"],
+    input_length=cfg["input_length"],
+    output_length=cfg["output_length"],
+  )
   batches = {}
   for method in ("maml", "fomaml", "reptile"):
     s = STEPS[method]
@@ -241,8 +292,9 @@ def our_timed_step(method: str, model: T5, *, inner_lr: float = STUDY_INNER_LR, 
   loss_fn = algorithms.make_loss_fn(model, deterministic=False)
   optimizer = optim.make_optimizer("adafactor", 0.5)
   if method == "grid":
-    return jax.jit(algorithms.make_grid_step(algorithms.make_step("pt", loss_fn, optimizer)),
-                   donate_argnums=(0,)), optimizer
+    return jax.jit(
+      algorithms.make_grid_step(algorithms.make_step("pt", loss_fn, optimizer)), donate_argnums=(0,)
+    ), optimizer
   kwargs = {} if method == "pt" else dict(inner_lr=inner_lr)
   if method in ("maml", "fomaml"):
     kwargs["remat"] = remat
@@ -302,13 +354,16 @@ def choose_check_inner_lr(torch_model, prompt, episode) -> tuple[float, float]:
     log(f"  check inner lr {inner_lr:g}: MAML vs first-order gap {gap:.3f} (query loss {loss:.3f})")
     if np.isfinite(loss) and gap >= MIN_FIRST_ORDER_GAP:
       return inner_lr, gap
-  raise SystemExit(f"ABORT: MAML and first-order MAML differ by < {MIN_FIRST_ORDER_GAP} at every "
-                   f"inner lr in {CHECK_INNER_LRS} (last gap {gap:.2e}): the faithfulness check could "
-                   f"not tell them apart")
+  raise SystemExit(
+    f"ABORT: MAML and first-order MAML differ by < {MIN_FIRST_ORDER_GAP} at every "
+    f"inner lr in {CHECK_INNER_LRS} (last gap {gap:.2e}): the faithfulness check could "
+    f"not tell them apart"
+  )
 
 
-def check_faithfulness(name: str, params, prompt, batches, torch_model, *, tolerance: float,
-                       timing_calls: int = 2) -> list[dict]:
+def check_faithfulness(
+  name: str, params, prompt, batches, torch_model, *, tolerance: float, timing_calls: int = 2
+) -> list[dict]:
   """Dropout off: the baseline's gradient (summed over tasks, so divided by T) and its Adafactor
   update must equal ours. Aborts (SystemExit) otherwise. Also times the MAML step without dropout
   (`timing_calls` calls per side after the checked one)."""
@@ -332,39 +387,56 @@ def check_faithfulness(name: str, params, prompt, batches, torch_model, *, toler
     batch_torch = reference.to_torch(batches[method])
     torch_loss = run.step(method, batch_torch)
     num_tasks = STEPS[method].get("tasks", 1)  # the reference sums over tasks, we average
-    row = dict(config=name, method=method, inner_lr=inner_lr, loss_ours=float(metrics["loss"]),
-               loss_baseline=torch_loss,
-               grad_rel_error=relative_error(grad, run.grad / num_tasks),
-               update_rel_error=relative_error(np.asarray(state.prompt) - prompt, run.prompt - prompt),
-               ours_compile_s=compile_s)
+    row = dict(
+      config=name,
+      method=method,
+      inner_lr=inner_lr,
+      loss_ours=float(metrics["loss"]),
+      loss_baseline=torch_loss,
+      grad_rel_error=relative_error(grad, run.grad / num_tasks),
+      update_rel_error=relative_error(np.asarray(state.prompt) - prompt, run.prompt - prompt),
+      ours_compile_s=compile_s,
+    )
     if method == "maml":
       row["first_order_gap"] = gap
-      ours_times = [timed(lambda: jax.block_until_ready(compiled(*args)))[0]
-                    for _ in range(timing_calls)]
-      baseline_times = [timed(lambda: run.meta_gradient(method, batch_torch))[0]
-                        for _ in range(timing_calls)]
+      ours_times = [timed(lambda: jax.block_until_ready(compiled(*args)))[0] for _ in range(timing_calls)]
+      baseline_times = [timed(lambda: run.meta_gradient(method, batch_torch))[0] for _ in range(timing_calls)]
       row["ours_no_dropout_grad_s"] = float(np.median(ours_times))
       row["baseline_no_dropout_grad_s"] = float(np.median(baseline_times))
     rows.append(row)
-    log(f"  check {name}/{method}: loss ours {row['loss_ours']:.6f} baseline {torch_loss:.6f}; "
-        f"gradient rel. error {row['grad_rel_error']:.2e}, update rel. error "
-        f"{row['update_rel_error']:.2e}")
+    log(
+      f"  check {name}/{method}: loss ours {row['loss_ours']:.6f} baseline {torch_loss:.6f}; "
+      f"gradient rel. error {row['grad_rel_error']:.2e}, update rel. error "
+      f"{row['update_rel_error']:.2e}"
+    )
+
   def matches(row):
     loss_error = abs(row["loss_ours"] - row["loss_baseline"]) / max(1.0, abs(row["loss_ours"]))
     return max(row["grad_rel_error"], row["update_rel_error"], loss_error) <= tolerance
 
   failed = [row for row in rows if not matches(row)]
   if failed:
-    raise SystemExit(f"ABORT: the PyTorch baseline does not match ours on {name} (tolerance "
-                     f"{tolerance}): {failed}")
+    raise SystemExit(
+      f"ABORT: the PyTorch baseline does not match ours on {name} (tolerance {tolerance}): {failed}"
+    )
   return rows
 
 
 # --------------------------------------------------------------------------------------------------
 # 2. Timing
 # --------------------------------------------------------------------------------------------------
-def time_method(name: str, method: str, model: T5, params, prompt, batch, torch_model,
-                repeats: int, warmup: int, profile: bool) -> tuple[dict, object]:
+def time_method(
+  name: str,
+  method: str,
+  model: T5,
+  params,
+  prompt,
+  batch,
+  torch_model,
+  repeats: int,
+  warmup: int,
+  profile: bool,
+) -> tuple[dict, object]:
   """Ours and the baseline on one step kind: compile, warm up, then `repeats` interleaved calls;
   then, with `profile`, one more call of each under its profiler (not part of the timing)."""
   from benchmarks import torch_reference as reference
@@ -384,8 +456,10 @@ def time_method(name: str, method: str, model: T5, params, prompt, batch, torch_
   batch_torch = reference.to_torch(batch)
   torch_model.train()  # dropout on, as in ours
   if method == "grid":
-    runs = [reference.ReferenceRun(torch_model, prompt, learning_rate=float(lr))
-            for lr in grid_learning_rates(grid_runs)]
+    runs = [
+      reference.ReferenceRun(torch_model, prompt, learning_rate=float(lr))
+      for lr in grid_learning_rates(grid_runs)
+    ]
     baseline = lambda: reference.grid_step(runs, batch_torch)
   else:
     run = reference.ReferenceRun(torch_model, prompt, inner_lr=STUDY_INNER_LR)
@@ -401,21 +475,36 @@ def time_method(name: str, method: str, model: T5, params, prompt, batch, torch_
     baseline_times.append(timed(baseline))
   ours_wall = float(np.median([t[0] for t in ours_times]))
   baseline_wall = float(np.median([t[0] for t in baseline_times]))
-  row = dict(config=name, method=method, title=step_title(name, method), repeats=repeats,
-             warmup=warmup,
-             ours_s=ours_wall, baseline_s=baseline_wall, ratio=ours_wall / baseline_wall,
-             ours_cpu_s=float(np.median([t[1] for t in ours_times])),
-             baseline_cpu_s=float(np.median([t[1] for t in baseline_times])),
-             ours_all_s=[t[0] for t in ours_times], baseline_all_s=[t[0] for t in baseline_times],
-             ours_compile_s=compile_s, ours_first_call_s=ours_first,
-             baseline_first_call_s=baseline_first)
-  log(f"  time {name}/{method}: ours {ours_wall:.4f} s, baseline {baseline_wall:.4f} s, "
-      f"ratio {row['ratio']:.3f} (compile {compile_s:.1f} s)")
+  row = dict(
+    config=name,
+    method=method,
+    title=step_title(name, method),
+    repeats=repeats,
+    warmup=warmup,
+    ours_s=ours_wall,
+    baseline_s=baseline_wall,
+    ratio=ours_wall / baseline_wall,
+    ours_cpu_s=float(np.median([t[1] for t in ours_times])),
+    baseline_cpu_s=float(np.median([t[1] for t in baseline_times])),
+    ours_all_s=[t[0] for t in ours_times],
+    baseline_all_s=[t[0] for t in baseline_times],
+    ours_compile_s=compile_s,
+    ours_first_call_s=ours_first,
+    baseline_first_call_s=baseline_first,
+  )
+  log(
+    f"  time {name}/{method}: ours {ours_wall:.4f} s, baseline {baseline_wall:.4f} s, "
+    f"ratio {row['ratio']:.3f} (compile {compile_s:.1f} s)"
+  )
   if profile:
     row["profile"] = dict(ours=profile_ours(compiled, ours), baseline=profile_baseline(baseline))
-    log("  profile (s): " + "; ".join(
+    log(
+      "  profile (s): "
+      + "; ".join(
         f"{side} " + ", ".join(f"{c} {t:.3f}" for c, t in row["profile"][side]["seconds"].items())
-        for side in ("ours", "baseline")))
+        for side in ("ours", "baseline")
+      )
+    )
   return row, compiled
 
 
@@ -466,8 +555,11 @@ class HloOps:
       if opcode == "dot":
         lhs = re.match(r"\s*%?([\w.\-]+)", tail).group(1)
         contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", tail)
-        size = int(np.prod([self.dims.get(lhs, ())[int(i)] for i in contracting.group(1).split(",")
-                            if i])) if contracting and lhs in self.dims else 0
+        size = (
+          int(np.prod([self.dims.get(lhs, ())[int(i)] for i in contracting.group(1).split(",") if i]))
+          if contracting and lhs in self.dims
+          else 0
+        )
         self.dot_flops[name] = 2.0 * float(np.prod(self.dims[name])) * size
         self.computation_dots[computation].append(name)
 
@@ -497,15 +589,27 @@ def hlo_category(name: str, op_name: str, has_dots: bool) -> str | None:
   return "other ops"
 
 
-_PATH_NOISE = ("while", "body", "cond", "closed_call", "checkpoint", "remat", "rematted_computation",
-               "pjit", "branch")
+_PATH_NOISE = (
+  "while",
+  "body",
+  "cond",
+  "closed_call",
+  "checkpoint",
+  "remat",
+  "rematted_computation",
+  "pjit",
+  "branch",
+)
 
 
 def op_label(name: str, op_name: str) -> str:
   """A readable label aggregated over layers: the module path (block index wildcarded) and the op, e.g.
   "encoder/block_*/layer_1/DenseReluDense/wi_0: dot_general"."""
-  parts = [p for p in op_name.split("/")[1:]  # [0] is jit(step)
-           if p and not p.startswith(("vmap(", "jvp(", "transpose(", "jit(step", "checkpoint"))]
+  parts = [
+    p
+    for p in op_name.split("/")[1:]  # [0] is jit(step)
+    if p and not p.startswith(("vmap(", "jvp(", "transpose(", "jit(step", "checkpoint"))
+  ]
   module, op = [], parts[-1] if parts else re.sub(r"\.\d+$", "", name)
   for part in parts[:-1]:
     if part.startswith("jit(_"):
@@ -557,15 +661,17 @@ def profile_ours(compiled, call) -> dict:
   seconds["outside ops"] = max(0.0, wall - sum(seconds.values()))
   top = sorted(per_op.items(), key=lambda item: -item[1])[:8]
   groups = sorted(matmul_groups.items(), key=lambda item: -item[1][0])[:8]
-  return dict(wall_s=wall, seconds=seconds, matmul_flops=matmul_flops,
-              matmul_flops_per_s=matmul_flops / max(seconds["matmul"], 1e-12),
-              top=[dict(category=c, op=op, seconds=t) for (c, op), t in top],
-              matmul_groups=[dict(op=op, seconds=t, flops=f, flops_per_s=f / max(t, 1e-12))
-                             for op, (t, f) in groups])
+  return dict(
+    wall_s=wall,
+    seconds=seconds,
+    matmul_flops=matmul_flops,
+    matmul_flops_per_s=matmul_flops / max(seconds["matmul"], 1e-12),
+    top=[dict(category=c, op=op, seconds=t) for (c, op), t in top],
+    matmul_groups=[dict(op=op, seconds=t, flops=f, flops_per_s=f / max(t, 1e-12)) for op, (t, f) in groups],
+  )
 
 
-_TORCH_MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul",
-                  "aten::linear")
+_TORCH_MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear")
 _TORCH_RNG = ("bernoulli", "dropout", "uniform")
 
 
@@ -573,8 +679,7 @@ def profile_baseline(call) -> dict:
   """One call of the baseline under torch.profiler: self CPU seconds of its ops by category."""
   import torch
 
-  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                              with_flops=True) as prof:
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
     wall, _ = timed(call)
   seconds = {c: 0.0 for c in PROFILE_CATEGORIES}
   per_op, matmul_flops = {}, 0.0
@@ -585,8 +690,16 @@ def profile_baseline(call) -> dict:
       matmul_flops += float(average.flops or 0)
     elif any(marker in average.key for marker in _TORCH_RNG):
       category = "dropout RNG"
-    elif average.key in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::expand",
-                         "aten::cat", "aten::transpose", "aten::view", "aten::reshape"):
+    elif average.key in (
+      "aten::copy_",
+      "aten::clone",
+      "aten::contiguous",
+      "aten::expand",
+      "aten::cat",
+      "aten::transpose",
+      "aten::view",
+      "aten::reshape",
+    ):
       category = "copies/broadcasts"
     else:
       category = "other ops"
@@ -594,16 +707,25 @@ def profile_baseline(call) -> dict:
     per_op[(category, average.key)] = t
   seconds["outside ops"] = max(0.0, wall - sum(seconds.values()))
   top = sorted(per_op.items(), key=lambda item: -item[1])[:8]
-  return dict(wall_s=wall, seconds=seconds, matmul_flops=matmul_flops,
-              matmul_flops_per_s=matmul_flops / max(seconds["matmul"], 1e-12),
-              top=[dict(category=c, op=op, seconds=t) for (c, op), t in top])
+  return dict(
+    wall_s=wall,
+    seconds=seconds,
+    matmul_flops=matmul_flops,
+    matmul_flops_per_s=matmul_flops / max(seconds["matmul"], 1e-12),
+    top=[dict(category=c, op=op, seconds=t) for (c, op), t in top],
+  )
 
 
 # --------------------------------------------------------------------------------------------------
 # 3. Memory and FLOP/s (T5-small)
 # --------------------------------------------------------------------------------------------------
-MEMORY_FIELDS = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-                 "alias_size_in_bytes", "generated_code_size_in_bytes")
+MEMORY_FIELDS = (
+  "temp_size_in_bytes",
+  "argument_size_in_bytes",
+  "output_size_in_bytes",
+  "alias_size_in_bytes",
+  "generated_code_size_in_bytes",
+)
 
 
 def memory_row(label: str, compiled, compile_s: float) -> dict:
@@ -618,9 +740,11 @@ def memory_variants(name: str, params, prompt, batches, maml_compiled, maml_comp
   """Compiled memory of our second-order MAML step: no remat (the timed one), inner-step remat,
   per-layer remat; and first-order MAML on the same 2+2 episode. Compiled only, never run."""
   rows = [memory_row("MAML (as timed)", maml_compiled, maml_compile_s)]
-  variants = [("MAML, make_step(remat=True): each inner step", "maml", False, True),
-              ("MAML, T5Config(remat=True): each layer", "maml", True, False),
-              ("first-order MAML, same 2+2 episode", "fomaml", False, False)]
+  variants = [
+    ("MAML, make_step(remat=True): each inner step", "maml", False, True),
+    ("MAML, T5Config(remat=True): each layer", "maml", True, False),
+    ("first-order MAML, same 2+2 episode", "fomaml", False, False),
+  ]
   batch = jax.device_put(batches["maml"])
   for label, method, layer_remat, step_remat in variants:
     model = build_model(name, dropout_rate=TIMING_DROPOUT, remat=layer_remat)
@@ -628,8 +752,9 @@ def memory_variants(name: str, params, prompt, batches, maml_compiled, maml_comp
     state = our_initial_state(method, prompt, optimizer)
     compiled, compile_s = compile_step(jitted, state, params, batch, step_rng(method))
     rows.append(memory_row(label, compiled, compile_s))
-    log(f"  memory {label}: temp {rows[-1]['temp_size_in_bytes'] / 2**20:.0f} MiB "
-        f"(compile {compile_s:.1f} s)")
+    log(
+      f"  memory {label}: temp {rows[-1]['temp_size_in_bytes'] / 2**20:.0f} MiB (compile {compile_s:.1f} s)"
+    )
   return rows
 
 
@@ -642,8 +767,13 @@ def matmul_flops_per_second(size: int = 2048, repeats: int = 5) -> dict:
   times = [timed(lambda: jax.block_until_ready(matmul(a, b))) for _ in range(repeats)]
   seconds = float(np.median([t[0] for t in times]))
   cpu_seconds = float(np.median([t[1] for t in times]))
-  return dict(size=size, seconds=seconds, cpu_seconds=cpu_seconds, flops=2.0 * size ** 3,
-              flops_per_s=2.0 * size ** 3 / seconds)
+  return dict(
+    size=size,
+    seconds=seconds,
+    cpu_seconds=cpu_seconds,
+    flops=2.0 * size**3,
+    flops_per_s=2.0 * size**3 / seconds,
+  )
 
 
 def forward_flops(config: T5Config, encoder_length: int, decoder_length: int) -> dict:
@@ -658,9 +788,10 @@ def forward_flops(config: T5Config, encoder_length: int, decoder_length: int) ->
   ff = (3 if config.is_gated else 2) * d * d_ff
   encoder = encoder_length * config.num_layers * (4 * d * inner + ff + 2 * encoder_length * inner)
   decoder = config.num_decoder_layers * (
-      decoder_length * (4 * d * inner + 2 * decoder_length * inner + 2 * d * inner
-                        + 2 * encoder_length * inner + ff)
-      + encoder_length * 2 * d * inner)
+    decoder_length
+    * (4 * d * inner + 2 * decoder_length * inner + 2 * d * inner + 2 * encoder_length * inner + ff)
+    + encoder_length * 2 * d * inner
+  )
   head = decoder_length * d * config.vocab_size
   parts = dict(encoder=2 * encoder, decoder=2 * decoder, head=2 * head)
   parts["total"] = sum(parts.values())
@@ -682,8 +813,12 @@ def maml_flop_estimate(config: T5Config, encoder_length: int, decoder_length: in
   f = forward_flops(config, encoder_length, decoder_length)["total"]
   support = s["tasks"] * s["inner_steps"] * s["support"]
   query = s["tasks"] * s["query"]
-  return dict(forward_per_example=f, support_examples=support, query_examples=query,
-              estimate=f * (4 * support + 2 * query))
+  return dict(
+    forward_per_example=f,
+    support_examples=support,
+    query_examples=query,
+    estimate=f * (4 * support + 2 * query),
+  )
 
 
 def two_params_tokens(config: T5Config, encoder_length: int, decoder_length: int) -> int:
@@ -704,16 +839,23 @@ def flop_rates(name: str, model: T5, maml_compiled, maml_row: dict) -> dict:
   cost = float(maml_compiled.cost_analysis()["flops"])
   examples = estimate["support_examples"] + estimate["query_examples"]
   result = dict(
-      cost_analysis_flops=cost, analytic_flops=estimate["estimate"],
-      forward_per_example=estimate["forward_per_example"], examples=examples,
-      two_params_tokens=two_params_tokens(model.config, encoder_length, cfg["output_length"]),
-      step_s=maml_row["ours_s"],
-      step_cpu_s=maml_row["ours_cpu_s"], achieved_flops_per_s=cost / maml_row["ours_s"],
-      achieved_flops_per_cpu_s=cost / maml_row["ours_cpu_s"], matmul=matmul,
-      fraction_of_matmul=(cost / maml_row["ours_s"]) / matmul["flops_per_s"])
-  log(f"  FLOPs: cost analysis {cost / 1e9:.1f} G, analytic {estimate['estimate'] / 1e9:.1f} G; "
-      f"achieved {result['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s vs matmul "
-      f"{matmul['flops_per_s'] / 1e9:.1f} GFLOP/s")
+    cost_analysis_flops=cost,
+    analytic_flops=estimate["estimate"],
+    forward_per_example=estimate["forward_per_example"],
+    examples=examples,
+    two_params_tokens=two_params_tokens(model.config, encoder_length, cfg["output_length"]),
+    step_s=maml_row["ours_s"],
+    step_cpu_s=maml_row["ours_cpu_s"],
+    achieved_flops_per_s=cost / maml_row["ours_s"],
+    achieved_flops_per_cpu_s=cost / maml_row["ours_cpu_s"],
+    matmul=matmul,
+    fraction_of_matmul=(cost / maml_row["ours_s"]) / matmul["flops_per_s"],
+  )
+  log(
+    f"  FLOPs: cost analysis {cost / 1e9:.1f} G, analytic {estimate['estimate'] / 1e9:.1f} G; "
+    f"achieved {result['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s vs matmul "
+    f"{matmul['flops_per_s'] / 1e9:.1f} GFLOP/s"
+  )
   return result
 
 
@@ -736,16 +878,27 @@ def machine_record(cores: list[int]) -> dict:
   except OSError:
     pass
   return dict(
-      cpu_model=cpu_model, logical_cpus_on_machine=os.cpu_count(), cores_used=cores,
-      torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads(),
-      xla_threads=f"XLA's CPU thread pool sized from the process affinity ({num_cores} "
-                  f"core{'s' if num_cores > 1 else ''})",
-      load_average_at_start=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""),
-      python=platform.python_version(), platform=platform.platform(), jax=jax.__version__,
-      jaxlib=importlib.metadata.version("jaxlib"), flax=flax.__version__, optax=optax.__version__,
-      torch=torch.__version__, transformers=transformers.__version__,
-      higher=importlib.metadata.version("higher"), numpy=np.__version__,
-      date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    cpu_model=cpu_model,
+    logical_cpus_on_machine=os.cpu_count(),
+    cores_used=cores,
+    torch_threads=torch.get_num_threads(),
+    torch_interop_threads=torch.get_num_interop_threads(),
+    xla_threads=f"XLA's CPU thread pool sized from the process affinity ({num_cores} "
+    f"core{'s' if num_cores > 1 else ''})",
+    load_average_at_start=os.getloadavg(),
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+    python=platform.python_version(),
+    platform=platform.platform(),
+    jax=jax.__version__,
+    jaxlib=importlib.metadata.version("jaxlib"),
+    flax=flax.__version__,
+    optax=optax.__version__,
+    torch=torch.__version__,
+    transformers=transformers.__version__,
+    higher=importlib.metadata.version("higher"),
+    numpy=np.__version__,
+    date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+  )
 
 
 def mib(num_bytes) -> str:
@@ -754,97 +907,134 @@ def mib(num_bytes) -> str:
 
 def markdown(results: dict) -> str:
   m = results["machine"]
-  lines = [f"`{results['command']}`: {m['cpu_model']}, {len(m['cores_used'])} core(s) used of "
-           f"{m['logical_cpus_on_machine']} logical CPUs; torch threads {m['torch_threads']}, "
-           f"{m['xla_threads']}. Python {m['python']}, jax {m['jax']}, flax {m['flax']}, torch "
-           f"{m['torch']}, transformers {m['transformers']}, higher {m['higher']}. Load average at "
-           f"start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}. {m['date']}"
-           + (f"; total {results['total_s'] / 60:.0f} min." if results.get("total_s") else "."), ""]
+  lines = [
+    f"`{results['command']}`: {m['cpu_model']}, {len(m['cores_used'])} core(s) used of "
+    f"{m['logical_cpus_on_machine']} logical CPUs; torch threads {m['torch_threads']}, "
+    f"{m['xla_threads']}. Python {m['python']}, jax {m['jax']}, flax {m['flax']}, torch "
+    f"{m['torch']}, transformers {m['transformers']}, higher {m['higher']}. Load average at "
+    f"start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}. {m['date']}"
+    + (f"; total {results['total_s'] / 60:.0f} min." if results.get("total_s") else "."),
+    "",
+  ]
   for name, shape in results["shapes"].items():
     lines.append(f"- `{name}`: {shape}")
-  lines += ["", "### Faithfulness of the baseline (dropout off; relative L2 errors vs ours)", "",
-            "| config | step | inner lr | loss ours | loss baseline | gradient error | update error |",
-            "|---|---|---|---|---|---|---|"]
+  lines += [
+    "",
+    "### Faithfulness of the baseline (dropout off; relative L2 errors vs ours)",
+    "",
+    "| config | step | inner lr | loss ours | loss baseline | gradient error | update error |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in results["faithfulness"]:
-    lines.append(f"| {r['config']} | {r['method']} | {r['inner_lr']:g} | {r['loss_ours']:.6f} | "
-                 f"{r['loss_baseline']:.6f} | {r['grad_rel_error']:.1e} | {r['update_rel_error']:.1e} |")
-  gaps = [f"{r['config']} {r['first_order_gap']:.2f}" for r in results["faithfulness"]
-          if "first_order_gap" in r]
-  lines += ["", f"Tolerance {results['tolerance']:g} (abort above). Relative difference between "
-                f"second- and first-order MAML gradients on the checked episode, i.e. what the check "
-                f"must be able to see: {', '.join(gaps)}.", "",
-            "### Step time (median wall seconds; dropout 0.1 on both sides)", "",
-            "| config | step | ours (s) | baseline (s) | ours / baseline | ours compile (s) | "
-            "ours CPU (s) | baseline CPU (s) | timed (+warm-up) calls |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    lines.append(
+      f"| {r['config']} | {r['method']} | {r['inner_lr']:g} | {r['loss_ours']:.6f} | "
+      f"{r['loss_baseline']:.6f} | {r['grad_rel_error']:.1e} | {r['update_rel_error']:.1e} |"
+    )
+  gaps = [
+    f"{r['config']} {r['first_order_gap']:.2f}" for r in results["faithfulness"] if "first_order_gap" in r
+  ]
+  lines += [
+    "",
+    f"Tolerance {results['tolerance']:g} (abort above). Relative difference between "
+    f"second- and first-order MAML gradients on the checked episode, i.e. what the check "
+    f"must be able to see: {', '.join(gaps)}.",
+    "",
+    "### Step time (median wall seconds; dropout 0.1 on both sides)",
+    "",
+    "| config | step | ours (s) | baseline (s) | ours / baseline | ours compile (s) | "
+    "ours CPU (s) | baseline CPU (s) | timed (+warm-up) calls |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in results["timing"]:
-    lines.append(f"| {r['config']} | {r['title']} | {r['ours_s']:.4f} | {r['baseline_s']:.4f} | "
-                 f"**{r['ratio']:.2f}** | {r['ours_compile_s']:.1f} | {r['ours_cpu_s']:.3f} | "
-                 f"{r['baseline_cpu_s']:.3f} | {r['repeats']} (+{r['warmup']}) |")
+    lines.append(
+      f"| {r['config']} | {r['title']} | {r['ours_s']:.4f} | {r['baseline_s']:.4f} | "
+      f"**{r['ratio']:.2f}** | {r['ours_compile_s']:.1f} | {r['ours_cpu_s']:.3f} | "
+      f"{r['baseline_cpu_s']:.3f} | {r['repeats']} (+{r['warmup']}) |"
+    )
   profiled = [r for r in results["timing"] if "profile" in r]
   if profiled:
-    lines += ["", "### Where the time goes (one profiled call per side; seconds)", "",
-              "ours: jax.profiler trace, one event per executed HLO op, classified by the JAX op it "
-              "came from; baseline: torch.profiler self CPU time per aten op. \"outside ops\" = wall "
-              "time minus the ops' time (dispatch, Python, framework).", "",
-              "| config | step | side | wall | " + " | ".join(PROFILE_CATEGORIES)
-              + " | matmul GFLOP/s |",
-              "|---|---|---|---|" + "---|" * len(PROFILE_CATEGORIES) + "---|"]
+    lines += [
+      "",
+      "### Where the time goes (one profiled call per side; seconds)",
+      "",
+      "ours: jax.profiler trace, one event per executed HLO op, classified by the JAX op it "
+      'came from; baseline: torch.profiler self CPU time per aten op. "outside ops" = wall '
+      "time minus the ops' time (dispatch, Python, framework).",
+      "",
+      "| config | step | side | wall | " + " | ".join(PROFILE_CATEGORIES) + " | matmul GFLOP/s |",
+      "|---|---|---|---|" + "---|" * len(PROFILE_CATEGORIES) + "---|",
+    ]
     for r in profiled:
       for side in ("ours", "baseline"):
         p = r["profile"][side]
-        lines.append(f"| {r['config']} | {r['method']} | {side} | {p['wall_s']:.3f} | "
-                     + " | ".join(f"{p['seconds'][c]:.3f}" for c in PROFILE_CATEGORIES)
-                     + f" | {p['matmul_flops_per_s'] / 1e9:.1f} |")
+        lines.append(
+          f"| {r['config']} | {r['method']} | {side} | {p['wall_s']:.3f} | "
+          + " | ".join(f"{p['seconds'][c]:.3f}" for c in PROFILE_CATEGORIES)
+          + f" | {p['matmul_flops_per_s'] / 1e9:.1f} |"
+        )
     for r in profiled:
       if r["config"] == "tiny":
         continue
-      groups = ", ".join(f"{g['op']} {g['seconds']:.2f} s at {g['flops_per_s'] / 1e9:.1f} GFLOP/s"
-                         for g in r["profile"]["ours"]["matmul_groups"][:6])
-      lines.append(f"\nSlowest matmuls (summed over layers), {r['config']} {r['method']}, ours: "
-                   f"{groups}.")
+      groups = ", ".join(
+        f"{g['op']} {g['seconds']:.2f} s at {g['flops_per_s'] / 1e9:.1f} GFLOP/s"
+        for g in r["profile"]["ours"]["matmul_groups"][:6]
+      )
+      lines.append(f"\nSlowest matmuls (summed over layers), {r['config']} {r['method']}, ours: {groups}.")
       for side in ("ours", "baseline"):
-        top = ", ".join(f"{t['op']} ({t['category']}) {t['seconds']:.2f} s"
-                        for t in r["profile"][side]["top"][:6])
+        top = ", ".join(
+          f"{t['op']} ({t['category']}) {t['seconds']:.2f} s" for t in r["profile"][side]["top"][:6]
+        )
         lines.append(f"\nTop ops, {r['config']} {r['method']}, {side}: {top}.")
   no_dropout = [r for r in results["faithfulness"] if "ours_no_dropout_grad_s" in r]
   if no_dropout:
     timings = "; ".join(
-        f"{r['config']}: ours {r['ours_no_dropout_grad_s']:.4f} s, baseline "
-        f"{r['baseline_no_dropout_grad_s']:.4f} s, ratio "
-        f"{r['ours_no_dropout_grad_s'] / r['baseline_no_dropout_grad_s']:.2f}" for r in no_dropout)
-    lines += ["", f"MAML meta-gradient without dropout (from the check; no optimizer update): "
-                  f"{timings}."]
+      f"{r['config']}: ours {r['ours_no_dropout_grad_s']:.4f} s, baseline "
+      f"{r['baseline_no_dropout_grad_s']:.4f} s, ratio "
+      f"{r['ours_no_dropout_grad_s'] / r['baseline_no_dropout_grad_s']:.2f}"
+      for r in no_dropout
+    )
+    lines += ["", f"MAML meta-gradient without dropout (from the check; no optimizer update): {timings}."]
   if results.get("memory"):
-    lines += ["", "### Compiled memory of our MAML step (T5-small shape; XLA buffer assignment)", "",
-              "| variant | temp (MiB) | arguments (MiB) | outputs (MiB) | aliased (MiB) | "
-              "GFLOP (cost analysis) | compile (s) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+      "",
+      "### Compiled memory of our MAML step (T5-small shape; XLA buffer assignment)",
+      "",
+      "| variant | temp (MiB) | arguments (MiB) | outputs (MiB) | aliased (MiB) | "
+      "GFLOP (cost analysis) | compile (s) |",
+      "|---|---|---|---|---|---|---|",
+    ]
     for r in results["memory"]:
-      lines.append(f"| {r['variant']} | {mib(r['temp_size_in_bytes'])} | "
-                   f"{mib(r['argument_size_in_bytes'])} | {mib(r['output_size_in_bytes'])} | "
-                   f"{mib(r['alias_size_in_bytes'])} | {r['flops'] / 1e9:,.1f} | "
-                   f"{r['compile_s']:.1f} |")
+      lines.append(
+        f"| {r['variant']} | {mib(r['temp_size_in_bytes'])} | "
+        f"{mib(r['argument_size_in_bytes'])} | {mib(r['output_size_in_bytes'])} | "
+        f"{mib(r['alias_size_in_bytes'])} | {r['flops'] / 1e9:,.1f} | "
+        f"{r['compile_s']:.1f} |"
+      )
   if results.get("flops"):
     f = results["flops"]
     matmul_per_cpu_s = f["matmul"]["flops"] / f["matmul"]["cpu_seconds"]
-    lines += ["", "### FLOP/s of our MAML step vs a float32 matmul (T5-small shape)", "",
-              "| quantity | value |", "|---|---|",
-              f"| MAML step FLOPs, XLA cost analysis | {f['cost_analysis_flops'] / 1e9:,.1f} G |",
-              f"| MAML step FLOPs, analytic (matmuls; 4 F per support, 2 F per query example) | "
-              f"{f['analytic_flops'] / 1e9:,.1f} G |",
-              f"| F = forward FLOPs per example: analytic / 2 x params x tokens (per stack) | "
-              f"{f['forward_per_example'] / 1e9:,.2f} G / {f['two_params_tokens'] / 1e9:,.2f} G |",
-              f"| MAML step: median wall / CPU time | {f['step_s']:.3f} s / {f['step_cpu_s']:.3f} s |",
-              f"| float32 matmul {f['matmul']['size']}^2 x {f['matmul']['size']} (XLA), same cores: "
-              f"median wall / CPU time | {f['matmul']['seconds']:.3f} s / "
-              f"{f['matmul']['cpu_seconds']:.3f} s |",
-              f"| achieved per wall second: MAML step / matmul | "
-              f"{f['achieved_flops_per_s'] / 1e9:,.1f} / {f['matmul']['flops_per_s'] / 1e9:,.1f} "
-              f"GFLOP/s = **{f['fraction_of_matmul']:.0%}** |",
-              f"| achieved per CPU second (less exposed to other processes): MAML step / matmul | "
-              f"{f['achieved_flops_per_cpu_s'] / 1e9:,.1f} / {matmul_per_cpu_s / 1e9:,.1f} GFLOP/s = "
-              f"**{f['achieved_flops_per_cpu_s'] / matmul_per_cpu_s:.0%}** |"]
+    lines += [
+      "",
+      "### FLOP/s of our MAML step vs a float32 matmul (T5-small shape)",
+      "",
+      "| quantity | value |",
+      "|---|---|",
+      f"| MAML step FLOPs, XLA cost analysis | {f['cost_analysis_flops'] / 1e9:,.1f} G |",
+      f"| MAML step FLOPs, analytic (matmuls; 4 F per support, 2 F per query example) | "
+      f"{f['analytic_flops'] / 1e9:,.1f} G |",
+      f"| F = forward FLOPs per example: analytic / 2 x params x tokens (per stack) | "
+      f"{f['forward_per_example'] / 1e9:,.2f} G / {f['two_params_tokens'] / 1e9:,.2f} G |",
+      f"| MAML step: median wall / CPU time | {f['step_s']:.3f} s / {f['step_cpu_s']:.3f} s |",
+      f"| float32 matmul {f['matmul']['size']}^2 x {f['matmul']['size']} (XLA), same cores: "
+      f"median wall / CPU time | {f['matmul']['seconds']:.3f} s / "
+      f"{f['matmul']['cpu_seconds']:.3f} s |",
+      f"| achieved per wall second: MAML step / matmul | "
+      f"{f['achieved_flops_per_s'] / 1e9:,.1f} / {f['matmul']['flops_per_s'] / 1e9:,.1f} "
+      f"GFLOP/s = **{f['fraction_of_matmul']:.0%}** |",
+      f"| achieved per CPU second (less exposed to other processes): MAML step / matmul | "
+      f"{f['achieved_flops_per_cpu_s'] / 1e9:,.1f} / {matmul_per_cpu_s / 1e9:,.1f} GFLOP/s = "
+      f"**{f['achieved_flops_per_cpu_s'] / matmul_per_cpu_s:.0%}** |",
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -854,11 +1044,13 @@ def markdown(results: dict) -> str:
 def shapes_line(name: str) -> str:
   cfg = CONFIGS[name]
   c = cfg["model"]
-  return (f"d_model {c['d_model']}, {c['num_layers']}+{c['num_decoder_layers']} layers, "
-          f"{c['num_heads']} heads x d_kv {c['d_kv']}, d_ff {c['d_ff']} gated-GELU, vocab "
-          f"{c['vocab_size']}, untied head; prompt {cfg['prompt_length']}, input "
-          f"{cfg['input_length']}, output {cfg['output_length']} tokens; grid of "
-          f"{cfg['grid_runs']} runs")
+  return (
+    f"d_model {c['d_model']}, {c['num_layers']}+{c['num_decoder_layers']} layers, "
+    f"{c['num_heads']} heads x d_kv {c['d_kv']}, d_ff {c['d_ff']} gated-GELU, vocab "
+    f"{c['vocab_size']}, untied head; prompt {cfg['prompt_length']}, input "
+    f"{cfg['input_length']}, output {cfg['output_length']} tokens; grid of "
+    f"{cfg['grid_runs']} runs"
+  )
 
 
 def run_config(name: str, args, results: dict) -> None:
@@ -876,8 +1068,9 @@ def run_config(name: str, args, results: dict) -> None:
   torch_model = reference.build_torch_t5(model.config, params, dropout_rate=TIMING_DROPOUT)
   torch.manual_seed(0)
 
-  results["faithfulness"] += check_faithfulness(name, params, prompt, batches, torch_model,
-                                                tolerance=args.tolerance)
+  results["faithfulness"] += check_faithfulness(
+    name, params, prompt, batches, torch_model, tolerance=args.tolerance
+  )
   write_results(results, args.out)
   if args.check_only:
     return
@@ -885,17 +1078,27 @@ def run_config(name: str, args, results: dict) -> None:
   methods = args.only.split(",") if args.only else METHODS
   for method in methods:
     repeats = args.repeats or (3 if args.quick else cfg["repeats"][method])
-    row, compiled_steps[method] = time_method(name, method, model, params, prompt, batches[method],
-                                              torch_model, repeats, cfg["warmup"][method],
-                                              profile=args.profile or method in cfg["profile"])
+    row, compiled_steps[method] = time_method(
+      name,
+      method,
+      model,
+      params,
+      prompt,
+      batches[method],
+      torch_model,
+      repeats,
+      cfg["warmup"][method],
+      profile=args.profile or method in cfg["profile"],
+    )
     results["timing"].append(row)
     write_results(results, args.out)
 
   if name == "small" and not args.only:
     maml_row = next(r for r in results["timing"] if r["config"] == name and r["method"] == "maml")
     results["flops"] = flop_rates(name, model, compiled_steps["maml"], maml_row)
-    results["memory"] = memory_variants(name, params, prompt, batches, compiled_steps["maml"],
-                                        maml_row["ours_compile_s"])
+    results["memory"] = memory_variants(
+      name, params, prompt, batches, compiled_steps["maml"], maml_row["ours_compile_s"]
+    )
     write_results(results, args.out)
 
 
@@ -919,11 +1122,20 @@ def main():
   unknown = [c for c in configs if c not in CONFIGS]
   unknown += [m for m in (args.only.split(",") if args.only else []) if m not in METHODS]
   if unknown:
-    raise SystemExit(f"--configs / --only: unknown {unknown}; choose from {sorted(CONFIGS)} / "
-                     f"{list(METHODS)}")
-  results = dict(command=" ".join(["python -m benchmarks.bench_steps", *sys.argv[1:]]),
-                 machine=machine_record(CORES), tolerance=args.tolerance, shapes={},
-                 steps=STEPS, faithfulness=[], timing=[], memory=[], flops=None)
+    raise SystemExit(
+      f"--configs / --only: unknown {unknown}; choose from {sorted(CONFIGS)} / {list(METHODS)}"
+    )
+  results = dict(
+    command=" ".join(["python -m benchmarks.bench_steps", *sys.argv[1:]]),
+    machine=machine_record(CORES),
+    tolerance=args.tolerance,
+    shapes={},
+    steps=STEPS,
+    faithfulness=[],
+    timing=[],
+    memory=[],
+    flops=None,
+  )
   log(f"machine: {json.dumps(results['machine'])}")
   start = time.perf_counter()
   for name in configs:

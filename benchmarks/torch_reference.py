@@ -60,8 +60,7 @@ def build_torch_t5(config, params, *, dropout_rate: float | None = None):
   state = model.state_dict()
   for name, value in expected.items():
     if name not in state:
-      raise RuntimeError(f"torch T5 has no tensor {name}: the checkpoint mapping and transformers "
-                         f"disagree")
+      raise RuntimeError(f"torch T5 has no tensor {name}: the checkpoint mapping and transformers disagree")
     if tuple(state[name].shape) != value.shape or not np.array_equal(state[name].numpy(), value):
       raise RuntimeError(f"torch T5 tensor {name} differs from our params after the round trip")
   tied = model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()
@@ -95,11 +94,13 @@ def prompt_loss(model, prompt: torch.Tensor, batch: TorchBatch) -> torch.Tensor:
   num_examples = input_ids.shape[0]
   embeddings = model.get_input_embeddings()(input_ids)
   inputs_embeds = torch.cat([prompt.unsqueeze(0).expand(num_examples, -1, -1), embeddings], dim=1)
-  attention_mask = torch.cat([torch.ones(num_examples, prompt.shape[0], dtype=torch.long),
-                              batch["input_mask"]], dim=1)
+  attention_mask = torch.cat(
+    [torch.ones(num_examples, prompt.shape[0], dtype=torch.long), batch["input_mask"]], dim=1
+  )
   labels = batch["target_ids"].masked_fill(batch["target_mask"] == 0, IGNORE_INDEX)
-  return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
-               use_cache=False).loss
+  return model(
+    inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False
+  ).loss
 
 
 def _slice(batch: TorchBatch, *index) -> dict[str, torch.Tensor]:
@@ -120,8 +121,9 @@ def _accumulate(soft_prompt: SoftPrompt, grad: torch.Tensor) -> None:
     soft_prompt.prompt.grad += grad.detach()
 
 
-def maml_meta_gradient(model, soft_prompt: SoftPrompt, episode, *, inner_lr: float,
-                       first_order: bool = False) -> float:
+def maml_meta_gradient(
+  model, soft_prompt: SoftPrompt, episode, *, inner_lr: float, first_order: bool = False
+) -> float:
   """Sets soft_prompt.prompt.grad to the (first-order) MAML meta-gradient summed over tasks.
 
   Tasks one after another, each in its own `higher` inner loop. Returns the mean query loss.
@@ -133,8 +135,9 @@ def maml_meta_gradient(model, soft_prompt: SoftPrompt, episode, *, inner_lr: flo
   inner_opt = torch.optim.SGD(soft_prompt.parameters(), lr=inner_lr)
   total = 0.0
   for task in range(num_tasks):
-    with higher.innerloop_ctx(soft_prompt, inner_opt, copy_initial_weights=False,
-                              track_higher_grads=not first_order) as (fprompt, diffopt):
+    with higher.innerloop_ctx(
+      soft_prompt, inner_opt, copy_initial_weights=False, track_higher_grads=not first_order
+    ) as (fprompt, diffopt):
       for k in range(num_inner_steps):
         diffopt.step(prompt_loss(model, fprompt(), _slice(episode["support"], task, k)))
       query_loss = prompt_loss(model, fprompt(), _slice(episode["query"], task))
@@ -159,8 +162,9 @@ def reptile_meta_gradient(model, soft_prompt: SoftPrompt, episode, *, inner_lr: 
   theta = soft_prompt.prompt.detach().clone()
   total = 0.0
   for task in range(num_tasks):
-    with higher.innerloop_ctx(soft_prompt, inner_opt, copy_initial_weights=False,
-                              track_higher_grads=False) as (fprompt, diffopt):
+    with higher.innerloop_ctx(
+      soft_prompt, inner_opt, copy_initial_weights=False, track_higher_grads=False
+    ) as (fprompt, diffopt):
       for k in range(num_inner_steps):
         loss = prompt_loss(model, fprompt(), _slice(episode["support"], task, k))
         diffopt.step(loss)
@@ -177,13 +181,18 @@ def pt_gradient(model, soft_prompt: SoftPrompt, batch: TorchBatch) -> float:
   return float(loss.detach())
 
 
-def make_outer_optimizer(soft_prompt: SoftPrompt, learning_rate: float = 0.5,
-                         weight_decay: float = 1e-5):
+def make_outer_optimizer(soft_prompt: SoftPrompt, learning_rate: float = 0.5, weight_decay: float = 1e-5):
   """HF Adafactor as the study configured it (no parameter scaling, no relative step, no momentum)."""
   from transformers.optimization import Adafactor
 
-  return Adafactor(soft_prompt.parameters(), lr=learning_rate, scale_parameter=False,
-                   relative_step=False, warmup_init=False, weight_decay=weight_decay)
+  return Adafactor(
+    soft_prompt.parameters(),
+    lr=learning_rate,
+    scale_parameter=False,
+    relative_step=False,
+    warmup_init=False,
+    weight_decay=weight_decay,
+  )
 
 
 class ReferenceRun:
@@ -201,8 +210,9 @@ class ReferenceRun:
 
   def meta_gradient(self, method: str, batch) -> float:
     if method in ("maml", "fomaml"):
-      return maml_meta_gradient(self.model, self.soft_prompt, batch, inner_lr=self.inner_lr,
-                                first_order=(method == "fomaml"))
+      return maml_meta_gradient(
+        self.model, self.soft_prompt, batch, inner_lr=self.inner_lr, first_order=(method == "fomaml")
+      )
     if method == "reptile":
       return reptile_meta_gradient(self.model, self.soft_prompt, batch, inner_lr=self.inner_lr)
     if method in ("pt", "mtl"):

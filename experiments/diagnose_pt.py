@@ -51,8 +51,7 @@ def read_split(gym_dir, task: str, seed: int, split: str, tokenizer) -> batching
 def encoder_swap(model, params, split: batching.TokenizedSplit, n: int) -> dict:
   """KL(first token | own encoding || other / zeroed encoding) and label loss, own vs other."""
   batch = batching.make_batch(split, np.arange(min(n, len(split))))
-  encoded, mask = model.apply({"params": params}, batch["input_ids"], batch["input_mask"],
-                              method=T5.encode)
+  encoded, mask = model.apply({"params": params}, batch["input_ids"], batch["input_mask"], method=T5.encode)
   decoder_in = shift_right(jnp.asarray(batch["target_ids"]), model.config.decoder_start_token_id)
 
   def logits_with(enc, enc_mask):
@@ -72,10 +71,14 @@ def encoder_swap(model, params, split: batching.TokenizedSplit, n: int) -> dict:
     ll = target_log_likelihoods(logits, batch["target_ids"])
     return float(-jnp.sum(ll * target_mask) / jnp.sum(target_mask))
 
-  return {"task": split.task, "examples": int(batch["input_ids"].shape[0]),
-          "kl_first_token_other_encoding": kl_first(own, other),
-          "kl_first_token_zeroed_encoding": kl_first(own, zeroed),
-          "label_loss_own": label_loss(own), "label_loss_other": label_loss(other)}
+  return {
+    "task": split.task,
+    "examples": int(batch["input_ids"].shape[0]),
+    "kl_first_token_other_encoding": kl_first(own, other),
+    "kl_first_token_zeroed_encoding": kl_first(own, zeroed),
+    "label_loss_own": label_loss(own),
+    "label_loss_other": label_loss(other),
+  }
 
 
 def overfit(model, params, tokenizer, train: batching.TokenizedSplit, dev: batching.TokenizedSplit,
@@ -94,16 +97,24 @@ def overfit(model, params, tokenizer, train: batching.TokenizedSplit, dev: batch
 
   @jax.jit
   def label_token_loss(prompt):  # the first target token (the label word's first piece)
-    ll = target_log_likelihoods(model.apply({"params": params}, batch["input_ids"], batch["input_mask"],
-                                            shift_right(batch["target_ids"], 0), prompt=prompt),
-                                batch["target_ids"])
+    ll = target_log_likelihoods(
+      model.apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["input_mask"],
+        shift_right(batch["target_ids"], 0),
+        prompt=prompt,
+      ),
+      batch["target_ids"],
+    )
     return -jnp.mean(ll[:, 0])
 
   def accuracy(prompt, split, rows, how):
     b = batching.make_batch(split, rows)
     if how == "rank":
-      ids = decode.rank_classify(model, params, b["input_ids"], b["input_mask"], prompt,
-                                 candidates=candidates)
+      ids = decode.rank_classify(
+        model, params, b["input_ids"], b["input_mask"], prompt, candidates=candidates
+      )
     else:
       ids = decode.greedy_decode(model, params, b["input_ids"], b["input_mask"], prompt, max_length=8)
     texts = tokenizer.batch_decode(np.asarray(ids).tolist(), skip_special_tokens=True)
@@ -154,11 +165,17 @@ def main(argv=None):
 
   t0 = time.time()
   model, params, tokenizer = hf.load_pretrained(args.model)
-  report = {"model": args.model, "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-            "args": vars(args), "encoder_swap": [], "overfit": []}
+  report = {
+    "model": args.model,
+    "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+    "args": vars(args),
+    "encoder_swap": [],
+    "overfit": [],
+  }
   for task in filter(None, args.swap_tasks.split(",")):
-    row = encoder_swap(model, params, read_split(args.gym_dir, task, args.seed, "train", tokenizer),
-                       args.swap_examples)
+    row = encoder_swap(
+      model, params, read_split(args.gym_dir, task, args.seed, "train", tokenizer), args.swap_examples
+    )
     report["encoder_swap"].append(row)
     print(json.dumps(row), flush=True)
   if not args.skip_overfit:

@@ -30,8 +30,9 @@ from absl import app, flags
 from mpt_jax import study
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/mini_study", "Output directory.")
-_SETTINGS = flags.DEFINE_list("settings", ["wn_cls2cls", "wn_nocls2cls", "wn_both2cls", "wn_nocls2nocls"],
-                              "WordNet gym settings.")
+_SETTINGS = flags.DEFINE_list(
+  "settings", ["wn_cls2cls", "wn_nocls2cls", "wn_both2cls", "wn_nocls2nocls"], "WordNet gym settings."
+)
 _PRESET = flags.DEFINE_string("preset", "mini", "Config preset (mini; demo for a quick look).")
 _SET = flags.DEFINE_multi_string("set", [], "key=value config override for every method and setting.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only (re)write the downstream loss tables.")
@@ -85,11 +86,17 @@ def downstream_loss_table(setting_dir: str) -> str:
         steps.update(losses)
   methods = [m for m in METHOD_ORDER if any(m in by_method for by_method in rows.values())]
   steps_text = "/".join(str(s) for s in sorted(steps))
-  lines = [f"Downstream training loss (nats/target token, mean over the grid's runs) at steps {steps_text}:",
-           "", "| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+  lines = [
+    f"Downstream training loss (nats/target token, mean over the grid's runs) at steps {steps_text}:",
+    "",
+    "| task | " + " | ".join(methods) + " |",
+    "|---|" + "---|" * len(methods),
+  ]
   for task, by_method in sorted(rows.items()):
-    cells = ["/".join(f"{by_method[m][s]:.2f}" for s in sorted(by_method[m])) if m in by_method else ""
-             for m in methods]
+    cells = [
+      "/".join(f"{by_method[m][s]:.2f}" for s in sorted(by_method[m])) if m in by_method else ""
+      for m in methods
+    ]
     lines.append(f"| {task} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -122,9 +129,17 @@ def main(argv) -> None:
     if copied:
       print(f"{setting}: PT reuses the runs of {', '.join(copied)}", flush=True)
     start = time.time()
-    subprocess.run([sys.executable, os.path.join(HERE, "run_setting.py"), f"--setting={setting}",
-                    f"--preset={_PRESET.value}", f"--workdir={os.path.join(_WORKDIR.value, setting)}",
-                    *[f"--set={item}" for item in _SET.value]], check=True)
+    subprocess.run(
+      [
+        sys.executable,
+        os.path.join(HERE, "run_setting.py"),
+        f"--setting={setting}",
+        f"--preset={_PRESET.value}",
+        f"--workdir={os.path.join(_WORKDIR.value, setting)}",
+        *[f"--set={item}" for item in _SET.value],
+      ],
+      check=True,
+    )
     minutes = (time.time() - start) / 60
     timings.setdefault(setting, []).append({"minutes": round(minutes, 2), "pt_reused": copied})
     with open(timings_path, "w") as f:

@@ -81,8 +81,9 @@ def synset_document(synset: wn.Synset, synsets: dict, categories: bool = True) -
   parts += [_sentence(_capitalize(example)) for example in synset.examples]
   if len(synset.lemmas) > 1:
     parts.append(f"{_capitalize(word)} means the same as {' or '.join(synset.lemmas[1:4])}.")
-  hypernyms = [synsets[k].lemmas[0] for k in synset.related(wn.HYPERNYM) + synset.related(
-      wn.INSTANCE_HYPERNYM)]
+  hypernyms = [
+    synsets[k].lemmas[0] for k in synset.related(wn.HYPERNYM) + synset.related(wn.INSTANCE_HYPERNYM)
+  ]
   if hypernyms and synset.pos == "n":
     parts.append(f"{_capitalize(word)} is a kind of {hypernyms[0]}.")
   elif hypernyms and synset.pos == "v":
@@ -124,7 +125,7 @@ class ChunkStream:
     if epoch != self._epoch:
       order = np.random.default_rng([self.seed, epoch]).permutation(len(self.doc_ids))
       stream = np.concatenate([self.doc_ids[i] for i in order])
-      self._chunks = stream[:self.num_chunks * self.chunk_len].reshape(self.num_chunks, self.chunk_len)
+      self._chunks = stream[: self.num_chunks * self.chunk_len].reshape(self.num_chunks, self.chunk_len)
       self._epoch = epoch
     return self._chunks[within]
 
@@ -170,35 +171,36 @@ TRAIN_OBJECTIVES = OBJECTIVES + ("mixture",)
 PREFIX_LM_MAX_TARGET = 24  # target tokens of a prefix-LM example at most (the gym's labels: 1-7 tokens)
 
 
-def objective_batch(objective: str, chunks: list[np.ndarray], rng: np.random.Generator,
-                    sentinel_start: int, chunk_len: int) -> dict:
+def objective_batch(
+  objective: str, chunks: list[np.ndarray], rng: np.random.Generator, sentinel_start: int, chunk_len: int
+) -> dict:
   """A padded batch of (input, target) pairs of `objective` made from raw chunks of chunk_len tokens."""
   if objective == "span_corruption":
     lengths = pretrain_objectives.corrupted_lengths(chunk_len)
     pairs = [pretrain_objectives.span_corrupt(c, rng, sentinel_start) for c in chunks]
   elif objective == "prefix_lm":
     lengths = pretrain_objectives.prefix_lm_lengths(chunk_len, PREFIX_LM_MAX_TARGET)
-    pairs = [pretrain_objectives.prefix_lm(c, rng, max_target_tokens=PREFIX_LM_MAX_TARGET)
-             for c in chunks]
+    pairs = [pretrain_objectives.prefix_lm(c, rng, max_target_tokens=PREFIX_LM_MAX_TARGET) for c in chunks]
   else:
     raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
   return pretrain_objectives.pad_batch(pairs, *lengths)
 
 
-def train_batch(stream: ChunkStream, step: int, batch_size: int, sentinel_start: int,
-                objective: str = "span_corruption") -> dict:
+def train_batch(
+  stream: ChunkStream, step: int, batch_size: int, sentinel_start: int, objective: str = "span_corruption"
+) -> dict:
   chunks = [stream.chunk(step * batch_size + i) for i in range(batch_size)]
   rng = np.random.default_rng([stream.seed, 1_000_003, step])
   return objective_batch(objective, chunks, rng, sentinel_start, stream.chunk_len)
 
 
-def mixed_batch(streams: dict, step: int, batch_size: int, sentinel_start: int,
-                span_fraction: float) -> dict:
+def mixed_batch(streams: dict, step: int, batch_size: int, sentinel_start: int, span_fraction: float) -> dict:
   """One batch of both objectives: the first round(span_fraction * batch_size) rows span corruption,
   the rest prefix LM, padded to common lengths (each stream advances by its own rows per step)."""
   num_span = int(round(span_fraction * batch_size))
-  parts = [(name, n) for name, n in (("span_corruption", num_span), ("prefix_lm", batch_size - num_span))
-           if n]
+  parts = [
+    (name, n) for name, n in (("span_corruption", num_span), ("prefix_lm", batch_size - num_span)) if n
+  ]
   batches = [train_batch(streams[name], step, n, sentinel_start, name) for name, n in parts]
   input_len = max(b["input_ids"].shape[1] for b in batches)
   target_len = max(b["target_ids"].shape[1] for b in batches)
@@ -206,8 +208,12 @@ def mixed_batch(streams: dict, step: int, batch_size: int, sentinel_start: int,
   def pad_to(x, width):
     return np.pad(x, ((0, 0), (0, width - x.shape[1])))
 
-  return {key: np.concatenate([pad_to(b[key], input_len if key.startswith("input") else target_len)
-                               for b in batches]) for key in batches[0]}
+  return {
+    key: np.concatenate(
+      [pad_to(b[key], input_len if key.startswith("input") else target_len) for b in batches]
+    )
+    for key in batches[0]
+  }
 
 
 def step_batch(streams: dict, step: int, args, sentinel_start: int) -> dict:
@@ -217,19 +223,28 @@ def step_batch(streams: dict, step: int, args, sentinel_start: int) -> dict:
   return train_batch(streams[args.objective], step, args.batch_size, sentinel_start, args.objective)
 
 
-def heldout_batches(doc_ids: list[np.ndarray], chunk_len: int, batch_size: int, num_batches: int,
-                    sentinel_start: int, seed: int, objective: str = "span_corruption") -> list[dict]:
+def heldout_batches(
+  doc_ids: list[np.ndarray],
+  chunk_len: int,
+  batch_size: int,
+  num_batches: int,
+  sentinel_start: int,
+  seed: int,
+  objective: str = "span_corruption",
+) -> list[dict]:
   """Fixed batches of held-out text (same noise and cuts every evaluation)."""
   if objective == "prefix_lm":  # one example per document, as in training
-    chunks = [d[:chunk_len] for d in doc_ids if len(d) >= 2][:batch_size * num_batches]
+    chunks = [d[:chunk_len] for d in doc_ids if len(d) >= 2][: batch_size * num_batches]
   else:
     stream = np.concatenate(doc_ids)
     n = min(len(stream) // chunk_len, batch_size * num_batches)
-    chunks = list(stream[:n * chunk_len].reshape(n, chunk_len))
+    chunks = list(stream[: n * chunk_len].reshape(n, chunk_len))
   n = len(chunks)
   rng = np.random.default_rng([seed, 7])
-  return [objective_batch(objective, chunks[i:i + batch_size], rng, sentinel_start, chunk_len)
-          for i in range(0, n - batch_size + 1, batch_size)]
+  return [
+    objective_batch(objective, chunks[i : i + batch_size], rng, sentinel_start, chunk_len)
+    for i in range(0, n - batch_size + 1, batch_size)
+  ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,28 +253,47 @@ def heldout_batches(doc_ids: list[np.ndarray], chunk_len: int, batch_size: int, 
 
 def make_config(args, vocab_size: int):
   from mpt_jax.model.t5 import T5Config
+
   return T5Config(
-      vocab_size=vocab_size, d_model=args.d_model, d_kv=args.d_model // args.num_heads, d_ff=args.d_ff,
-      num_layers=args.num_layers, num_decoder_layers=args.num_decoder_layers or args.num_layers,
-      num_heads=args.num_heads,
-      relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
-      layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-      scale_decoder_outputs=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-      dtype=args.compute_dtype, remat=False)
+    vocab_size=vocab_size,
+    d_model=args.d_model,
+    d_kv=args.d_model // args.num_heads,
+    d_ff=args.d_ff,
+    num_layers=args.num_layers,
+    num_decoder_layers=args.num_decoder_layers or args.num_layers,
+    num_heads=args.num_heads,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.0,
+    layer_norm_epsilon=1e-6,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    scale_decoder_outputs=False,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+    dtype=args.compute_dtype,
+    remat=False,
+  )
 
 
 def make_optimizer(args):
   """AdamW with clipping; the learning rate warms up and decays by cosine over [phase_start, steps], so
   that a new phase of a resumed run (e.g. the LM adaptation) gets its own schedule."""
   phase = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=args.lr, warmup_steps=args.warmup_steps,
-      decay_steps=args.steps - args.phase_start, end_value=args.lr * 0.1)
+    init_value=0.0,
+    peak_value=args.lr,
+    warmup_steps=args.warmup_steps,
+    decay_steps=args.steps - args.phase_start,
+    end_value=args.lr * 0.1,
+  )
 
   def schedule(count):
     return phase(jnp.maximum(count - args.phase_start, 0))
 
-  return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=args.weight_decay))
+  return optax.chain(
+    optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=args.weight_decay)
+  )
 
 
 def pretrain_loss(model, params, batch):
@@ -267,8 +301,12 @@ def pretrain_loss(model, params, batch):
   frozen model in prompt tuning): token cross-entropy, mean over the non-pad target tokens."""
   from mpt_jax.model.loss import mean_token_nll, shift_right, target_log_likelihoods
 
-  logits = model.apply({"params": params}, batch["input_ids"], batch["input_mask"],
-                       shift_right(batch["target_ids"], model.config.decoder_start_token_id))
+  logits = model.apply(
+    {"params": params},
+    batch["input_ids"],
+    batch["input_mask"],
+    shift_right(batch["target_ids"], model.config.decoder_start_token_id),
+  )
   return mean_token_nll(target_log_likelihoods(logits, batch["target_ids"]), batch["target_mask"])
 
 
@@ -296,8 +334,11 @@ def heldout_loss(eval_loss, params, batches, shuffle_inputs: bool = False) -> fl
   total, count = 0.0, 0.0
   for batch in batches:
     if shuffle_inputs:
-      batch = dict(batch, input_ids=np.roll(batch["input_ids"], 1, axis=0),
-                   input_mask=np.roll(batch["input_mask"], 1, axis=0))
+      batch = dict(
+        batch,
+        input_ids=np.roll(batch["input_ids"], 1, axis=0),
+        input_mask=np.roll(batch["input_mask"], 1, axis=0),
+      )
     s, n = eval_loss(params, batch)
     total, count = total + float(s), count + float(n)
   return total / count
@@ -315,7 +356,7 @@ def greedy_decode(model, params, input_ids: np.ndarray, max_len: int, eos_id: in
   outputs = []
   for row in decoder[:, 1:]:
     row = list(row)
-    outputs.append(row[:row.index(eos_id)] if eos_id in row else row)
+    outputs.append(row[: row.index(eos_id)] if eos_id in row else row)
   return outputs
 
 
@@ -326,8 +367,9 @@ def greedy_decode(model, params, input_ids: np.ndarray, max_len: int, eos_id: in
 def save_state(path: Path, step: int, params, opt_state, log: dict) -> None:
   tmp = path.with_suffix(".tmp")
   with open(tmp, "wb") as f:
-    pickle.dump({"step": step, "params": jax.device_get(params),
-                 "opt_state": jax.device_get(opt_state), "log": log}, f)
+    pickle.dump(
+      {"step": step, "params": jax.device_get(params), "opt_state": jax.device_get(opt_state), "log": log}, f
+    )
   os.replace(tmp, path)
 
 
@@ -340,8 +382,9 @@ def save_hf(out_dir: Path, config, params, tokenizer, dtype: str = "float32") ->
   """config.json + model.safetensors (weights in `dtype`) + spiece.model, loadable by load_pretrained."""
   from mpt_jax.model.hf import save_checkpoint
 
-  save_checkpoint(out_dir, dataclasses.replace(config, dtype="float32"), jax.device_get(params),
-                  tokenizer, dtype=dtype)
+  save_checkpoint(
+    out_dir, dataclasses.replace(config, dtype="float32"), jax.device_get(params), tokenizer, dtype=dtype
+  )
 
 
 def training_phases(log: dict) -> list[dict]:
@@ -358,24 +401,32 @@ def training_phases(log: dict) -> list[dict]:
 def plot_log(log_path: Path, png_path: Path) -> None:
   """The train and held-out loss curves of a pretrain_log.json, as a PNG."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   log = json.loads(Path(log_path).read_text())
   fig, ax = plt.subplots(figsize=(10, 4), dpi=120)
-  curves = (("train", "-", "C0", "train (objective of the phase)"),
-            ("heldout", "o-", "C1", "held-out span corruption"),
-            ("heldout_shuffled_inputs", "x--", "C1", "  same, another example's input"),
-            ("heldout_prefix_lm", "o-", "C2", "held-out prefix LM"),
-            ("heldout_prefix_lm_shuffled_inputs", "x--", "C2", "  same, another example's input"))
+  curves = (
+    ("train", "-", "C0", "train (objective of the phase)"),
+    ("heldout", "o-", "C1", "held-out span corruption"),
+    ("heldout_shuffled_inputs", "x--", "C1", "  same, another example's input"),
+    ("heldout_prefix_lm", "o-", "C2", "held-out prefix LM"),
+    ("heldout_prefix_lm_shuffled_inputs", "x--", "C2", "  same, another example's input"),
+  )
   for name, style, color, label in curves:
     if log.get(name):
       steps, losses = zip(*log[name])
       ax.plot(steps, losses, style, color=color, markersize=3, label=label)
   for phase in training_phases(log)[1:]:
     ax.axvline(phase["step"], color="C2", linewidth=1.2)
-    ax.annotate(f" from here: {phase['objective']}", (phase["step"], 0.88),
-                xycoords=("data", "axes fraction"), fontsize=8, color="C2")
+    ax.annotate(
+      f" from here: {phase['objective']}",
+      (phase["step"], 0.88),
+      xycoords=("data", "axes fraction"),
+      fontsize=8,
+      color="C2",
+    )
   config_path = Path(log_path).parent / "config.json"
   vocab = log.get("vocab_size")
   if not vocab and config_path.is_file():
@@ -387,8 +438,14 @@ def plot_log(log_path: Path, png_path: Path) -> None:
   for resume in log.get("resumes", []):  # a resume may change the batch shape or the schedule
     r = resume["args"]
     ax.axvline(resume["step"], color="gray", linewidth=0.8)
-    ax.annotate(f" {r['batch_size']}x{r['chunk_len']}", (resume["step"], 0.98),
-                xycoords=("data", "axes fraction"), va="top", fontsize=7, color="gray")
+    ax.annotate(
+      f" {r['batch_size']}x{r['chunk_len']}",
+      (resume["step"], 0.98),
+      xycoords=("data", "axes fraction"),
+      va="top",
+      fontsize=7,
+      color="gray",
+    )
   ax.set_ylabel("loss (nats/target token)")
   ax.set_title(f"small T5 ({log['num_params'] / 1e6:.1f}M params) on WordNet text")
   ax.grid(alpha=0.3)
@@ -407,31 +464,64 @@ def parse_args(argv=None):
   p.add_argument("--out_dir", default="runs/small_t5_smoke/model")
   p.add_argument("--work_dir", default="runs/small_t5_smoke/work")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--categories", action=argparse.BooleanOptionalAction, default=True,
-                 help="head noun and verb documents with their lexicographer category (the model shipped "
-                      "before 2026-11-29 was trained with --no-categories)")
+  p.add_argument(
+    "--categories",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="head noun and verb documents with their lexicographer category (the model shipped "
+    "before 2026-11-29 was trained with --no-categories)",
+  )
   p.add_argument("--vocab_size", type=int, default=8000, help="SentencePiece pieces (+100 sentinels)")
   p.add_argument("--d_model", type=int, default=128)
   p.add_argument("--d_ff", type=int, default=512)
   p.add_argument("--num_heads", type=int, default=4)
-  p.add_argument("--num_layers", type=int, default=4, help="encoder layers (and decoder layers unless "
-                 "--num_decoder_layers is given)")
-  p.add_argument("--num_decoder_layers", type=int, default=0,
-                 help="decoder layers; 0: as many as --num_layers")
-  p.add_argument("--objective", choices=TRAIN_OBJECTIVES, default="span_corruption",
-                 help="span_corruption (T5's pretraining), then prefix_lm (the LM adaptation of the "
-                      "t5-*-lm-adapt checkpoints) in a resumed second phase; mixture: both in every batch")
-  p.add_argument("--span_fraction", type=float, default=0.5,
-                 help="mixture: the fraction of each batch that is span corruption")
-  p.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="matmul dtype (bfloat16 on a GPU/TPU; params and optimizer stay float32)")
-  p.add_argument("--save_dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="dtype of the saved model.safetensors")
-  p.add_argument("--export_every", type=int, default=0,
-                 help="also write the model in the HF layout to work_dir/export every this many steps "
-                      "(to diagnose it while training goes on); 0: never")
-  p.add_argument("--phase_start", type=int, default=0,
-                 help="the step where this phase's learning-rate schedule (warm-up, cosine) starts")
+  p.add_argument(
+    "--num_layers",
+    type=int,
+    default=4,
+    help="encoder layers (and decoder layers unless --num_decoder_layers is given)",
+  )
+  p.add_argument(
+    "--num_decoder_layers", type=int, default=0, help="decoder layers; 0: as many as --num_layers"
+  )
+  p.add_argument(
+    "--objective",
+    choices=TRAIN_OBJECTIVES,
+    default="span_corruption",
+    help="span_corruption (T5's pretraining), then prefix_lm (the LM adaptation of the "
+    "t5-*-lm-adapt checkpoints) in a resumed second phase; mixture: both in every batch",
+  )
+  p.add_argument(
+    "--span_fraction",
+    type=float,
+    default=0.5,
+    help="mixture: the fraction of each batch that is span corruption",
+  )
+  p.add_argument(
+    "--compute_dtype",
+    choices=("float32", "bfloat16"),
+    default="float32",
+    help="matmul dtype (bfloat16 on a GPU/TPU; params and optimizer stay float32)",
+  )
+  p.add_argument(
+    "--save_dtype",
+    choices=("float32", "bfloat16"),
+    default="float32",
+    help="dtype of the saved model.safetensors",
+  )
+  p.add_argument(
+    "--export_every",
+    type=int,
+    default=0,
+    help="also write the model in the HF layout to work_dir/export every this many steps "
+    "(to diagnose it while training goes on); 0: never",
+  )
+  p.add_argument(
+    "--phase_start",
+    type=int,
+    default=0,
+    help="the step where this phase's learning-rate schedule (warm-up, cosine) starts",
+  )
   p.add_argument("--chunk_len", type=int, default=128, help="raw tokens per training example")
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--steps", type=int, default=3000)
@@ -441,17 +531,37 @@ def parse_args(argv=None):
   p.add_argument("--eval_every", type=int, default=100)
   p.add_argument("--ckpt_every", type=int, default=200)
   p.add_argument("--heldout_batches", type=int, default=4)
-  p.add_argument("--heldout_chunk_len", type=int, default=128,
-                 help="chunk length of the held-out batches (fixed, whatever the training batches)")
-  p.add_argument("--time_budget_min", type=float, default=58,
-                 help="stop early (and save) when this many minutes have passed; 0: no limit")
+  p.add_argument(
+    "--heldout_chunk_len",
+    type=int,
+    default=128,
+    help="chunk length of the held-out batches (fixed, whatever the training batches)",
+  )
+  p.add_argument(
+    "--time_budget_min",
+    type=float,
+    default=58,
+    help="stop early (and save) when this many minutes have passed; 0: no limit",
+  )
   p.add_argument("--smoke", action="store_true", help="tiny model and few steps: checks the pipeline")
-  p.add_argument("--plot", default="experiments/small_t5_pretrain_loss.png",
-                 help="where the loss-curve PNG goes")
+  p.add_argument(
+    "--plot", default="experiments/small_t5_pretrain_loss.png", help="where the loss-curve PNG goes"
+  )
   p.add_argument("--plot_only", action="store_true", help="only redraw --plot from out_dir's log")
   if p.parse_known_args(argv)[0].smoke:  # the smoke run's defaults; flags given explicitly still win
-    p.set_defaults(vocab_size=2000, d_model=32, d_ff=64, num_layers=1, steps=30, batch_size=8,
-                   eval_every=10, ckpt_every=20, warmup_steps=5, heldout_batches=1, plot=None)
+    p.set_defaults(
+      vocab_size=2000,
+      d_model=32,
+      d_ff=64,
+      num_layers=1,
+      steps=30,
+      batch_size=8,
+      eval_every=10,
+      ckpt_every=20,
+      warmup_steps=5,
+      heldout_batches=1,
+      plot=None,
+    )
   args = p.parse_args(argv)
   if args.smoke and args.plot is None:
     args.plot = str(Path(args.out_dir) / "pretrain_loss.png")
@@ -470,18 +580,23 @@ def main(argv=None) -> None:
 
   # -- corpus and vocabulary
   train_docs, heldout_docs = build_corpus(args.wordnet_dir, args.categories)
-  print(f"corpus: {len(train_docs)} train / {len(heldout_docs)} held-out documents, "
-        f"{sum(len(d.split()) for d in train_docs)} train words", flush=True)
+  print(
+    f"corpus: {len(train_docs)} train / {len(heldout_docs)} held-out documents, "
+    f"{sum(len(d.split()) for d in train_docs)} train words",
+    flush=True,
+  )
   tok_dir = work_dir / "tokenizer"
   tok_stamp = tok_dir / "trained_with.json"  # reuse a trained vocabulary only for the same settings
   corpus_hash = hashlib.sha256("\n".join(train_docs).encode("utf-8")).hexdigest()[:16]
-  tok_settings = json.dumps({"vocab_size": args.vocab_size, "documents": len(train_docs),
-                             "corpus_sha256": corpus_hash})
+  tok_settings = json.dumps(
+    {"vocab_size": args.vocab_size, "documents": len(train_docs), "corpus_sha256": corpus_hash}
+  )
   if not tok_stamp.is_file() or tok_stamp.read_text() != tok_settings:
     tokenizer_lib.train_sentencepiece(train_docs, tok_dir, args.vocab_size)
     tok_stamp.write_text(tok_settings)
   tokenizer = tokenizer_lib.load_tokenizer(tok_dir)
   import sentencepiece as spm
+
   sp = spm.SentencePieceProcessor(model_file=str(tok_dir / tokenizer_lib.SPIECE))
   # The T5 tokenizer's ids are the SentencePiece ids, sentinels on top (<extra_id_0> = the last id):
   # encode the corpus with the fast processor, after checking both agree.
@@ -493,21 +608,33 @@ def main(argv=None) -> None:
   heldout_ids = [np.asarray(x, np.int32) for x in sp.encode(heldout_docs)]
   streams = make_streams(args.objective, train_ids, args.chunk_len, args.seed)
   examples = ", ".join(f"{s.num_chunks} {name} examples" for name, s in streams.items())
-  print(f"tokens: {sum(map(len, train_ids))} train ({examples} of <= {args.chunk_len}), "
-        f"{sum(map(len, heldout_ids))} held-out; vocab {len(tokenizer)}", flush=True)
+  print(
+    f"tokens: {sum(map(len, train_ids))} train ({examples} of <= {args.chunk_len}), "
+    f"{sum(map(len, heldout_ids))} held-out; vocab {len(tokenizer)}",
+    flush=True,
+  )
   # Fixed whatever the training batch shape, so that curves stay comparable across resumes.
-  heldout = {objective: heldout_batches(heldout_ids, args.heldout_chunk_len, HELDOUT_BATCH_SIZE,
-                                        args.heldout_batches, sentinel_start, args.seed, objective)
-             for objective in OBJECTIVES}
+  heldout = {
+    objective: heldout_batches(
+      heldout_ids,
+      args.heldout_chunk_len,
+      HELDOUT_BATCH_SIZE,
+      args.heldout_batches,
+      sentinel_start,
+      args.seed,
+      objective,
+    )
+    for objective in OBJECTIVES
+  }
 
   # -- model and optimizer
   from mpt_jax.model.t5 import T5
+
   config = make_config(args, vocab_size=int(math.ceil(len(tokenizer) / 64) * 64))
   model = T5(config)
   example = step_batch(streams, 0, argparse.Namespace(**{**vars(args), "batch_size": 2}), sentinel_start)
   init_rng, head_rng = jax.random.split(jax.random.PRNGKey(args.seed))
-  params = model.init(init_rng, example["input_ids"], example["input_mask"],
-                      example["target_ids"])["params"]
+  params = model.init(init_rng, example["input_ids"], example["input_mask"], example["target_ids"])["params"]
   # HF initializes the untied head with std 1.0, which makes the first logits ~sqrt(d_model) large;
   # t5x uses fan-in scaling (std d_model**-0.5) for the untied head: start from uniform-ish predictions.
   head = params["lm_head"]["kernel"]
@@ -518,8 +645,14 @@ def main(argv=None) -> None:
   opt_state = optimizer.init(params)
   train_step, eval_loss = make_steps(model, optimizer)
 
-  log = {"args": vars(args), "num_params": int(num_params), "vocab_size": config.vocab_size,
-         "train": [], "heldout": [], "heldout_shuffled_inputs": []}
+  log = {
+    "args": vars(args),
+    "num_params": int(num_params),
+    "vocab_size": config.vocab_size,
+    "train": [],
+    "heldout": [],
+    "heldout_shuffled_inputs": [],
+  }
   if args.phase_start and not (ckpt := work_dir / "state.pkl").is_file():
     raise SystemExit(f"--phase_start={args.phase_start} continues a run, but {ckpt} does not exist")
   state_path = work_dir / "state.pkl"
@@ -540,8 +673,10 @@ def main(argv=None) -> None:
       suffix = "" if objective == "span_corruption" else f"_{objective}"  # older logs: span only
       for key, shuffle in ((f"heldout{suffix}", False), (f"heldout{suffix}_shuffled_inputs", True)):
         log.setdefault(key, []).append([step, heldout_loss(eval_loss, params, batches, shuffle)])
-    return "; ".join(f"held-out {o} {log[k][-1][1]:.4f} (other input {log[k + '_shuffled_inputs'][-1][1]:.4f})"
-                     for o, k in (("span corruption", "heldout"), ("prefix LM", "heldout_prefix_lm")))
+    return "; ".join(
+      f"held-out {o} {log[k][-1][1]:.4f} (other input {log[k + '_shuffled_inputs'][-1][1]:.4f})"
+      for o, k in (("span corruption", "heldout"), ("prefix LM", "heldout_prefix_lm"))
+    )
 
   if start_step == 0:
     print(f"step 0 {evaluate(0)}", flush=True)
@@ -559,9 +694,12 @@ def main(argv=None) -> None:
     if done % args.eval_every == 0 or done == args.steps:
       log["train"].append([done, float(np.mean(window))])
       rate = (done - start_step) / (time.time() - t_train)
-      print(f"step {done}/{args.steps} train loss ({args.objective}) {np.mean(window):.4f}; "
-            f"{evaluate(done)}; grad norm {float(grad_norm):.3f} ({rate:.2f} steps/s, "
-            f"eta {(args.steps - done) / rate / 60:.1f} min)", flush=True)
+      print(
+        f"step {done}/{args.steps} train loss ({args.objective}) {np.mean(window):.4f}; "
+        f"{evaluate(done)}; grad norm {float(grad_norm):.3f} ({rate:.2f} steps/s, "
+        f"eta {(args.steps - done) / rate / 60:.1f} min)",
+        flush=True,
+      )
       window = []
     out_of_time = args.time_budget_min and time.time() - t_start > args.time_budget_min * 60
     if done % args.ckpt_every == 0 or done == args.steps or out_of_time:
@@ -589,9 +727,11 @@ def main(argv=None) -> None:
   for row, out in enumerate(outputs):
     n_in = int(sample_batch["input_mask"][row].sum())
     n_out = int(sample_batch["target_mask"][row].sum())
-    item = {"input": tokenizer.decode(sample_batch["input_ids"][row, :n_in]),
-            "gold": tokenizer.decode(sample_batch["target_ids"][row, :n_out]),
-            "model": tokenizer.decode(out)}
+    item = {
+      "input": tokenizer.decode(sample_batch["input_ids"][row, :n_in]),
+      "gold": tokenizer.decode(sample_batch["target_ids"][row, :n_out]),
+      "model": tokenizer.decode(out),
+    }
     samples["span_corruption"].append(item)
     print(json.dumps(item, indent=1))
   prompts = []
@@ -613,7 +753,7 @@ def main(argv=None) -> None:
   outputs = greedy_decode(model, params, enc["input_ids"].astype(np.int32), 20)
   print("\ngreedy continuations of held-out document starts (input / gold / model):")
   for start, doc, out in zip(starts, heldout_docs[8:16], outputs):
-    item = {"input": start, "gold": doc[len(start):].strip()[:100], "model": tokenizer.decode(out)}
+    item = {"input": start, "gold": doc[len(start) :].strip()[:100], "model": tokenizer.decode(out)}
     samples["prefix_lm"].append(item)
     print(json.dumps(item))
   log["samples"] = samples

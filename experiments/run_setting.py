@@ -23,8 +23,9 @@ _SETTING = flags.DEFINE_string("setting", None, "Setting name (e.g. cls2cls, wn_
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one subdirectory per method).")
 _PRESET = flags.DEFINE_string("preset", None, "Config preset for every method (e.g. tiny, demo).")
 _METHODS = flags.DEFINE_list("methods", list(config_lib.METHODS), "Methods to run, PT first.")
-_SET = flags.DEFINE_multi_string("set", [], "key=value config override for every method "
-                                 "(e.g. --set downstream.num_steps=100).")
+_SET = flags.DEFINE_multi_string(
+  "set", [], "key=value config override for every method (e.g. --set downstream.num_steps=100)."
+)
 
 
 def method_config(method: str, setting: str, preset: str | None, overrides: list[str]):

@@ -41,6 +41,7 @@ from mpt_jax.data import batching
 @dataclasses.dataclass(frozen=True)
 class GridConfig:
   """The grid of one target task; fields are named as in the config (`config.downstream`)."""
+
   lrs: Sequence[float]
   batch_size: int
   num_steps: int
@@ -58,8 +59,10 @@ class GridConfig:
     if self.max_epochs < 0:
       raise ValueError(f"downstream.max_epochs={self.max_epochs}: expected 0 (no epoch cap) or more")
     if self.num_steps < 0 or self.eval_every < 1 or self.batch_size < 1:
-      raise ValueError(f"downstream: num_steps={self.num_steps}, eval_every={self.eval_every}, "
-                       f"batch_size={self.batch_size}; expected num_steps >= 0 and the others >= 1")
+      raise ValueError(
+        f"downstream: num_steps={self.num_steps}, eval_every={self.eval_every}, "
+        f"batch_size={self.batch_size}; expected num_steps >= 0 and the others >= 1"
+      )
 
 
 TEST_PROMPTS = ("best_dev", "last")
@@ -104,6 +107,7 @@ class GridProgress:
   A run's best prompt is a copy taken when its dev score improves (strictly); its last prompt the one at
   the end of its step budget; failed_steps[r] the step at which run r failed the guard (0: it did not).
   """
+
   best_prompts: np.ndarray  # [R, P, D]
   last_prompts: np.ndarray  # [R, P, D]
   best_scores: np.ndarray  # [R] float64, NaN until the first candidate (or a run without a defined score)
@@ -115,21 +119,37 @@ class GridProgress:
   @classmethod
   def start(cls, prompts: np.ndarray) -> GridProgress:
     num_runs = prompts.shape[0]
-    return cls(prompts.copy(), prompts.copy(), np.full(num_runs, np.nan), np.zeros(num_runs, np.int64),
-               np.zeros(num_runs, bool), np.zeros(num_runs, np.int64), [])
+    return cls(
+      prompts.copy(),
+      prompts.copy(),
+      np.full(num_runs, np.nan),
+      np.zeros(num_runs, np.int64),
+      np.zeros(num_runs, bool),
+      np.zeros(num_runs, np.int64),
+      [],
+    )
 
   def meta(self) -> dict:
     """The JSON part of a checkpoint (floats exact: JSON keeps a float64's shortest repr)."""
-    return {"best_scores": _json_floats(self.best_scores), "best_steps": self.best_steps.tolist(),
-            "has_candidate": self.has_candidate.tolist(), "failed_steps": self.failed_steps.tolist(),
-            "dev_curve": [[step, _json_floats(scores)] for step, scores in self.dev_curve]}
+    return {
+      "best_scores": _json_floats(self.best_scores),
+      "best_steps": self.best_steps.tolist(),
+      "has_candidate": self.has_candidate.tolist(),
+      "failed_steps": self.failed_steps.tolist(),
+      "dev_curve": [[step, _json_floats(scores)] for step, scores in self.dev_curve],
+    }
 
   @classmethod
   def from_checkpoint(cls, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> GridProgress:
-    return cls(np.array(arrays["best_prompts"]), np.array(arrays["last_prompts"]),
-               _floats(meta["best_scores"]), np.asarray(meta["best_steps"], np.int64),
-               np.asarray(meta["has_candidate"], bool), np.asarray(meta["failed_steps"], np.int64),
-               [(int(step), _floats(scores).tolist()) for step, scores in meta["dev_curve"]])
+    return cls(
+      np.array(arrays["best_prompts"]),
+      np.array(arrays["last_prompts"]),
+      _floats(meta["best_scores"]),
+      np.asarray(meta["best_steps"], np.int64),
+      np.asarray(meta["has_candidate"], bool),
+      np.asarray(meta["failed_steps"], np.int64),
+      [(int(step), _floats(scores).tolist()) for step, scores in meta["dev_curve"]],
+    )
 
 
 @jax.jit
@@ -138,12 +158,20 @@ def _note_failures(failed_steps: jax.Array, update_ok: jax.Array, step: jax.Arra
   return jnp.where((failed_steps == 0) & ~update_ok, step, failed_steps)
 
 
-def train_grid(grid_step: Callable, states, frozen_params, sampler: batching.GridSampler,
-               evaluate_dev: Callable[[jax.Array], np.ndarray], config: GridConfig,
-               writer: logs.MetricWriter | None = None, desc: str = "grid",
-               run_steps: Sequence[int] | None = None, checkpointer: checkpoints.Checkpointer | None = None,
-               checkpoint_meta: Mapping[str, Any] | None = None,
-               run_names: Sequence[str] | None = None) -> GridProgress:
+def train_grid(
+  grid_step: Callable,
+  states,
+  frozen_params,
+  sampler: batching.GridSampler,
+  evaluate_dev: Callable[[jax.Array], np.ndarray],
+  config: GridConfig,
+  writer: logs.MetricWriter | None = None,
+  desc: str = "grid",
+  run_steps: Sequence[int] | None = None,
+  checkpointer: checkpoints.Checkpointer | None = None,
+  checkpoint_meta: Mapping[str, Any] | None = None,
+  run_names: Sequence[str] | None = None,
+) -> GridProgress:
   """Trains R runs together; returns their GridProgress at the end.
 
   evaluate_dev(prompts [R, P, D]) -> dev scores [R]. A run's first candidate for the best prompt is at
@@ -157,20 +185,28 @@ def train_grid(grid_step: Callable, states, frozen_params, sampler: batching.Gri
   restores the latest at the start, so that a killed grid resumes where it stopped.
   """
   num_runs = int(np.asarray(states.step).shape[0])
-  run_steps = np.full(num_runs, config.num_steps, np.int64) if run_steps is None else \
-      np.asarray(run_steps, np.int64)
+  run_steps = (
+    np.full(num_runs, config.num_steps, np.int64) if run_steps is None else np.asarray(run_steps, np.int64)
+  )
   names = list(run_names) if run_names is not None else [f"run {r}" for r in range(num_runs)]
   total_steps = int(run_steps.max(initial=0))
   eval_steps = set(range(config.eval_every, total_steps + 1, config.eval_every)) | set(run_steps.tolist())
   base_rng = jax.random.PRNGKey(config.seed)
   progress = GridProgress.start(np.array(jax.device_get(states.prompt)))
   start = 0
-  restored = None if checkpointer is None else checkpointer.restore_latest(
-      {"states": states, "best_prompts": progress.best_prompts, "last_prompts": progress.last_prompts})
+  restored = (
+    None
+    if checkpointer is None
+    else checkpointer.restore_latest(
+      {"states": states, "best_prompts": progress.best_prompts, "last_prompts": progress.last_prompts}
+    )
+  )
   if restored is not None:
     if restored.meta.get("run_steps") != run_steps.tolist():
-      raise ValueError(f"{checkpointer.directory}: the checkpointed grid has step budgets "
-                       f"{restored.meta.get('run_steps')}, this one {run_steps.tolist()}; use a fresh --workdir")
+      raise ValueError(
+        f"{checkpointer.directory}: the checkpointed grid has step budgets "
+        f"{restored.meta.get('run_steps')}, this one {run_steps.tolist()}; use a fresh --workdir"
+      )
     start, states = restored.step, restored.arrays["states"]
     progress = GridProgress.from_checkpoint(restored.arrays, restored.meta)
     logging.info("%s: resuming the grid from step %d (%s)", desc, start, checkpointer.directory)
@@ -179,8 +215,14 @@ def train_grid(grid_step: Callable, states, frozen_params, sampler: batching.Gri
     progress.has_candidate[:] = True
     progress.dev_curve.append((0, progress.best_scores.tolist()))
   failed_steps = jnp.asarray(progress.failed_steps, jnp.int32)
-  for step in tqdm(range(start, total_steps), initial=start, total=total_steps, desc=desc,
-                   disable=jax.process_index() != 0, mininterval=5):
+  for step in tqdm(
+    range(start, total_steps),
+    initial=start,
+    total=total_steps,
+    desc=desc,
+    disable=jax.process_index() != 0,
+    mininterval=5,
+  ):
     rngs = jax.random.split(jax.random.fold_in(base_rng, step), num_runs)
     states, step_metrics = grid_step(states, frozen_params, sampler(step), rngs)
     done = step + 1
@@ -189,8 +231,13 @@ def train_grid(grid_step: Callable, states, frozen_params, sampler: batching.Gri
       continue
     failed = np.asarray(failed_steps, np.int64)
     for r in np.flatnonzero((failed > 0) & (progress.failed_steps == 0)):
-      logging.warning("%s: %s failed the guard at step %d (a non-finite or diverging update): left out of "
-                      "its seed's choice of learning rate; the other runs go on", desc, names[r], failed[r])
+      logging.warning(
+        "%s: %s failed the guard at step %d (a non-finite or diverging update): left out of "
+        "its seed's choice of learning rate; the other runs go on",
+        desc,
+        names[r],
+        failed[r],
+      )
     progress.failed_steps = failed
     in_budget = (done <= run_steps) & (failed == 0)
     scores = np.where(in_budget, np.asarray(evaluate_dev(states.prompt), np.float64), np.nan)
@@ -207,13 +254,21 @@ def train_grid(grid_step: Callable, states, frozen_params, sampler: batching.Gri
     if writer is not None:
       healthy = failed == 0
       loss = np.asarray(step_metrics["loss"], np.float64)
-      writer.write(done, {"loss": loss[healthy].mean() if healthy.any() else np.nan,
-                          "dev_score": np.nanmean(scores) if in_budget.any() else np.nan}, f"{desc}/")
+      writer.write(
+        done,
+        {
+          "loss": loss[healthy].mean() if healthy.any() else np.nan,
+          "dev_score": np.nanmean(scores) if in_budget.any() else np.nan,
+        },
+        f"{desc}/",
+      )
     if checkpointer is not None:
-      checkpointer.save(done, {"states": states, "best_prompts": progress.best_prompts,
-                               "last_prompts": progress.last_prompts},
-                        {**(checkpoint_meta or {}), **progress.meta(), "run_steps": run_steps.tolist()},
-                        force=True)
+      checkpointer.save(
+        done,
+        {"states": states, "best_prompts": progress.best_prompts, "last_prompts": progress.last_prompts},
+        {**(checkpoint_meta or {}), **progress.meta(), "run_steps": run_steps.tolist()},
+        force=True,
+      )
   return progress
 
 
@@ -230,8 +285,9 @@ def _better(new: np.ndarray, best: np.ndarray) -> np.ndarray:
   return np.where(np.isnan(best), ~np.isnan(new), new > best)
 
 
-def choose_best_runs(runs: Sequence[Run], dev_scores: Sequence[float],
-                     failed: Sequence[bool] | None = None) -> dict[int, int]:
+def choose_best_runs(
+  runs: Sequence[Run], dev_scores: Sequence[float], failed: Sequence[bool] | None = None
+) -> dict[int, int]:
   """Per seed, the index of its run with the best dev score (the first learning rate on ties); failed runs
   are left out (a seed whose runs all failed has none)."""
   chosen: dict[int, int] = {}
@@ -262,22 +318,39 @@ class Scorer:
         real = eb.mask[r].astype(bool)
         # As the study decoded: spaces before punctuation are kept (a tokenizer may default to cleaning
         # them up, which changes EM, ACC and Rouge-L scores).
-        texts = self.tokenizer.batch_decode(ids[r][real].tolist(), skip_special_tokens=True,
-                                            clean_up_tokenization_spaces=False)
+        texts = self.tokenizer.batch_decode(
+          ids[r][real].tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
         for index, text in zip(eb.indices[r][real], texts):
           out[r][int(index)] = text
     return out
 
   def scores(self, prompts, splits: Sequence[batching.TokenizedSplit]) -> np.ndarray:
     preds = self.predictions(prompts, splits)
-    return np.asarray([metrics.evaluate(self.task, p, [list(a) for a in s.answers], self.metric)
-                       for p, s in zip(preds, splits)], np.float64)
+    return np.asarray(
+      [
+        metrics.evaluate(self.task, p, [list(a) for a in s.answers], self.metric)
+        for p, s in zip(preds, splits)
+      ],
+      np.float64,
+    )
 
 
-def adapt_task(task: str, *, init_prompts: Mapping[int, np.ndarray], frozen_params, tokenized:
-               Mapping[tuple[int, str], batching.TokenizedSplit], grid_step: Callable, optimizer,
-               predict: Callable, tokenizer, config: GridConfig, seeds: Sequence[int], out_dir: str,
-               prompt_meta: Mapping[str, Any] | None = None) -> list[dict]:
+def adapt_task(
+  task: str,
+  *,
+  init_prompts: Mapping[int, np.ndarray],
+  frozen_params,
+  tokenized: Mapping[tuple[int, str], batching.TokenizedSplit],
+  grid_step: Callable,
+  optimizer,
+  predict: Callable,
+  tokenizer,
+  config: GridConfig,
+  seeds: Sequence[int],
+  out_dir: str,
+  prompt_meta: Mapping[str, Any] | None = None,
+) -> list[dict]:
   """The whole grid of one target task; returns one result dict per seed (for mpt_jax.results).
 
   init_prompts: the starting prompt of each seed's runs [P, D]. tokenized: (seed, split) -> split.
@@ -286,74 +359,146 @@ def adapt_task(task: str, *, init_prompts: Mapping[int, np.ndarray], frozen_para
   out_dir/checkpoints (with `prompt_meta`) until the results are written, and resumes from there.
   """
   runs = grid_runs(seeds, config.lrs)
-  run_steps = [step_budget(config.num_steps, config.max_epochs, len(tokenized[(r.seed, "train")]),
-                           config.batch_size) for r in runs]
+  run_steps = [
+    step_budget(config.num_steps, config.max_epochs, len(tokenized[(r.seed, "train")]), config.batch_size)
+    for r in runs
+  ]
   if min(run_steps) < config.num_steps:
-    logging.info("%s: %d epochs of %s train examples in batches of %d end before %d steps: runs train "
-                 "%s steps (the reference's epoch cap)", task, config.max_epochs,
-                 sorted({len(tokenized[(s, "train")]) for s in seeds}), config.batch_size,
-                 config.num_steps, sorted(set(run_steps)))
+    logging.info(
+      "%s: %d epochs of %s train examples in batches of %d end before %d steps: runs train "
+      "%s steps (the reference's epoch cap)",
+      task,
+      config.max_epochs,
+      sorted({len(tokenized[(s, "train")]) for s in seeds}),
+      config.batch_size,
+      config.num_steps,
+      sorted(set(run_steps)),
+    )
   prompts0 = np.stack([np.asarray(init_prompts[r.seed], np.float32) for r in runs])
   states = algorithms.init_grid_state(prompts0, optimizer, [r.learning_rate for r in runs])
-  sampler = batching.GridSampler.create({s: tokenized[(s, "train")] for s in seeds},
-                                        [r.seed for r in runs], config.batch_size)
+  sampler = batching.GridSampler.create(
+    {s: tokenized[(s, "train")] for s in seeds}, [r.seed for r in runs], config.batch_size
+  )
   scorer = Scorer(predict, tokenizer, task, config.eval_batch_size)
   dev_splits = [tokenized[(r.seed, "dev")] for r in runs]
   checkpoint_dir = os.path.join(out_dir, "checkpoints")
   checkpointer = checkpoints.Checkpointer(checkpoint_dir)
   writer = logs.MetricWriter(os.path.join(out_dir, "logs"))
   try:
-    progress = train_grid(grid_step, states, frozen_params, sampler, lambda p: scorer.scores(p, dev_splits),
-                          config, writer, desc=task, run_steps=run_steps, checkpointer=checkpointer,
-                          checkpoint_meta=prompt_meta, run_names=[r.name for r in runs])
+    progress = train_grid(
+      grid_step,
+      states,
+      frozen_params,
+      sampler,
+      lambda p: scorer.scores(p, dev_splits),
+      config,
+      writer,
+      desc=task,
+      run_steps=run_steps,
+      checkpointer=checkpointer,
+      checkpoint_meta=prompt_meta,
+      run_names=[r.name for r in runs],
+    )
   finally:
     checkpointer.close()
     writer.close()
   failed = progress.failed_steps > 0
   chosen = choose_best_runs(runs, progress.best_scores, failed)
-  tested_prompts, tested_steps = ((progress.last_prompts, run_steps) if config.test_prompt == "last" else
-                                  (progress.best_prompts, progress.best_steps))
+  tested_prompts, tested_steps = (
+    (progress.last_prompts, run_steps)
+    if config.test_prompt == "last"
+    else (progress.best_prompts, progress.best_steps)
+  )
   tested_seeds = [s for s in seeds if s in chosen]
-  test_scores = dict(zip(tested_seeds, scorer.scores(
-      jnp.asarray(tested_prompts[[chosen[s] for s in tested_seeds]]),
-      [tokenized[(s, "test")] for s in tested_seeds]) if tested_seeds else []))
+  test_scores = dict(
+    zip(
+      tested_seeds,
+      scorer.scores(
+        jnp.asarray(tested_prompts[[chosen[s] for s in tested_seeds]]),
+        [tokenized[(s, "test")] for s in tested_seeds],
+      )
+      if tested_seeds
+      else [],
+    )
+  )
   prompt_dir = os.path.join(out_dir, "prompts")
   for seed in seeds:  # what training started from: a prompt's change is its task embedding (analysis.py)
-    prompt_lib.save_prompt(os.path.join(prompt_dir, f"init_seed{seed}.npy"), init_prompts[seed],
-                           {**(prompt_meta or {}), "task": task, "seed": int(seed), "initial": True})
+    prompt_lib.save_prompt(
+      os.path.join(prompt_dir, f"init_seed{seed}.npy"),
+      init_prompts[seed],
+      {**(prompt_meta or {}), "task": task, "seed": int(seed), "initial": True},
+    )
   for i, run in enumerate(runs):
-    meta = {**(prompt_meta or {}), "task": task, "seed": run.seed, "learning_rate": run.learning_rate,
-            "best_step": int(progress.best_steps[i]), "dev_score": _json_float(progress.best_scores[i]),
-            "steps": int(run_steps[i])}
+    meta = {
+      **(prompt_meta or {}),
+      "task": task,
+      "seed": run.seed,
+      "learning_rate": run.learning_rate,
+      "best_step": int(progress.best_steps[i]),
+      "dev_score": _json_float(progress.best_scores[i]),
+      "steps": int(run_steps[i]),
+    }
     if failed[i]:
       meta["failed_at_step"] = int(progress.failed_steps[i])
     prompt_lib.save_prompt(os.path.join(prompt_dir, f"{run.name}.npy"), progress.best_prompts[i], meta)
     if config.test_prompt == "last":
       prompt_lib.save_prompt(os.path.join(prompt_dir, f"{run.name}_last.npy"), progress.last_prompts[i], meta)
-  _write_json_atomic(os.path.join(out_dir, "dev_curve.json"), {
+  _write_json_atomic(
+    os.path.join(out_dir, "dev_curve.json"),
+    {
       "runs": [r.name for r in runs],
-      "curve": [[step, [_json_float(x) for x in scores]] for step, scores in progress.dev_curve]})
+      "curve": [[step, [_json_float(x) for x in scores]] for step, scores in progress.dev_curve],
+    },
+  )
   results = []
   for seed in seeds:
-    failures = [{"learning_rate": runs[i].learning_rate, "step": int(progress.failed_steps[i])}
-                for i in range(len(runs)) if runs[i].seed == seed and failed[i]]
+    failures = [
+      {"learning_rate": runs[i].learning_rate, "step": int(progress.failed_steps[i])}
+      for i in range(len(runs))
+      if runs[i].seed == seed and failed[i]
+    ]
     if seed not in chosen:
-      logging.warning("%s seed %d: every learning rate failed the guard (%s): no test score", task, seed,
-                      failures)
-      results.append({"task": task, "seed": seed, "test_score": None, "metric": metrics_name(task),
-                      "failed_runs": failures})
+      logging.warning(
+        "%s seed %d: every learning rate failed the guard (%s): no test score", task, seed, failures
+      )
+      results.append(
+        {
+          "task": task,
+          "seed": seed,
+          "test_score": None,
+          "metric": metrics_name(task),
+          "failed_runs": failures,
+        }
+      )
       continue
     i = chosen[seed]
     score = test_scores[seed]
-    results.append({"task": task, "seed": seed, "test_score": _json_float(score),
-                    "dev_score": _json_float(progress.best_scores[i]), "best_lr": runs[i].learning_rate,
-                    "best_step": int(progress.best_steps[i]), "metric": metrics_name(task),
-                    # steps the chosen run trained (the epoch cap may end it before num_steps), and
-                    # which of its prompts the test score is of
-                    "steps": int(run_steps[i]), "test_prompt": config.test_prompt,
-                    "tested_step": int(tested_steps[i]), "failed_runs": failures})
-    logging.info("%s seed %d: best lr %g (dev %.4f at step %d), test %.4f", task, seed,
-                 runs[i].learning_rate, progress.best_scores[i], progress.best_steps[i], score)
+    results.append(
+      {
+        "task": task,
+        "seed": seed,
+        "test_score": _json_float(score),
+        "dev_score": _json_float(progress.best_scores[i]),
+        "best_lr": runs[i].learning_rate,
+        "best_step": int(progress.best_steps[i]),
+        "metric": metrics_name(task),
+        # steps the chosen run trained (the epoch cap may end it before num_steps), and
+        # which of its prompts the test score is of
+        "steps": int(run_steps[i]),
+        "test_prompt": config.test_prompt,
+        "tested_step": int(tested_steps[i]),
+        "failed_runs": failures,
+      }
+    )
+    logging.info(
+      "%s seed %d: best lr %g (dev %.4f at step %d), test %.4f",
+      task,
+      seed,
+      runs[i].learning_rate,
+      progress.best_scores[i],
+      progress.best_steps[i],
+      score,
+    )
   return results
 
 
@@ -371,6 +516,7 @@ def _write_json_atomic(path: str, value) -> None:
 
 def metrics_name(task: str) -> str:
   from mpt_jax.data.settings import metric_for_task
+
   return metric_for_task(task)
 
 

@@ -37,10 +37,13 @@ SUMMARIES = ("max", "mean")  # of a target's similarities to the setting's sourc
 
 # --- task embeddings -------------------------------------------------------------------------------------
 
+
 def _load_npy(path: str) -> np.ndarray:
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: missing; the analysis needs each run's saved prompts (a finished "
-                            f"downstream grid writes them under <task>/prompts/)")
+    raise FileNotFoundError(
+      f"{path}: missing; the analysis needs each run's saved prompts (a finished "
+      f"downstream grid writes them under <task>/prompts/)"
+    )
   return np.load(path)
 
 
@@ -76,11 +79,14 @@ def _task_dirs(parent: str) -> list[str]:
 
 # --- one study directory (one setting) -------------------------------------------------------------------
 
+
 def load_comparison(study_dir: str) -> dict[str, Any]:
   files = sorted(f for f in os.listdir(study_dir) if f.startswith("comparison_") and f.endswith(".json"))
   if len(files) != 1:
-    raise FileNotFoundError(f"{study_dir}: expected one comparison_<setting>.json (written by "
-                            f"experiments/run_setting.py), found {files}")
+    raise FileNotFoundError(
+      f"{study_dir}: expected one comparison_<setting>.json (written by "
+      f"experiments/run_setting.py), found {files}"
+    )
   with open(os.path.join(study_dir, files[0]), encoding="utf-8") as f:
     return json.load(f)
 
@@ -108,8 +114,10 @@ def setting_similarities(study_dir: str, kind: str = "mean") -> dict[str, dict[s
   pt_dir = os.path.join(study_dir, "pt")
   sources = _task_dirs(os.path.join(pt_dir, "sources"))
   if not sources:
-    raise FileNotFoundError(f"{pt_dir}/sources: no prompt-tuned source tasks; rerun PT with "
-                            f"--config.downstream.prompt_tune_sources=True")
+    raise FileNotFoundError(
+      f"{pt_dir}/sources: no prompt-tuned source tasks; rerun PT with "
+      f"--config.downstream.prompt_tune_sources=True"
+    )
   source_emb = {s: task_embedding(os.path.join(pt_dir, "sources", s), kind) for s in sources}
   out = {}
   for target in _task_dirs(os.path.join(pt_dir, "downstream")):
@@ -120,6 +128,7 @@ def setting_similarities(study_dir: str, kind: str = "mean") -> dict[str, dict[s
 
 
 # --- the analysis over several settings ------------------------------------------------------------------
+
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
   """Spearman's rho and its two-sided p-value over the pairs where both are finite."""
@@ -143,45 +152,69 @@ def analyze(study_dirs: Sequence[str]) -> dict[str, Any]:
     for target in comparison["tasks"]:
       if target not in sims["mean"]:
         continue
-      points.append({
-          "setting": comparison["setting"], "target": target,
+      points.append(
+        {
+          "setting": comparison["setting"],
+          "target": target,
           "similarity": {kind: {s: sims[kind][target][s] for s in SUMMARIES} for kind in EMBEDDINGS},
           "per_source": {kind: sims[kind][target]["sources"] for kind in EMBEDDINGS},
-          "gain": {method: by_task.get(target, float("nan")) for method, by_task in gains.items()}})
+          "gain": {method: by_task.get(target, float("nan")) for method, by_task in gains.items()},
+        }
+      )
   methods = sorted({m for p in points for m in p["gain"]})
   correlations = {
-      method: {kind: {summary: spearman([p["similarity"][kind][summary] for p in points],
-                                        [p["gain"].get(method, float("nan")) for p in points])
-                      for summary in SUMMARIES} for kind in EMBEDDINGS}
-      for method in methods}
-  return {"study_dirs": list(study_dirs), "points": points, "methods": methods,
-          "correlations": correlations}
+    method: {
+      kind: {
+        summary: spearman(
+          [p["similarity"][kind][summary] for p in points],
+          [p["gain"].get(method, float("nan")) for p in points],
+        )
+        for summary in SUMMARIES
+      }
+      for kind in EMBEDDINGS
+    }
+    for method in methods
+  }
+  return {"study_dirs": list(study_dirs), "points": points, "methods": methods, "correlations": correlations}
 
 
 def markdown(analysis: Mapping[str, Any]) -> str:
   methods = analysis["methods"]
-  lines = ["# Task similarity vs relative gain over PT", "",
-           "Similarity: cosine between a target's task embedding and the sources' (max / mean over the "
-           "setting's sources); embedding `mean` = mean prompt vector (SPoT), `delta` = mean change of the "
-           "prompt during prompt tuning. Gain: (method - PT) / PT of the per-task means.", "",
-           "| setting | target | sim max (mean) | sim mean (mean) | sim max (delta) | sim mean (delta) | "
-           + " | ".join(f"gain {m}" for m in methods) + " |",
-           "|---|---|---|---|---|---|" + "---|" * len(methods)]
+  lines = [
+    "# Task similarity vs relative gain over PT",
+    "",
+    "Similarity: cosine between a target's task embedding and the sources' (max / mean over the "
+    "setting's sources); embedding `mean` = mean prompt vector (SPoT), `delta` = mean change of the "
+    "prompt during prompt tuning. Gain: (method - PT) / PT of the per-task means.",
+    "",
+    "| setting | target | sim max (mean) | sim mean (mean) | sim max (delta) | sim mean (delta) | "
+    + " | ".join(f"gain {m}" for m in methods)
+    + " |",
+    "|---|---|---|---|---|---|" + "---|" * len(methods),
+  ]
   for p in analysis["points"]:
     sim = p["similarity"]
     cells = [f"{sim[k][s]:.3f}" for k in EMBEDDINGS for s in SUMMARIES]
-    gains = [f"{100 * p['gain'][m]:+.1f}%" if math.isfinite(p["gain"].get(m, float("nan"))) else "NaN"
-             for m in methods]
+    gains = [
+      f"{100 * p['gain'][m]:+.1f}%" if math.isfinite(p["gain"].get(m, float("nan"))) else "NaN"
+      for m in methods
+    ]
     lines.append(f"| {p['setting']} | {p['target']} | " + " | ".join(cells + gains) + " |")
-  lines += ["", "Spearman rank correlation between similarity and gain (rho, two-sided p, points):", "",
-            "| method | " + " | ".join(f"{k} / {s}" for k in EMBEDDINGS for s in SUMMARIES) + " |",
-            "|---|" + "---|" * (len(EMBEDDINGS) * len(SUMMARIES))]
+  lines += [
+    "",
+    "Spearman rank correlation between similarity and gain (rho, two-sided p, points):",
+    "",
+    "| method | " + " | ".join(f"{k} / {s}" for k in EMBEDDINGS for s in SUMMARIES) + " |",
+    "|---|" + "---|" * (len(EMBEDDINGS) * len(SUMMARIES)),
+  ]
   for m in methods:
     cells = []
     for k in EMBEDDINGS:
       for s in SUMMARIES:
         c = analysis["correlations"][m][k][s]
-        cells.append("n/a" if not math.isfinite(c["rho"]) else f"{c['rho']:+.2f} (p={c['p']:.2g}, n={c['n']})")
+        cells.append(
+          "n/a" if not math.isfinite(c["rho"]) else f"{c['rho']:+.2f} (p={c['p']:.2g}, n={c['n']})"
+        )
     lines.append(f"| {m} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -189,18 +222,25 @@ def markdown(analysis: Mapping[str, Any]) -> str:
 def plot(analysis: Mapping[str, Any], path: str, kind: str = "mean", summary: str = "max") -> None:
   """One scatter panel per method: the targets' similarity (x) against their gain over PT (y)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   methods = analysis["methods"]
   settings = sorted({p["setting"] for p in analysis["points"]})
-  fig, axes = plt.subplots(1, max(len(methods), 1), figsize=(3.6 * max(len(methods), 1), 3.4), dpi=120,
-                           squeeze=False, sharey=True)
+  fig, axes = plt.subplots(
+    1, max(len(methods), 1), figsize=(3.6 * max(len(methods), 1), 3.4), dpi=120, squeeze=False, sharey=True
+  )
   for ax, method in zip(axes[0], methods):
     for i, setting in enumerate(settings):
       pts = [p for p in analysis["points"] if p["setting"] == setting]
-      ax.scatter([p["similarity"][kind][summary] for p in pts], [100 * p["gain"][method] for p in pts],
-                 color=f"C{i}", label=setting, s=22)
+      ax.scatter(
+        [p["similarity"][kind][summary] for p in pts],
+        [100 * p["gain"][method] for p in pts],
+        color=f"C{i}",
+        label=setting,
+        s=22,
+      )
     c = analysis["correlations"][method][kind][summary]
     rho = "n/a" if not math.isfinite(c["rho"]) else f"{c['rho']:+.2f}, p={c['p']:.2g}"
     ax.set_title(f"{method}: Spearman {rho}", fontsize=9)
@@ -216,9 +256,11 @@ def plot(analysis: Mapping[str, Any], path: str, kind: str = "mean", summary: st
 
 def write_report(analysis: Mapping[str, Any], out_dir: str) -> dict[str, str]:
   os.makedirs(out_dir, exist_ok=True)
-  paths = {"json": os.path.join(out_dir, "similarity_analysis.json"),
-           "md": os.path.join(out_dir, "similarity_analysis.md"),
-           "png": os.path.join(out_dir, "similarity_analysis.png")}
+  paths = {
+    "json": os.path.join(out_dir, "similarity_analysis.json"),
+    "md": os.path.join(out_dir, "similarity_analysis.md"),
+    "png": os.path.join(out_dir, "similarity_analysis.png"),
+  }
   with open(paths["json"], "w", encoding="utf-8") as f:
     json.dump(analysis, f, indent=1, allow_nan=True)
   with open(paths["md"], "w", encoding="utf-8") as f:

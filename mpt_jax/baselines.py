@@ -38,8 +38,9 @@ def constant_answer_score(train: Split, test: Split, metric: str | None = None) 
   return float(metrics.evaluate(test.task, [answer] * len(test), [list(g) for g in test.answers], metric))
 
 
-def random_guess_score(train: Split, test: Split, metric: str | None = None, *,
-                       draws: int = RANDOM_DRAWS, seed: int = 0) -> float:
+def random_guess_score(
+  train: Split, test: Split, metric: str | None = None, *, draws: int = RANDOM_DRAWS, seed: int = 0
+) -> float:
   """The expected score of a uniformly random train answer per test example (mean over `draws`)."""
   labels = sorted(set(_train_answers(train)))
   rng = np.random.default_rng(seed)

@@ -57,20 +57,29 @@ class Checkpointer:
     unreadable = []
     for step in reversed(self.steps()):
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+        )
       except Exception as error:  # noqa: BLE001 (tensorstore, JSON and shape errors alike mean unreadable)
         unreadable.append((step, error))
         continue
       if unreadable:
         self._set_aside([s for s, _ in unreadable])
-        logging.warning("%s: checkpoint(s) %s unreadable (%s); resuming from step %d, the latest intact one",
-                        self.directory, [s for s, _ in unreadable], _brief(unreadable[0][1]), step)
+        logging.warning(
+          "%s: checkpoint(s) %s unreadable (%s); resuming from step %d, the latest intact one",
+          self.directory,
+          [s for s, _ in unreadable],
+          _brief(unreadable[0][1]),
+          step,
+        )
       return Restored(step, restored["arrays"], dict(restored["meta"] or {}))
     if unreadable:
       details = "; ".join(f"step {s}: {_brief(e)}" for s, e in unreadable)
-      raise RuntimeError(f"{self.directory}: no checkpoint reads back ({details}). Delete the directory to "
-                         f"start this stage over, or use a fresh --workdir.")
+      raise RuntimeError(
+        f"{self.directory}: no checkpoint reads back ({details}). Delete the directory to "
+        f"start this stage over, or use a fresh --workdir."
+      )
     return None
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -90,8 +99,10 @@ class Checkpointer:
       return False
     if self._manager.latest_step() == step:
       return False
-    self._manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                                     meta=ocp.args.JsonSave(dict(meta or {}))))
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(dict(meta or {}))),
+    )
     return True
 
   def close(self) -> None:

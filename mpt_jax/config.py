@@ -26,13 +26,13 @@ STAGES = ("upstream", "downstream")
 
 # The upstream hyperparameters of the study, per method (PROTOCOL.md, "Upstream").
 _UPSTREAM = {
-    "pt": dict(),  # no upstream: PT prompt-tunes downstream from the target task's name.
-    "mtl": dict(batch_size=4, num_epochs=20, max_target_len=study.DOWNSTREAM_TARGET_LEN),
-    "maml": dict(num_steps=5000, tasks_per_step=2, inner_steps=1, inner_batch_size=2, query_size=2),
-    # First-order MAML (the meta-gradient does not flow through the inner steps' gradients).
-    "fomaml": dict(num_steps=5000, tasks_per_step=2, inner_steps=1, inner_batch_size=4, query_size=4),
-    # Reptile: 10 inner SGD steps of 4 examples = the 40 support examples of the study, no query.
-    "reptile": dict(num_steps=5000, tasks_per_step=2, inner_steps=10, inner_batch_size=4, query_size=0),
+  "pt": dict(),  # no upstream: PT prompt-tunes downstream from the target task's name.
+  "mtl": dict(batch_size=4, num_epochs=20, max_target_len=study.DOWNSTREAM_TARGET_LEN),
+  "maml": dict(num_steps=5000, tasks_per_step=2, inner_steps=1, inner_batch_size=2, query_size=2),
+  # First-order MAML (the meta-gradient does not flow through the inner steps' gradients).
+  "fomaml": dict(num_steps=5000, tasks_per_step=2, inner_steps=1, inner_batch_size=4, query_size=4),
+  # Reptile: 10 inner SGD steps of 4 examples = the 40 support examples of the study, no query.
+  "reptile": dict(num_steps=5000, tasks_per_step=2, inner_steps=10, inner_batch_size=4, query_size=0),
 }
 
 
@@ -220,22 +220,22 @@ def _mini(c):
 # lists every deviation and why; the first three differ from our defaults, the others restate them so the
 # preset stays the reference's if a default changes).
 REFERENCE_BEHAVIOUR = {
-    # It dropped each batch's all-padding columns, then appended the prompt.
-    "prompt.placement": "after_padding",
-    # Its "best" prompt was a reference to the live parameter: it tested the last one.
-    "downstream.test_prompt": "last",
-    # Its predict_batch_size: with after_padding, which inputs share a batch sets the prompt's position.
-    "downstream.eval_batch_size": 16,
-    "downstream.step0_candidate": False,
-    "downstream.max_epochs": 1000,
-    "downstream.decoding": "beam",
-    "downstream.num_beams": 4,
-    "downstream.repetition_penalty": 2.5,
-    "downstream.early_stopping": True,
-    "downstream.max_decode_len": 127,
-    # fp16 autocast is not available; on a GPU, float32 matmuls run in TF32 by default (fp16's 10-bit
-    # mantissa, float32's range) with float32 weights and residual stream, as under autocast.
-    "dtype": "float32",
+  # It dropped each batch's all-padding columns, then appended the prompt.
+  "prompt.placement": "after_padding",
+  # Its "best" prompt was a reference to the live parameter: it tested the last one.
+  "downstream.test_prompt": "last",
+  # Its predict_batch_size: with after_padding, which inputs share a batch sets the prompt's position.
+  "downstream.eval_batch_size": 16,
+  "downstream.step0_candidate": False,
+  "downstream.max_epochs": 1000,
+  "downstream.decoding": "beam",
+  "downstream.num_beams": 4,
+  "downstream.repetition_penalty": 2.5,
+  "downstream.early_stopping": True,
+  "downstream.max_decode_len": 127,
+  # fp16 autocast is not available; on a GPU, float32 matmuls run in TF32 by default (fp16's 10-bit
+  # mantissa, float32's range) with float32 weights and residual stream, as under autocast.
+  "dtype": "float32",
 }
 
 
@@ -255,13 +255,16 @@ PRESETS = {"tiny": _tiny, "demo": _demo, "mini": _mini, "reference": _reference}
 
 # --- checks: every key, before anything is written or computed ------------------------------------------
 
+
 class ConfigError(ValueError):
   """Every problem of a config at once, found before anything is written or computed."""
 
   def __init__(self, problems):
     self.problems = list(problems)
-    super().__init__(f"{len(self.problems)} problem(s) in the config; fix them all, then rerun:\n"
-                     + "\n".join(f"  {p}" for p in self.problems))
+    super().__init__(
+      f"{len(self.problems)} problem(s) in the config; fix them all, then rerun:\n"
+      + "\n".join(f"  {p}" for p in self.problems)
+    )
 
 
 def flatten(config) -> dict[str, Any]:
@@ -281,9 +284,16 @@ def flatten(config) -> dict[str, Any]:
 
 # Names a user may know from the code or the paper for a config key (the config's own name wins).
 _KEY_ALIASES = {
-    "learning_rate": "lr", "learning_rates": "lrs", "outer_lr": "lr", "steps": "num_steps",
-    "support_size": "inner_batch_size", "input_format": "input_template", "max_input_length": "max_input_len",
-    "max_target_length": "max_target_len", "prompt_length": "prompt.length", "first_order": None,
+  "learning_rate": "lr",
+  "learning_rates": "lrs",
+  "outer_lr": "lr",
+  "steps": "num_steps",
+  "support_size": "inner_batch_size",
+  "input_format": "input_template",
+  "max_input_length": "max_input_len",
+  "max_target_length": "max_target_len",
+  "prompt_length": "prompt.length",
+  "first_order": None,
 }
 
 
@@ -300,7 +310,8 @@ def suggest_key(config, key: str) -> str:
         return f" (did you mean {candidate!r}?)"
   siblings = [k for k in keys if k.rpartition(".")[0] == parent]
   close = difflib.get_close_matches(key, siblings, n=3, cutoff=0.6) or difflib.get_close_matches(
-      key, keys, n=3, cutoff=0.6)
+    key, keys, n=3, cutoff=0.6
+  )
   if not close:  # the right leaf under another parent (`--config.lr` for upstream.lr)
     close = [k for k in keys if k.rpartition(".")[2] == leaf][:3]
   return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
@@ -348,7 +359,9 @@ def validate(config, available_devices: int | None = None) -> None:
 
   def rate(key: str, value=None) -> bool:
     value = flat[key] if value is None else value
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    ok = (
+      isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
     if not ok:
       add(key, "a finite number > 0")
     return ok
@@ -363,16 +376,23 @@ def validate(config, available_devices: int | None = None) -> None:
   if flat["gym"]:
     one_of("gym", gyms.GYMS)
   elif not flat["data_dir"]:
-    problems.append("config.data_dir is empty: pass --config.data_dir=/path/to/crossfit_data (the CrossFit "
-                    "layout DATA_DIR/{task}/{task}_{k}_{seed}_{split}.tsv), or --config.gym=wordnet (or "
-                    "synthetic) for an offline gym")
+    problems.append(
+      "config.data_dir is empty: pass --config.data_dir=/path/to/crossfit_data (the CrossFit "
+      "layout DATA_DIR/{task}/{task}_{k}_{seed}_{split}.tsv), or --config.gym=wordnet (or "
+      "synthetic) for an offline gym"
+    )
   stages = tuple(flat["stages"])
   if not stages or any(stage not in STAGES for stage in stages):
     add("stages", f"one or both of {STAGES}")
   if flat["prompt.init"] == "label_words" and not flat["prompt.label_words"]:
     add("prompt.label_words", "label words for prompt.init='label_words'")
-  for key, minimum in (("prompt.length", 1), ("prompt.vocab_top_k", 1), ("data.max_input_len", 2),
-                       ("num_devices", 0), ("seed", 0)):
+  for key, minimum in (
+    ("prompt.length", 1),
+    ("prompt.vocab_top_k", 1),
+    ("data.max_input_len", 2),
+    ("num_devices", 0),
+    ("seed", 0),
+  ):
     integer(key, minimum)
   if not 0 <= flat["dropout_rate"] < 1:
     add("dropout_rate", "a probability in [0, 1)")
@@ -384,8 +404,11 @@ def validate(config, available_devices: int | None = None) -> None:
   except (KeyError, IndexError, ValueError):
     add("data.input_template", "a format with the fields {input} and optionally {task}, nothing else")
   seeds = tuple(flat["seeds"])
-  if (not seeds or len(set(seeds)) != len(seeds)
-      or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+  if (
+    not seeds
+    or len(set(seeds)) != len(seeds)
+    or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+  ):
     add("seeds", "distinct integers >= 0 (CrossFit's data seeds: 100, 13, 21, 42, 87)")
   source_seeds = tuple(flat["downstream.source_seeds"])
   if len(set(source_seeds)) != len(source_seeds) or not all(
@@ -403,13 +426,18 @@ def validate(config, available_devices: int | None = None) -> None:
     if method == "mtl":
       integer("upstream.batch_size")
       integer("upstream.num_steps", 0)
-      if flat["upstream.num_steps"] == 0 and not (isinstance(flat["upstream.num_epochs"], (int, float))
-                                                  and flat["upstream.num_epochs"] > 0):
+      if flat["upstream.num_steps"] == 0 and not (
+        isinstance(flat["upstream.num_epochs"], (int, float)) and flat["upstream.num_epochs"] > 0
+      ):
         add("upstream.num_epochs", "> 0 when upstream.num_steps is 0 (MTL trains num_steps, or epochs)")
       per_step, per_step_key = flat["upstream.batch_size"], "upstream.batch_size"
     else:
-      for key in ("upstream.num_steps", "upstream.tasks_per_step", "upstream.inner_steps",
-                  "upstream.inner_batch_size"):
+      for key in (
+        "upstream.num_steps",
+        "upstream.tasks_per_step",
+        "upstream.inner_steps",
+        "upstream.inner_batch_size",
+      ):
         integer(key)
       if method != "reptile":
         integer("upstream.query_size")
@@ -421,15 +449,20 @@ def validate(config, available_devices: int | None = None) -> None:
         add("num_devices", f"at most the {available_devices} device(s) there are")
       elif isinstance(devices, int) and devices > 0 and per_step % devices:
         problems.append(
-            f"config.{per_step_key}={per_step} does not split over {devices} devices (upstream is data "
-            f"parallel over it): make it a multiple of {devices}, or use fewer devices with "
-            f"--config.num_devices (a divisor of {per_step})")
+          f"config.{per_step_key}={per_step} does not split over {devices} devices (upstream is data "
+          f"parallel over it): make it a multiple of {devices}, or use fewer devices with "
+          f"--config.num_devices (a divisor of {per_step})"
+        )
 
   d = "downstream."
   lrs = tuple(flat[d + "lrs"])
-  if not lrs or len(set(lrs)) != len(lrs) or not all(
-      isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
-      for lr in lrs):
+  if (
+    not lrs
+    or len(set(lrs)) != len(lrs)
+    or not all(
+      isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0 for lr in lrs
+    )
+  ):
     add(d + "lrs", "distinct finite learning rates > 0")
   for key in ("batch_size", "num_steps", "eval_every", "eval_batch_size", "max_decode_len", "num_beams"):
     integer(d + key)
@@ -445,15 +478,19 @@ def validate(config, available_devices: int | None = None) -> None:
   else:
     unknown = [t for t in flat[d + "tasks"] if t not in setting.target]
     if unknown:
-      problems.append(f"config.downstream.tasks: {unknown} are not target tasks of {setting.name!r} "
-                      f"({list(setting.target)})")
+      problems.append(
+        f"config.downstream.tasks: {unknown} are not target tasks of {setting.name!r} "
+        f"({list(setting.target)})"
+      )
   for key in ("init_prompt", "pt_results", "setting_file"):
     path = flat[key]
     if path and not os.path.isfile(path):
       problems.append(f"config.{key}={path!r}: no such file")
   model = flat["model"]
   if hf.looks_local(model) and not os.path.isdir(os.path.expanduser(model)):
-    problems.append(f"config.model={model!r}: no such checkpoint directory (or pass a hub id such as "
-                    f"google/t5-large-lm-adapt)")
+    problems.append(
+      f"config.model={model!r}: no such checkpoint directory (or pass a hub id such as "
+      f"google/t5-large-lm-adapt)"
+    )
   if problems:
     raise ConfigError(problems)

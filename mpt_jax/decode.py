@@ -26,26 +26,42 @@ if TYPE_CHECKING:
   from mpt_jax.data.batching import TokenizedSplit
 
 
-def start_generation(model: T5, frozen_params, input_ids, input_mask, prompt=None, *,
-                     placement: str = "prepend", max_length: int):
+def start_generation(
+  model: T5, frozen_params, input_ids, input_mask, prompt=None, *, placement: str = "prepend", max_length: int
+):
   """Encodes the inputs once -> (encoded, encoder_mask, cache for max_length decoder positions)."""
   variables = {"params": frozen_params}
-  encoded, encoder_mask = model.apply(variables, input_ids, input_mask, prompt, placement,
-                                      method=T5.encode)
+  encoded, encoder_mask = model.apply(variables, input_ids, input_mask, prompt, placement, method=T5.encode)
   cache = model.apply(variables, encoded, max_length, method=T5.init_cache)
   return encoded, encoder_mask, cache
 
 
 def decode_step(model: T5, frozen_params, tokens, encoded, encoder_mask, cache, index):
   """Next-token logits [B, V] (float32) given the token at decoder position `index` [B]."""
-  logits, cache = model.apply({"params": frozen_params}, encoded, encoder_mask, tokens[:, None],
-                              cache=cache, cache_index=index, method=T5.decode)
+  logits, cache = model.apply(
+    {"params": frozen_params},
+    encoded,
+    encoder_mask,
+    tokens[:, None],
+    cache=cache,
+    cache_index=index,
+    method=T5.decode,
+  )
   return logits[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_length", "placement"))
-def greedy_decode(model: T5, frozen_params, input_ids, input_mask, prompt=None, *, max_length: int,
-                  placement: str = "prepend", eos_token_id=None):
+def greedy_decode(
+  model: T5,
+  frozen_params,
+  input_ids,
+  input_mask,
+  prompt=None,
+  *,
+  max_length: int,
+  placement: str = "prepend",
+  eos_token_id=None,
+):
   """Greedy output tokens [B, max_length] int32: the argmax continuation from the decoder start
   token, up to and including EOS, then padding (pad_token_id).
 
@@ -54,8 +70,9 @@ def greedy_decode(model: T5, frozen_params, input_ids, input_mask, prompt=None, 
   config = model.config
   eos = config.eos_token_id if eos_token_id is None else eos_token_id
   batch = input_ids.shape[0]
-  encoded, encoder_mask, cache = start_generation(model, frozen_params, input_ids, input_mask, prompt,
-                                                  placement=placement, max_length=max_length)
+  encoded, encoder_mask, cache = start_generation(
+    model, frozen_params, input_ids, input_mask, prompt, placement=placement, max_length=max_length
+  )
   output = jnp.full((batch, max_length), config.pad_token_id, jnp.int32)
   start = jnp.full((batch,), config.decoder_start_token_id, jnp.int32)
   done = jnp.zeros((batch,), bool)
@@ -73,8 +90,7 @@ def greedy_decode(model: T5, frozen_params, input_ids, input_mask, prompt=None, 
     done = done | (next_tokens == eos)
     return index + 1, next_tokens, output, done, cache
 
-  _, _, output, _, _ = jax.lax.while_loop(not_finished, step,
-                                          (jnp.int32(0), start, output, done, cache))
+  _, _, output, _, _ = jax.lax.while_loop(not_finished, step, (jnp.int32(0), start, output, done, cache))
   return output
 
 
@@ -113,15 +129,27 @@ def _reorder_self_attention(cache, rows):
   """The cache of the beams that go on: rows [B * K] index the old beams. Only the self-attention
   keys/values depend on the beam; the cross-attention ones are the same for all beams of an example
   (and a beam only ever continues a beam of its own example), so they are not copied."""
-  return [{name: x[rows] if name.startswith("self_") else x for name, x in layer.items()}
-          for layer in cache]
+  return [{name: x[rows] if name.startswith("self_") else x for name, x in layer.items()} for layer in cache]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_length", "placement", "num_beams",
-                                             "early_stopping"))
-def beam_search(model: T5, frozen_params, input_ids, input_mask, prompt=None, *, max_length: int,
-                placement: str = "prepend", num_beams: int = 4, repetition_penalty: float = 1.0,
-                length_penalty: float = 1.0, early_stopping: bool | str = False, eos_token_id=None):
+@functools.partial(
+  jax.jit, static_argnames=("model", "max_length", "placement", "num_beams", "early_stopping")
+)
+def beam_search(
+  model: T5,
+  frozen_params,
+  input_ids,
+  input_mask,
+  prompt=None,
+  *,
+  max_length: int,
+  placement: str = "prepend",
+  num_beams: int = 4,
+  repetition_penalty: float = 1.0,
+  length_penalty: float = 1.0,
+  early_stopping: bool | str = False,
+  eos_token_id=None,
+):
   """The best beam's tokens [B, max_length] int32 (without the start token, up to and including EOS,
   then padding), as transformers' `generate(num_beams=, repetition_penalty=, length_penalty=,
   early_stopping=, do_sample=False)` finds them (its beam search of 5.x; tested against 5.24). The
@@ -163,8 +191,8 @@ def beam_search(model: T5, frozen_params, input_ids, input_mask, prompt=None, *,
   batch = input_ids.shape[0]
   num_candidates = 2 * num_beams  # transformers' beams_to_keep with one EOS id
   encoded, encoder_mask, cache = start_generation(
-      model, frozen_params, input_ids, input_mask, prompt, placement=placement,
-      max_length=max_length)
+    model, frozen_params, input_ids, input_mask, prompt, placement=placement, max_length=max_length
+  )
   # Beams live on the batch axis, [B * K, ...] with example-major order; the cache is batch-first.
   to_beams = lambda x: jnp.repeat(x, num_beams, axis=0)
   encoded, encoder_mask, cache = jax.tree_util.tree_map(to_beams, (encoded, encoder_mask, cache))
@@ -191,19 +219,32 @@ def beam_search(model: T5, frozen_params, input_ids, input_mask, prompt=None, *,
     return going
 
   def step(carry):
-    (index, running_sequences, running_scores, finished_sequences, finished_scores, is_finished,
-     can_improve, tokens, _, cache) = carry
+    (
+      index,
+      running_sequences,
+      running_scores,
+      finished_sequences,
+      finished_scores,
+      is_finished,
+      can_improve,
+      tokens,
+      _,
+      cache,
+    ) = carry
     logits, cache = decode_step(model, frozen_params, tokens, encoded, encoder_mask, cache, index)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     vocab = log_probs.shape[-1]
     log_probs = penalize_repetitions(  # the identity for a penalty of 1.0
-        log_probs, running_sequences.reshape(batch * num_beams, max_length), index,
-        config.decoder_start_token_id, repetition_penalty)
+      log_probs,
+      running_sequences.reshape(batch * num_beams, max_length),
+      index,
+      config.decoder_start_token_id,
+      repetition_penalty,
+    )
     scores = log_probs.reshape(batch, num_beams, vocab) + running_scores[..., None]
 
     # Candidates: the top 2K (beam, token) pairs of each example, best first.
-    candidate_scores, flat_index = jax.lax.top_k(scores.reshape(batch, num_beams * vocab),
-                                                 num_candidates)
+    candidate_scores, flat_index = jax.lax.top_k(scores.reshape(batch, num_beams * vocab), num_candidates)
     candidate_beams = flat_index // vocab
     candidate_tokens = (flat_index % vocab).astype(jnp.int32)
     candidate_sequences = _gather_beams(running_sequences, candidate_beams)
@@ -228,7 +269,8 @@ def beam_search(model: T5, frozen_params, input_ids, input_mask, prompt=None, *,
     _, best = jax.lax.top_k(merged_scores, num_beams)
     finished_scores = _gather_beams(merged_scores, best)
     finished_sequences = _gather_beams(
-        jnp.concatenate([finished_sequences, candidate_sequences], axis=1), best)
+      jnp.concatenate([finished_sequences, candidate_sequences], axis=1), best
+    )
     is_finished = _gather_beams(jnp.concatenate([is_finished, just_finished], axis=1), best)
 
     cache = _reorder_self_attention(cache, (example_offset + source_beams).reshape(-1))
@@ -244,17 +286,38 @@ def beam_search(model: T5, frozen_params, input_ids, input_mask, prompt=None, *,
     worst_finished = jnp.min(finished_scores, axis=1)
     all_filled = jnp.all(is_finished, axis=1)
     can_improve = can_improve & (~all_filled | (best_possible > worst_finished))
-    return (index + 1, running_sequences, running_scores, finished_sequences, finished_scores,
-            is_finished, can_improve, tokens, jnp.all(stops), cache)
+    return (
+      index + 1,
+      running_sequences,
+      running_scores,
+      finished_sequences,
+      finished_scores,
+      is_finished,
+      can_improve,
+      tokens,
+      jnp.all(stops),
+      cache,
+    )
 
-  carry = (jnp.int32(0), running_sequences, running_scores, finished_sequences, finished_scores,
-           is_finished, can_improve, tokens, jnp.bool_(False), cache)
+  carry = (
+    jnp.int32(0),
+    running_sequences,
+    running_scores,
+    finished_sequences,
+    finished_scores,
+    is_finished,
+    can_improve,
+    tokens,
+    jnp.bool_(False),
+    cache,
+  )
   carry = jax.lax.while_loop(not_finished, step, carry)
   finished_sequences = carry[3]
   return finished_sequences[:, 0]
 
 
 # --- rank classification ---------------------------------------------------------------------------------
+
 
 @struct.dataclass
 class Candidates:
@@ -277,9 +340,11 @@ def label_candidates(train_split: TokenizedSplit) -> Candidates:
   told apart.
   """
   if len(train_split) == 0:
-    raise ValueError(f"task {train_split.task!r} (seed {train_split.seed}, split "
-                     f"{train_split.split}) has no examples: rank classification takes its label "
-                     f"set from the train split")
+    raise ValueError(
+      f"task {train_split.task!r} (seed {train_split.seed}, split "
+      f"{train_split.split}) has no examples: rank classification takes its label "
+      f"set from the train split"
+    )
   first_rows = train_split.gold_offsets[:-1]
   by_text = {}
   for example, row in enumerate(first_rows):
@@ -297,13 +362,22 @@ def label_candidates(train_split: TokenizedSplit) -> Candidates:
   lengths = np.asarray(train_split.target_lengths)[rows]
   width = train_split.target_ids.shape[1]
   mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
-  return Candidates(np.asarray(train_split.target_ids[rows], np.int32), mask, tuple(texts),
-                    int(lengths.max()))
+  return Candidates(
+    np.asarray(train_split.target_ids[rows], np.int32), mask, tuple(texts), int(lengths.max())
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "placement"))
-def rank_classify(model: T5, frozen_params, input_ids, input_mask, prompt=None, *,
-                  candidates: Candidates, placement: str = "prepend"):
+def rank_classify(
+  model: T5,
+  frozen_params,
+  input_ids,
+  input_mask,
+  prompt=None,
+  *,
+  candidates: Candidates,
+  placement: str = "prepend",
+):
   """The most likely label of each input, as that label's token ids [B, L_out] int32.
 
   Likelihood as `sequence_log_likelihood`: the sum of the label's token log-probabilities, EOS
@@ -312,19 +386,23 @@ def rank_classify(model: T5, frozen_params, input_ids, input_mask, prompt=None, 
   positions after it irrelevant). Ties go to the first label in `candidates` order.
   """
   variables = {"params": frozen_params}
-  encoded, encoder_mask = model.apply(variables, input_ids, input_mask, prompt, placement,
-                                      method=T5.encode)
+  encoded, encoder_mask = model.apply(variables, input_ids, input_mask, prompt, placement, method=T5.encode)
   batch = input_ids.shape[0]
   labels = jnp.asarray(candidates.target_ids, jnp.int32)
   num_labels = labels.shape[0]
-  targets = labels[:, :candidates.score_length]
-  target_mask = jnp.asarray(candidates.target_mask, jnp.float32)[:, :candidates.score_length]
+  targets = labels[:, : candidates.score_length]
+  target_mask = jnp.asarray(candidates.target_mask, jnp.float32)[:, : candidates.score_length]
   # Row b * C + c: input b with label c.
   encoded = jnp.repeat(encoded, num_labels, axis=0)
   encoder_mask = jnp.repeat(encoder_mask, num_labels, axis=0)
   targets = jnp.tile(targets, (batch, 1))
-  logits = model.apply(variables, encoded, encoder_mask,
-                       shift_right(targets, model.config.decoder_start_token_id), method=T5.decode)
+  logits = model.apply(
+    variables,
+    encoded,
+    encoder_mask,
+    shift_right(targets, model.config.decoder_start_token_id),
+    method=T5.decode,
+  )
   token_ll = target_log_likelihoods(logits, targets)
   scores = jnp.sum(token_ll.reshape(batch, num_labels, -1) * target_mask, axis=-1)
   return labels[jnp.argmax(scores, axis=-1)]

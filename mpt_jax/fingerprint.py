@@ -62,8 +62,9 @@ def stage_keys(config, stage: str) -> dict[str, Any]:
   other = "downstream." if stage == "upstream" else "upstream."
   keys = {}
   for key, value in config_lib.flatten(config).items():
-    harmless = key in HARMLESS and not (key == "downstream.eval_batch_size"
-                                        and config.prompt.placement == "after_padding")
+    harmless = key in HARMLESS and not (
+      key == "downstream.eval_batch_size" and config.prompt.placement == "after_padding"
+    )
     if not harmless and not key.startswith(other):
       keys[key] = value
   return _as_json(keys)
@@ -97,6 +98,7 @@ def data_digest(task_data: Mapping[str, Any]) -> str:
 class Record:
   """<stage dir>/fingerprint.json: the stage's fingerprint, and (upstream) its divergences and the
   learning rates each span of steps was trained with."""
+
   keys: dict[str, Any]
   learning_rates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   divergences: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -117,8 +119,10 @@ class Record:
       fields.pop("fingerprint", None)
       return cls(**fields)
     except (json.JSONDecodeError, TypeError) as error:
-      raise ValueError(f"{path} is unreadable ({error}); it records the config this directory's work was "
-                       f"made with: use a fresh --workdir") from None
+      raise ValueError(
+        f"{path} is unreadable ({error}); it records the config this directory's work was "
+        f"made with: use a fresh --workdir"
+      ) from None
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
@@ -152,13 +156,16 @@ class Difference:
   current: Any
 
 
-def differences(stored: Mapping[str, Any], current: Mapping[str, Any],
-                unknown: Sequence[str] = ()) -> list[Difference]:
+def differences(
+  stored: Mapping[str, Any], current: Mapping[str, Any], unknown: Sequence[str] = ()
+) -> list[Difference]:
   """Keys whose values differ (a key missing on one side counts); keys in `unknown` are not compared."""
   missing = object()
-  return [Difference(key, stored.get(key, missing), current.get(key, missing))
-          for key in sorted(set(stored) | set(current))
-          if key not in unknown and stored.get(key, missing) != current.get(key, missing)]
+  return [
+    Difference(key, stored.get(key, missing), current.get(key, missing))
+    for key in sorted(set(stored) | set(current))
+    if key not in unknown and stored.get(key, missing) != current.get(key, missing)
+  ]
 
 
 def _show(value) -> str:
@@ -183,13 +190,15 @@ class WorkdirConflict(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Check:
   """The outcome of comparing a stage directory with the current fingerprint."""
+
   record: Record | None  # the stored record (None: none, or one without work behind it)
   problem: str | None = None  # why the rerun is refused
   new_learning_rates: dict[str, Any] | None = None  # accepted lower rates after a divergence
 
 
-def check_stage(directory: str, current: Mapping[str, Any], *, what: str, fix: str,
-                unknown: Sequence[str] = ()) -> Check:
+def check_stage(
+  directory: str, current: Mapping[str, Any], *, what: str, fix: str, unknown: Sequence[str] = ()
+) -> Check:
   """Compares the record in `directory` with `current` (the stage's fingerprint keys).
 
   A record without work behind it (a run that stopped before its first checkpoint) is not binding.
@@ -200,19 +209,25 @@ def check_stage(directory: str, current: Mapping[str, Any], *, what: str, fix: s
   if not work:
     return Check(None)
   if record is None:
-    return Check(None, f"{directory} holds work of an mpt-jax without config fingerprints (or its {FILE} "
-                       f"was removed), so what it was made with is unknown: {fix}.")
+    return Check(
+      None,
+      f"{directory} holds work of an mpt-jax without config fingerprints (or its {FILE} "
+      f"was removed), so what it was made with is unknown: {fix}.",
+    )
   diffs = differences(record.keys, current, unknown)
   if record.diverged:
     changed = {d.key: d.current for d in diffs if d.key in UPSTREAM_LEARNING_RATES}
     others = [d for d in diffs if d.key not in UPSTREAM_LEARNING_RATES]
     last = record.divergences[-1]
     if not diffs:
-      return Check(record, f"{what} diverged at step {last['step']} with "
-                           f"{_rates(last['learning_rates'])} ({last['reason']}); the same rates would diverge "
-                           f"again. Rerun with a lower --config.upstream.lr (or upstream.inner_lr): it "
-                           f"continues from step {last['resume_step']}, the last good checkpoint, with the "
-                           f"new rate.")
+      return Check(
+        record,
+        f"{what} diverged at step {last['step']} with "
+        f"{_rates(last['learning_rates'])} ({last['reason']}); the same rates would diverge "
+        f"again. Rerun with a lower --config.upstream.lr (or upstream.inner_lr): it "
+        f"continues from step {last['resume_step']}, the last good checkpoint, with the "
+        f"new rate.",
+      )
     if not others:
       return Check(record, new_learning_rates=changed)
     diffs = others
@@ -221,8 +236,9 @@ def check_stage(directory: str, current: Mapping[str, Any], *, what: str, fix: s
   lines = "\n".join(f"    {d.key}: {_show(d.stored)} -> {_show(d.current)}" for d in diffs)
   back = restore_flags(diffs)
   back = f", or rerun with the values it was made with: {back}" if back else ""
-  return Check(record, f"{what} was made with another config; these keys differ (then -> now):\n{lines}\n"
-                       f"  {fix}{back}.")
+  return Check(
+    record, f"{what} was made with another config; these keys differ (then -> now):\n{lines}\n  {fix}{back}."
+  )
 
 
 def _rates(rates: Mapping[str, Any]) -> str:

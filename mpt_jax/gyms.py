@@ -22,8 +22,9 @@ def ensure(name: str) -> None:
   if name not in GYMS:
     raise ValueError(f"config.gym={name!r}: expected one of {GYMS} (or leave it empty for CrossFit data)")
   if name == "wordnet" and "wordnet" not in settings_lib.gyms():
-    settings_lib.register_gym_files("wordnet", WORDNET_GYM_DIR / "wordnet_task_metrics.json",
-                                    WORDNET_GYM_DIR / "wordnet_settings.json")
+    settings_lib.register_gym_files(
+      "wordnet", WORDNET_GYM_DIR / "wordnet_task_metrics.json", WORDNET_GYM_DIR / "wordnet_settings.json"
+    )
 
 
 def data_dir(name: str, default_dir: str | os.PathLike) -> str:
@@ -31,11 +32,14 @@ def data_dir(name: str, default_dir: str | os.PathLike) -> str:
   ensure(name)
   if name == "wordnet":
     if not WORDNET_GYM_DIR.is_dir():
-      raise FileNotFoundError(f"{WORDNET_GYM_DIR} is missing: it ships with the repository; regenerate it "
-                              f"with `python -m mpt_jax.data.wordnet_gym` (needs apt-get install "
-                              f"wordnet-base)")
+      raise FileNotFoundError(
+        f"{WORDNET_GYM_DIR} is missing: it ships with the repository; regenerate it "
+        f"with `python -m mpt_jax.data.wordnet_gym` (needs apt-get install "
+        f"wordnet-base)"
+      )
     return str(WORDNET_GYM_DIR)
   from mpt_jax.data import synthetic
+
   out = Path(default_dir).resolve() / "synthetic"
   marker = out / ".complete"
   if not marker.exists():

@@ -21,6 +21,7 @@ class MetricWriter:
       os.makedirs(directory, exist_ok=True)
       self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")
       from tensorboardX import SummaryWriter  # deferred: only runs that log need it
+
       self._tb = SummaryWriter(str(directory), flush_secs=30)
 
   def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:

@@ -20,8 +20,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<method>_<setting>.py[:preset]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file (configs/<method>_<setting>.py[:preset]).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, prompts, logs and results.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods).")
 
@@ -45,8 +46,10 @@ def config_mistakes(argv: list[str]) -> list[str]:
     return []
   path, _, preset = config_arg.partition(":")
   if not os.path.isfile(path):
-    return [f"--config={config_arg}: no config file {path!r} (from {os.getcwd()}); the configs are "
-            f"configs/<method>_<setting>.py[:preset]"]
+    return [
+      f"--config={config_arg}: no config file {path!r} (from {os.getcwd()}); the configs are "
+      f"configs/<method>_<setting>.py[:preset]"
+    ]
   try:  # as ml_collections loads it: the file's get_config(preset)
     spec = importlib.util.spec_from_file_location("mpt_jax_checked_config", path)
     module = importlib.util.module_from_spec(spec)
@@ -83,8 +86,12 @@ def main(argv) -> None:
   logging.info("devices: %s", jax.devices())
   try:
     pipeline.run(config, workdir)
-  except (config_lib.ConfigError, crossfit.CrossFitError, fingerprint.WorkdirConflict,
-          pipeline.UpstreamDiverged) as error:  # the user's to fix, and said in full: no traceback
+  except (
+    config_lib.ConfigError,
+    crossfit.CrossFitError,
+    fingerprint.WorkdirConflict,
+    pipeline.UpstreamDiverged,
+  ) as error:  # the user's to fix, and said in full: no traceback
     sys.stderr.write(f"FATAL {type(error).__name__}: {error}\n")
     sys.exit(1)
 

@@ -67,8 +67,9 @@ def normalize_answer(text: str) -> str:
   return " ".join(text.split())
 
 
-def _max_over_golds(example_score: Callable[[str, str], float], prediction: str,
-                    golds: Sequence[str]) -> float:
+def _max_over_golds(
+  example_score: Callable[[str, str], float], prediction: str, golds: Sequence[str]
+) -> float:
   if not golds:  # CrossFit: an example without golds scores 0.
     return 0.0
   return float(max(example_score(prediction, gold) for gold in golds))
@@ -143,8 +144,10 @@ _PER_EXAMPLE = {EM: exact_match, ACC: accuracy, QA_F1: qa_f1, ROUGE_L: rouge_l}
 def _first_golds(golds: Sequence[Sequence[str]], metric: str) -> list[str]:
   for i, example_golds in enumerate(golds):
     if not example_golds:
-      raise ValueError(f"{metric}: example {i} has no gold answer; {metric} scores the first gold of "
-                       "every example, so each needs at least one (check the task's .tsv lines)")
+      raise ValueError(
+        f"{metric}: example {i} has no gold answer; {metric} scores the first gold of "
+        "every example, so each needs at least one (check the task's .tsv lines)"
+      )
   return [example_golds[0] for example_golds in golds]
 
 
@@ -153,16 +156,16 @@ def classification_f1(predictions: Sequence[str], golds: Sequence[Sequence[str]]
   from sklearn.metrics import f1_score  # pylint: disable=g-import-not-at-top
 
   # zero_division=0 is the value sklearn's default ("warn") uses too, without the warning.
-  return float(f1_score(_first_golds(golds, CLASSIFICATION_F1), list(predictions), average="macro",
-                        zero_division=0))
+  return float(
+    f1_score(_first_golds(golds, CLASSIFICATION_F1), list(predictions), average="macro", zero_division=0)
+  )
 
 
 def matthews_correlation(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> float:
   """glue-cola: prediction 1 iff `strip() == "acceptable"`, gold 1 iff `== "acceptable"` exactly."""
   from sklearn.metrics import matthews_corrcoef  # pylint: disable=g-import-not-at-top
 
-  gold_labels = [1.0 if gold == "acceptable" else 0.0
-                 for gold in _first_golds(golds, MATTHEW_CORRELATION)]
+  gold_labels = [1.0 if gold == "acceptable" else 0.0 for gold in _first_golds(golds, MATTHEW_CORRELATION)]
   predicted_labels = [1.0 if prediction.strip() == "acceptable" else 0.0 for prediction in predictions]
   return float(matthews_corrcoef(gold_labels, predicted_labels))
 
@@ -183,8 +186,10 @@ def pearson_correlation(predictions: Sequence[str], golds: Sequence[Sequence[str
     try:
       gold_values.append(float(gold))
     except ValueError:
-      raise ValueError(f"{PEARSON_CORRELATION}: gold {gold!r} of example {i} is not a number; this "
-                       "metric is for regression tasks with numeric answers") from None
+      raise ValueError(
+        f"{PEARSON_CORRELATION}: gold {gold!r} of example {i} is not a number; this "
+        "metric is for regression tasks with numeric answers"
+      ) from None
   predicted_values = [_to_float_or_nan(prediction) for prediction in predictions]
   if len(gold_values) < 2:
     raise ValueError(f"{PEARSON_CORRELATION} needs at least 2 examples, got {len(gold_values)}")
@@ -197,9 +202,9 @@ def pearson_correlation(predictions: Sequence[str], golds: Sequence[Sequence[str
 
 
 _CORPUS_LEVEL = {
-    CLASSIFICATION_F1: classification_f1,
-    MATTHEW_CORRELATION: matthews_correlation,
-    PEARSON_CORRELATION: pearson_correlation,
+  CLASSIFICATION_F1: classification_f1,
+  MATTHEW_CORRELATION: matthews_correlation,
+  PEARSON_CORRELATION: pearson_correlation,
 }
 FIRST_GOLD_METRICS = tuple(_CORPUS_LEVEL)  # they need a gold in every example
 
@@ -209,17 +214,22 @@ FIRST_GOLD_METRICS = tuple(_CORPUS_LEVEL)  # they need a gold in every example
 # ---------------------------------------------------------------------------------------------------
 def _check_inputs(predictions: Sequence[str], golds: Sequence[Sequence[str]], what: str) -> None:
   if len(predictions) != len(golds):
-    raise ValueError(f"{what}: {len(predictions)} predictions but {len(golds)} gold lists; they must "
-                     "align one to one")
+    raise ValueError(
+      f"{what}: {len(predictions)} predictions but {len(golds)} gold lists; they must align one to one"
+    )
   if not predictions:
     raise ValueError(f"{what}: no examples to score")
   for i, (prediction, example_golds) in enumerate(zip(predictions, golds)):
     if not isinstance(prediction, str):
-      raise ValueError(f"{what}: prediction {i} is a {type(prediction).__name__}, expected a str "
-                       "(decode token ids to text first)")
+      raise ValueError(
+        f"{what}: prediction {i} is a {type(prediction).__name__}, expected a str "
+        "(decode token ids to text first)"
+      )
     if isinstance(example_golds, str) or not all(isinstance(g, str) for g in example_golds):
-      raise ValueError(f"{what}: golds[{i}] must be a list of strings (all gold answers of the example),"
-                       f" got {example_golds!r}")
+      raise ValueError(
+        f"{what}: golds[{i}] must be a list of strings (all gold answers of the example),"
+        f" got {example_golds!r}"
+      )
 
 
 def score(metric: str, predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> float:
@@ -233,8 +243,9 @@ def score(metric: str, predictions: Sequence[str], golds: Sequence[Sequence[str]
   raise ValueError(f"unknown metric {metric!r}; expected one of {METRIC_NAMES}")
 
 
-def evaluate(task: str, predictions: Sequence[str], golds: Sequence[Sequence[str]],
-             metric: str | None = None) -> float:
+def evaluate(
+  task: str, predictions: Sequence[str], golds: Sequence[Sequence[str]], metric: str | None = None
+) -> float:
   """The study's score of `task`: predictions stripped (as CrossFit's data wrapper did), then scored.
 
   Args:

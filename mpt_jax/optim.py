@@ -51,26 +51,36 @@ def _refuse_above_2d(transform: optax.GradientTransformation) -> optax.GradientT
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
       if jnp.ndim(leaf) > 2:
         raise ValueError(
-            f"hf_adafactor: parameter {jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}; HF "
-            f"Adafactor factors the last two dims of a >2-D parameter and optax the two largest, so "
-            f"they would differ. Only <= 2-D parameters (the [P, d_model] prompt) are supported.")
+          f"hf_adafactor: parameter {jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}; HF "
+          f"Adafactor factors the last two dims of a >2-D parameter and optax the two largest, so "
+          f"they would differ. Only <= 2-D parameters (the [P, d_model] prompt) are supported."
+        )
     return transform.init(params)
+
   return optax.GradientTransformation(init, transform.update)
 
 
-def hf_adafactor(learning_rate: float, decay_rate: float = 0.8, clip_threshold: float = 1.0,
-                 weight_decay: float = 1e-5, eps: float = 1e-30) -> optax.GradientTransformation:
+def hf_adafactor(
+  learning_rate: float,
+  decay_rate: float = 0.8,
+  clip_threshold: float = 1.0,
+  weight_decay: float = 1e-5,
+  eps: float = 1e-30,
+) -> optax.GradientTransformation:
   """HF transformers' Adafactor with scale_parameter=False, relative_step=False, beta1=None.
 
   `decay_rate` is HF's `-decay_rate` (HF takes -0.8; beta2t = 1 - t**-decay_rate). `eps` is HF's eps[0].
   """
-  return _refuse_above_2d(optax.chain(
-      optax.scale_by_factored_rms(factored=True, decay_rate=decay_rate, step_offset=0,
-                                  min_dim_size_to_factor=1, epsilon=eps),
+  return _refuse_above_2d(
+    optax.chain(
+      optax.scale_by_factored_rms(
+        factored=True, decay_rate=decay_rate, step_offset=0, min_dim_size_to_factor=1, epsilon=eps
+      ),
       optax.clip_by_block_rms(clip_threshold),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
-  ))
+    )
+  )
 
 
 def make_optimizer(name: str, learning_rate: float, **kwargs: Any) -> optax.GradientTransformation:
@@ -84,8 +94,9 @@ def make_optimizer(name: str, learning_rate: float, **kwargs: Any) -> optax.Grad
     raise ValueError(f"make_optimizer: unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
   unknown = set(kwargs) - set(defaults[name])
   if unknown:
-    raise ValueError(f"make_optimizer({name!r}): unknown options {sorted(unknown)}; "
-                     f"known: {sorted(defaults[name])}")
+    raise ValueError(
+      f"make_optimizer({name!r}): unknown options {sorted(unknown)}; known: {sorted(defaults[name])}"
+    )
   options = {**defaults[name], **kwargs}
   if name == "adafactor":
     factory = lambda learning_rate: hf_adafactor(learning_rate, **options)
@@ -101,8 +112,10 @@ def make_optimizer(name: str, learning_rate: float, **kwargs: Any) -> optax.Grad
 def set_learning_rate(opt_state: Any, learning_rate: jax.typing.ArrayLike) -> Any:
   """The state of a `make_optimizer` optimizer with its learning rate replaced (any shape: [R] for a grid)."""
   if not isinstance(opt_state, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)):
-    raise TypeError(f"set_learning_rate: expected the state of a make_optimizer optimizer "
-                    f"(optax.InjectHyperparamsState), got {type(opt_state).__name__}")
+    raise TypeError(
+      f"set_learning_rate: expected the state of a make_optimizer optimizer "
+      f"(optax.InjectHyperparamsState), got {type(opt_state).__name__}"
+    )
   old = opt_state.hyperparams["learning_rate"]
   new = jnp.asarray(learning_rate, old.dtype)
   return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": new})

@@ -53,9 +53,11 @@ def padded_runs(num_runs: int, mesh: Mesh) -> int:
 
 def _pad_leading(tree, size: int, xp=np):
   """Every array of `tree` with its leading axis padded to `size` by repeating its last entry."""
+
   def pad(x):
     extra = size - x.shape[0]
     return x if extra == 0 else xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)])
+
   return jax.tree.map(pad, tree)
 
 
@@ -81,8 +83,10 @@ def _check_divisible(tree, mesh: Mesh, what: str) -> None:
   num_devices = mesh.shape[DATA_AXIS]
   size = common.leading_size(tree, what)
   if size % num_devices:
-    raise ValueError(f"{what}: leading dimension {size} does not split over {num_devices} devices; make "
-                     f"it a multiple of {num_devices} (tasks per meta-batch, batch size or runs).")
+    raise ValueError(
+      f"{what}: leading dimension {size} does not split over {num_devices} devices; make "
+      f"it a multiple of {num_devices} (tasks per meta-batch, batch size or runs)."
+    )
 
 
 def shard_step(per_device_step: common.StepFn, mesh: Mesh) -> common.StepFn:
@@ -91,8 +95,9 @@ def shard_step(per_device_step: common.StepFn, mesh: Mesh) -> common.StepFn:
   `step(state, frozen_params, batch, rng)`: batch split along its leading axis; everything else and the
   returned state and metrics replicated. The state is donated.
   """
-  sharded = jax.shard_map(per_device_step, mesh=mesh,
-                          in_specs=(P(), P(), P(DATA_AXIS), P()), out_specs=(P(), P()))
+  sharded = jax.shard_map(
+    per_device_step, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P()), out_specs=(P(), P())
+  )
 
   def step(state, frozen_params, batch, rng):
     _check_divisible(batch, mesh, "batch")  # at trace time: shapes are static
@@ -103,8 +108,7 @@ def shard_step(per_device_step: common.StepFn, mesh: Mesh) -> common.StepFn:
 
 def make_sharded_step(method: str, loss_fn, optimizer, mesh: Mesh, **kwargs) -> common.StepFn:
   """The jitted data-parallel step of `method` (kwargs as for `mpt_jax.algorithms.make_step`)."""
-  return shard_step(algorithms.make_step(method, loss_fn, optimizer, axis_name=DATA_AXIS, **kwargs),
-                    mesh)
+  return shard_step(algorithms.make_step(method, loss_fn, optimizer, axis_name=DATA_AXIS, **kwargs), mesh)
 
 
 def shard_grid_step(step: common.StepFn, mesh: Mesh) -> common.StepFn:
@@ -116,8 +120,12 @@ def shard_grid_step(step: common.StepFn, mesh: Mesh) -> common.StepFn:
   what it returns, so no device idles and the results are those of the R runs.
   """
   grid = common.make_grid_step(step)
-  sharded = jax.shard_map(grid, mesh=mesh, in_specs=(P(DATA_AXIS), P(), P(DATA_AXIS), P(DATA_AXIS)),
-                          out_specs=(P(DATA_AXIS), P(DATA_AXIS)))
+  sharded = jax.shard_map(
+    grid,
+    mesh=mesh,
+    in_specs=(P(DATA_AXIS), P(), P(DATA_AXIS), P(DATA_AXIS)),
+    out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+  )
 
   def grid_step(states, frozen_params, batches, rngs):
     num_runs = common.leading_size((states, batches, rngs), "grid runs (leading axis R)")

@@ -1,14 +1,14 @@
 """One method on one setting, end to end: `run(config, workdir)`, read top to bottom in sections.
 
-  1. config: every key checked (`mpt_jax.config.validate`) before anything is written or computed.
-  2. data: every file of the source and target tasks read and checked, all problems reported at once;
-     the initial prompt's shape checked against the config and the model.
-  3. workdir: work made with another config is never reused or relabelled (`mpt_jax.fingerprint`).
-  4. runtime: what the stages compute with, built once (`build_runtime`): the model and its frozen
-     weights placed on the mesh, the tokenizer, the compiled upstream and grid steps, the decoders.
-  5. upstream: learn the prompt initialization on the source tasks (`train.train_prompt`).
-  6. downstream: the study's grid on every target task (`adapt.adapt_task`), results per task.
-  7. results: the setting's table, with the relative gain over PT when a PT results file is given.
+1. config: every key checked (`mpt_jax.config.validate`) before anything is written or computed.
+2. data: every file of the source and target tasks read and checked, all problems reported at once;
+   the initial prompt's shape checked against the config and the model.
+3. workdir: work made with another config is never reused or relabelled (`mpt_jax.fingerprint`).
+4. runtime: what the stages compute with, built once (`build_runtime`): the model and its frozen
+   weights placed on the mesh, the tokenizer, the compiled upstream and grid steps, the decoders.
+5. upstream: learn the prompt initialization on the source tasks (`train.train_prompt`).
+6. downstream: the study's grid on every target task (`adapt.adapt_task`), results per task.
+7. results: the setting's table, with the relative gain over PT when a PT results file is given.
 """
 
 from __future__ import annotations
@@ -22,8 +22,22 @@ import jax
 import numpy as np
 from absl import logging
 
-from mpt_jax import (adapt, algorithms, baselines, config as config_lib, decode, fingerprint, gyms, metrics,
-                     optim, parallel, prompt as prompt_lib, results, study, train)
+from mpt_jax import (
+  adapt,
+  algorithms,
+  baselines,
+  config as config_lib,
+  decode,
+  fingerprint,
+  gyms,
+  metrics,
+  optim,
+  parallel,
+  prompt as prompt_lib,
+  results,
+  study,
+  train,
+)
 from mpt_jax.data import batching, crossfit, settings as settings_lib
 from mpt_jax.model import hf
 
@@ -43,8 +57,14 @@ def run(config, workdir: str) -> dict | None:
   targets = list(config.downstream.tasks) or list(setting.target)
 
   # --- 2. data and the initial prompt ----------------------------------------------------------------------
-  data = read_data(config, resolve_data_dir(config, workdir), setting, targets, upstream=do_upstream,
-                   downstream=do_downstream)
+  data = read_data(
+    config,
+    resolve_data_dir(config, workdir),
+    setting,
+    targets,
+    upstream=do_upstream,
+    downstream=do_downstream,
+  )
   d_model = hf.read_config(hf.resolve_checkpoint(config.model))["d_model"]
   init_prompt = initial_prompt_file(config, workdir, d_model, upstream=do_upstream, downstream=do_downstream)
 
@@ -55,8 +75,14 @@ def run(config, workdir: str) -> dict | None:
 
   # --- 4. runtime: model, weights on the mesh, tokenizer, compiled steps ---------------------------------
   runtime = build_runtime(config, workdir, upstream=do_upstream)
-  logging.info("setting %s: %d source, %d target tasks; data %s; devices %s", setting.name,
-               len(setting.source), len(targets), data.data_dir, parallel.describe(runtime.mesh))
+  logging.info(
+    "setting %s: %d source, %d target tasks; data %s; devices %s",
+    setting.name,
+    len(setting.source),
+    len(targets),
+    data.data_dir,
+    parallel.describe(runtime.mesh),
+  )
 
   # --- 5. upstream -----------------------------------------------------------------------------------------
   if do_upstream:
@@ -72,14 +98,16 @@ def run(config, workdir: str) -> dict | None:
     run_downstream(runtime, data.source_runs, init_prompt, out_subdir="sources", seeds=source_run_seeds(config))
 
   # --- 7. results ------------------------------------------------------------------------------------------
-  summary = results.summarize_setting(summaries, setting=setting.name, method=config.method,
-                                      pt=config.pt_results or None)
+  summary = results.summarize_setting(
+    summaries, setting=setting.name, method=config.method, pt=config.pt_results or None
+  )
   results.write_setting_results(summary, workdir)
   logging.info("results: %s", os.path.join(workdir, "results.md"))
   return summary
 
 
 # --- 1. config ---------------------------------------------------------------------------------------------
+
 
 def needed_stages(config) -> tuple[bool, bool]:
   """(upstream, downstream): upstream only for a method that has one and no given initial prompt."""
@@ -104,11 +132,13 @@ def source_run_seeds(config) -> tuple[int, ...]:
 def prompt_tunes_sources(config) -> bool:
   """PT runs the downstream grid on the source tasks too (task embeddings for mpt_jax.analysis); the
   other methods leave that to PT (a study sets the switch for every method at once)."""
-  return (bool(config.downstream.prompt_tune_sources) and config.method == "pt"
-          and "downstream" in config.stages)
+  return (
+    bool(config.downstream.prompt_tune_sources) and config.method == "pt" and "downstream" in config.stages
+  )
 
 
 # --- 2. data and the initial prompt ------------------------------------------------------------------------
+
 
 def resolve_data_dir(config, workdir: str) -> str:
   """The config's data_dir, or the offline gym's directory (generated on first use)."""
@@ -116,22 +146,27 @@ def resolve_data_dir(config, workdir: str) -> str:
     return config.data_dir
   if config.gym:
     return gyms.data_dir(config.gym, os.path.join(workdir, os.pardir, "gym_data"))
-  raise config_lib.ConfigError([
+  raise config_lib.ConfigError(
+    [
       "config.data_dir is empty: pass --config.data_dir=/path/to/crossfit_data (the CrossFit layout "
-      "DATA_DIR/{task}/{task}_{k}_{seed}_{split}.tsv), or --config.gym=synthetic for the offline gym"])
+      "DATA_DIR/{task}/{task}_{k}_{seed}_{split}.tsv), or --config.gym=synthetic for the offline gym"
+    ]
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class RunData:
   """The checked files of every task the stages need ({task: crossfit.TaskData})."""
+
   data_dir: str
   source: dict  # upstream's source tasks (train, dev)
   target: dict  # the target tasks (train, dev, test)
   source_runs: dict  # the source tasks prompt-tuned downstream (`prompt_tunes_sources`)
 
 
-def read_data(config, data_dir: str, setting, targets: Sequence[str], *, upstream: bool,
-              downstream: bool) -> RunData:
+def read_data(
+  config, data_dir: str, setting, targets: Sequence[str], *, upstream: bool, downstream: bool
+) -> RunData:
   """Every file the stages need, read and checked; one CrossFitError lists every problem of every task,
   source and target alike. Lines without an answer are dropped from source tasks and kept (scored 0) in
   target tasks' dev and test files, as the reference read them."""
@@ -153,14 +188,20 @@ def read_data(config, data_dir: str, setting, targets: Sequence[str], *, upstrea
   return RunData(data_dir=data_dir, **read)
 
 
-def read_tasks(data_dir: str, tasks: Sequence[str], seeds: Sequence[int], splits: Sequence[str],
-               keep_empty_answers: Sequence[str] = ()):
+def read_tasks(
+  data_dir: str,
+  tasks: Sequence[str],
+  seeds: Sequence[int],
+  splits: Sequence[str],
+  keep_empty_answers: Sequence[str] = (),
+):
   """The tasks' files, checked. Lines without an answer are dropped except in `keep_empty_answers`: the
   reference dropped them upstream and kept them in the target tasks' dev and test files (scored 0)."""
   if not tasks:
     return {}
-  return crossfit.read_crossfit(data_dir, list(dict.fromkeys(tasks)), seeds, splits,
-                                keep_empty_answers=keep_empty_answers)
+  return crossfit.read_crossfit(
+    data_dir, list(dict.fromkeys(tasks)), seeds, splits, keep_empty_answers=keep_empty_answers
+  )
 
 
 def unscorable_files(target_data) -> list[tuple[str, str]]:
@@ -175,8 +216,13 @@ def unscorable_files(target_data) -> list[tuple[str, str]]:
     for split in data.splits.values():
       count = sum(not golds for golds in split.answers)
       if count:
-        found.append((split.path, f"{count} line(s) without an answer, which {metric} (a metric of the "
-                                  f"first gold) cannot score; give them an answer or remove them"))
+        found.append(
+          (
+            split.path,
+            f"{count} line(s) without an answer, which {metric} (a metric of the "
+            f"first gold) cannot score; give them an answer or remove them",
+          )
+        )
   return found
 
 
@@ -187,8 +233,9 @@ def check_scorable(target_data) -> None:
     raise crossfit.CrossFitError([crossfit.Problem(path, None, why) for path, why in found])
 
 
-def initial_prompt_file(config, workdir: str, d_model: int, *, upstream: bool,
-                        downstream: bool) -> np.ndarray | None:
+def initial_prompt_file(
+  config, workdir: str, d_model: int, *, upstream: bool, downstream: bool
+) -> np.ndarray | None:
   """The prompt downstream starts from when it is a file: `config.init_prompt`, or (downstream alone, for
   a method with an upstream stage) the upstream prompt of this workdir; shape-checked [prompt.length,
   d_model]. None when upstream makes it now, or for PT (each task starts from its own name)."""
@@ -197,38 +244,55 @@ def initial_prompt_file(config, workdir: str, d_model: int, *, upstream: bool,
   elif downstream and not upstream and config.method in UPSTREAM_METHODS:
     path, key = os.path.join(workdir, "upstream", "prompt.npy"), "the upstream prompt"
     if not os.path.exists(path):
-      raise FileNotFoundError(f"{config.method} downstream needs an upstream prompt: none at {path}; run "
-                              f"the upstream stage first or pass --config.init_prompt=path.npy")
+      raise FileNotFoundError(
+        f"{config.method} downstream needs an upstream prompt: none at {path}; run "
+        f"the upstream stage first or pass --config.init_prompt=path.npy"
+      )
   else:
     return None
   prompt, _ = prompt_lib.load_prompt(path, d_model=d_model)
   if prompt.shape[0] != config.prompt.length:
-    raise ValueError(f"{key} {path} has {prompt.shape[0]} rows but config.prompt.length is "
-                     f"{config.prompt.length}: pass --config.prompt.length={prompt.shape[0]} to use it, or a "
-                     f"prompt of {config.prompt.length} rows")
+    raise ValueError(
+      f"{key} {path} has {prompt.shape[0]} rows but config.prompt.length is "
+      f"{config.prompt.length}: pass --config.prompt.length={prompt.shape[0]} to use it, or a "
+      f"prompt of {config.prompt.length} rows"
+    )
   return prompt
 
 
 # --- 3. workdir --------------------------------------------------------------------------------------------
 
+
 def upstream_fingerprint(config, source_data) -> dict[str, Any]:
-  return {**fingerprint.stage_keys(config, "upstream"), fingerprint.DATA: fingerprint.data_digest(source_data)}
+  return {
+    **fingerprint.stage_keys(config, "upstream"),
+    fingerprint.DATA: fingerprint.data_digest(source_data),
+  }
 
 
 def task_fingerprint(config, task: str, task_data, init_prompt: np.ndarray | None) -> dict[str, Any]:
-  return {**fingerprint.stage_keys(config, "downstream"),
-          fingerprint.DATA: fingerprint.data_digest({task: task_data}),
-          fingerprint.INITIAL_PROMPT: None if init_prompt is None else fingerprint.digest(init_prompt)}
+  return {
+    **fingerprint.stage_keys(config, "downstream"),
+    fingerprint.DATA: fingerprint.data_digest({task: task_data}),
+    fingerprint.INITIAL_PROMPT: None if init_prompt is None else fingerprint.digest(init_prompt),
+  }
 
 
 def _fresh_workdir_fix(workdir: str, upstream_prompt: bool) -> str:
-  reuse = (f" (to keep its upstream prompt, start downstream from it there: --config.init_prompt="
-           f"{os.path.join(workdir, 'upstream', 'prompt.npy')})") if upstream_prompt else ""
+  reuse = (
+    (
+      f" (to keep its upstream prompt, start downstream from it there: --config.init_prompt="
+      f"{os.path.join(workdir, 'upstream', 'prompt.npy')})"
+    )
+    if upstream_prompt
+    else ""
+  )
   return f"Use a fresh --workdir{reuse}"
 
 
-def check_workdir(config, workdir: str, data: RunData, init_prompt: np.ndarray | None, *,
-                  upstream: bool) -> fingerprint.Check | None:
+def check_workdir(
+  config, workdir: str, data: RunData, init_prompt: np.ndarray | None, *, upstream: bool
+) -> fingerprint.Check | None:
   """Compares every stage directory of the workdir with this config's fingerprints before any compute;
   raises one WorkdirConflict naming every difference. Returns upstream's check (its record, and the new
   learning rates it accepts after a divergence).
@@ -240,10 +304,13 @@ def check_workdir(config, workdir: str, data: RunData, init_prompt: np.ndarray |
   upstream_prompt = os.path.exists(os.path.join(workdir, "upstream", "prompt.npy"))
   fix = _fresh_workdir_fix(workdir, upstream_prompt)
   if config.method in UPSTREAM_METHODS and not config.init_prompt:
-    upstream_check = fingerprint.check_stage(os.path.join(workdir, "upstream"),
-                                             upstream_fingerprint(config, data.source),
-                                             what=os.path.join(workdir, "upstream"), fix=fix,
-                                             unknown=() if upstream else (fingerprint.DATA,))
+    upstream_check = fingerprint.check_stage(
+      os.path.join(workdir, "upstream"),
+      upstream_fingerprint(config, data.source),
+      what=os.path.join(workdir, "upstream"),
+      fix=fix,
+      unknown=() if upstream else (fingerprint.DATA,),
+    )
     problems.append(upstream_check.problem)
   # The upstream prompt is known here unless upstream is still to make it; then it is compared when the
   # downstream stage starts.
@@ -251,9 +318,13 @@ def check_workdir(config, workdir: str, data: RunData, init_prompt: np.ndarray |
   for subdir, tasks in (("downstream", data.target), ("sources", data.source_runs)):
     for task, task_data in tasks.items():
       task_dir = os.path.join(workdir, subdir, task)
-      check = fingerprint.check_stage(task_dir, task_fingerprint(config, task, task_data, init_prompt),
-                                      what=task_dir, fix=fix,
-                                      unknown=() if known_prompt else (fingerprint.INITIAL_PROMPT,))
+      check = fingerprint.check_stage(
+        task_dir,
+        task_fingerprint(config, task, task_data, init_prompt),
+        what=task_dir,
+        fix=fix,
+        unknown=() if known_prompt else (fingerprint.INITIAL_PROMPT,),
+      )
       problems.append(check.problem)
   problems = [p for p in problems if p]
   if problems:
@@ -263,9 +334,11 @@ def check_workdir(config, workdir: str, data: RunData, init_prompt: np.ndarray |
 
 # --- 4. runtime --------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Runtime:
   """What the stages of one run compute with, built once by `build_runtime` and passed to them."""
+
   config: Any
   workdir: str
   cache_dir: str  # tokenized tasks
@@ -303,8 +376,9 @@ class Runtime:
 
 def load_model(config):
   """(model, frozen_params, tokenizer) of config.model in config.dtype, with the config's dropout."""
-  model, frozen_params, tokenizer = hf.load_pretrained(config.model, dtype=config.dtype,
-                                                       remat=config.remat_layers)
+  model, frozen_params, tokenizer = hf.load_pretrained(
+    config.model, dtype=config.dtype, remat=config.remat_layers
+  )
   model = type(model)(dataclasses.replace(model.config, dropout_rate=config.dropout_rate))
   return model, frozen_params, tokenizer
 
@@ -316,8 +390,9 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
   model, frozen_params, tokenizer = load_model(config)
   mesh = parallel.make_mesh(num_devices=config.num_devices)
   frozen_params = parallel.replicate(frozen_params, mesh)
-  loss_fn = algorithms.make_loss_fn(model, deterministic=config.dropout_rate == 0,
-                                    placement=config.prompt.placement)
+  loss_fn = algorithms.make_loss_fn(
+    model, deterministic=config.dropout_rate == 0, placement=config.prompt.placement
+  )
   upstream_optimizer = upstream_step = None
   put_batch = lambda batch: batch
   if upstream:
@@ -327,40 +402,78 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
       upstream_step = parallel.make_sharded_step(config.method, loss_fn, upstream_optimizer, mesh, **kwargs)
       put_batch = lambda batch: parallel.shard(batch, mesh)
     else:
-      upstream_step = algorithms.jit_step(algorithms.make_step(config.method, loss_fn, upstream_optimizer,
-                                                               **kwargs))
+      upstream_step = algorithms.jit_step(
+        algorithms.make_step(config.method, loss_fn, upstream_optimizer, **kwargs)
+      )
   grid_optimizer = optim.make_optimizer(d.optimizer, 1.0)
   generate = None
   if d.decoding in ("greedy", "beam", "auto"):
-    generate = make_generate(model, "greedy" if d.decoding == "auto" else d.decoding,
-                             max_decode_len=d.max_decode_len, placement=config.prompt.placement,
-                             num_beams=d.num_beams, repetition_penalty=float(d.repetition_penalty),
-                             early_stopping=bool(d.early_stopping))
+    generate = make_generate(
+      model,
+      "greedy" if d.decoding == "auto" else d.decoding,
+      max_decode_len=d.max_decode_len,
+      placement=config.prompt.placement,
+      num_beams=d.num_beams,
+      repetition_penalty=float(d.repetition_penalty),
+      early_stopping=bool(d.early_stopping),
+    )
 
   def rank_one(frozen, prompt, ids, mask, candidates):
-    return decode.rank_classify(model, frozen, ids, mask, prompt, candidates=candidates,
-                                placement=config.prompt.placement)
+    return decode.rank_classify(
+      model, frozen, ids, mask, prompt, candidates=candidates, placement=config.prompt.placement
+    )
 
-  return Runtime(config=config, workdir=workdir, cache_dir=config.cache_dir or os.path.join(workdir, "cache"),
-                 model=model, frozen_params=frozen_params, tokenizer=tokenizer, mesh=mesh,
-                 upstream_optimizer=upstream_optimizer, upstream_step=upstream_step, put_batch=put_batch,
-                 grid_optimizer=grid_optimizer,
-                 grid_step=adapt.make_grid_trainer(loss_fn, grid_optimizer, mesh), generate=generate,
-                 rank=jax.jit(jax.vmap(rank_one, in_axes=(None, 0, 0, 0, None))))
+  return Runtime(
+    config=config,
+    workdir=workdir,
+    cache_dir=config.cache_dir or os.path.join(workdir, "cache"),
+    model=model,
+    frozen_params=frozen_params,
+    tokenizer=tokenizer,
+    mesh=mesh,
+    upstream_optimizer=upstream_optimizer,
+    upstream_step=upstream_step,
+    put_batch=put_batch,
+    grid_optimizer=grid_optimizer,
+    grid_step=adapt.make_grid_trainer(loss_fn, grid_optimizer, mesh),
+    generate=generate,
+    rank=jax.jit(jax.vmap(rank_one, in_axes=(None, 0, 0, 0, None))),
+  )
 
 
-def make_generate(model, decoding: str, *, max_decode_len: int, placement: str, num_beams: int,
-                  repetition_penalty: float, early_stopping: bool) -> Callable:
+def make_generate(
+  model,
+  decoding: str,
+  *,
+  max_decode_len: int,
+  placement: str,
+  num_beams: int,
+  repetition_penalty: float,
+  early_stopping: bool,
+) -> Callable:
   """generate(frozen, prompts [R, P, D], ids [R, B, L], mask) -> tokens [R, B, T], jitted."""
   if decoding == "greedy":
+
     def one(frozen, prompt, ids, mask):
-      return decode.greedy_decode(model, frozen, ids, mask, prompt, max_length=max_decode_len,
-                                  placement=placement)
+      return decode.greedy_decode(
+        model, frozen, ids, mask, prompt, max_length=max_decode_len, placement=placement
+      )
   else:
+
     def one(frozen, prompt, ids, mask):
-      return decode.beam_search(model, frozen, ids, mask, prompt, max_length=max_decode_len,
-                                placement=placement, num_beams=num_beams,
-                                repetition_penalty=repetition_penalty, early_stopping=early_stopping)
+      return decode.beam_search(
+        model,
+        frozen,
+        ids,
+        mask,
+        prompt,
+        max_length=max_decode_len,
+        placement=placement,
+        num_beams=num_beams,
+        repetition_penalty=repetition_penalty,
+        early_stopping=early_stopping,
+      )
+
   return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
 
 
@@ -374,11 +487,15 @@ def resolve_decoding(decoding: str, task: str) -> str:
 
 # --- 5. upstream -------------------------------------------------------------------------------------------
 
+
 def upstream_sampler(config, source_data, tokenizer, cache_dir):
   """(sample_batch(step), num_steps) of the method: MTL pools batches, meta-learners draw episodes."""
   u = config.upstream
-  spec = batching.TextSpec(max_input_len=config.data.max_input_len, max_target_len=u.max_target_len,
-                           input_template=config.data.input_template)
+  spec = batching.TextSpec(
+    max_input_len=config.data.max_input_len,
+    max_target_len=u.max_target_len,
+    input_template=config.data.input_template,
+  )
   tokenized = batching.tokenize_tasks(source_data, tokenizer, spec, cache_dir)
   if config.method == "mtl":
     pool = batching.concat_splits([tokenized[key] for key in sorted(tokenized)], "mtl")
@@ -386,9 +503,14 @@ def upstream_sampler(config, source_data, tokenizer, cache_dir):
     return sampler, u.num_steps or sampler.steps_for_epochs(u.num_epochs)
   with_query = config.method != "reptile"
   tasks = batching.meta_tasks(tokenized, list(source_data), config.seeds, with_query=with_query)
-  sampler = batching.EpisodeSampler(tasks, tasks_per_step=u.tasks_per_step, inner_steps=u.inner_steps,
-                                    inner_batch_size=u.inner_batch_size,
-                                    query_size=u.query_size if with_query else None, seed=config.seed)
+  sampler = batching.EpisodeSampler(
+    tasks,
+    tasks_per_step=u.tasks_per_step,
+    inner_steps=u.inner_steps,
+    inner_batch_size=u.inner_batch_size,
+    query_size=u.query_size if with_query else None,
+    seed=config.seed,
+  )
   return sampler, u.num_steps
 
 
@@ -398,8 +520,12 @@ def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], 
   embedding = prompt_lib.token_embedding(frozen_params)
   if p.init == "task_names":
     if len(task_names) > p.length:
-      logging.info("prompt init: %d task names for %d prompt rows: the first %d fill it (as the reference)",
-                   len(task_names), p.length, p.length)
+      logging.info(
+        "prompt init: %d task names for %d prompt rows: the first %d fill it (as the reference)",
+        len(task_names),
+        p.length,
+        p.length,
+      )
     init = prompt_lib.task_names(embedding, tokenizer, task_names, num_candidates=p.vocab_top_k)
   elif p.init == "vocab":
     init = prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer, num_candidates=p.vocab_top_k)
@@ -434,8 +560,12 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
     record = fingerprint.Record(keys=keys, learning_rates=[{"step": 0, **_learning_rates(keys)}])
   elif check.new_learning_rates is not None:
     resume_step = record.divergences[-1]["resume_step"]
-    logging.info("upstream: continuing from step %d (the last good checkpoint) with %s after the divergence "
-                 "at step %d", resume_step, check.new_learning_rates, record.divergences[-1]["step"])
+    logging.info(
+      "upstream: continuing from step %d (the last good checkpoint) with %s after the divergence at step %d",
+      resume_step,
+      check.new_learning_rates,
+      record.divergences[-1]["step"],
+    )
     record.keys, record.diverged = keys, False
     record.learning_rates.append({"step": resume_step, **_learning_rates(keys)})
   record.save(out_dir)
@@ -444,47 +574,93 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
   prompt0 = initial_prompt(config, runtime.frozen_params, runtime.tokenizer, list(source_data), config.seed)
   logging.info("upstream: %s on %d source tasks, %d steps", config.method, len(source_data), num_steps)
   state = algorithms.init_state(prompt0, runtime.upstream_optimizer)
-  loop = train.LoopConfig(num_steps=num_steps, checkpoint_every=u.checkpoint_every, log_every=u.log_every,
-                          seed=config.seed, learning_rate=u.lr)
+  loop = train.LoopConfig(
+    num_steps=num_steps,
+    checkpoint_every=u.checkpoint_every,
+    log_every=u.log_every,
+    seed=config.seed,
+    learning_rate=u.lr,
+  )
   try:
-    state = train.train_prompt(runtime.upstream_step, state, runtime.frozen_params, sample_batch, loop, out_dir,
-                               runtime.put_batch, checkpoint_meta={"config_fingerprint": record.hash})
+    state = train.train_prompt(
+      runtime.upstream_step,
+      state,
+      runtime.frozen_params,
+      sample_batch,
+      loop,
+      out_dir,
+      runtime.put_batch,
+      checkpoint_meta={"config_fingerprint": record.hash},
+    )
   except algorithms.Diverged as diverged:
     rates = _learning_rates(keys)
     record.diverged = True
-    record.divergences.append({"step": diverged.step, "reason": diverged.reason,
-                               "resume_step": diverged.resume_step, "learning_rates": rates})
+    record.divergences.append(
+      {
+        "step": diverged.step,
+        "reason": diverged.reason,
+        "resume_step": diverged.resume_step,
+        "learning_rates": rates,
+      }
+    )
     record.save(out_dir)
-    resume = (f"it continues from step {diverged.resume_step}, the last good checkpoint, with the new rate "
-              f"({os.path.join(out_dir, fingerprint.FILE)} records which rate trained which steps)"
-              if diverged.resume_step else "it starts again from the initial prompt (no step before the "
-                                           "divergence was checkpointed)")
+    resume = (
+      f"it continues from step {diverged.resume_step}, the last good checkpoint, with the new rate "
+      f"({os.path.join(out_dir, fingerprint.FILE)} records which rate trained which steps)"
+      if diverged.resume_step
+      else "it starts again from the initial prompt (no step before the divergence was checkpointed)"
+    )
     raise UpstreamDiverged(
-        f"upstream diverged at step {diverged.step}: {diverged.reason}. The update was not applied, and "
-        f"every checkpoint holds steps that passed the guard. Rerun with a lower --config.upstream.lr (now "
-        f"{u.lr:g}): {resume}.") from diverged
+      f"upstream diverged at step {diverged.step}: {diverged.reason}. The update was not applied, and "
+      f"every checkpoint holds steps that passed the guard. Rerun with a lower --config.upstream.lr (now "
+      f"{u.lr:g}): {resume}."
+    ) from diverged
   prompt = np.asarray(jax.device_get(state.prompt))
-  prompt_lib.save_prompt(prompt_path, prompt, prompt_meta(runtime, source_tasks=list(source_data),
-                                                          steps=num_steps, config_fingerprint=record.hash,
-                                                          learning_rates=record.learning_rates))
+  prompt_lib.save_prompt(
+    prompt_path,
+    prompt,
+    prompt_meta(
+      runtime,
+      source_tasks=list(source_data),
+      steps=num_steps,
+      config_fingerprint=record.hash,
+      learning_rates=record.learning_rates,
+    ),
+  )
   logging.info("upstream prompt saved to %s", prompt_path)
   return prompt
 
 
 def prompt_meta(runtime: Runtime, **extra) -> dict[str, Any]:
   config = runtime.config
-  return {"model": config.model, "d_model": runtime.model.config.d_model, "length": config.prompt.length,
-          "placement": config.prompt.placement, "method": config.method, "setting": config.setting, **extra}
+  return {
+    "model": config.model,
+    "d_model": runtime.model.config.d_model,
+    "length": config.prompt.length,
+    "placement": config.prompt.placement,
+    "method": config.method,
+    "setting": config.setting,
+    **extra,
+  }
 
 
 # --- 6. downstream -----------------------------------------------------------------------------------------
 
+
 def grid_config(config) -> adapt.GridConfig:
   d = config.downstream
-  return adapt.GridConfig(lrs=tuple(d.lrs), batch_size=d.batch_size, num_steps=d.num_steps,
-                          eval_every=d.eval_every, eval_batch_size=d.eval_batch_size, optimizer=d.optimizer,
-                          seed=config.seed, max_epochs=d.max_epochs, step0_candidate=d.step0_candidate,
-                          test_prompt=d.test_prompt)
+  return adapt.GridConfig(
+    lrs=tuple(d.lrs),
+    batch_size=d.batch_size,
+    num_steps=d.num_steps,
+    eval_every=d.eval_every,
+    eval_batch_size=d.eval_batch_size,
+    optimizer=d.optimizer,
+    seed=config.seed,
+    max_epochs=d.max_epochs,
+    step0_candidate=d.step0_candidate,
+    test_prompt=d.test_prompt,
+  )
 
 
 def run_downstream(runtime: Runtime, target_data, init_prompt: np.ndarray | None,
@@ -512,8 +688,12 @@ def run_downstream(runtime: Runtime, target_data, init_prompt: np.ndarray | None
       continue
     record = check.record or fingerprint.Record(keys=keys)
     record.save(task_dir)
-    tokenized = {key[1:]: split for key, split in
-                 batching.tokenize_tasks({task: data}, runtime.tokenizer, spec, runtime.cache_dir).items()}
+    tokenized = {
+      key[1:]: split
+      for key, split in batching.tokenize_tasks(
+        {task: data}, runtime.tokenizer, spec, runtime.cache_dir
+      ).items()
+    }
     if init_prompt is None:  # PT: each seed starts from the target task's own name
       prompts = {s: initial_prompt(config, runtime.frozen_params, runtime.tokenizer, [task], config.seed + s)
                  for s in seeds}
@@ -537,6 +717,7 @@ def target_baselines(config, workdir: str) -> dict[str, dict[str, float]]:
   their metrics, from the same train and test files the methods use (mpt_jax.baselines)."""
   setting = resolve_setting(config)
   targets = list(config.downstream.tasks) or list(setting.target)
-  data = read_tasks(resolve_data_dir(config, workdir), targets, config.seeds, ("train", "test"),
-                    keep_empty_answers=("test",))
+  data = read_tasks(
+    resolve_data_dir(config, workdir), targets, config.seeds, ("train", "test"), keep_empty_answers=("test",)
+  )
   return baselines.setting_baselines(data, config.seeds)

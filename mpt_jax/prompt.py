@@ -44,8 +44,9 @@ def token_embedding(frozen_params) -> jax.Array:
   return jnp.asarray(frozen_params["shared"]["embedding"], jnp.float32)
 
 
-def frequent_id_range(tokenizer=None, num_candidates: int = FREQUENT_VOCAB,
-                      vocab_size: int | None = None) -> tuple[int, int]:
+def frequent_id_range(
+  tokenizer=None, num_candidates: int = FREQUENT_VOCAB, vocab_size: int | None = None
+) -> tuple[int, int]:
   """[first, end) of the ids treated as the most frequent: after the special tokens, before the
   sentinels (end is capped by the SentencePiece vocabulary size or `vocab_size`)."""
   limit = vocab_size
@@ -64,6 +65,7 @@ def frequent_id_range(tokenizer=None, num_candidates: int = FREQUENT_VOCAB,
 def uniform(scale: float = 0.5) -> Initializer:
   def init(rng, shape):
     return jax.random.uniform(rng, shape, jnp.float32, -scale, scale)
+
   return init
 
 
@@ -82,6 +84,7 @@ def sampled_vocab(embedding, *, tokenizer=None, num_candidates: int = FREQUENT_V
   def init(rng, shape):
     _check_shape(shape, embedding)
     return _sample_rows(rng, embedding, shape[0], id_range)
+
   return init
 
 
@@ -93,8 +96,9 @@ def mean_token_embedding(embedding, tokenizer, text: str) -> jax.Array:
   return jnp.mean(jnp.asarray(embedding, jnp.float32)[jnp.asarray(ids)], axis=0)
 
 
-def _rows_then_vocab(embedding, tokenizer, texts: Sequence[str], num_candidates: int,
-                     what: str, keep_first: bool = False) -> Initializer:
+def _rows_then_vocab(
+  embedding, tokenizer, texts: Sequence[str], num_candidates: int, what: str, keep_first: bool = False
+) -> Initializer:
   """keep_first: more texts than rows fill the prompt with the first ones (else: an error)."""
   embedding = jnp.asarray(embedding, jnp.float32)
   head = jnp.stack([mean_token_embedding(embedding, tokenizer, t) for t in texts]) if texts else None
@@ -106,15 +110,17 @@ def _rows_then_vocab(embedding, tokenizer, texts: Sequence[str], num_candidates:
     if rows is not None and rows.shape[0] > shape[0]:
       if not keep_first:
         raise ValueError(f"{rows.shape[0]} {what} do not fit a prompt of {shape[0]} rows")
-      rows = rows[:shape[0]]
+      rows = rows[: shape[0]]
     num_head = 0 if rows is None else rows.shape[0]
     rest = _sample_rows(rng, embedding, shape[0] - num_head, id_range)
     return rest if rows is None else jnp.concatenate([rows, rest], axis=0)
+
   return init
 
 
-def task_names(embedding, tokenizer, names: Sequence[str], *,
-               num_candidates: int = FREQUENT_VOCAB) -> Initializer:
+def task_names(
+  embedding, tokenizer, names: Sequence[str], *, num_candidates: int = FREQUENT_VOCAB
+) -> Initializer:
   """The reference study's init: row i = mean embedding of names[i] ("_", "-" as spaces), then
   frequent-vocabulary samples. PT passes the target task's own name; upstream methods the source
   tasks' names. More names than rows (the `random` setting: 114 names, 100 rows): the first names fill
@@ -123,8 +129,9 @@ def task_names(embedding, tokenizer, names: Sequence[str], *,
   return _rows_then_vocab(embedding, tokenizer, texts, num_candidates, "task names", keep_first=True)
 
 
-def label_words(embedding, tokenizer, words: Sequence[str], *,
-                num_candidates: int = FREQUENT_VOCAB) -> Initializer:
+def label_words(
+  embedding, tokenizer, words: Sequence[str], *, num_candidates: int = FREQUENT_VOCAB
+) -> Initializer:
   """Rows = mean embeddings of the class label words, then frequent-vocabulary samples."""
   return _rows_then_vocab(embedding, tokenizer, list(words), num_candidates, "label words")
 
@@ -135,6 +142,7 @@ def _check_shape(shape, embedding):
 
 
 # --- export / import ---------------------------------------------------------------------------------
+
 
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
   path = Path(path)
@@ -178,17 +186,21 @@ def load_prompt(path: str | os.PathLike, *, d_model: int | None = None) -> tuple
     prompt = np.load(npy, allow_pickle=False)
     meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
   except (ValueError, OSError, EOFError) as error:  # a truncated or foreign file
-    raise ValueError(f"{npy}: not a readable prompt ({type(error).__name__}: {error}); a prompt is a "
-                     f"float [length, d_model] .npy written by mpt_jax (upstream/prompt.npy)") from None
+    raise ValueError(
+      f"{npy}: not a readable prompt ({type(error).__name__}: {error}); a prompt is a "
+      f"float [length, d_model] .npy written by mpt_jax (upstream/prompt.npy)"
+    ) from None
   if prompt.ndim != 2 or not np.issubdtype(prompt.dtype, np.floating):
     raise ValueError(f"{npy}: a prompt is a float [length, d_model] array; got {prompt.dtype} {prompt.shape}")
   for key, actual in (("length", prompt.shape[0]), ("d_model", prompt.shape[1])):
     if key in meta and meta[key] != actual:
       raise ValueError(f"{npy}: array {key} {actual} disagrees with {sidecar.name} ({meta[key]})")
   if d_model is not None and prompt.shape[1] != d_model:
-    raise ValueError(f"{npy}: prompt d_model {prompt.shape[1]} (from model {meta.get('model', '?')}) "
-                     f"does not match this model's d_model {d_model}; a prompt only transfers "
-                     f"between models of the same width.")
+    raise ValueError(
+      f"{npy}: prompt d_model {prompt.shape[1]} (from model {meta.get('model', '?')}) "
+      f"does not match this model's d_model {d_model}; a prompt only transfers "
+      f"between models of the same width."
+    )
   if not np.all(np.isfinite(prompt)):
     raise ValueError(f"{npy}: the prompt has non-finite values (a diverged run's?)")
   return prompt.astype(np.float32), meta

@@ -59,6 +59,7 @@ RUN_RECORD_FILE = "run_record.json"
 @dataclasses.dataclass
 class RunResult:
   """One downstream run: the test score of the best dev checkpoint of the best lr, for one seed."""
+
   task: str
   seed: int
   test_score: float
@@ -117,14 +118,16 @@ def _as_run_dict(run: RunResult | Mapping[str, Any], index: int) -> dict[str, An
   run = run.to_dict() if isinstance(run, RunResult) else dict(run)
   missing = [key for key in ("task", "seed", "test_score") if key not in run]
   if missing:
-    raise ValueError(f"run {index} lacks {missing}: each run needs 'task', 'seed' and 'test_score' "
-                     f"(got keys {sorted(run)})")
+    raise ValueError(
+      f"run {index} lacks {missing}: each run needs 'task', 'seed' and 'test_score' (got keys {sorted(run)})"
+    )
   run["test_score"] = _num(run["test_score"])
   return run
 
 
-def summarize_task(task: str, runs: Iterable[RunResult | Mapping[str, Any]],
-                   nan_policy: str = "omit") -> dict[str, Any]:
+def summarize_task(
+  task: str, runs: Iterable[RunResult | Mapping[str, Any]], nan_policy: str = "omit"
+) -> dict[str, Any]:
   """Per-seed test scores of one task -> {"seeds", "test_scores", "mean", "std", "n_nan", "runs", ...}."""
   _check_nan_policy(nan_policy)
   runs = [_as_run_dict(run, i) for i, run in enumerate(runs)]
@@ -145,18 +148,18 @@ def summarize_task(task: str, runs: Iterable[RunResult | Mapping[str, Any]],
   # Grid runs that failed the NaN/divergence guard (left out of their seed's choice of learning rate).
   failed = [{"seed": run["seed"], **failure} for run in runs for failure in run.get("failed_runs") or ()]
   return {
-      "task": task,
-      "metric": metrics[0] if metrics else None,
-      "seeds": [run["seed"] for run in runs],
-      "test_scores": scores,
-      "mean": _mean(scores, nan_policy),
-      "std": _std(scores, nan_policy),
-      "std_ddof": STD_DDOF,
-      "nan_policy": nan_policy,
-      "n_seeds": len(scores),
-      "n_nan": len(scores) - len(_finite(scores)),
-      "failed_runs": failed,
-      "runs": runs,
+    "task": task,
+    "metric": metrics[0] if metrics else None,
+    "seeds": [run["seed"] for run in runs],
+    "test_scores": scores,
+    "mean": _mean(scores, nan_policy),
+    "std": _std(scores, nan_policy),
+    "std_ddof": STD_DDOF,
+    "nan_policy": nan_policy,
+    "n_seeds": len(scores),
+    "n_nan": len(scores) - len(_finite(scores)),
+    "failed_runs": failed,
+    "runs": runs,
   }
 
 
@@ -167,8 +170,10 @@ def _pt_means(pt: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, floa
     source = os.fspath(pt)
     pt = load_results(pt)
   if not isinstance(pt, Mapping) or not isinstance(pt.get("tasks"), Mapping):
-    raise ValueError(f"PT results ({source}) must be a setting summary with a 'tasks' mapping "
-                     "(a results.json written by write_setting_results)")
+    raise ValueError(
+      f"PT results ({source}) must be a setting summary with a 'tasks' mapping "
+      "(a results.json written by write_setting_results)"
+    )
   return {task: _num(summary["mean"]) for task, summary in pt["tasks"].items()}, source
 
 
@@ -182,9 +187,14 @@ def relative_gains(means: Mapping[str, float], pt_means: Mapping[str, float]) ->
   return gains
 
 
-def summarize_setting(task_summaries: Iterable[Mapping[str, Any]], *, setting: str, method: str,
-                      pt: str | os.PathLike | Mapping[str, Any] | None = None,
-                      nan_policy: str = "omit") -> dict[str, Any]:
+def summarize_setting(
+  task_summaries: Iterable[Mapping[str, Any]],
+  *,
+  setting: str,
+  method: str,
+  pt: str | os.PathLike | Mapping[str, Any] | None = None,
+  nan_policy: str = "omit",
+) -> dict[str, Any]:
   """Task summaries of one method on one setting -> average over tasks and, given PT, the ARG."""
   _check_nan_policy(nan_policy)
   tasks = {}
@@ -196,39 +206,50 @@ def summarize_setting(task_summaries: Iterable[Mapping[str, Any]], *, setting: s
     raise ValueError(f"setting {setting!r}, method {method!r}: no task results")
   means = {task: _num(summary["mean"]) for task, summary in tasks.items()}
   result = {
-      "setting": setting,
-      "method": method,
-      "std_ddof": STD_DDOF,
-      "nan_policy": nan_policy,
-      "tasks": tasks,
-      "average": _mean(list(means.values()), nan_policy),
-      "n_tasks": len(tasks),
-      "tasks_without_score": [task for task, mean in means.items() if not math.isfinite(mean)],
+    "setting": setting,
+    "method": method,
+    "std_ddof": STD_DDOF,
+    "nan_policy": nan_policy,
+    "tasks": tasks,
+    "average": _mean(list(means.values()), nan_policy),
+    "n_tasks": len(tasks),
+    "tasks_without_score": [task for task, mean in means.items() if not math.isfinite(mean)],
   }
   if pt is not None:
     pt_means, pt_source = _pt_means(pt)
     gains = relative_gains(means, pt_means)
-    result.update({
+    result.update(
+      {
         "pt_source": pt_source,
         "relative_gain": gains,
         "arg": _mean(list(gains.values()), nan_policy),
         "arg_tasks_missing_in_pt": [task for task in tasks if task not in pt_means],
         "arg_tasks_without_gain": [task for task, gain in gains.items() if not math.isfinite(gain)],
-    })
+      }
+    )
   return result
 
 
-def summarize_runs(runs: Iterable[RunResult | Mapping[str, Any]], *, setting: str, method: str,
-                   pt: str | os.PathLike | Mapping[str, Any] | None = None,
-                   nan_policy: str = "omit") -> dict[str, Any]:
+def summarize_runs(
+  runs: Iterable[RunResult | Mapping[str, Any]],
+  *,
+  setting: str,
+  method: str,
+  pt: str | os.PathLike | Mapping[str, Any] | None = None,
+  nan_policy: str = "omit",
+) -> dict[str, Any]:
   """All runs of one method on one setting (any order) -> the setting summary, tasks in first-seen order."""
   by_task: dict[str, list] = {}
   for i, run in enumerate(runs):
     run = _as_run_dict(run, i)
     by_task.setdefault(run["task"], []).append(run)
-  return summarize_setting([summarize_task(task, task_runs, nan_policy)
-                            for task, task_runs in by_task.items()],
-                           setting=setting, method=method, pt=pt, nan_policy=nan_policy)
+  return summarize_setting(
+    [summarize_task(task, task_runs, nan_policy) for task, task_runs in by_task.items()],
+    setting=setting,
+    method=method,
+    pt=pt,
+    nan_policy=nan_policy,
+  )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,8 +300,9 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     with open(path) as f:
       return json.load(f)
   except FileNotFoundError:
-    raise FileNotFoundError(f"no results file at {path}; run the downstream stage (or "
-                            "write_setting_results) first") from None
+    raise FileNotFoundError(
+      f"no results file at {path}; run the downstream stage (or write_setting_results) first"
+    ) from None
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e}); delete it and rewrite the results") from None
 
@@ -339,13 +361,20 @@ def _nan_notes(summary: Mapping[str, Any]) -> list[str]:
   omit = summary.get("nan_policy", "omit") == "omit"
   notes = []
   if summary.get("tasks_without_score"):
-    notes.append(f"No finite score: {', '.join(summary['tasks_without_score'])}"
-                 + (" (left out of the average)." if omit else " (the average is NaN)."))
+    notes.append(
+      f"No finite score: {', '.join(summary['tasks_without_score'])}"
+      + (" (left out of the average)." if omit else " (the average is NaN).")
+    )
   if any(t.get("n_nan") for t in summary["tasks"].values()):
-    notes.append("(k/n NaN): k of the n seeds scored NaN"
-                 + ("; mean and std are over the other seeds." if omit else "; the mean is NaN."))
-  failed = [f"{task} (seed {f['seed']}, lr {f['learning_rate']:g}, step {f['step']})"
-            for task, t in summary["tasks"].items() for f in t.get("failed_runs") or ()]
+    notes.append(
+      "(k/n NaN): k of the n seeds scored NaN"
+      + ("; mean and std are over the other seeds." if omit else "; the mean is NaN.")
+    )
+  failed = [
+    f"{task} (seed {f['seed']}, lr {f['learning_rate']:g}, step {f['step']})"
+    for task, t in summary["tasks"].items()
+    for f in t.get("failed_runs") or ()
+  ]
   if failed:
     notes.append(f"Runs that diverged (left out of the choice of learning rate): {', '.join(failed)}.")
   if summary.get("arg_tasks_missing_in_pt"):
@@ -375,27 +404,44 @@ def setting_table_markdown(summary: Mapping[str, Any], digits: int = 1) -> str:
   rows.append(["**Average**"] + blank + [_pct(summary["average"], digits)] + ([""] if has_pt else []))
   if has_pt:
     rows.append(["**ARG**"] + blank + [""] + [_signed_pct(summary["arg"], digits)])
-  title = (f"# {method_display_name(summary['method'])} on {summary['setting']}\n\nTest scores x100 over "
-           f"seeds; std is the population std (ddof={summary.get('std_ddof', STD_DDOF)}).")
+  title = (
+    f"# {method_display_name(summary['method'])} on {summary['setting']}\n\nTest scores x100 over "
+    f"seeds; std is the population std (ddof={summary.get('std_ddof', STD_DDOF)})."
+  )
   if has_pt:
     title += " vs PT: (m - PT) / PT of the task means; ARG: their mean over tasks."
   notes = _nan_notes(summary)
-  return title + "\n\n" + _markdown(header, rows) + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-                                                      if notes else "")
+  return (
+    title
+    + "\n\n"
+    + _markdown(header, rows)
+    + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
+  )
 
 
 def setting_table_csv(summary: Mapping[str, Any]) -> str:
   """CSV of one method on one setting, raw scores (not x100), full precision; 'average'/'ARG' rows last."""
   seeds = sorted({seed for t in summary["tasks"].values() for seed in t["seeds"]})
   gains = summary.get("relative_gain", {})
-  header = (["task", "metric"] + [f"seed_{s}" for s in seeds]
-            + ["mean", "std", "n_seeds", "n_nan", "relative_gain_vs_pt"])
+  header = (
+    ["task", "metric"]
+    + [f"seed_{s}" for s in seeds]
+    + ["mean", "std", "n_seeds", "n_nan", "relative_gain_vs_pt"]
+  )
   rows = []
   for task, t in summary["tasks"].items():
     by_seed = dict(zip(t["seeds"], t["test_scores"]))
-    rows.append([task, t.get("metric") or ""] + [_num(by_seed[s]) if s in by_seed else "" for s in seeds]
-                + [_num(t["mean"]), _num(t["std"]), t["n_seeds"], t["n_nan"],
-                   _num(gains[task]) if task in gains else ""])
+    rows.append(
+      [task, t.get("metric") or ""]
+      + [_num(by_seed[s]) if s in by_seed else "" for s in seeds]
+      + [
+        _num(t["mean"]),
+        _num(t["std"]),
+        t["n_seeds"],
+        t["n_nan"],
+        _num(gains[task]) if task in gains else "",
+      ]
+    )
   blank = [""] * len(seeds)
   rows.append(["average", ""] + blank + [_num(summary["average"]), "", "", "", ""])
   if "arg" in summary:
@@ -403,8 +449,12 @@ def setting_table_csv(summary: Mapping[str, Any]) -> str:
   return _csv(header, rows)
 
 
-def plot_bars(tasks: Sequence[str], series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-              path: str | os.PathLike, title: str = "") -> str:
+def plot_bars(
+  tasks: Sequence[str],
+  series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+  path: str | os.PathLike,
+  title: str = "",
+) -> str:
   """Grouped bar chart (x100): one group per task, one bar per series with a std error bar; PNG."""
   # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
@@ -435,8 +485,9 @@ def plot_bars(tasks: Sequence[str], series: Mapping[str, tuple[Sequence[float], 
   return path
 
 
-def write_setting_results(summary: Mapping[str, Any], out_dir: str | os.PathLike,
-                          digits: int = 1) -> dict[str, str]:
+def write_setting_results(
+  summary: Mapping[str, Any], out_dir: str | os.PathLike, digits: int = 1
+) -> dict[str, str]:
   """results.json, results.md, results.csv and results.png of one method on one setting."""
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
@@ -445,11 +496,17 @@ def write_setting_results(summary: Mapping[str, Any], out_dir: str | os.PathLike
   _write_atomic(paths["md"], setting_table_markdown(summary, digits))
   _write_atomic(paths["csv"], setting_table_csv(summary))
   tasks = list(summary["tasks"])
-  plot_bars(tasks + ["average"],
-            {method_display_name(summary["method"]):
-             ([summary["tasks"][t]["mean"] for t in tasks] + [summary["average"]],
-              [summary["tasks"][t]["std"] for t in tasks] + [0.0])},
-            paths["png"], title=f"{method_display_name(summary['method'])} on {summary['setting']}")
+  plot_bars(
+    tasks + ["average"],
+    {
+      method_display_name(summary["method"]): (
+        [summary["tasks"][t]["mean"] for t in tasks] + [summary["average"]],
+        [summary["tasks"][t]["std"] for t in tasks] + [0.0],
+      )
+    },
+    paths["png"],
+    title=f"{method_display_name(summary['method'])} on {summary['setting']}",
+  )
   return paths
 
 
@@ -460,12 +517,19 @@ BOOTSTRAP_RESAMPLES = 10_000
 
 
 def _seed_scores(task_summary: Mapping[str, Any]) -> dict[int, float]:
-  return {int(seed): _num(score) for seed, score in zip(task_summary.get("seeds", ()),
-                                                        task_summary.get("test_scores", ()))}
+  return {
+    int(seed): _num(score)
+    for seed, score in zip(task_summary.get("seeds", ()), task_summary.get("test_scores", ()))
+  }
 
 
-def paired_comparison(method_summary: Mapping[str, Any], pt_summary: Mapping[str, Any], *,
-                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+def paired_comparison(
+  method_summary: Mapping[str, Any],
+  pt_summary: Mapping[str, Any],
+  *,
+  resamples: int = BOOTSTRAP_RESAMPLES,
+  seed: int = 0,
+) -> dict[str, Any]:
   """A method against PT over the (task, seed) pairs both have a finite test score for.
 
   -> {"n_pairs", "mean_difference" (method - PT, in score units), "wins", "ties", "losses",
@@ -483,11 +547,19 @@ def paired_comparison(method_summary: Mapping[str, Any], pt_summary: Mapping[str
       if seed_ in pt_scores and math.isfinite(score) and math.isfinite(pt_scores[seed_]):
         differences.append(score - pt_scores[seed_])
   d = np.asarray(differences, np.float64)
-  result: dict[str, Any] = {"n_pairs": int(d.size), "wins": int((d > 0).sum()), "ties": int((d == 0).sum()),
-                            "losses": int((d < 0).sum())}
+  result: dict[str, Any] = {
+    "n_pairs": int(d.size),
+    "wins": int((d > 0).sum()),
+    "ties": int((d == 0).sum()),
+    "losses": int((d < 0).sum()),
+  }
   if d.size == 0:
-    return {**result, "mean_difference": float("nan"), "wilcoxon_p": float("nan"),
-            "bootstrap_ci95": [float("nan"), float("nan")]}
+    return {
+      **result,
+      "mean_difference": float("nan"),
+      "wilcoxon_p": float("nan"),
+      "bootstrap_ci95": [float("nan"), float("nan")],
+    }
   from scipy import stats  # deferred: only the comparison needs it
 
   nonzero = d[d != 0]
@@ -495,13 +567,19 @@ def paired_comparison(method_summary: Mapping[str, Any], pt_summary: Mapping[str
   rng = np.random.default_rng(seed)
   means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
   low, high = np.percentile(means, [2.5, 97.5])
-  return {**result, "mean_difference": float(d.mean()), "wilcoxon_p": p_value,
-          "bootstrap_ci95": [float(low), float(high)]}
+  return {
+    **result,
+    "mean_difference": float(d.mean()),
+    "wilcoxon_p": p_value,
+    "bootstrap_ci95": [float(low), float(high)],
+  }
 
 
-def compare_methods(summaries: Iterable[Mapping[str, Any] | str | os.PathLike],
-                    nan_policy: str = "omit",
-                    baselines: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
+def compare_methods(
+  summaries: Iterable[Mapping[str, Any] | str | os.PathLike],
+  nan_policy: str = "omit",
+  baselines: Mapping[str, Mapping[str, float]] | None = None,
+) -> dict[str, Any]:
   """Setting summaries (or their results.json paths) of several methods -> the comparison table.
 
   ARG of each method is recomputed against the PT summary among them (if any), else taken from the
@@ -516,29 +594,37 @@ def compare_methods(summaries: Iterable[Mapping[str, Any] | str | os.PathLike],
   by_method: dict[str, Mapping[str, Any]] = {}
   for summary in loaded:
     if "method" not in summary or "tasks" not in summary:
-      raise ValueError("compare_methods: each summary must be a setting summary (keys 'method', "
-                       f"'setting', 'tasks'), got keys {sorted(summary)}")
+      raise ValueError(
+        "compare_methods: each summary must be a setting summary (keys 'method', "
+        f"'setting', 'tasks'), got keys {sorted(summary)}"
+      )
     method = str(summary["method"])
     if any(_method_key(m) == _method_key(method) for m in by_method):
       raise ValueError(f"compare_methods: method {method!r} given twice")
     by_method[method] = summary
   settings = sorted({str(s.get("setting")) for s in by_method.values()})
   if len(settings) > 1:
-    raise ValueError(f"compare_methods: summaries of different settings {settings}; compare one "
-                     "setting at a time")
+    raise ValueError(
+      f"compare_methods: summaries of different settings {settings}; compare one setting at a time"
+    )
   methods = sorted(by_method, key=_method_sort_key)
   tasks: list[str] = []
   for method in methods:
     tasks += [task for task in by_method[method]["tasks"] if task not in tasks]
   pt = next((m for m in methods if _method_key(m) == "pt"), None)
-  pt_means = ({task: _num(t["mean"]) for task, t in by_method[pt]["tasks"].items()}
-              if pt is not None else None)
+  pt_means = {task: _num(t["mean"]) for task, t in by_method[pt]["tasks"].items()} if pt is not None else None
   cells, average, n_tasks, arg = {}, {}, {}, {}
   for method in methods:
     summary = by_method[method]
-    cells[method] = {task: {"mean": _num(t["mean"]), "std": _num(t["std"]), "n_nan": t.get("n_nan", 0),
-                            "n_seeds": t.get("n_seeds")}
-                     for task, t in summary["tasks"].items()}
+    cells[method] = {
+      task: {
+        "mean": _num(t["mean"]),
+        "std": _num(t["std"]),
+        "n_nan": t.get("n_nan", 0),
+        "n_seeds": t.get("n_seeds"),
+      }
+      for task, t in summary["tasks"].items()
+    }
     means = {task: cell["mean"] for task, cell in cells[method].items()}
     average[method] = _mean(list(means.values()), nan_policy)
     n_tasks[method] = len(means)
@@ -546,19 +632,30 @@ def compare_methods(summaries: Iterable[Mapping[str, Any] | str | os.PathLike],
       arg[method] = _mean(list(relative_gains(means, pt_means).values()), nan_policy)
     elif pt_means is None and "arg" in summary:
       arg[method] = _num(summary["arg"])
-  paired = ({m: paired_comparison(by_method[m], by_method[pt]) for m in methods if m != pt}
-            if pt is not None else {})
-  comparison = {"setting": settings[0], "methods": methods, "tasks": tasks, "cells": cells,
-                "average": average, "n_tasks": n_tasks, "arg": arg, "arg_baseline":
-                "pt column" if pt_means is not None else "each method's own PT file",
-                "paired": paired, "std_ddof": STD_DDOF, "nan_policy": nan_policy}
+  paired = (
+    {m: paired_comparison(by_method[m], by_method[pt]) for m in methods if m != pt} if pt is not None else {}
+  )
+  comparison = {
+    "setting": settings[0],
+    "methods": methods,
+    "tasks": tasks,
+    "cells": cells,
+    "average": average,
+    "n_tasks": n_tasks,
+    "arg": arg,
+    "arg_baseline": "pt column" if pt_means is not None else "each method's own PT file",
+    "paired": paired,
+    "std_ddof": STD_DDOF,
+    "nan_policy": nan_policy,
+  }
   if baselines is not None:
     missing = [task for task in tasks if task not in baselines]
     if missing:
       raise ValueError(f"compare_methods: baselines lack tasks {missing}")
     comparison["baselines"] = {task: {k: float(v) for k, v in baselines[task].items()} for task in tasks}
     comparison["baseline_average"] = {
-        k: _mean([comparison["baselines"][t][k] for t in tasks], nan_policy) for k in ("constant", "random")}
+      k: _mean([comparison["baselines"][t][k] for t in tasks], nan_policy) for k in ("constant", "random")
+    }
   return comparison
 
 
@@ -566,43 +663,73 @@ def comparison_table_markdown(comparison: Mapping[str, Any], digits: int = 1) ->
   methods = comparison["methods"]
   baselines = comparison.get("baselines")
   chance = ("constant", "random") if baselines else ()
-  header = ["task"] + [f"{kind} answer" if kind == "constant" else "random guess" for kind in chance] + [
-      method_display_name(m) for m in methods]
+  header = (
+    ["task"]
+    + [f"{kind} answer" if kind == "constant" else "random guess" for kind in chance]
+    + [method_display_name(m) for m in methods]
+  )
   rows = []
   for task in comparison["tasks"]:
-    rows.append([task] + [_pct(baselines[task][kind], digits) for kind in chance]
-                + [_mean_std_cell(comparison["cells"][m][task], digits)
-                   if task in comparison["cells"][m] else "—" for m in methods])
+    rows.append(
+      [task]
+      + [_pct(baselines[task][kind], digits) for kind in chance]
+      + [
+        _mean_std_cell(comparison["cells"][m][task], digits) if task in comparison["cells"][m] else "—"
+        for m in methods
+      ]
+    )
   all_tasks = len(comparison["tasks"])
-  rows.append(["**Average**"] + [_pct(comparison["baseline_average"][kind], digits) for kind in chance] + [
+  rows.append(
+    ["**Average**"]
+    + [_pct(comparison["baseline_average"][kind], digits) for kind in chance]
+    + [
       _pct(comparison["average"][m], digits)
       + ("" if comparison["n_tasks"][m] == all_tasks else f" ({comparison['n_tasks'][m]} tasks)")
-      for m in methods])
-  rows.append(["**ARG**"] + [""] * len(chance)
-              + [_signed_pct(comparison["arg"][m], digits) if m in comparison["arg"] else "—"
-                 for m in methods])
-  text = (f"# {comparison['setting']}: test scores x100, mean ± std over seeds (population std)\n\n"
-          "ARG: mean over tasks of (m - PT) / PT.\n\n" + _markdown(header, rows))
+      for m in methods
+    ]
+  )
+  rows.append(
+    ["**ARG**"]
+    + [""] * len(chance)
+    + [_signed_pct(comparison["arg"][m], digits) if m in comparison["arg"] else "—" for m in methods]
+  )
+  text = (
+    f"# {comparison['setting']}: test scores x100, mean ± std over seeds (population std)\n\n"
+    "ARG: mean over tasks of (m - PT) / PT.\n\n" + _markdown(header, rows)
+  )
   if baselines:
-    text += ("\nconstant answer: the train file's most frequent answer for every test example; random "
-             "guess: a uniformly random train answer per example (expected score). Both per seed, "
-             "averaged.\n")
+    text += (
+      "\nconstant answer: the train file's most frequent answer for every test example; random "
+      "guess: a uniformly random train answer per example (expected score). Both per seed, "
+      "averaged.\n"
+    )
   paired = comparison.get("paired") or {}
   if paired:
-    text += ("\nPaired against PT over (task, seed) pairs (difference x100; Wilcoxon signed-rank, ties "
-             "dropped; bootstrap 95% CI of the mean difference):\n\n")
-    rows = [[method_display_name(m), str(p["n_pairs"]), f"{p['wins']}/{p['ties']}/{p['losses']}",
-             _signed_points(p["mean_difference"], digits),
-             f"[{_signed_points(p['bootstrap_ci95'][0], digits)}, "
-             f"{_signed_points(p['bootstrap_ci95'][1], digits)}]",
-             "—" if not math.isfinite(p["wilcoxon_p"]) else f"{p['wilcoxon_p']:.3g}"]
-            for m, p in paired.items()]
-    text += _markdown(["method", "pairs", "wins/ties/losses", "mean difference", "95% CI", "Wilcoxon p"],
-                      rows)
+    text += (
+      "\nPaired against PT over (task, seed) pairs (difference x100; Wilcoxon signed-rank, ties "
+      "dropped; bootstrap 95% CI of the mean difference):\n\n"
+    )
+    rows = [
+      [
+        method_display_name(m),
+        str(p["n_pairs"]),
+        f"{p['wins']}/{p['ties']}/{p['losses']}",
+        _signed_points(p["mean_difference"], digits),
+        f"[{_signed_points(p['bootstrap_ci95'][0], digits)}, "
+        f"{_signed_points(p['bootstrap_ci95'][1], digits)}]",
+        "—" if not math.isfinite(p["wilcoxon_p"]) else f"{p['wilcoxon_p']:.3g}",
+      ]
+      for m, p in paired.items()
+    ]
+    text += _markdown(
+      ["method", "pairs", "wins/ties/losses", "mean difference", "95% CI", "Wilcoxon p"], rows
+    )
   if any(c.get("n_nan") for m in methods for c in comparison["cells"][m].values()):
-    text += ("\n- (k/n NaN): k of the n seeds scored NaN"
-             + ("; mean and std are over the other seeds.\n" if comparison["nan_policy"] == "omit"
-                else "; the mean is NaN.\n"))
+    text += "\n- (k/n NaN): k of the n seeds scored NaN" + (
+      "; mean and std are over the other seeds.\n"
+      if comparison["nan_policy"] == "omit"
+      else "; the mean is NaN.\n"
+    )
   return text
 
 
@@ -621,8 +748,9 @@ def comparison_table_csv(comparison: Mapping[str, Any]) -> str:
   return _csv(header, rows)
 
 
-def write_comparison(comparison: Mapping[str, Any], out_dir: str | os.PathLike, name: str | None = None,
-                     digits: int = 1) -> dict[str, str]:
+def write_comparison(
+  comparison: Mapping[str, Any], out_dir: str | os.PathLike, name: str | None = None, digits: int = 1
+) -> dict[str, str]:
   """<name>.json/.md/.csv/.png of a comparison table (name defaults to the setting)."""
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
@@ -636,8 +764,10 @@ def write_comparison(comparison: Mapping[str, Any], out_dir: str | os.PathLike, 
   series = {}
   for m in comparison["methods"]:
     cells = [comparison["cells"][m].get(t, nan_cell) for t in tasks]
-    series[method_display_name(m)] = ([c["mean"] for c in cells] + [comparison["average"][m]],
-                                      [c["std"] for c in cells] + [0.0])
+    series[method_display_name(m)] = (
+      [c["mean"] for c in cells] + [comparison["average"][m]],
+      [c["std"] for c in cells] + [0.0],
+    )
   plot_bars(tasks + ["average"], series, paths["png"], title=str(comparison["setting"]))
   return paths
 
@@ -667,8 +797,7 @@ def _package_versions() -> dict[str, str | None]:
 
 def _git(args: Sequence[str], cwd: str) -> str | None:
   try:
-    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
-                         check=True)
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
   except (OSError, subprocess.SubprocessError):
     return None
   return out.stdout.strip()
@@ -689,10 +818,21 @@ def _devices() -> dict[str, Any]:
     import jax  # pylint: disable=g-import-not-at-top
 
     devices = jax.devices()
-    return {"process_index": jax.process_index(), "process_count": jax.process_count(),
-            "count": len(devices),
-            "devices": [{"id": d.id, "platform": d.platform, "device_kind": d.device_kind,
-                         "process_index": d.process_index, "repr": str(d)} for d in devices]}
+    return {
+      "process_index": jax.process_index(),
+      "process_count": jax.process_count(),
+      "count": len(devices),
+      "devices": [
+        {
+          "id": d.id,
+          "platform": d.platform,
+          "device_kind": d.device_kind,
+          "process_index": d.process_index,
+          "repr": str(d),
+        }
+        for d in devices
+      ],
+    }
   except Exception as e:  # pylint: disable=broad-except  # A record must not fail the run.
     return {"error": f"{type(e).__name__}: {e}"}
 
@@ -705,15 +845,15 @@ def run_record(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
   new record.
   """
   record = {
-      "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-      "hostname": socket.gethostname(),
-      "command_line": list(sys.argv),
-      "executable": sys.executable,
-      "cwd": os.getcwd(),
-      "config": _config_dict(config),
-      "packages": _package_versions(),
-      "git": _git_state(),
-      "devices": _devices(),
+    "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "hostname": socket.gethostname(),
+    "command_line": list(sys.argv),
+    "executable": sys.executable,
+    "cwd": os.getcwd(),
+    "config": _config_dict(config),
+    "packages": _package_versions(),
+    "git": _git_state(),
+    "devices": _devices(),
   }
   if record["devices"].get("process_index", 0) != 0:
     return record
@@ -739,16 +879,16 @@ def run_record(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
   parser = argparse.ArgumentParser(
-      prog="python -m mpt_jax.results",
-      description="The study's comparison table of one setting from the methods' results.json files.")
+    prog="python -m mpt_jax.results",
+    description="The study's comparison table of one setting from the methods' results.json files.",
+  )
   parser.add_argument("results", nargs="+", help="setting results.json files (or their directories)")
   parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--name", default=None, help="file name stem (default: comparison_<setting>)")
   parser.add_argument("--digits", type=int, default=1)
   parser.add_argument("--nan_policy", choices=NAN_POLICIES, default="omit")
   args = parser.parse_args(argv)
-  paths = write_comparison(compare_methods(args.results, args.nan_policy), args.out, args.name,
-                           args.digits)
+  paths = write_comparison(compare_methods(args.results, args.nan_policy), args.out, args.name, args.digits)
   with open(paths["md"]) as f:
     print(f.read())
   return paths

@@ -33,10 +33,16 @@ class LoopConfig:
   learning_rate: float | None = None
 
 
-def train_prompt(step_fn: Callable, state: PromptState, frozen_params: Any,
-                 sample_batch: Callable[[int], dict], loop: LoopConfig, workdir: str,
-                 put_batch: Callable[[dict], Any] = lambda batch: batch,
-                 checkpoint_meta: dict | None = None) -> PromptState:
+def train_prompt(
+  step_fn: Callable,
+  state: PromptState,
+  frozen_params: Any,
+  sample_batch: Callable[[int], dict],
+  loop: LoopConfig,
+  workdir: str,
+  put_batch: Callable[[dict], Any] = lambda batch: batch,
+  checkpoint_meta: dict | None = None,
+) -> PromptState:
   """Runs `step_fn` from the latest checkpoint in `workdir` (or from `state`) to `loop.num_steps`.
 
   step_fn(state, frozen_params, batch, rng) -> (state, metrics), jitted, state donated.
@@ -56,16 +62,26 @@ def train_prompt(step_fn: Callable, state: PromptState, frozen_params: Any,
     if restored is not None:
       start, state = restored.step, restored.arrays["state"]
       if not np.array_equal(np.asarray(restored.arrays["rng"]), np.asarray(base_rng)):
-        raise ValueError(f"{workdir}: the checkpoint was made with another seed; use a fresh --workdir "
-                         f"or the seed it was made with")
+        raise ValueError(
+          f"{workdir}: the checkpoint was made with another seed; use a fresh --workdir "
+          f"or the seed it was made with"
+        )
       if start > loop.num_steps:
-        raise ValueError(f"{workdir}: the checkpoint is at step {start}, past num_steps={loop.num_steps}; "
-                         f"use a fresh --workdir")
+        raise ValueError(
+          f"{workdir}: the checkpoint is at step {start}, past num_steps={loop.num_steps}; "
+          f"use a fresh --workdir"
+        )
       if loop.learning_rate is not None:
         state = state.replace(opt_state=optim.set_learning_rate(state.opt_state, loop.learning_rate))
       logging.info("resuming upstream from step %d (%s)", start, workdir)
-    for step in tqdm(range(start, loop.num_steps), initial=start, total=loop.num_steps,
-                     desc="upstream", disable=jax.process_index() != 0, mininterval=5):
+    for step in tqdm(
+      range(start, loop.num_steps),
+      initial=start,
+      total=loop.num_steps,
+      desc="upstream",
+      disable=jax.process_index() != 0,
+      mininterval=5,
+    ):
       batch = put_batch(sample_batch(step))
       state, metrics = step_fn(state, frozen_params, batch, jax.random.fold_in(base_rng, step))
       pending.append((step, metrics))
@@ -94,5 +110,6 @@ def _flush(pending: list, writer: logs.MetricWriter) -> None:
   step = fetched[-1][0]
   keys = [k for k in fetched[-1][1] if k != "update_ok"]
   writer.write(step + 1, {k: np.mean([np.mean(m[k]) for _, m in fetched]) for k in keys}, "upstream/")
-  logging.info("upstream step %d: %s", step + 1,
-               ", ".join(f"{k}={np.mean(fetched[-1][1][k]):.4g}" for k in keys))
+  logging.info(
+    "upstream step %d: %s", step + 1, ", ".join(f"{k}={np.mean(fetched[-1][1][k]):.4g}" for k in keys)
+  )

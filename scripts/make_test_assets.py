@@ -43,8 +43,13 @@ def tiny_corpus(num_sentences: int = 3000, seed: int = 0) -> list[str]:
     if i % 5 == 0:
       words.append(str(rng.randint(0, 999)))
     if i % 3 == 0:  # CrossFit field prefixes and separators
-      words = [f"{rng.choice(['premise', 'question', 'context'])}:", *words, "[SEP]",
-               f"{rng.choice(['hypothesis', 'answer', 'label'])}:", rng.choice(_WORDS)]
+      words = [
+        f"{rng.choice(['premise', 'question', 'context'])}:",
+        *words,
+        "[SEP]",
+        f"{rng.choice(['hypothesis', 'answer', 'label'])}:",
+        rng.choice(_WORDS),
+      ]
     sentences.append(" ".join(words) + rng.choice([".", "?", "!", ""]))
   return sentences
 
@@ -57,19 +62,40 @@ def make_tokenizer(out_dir: str | os.PathLike, sp_vocab_size: int = 160) -> Path
 
 
 VERSIONS = {
-    # T5 v1.0: ReLU, tied head with d_model**-0.5 scaling, HF's default bucket settings.
-    "1.0": dict(feed_forward_proj="relu", tie=True, num_layers=2, num_decoder_layers=2,
-                relative_attention_num_buckets=32, relative_attention_max_distance=128),
-    # T5 v1.1 / LM-adapted: gated-GELU, untied head, no scaling; few buckets and a short max distance
-    # so that short test sequences reach the log-spaced buckets; decoder deeper than encoder.
-    "1.1": dict(feed_forward_proj="gated-gelu", tie=False, num_layers=2, num_decoder_layers=3,
-                relative_attention_num_buckets=8, relative_attention_max_distance=12),
+  # T5 v1.0: ReLU, tied head with d_model**-0.5 scaling, HF's default bucket settings.
+  "1.0": dict(
+    feed_forward_proj="relu",
+    tie=True,
+    num_layers=2,
+    num_decoder_layers=2,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+  ),
+  # T5 v1.1 / LM-adapted: gated-GELU, untied head, no scaling; few buckets and a short max distance
+  # so that short test sequences reach the log-spaced buckets; decoder deeper than encoder.
+  "1.1": dict(
+    feed_forward_proj="gated-gelu",
+    tie=False,
+    num_layers=2,
+    num_decoder_layers=3,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=12,
+  ),
 }
 
 
-def make_hf_t5(out_dir: str | os.PathLike, version: str = "1.1", *, seed: int = 0, d_model: int = 16,
-               d_kv: int = 8, d_ff: int = 32, num_heads: int = 2, sp_vocab_size: int = 160,
-               tokenizer_dir: str | os.PathLike | None = None) -> Path:
+def make_hf_t5(
+  out_dir: str | os.PathLike,
+  version: str = "1.1",
+  *,
+  seed: int = 0,
+  d_model: int = 16,
+  d_kv: int = 8,
+  d_ff: int = 32,
+  num_heads: int = 2,
+  sp_vocab_size: int = 160,
+  tokenizer_dir: str | os.PathLike | None = None,
+) -> Path:
   """A tiny random T5 in HF layout (config.json, model.safetensors, spiece.model) at out_dir.
 
   tokenizer_dir: reuse a spiece.model from there instead of training one. Layer-norm weights are
@@ -95,9 +121,19 @@ def make_hf_t5(out_dir: str | os.PathLike, version: str = "1.1", *, seed: int = 
     make_tokenizer(out_dir, sp_vocab_size)
   vocab_size = len(load_tokenizer(out_dir))  # SentencePiece pieces + 100 sentinels
 
-  config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_kv, d_ff=d_ff,
-                    num_heads=num_heads, dropout_rate=0.1, tie_word_embeddings=tie,
-                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **spec)
+  config = T5Config(
+    vocab_size=vocab_size,
+    d_model=d_model,
+    d_kv=d_kv,
+    d_ff=d_ff,
+    num_heads=num_heads,
+    dropout_rate=0.1,
+    tie_word_embeddings=tie,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+    **spec,
+  )
   torch.manual_seed(seed)
   model = T5ForConditionalGeneration(config)
   with torch.no_grad():
@@ -113,7 +149,7 @@ def make_hf_t5(out_dir: str | os.PathLike, version: str = "1.1", *, seed: int = 
     generator = torch.Generator().manual_seed(seed + 1)
     # Scale d_model**-0.5 keeps logits O(1), like the tied v1.0 head with its output scaling: float32
     # rounding differences grow with the logits' size.
-    tensors["lm_head.weight"] = torch.randn(vocab_size, d_model, generator=generator) * d_model ** -0.5
+    tensors["lm_head.weight"] = torch.randn(vocab_size, d_model, generator=generator) * d_model**-0.5
     save_file(tensors, weights_file, metadata={"format": "pt"})
   return out_dir
 
@@ -124,8 +160,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   tokenizer_dir = args.out_dir / "t5-v1_0-tiny"
   for version, name in (("1.0", "t5-v1_0-tiny"), ("1.1", "t5-v1_1-tiny")):
-    path = make_hf_t5(args.out_dir / name, version,
-                      tokenizer_dir=tokenizer_dir if version != "1.0" else None)
+    path = make_hf_t5(args.out_dir / name, version, tokenizer_dir=tokenizer_dir if version != "1.0" else None)
     print(f"wrote {path}")
 
 

@@ -10,8 +10,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # PyTorch (the parity references) on tiny models: one thread avoids oversubscribing the cores XLA uses.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=2").strip()
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+  ).strip()
 
 # Tests use tiny models, where compiling dominates. The non-partitionable threefry compiles dropout's
 # random bits about 3x faster on CPU (measured); the programs under test are otherwise the same.

@@ -33,12 +33,23 @@ TINY_VOCAB = 64
 def tiny_config(version: str = "1.1", **overrides) -> T5Config:
   """A tiny T5Config (d_model 16, 2 heads of 8, 2 encoder layers) in the flavour of `version`."""
   if version == "1.0":
-    base = dict(feed_forward_proj="relu", tie_word_embeddings=True, scale_decoder_outputs=True,
-                num_layers=2, num_decoder_layers=2)
+    base = dict(
+      feed_forward_proj="relu",
+      tie_word_embeddings=True,
+      scale_decoder_outputs=True,
+      num_layers=2,
+      num_decoder_layers=2,
+    )
   elif version == "1.1":
-    base = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                scale_decoder_outputs=False, num_layers=2, num_decoder_layers=3,
-                relative_attention_num_buckets=8, relative_attention_max_distance=12)
+    base = dict(
+      feed_forward_proj="gated-gelu",
+      tie_word_embeddings=False,
+      scale_decoder_outputs=False,
+      num_layers=2,
+      num_decoder_layers=3,
+      relative_attention_num_buckets=8,
+      relative_attention_max_distance=12,
+    )
   else:
     raise ValueError(f"version {version!r}: expected '1.0' or '1.1'")
   base.update(vocab_size=TINY_VOCAB, d_model=16, d_kv=8, d_ff=32, num_heads=2, dropout_rate=0.1)
@@ -58,8 +69,15 @@ def tiny_t5(version: str = "1.1", seed: int = 0, **overrides):
   return model, init_params(model, seed)
 
 
-def random_batch(seed: int, batch: int = 4, input_length: int = 10, target_length: int = 5,
-                 vocab_size: int = TINY_VOCAB, min_input: int = 2, min_target: int = 1):
+def random_batch(
+  seed: int,
+  batch: int = 4,
+  input_length: int = 10,
+  target_length: int = 5,
+  vocab_size: int = TINY_VOCAB,
+  min_input: int = 2,
+  min_target: int = 1,
+):
   """A right-padded batch (pad 0, EOS 1 at each sequence's end) with random lengths, as numpy int32."""
   rng = np.random.default_rng(seed)
 
@@ -68,21 +86,24 @@ def random_batch(seed: int, batch: int = 4, input_length: int = 10, target_lengt
     mask = np.zeros((batch, length), np.int32)
     for i in range(batch):
       n = int(rng.integers(min_length, length + 1))
-      ids[i, :n - 1] = rng.integers(3, vocab_size, n - 1)
+      ids[i, : n - 1] = rng.integers(3, vocab_size, n - 1)
       ids[i, n - 1] = 1
       mask[i, :n] = 1
     return ids, mask
 
   input_ids, input_mask = sequences(input_length, min_input)
   target_ids, target_mask = sequences(target_length, min_target)
-  return {"input_ids": input_ids, "input_mask": input_mask, "target_ids": target_ids,
-          "target_mask": target_mask}
+  return {
+    "input_ids": input_ids,
+    "input_mask": input_mask,
+    "target_ids": target_ids,
+    "target_mask": target_mask,
+  }
 
 
 def _assets_module():
   """scripts/make_test_assets.py, imported by path (scripts/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("make_test_assets",
-                                                REPO / "scripts" / "make_test_assets.py")
+  spec = importlib.util.spec_from_file_location("make_test_assets", REPO / "scripts" / "make_test_assets.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -141,15 +162,17 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hf_t5_v10_dir(tmp_path_factory) -> Path:
   pytest.importorskip("torch")
-  return make_hf_t5_dir(tmp_path_factory.mktemp("t5-v1_0-tiny"), "1.0",
-                        tokenizer_dir=_session_tokenizer_dir(tmp_path_factory))
+  return make_hf_t5_dir(
+    tmp_path_factory.mktemp("t5-v1_0-tiny"), "1.0", tokenizer_dir=_session_tokenizer_dir(tmp_path_factory)
+  )
 
 
 @pytest.fixture(scope="session")
 def hf_t5_v11_dir(tmp_path_factory) -> Path:
   pytest.importorskip("torch")
-  return make_hf_t5_dir(tmp_path_factory.mktemp("t5-v1_1-tiny"), "1.1",
-                        tokenizer_dir=_session_tokenizer_dir(tmp_path_factory))
+  return make_hf_t5_dir(
+    tmp_path_factory.mktemp("t5-v1_1-tiny"), "1.1", tokenizer_dir=_session_tokenizer_dir(tmp_path_factory)
+  )
 
 
 _REFERENCE_PAIRS = {}

@@ -27,10 +27,12 @@ VOCAB, D_MODEL, HIDDEN, L_IN, L_OUT, NUM_PROMPT = 13, 6, 8, 5, 3, 4
 def standin_params(seed=0, dtype=jnp.float32):
   # numpy draws: eager jax.random ops would each compile (seconds on a busy CPU).
   rng = np.random.default_rng(seed)
-  return {"embedding": jnp.asarray(rng.normal(size=(VOCAB, D_MODEL)), dtype),
-          "w_in": jnp.asarray(rng.normal(size=(D_MODEL, HIDDEN)) / np.sqrt(D_MODEL), dtype),
-          "w_out": jnp.asarray(rng.normal(size=(HIDDEN, VOCAB)) / np.sqrt(HIDDEN), dtype),
-          "position": jnp.asarray(rng.normal(size=(L_OUT, VOCAB)), dtype)}
+  return {
+    "embedding": jnp.asarray(rng.normal(size=(VOCAB, D_MODEL)), dtype),
+    "w_in": jnp.asarray(rng.normal(size=(D_MODEL, HIDDEN)) / np.sqrt(D_MODEL), dtype),
+    "w_out": jnp.asarray(rng.normal(size=(HIDDEN, VOCAB)) / np.sqrt(HIDDEN), dtype),
+    "position": jnp.asarray(rng.normal(size=(L_OUT, VOCAB)), dtype),
+  }
 
 
 def hashed_uniform(rng, shape):
@@ -40,7 +42,7 @@ def hashed_uniform(rng, shape):
   x = jnp.arange(int(np.prod(shape)), dtype=jnp.uint32).reshape(shape) * jnp.uint32(0x9E3779B1) + key[0]
   for multiplier, word in ((0x85EBCA6B, key[1]), (0xC2B2AE35, key[0]), (0x27D4EB2F, key[1])):
     x = (x ^ (x >> 16) ^ word) * jnp.uint32(multiplier)
-  return (x >> 8).astype(jnp.float32) / np.float32(2 ** 24)
+  return (x >> 8).astype(jnp.float32) / np.float32(2**24)
 
 
 def standin_loss(prompt, frozen_params, batch, rng, *, dropout_rate=0.2):
@@ -63,17 +65,24 @@ def standin_loss(prompt, frozen_params, batch, rng, *, dropout_rate=0.2):
 deterministic_standin_loss = functools.partial(standin_loss, dropout_rate=0.0)
 
 
-def random_batch(rng: np.random.Generator, lead: tuple[int, ...], *, vocab=VOCAB, l_in=L_IN,
-                 l_out=L_OUT, full_targets=False):
+def random_batch(
+  rng: np.random.Generator, lead: tuple[int, ...], *, vocab=VOCAB, l_in=L_IN, l_out=L_OUT, full_targets=False
+):
   """A right-padded batch with leading dims `lead` (e.g. (T, K, b)), ids in [2, vocab)."""
+
   def padded(length, full):
-    lengths = (np.full(lead, length) if full else rng.integers(1, length + 1, size=lead))
+    lengths = np.full(lead, length) if full else rng.integers(1, length + 1, size=lead)
     mask = (np.arange(length) < lengths[..., None]).astype(np.int32)
     return rng.integers(2, vocab, size=(*lead, length)).astype(np.int32) * mask, mask
+
   input_ids, input_mask = padded(l_in, False)
   target_ids, target_mask = padded(l_out, full_targets)
-  return {"input_ids": input_ids, "input_mask": input_mask, "target_ids": target_ids,
-          "target_mask": target_mask}
+  return {
+    "input_ids": input_ids,
+    "input_mask": input_mask,
+    "target_ids": target_ids,
+    "target_mask": target_mask,
+  }
 
 
 def random_episode(seed, *, tasks=2, inner_steps=2, support=3, query=3, with_query=True, **kw):
@@ -116,8 +125,9 @@ def reference_meta_loss(loss_fn, theta, frozen, episode, rng, inner_lr, *, first
   total = 0.0
   for t in range(num_tasks):
     inner_rngs, outer_rng = reference_task_rngs(rng, t, num_inner_steps)
-    phi = reference_adapt(loss_fn, theta, frozen, take(episode["support"], t), inner_rngs, inner_lr,
-                          first_order=first_order)
+    phi = reference_adapt(
+      loss_fn, theta, frozen, take(episode["support"], t), inner_rngs, inner_lr, first_order=first_order
+    )
     total = total + loss_fn(phi, frozen, take(episode["query"], t), outer_rng)
   return total / num_tasks
 
@@ -139,9 +149,11 @@ def jit_maml_grad_fn(loss_fn, *, first_order=False, remat=False):
 
   (prompt, frozen, episode, rng, inner_lr, shard_index=0) -> (meta-gradient, metrics)
   """
-  jitted = jax.jit(lambda prompt, frozen, episode, rng, inner_lr, shard_index: maml.make_maml_grad_fn(
-      loss_fn, inner_lr=inner_lr, first_order=first_order, remat=remat)(prompt, frozen, episode, rng,
-                                                                        shard_index))
+  jitted = jax.jit(
+    lambda prompt, frozen, episode, rng, inner_lr, shard_index: maml.make_maml_grad_fn(
+      loss_fn, inner_lr=inner_lr, first_order=first_order, remat=remat
+    )(prompt, frozen, episode, rng, shard_index)
+  )
   return lambda *args, shard_index=0: jitted(*args, jnp.int32(shard_index))
 
 
@@ -164,11 +176,17 @@ def make_standin_model():
 @functools.cache
 def make_t5_model():
   from helpers_t5 import tiny_t5  # the model engineer's tiny-T5 fixture
+
   # v1.1 (gated-GELU): smooth, so finite differences are clean (ReLU kinks are not).
   t5, frozen = tiny_t5("1.1", num_layers=1, num_decoder_layers=1)
-  return Model("t5", common.make_loss_fn(t5, deterministic=True), frozen,
-               random_prompt(shape=(NUM_PROMPT, t5.config.d_model)),
-               dict(vocab=t5.config.vocab_size), dict(support=2, query=2, inner_steps=1))
+  return Model(
+    "t5",
+    common.make_loss_fn(t5, deterministic=True),
+    frozen,
+    random_prompt(shape=(NUM_PROMPT, t5.config.d_model)),
+    dict(vocab=t5.config.vocab_size),
+    dict(support=2, query=2, inner_steps=1),
+  )
 
 
 @pytest.fixture(scope="module", params=["standin", "t5"])
@@ -187,8 +205,9 @@ def test_maml_meta_gradient_equals_unrolled_python_loop(model):
   episode = model.episode(0)
   rng = jax.random.key(7)
   grad, metrics = model.maml_grad(model.prompt, model.frozen, episode, rng, INNER_LR)
-  ref_loss, ref_grad = jax.jit(jax.value_and_grad(
-      lambda p: reference_meta_loss(model.loss_fn, p, model.frozen, episode, rng, INNER_LR)))(model.prompt)
+  ref_loss, ref_grad = jax.jit(
+    jax.value_and_grad(lambda p: reference_meta_loss(model.loss_fn, p, model.frozen, episode, rng, INNER_LR))
+  )(model.prompt)
   np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=1e-5)
   np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6 * np.abs(ref_grad).max())
   # Second order matters at this inner_lr: the first-order meta-gradient is measurably different.
@@ -226,8 +245,11 @@ def test_maml_meta_gradient_equals_finite_differences_tiny_t5():
   fo_grad, _ = model.fomaml_grad(theta, model.frozen, episode, rng, INNER_LR)
   meta_loss = lambda p: np.float64(model.maml_grad(p, model.frozen, episode, rng, INNER_LR)[1]["loss"])
   h = 1e-2
-  directions = [grad / jnp.linalg.norm(grad), (grad - fo_grad) / jnp.linalg.norm(grad - fo_grad),
-                *(random_prompt(100 + s, theta.shape) for s in range(2))]
+  directions = [
+    grad / jnp.linalg.norm(grad),
+    (grad - fo_grad) / jnp.linalg.norm(grad - fo_grad),
+    *(random_prompt(100 + s, theta.shape) for s in range(2)),
+  ]
   for direction in directions:
     direction = direction / jnp.linalg.norm(direction)
     f = {k: meta_loss(theta + k * h * direction) for k in (-2, -1, 1, 2)}
@@ -265,10 +287,17 @@ def test_maml_with_zero_inner_lr_is_plain_query_gradient(model):
   loss_fn, frozen = model.loss_fn, model.frozen
   grad, _ = model.maml_grad(model.prompt, frozen, episode, rng, 0.0)
   num_tasks, num_inner_steps = episode["support"]["input_ids"].shape[:2]
-  expected = jax.jit(lambda theta: sum(
-      jax.grad(loss_fn)(theta, frozen, take(episode["query"], t),
-                        reference_task_rngs(rng, t, num_inner_steps)[1])
-      for t in range(num_tasks)) / num_tasks)(model.prompt)
+  expected = jax.jit(
+    lambda theta: (
+      sum(
+        jax.grad(loss_fn)(
+          theta, frozen, take(episode["query"], t), reference_task_rngs(rng, t, num_inner_steps)[1]
+        )
+        for t in range(num_tasks)
+      )
+      / num_tasks
+    )
+  )(model.prompt)
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7 * np.abs(expected).max())
 
 
@@ -279,8 +308,10 @@ def test_vmapped_tasks_equal_one_task_at_a_time():
   episode = model.episode(4)
   rng = jax.random.key(9)
   grad, metrics = model.maml_grad(model.prompt, model.frozen, episode, rng, INNER_LR)
-  per_task = [model.maml_grad(model.prompt, model.frozen, take(episode, slice(t, t + 1)), rng, INNER_LR,
-                              shard_index=t) for t in range(2)]
+  per_task = [
+    model.maml_grad(model.prompt, model.frozen, take(episode, slice(t, t + 1)), rng, INNER_LR, shard_index=t)
+    for t in range(2)
+  ]
   np.testing.assert_allclose(grad, np.mean([g for g, _ in per_task], axis=0), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(metrics["loss"], np.mean([m["loss"] for _, m in per_task]), rtol=1e-6)
 
@@ -290,8 +321,7 @@ def test_remat_inner_steps_gives_the_same_meta_gradient():
   episode = model.episode(5)
   rng = jax.random.key(2)
   plain, _ = model.maml_grad(model.prompt, model.frozen, episode, rng, INNER_LR)
-  remat, _ = jit_maml_grad_fn(model.loss_fn, remat=True)(model.prompt, model.frozen, episode, rng,
-                                                          INNER_LR)
+  remat, _ = jit_maml_grad_fn(model.loss_fn, remat=True)(model.prompt, model.frozen, episode, rng, INNER_LR)
   np.testing.assert_allclose(remat, plain, rtol=1e-5, atol=1e-7)
 
 
@@ -315,8 +345,9 @@ def test_reptile_update_is_mean_of_theta_minus_phi_over_inner_lr(model):
   num_inner_steps, inner_lr = (2 if model.name == "standin" else 1), 0.3
   episode = model.episode(7, inner_steps=num_inner_steps, with_query=False)
   rng = jax.random.key(13)
-  grad, metrics = grad_of(reptile.make_reptile_grad_fn(loss_fn, inner_lr=inner_lr), theta, frozen,
-                          episode, rng)
+  grad, metrics = grad_of(
+    reptile.make_reptile_grad_fn(loss_fn, inner_lr=inner_lr), theta, frozen, episode, rng
+  )
 
   @jax.jit
   def expected_update(theta):
@@ -346,7 +377,8 @@ def test_pt_step_is_an_optimizer_step_on_the_loss_gradient():
   rng = jax.random.key(4)
   optimizer = optim.make_optimizer("adafactor", 0.5)
   state, metrics = algorithms.jit_step(algorithms.make_step("mtl", standin_loss, optimizer))(
-      common.init_state(theta, optimizer), frozen, batch, rng)
+    common.init_state(theta, optimizer), frozen, batch, rng
+  )
 
   @jax.jit
   def expected(theta):
@@ -366,13 +398,17 @@ def counting(loss_fn, traces):
   def counted(*args):
     traces.append(1)  # a Python side effect: runs only while tracing
     return loss_fn(*args)
+
   return counted
 
 
 def run_steps(model, method, step, state, seeds):
   for i in seeds:
-    batch = (random_batch(np.random.default_rng(i), (4,), **model.batch_kw) if method in ("pt", "mtl")
-             else model.episode(i, with_query=method != "reptile"))
+    batch = (
+      random_batch(np.random.default_rng(i), (4,), **model.batch_kw)
+      if method in ("pt", "mtl")
+      else model.episode(i, with_query=method != "reptile")
+    )
     state, metrics = step(state, model.frozen, batch, jax.random.key(i))
     common.check_update(metrics, i + 1)
   return state, batch
@@ -383,8 +419,9 @@ def test_steps_compile_once_and_change_only_the_prompt(method):
   model = make_standin_model()
   traces = []
   optimizer = optim.make_optimizer("adafactor", 0.5)
-  step = algorithms.jit_step(algorithms.make_step(method, counting(deterministic_standin_loss, traces),
-                                                  optimizer, inner_lr=0.1))
+  step = algorithms.jit_step(
+    algorithms.make_step(method, counting(deterministic_standin_loss, traces), optimizer, inner_lr=0.1)
+  )
   frozen_before = jax.tree_util.tree_map(np.array, model.frozen)
   state, _ = run_steps(model, method, step, common.init_state(model.prompt, optimizer), range(2))
   traces_after_compile = len(traces)
@@ -400,8 +437,9 @@ def test_tiny_t5_maml_step_compiles_once_keeps_frozen_params_and_guards_nans():
   model = make_t5_model()
   traces = []
   optimizer = optim.make_optimizer("adafactor", 0.5)
-  step = algorithms.jit_step(algorithms.make_step("maml", counting(model.loss_fn, traces), optimizer,
-                                                  inner_lr=INNER_LR))
+  step = algorithms.jit_step(
+    algorithms.make_step("maml", counting(model.loss_fn, traces), optimizer, inner_lr=INNER_LR)
+  )
   frozen_before = jax.tree_util.tree_map(np.array, model.frozen)
   state, _ = run_steps(model, "maml", step, common.init_state(model.prompt, optimizer), range(1))
   traces_after_compile = len(traces)
@@ -424,8 +462,9 @@ def test_nan_guard_on_an_infinite_gradient():
   optimizer = optim.make_optimizer("sgd", 0.1)
   state = common.init_state(theta, optimizer)
   grad = jnp.zeros_like(theta).at[1, 2].set(jnp.inf)
-  new_state, metrics = jax.jit(lambda s, g: common.apply_gradient(s, g, {"loss": jnp.float32(1.0)},
-                                                                  optimizer))(state, grad)
+  new_state, metrics = jax.jit(
+    lambda s, g: common.apply_gradient(s, g, {"loss": jnp.float32(1.0)}, optimizer)
+  )(state, grad)
   assert not bool(metrics["update_ok"]) and not np.isfinite(metrics["grad_norm"])
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(new_state))
 
@@ -443,8 +482,11 @@ def test_guard_rejects_a_finite_update_of_a_diverging_learning_rate():
     assert bool(metrics["update_ok"]) is applied
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["update_rms"]))
   np.testing.assert_array_equal(new_state.prompt, theta)
-  with pytest.raises(common.Diverged, match=r"step 1: the update's RMS, 1e\+30, is over 1000 times the "
-                                            r"prompt's, 0.628: the learning rate is far too large"):
+  with pytest.raises(
+    common.Diverged,
+    match=r"step 1: the update's RMS, 1e\+30, is over 1000 times the "
+    r"prompt's, 0.628: the learning rate is far too large",
+  ):
     common.check_update(metrics, 1)
 
 
@@ -454,10 +496,12 @@ def test_guard_rejects_a_finite_update_of_a_diverging_learning_rate():
 def test_grid_step_equals_runs_one_by_one(model):
   learning_rates = [0.5, 0.4, 0.3, 0.2]
   num_runs, num_steps = len(learning_rates), 3
-  prompts = jnp.stack([model.prompt + 0.1 * random_prompt(seed, model.prompt.shape)
-                       for seed in range(num_runs)])
-  batches = [random_batch(np.random.default_rng(s), (num_runs, 4), **model.batch_kw)
-             for s in range(num_steps)]
+  prompts = jnp.stack(
+    [model.prompt + 0.1 * random_prompt(seed, model.prompt.shape) for seed in range(num_runs)]
+  )
+  batches = [
+    random_batch(np.random.default_rng(s), (num_runs, 4), **model.batch_kw) for s in range(num_steps)
+  ]
   rngs = [jax.random.split(jax.random.key(s), num_runs) for s in range(num_steps)]
   step = algorithms.make_step("pt", model.loss_fn, optim.make_optimizer("adafactor", 0.5))
   grid_step = jax.jit(algorithms.make_grid_step(step))
@@ -482,8 +526,9 @@ def test_grid_guard_is_per_run():
   frozen = standin_params()
   states = algorithms.init_grid_state(random_prompt(), optim.make_optimizer("sgd", 0.1), [0.1, np.inf])
   step = algorithms.make_grid_step(algorithms.make_step("pt", standin_loss, optim.make_optimizer("sgd", 0.1)))
-  new, metrics = jax.jit(step)(states, frozen, random_batch(np.random.default_rng(0), (2, 4)),
-                               jax.random.split(jax.random.key(0), 2))
+  new, metrics = jax.jit(step)(
+    states, frozen, random_batch(np.random.default_rng(0), (2, 4)), jax.random.split(jax.random.key(0), 2)
+  )
   assert metrics["update_ok"].tolist() == [True, False]
   assert not np.allclose(new.prompt[0], states.prompt[0])
   np.testing.assert_array_equal(new.prompt[1], states.prompt[1])
@@ -504,8 +549,10 @@ def test_bad_inputs_fail_early_and_clearly():
   state = common.init_state(random_prompt(), optimizer)
   with pytest.raises(ValueError, match="keys"):
     step(state, standin_params(), random_episode(0, with_query=False), jax.random.key(0))
-  flat = {"support": random_batch(np.random.default_rng(0), (2, 3)),
-          "query": random_batch(np.random.default_rng(1), (2, 3))}
+  flat = {
+    "support": random_batch(np.random.default_rng(0), (2, 3)),
+    "query": random_batch(np.random.default_rng(1), (2, 3)),
+  }
   with pytest.raises(ValueError, match=r"\[T, K, b, L\]"):
     step(state, standin_params(), flat, jax.random.key(0))
   with pytest.raises(ValueError, match="num_prompt_tokens, d_model"):

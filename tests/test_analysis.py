@@ -28,13 +28,17 @@ def _write_task(task_dir, per_seed_vectors, init_vector=None, best_lr=0.3):
   for seed, vector in zip(SEEDS, per_seed_vectors):
     vector = np.asarray(vector, np.float32)
     rows = np.tile(vector, (PROMPT_LENGTH, 1)) + np.asarray([[1.0], [-1.0], [0.0]]) * rng.normal(
-        size=vector.shape).astype(np.float32)  # rows differ, their mean is `vector`
+      size=vector.shape
+    ).astype(np.float32)  # rows differ, their mean is `vector`
     np.save(os.path.join(task_dir, "prompts", f"seed{seed}_lr{best_lr:g}.npy"), rows)
     for lr in LRS:
       if lr != best_lr:
         np.save(os.path.join(task_dir, "prompts", f"seed{seed}_lr{lr:g}.npy"), 100 + rows)
-    init = np.zeros_like(rows) if init_vector is None else np.tile(np.asarray(init_vector, np.float32),
-                                                                    (PROMPT_LENGTH, 1))
+    init = (
+      np.zeros_like(rows)
+      if init_vector is None
+      else np.tile(np.asarray(init_vector, np.float32), (PROMPT_LENGTH, 1))
+    )
     np.save(os.path.join(task_dir, "prompts", f"init_seed{seed}.npy"), init)
     runs.append({"task": os.path.basename(task_dir), "seed": seed, "test_score": 0.5, "best_lr": best_lr})
   with open(os.path.join(task_dir, "results.json"), "w") as f:
@@ -62,8 +66,12 @@ def _study(tmp_path, name, gains_by_method):
   cells = {"pt": pt}
   for method, gains in gains_by_method.items():
     cells[method] = {t: {"mean": 0.5 * (1 + g), "std": 0.0} for t, g in gains.items()}
-  comparison = {"setting": name, "methods": ["pt", *gains_by_method], "tasks": list(TARGET_ANGLES),
-                "cells": cells}
+  comparison = {
+    "setting": name,
+    "methods": ["pt", *gains_by_method],
+    "tasks": list(TARGET_ANGLES),
+    "cells": cells,
+  }
   (study / f"comparison_{name}.json").write_text(json.dumps(comparison))
   return str(study)
 
@@ -91,7 +99,11 @@ def test_embeddings_similarities_gains_and_correlations_are_exact(tmp_path):
   # By mean similarity (cos + sin over 2: 10 -> .578, 30 -> .683, 50 -> .704, 75 -> .612 deg) the order
   # is t10 < t75 < t30 < t50; by max similarity it is t50 < t30 < t75 < t10 (cos 50 < cos 30 < sin 75 < cos 10).
   assert [p["target"] for p in sorted(result["points"], key=lambda p: p["similarity"]["mean"]["mean"])] == [
-      "t10", "t75", "t30", "t50"]
+    "t10",
+    "t75",
+    "t30",
+    "t50",
+  ]
   by_max = sorted(result["points"], key=lambda p: p["similarity"]["mean"]["max"])
   assert [p["target"] for p in by_max] == ["t50", "t30", "t75", "t10"]
   # maml's gains by max similarity: t50 .2, t30 .3, t75 .1, t10 .4 -> ranks (2, 3, 1, 4) vs (1, 2, 3, 4):
@@ -126,6 +138,7 @@ def test_perfect_rank_agreement_pooled_over_two_settings(tmp_path):
 def test_missing_source_prompts_say_how_to_make_them(tmp_path):
   study = _study(tmp_path, "x", {"maml": {t: 0.0 for t in TARGET_ANGLES}})
   import shutil
+
   shutil.rmtree(os.path.join(study, "pt", "sources"))
   with pytest.raises(FileNotFoundError, match="prompt_tune_sources"):
     analysis.analyze([study])
@@ -138,15 +151,18 @@ def test_spearman_needs_three_varying_points():
 
 # --- chance baselines ------------------------------------------------------------------------------------
 
+
 def _split(task, split, rows):
-  return Split(task, 100, split, f"{task}_{split}.tsv", tuple(r[0] for r in rows),
-               tuple(tuple(r[1:]) for r in rows))
+  return Split(
+    task, 100, split, f"{task}_{split}.tsv", tuple(r[0] for r in rows), tuple(tuple(r[1:]) for r in rows)
+  )
 
 
 def test_constant_answer_on_balanced_five_classes_is_two_over_c_times_c_plus_one():
   labels = ["animal", "plant", "person", "body", "food"]
-  train = _split("wn-noun_category_living", "train", [(f"x{i}", labels[i % 5]) for i in range(10)]
-                 + [("y", "plant")])  # plant is the majority in train
+  train = _split(
+    "wn-noun_category_living", "train", [(f"x{i}", labels[i % 5]) for i in range(10)] + [("y", "plant")]
+  )  # plant is the majority in train
   test = _split("wn-noun_category_living", "test", [(f"t{i}", labels[i % 5]) for i in range(20)])
   # macro-F1 over the gold classes: "plant" has precision 1/5, recall 1 -> F1 1/3; the others 0.
   assert baselines.constant_answer_score(train, test, "Classification-F1") == pytest.approx(1 / 15)
@@ -156,8 +172,7 @@ def test_constant_answer_on_balanced_five_classes_is_two_over_c_times_c_plus_one
 
 def test_random_guess_on_balanced_binary_accuracy_is_about_a_half():
   train = _split("wn-antonym_pair", "train", [("a", "opposite"), ("b", "similar")])
-  test = _split("wn-antonym_pair", "test", [(f"t{i}", "opposite" if i % 2 else "similar")
-                                            for i in range(40)])
+  test = _split("wn-antonym_pair", "test", [(f"t{i}", "opposite" if i % 2 else "similar") for i in range(40)])
   assert baselines.constant_answer_score(train, test, "ACC") == pytest.approx(0.5)
   assert baselines.random_guess_score(train, test, "ACC") == pytest.approx(0.5, abs=0.02)
   data = TaskData("wn-antonym_pair", 16, {(100, "train"): train, (100, "test"): test})
@@ -166,10 +181,17 @@ def test_random_guess_on_balanced_binary_accuracy_is_about_a_half():
 
 # --- paired comparison against PT ------------------------------------------------------------------------
 
+
 def _summary(method, scores_by_task):
-  return results.summarize_runs([{"task": t, "seed": s, "test_score": x}
-                                 for t, scores in scores_by_task.items()
-                                 for s, x in zip((100, 13, 21), scores)], setting="s", method=method)
+  return results.summarize_runs(
+    [
+      {"task": t, "seed": s, "test_score": x}
+      for t, scores in scores_by_task.items()
+      for s, x in zip((100, 13, 21), scores)
+    ],
+    setting="s",
+    method=method,
+  )
 
 
 def test_paired_comparison_counts_pairs_and_matches_the_exact_wilcoxon():
@@ -183,8 +205,9 @@ def test_paired_comparison_counts_pairs_and_matches_the_exact_wilcoxon():
   assert paired["wilcoxon_p"] == pytest.approx(2 / 32)
   low, high = paired["bootstrap_ci95"]
   assert 0 <= low < paired["mean_difference"] < high <= 0.5
-  comparison = results.compare_methods([pt, maml], baselines={"A": {"constant": 0.1, "random": 0.2},
-                                                             "B": {"constant": 0.5, "random": 0.5}})
+  comparison = results.compare_methods(
+    [pt, maml], baselines={"A": {"constant": 0.1, "random": 0.2}, "B": {"constant": 0.5, "random": 0.5}}
+  )
   assert comparison["paired"]["maml"]["n_pairs"] == 6
   assert comparison["baseline_average"] == pytest.approx({"constant": 0.3, "random": 0.35})
   text = results.comparison_table_markdown(comparison)

@@ -29,6 +29,7 @@ CATALOGUE = REPO / "docs" / "BAD_INPUTS.md"
 
 # --- runs on a tiny model and the synthetic gym ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
   return str(helpers_t5.make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_t5")))
@@ -74,6 +75,7 @@ def finished_maml(tmp_path_factory, checkpoint) -> Path:
 
 # --- the catalogue -----------------------------------------------------------------------------------------
 
+
 def catalogue_rows() -> dict[str, str]:
   """{case: the excerpt its message must contain} from the tables of docs/BAD_INPUTS.md."""
   rows = {}
@@ -90,8 +92,9 @@ def excerpt_pattern(spans) -> str:
 
 
 def _main(*args, cwd=REPO) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "mpt_jax.main", *args], cwd=cwd, capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "mpt_jax.main", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+  )
 
 
 def config_file_missing(ctx):
@@ -103,8 +106,9 @@ def config_file_missing(ctx):
 
 def unknown_key(ctx):
   workdir = ctx.tmp / "never"
-  done = _main("--config=configs/maml_cls2cls.py:demo", f"--workdir={workdir}",
-               "--config.upstream.learning_rate=0.1")
+  done = _main(
+    "--config=configs/maml_cls2cls.py:demo", f"--workdir={workdir}", "--config.upstream.learning_rate=0.1"
+  )
   assert done.returncode == 1 and not workdir.exists() and "AttributeError" not in done.stderr
   return done.stderr
 
@@ -112,16 +116,23 @@ def unknown_key(ctx):
 def unknown_method(ctx):
   # Through the command line: the ConfigError is the whole message (no traceback), exit 1, no workdir.
   workdir = ctx.tmp / "never"
-  done = _main("--config=configs/maml_cls2cls.py:demo", f"--workdir={workdir}", "--config.setting=wn_cls2cls",
-               "--config.method=mamll")
+  done = _main(
+    "--config=configs/maml_cls2cls.py:demo",
+    f"--workdir={workdir}",
+    "--config.setting=wn_cls2cls",
+    "--config.method=mamll",
+  )
   assert done.returncode == 1 and not workdir.exists() and "Traceback" not in done.stderr
   assert refused_config(ctx, **{"method": "mamll"}) in done.stderr  # pipeline.run raises the same
   return done.stderr
 
 
 def first_order_key(ctx):
-  done = _main("--config=configs/maml_cls2cls.py:demo", f"--workdir={ctx.tmp / 'never'}",
-               "--config.upstream.first_order=True")
+  done = _main(
+    "--config=configs/maml_cls2cls.py:demo",
+    f"--workdir={ctx.tmp / 'never'}",
+    "--config.upstream.first_order=True",
+  )
   assert done.returncode == 1
   return done.stderr
 
@@ -144,6 +155,7 @@ def data_problems(ctx):
   data = ctx.tmp / "data"
   pipeline.resolve_setting(tiny_config(ctx.checkpoint))  # registers the synthetic gym
   from mpt_jax.data import synthetic
+
   synthetic.write_synthetic_gym(data, tasks=["synth-sentiment_a", "synth-topic_a", "synth-sentiment_d"])
   next((data / "synth-topic_a").glob("*_13_dev.tsv")).unlink()  # a source task's file
   target = next((data / "synth-sentiment_d").glob("*_100_test.tsv"))
@@ -154,8 +166,9 @@ def data_problems(ctx):
 
 
 def init_prompt_length(ctx):
-  return refused_config(ctx, kind=ValueError, init_prompt=write_prompt(ctx.tmp / "p.npy", (8, 16)),
-                        **{"prompt.length": 16})
+  return refused_config(
+    ctx, kind=ValueError, init_prompt=write_prompt(ctx.tmp / "p.npy", (8, 16)), **{"prompt.length": 16}
+  )
 
 
 def init_prompt_truncated(ctx):
@@ -175,6 +188,7 @@ def weights_truncated(ctx):
 
 def devices_do_not_divide(ctx):
   import jax
+
   assert jax.device_count() == 2  # tests/conftest.py
   return refused_config(ctx, **{"upstream.tasks_per_step": 3})
 
@@ -182,8 +196,9 @@ def devices_do_not_divide(ctx):
 def rerun(ctx, method="maml", kind=fingerprint.WorkdirConflict, **overrides) -> str:
   """Reruns the finished MAML workdir with another config: refused, and nothing in it rewritten."""
   before = snapshot(ctx.finished)
-  message = error_of(lambda: pipeline.run(tiny_config(ctx.checkpoint, method, **overrides), str(ctx.finished)),
-                     kind)
+  message = error_of(
+    lambda: pipeline.run(tiny_config(ctx.checkpoint, method, **overrides), str(ctx.finished)), kind
+  )
   assert snapshot(ctx.finished) == before
   return message
 
@@ -199,8 +214,10 @@ def other_upstream_lr(ctx):
 def harmless_change(ctx, caplog):
   before = snapshot(ctx.finished)
   with caplog.at_level("INFO"):
-    summary = pipeline.run(tiny_config(ctx.checkpoint, **{"upstream.log_every": 3,
-                                                          "downstream.eval_batch_size": 2}), str(ctx.finished))
+    summary = pipeline.run(
+      tiny_config(ctx.checkpoint, **{"upstream.log_every": 3, "downstream.eval_batch_size": 2}),
+      str(ctx.finished),
+    )
   after = snapshot(ctx.finished)
   changed = {f for f in after if after[f] != before.get(f)}
   # Only the run record and the setting table are written again (the table from the same task results).
@@ -237,48 +254,54 @@ def disk_full(ctx, monkeypatch):
 
 
 def upstream_diverges(ctx):
-  return error_of(lambda: pipeline.run(tiny_config(ctx.checkpoint, **{"upstream.lr": 1e30}), str(ctx.tmp / "d")),
-                  FloatingPointError)
+  return error_of(
+    lambda: pipeline.run(tiny_config(ctx.checkpoint, **{"upstream.lr": 1e30}), str(ctx.tmp / "d")),
+    FloatingPointError,
+  )
 
 
 REPRODUCTIONS = {
-    "config-file-missing": config_file_missing,
-    "unknown-key": unknown_key,
-    "unknown-method": unknown_method,
-    "bad-enums": lambda ctx: refused_config(ctx, **{"downstream.decoding": "beem", "prompt.placement": "append",
-                                                    "upstream.optimizer": "adam"}),
-    "eval-every-zero": lambda ctx: refused_config(ctx, **{"downstream.eval_every": 0}),
-    "bad-learning-rates": lambda ctx: refused_config(ctx, **{"downstream.lrs": (0.5, 0.5), "upstream.lr": -1.0}),
-    "target-not-in-setting": lambda ctx: refused_config(ctx, **{"downstream.tasks": ("synth-topic_a",)}),
-    "no-data": lambda ctx: refused_config(ctx, gym=""),
-    "devices-do-not-divide": devices_do_not_divide,
-    "first-order-key": first_order_key,
-    "data-problems": data_problems,
-    "init-prompt-length": init_prompt_length,
-    "init-prompt-width": lambda ctx: refused_config(ctx, kind=ValueError,
-                                                    init_prompt=write_prompt(ctx.tmp / "p.npy", (4, 7))),
-    "init-prompt-truncated": init_prompt_truncated,
-    "weights-truncated": weights_truncated,
-    "model-missing": lambda ctx: refused_config(ctx, model="./no_such_model"),
-    "other-method": lambda ctx: rerun(ctx, "fomaml"),
-    "other-upstream-lr": lambda ctx: other_upstream_lr(ctx),
-    "other-downstream-lrs": lambda ctx: rerun(ctx, **{"downstream.lrs": (0.4,)}),
-    "fewer-steps": lambda ctx: rerun(ctx, **{"upstream.num_steps": 2}),
-    "other-seed": lambda ctx: rerun(ctx, seed=1),
-    "harmless-change": None,  # needs caplog: test_catalogue passes it
-    "old-workdir": old_workdir,
-    "upstream-diverges": upstream_diverges,
-    "same-lr-after-divergence": None,  # the recovery test below shows these three
-    "lower-lr-after-divergence": None,
-    "downstream-run-diverges": None,
-    "checkpoint-unreadable": None,
-    "disk-full": None,
+  "config-file-missing": config_file_missing,
+  "unknown-key": unknown_key,
+  "unknown-method": unknown_method,
+  "bad-enums": lambda ctx: refused_config(
+    ctx, **{"downstream.decoding": "beem", "prompt.placement": "append", "upstream.optimizer": "adam"}
+  ),
+  "eval-every-zero": lambda ctx: refused_config(ctx, **{"downstream.eval_every": 0}),
+  "bad-learning-rates": lambda ctx: refused_config(
+    ctx, **{"downstream.lrs": (0.5, 0.5), "upstream.lr": -1.0}
+  ),
+  "target-not-in-setting": lambda ctx: refused_config(ctx, **{"downstream.tasks": ("synth-topic_a",)}),
+  "no-data": lambda ctx: refused_config(ctx, gym=""),
+  "devices-do-not-divide": devices_do_not_divide,
+  "first-order-key": first_order_key,
+  "data-problems": data_problems,
+  "init-prompt-length": init_prompt_length,
+  "init-prompt-width": lambda ctx: refused_config(
+    ctx, kind=ValueError, init_prompt=write_prompt(ctx.tmp / "p.npy", (4, 7))
+  ),
+  "init-prompt-truncated": init_prompt_truncated,
+  "weights-truncated": weights_truncated,
+  "model-missing": lambda ctx: refused_config(ctx, model="./no_such_model"),
+  "other-method": lambda ctx: rerun(ctx, "fomaml"),
+  "other-upstream-lr": lambda ctx: other_upstream_lr(ctx),
+  "other-downstream-lrs": lambda ctx: rerun(ctx, **{"downstream.lrs": (0.4,)}),
+  "fewer-steps": lambda ctx: rerun(ctx, **{"upstream.num_steps": 2}),
+  "other-seed": lambda ctx: rerun(ctx, seed=1),
+  "harmless-change": None,  # needs caplog: test_catalogue passes it
+  "old-workdir": old_workdir,
+  "upstream-diverges": upstream_diverges,
+  "same-lr-after-divergence": None,  # the recovery test below shows these three
+  "lower-lr-after-divergence": None,
+  "downstream-run-diverges": None,
+  "checkpoint-unreadable": None,
+  "disk-full": None,
 }
 ROWS_SHOWN_ELSEWHERE = {  # each shown by a test of its own below (they need a run of their own)
-    "same-lr-after-divergence": "test_a_lower_learning_rate_recovers_a_diverged_upstream",
-    "lower-lr-after-divergence": "test_a_lower_learning_rate_recovers_a_diverged_upstream",
-    "downstream-run-diverges": "test_a_diverging_downstream_run_is_marked_failed_and_the_others_go_on",
-    "checkpoint-unreadable": "test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one",
+  "same-lr-after-divergence": "test_a_lower_learning_rate_recovers_a_diverged_upstream",
+  "lower-lr-after-divergence": "test_a_lower_learning_rate_recovers_a_diverged_upstream",
+  "downstream-run-diverges": "test_a_diverging_downstream_run_is_marked_failed_and_the_others_go_on",
+  "checkpoint-unreadable": "test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one",
 }
 
 
@@ -308,8 +331,11 @@ def _exploding_above_lr_1(name, learning_rate, **kwargs):
   import optax
 
   def factory(learning_rate):
-    blow_up = optax.scale_by_schedule(lambda count: jnp.where((count == 2) & (learning_rate > 1), jnp.inf, 1.0))
+    blow_up = optax.scale_by_schedule(
+      lambda count: jnp.where((count == 2) & (learning_rate > 1), jnp.inf, 1.0)
+    )
     return optax.chain(optim.hf_adafactor(learning_rate), blow_up)
+
   return optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(learning_rate=learning_rate)
 
 
@@ -326,15 +352,21 @@ def test_a_lower_learning_rate_recovers_a_diverged_upstream(tmp_path, checkpoint
   assert sorted(os.listdir(workdir / "upstream/checkpoints")) == ["2"]
 
   # The same rate again: refused before any compute, instead of diverging again (the issue's stuck workdir).
-  SHOWN["same-lr-after-divergence"] = error_of(lambda: pipeline.run(config, str(workdir)),
-                                               fingerprint.WorkdirConflict)
+  SHOWN["same-lr-after-divergence"] = error_of(
+    lambda: pipeline.run(config, str(workdir)), fingerprint.WorkdirConflict
+  )
   # A lower rate: continues from step 2 with it (the checkpointed optimizer state's rate is replaced).
   config.upstream.lr = 0.5
   with caplog.at_level("INFO"):
     pipeline.run(config, str(workdir))
   SHOWN["lower-lr-after-divergence"] = caplog.text
   logged = list(map(json.loads, open(workdir / "upstream/logs/metrics.jsonl")))
-  assert [(r["step"], r["upstream/learning_rate"]) for r in logged] == [(1, 2.0), (2, 2.0), (3, 0.5), (4, 0.5)]
+  assert [(r["step"], r["upstream/learning_rate"]) for r in logged] == [
+    (1, 2.0),
+    (2, 2.0),
+    (3, 0.5),
+    (4, 0.5),
+  ]
   meta = json.loads((workdir / "upstream/prompt.json").read_text())
   assert [(r["step"], r["upstream.lr"]) for r in meta["learning_rates"]] == [(0, 2.0), (2, 0.5)]
   assert meta["steps"] == 4 and np.isfinite(np.load(workdir / "upstream/prompt.npy")).all()
@@ -346,8 +378,10 @@ def test_a_diverging_downstream_run_is_marked_failed_and_the_others_go_on(tmp_pa
   config = tiny_config(checkpoint, "pt", **{"downstream.lrs": (1e30, 0.5)})
   summary = pipeline.run(config, str(tmp_path / "pt"))
   task = summary["tasks"]["synth-sentiment_d"]
-  assert task["failed_runs"] == [{"seed": 13, "learning_rate": 1e30, "step": 1},
-                                 {"seed": 100, "learning_rate": 1e30, "step": 1}]
+  assert task["failed_runs"] == [
+    {"seed": 13, "learning_rate": 1e30, "step": 1},
+    {"seed": 100, "learning_rate": 1e30, "step": 1},
+  ]
   assert all(run["best_lr"] == 0.5 for run in task["runs"]) and task["n_nan"] == 0
   assert all(np.isfinite(task["test_scores"]))
   meta = json.loads((tmp_path / "pt/downstream/synth-sentiment_d/prompts/seed13_lr1e+30.json").read_text())
@@ -362,14 +396,17 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path
 
   model, params = helpers_t5.tiny_t5("1.1", dropout_rate=0.0)
   optimizer = optim.make_optimizer("adafactor", 0.5)
-  step = algorithms.jit_step(algorithms.make_step("pt", algorithms.make_loss_fn(model, deterministic=True),
-                                                  optimizer))
+  step = algorithms.jit_step(
+    algorithms.make_step("pt", algorithms.make_loss_fn(model, deterministic=True), optimizer)
+  )
   prompt0 = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (3, model.config.d_model)))
   sample = lambda s: helpers_t5.random_batch(s, batch=4, input_length=6, target_length=3)
 
   def upstream(workdir, num_steps):
     loop = train.LoopConfig(num_steps=num_steps, checkpoint_every=2, log_every=2, seed=0)
-    return train.train_prompt(step, algorithms.init_state(prompt0, optimizer), params, sample, loop, str(workdir))
+    return train.train_prompt(
+      step, algorithms.init_state(prompt0, optimizer), params, sample, loop, str(workdir)
+    )
 
   straight = upstream(tmp_path / "straight", 6)
   upstream(tmp_path / "damaged", 4)  # checkpoints 2 and 4
@@ -384,6 +421,7 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path
 
 
 # --- the catalogue, last: the rows shown above reuse those tests' messages -----------------------------
+
 
 def test_the_catalogue_and_its_reproductions_name_the_same_cases():
   assert set(catalogue_rows()) == set(REPRODUCTIONS)

@@ -64,7 +64,8 @@ def test_every_gold_is_tokenized_with_eos_and_padded(data, tokenizer, tokenized)
     for j, gold in enumerate(golds):
       batch = batching.make_batch(ids, np.array([i]), np.array([j]))
       assert _row(batch["target_ids"][0], batch["target_mask"][0]) == _reference_ids(
-          tokenizer, gold, SPEC.max_target_len)
+        tokenizer, gold, SPEC.max_target_len
+      )
   assert ids.answers == source.answers  # the text of every gold stays for evaluation
 
 
@@ -87,7 +88,7 @@ def test_the_input_template_is_configurable(data, tokenizer):
   spec = dataclasses.replace(SPEC, input_template="{input} ({task})")
   ids = batching.tokenize_split(data["sentiment_toy"].split(100, "train"), tokenizer, spec)
   text = "review: the food was wonderful (sentiment_toy)"
-  assert ids.input_ids[0, :ids.input_lengths[0]].tolist() == _reference_ids(tokenizer, text, 24)
+  assert ids.input_ids[0, : ids.input_lengths[0]].tolist() == _reference_ids(tokenizer, text, 24)
   with pytest.raises(ValueError, match="only the fields"):
     TextSpec(input_template="[{name}] {input}")
 
@@ -120,7 +121,7 @@ def test_cache_files_are_datasets_arrow_files(data, tokenizer, tmp_path):
   table = datasets.Dataset.from_file(str(path))
   assert table.num_rows == 3
   for i, row in enumerate(table):
-    assert row["input_ids"] == ids.input_ids[i, :ids.input_lengths[i]].tolist()
+    assert row["input_ids"] == ids.input_ids[i, : ids.input_lengths[i]].tolist()
     assert len(row["target_ids"]) == len(ids.answers[i])
 
 
@@ -166,7 +167,9 @@ def test_episodes_are_a_pure_function_of_seed_and_step(tokenized):
 def test_reptile_episodes_have_no_query_and_reuse_small_files_evenly(tokenized):
   # 4 train examples, 10 support examples: whole passes over the file (each seen 2 or 3 times).
   tasks = batching.meta_tasks(tokenized, ["sentiment_toy"], [42], with_query=False)
-  sampler = batching.EpisodeSampler(tasks, tasks_per_step=1, inner_steps=5, inner_batch_size=2, query_size=None)
+  sampler = batching.EpisodeSampler(
+    tasks, tasks_per_step=1, inner_steps=5, inner_batch_size=2, query_size=None
+  )
   episode = sampler(3)
   assert set(episode) == {"support"}
   rows = [tuple(r) for r in episode["support"]["input_ids"].reshape(-1, SPEC.max_input_len)]
@@ -253,8 +256,9 @@ def test_grid_eval_batches_pad_shorter_runs(tokenized):
 
 
 def test_mixed_lengths_are_refused(data, tokenizer, tokenized):
-  other = batching.tokenize_split(data["qa_toy"].split(13, "train"), tokenizer,
-                                  dataclasses.replace(SPEC, max_input_len=32))
+  other = batching.tokenize_split(
+    data["qa_toy"].split(13, "train"), tokenizer, dataclasses.replace(SPEC, max_input_len=32)
+  )
   with pytest.raises(ValueError, match="different lengths"):
     batching.concat_splits([tokenized[("qa_toy", 100, "train")], other])
 
@@ -263,8 +267,15 @@ def test_kept_lines_without_an_answer_evaluate_with_an_empty_target_and_score_0(
   # A downstream dev/test file with lines without an answer, kept as the reference kept them.
   from mpt_jax import metrics
 
-  split = crossfit.Split("qa_toy", 100, "dev", "qa_toy_3_100_dev.tsv", ("q0", "q1", "q2", "q3"),
-                         ((), ("honey",), ("eight", "8"), ()), num_without_answer=2)
+  split = crossfit.Split(
+    "qa_toy",
+    100,
+    "dev",
+    "qa_toy_3_100_dev.tsv",
+    ("q0", "q1", "q2", "q3"),
+    ((), ("honey",), ("eight", "8"), ()),
+    num_without_answer=2,
+  )
   ids = batching.tokenize_split(split, tokenizer, SPEC)
   assert ids.num_golds.tolist() == [0, 1, 2, 0]
   batch = next(batching.eval_batches(ids, batch_size=4)).batch

@@ -38,9 +38,13 @@ def test_config_loads_and_resolves(path):
   assert config.method in config_lib.METHODS
   if config.gym:
     from mpt_jax import gyms
+
     gyms.ensure(config.gym)
-  setting = settings_lib.get_setting(config.setting) if not config.setting_file else \
-      settings_lib.load_setting(config.setting_file)
+  setting = (
+    settings_lib.get_setting(config.setting)
+    if not config.setting_file
+    else settings_lib.load_setting(config.setting_file)
+  )
   assert setting.source and setting.target
   settings_lib.check_task_names(setting.source + setting.target, where=path)
   for task in config.downstream.tasks:
@@ -61,12 +65,14 @@ def test_config_loads_and_resolves(path):
 
 def _flat(config) -> dict:
   out = {}
+
   def walk(node, prefix):
     for key, value in node.items():
       if isinstance(value, dict):
         walk(value, f"{prefix}{key}.")
       else:
         out[prefix + key] = value
+
   walk(config.to_dict(), "")
   return out
 
@@ -82,9 +88,13 @@ def test_reference_preset_sets_the_references_behaviour_and_nothing_else(path):
   assert changed == {"prompt.placement", "downstream.test_prompt", "downstream.eval_batch_size"}
   # Where they already agree, the preset says so too.
   assert reference["downstream.step0_candidate"] is False and reference["downstream.max_epochs"] == 1000
-  assert (reference["downstream.decoding"], reference["downstream.num_beams"],
-          reference["downstream.repetition_penalty"], reference["downstream.early_stopping"],
-          reference["downstream.max_decode_len"]) == ("beam", 4, 2.5, True, 127)
+  assert (
+    reference["downstream.decoding"],
+    reference["downstream.num_beams"],
+    reference["downstream.repetition_penalty"],
+    reference["downstream.early_stopping"],
+    reference["downstream.max_decode_len"],
+  ) == ("beam", 4, 2.5, True, 127)
   assert reference["dtype"] == "float32"  # fp16 autocast is not available (docs/PROTOCOL.md)
 
 

@@ -43,20 +43,25 @@ def test_only_requested_seeds_and_splits_are_read():
 
 def test_every_problem_is_reported_at_once_with_file_and_line():
   with pytest.raises(crossfit.CrossFitError) as info:
-    crossfit.read_crossfit(BROKEN_FIXTURES, ["broken_task", "two_k", "missing_task", "empty_file"],
-                           seeds=[100])
-  found = {(p.path.split("crossfit_broken/")[-1], p.line, p.message.split(" (")[0])
-           for p in info.value.problems}
+    crossfit.read_crossfit(
+      BROKEN_FIXTURES, ["broken_task", "two_k", "missing_task", "empty_file"], seeds=[100]
+    )
+  found = {
+    (p.path.split("crossfit_broken/")[-1], p.line, p.message.split(" (")[0]) for p in info.value.problems
+  }
   expected = {
-      ("broken_task/broken_task_2_100_train.tsv", 2, "no tab between input and answer"),
-      ("broken_task/broken_task_2_100_train.tsv", 3, "empty input"),
-      ("broken_task/broken_task_2_100_dev.tsv", 2, "not UTF-8"),
-      ("broken_task/broken_task_2_100_dev.tsv", 4, "empty line"),
-      ("broken_task/broken_task_2_100_test.tsv", None, "file not found"),
-      ("two_k", None, "ambiguous k: files exist for k in [2, 4]; keep one k per task directory or pass k "
-                      "explicitly"),
-      ("missing_task", None, "task directory of 'missing_task' not found"),
-      ("empty_file/empty_file_2_100_train.tsv", None, "empty file: no examples"),
+    ("broken_task/broken_task_2_100_train.tsv", 2, "no tab between input and answer"),
+    ("broken_task/broken_task_2_100_train.tsv", 3, "empty input"),
+    ("broken_task/broken_task_2_100_dev.tsv", 2, "not UTF-8"),
+    ("broken_task/broken_task_2_100_dev.tsv", 4, "empty line"),
+    ("broken_task/broken_task_2_100_test.tsv", None, "file not found"),
+    (
+      "two_k",
+      None,
+      "ambiguous k: files exist for k in [2, 4]; keep one k per task directory or pass k explicitly",
+    ),
+    ("missing_task", None, "task directory of 'missing_task' not found"),
+    ("empty_file/empty_file_2_100_train.tsv", None, "empty file: no examples"),
   }
   assert found == expected
   message = str(info.value)
@@ -124,18 +129,25 @@ def _write_task(root, task, files):
 def test_lines_without_an_answer_are_dropped_or_kept_as_the_reference(tmp_path):
   # "x<TAB>" (nothing after the tab but whitespace): the reference's meta-learning and multi-task
   # loaders dropped such lines, its single-task (downstream) loader kept them with no gold.
-  _write_task(tmp_path, "qa_toy", {
+  _write_task(
+    tmp_path,
+    "qa_toy",
+    {
       "train": "q1\ta1\nq2\t\nq3\ta3\t\n",  # a trailing tab is no empty answer (strip)
       "dev": "q1\t \t\nq2\ta2\nq3\t\n",
       "test": "q1\ta\t\tb\n",  # an empty field between answers is the gold "", as the reference read it
-  })
+    },
+  )
   with pytest.warns(UserWarning) as caught:
     dropped = crossfit.read_crossfit(tmp_path, ["qa_toy"], seeds=[100])["qa_toy"]
-  assert sorted(str(w.message) for w in caught) == sorted([
+  assert sorted(str(w.message) for w in caught) == sorted(
+    [
       f"{tmp_path}/qa_toy/qa_toy_2_100_train.tsv: 1 of 3 line(s) without an answer, dropped, as the "
       f"reference's meta-learning and multi-task loaders did",
       f"{tmp_path}/qa_toy/qa_toy_2_100_dev.tsv: 2 of 3 line(s) without an answer, dropped, as the "
-      f"reference's meta-learning and multi-task loaders did"])
+      f"reference's meta-learning and multi-task loaders did",
+    ]
+  )
   train = dropped.split(100, "train")
   assert train.inputs == ("q1", "q3") and train.answers == (("a1",), ("a3",))
   assert train.num_without_answer == 1
@@ -143,8 +155,9 @@ def test_lines_without_an_answer_are_dropped_or_kept_as_the_reference(tmp_path):
   assert dropped.split(100, "test").answers == (("a", "", "b"),)
 
   with pytest.warns(UserWarning, match=r"dev.tsv: 2 of 3 line\(s\) without an answer, kept"):
-    kept = crossfit.read_crossfit(tmp_path, ["qa_toy"], seeds=[100], splits=["dev"],
-                                  keep_empty_answers=["dev", "test"])["qa_toy"]
+    kept = crossfit.read_crossfit(
+      tmp_path, ["qa_toy"], seeds=[100], splits=["dev"], keep_empty_answers=["dev", "test"]
+    )["qa_toy"]
   dev = kept.split(100, "dev")
   assert dev.inputs == ("q1", "q2", "q3") and dev.answers == ((), ("a2",), ())
   assert dev.num_without_answer == 2

@@ -40,11 +40,14 @@ def one_torch_thread():
   torch.set_num_threads(previous)
 
 
-TEXTS = ["premise: the movie was great [SEP] hypothesis: good",
-         "one two",
-         "question: who is the old cat that was on the mountain and by the river? answer: the dog",
-         "sentence: a blue bird in the city"]
+TEXTS = [
+  "premise: the movie was great [SEP] hypothesis: good",
+  "one two",
+  "question: who is the old cat that was on the mountain and by the river? answer: the dog",
+  "sentence: a blue bird in the city",
+]
 MAX_LENGTH = 10  # generated tokens (transformers' max_new_tokens)
+
 
 def _load_pair(request, version):
   return helpers_t5.load_reference_pair(request, version)
@@ -81,29 +84,70 @@ def _pad_after_eos(tokens, eos, max_length):
   return out
 
 
-def _hf_beam_search(model, reference, input_mask, *, eos, input_ids=None, inputs_embeds=None,
-                    num_beams=4, repetition_penalty=2.5, length_penalty=1.0, early_stopping=False):
+def _hf_beam_search(
+  model,
+  reference,
+  input_mask,
+  *,
+  eos,
+  input_ids=None,
+  inputs_embeds=None,
+  num_beams=4,
+  repetition_penalty=2.5,
+  length_penalty=1.0,
+  early_stopping=False,
+):
   # transformers' cache breaks when the decoder is deeper than the encoder (DESIGN.md).
   use_cache = model.config.num_decoder_layers <= model.config.num_layers
-  inputs = ({"input_ids": torch.tensor(input_ids, dtype=torch.long)} if inputs_embeds is None
-            else {"inputs_embeds": torch.tensor(inputs_embeds)})
+  inputs = (
+    {"input_ids": torch.tensor(input_ids, dtype=torch.long)}
+    if inputs_embeds is None
+    else {"inputs_embeds": torch.tensor(inputs_embeds)}
+  )
   with torch.no_grad():
     out = reference.generate(
-        **inputs, attention_mask=torch.tensor(input_mask, dtype=torch.long), num_beams=num_beams,
-        repetition_penalty=repetition_penalty, length_penalty=length_penalty,
-        early_stopping=early_stopping,
-        max_new_tokens=MAX_LENGTH, do_sample=False, use_cache=use_cache, eos_token_id=eos,
-        pad_token_id=0)
+      **inputs,
+      attention_mask=torch.tensor(input_mask, dtype=torch.long),
+      num_beams=num_beams,
+      repetition_penalty=repetition_penalty,
+      length_penalty=length_penalty,
+      early_stopping=early_stopping,
+      max_new_tokens=MAX_LENGTH,
+      do_sample=False,
+      use_cache=use_cache,
+      eos_token_id=eos,
+      pad_token_id=0,
+    )
   return _pad_after_eos(out.numpy()[:, 1:], eos, MAX_LENGTH)  # without the decoder start token
 
 
-def _our_beam_search(model, params, input_ids, input_mask, *, eos, num_beams=4,
-                     repetition_penalty=2.5, length_penalty=1.0, early_stopping=False):
+def _our_beam_search(
+  model,
+  params,
+  input_ids,
+  input_mask,
+  *,
+  eos,
+  num_beams=4,
+  repetition_penalty=2.5,
+  length_penalty=1.0,
+  early_stopping=False,
+):
   # Every traced argument given explicitly: jit compiles again when the set of given ones changes.
-  return np.asarray(beam_search(model, params, input_ids, input_mask, max_length=MAX_LENGTH,
-                                num_beams=num_beams, repetition_penalty=repetition_penalty,
-                                length_penalty=length_penalty, early_stopping=early_stopping,
-                                eos_token_id=eos))
+  return np.asarray(
+    beam_search(
+      model,
+      params,
+      input_ids,
+      input_mask,
+      max_length=MAX_LENGTH,
+      num_beams=num_beams,
+      repetition_penalty=repetition_penalty,
+      length_penalty=length_penalty,
+      early_stopping=early_stopping,
+      eos_token_id=eos,
+    )
+  )
 
 
 def _mid_sequence_eos(tokens):
@@ -116,10 +160,10 @@ def test_beam_search_matches_transformers_generate(pair):
   model, params, tokenizer, reference = pair
   ids, mask = _inputs(tokenizer)
   study = dict(num_beams=4, repetition_penalty=2.5)  # the study's decoding
-  free = _hf_beam_search(model, reference, mask, input_ids=ids, eos=model.config.eos_token_id,
-                         **study)
+  free = _hf_beam_search(model, reference, mask, input_ids=ids, eos=model.config.eos_token_id, **study)
   np.testing.assert_array_equal(
-      _our_beam_search(model, params, ids, mask, eos=model.config.eos_token_id, **study), free)
+    _our_beam_search(model, params, ids, mask, eos=model.config.eos_token_id, **study), free
+  )
 
   # Beams that finish at different steps exercise the finished-hypothesis bookkeeping, the length
   # penalty and the early-stopping heuristic.
@@ -151,10 +195,12 @@ def test_beam_search_early_stopping_matches_transformers_generate(pair):
       kwargs = dict(num_beams=4, repetition_penalty=2.5, length_penalty=length_penalty)
       plain = _hf_beam_search(model, reference, mask, input_ids=ids, eos=stop_token, **kwargs)
       for early_stopping in (True, "never"):
-        expected = _hf_beam_search(model, reference, mask, input_ids=ids, eos=stop_token,
-                                   early_stopping=early_stopping, **kwargs)
-        ours = _our_beam_search(model, params, ids, mask, eos=stop_token,
-                                early_stopping=early_stopping, **kwargs)
+        expected = _hf_beam_search(
+          model, reference, mask, input_ids=ids, eos=stop_token, early_stopping=early_stopping, **kwargs
+        )
+        ours = _our_beam_search(
+          model, params, ids, mask, eos=stop_token, early_stopping=early_stopping, **kwargs
+        )
         np.testing.assert_array_equal(ours, expected, err_msg=f"{early_stopping=} {stop_token=} {kwargs}")
         differs[early_stopping] += int((expected != plain).any(axis=1).sum())
   # Both rules changed some outputs here, so an implementation that ignored them would fail above.
@@ -165,8 +211,7 @@ def test_beam_search_rejects_unknown_early_stopping():
   model, params = tiny_t5("1.0", seed=4, num_layers=1, num_decoder_layers=1)
   batch = random_batch(5, batch=2, input_length=6)
   with pytest.raises(ValueError, match="early_stopping='always'"):
-    beam_search(model, params, batch["input_ids"], batch["input_mask"], max_length=4,
-                early_stopping="always")
+    beam_search(model, params, batch["input_ids"], batch["input_mask"], max_length=4, early_stopping="always")
 
 
 def test_one_beam_is_greedy_decoding():
@@ -174,13 +219,12 @@ def test_one_beam_is_greedy_decoding():
   model, params = tiny_t5("1.0", seed=4, num_layers=1, num_decoder_layers=1)
   batch = random_batch(5, batch=4, input_length=9)
   ids, mask = batch["input_ids"], batch["input_mask"]
-  free = np.asarray(greedy_decode(model, params, ids, mask, max_length=MAX_LENGTH,
-                                  eos_token_id=model.config.eos_token_id))
+  free = np.asarray(
+    greedy_decode(model, params, ids, mask, max_length=MAX_LENGTH, eos_token_id=model.config.eos_token_id)
+  )
   for eos in (model.config.eos_token_id, _mid_sequence_eos(free)):
-    greedy = np.asarray(greedy_decode(model, params, ids, mask, max_length=MAX_LENGTH,
-                                      eos_token_id=eos))
-    one_beam = _our_beam_search(model, params, ids, mask, eos=eos, num_beams=1,
-                                repetition_penalty=1.0)
+    greedy = np.asarray(greedy_decode(model, params, ids, mask, max_length=MAX_LENGTH, eos_token_id=eos))
+    one_beam = _our_beam_search(model, params, ids, mask, eos=eos, num_beams=1, repetition_penalty=1.0)
     np.testing.assert_array_equal(one_beam, greedy)
   assert (greedy == 0).any()  # the mid-sequence EOS stopped some of them
 
@@ -206,9 +250,11 @@ def test_prompted_beam_search_under_vmap_matches_transformers_inputs_embeds(pair
 
   @jax.jit
   def runs(prompts, ids, mask):
-    return jax.vmap(lambda p, i, m: beam_search(model, params, i, m, p, max_length=MAX_LENGTH,
-                                                num_beams=4, repetition_penalty=2.5))(prompts, ids,
-                                                                                     mask)
+    return jax.vmap(
+      lambda p, i, m: beam_search(
+        model, params, i, m, p, max_length=MAX_LENGTH, num_beams=4, repetition_penalty=2.5
+      )
+    )(prompts, ids, mask)
 
   ours = np.asarray(runs(jnp.asarray(prompts), run_ids, run_mask))
   for r in range(2):
@@ -242,44 +288,71 @@ def test_after_padding_placement_is_the_references_trimmed_batch_then_prompt(pai
   embeds, embeds_mask = _trimmed_then_prompt(reference, ids, mask, prompt)
   assert embeds.shape[1] == width + 3
   decoder_ids = np.asarray([[0, 12, 40, 7]] * len(TEXTS), np.int32)
-  ours = model.apply({"params": params}, ids, mask, decoder_ids, prompt=jnp.asarray(prompt),
-                     placement="after_padding")
+  ours = model.apply(
+    {"params": params}, ids, mask, decoder_ids, prompt=jnp.asarray(prompt), placement="after_padding"
+  )
   with torch.no_grad():
-    expected = reference(inputs_embeds=torch.tensor(embeds), attention_mask=torch.tensor(embeds_mask),
-                         decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long)).logits.numpy()
+    expected = reference(
+      inputs_embeds=torch.tensor(embeds),
+      attention_mask=torch.tensor(embeds_mask),
+      decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long),
+    ).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours), expected, atol=2e-5, rtol=1e-4)
-  generated = beam_search(model, params, ids, mask, jnp.asarray(prompt), max_length=MAX_LENGTH,
-                          placement="after_padding", num_beams=4, repetition_penalty=2.5,
-                          early_stopping=True)
+  generated = beam_search(
+    model,
+    params,
+    ids,
+    mask,
+    jnp.asarray(prompt),
+    max_length=MAX_LENGTH,
+    placement="after_padding",
+    num_beams=4,
+    repetition_penalty=2.5,
+    early_stopping=True,
+  )
   np.testing.assert_array_equal(
-      np.asarray(generated),
-      _hf_beam_search(model, reference, embeds_mask, inputs_embeds=embeds,
-                      eos=model.config.eos_token_id, early_stopping=True))
+    np.asarray(generated),
+    _hf_beam_search(
+      model, reference, embeds_mask, inputs_embeds=embeds, eos=model.config.eos_token_id, early_stopping=True
+    ),
+  )
   # Prompt right after the padded width instead (the old reading of "after padding"): other logits.
-  padded_embeds = np.concatenate([reference.shared.weight.detach().numpy()[ids],
-                                  np.broadcast_to(prompt, (len(TEXTS), *prompt.shape))], axis=1)
+  padded_embeds = np.concatenate(
+    [reference.shared.weight.detach().numpy()[ids], np.broadcast_to(prompt, (len(TEXTS), *prompt.shape))],
+    axis=1,
+  )
   padded_mask = np.concatenate([mask, np.ones((len(TEXTS), 3), np.int64)], axis=1)
   with torch.no_grad():
-    other = reference(inputs_embeds=torch.tensor(padded_embeds), attention_mask=torch.tensor(padded_mask),
-                      decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long)).logits.numpy()
+    other = reference(
+      inputs_embeds=torch.tensor(padded_embeds),
+      attention_mask=torch.tensor(padded_mask),
+      decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long),
+    ).logits.numpy()
   assert np.abs(other - expected).max() > 1e-3
 
 
 # --- rank classification ---------------------------------------------------------------------------------
+
 
 def _split(answers, target_rows, target_length=6):
   """A TokenizedSplit built by hand: one input per example, its golds' token rows given."""
   lengths = np.asarray([len(r) for r in target_rows], np.int32)
   targets = np.zeros((len(target_rows), target_length), np.int32)
   for i, row in enumerate(target_rows):
-    targets[i, :len(row)] = row
+    targets[i, : len(row)] = row
   num_golds = [len(a) for a in answers]
   n = len(answers)
   return TokenizedSplit(
-      task="toy", seed=13, split="train", input_ids=np.ones((n, 4), np.int32),
-      input_lengths=np.ones(n, np.int32), target_ids=targets, target_lengths=lengths,
-      gold_offsets=np.concatenate([[0], np.cumsum(num_golds)]).astype(np.int64),
-      answers=tuple(tuple(a) for a in answers))
+    task="toy",
+    seed=13,
+    split="train",
+    input_ids=np.ones((n, 4), np.int32),
+    input_lengths=np.ones(n, np.int32),
+    target_ids=targets,
+    target_lengths=lengths,
+    gold_offsets=np.concatenate([[0], np.cumsum(num_golds)]).astype(np.int64),
+    answers=tuple(tuple(a) for a in answers),
+  )
 
 
 def test_label_candidates_are_the_sorted_distinct_first_golds():
@@ -289,10 +362,12 @@ def test_label_candidates_are_the_sorted_distinct_first_golds():
   candidates = label_candidates(_split(answers, rows))
   # "negative" has the tokens of "Negative", which sorts first.
   assert candidates.texts == ("Negative", "neutral", "positive")
-  np.testing.assert_array_equal(candidates.target_ids,
-                                [[6, 7, 1, 0, 0, 0], [9, 1, 0, 0, 0, 0], [5, 1, 0, 0, 0, 0]])
-  np.testing.assert_array_equal(candidates.target_mask,
-                                [[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(
+    candidates.target_ids, [[6, 7, 1, 0, 0, 0], [9, 1, 0, 0, 0, 0], [5, 1, 0, 0, 0, 0]]
+  )
+  np.testing.assert_array_equal(
+    candidates.target_mask, [[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
+  )
   assert candidates.score_length == 3
 
   with pytest.raises(ValueError, match="toy.*no examples"):
@@ -313,23 +388,34 @@ def test_rank_classify_under_vmap_equals_brute_force_likelihoods():
 
   @jax.jit
   def ranked(prompts, ids, mask):
-    return jax.vmap(lambda p, i, m: rank_classify(model, params, i, m, p,
-                                                  candidates=candidates))(prompts, ids, mask)
+    return jax.vmap(lambda p, i, m: rank_classify(model, params, i, m, p, candidates=candidates))(
+      prompts, ids, mask
+    )
 
   @jax.jit
   def log_likelihood(prompt, ids, mask, target_ids, target_mask):  # one label for the whole batch
-    batch = {"input_ids": ids, "input_mask": mask,
-             "target_ids": jnp.broadcast_to(target_ids, (ids.shape[0], target_ids.shape[0])),
-             "target_mask": jnp.broadcast_to(target_mask, (ids.shape[0], target_mask.shape[0]))}
+    batch = {
+      "input_ids": ids,
+      "input_mask": mask,
+      "target_ids": jnp.broadcast_to(target_ids, (ids.shape[0], target_ids.shape[0])),
+      "target_mask": jnp.broadcast_to(target_mask, (ids.shape[0], target_mask.shape[0])),
+    }
     return sequence_log_likelihood(model, params, prompt, batch)
 
   ours = np.asarray(ranked(prompts, run_ids, run_mask))
   assert ours.shape == (num_runs, batch, candidates.target_ids.shape[1]) and ours.dtype == np.int32
   for r in range(num_runs):
-    scores = np.stack([
-        np.asarray(log_likelihood(prompts[r], run_ids[r], run_mask[r], candidates.target_ids[c],
-                                  candidates.target_mask[c]))
-        for c in range(len(candidates.texts))], axis=1)
+    scores = np.stack(
+      [
+        np.asarray(
+          log_likelihood(
+            prompts[r], run_ids[r], run_mask[r], candidates.target_ids[c], candidates.target_mask[c]
+          )
+        )
+        for c in range(len(candidates.texts))
+      ],
+      axis=1,
+    )
     np.testing.assert_array_equal(ours[r], candidates.target_ids[np.argmax(scores, axis=1)])
   labels_chosen = {row.tobytes() for row in ours.reshape(-1, ours.shape[-1])}
   assert len(labels_chosen) > 1  # the inputs and prompts matter: not one constant label

@@ -52,8 +52,7 @@ def test_tokenizer_loads_from_a_directory_and_round_trips(tiny_tokenizer_dir):
 def test_config_reads_both_transformers_generations():
   base = {"model_type": "t5", "d_model": 16, "vocab_size": 40}
   # transformers 4 files: tie_word_embeddings carries the v1.1 "untied, unscaled" meaning.
-  old_v11 = T5Config.from_hf_dict({**base, "tie_word_embeddings": False, "feed_forward_proj":
-                                   "gated-gelu"})
+  old_v11 = T5Config.from_hf_dict({**base, "tie_word_embeddings": False, "feed_forward_proj": "gated-gelu"})
   assert not old_v11.tie_word_embeddings and not old_v11.scale_decoder_outputs
   old_v10 = T5Config.from_hf_dict(base)
   assert old_v10.tie_word_embeddings and old_v10.scale_decoder_outputs
@@ -78,12 +77,12 @@ def test_every_weight_format_loads_the_same_params(hf_t5_v11_dir, v11, tmp_path)
 
   sharded = _copy(hf_t5_v11_dir, tmp_path / "sharded", weights=False)
   names = sorted(tensors)
-  shards = {"model-00001-of-00002.safetensors": names[::2],
-            "model-00002-of-00002.safetensors": names[1::2]}
+  shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
   for file, keys in shards.items():
     save_file({k: tensors[k] for k in keys}, sharded / file, metadata={"format": "pt"})
-  (sharded / "model.safetensors.index.json").write_text(json.dumps(
-      {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+  (sharded / "model.safetensors.index.json").write_text(
+    json.dumps({"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}})
+  )
 
   flax_dir = _copy(hf_t5_v11_dir, tmp_path / "flax", weights=False)
   nested = {}
@@ -99,6 +98,7 @@ def test_every_weight_format_loads_the_same_params(hf_t5_v11_dir, v11, tmp_path)
     else:
       node["kernel"] = value.T
   from flax import serialization
+
   (flax_dir / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(nested))
 
   torch_dir = _copy(hf_t5_v11_dir, tmp_path / "torch", weights=False)
@@ -135,8 +135,9 @@ def test_hub_id_offline_without_cache_fails_fast(tmp_path, monkeypatch):
 
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-  with pytest.raises(FileNotFoundError,
-                     match=r"google/t5-large-lm-adapt.*HF_HUB_OFFLINE=1.*huggingface-cli download"):
+  with pytest.raises(
+    FileNotFoundError, match=r"google/t5-large-lm-adapt.*HF_HUB_OFFLINE=1.*huggingface-cli download"
+  ):
     load_pretrained("google/t5-large-lm-adapt")
 
 
@@ -179,8 +180,7 @@ def test_missing_weights_and_tokenizer_are_named(hf_t5_v11_dir, tmp_path):
 def test_unexpected_tensors_warn(hf_t5_v11_dir, tmp_path):
   tensors = load_file(hf_t5_v11_dir / "model.safetensors")
   path = _copy(hf_t5_v11_dir, tmp_path / "extra", weights=False)
-  save_file({**tensors, "classifier.dense.weight": np.zeros((2, 16), np.float32)},
-            path / "model.safetensors")
+  save_file({**tensors, "classifier.dense.weight": np.zeros((2, 16), np.float32)}, path / "model.safetensors")
   with pytest.warns(UserWarning, match="classifier.dense.weight"):
     load_pretrained(path)
 
@@ -213,9 +213,11 @@ def test_saved_checkpoint_reloads_here_and_in_transformers(version, request, tmp
   input_mask[:, 0] = 1
   decoder_input_ids = np.array([[0, 7, 9], [0, 4, 1]], np.int32)
   with torch.no_grad():
-    expected = reference(input_ids=torch.tensor(input_ids, dtype=torch.long),
-                         attention_mask=torch.tensor(input_mask, dtype=torch.long),
-                         decoder_input_ids=torch.tensor(decoder_input_ids, dtype=torch.long)).logits
+    expected = reference(
+      input_ids=torch.tensor(input_ids, dtype=torch.long),
+      attention_mask=torch.tensor(input_mask, dtype=torch.long),
+      decoder_input_ids=torch.tensor(decoder_input_ids, dtype=torch.long),
+    ).logits
   ours = jax.jit(model.apply)({"params": params}, input_ids, input_mask, decoder_input_ids)
   np.testing.assert_allclose(np.asarray(ours), expected.numpy(), atol=1e-5, rtol=0)
 

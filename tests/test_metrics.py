@@ -57,11 +57,16 @@ def _ref_rouge(prediction, golds):
 def _ref_evaluate(predictions, data, metric):
   assert len(predictions) == len(data)
   if metric == "EM":
-    return np.mean([_ref_over_list(lambda p, g: _ref_normalize(p) == _ref_normalize(g), p, dp[1])
-                    for p, dp in zip(predictions, data)])
+    return np.mean(
+      [
+        _ref_over_list(lambda p, g: _ref_normalize(p) == _ref_normalize(g), p, dp[1])
+        for p, dp in zip(predictions, data)
+      ]
+    )
   if metric == "ACC":
-    return np.mean([_ref_over_list(lambda p, g: p.lower() == g.lower(), p, dp[1])
-                    for p, dp in zip(predictions, data)])
+    return np.mean(
+      [_ref_over_list(lambda p, g: p.lower() == g.lower(), p, dp[1]) for p, dp in zip(predictions, data)]
+    )
   if metric == "QA-F1":
     return np.mean([_ref_over_list(_ref_f1, p, dp[1]) for p, dp in zip(predictions, data)])
   if metric == "Classification-F1":
@@ -105,8 +110,9 @@ def test_exact_match_normalizes_and_takes_max_over_golds():
   assert metrics.exact_match("cats", ["cat"]) == 0.0
   assert metrics.exact_match("cat", []) == 0.0
   # mean over examples: 1, 1, 0 -> 2/3
-  assert metrics.score("EM", ["The cat.", "cat", "cats"], [["cat"], ["dog", "A cat!"], ["cat"]]) == \
-      pytest.approx(2 / 3)
+  assert metrics.score(
+    "EM", ["The cat.", "cat", "cats"], [["cat"], ["dog", "A cat!"], ["cat"]]
+  ) == pytest.approx(2 / 3)
 
 
 def test_accuracy_compares_lowercased_strings_only():
@@ -126,8 +132,9 @@ def test_qa_f1_token_f1_max_over_golds():
   assert metrics.qa_f1("the big red dog", ["a red dog", "big cat"]) == pytest.approx(0.8)
   assert metrics.qa_f1("dog dog", ["dog"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # repeated tokens
   assert metrics.qa_f1("the", ["a"]) == 0.0  # both empty after normalization
-  assert metrics.score("QA-F1", ["the big red dog", "x"], [["a red dog", "big cat"], ["y"]]) == \
-      pytest.approx(0.4)
+  assert metrics.score("QA-F1", ["the big red dog", "x"], [["a red dog", "big cat"], ["y"]]) == pytest.approx(
+    0.4
+  )
 
 
 def test_classification_f1_uses_first_gold_and_free_text_is_an_extra_class():
@@ -136,8 +143,9 @@ def test_classification_f1_uses_first_gold_and_free_text_is_an_extra_class():
   # pos: P 1, R 1/2 -> F 2/3; neg: P 1/2, R 1/2 -> F 1/2; "maybe so": F 0. Macro over 3 classes.
   assert metrics.score("Classification-F1", predictions, golds) == pytest.approx((2 / 3 + 1 / 2) / 3)
   # Only the first gold counts: a prediction matching the second gold is wrong.
-  assert metrics.score("Classification-F1", ["pos", "neg"], [["neg", "pos"], ["neg"]]) == \
-      pytest.approx((0 + 2 / 3) / 2)  # pos: P 0 -> F 0; neg: P 1, R 1/2 -> F 2/3
+  assert metrics.score("Classification-F1", ["pos", "neg"], [["neg", "pos"], ["neg"]]) == pytest.approx(
+    (0 + 2 / 3) / 2
+  )  # pos: P 0 -> F 0; neg: P 1, R 1/2 -> F 2/3
   assert metrics.score("Classification-F1", ["a", "b"], [["a"], ["b"]]) == 1.0
 
 
@@ -155,8 +163,9 @@ def test_matthews_correlation_cola_conventions():
 def test_pearson_correlation_and_nan_on_unparsable_prediction():
   golds = [["1"], ["2"], ["3"]]
   # x = [1, 2, 3], y = [1, 2.5, 2]: sum dx dy = 1, sum dx^2 = 2, sum dy^2 = 7/6 -> 1 / sqrt(7/3)
-  assert metrics.score("Pearson-Correlation", ["1", " 2.5 ", "2"], golds) == \
-      pytest.approx(1 / math.sqrt(7 / 3))
+  assert metrics.score("Pearson-Correlation", ["1", " 2.5 ", "2"], golds) == pytest.approx(
+    1 / math.sqrt(7 / 3)
+  )
   assert math.isnan(metrics.score("Pearson-Correlation", ["1", "two", "2"], golds))
   assert math.isnan(metrics.score("Pearson-Correlation", ["1", "1", "1"], golds))  # constant
   with pytest.raises(ValueError, match="not a number"):
@@ -167,8 +176,9 @@ def test_rouge_l_values_max_over_golds_and_empty_after_punctuation():
   # Single sentences, no repeated words: LCS 3, R 3/5, P 3/3; the package's F = 2PR / (P + R + 1e-8).
   p, r = 1.0, 0.6
   assert metrics.rouge_l("cat sat on", ["a cat sat on mat"]) == pytest.approx(2 * p * r / (p + r + 1e-8))
-  assert metrics.rouge_l("cat sat on", ["dog", "a cat sat on mat"]) == \
-      pytest.approx(2 * p * r / (p + r + 1e-8))  # max over golds
+  assert metrics.rouge_l("cat sat on", ["dog", "a cat sat on mat"]) == pytest.approx(
+    2 * p * r / (p + r + 1e-8)
+  )  # max over golds
   assert metrics.rouge_l("...", ["a cat"]) == 0.0
   assert metrics.rouge_l("", ["a cat"]) == 0.0
   assert metrics.rouge_l("cat", []) == 0.0
@@ -181,18 +191,18 @@ def test_rouge_l_values_max_over_golds_and_empty_after_punctuation():
 # Agreement with the CrossFit re-implementation on a mixed corpus.
 # ---------------------------------------------------------------------------------------------------
 _TEXT_CORPUS = [
-    ("The Eiffel Tower.", ["Eiffel tower", "the eiffel tower in paris"]),
-    ("  paris, france ", ["Paris"]),
-    ("an apple a day", ["apple day", "an orange"]),
-    ("", ["something"]),
-    ("...", ["dots."]),
-    ("42", ["forty-two", "42."]),
-    ("New York City is big. It is old.", ["New York is big", "the city is old. it is big."]),
-    ("yes", ["Yes"]),
-    ("no!", ["no"]),
-    ("the the the", ["the"]),
-    ("cat dog cat dog bird", ["dog cat bird", "bird"]),
-    ("x", []),
+  ("The Eiffel Tower.", ["Eiffel tower", "the eiffel tower in paris"]),
+  ("  paris, france ", ["Paris"]),
+  ("an apple a day", ["apple day", "an orange"]),
+  ("", ["something"]),
+  ("...", ["dots."]),
+  ("42", ["forty-two", "42."]),
+  ("New York City is big. It is old.", ["New York is big", "the city is old. it is big."]),
+  ("yes", ["Yes"]),
+  ("no!", ["no"]),
+  ("the the the", ["the"]),
+  ("cat dog cat dog bird", ["dog cat bird", "bird"]),
+  ("x", []),
 ]
 
 
@@ -202,36 +212,43 @@ def test_per_example_metrics_match_crossfit(metric):
   data = [("input", g) for _, g in _TEXT_CORPUS]
   golds = [g for _, g in _TEXT_CORPUS]
   assert metrics.score(metric, predictions, golds) == pytest.approx(
-      _ref_evaluate(predictions, data, metric), abs=1e-12)
+    _ref_evaluate(predictions, data, metric), abs=1e-12
+  )
   assert metrics.evaluate("any", predictions, golds, metric=metric) == pytest.approx(
-      _ref_evaluate_task(predictions, data, metric), abs=1e-12)
+    _ref_evaluate_task(predictions, data, metric), abs=1e-12
+  )
 
 
 def test_corpus_metrics_match_crossfit():
   labels = ["positive", "negative", "neutral"]
   rng = np.random.default_rng(0)
   golds = [[labels[i]] + (["other"] if i == 0 else []) for i in rng.integers(0, 3, 40)]
-  predictions = [labels[i] if i < 3 else ("I think positive" if i == 3 else " negative ")
-                 for i in rng.integers(0, 5, 40)]
+  predictions = [
+    labels[i] if i < 3 else ("I think positive" if i == 3 else " negative ") for i in rng.integers(0, 5, 40)
+  ]
   data = [("input", g) for g in golds]
   for metric in ("Classification-F1", "ACC", "EM"):
     assert metrics.evaluate("t", predictions, golds, metric=metric) == pytest.approx(
-        _ref_evaluate_task(predictions, data, metric), abs=1e-12)
+      _ref_evaluate_task(predictions, data, metric), abs=1e-12
+    )
 
   cola = ["acceptable", "unacceptable"]
   golds = [[cola[i]] for i in rng.integers(0, 2, 30)]
-  predictions = [[" acceptable", "unacceptable", "Acceptable", "acceptable"][i]
-                 for i in rng.integers(0, 4, 30)]
+  predictions = [
+    [" acceptable", "unacceptable", "Acceptable", "acceptable"][i] for i in rng.integers(0, 4, 30)
+  ]
   data = [("input", g) for g in golds]
   assert metrics.score("Matthew-Correlation", predictions, golds) == pytest.approx(
-      _ref_evaluate(predictions, data, "Matthew-Correlation"), abs=1e-12)
+    _ref_evaluate(predictions, data, "Matthew-Correlation"), abs=1e-12
+  )
 
   values = rng.uniform(1, 5, 25)
   golds = [[f"{v:.1f}"] for v in values]
   predictions = [f" {v + rng.normal():.2f}" for v in values]
   data = [("input", g) for g in golds]
   assert metrics.score("Pearson-Correlation", predictions, golds) == pytest.approx(
-      _ref_evaluate(predictions, data, "Pearson-Correlation"), abs=1e-12)
+    _ref_evaluate(predictions, data, "Pearson-Correlation"), abs=1e-12
+  )
   predictions[3] = "four"
   with np.errstate(invalid="ignore"):
     assert np.isnan(_ref_evaluate(predictions, data, "Pearson-Correlation"))
@@ -248,8 +265,7 @@ def test_evaluate_picks_the_task_metric():
   assert metrics.evaluate("glue-cola", ["Acceptable", "unacceptable"], golds) == 0.0
   assert metrics.evaluate("glue-cola", ["Acceptable", "unacceptable"], golds, metric="ACC") == 1.0
   # squad-with_context is QA-F1 (0.8), squad-no_context is EM (0).
-  assert metrics.evaluate("squad-with_context", ["the big red dog"], [["a red dog"]]) == \
-      pytest.approx(0.8)
+  assert metrics.evaluate("squad-with_context", ["the big red dog"], [["a red dog"]]) == pytest.approx(0.8)
   assert metrics.evaluate("squad-no_context", ["the big red dog"], [["a red dog"]]) == 0.0
 
 

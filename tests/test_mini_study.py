@@ -7,19 +7,23 @@ import json
 from pathlib import Path
 
 _spec = importlib.util.spec_from_file_location(
-    "mini_study", Path(__file__).resolve().parents[1] / "experiments" / "mini_study.py")
+  "mini_study", Path(__file__).resolve().parents[1] / "experiments" / "mini_study.py"
+)
 mini_study = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mini_study)
 
 
-def _write_task(root: Path, setting: str, method: str, task: str, losses: dict | None, done: bool,
-                kind: str = "downstream"):
+def _write_task(
+  root: Path, setting: str, method: str, task: str, losses: dict | None, done: bool, kind: str = "downstream"
+):
   task_dir = root / setting / method / kind / task
   (task_dir / "logs").mkdir(parents=True)
   if losses is not None:
     (task_dir / "logs" / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": s, f"{task}/loss": v, f"{task}/dev_score": 0.5}) + "\n"
-                for s, v in losses.items()))
+      "".join(
+        json.dumps({"step": s, f"{task}/loss": v, f"{task}/dev_score": 0.5}) + "\n" for s, v in losses.items()
+      )
+    )
   if done:
     (task_dir / "results.json").write_text("{}")
 
@@ -31,10 +35,14 @@ def test_pt_runs_are_shared_only_when_finished_and_never_overwritten(tmp_path):
   _write_task(tmp_path, "a", "pt", "t3", {20: 1.0}, done=True)
   _write_task(tmp_path, "a", "pt", "s1", {20: 2.0}, done=True, kind="sources")
   _write_task(tmp_path, "a", "pt", "t5", {20: 1.0}, done=True)  # neither a target nor a source of b
-  copied = mini_study.share_pt_runs(str(tmp_path), "b", ["a"], targets=["t1", "t2", "t3", "s1"],
-                                    sources=["t1", "t4"])
-  assert copied == ["t1 (from a/pt/downstream/t1)", "s1 (from a/pt/sources/s1)",
-                    "t1 (from a/pt/downstream/t1)"]
+  copied = mini_study.share_pt_runs(
+    str(tmp_path), "b", ["a"], targets=["t1", "t2", "t3", "s1"], sources=["t1", "t4"]
+  )
+  assert copied == [
+    "t1 (from a/pt/downstream/t1)",
+    "s1 (from a/pt/sources/s1)",
+    "t1 (from a/pt/downstream/t1)",
+  ]
   assert (tmp_path / "b" / "pt" / "downstream" / "t1" / "results.json").is_file()
   assert (tmp_path / "b" / "pt" / "downstream" / "s1" / "results.json").is_file()  # a source's run
   assert (tmp_path / "b" / "pt" / "sources" / "t1" / "results.json").is_file()  # a target's run

@@ -19,8 +19,7 @@ def gradients(shape, num_steps, seed=0):
   """Gradients whose scale jumps by orders of magnitude between steps, so that the second-moment EMA
   lags and the update clipping (RMS > 1) really triggers on some steps."""
   rng = np.random.default_rng(seed)
-  return [(rng.normal(size=shape) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
-          for _ in range(num_steps)]
+  return [(rng.normal(size=shape) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32) for _ in range(num_steps)]
 
 
 def run_optax(optimizer, param, grads):
@@ -48,10 +47,20 @@ def run_torch(make_optimizer, param, grads):
 
 def hf_adafactor(weight_decay):
   from transformers.optimization import Adafactor
+
   # The study's call (reference/PROTOCOL.md); the rest are HF's defaults, spelled out.
-  return lambda params: Adafactor(params, lr=0.5, scale_parameter=False, relative_step=False,
-                                  warmup_init=False, weight_decay=weight_decay, beta1=None,
-                                  decay_rate=-0.8, clip_threshold=1.0, eps=(1e-30, 1e-3))
+  return lambda params: Adafactor(
+    params,
+    lr=0.5,
+    scale_parameter=False,
+    relative_step=False,
+    warmup_init=False,
+    weight_decay=weight_decay,
+    beta1=None,
+    decay_rate=-0.8,
+    clip_threshold=1.0,
+    eps=(1e-30, 1e-3),
+  )
 
 
 # [100, d] prompts with d below and above 100 (optax and HF order the factored dims differently), a
@@ -76,14 +85,21 @@ def test_adafactor_factors_the_prompt_like_hf():
   second moment as optax's default min_dim_size_to_factor=128 would give; and stock optax.adafactor
   (even with the study's numbers) takes a different path than HF."""
   shape = (100, 16)
-  _, state = run_optax(optim.make_optimizer("adafactor", 0.5), np.ones(shape, np.float32),
-                       gradients(shape, 1))
+  _, state = run_optax(
+    optim.make_optimizer("adafactor", 0.5), np.ones(shape, np.float32), gradients(shape, 1)
+  )
   factored = state.inner_state[0]
   assert factored.v_row.shape == (16,) and factored.v_col.shape == (100,) and factored.v.shape == (1,)
   param = np.random.default_rng(1).normal(size=shape).astype(np.float32)
   grads = gradients(shape, num_steps=8)
-  stock = optax.adafactor(0.5, multiply_by_parameter_scale=False, clipping_threshold=1.0,
-                          weight_decay_rate=1e-5, decay_rate=0.8, eps=1e-30)
+  stock = optax.adafactor(
+    0.5,
+    multiply_by_parameter_scale=False,
+    clipping_threshold=1.0,
+    weight_decay_rate=1e-5,
+    decay_rate=0.8,
+    eps=1e-30,
+  )
   stock_trajectory, _ = run_optax(stock, param, grads)
   reference = run_torch(hf_adafactor(1e-5), param, grads)
   assert np.abs(stock_trajectory[-1] - reference[-1]).max() > 1e-3

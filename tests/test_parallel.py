@@ -10,8 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_algorithms import (deterministic_standin_loss, make_t5_model, random_batch, random_episode,
-                             random_prompt, standin_loss, standin_params)
+from test_algorithms import (
+  deterministic_standin_loss,
+  make_t5_model,
+  random_batch,
+  random_episode,
+  random_prompt,
+  standin_loss,
+  standin_params,
+)
 
 from mpt_jax import algorithms, optim, parallel
 from mpt_jax.algorithms import common
@@ -35,11 +42,13 @@ def assert_steps_agree(method, loss_fn, frozen, prompt, batches, mesh, *, rtol=1
   for i, batch in enumerate(batches):
     rng = jax.random.key(100 + i)
     single_state, single_metrics = single(single_state, frozen, batch, rng)
-    sharded_state, sharded_metrics = sharded(sharded_state, parallel.replicate(frozen, mesh),
-                                             parallel.shard(batch, mesh), rng)
+    sharded_state, sharded_metrics = sharded(
+      sharded_state, parallel.replicate(frozen, mesh), parallel.shard(batch, mesh), rng
+    )
     for name in ("loss", "grad_norm"):
-      np.testing.assert_allclose(sharded_metrics[name], single_metrics[name], rtol=rtol,
-                                 err_msg=f"{method} step {i}: {name}")
+      np.testing.assert_allclose(
+        sharded_metrics[name], single_metrics[name], rtol=rtol, err_msg=f"{method} step {i}: {name}"
+      )
     assert bool(sharded_metrics["update_ok"])
     np.testing.assert_allclose(sharded_state.prompt, single_state.prompt, rtol=rtol, atol=rtol * 1e-1)
   assert int(sharded_state.step) == len(batches)
@@ -55,8 +64,7 @@ def test_mesh_is_one_dimensional_data_axis(mesh):
 def test_sharded_meta_step_equals_single_device(mesh, method):
   """With dropout on: each task draws the same rngs on whichever device it lands."""
   episodes = [random_episode(i, tasks=4, with_query=method != "reptile") for i in range(2)]
-  assert_steps_agree(method, standin_loss, standin_params(), random_prompt(), episodes, mesh,
-                     inner_lr=0.5)
+  assert_steps_agree(method, standin_loss, standin_params(), random_prompt(), episodes, mesh, inner_lr=0.5)
 
 
 def test_sharded_pt_step_equals_single_device(mesh):
@@ -67,8 +75,9 @@ def test_sharded_pt_step_equals_single_device(mesh):
 
 def test_sharded_tiny_t5_pt_step_equals_single_device(mesh):
   model = make_t5_model()
-  batches = [random_batch(np.random.default_rng(i), (4,), full_targets=True, **model.batch_kw)
-             for i in range(2)]
+  batches = [
+    random_batch(np.random.default_rng(i), (4,), full_targets=True, **model.batch_kw) for i in range(2)
+  ]
   assert_steps_agree("pt", model.loss_fn, model.frozen, model.prompt, batches, mesh, rtol=1e-4)
 
 
@@ -85,8 +94,12 @@ def test_sharded_grid_equals_vmapped_grid(mesh):
     batches = random_batch(np.random.default_rng(i), (4, 4))
     rngs = jax.random.split(jax.random.key(i), 4)
     states, metrics = vmapped(states, frozen, batches, rngs)
-    sharded_states, sharded_metrics = sharded(sharded_states, parallel.replicate(frozen, mesh),
-                                              parallel.shard(batches, mesh), parallel.shard(rngs, mesh))
+    sharded_states, sharded_metrics = sharded(
+      sharded_states,
+      parallel.replicate(frozen, mesh),
+      parallel.shard(batches, mesh),
+      parallel.shard(rngs, mesh),
+    )
   np.testing.assert_allclose(sharded_states.prompt, states.prompt, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(sharded_metrics["loss"], metrics["loss"], rtol=1e-5)
   np.testing.assert_allclose(sharded_metrics["learning_rate"], learning_rates)
@@ -97,8 +110,12 @@ def test_indivisible_leading_axis_fails_clearly(mesh):
   sgd = optim.make_optimizer("sgd", 1.0)
   sharded = parallel.make_sharded_step("maml", deterministic_standin_loss, sgd, mesh, inner_lr=0.1)
   with pytest.raises(ValueError, match="does not split over 2 devices"):
-    sharded(parallel.replicate(common.init_state(random_prompt(), sgd), mesh), standin_params(),
-            random_episode(0, tasks=3), jax.random.key(0))
+    sharded(
+      parallel.replicate(common.init_state(random_prompt(), sgd), mesh),
+      standin_params(),
+      random_episode(0, tasks=3),
+      jax.random.key(0),
+    )
 
 
 def test_a_grid_of_runs_that_does_not_divide_over_the_devices_is_padded_not_run_on_one(mesh):
@@ -107,13 +124,17 @@ def test_a_grid_of_runs_that_does_not_divide_over_the_devices_is_padded_not_run_
   learning_rates = [0.5, 0.3, 0.2]
   frozen = standin_params()
   step = algorithms.make_step("pt", standin_loss, optim.make_optimizer("adafactor", 0.5))
-  states = algorithms.init_grid_state(jnp.stack([random_prompt(seed) for seed in range(3)]),
-                                      optim.make_optimizer("adafactor", 0.5), learning_rates)
+  states = algorithms.init_grid_state(
+    jnp.stack([random_prompt(seed) for seed in range(3)]),
+    optim.make_optimizer("adafactor", 0.5),
+    learning_rates,
+  )
   batches = random_batch(np.random.default_rng(0), (3, 4))
   rngs = jax.random.split(jax.random.key(0), 3)
   expected, expected_metrics = jax.jit(algorithms.make_grid_step(step))(states, frozen, batches, rngs)
-  sharded, metrics = parallel.shard_grid_step(step, mesh)(states, parallel.replicate(frozen, mesh), batches,
-                                                          rngs)
+  sharded, metrics = parallel.shard_grid_step(step, mesh)(
+    states, parallel.replicate(frozen, mesh), batches, rngs
+  )
   assert sharded.prompt.shape[0] == 3 and metrics["loss"].shape == (3,)
   np.testing.assert_allclose(sharded.prompt, expected.prompt, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics["learning_rate"], learning_rates)

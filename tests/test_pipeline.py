@@ -52,8 +52,9 @@ def _upstream(tiny, maml_step, workdir, num_steps, fail_at=None, seed=7):
     return _episodes(s)
 
   loop = train.LoopConfig(num_steps=num_steps, checkpoint_every=2, log_every=1, seed=seed)
-  state = train.train_prompt(step, algorithms.init_state(prompt0, optimizer), params, sample, loop,
-                             str(workdir))
+  state = train.train_prompt(
+    step, algorithms.init_state(prompt0, optimizer), params, sample, loop, str(workdir)
+  )
   return state
 
 
@@ -67,8 +68,10 @@ def test_killed_upstream_resumes_to_the_uninterrupted_result(tiny, maml_step, tm
   # Prompt, optimizer state and step: bitwise what the uninterrupted run has.
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), resumed, straight)
   # Step 5 ran before the kill but after the last checkpoint (4), so it ran (and was logged) twice.
-  logged = [json.loads(line)["step"] for line in
-            open(tmp_path / "killed" / "logs" / "metrics.jsonl", encoding="utf-8")]
+  logged = [
+    json.loads(line)["step"]
+    for line in open(tmp_path / "killed" / "logs" / "metrics.jsonl", encoding="utf-8")
+  ]
   assert logged == [1, 2, 3, 4, 5, 5, 6]
 
 
@@ -85,8 +88,9 @@ class _Grid:
     self.model, self.params, self.prompt0 = tiny
     self.runs = adapt.grid_runs([100, 13], [0.5, 0.2])
     self.train = {s: helpers_t5.random_batch(s, batch=2, input_length=6, target_length=3) for s in (100, 13)}
-    self.dev = {s: helpers_t5.random_batch(s + 1, batch=3, input_length=6, target_length=3)
-                for s in (100, 13)}
+    self.dev = {
+      s: helpers_t5.random_batch(s + 1, batch=3, input_length=6, target_length=3) for s in (100, 13)
+    }
     self.loss = algorithms.make_loss_fn(self.model, deterministic=True)
     self.config = adapt.GridConfig(lrs=[0.5, 0.2], batch_size=2, num_steps=6, eval_every=2, eval_batch_size=3)
     # SGD: the comparison is about batching runs; Adafactor's update normalization would amplify the
@@ -107,9 +111,16 @@ class _Grid:
   def train_runs(self, runs, dev_scores=None, config=None, run_steps=None, **kwargs):
     """(best prompts, best scores, best steps, dev curve, last prompts) of the grid."""
     states = algorithms.init_grid_state(self.prompt0, self.optimizer, [r.learning_rate for r in runs])
-    p = adapt.train_grid(self.step, states, self.params, self.sampler(runs),
-                         dev_scores or self.dev_scores(runs), config or self.config, run_steps=run_steps,
-                         **kwargs)
+    p = adapt.train_grid(
+      self.step,
+      states,
+      self.params,
+      self.sampler(runs),
+      dev_scores or self.dev_scores(runs),
+      config or self.config,
+      run_steps=run_steps,
+      **kwargs,
+    )
     return p.best_prompts, p.best_scores, p.best_steps, p.dev_curve, p.last_prompts
 
 
@@ -137,6 +148,7 @@ def _recording(peaks, default=0.5):
   def scores(prompts):
     seen.append(np.array(prompts))
     return np.asarray(peaks.get(len(seen) - 1, [default] * 4), np.float64)
+
   return scores, seen
 
 
@@ -181,18 +193,21 @@ def test_step_budget_counts_epochs_as_the_reference_loop():
   assert adapt.step_budget(3000, 1, train_size=33, batch_size=16) == 3
   assert adapt.step_budget(3000, 0, train_size=32, batch_size=16) == 3000  # 0: no cap
   with pytest.raises(ValueError, match="downstream.max_epochs=-1"):
-    adapt.GridConfig(lrs=[0.5], batch_size=16, num_steps=3000, eval_every=50, eval_batch_size=32,
-                     max_epochs=-1)
+    adapt.GridConfig(
+      lrs=[0.5], batch_size=16, num_steps=3000, eval_every=50, eval_batch_size=32, max_epochs=-1
+    )
   with pytest.raises(ValueError, match="downstream.test_prompt='best'"):
-    adapt.GridConfig(lrs=[0.5], batch_size=16, num_steps=3000, eval_every=50, eval_batch_size=32,
-                     test_prompt="best")
+    adapt.GridConfig(
+      lrs=[0.5], batch_size=16, num_steps=3000, eval_every=50, eval_batch_size=32, test_prompt="best"
+    )
 
 
 def test_runs_past_their_step_budget_are_not_candidates(grid):
   # Runs 1 and 3 may train 4 and 3 steps of the grid's 6 (e.g. seeds with fewer train examples).
   scores, seen = _recording({0: [0.1] * 4, 1: [0.2] * 4, 2: [0.3] * 4, 3: [0.9] * 4})
   best_prompts, best_scores, best_steps, curve, last_prompts = grid.train_runs(
-      grid.runs, scores, run_steps=[6, 4, 6, 3])
+    grid.runs, scores, run_steps=[6, 4, 6, 3]
+  )
   assert [step for step, _ in curve] == [2, 3, 4, 6]  # every eval_every, and each budget's end
   assert best_steps.tolist() == [6, 4, 6, 3]
   assert best_scores.tolist() == [0.9, 0.3, 0.9, 0.2]
@@ -210,12 +225,14 @@ def test_choose_best_runs_per_seed():
 def test_grid_sampler_feeds_each_run_its_seeds_file(tmp_path):
   from mpt_jax.data import synthetic, crossfit
   import helpers_data
+
   synthetic.write_synthetic_gym(tmp_path / "gym", tasks=["synth-sentiment_d"])
   data = crossfit.read_crossfit(tmp_path / "gym", ["synth-sentiment_d"], seeds=(100, 13))
   tok = helpers_data.tiny_tokenizer(tmp_path / "tok")
   tokenized = batching.tokenize_tasks(data, tok, batching.TextSpec(32, 8))
-  sampler = batching.GridSampler.create({s: tokenized[("synth-sentiment_d", s, "train")] for s in (100, 13)},
-                                        [100, 100, 13, 13], batch_size=4)
+  sampler = batching.GridSampler.create(
+    {s: tokenized[("synth-sentiment_d", s, "train")] for s in (100, 13)}, [100, 100, 13, 13], batch_size=4
+  )
   batch = sampler(0)
   assert batch["input_ids"].shape == (4, 4, 32)
   np.testing.assert_array_equal(batch["input_ids"][0], batch["input_ids"][1])  # same seed, same data
@@ -246,16 +263,26 @@ def test_main_runs_a_setting_end_to_end_and_resumes(tmp_path):
   assert task["seeds"] == sorted(config.seeds) and len(task["test_scores"]) == 2
   assert all(0.0 <= s <= 1.0 for s in task["test_scores"])
   task_dir = workdir.parent / "gym_data" / "synthetic" / "synth-sentiment_d"
-  train_sizes = {s: len(next(task_dir.glob(f"*_{s}_train.tsv")).read_text().splitlines())
-                 for s in config.seeds}
+  train_sizes = {
+    s: len(next(task_dir.glob(f"*_{s}_train.tsv")).read_text().splitlines()) for s in config.seeds
+  }
   for run in task["runs"]:  # results.json records the steps each seed's chosen run trained
     expected = -(-train_sizes[run["seed"]] // config.downstream.batch_size)
     assert expected < config.downstream.num_steps and run["steps"] == expected
     assert run["test_prompt"] == "best_dev" and run["tested_step"] == run["best_step"]
-  for name in ("results.json", "results.md", "results.csv", "results.png", "run_record.json",
-               "upstream/prompt.npy", "upstream/prompt.json", "upstream/logs/metrics.jsonl",
-               "downstream/synth-sentiment_d/results.json", "downstream/synth-sentiment_d/dev_curve.json",
-               "downstream/synth-sentiment_d/prompts/seed100_lr0.5.npy"):
+  for name in (
+    "results.json",
+    "results.md",
+    "results.csv",
+    "results.png",
+    "run_record.json",
+    "upstream/prompt.npy",
+    "upstream/prompt.json",
+    "upstream/logs/metrics.jsonl",
+    "downstream/synth-sentiment_d/results.json",
+    "downstream/synth-sentiment_d/dev_curve.json",
+    "downstream/synth-sentiment_d/prompts/seed100_lr0.5.npy",
+  ):
     assert (workdir / name).exists(), name
   first = (workdir / "downstream/synth-sentiment_d/results.json").stat().st_mtime_ns
   again = pipeline.run(config, str(workdir))
@@ -281,7 +308,7 @@ def test_scorer_decodes_as_the_study_without_cleaning_up_spaces(tmp_path):
 
   def predict(prompts, batch):  # every row "generates" the gold's tokens
     out = np.zeros((*batch["input_ids"].shape[:2], width), np.int32)
-    out[..., :len(ids)] = ids
+    out[..., : len(ids)] = ids
     return out
 
   scorer = adapt.Scorer(predict, tokenizer, "qa_toy", batch_size=2, metric="ACC")
@@ -301,14 +328,19 @@ def test_target_files_keep_lines_without_an_answer_where_their_metric_can_score_
       (tmp_path / task / f"{task}_16_100_{split}.tsv").write_text(f"q1\ta1\nq2\ta2\n{empty}")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    data = pipeline.read_tasks(str(tmp_path), ["squad-no_context"], [100], ("train", "dev", "test"),
-                               keep_empty_answers=("dev", "test"))
+    data = pipeline.read_tasks(
+      str(tmp_path), ["squad-no_context"], [100], ("train", "dev", "test"), keep_empty_answers=("dev", "test")
+    )
     pipeline.check_scorable(data)  # EM scores them 0, as the reference
     assert data["squad-no_context"].split(100, "test").answers == (("a1",), ("a2",), ())
-    data = pipeline.read_tasks(str(tmp_path), ["ag_news"], [100], ("train", "dev", "test"),
-                               keep_empty_answers=("dev", "test"))
-  with pytest.raises(ValueError, match=r"ag_news_16_100_dev.tsv: 1 line\(s\) without an answer, which "
-                                       r"Classification-F1 \(a metric of the first gold\) cannot score"):
+    data = pipeline.read_tasks(
+      str(tmp_path), ["ag_news"], [100], ("train", "dev", "test"), keep_empty_answers=("dev", "test")
+    )
+  with pytest.raises(
+    ValueError,
+    match=r"ag_news_16_100_dev.tsv: 1 line\(s\) without an answer, which "
+    r"Classification-F1 \(a metric of the first gold\) cannot score",
+  ):
     pipeline.check_scorable(data)
 
 

@@ -62,8 +62,10 @@ def test_a_killed_grid_resumes_to_the_uninterrupted_results_bitwise(tmp_path, mo
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   pipeline.run(grid_config(checkpoint), str(straight))
 
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
-                                                      os.environ.get("PYTHONPATH", "")])}
+  env = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+  }
   code = f"import test_preemption as t; t._child({checkpoint!r}, {str(killed)!r}, {KILL_AT})"
   done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == -9, done.stderr[-3000:]  # SIGKILL
@@ -74,7 +76,9 @@ def test_a_killed_grid_resumes_to_the_uninterrupted_results_bitwise(tmp_path, mo
 
   sampled = []  # the grid steps the rerun trains: from the latest checkpoint on, not from 0
   sample = batching.GridSampler.__call__
-  monkeypatch.setattr(batching.GridSampler, "__call__", lambda self, step: sampled.append(step) or sample(self, step))
+  monkeypatch.setattr(
+    batching.GridSampler, "__call__", lambda self, step: sampled.append(step) or sample(self, step)
+  )
   pipeline.run(grid_config(checkpoint), str(killed))
   assert sampled == list(range(max(saved), 8))
   assert _files(task_dir) == _files(straight / "downstream" / TASK)
@@ -94,7 +98,10 @@ def test_a_grid_checkpoint_of_another_config_is_not_resumed(tmp_path, with_resul
     (task_dir / "results.json").write_text("{}")
   else:
     (task_dir / "checkpoints" / "4").mkdir(parents=True)
-  check = fingerprint.check_stage(str(task_dir), {"downstream.lrs": [0.4]}, what=str(task_dir),
-                                  fix="Use a fresh --workdir")
-  assert "downstream.lrs: [0.5, 0.3] -> [0.4]\n  Use a fresh --workdir, or rerun with the values it was made " \
-         "with: '--config.downstream.lrs=(0.5, 0.3)'." in check.problem
+  check = fingerprint.check_stage(
+    str(task_dir), {"downstream.lrs": [0.4]}, what=str(task_dir), fix="Use a fresh --workdir"
+  )
+  assert (
+    "downstream.lrs: [0.5, 0.3] -> [0.4]\n  Use a fresh --workdir, or rerun with the values it was made "
+    "with: '--config.downstream.lrs=(0.5, 0.3)'." in check.problem
+  )

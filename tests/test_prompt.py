@@ -44,8 +44,9 @@ def test_empty_prompt_is_the_plain_model_and_a_prompt_changes_it(tiny):
 def test_gradient_reaches_every_prompt_row_and_matches_finite_differences(tiny, placement):
   model, params, _ = tiny
   batch = random_batch(1, batch=3)
-  loss = jax.jit(lambda p, fp: seq2seq_loss(model, fp, p, batch, None, deterministic=True,
-                                            placement=placement))
+  loss = jax.jit(
+    lambda p, fp: seq2seq_loss(model, fp, p, batch, None, deterministic=True, placement=placement)
+  )
   prompt = _prompt(5, seed=1)
   grad, frozen_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))(prompt, params)
   assert all(not np.any(g) for g in jax.tree_util.tree_leaves(frozen_grad))  # the T5 stays frozen
@@ -63,7 +64,7 @@ def _padded_pair():
   input_ids = np.zeros((2, 11), np.int32)
   input_mask = np.zeros((2, 11), np.int32)
   for i, n in enumerate((7, 3)):
-    input_ids[i, :n - 1] = rng.integers(3, 64, n - 1)
+    input_ids[i, : n - 1] = rng.integers(3, 64, n - 1)
     input_ids[i, n - 1] = 1
     input_mask[i, :n] = 1
   decoder_input_ids = np.array([[0, 9, 4, 12], [0, 5, 33, 1]], np.int32)
@@ -75,13 +76,20 @@ def test_output_does_not_depend_on_batch_padding(tiny, placement):
   model, params, forward = tiny
   input_ids, input_mask, decoder_input_ids = _padded_pair()
   prompt = _prompt(5, seed=3)
-  batched = forward({"params": params}, input_ids, input_mask, decoder_input_ids, prompt=prompt,
-                    placement=placement)
+  batched = forward(
+    {"params": params}, input_ids, input_mask, decoder_input_ids, prompt=prompt, placement=placement
+  )
   for i in range(2):
     n = int(input_mask[i].sum())
-    alone = forward({"params": params}, input_ids[i:i + 1, :n], input_mask[i:i + 1, :n],
-                    decoder_input_ids[i:i + 1], prompt=prompt, placement=placement)
-    np.testing.assert_allclose(batched[i:i + 1], alone, atol=1e-5, rtol=0)
+    alone = forward(
+      {"params": params},
+      input_ids[i : i + 1, :n],
+      input_mask[i : i + 1, :n],
+      decoder_input_ids[i : i + 1],
+      prompt=prompt,
+      placement=placement,
+    )
+    np.testing.assert_allclose(batched[i : i + 1], alone, atol=1e-5, rtol=0)
 
 
 def test_reference_after_padding_placement(tiny):
@@ -91,21 +99,33 @@ def test_reference_after_padding_placement(tiny):
   model, params, forward = tiny
   input_ids, input_mask, decoder_input_ids = _padded_pair()  # lengths 7 and 3, padded to 11
   prompt = _prompt(5, seed=3)
-  run = lambda ids, mask, dec: forward({"params": params}, ids, mask, dec, prompt=prompt,
-                                       placement="after_padding")
+  run = lambda ids, mask, dec: forward(
+    {"params": params}, ids, mask, dec, prompt=prompt, placement="after_padding"
+  )
   padded = run(input_ids, input_mask, decoder_input_ids)
   trimmed = run(input_ids[:, :7], input_mask[:, :7], decoder_input_ids)
   np.testing.assert_allclose(padded, trimmed, atol=1e-5, rtol=0)
   # Alone, the short input has its prompt at position 3: as "suffix". In the batch, at position 7.
   alone = run(input_ids[1:, :3], input_mask[1:, :3], decoder_input_ids[1:])
-  suffix = forward({"params": params}, input_ids[1:, :3], input_mask[1:, :3], decoder_input_ids[1:],
-                   prompt=prompt, placement="suffix")
+  suffix = forward(
+    {"params": params},
+    input_ids[1:, :3],
+    input_mask[1:, :3],
+    decoder_input_ids[1:],
+    prompt=prompt,
+    placement="suffix",
+  )
   np.testing.assert_allclose(alone, suffix, atol=1e-5, rtol=0)
   assert float(jnp.abs(padded[1:] - alone).max()) > 1e-3
   # The longest input's prompt follows it directly: as "suffix" for it.
-  np.testing.assert_allclose(padded[:1], forward({"params": params}, input_ids, input_mask,
-                                                 decoder_input_ids, prompt=prompt,
-                                                 placement="suffix")[:1], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    padded[:1],
+    forward({"params": params}, input_ids, input_mask, decoder_input_ids, prompt=prompt, placement="suffix")[
+      :1
+    ],
+    atol=1e-5,
+    rtol=0,
+  )
 
 
 def test_bad_placement_and_prompt_width_are_rejected(tiny):
@@ -118,6 +138,7 @@ def test_bad_placement_and_prompt_width_are_rejected(tiny):
 
 
 # --- initializers ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_tokenizer_dir):
@@ -152,7 +173,8 @@ def test_uniform_init():
 
 def test_sampled_vocab_rows_are_distinct_frequent_token_embeddings(tokenizer, embedding):
   prompt = prompts.sampled_vocab(embedding, tokenizer=tokenizer, num_candidates=50)(
-      jax.random.PRNGKey(1), (20, 16))
+    jax.random.PRNGKey(1), (20, 16)
+  )
   ids = _row_ids(prompt, embedding)
   assert np.all((ids >= 3) & (ids < 53)) and len(set(ids)) == 20
 
@@ -176,8 +198,7 @@ def test_task_name_init_is_the_references(tokenizer, embedding):
 def test_label_word_init(tokenizer, embedding):
   with pytest.raises(ValueError, match="2 label words do not fit a prompt of 1 rows"):
     prompts.label_words(embedding, tokenizer, ["positive", "negative"])(jax.random.PRNGKey(3), (1, 16))
-  prompt = prompts.label_words(embedding, tokenizer, ["positive", "negative"])(
-      jax.random.PRNGKey(3), (5, 16))
+  prompt = prompts.label_words(embedding, tokenizer, ["positive", "negative"])(jax.random.PRNGKey(3), (5, 16))
   positive = tokenizer("positive", add_special_tokens=False).input_ids
   np.testing.assert_allclose(prompt[0], embedding[positive].mean(axis=0), rtol=1e-6, atol=1e-7)
   assert np.all(_row_ids(prompt[2:], embedding) >= 3)
@@ -185,15 +206,16 @@ def test_label_word_init(tokenizer, embedding):
 
 # --- files -------------------------------------------------------------------------------------------
 
+
 def test_save_and_load_round_trip(tmp_path):
   prompt = _prompt(7)
-  path = prompts.save_prompt(tmp_path / "init" / "maml_cls2cls",
-                             prompt, {"model": "google/t5-large-lm-adapt", "placement": "prepend"})
+  path = prompts.save_prompt(
+    tmp_path / "init" / "maml_cls2cls", prompt, {"model": "google/t5-large-lm-adapt", "placement": "prepend"}
+  )
   assert path.name == "maml_cls2cls.npy"
   loaded, meta = prompts.load_prompt(tmp_path / "init" / "maml_cls2cls.npy", d_model=16)
   np.testing.assert_array_equal(loaded, prompt)
-  assert meta == {"model": "google/t5-large-lm-adapt", "placement": "prepend", "length": 7,
-                  "d_model": 16}
+  assert meta == {"model": "google/t5-large-lm-adapt", "placement": "prepend", "length": 7, "d_model": 16}
 
 
 def test_load_prompt_rejects_what_does_not_fit(tmp_path):

@@ -21,9 +21,19 @@ NAN = float("nan")
 
 def _runs(method_scores):
   """{task: [scores for seeds 100, 13, 21]} -> run dicts, with per-run info."""
-  return [{"task": task, "seed": seed, "test_score": score, "dev_score": 0.9, "best_lr": 0.3,
-           "best_step": 150, "metric": "ACC"}
-          for task, scores in method_scores.items() for seed, score in zip((100, 13, 21), scores)]
+  return [
+    {
+      "task": task,
+      "seed": seed,
+      "test_score": score,
+      "dev_score": 0.9,
+      "best_lr": 0.3,
+      "best_step": 150,
+      "metric": "ACC",
+    }
+    for task, scores in method_scores.items()
+    for seed, score in zip((100, 13, 21), scores)
+  ]
 
 
 # Hand-made example. MAML: A = [.5, .6, .7] -> mean .6, population std sqrt(.02 / 3);
@@ -34,8 +44,9 @@ PT = {"A": [0.4, 0.4, 0.4], "B": [0.3, 0.3, 0.3]}
 
 
 def test_task_summary_mean_and_population_std():
-  summary = results.summarize_task("A", [results.RunResult("A", s, x) for s, x in
-                                         zip((13, 100, 21), (0.6, 0.5, 0.7))])
+  summary = results.summarize_task(
+    "A", [results.RunResult("A", s, x) for s, x in zip((13, 100, 21), (0.6, 0.5, 0.7))]
+  )
   assert summary["seeds"] == [13, 21, 100]  # sorted by seed
   assert summary["test_scores"] == [0.6, 0.7, 0.5]
   assert summary["mean"] == pytest.approx(0.6)
@@ -66,10 +77,10 @@ def test_nan_policy_propagate_gives_nan_means():
 
 
 def test_all_nan_task_and_zero_pt_are_flagged_not_fatal(tmp_path):
-  pt = results.summarize_runs(_runs({"A": [0.0, 0.0, 0.0], "B": [0.5, 0.5, 0.5]}), setting="toy",
-                              method="pt")
-  m = results.summarize_runs(_runs({"A": [0.2, 0.2, 0.2], "B": [NAN, NAN, NAN], "C": [1, 1, 1]}),
-                             setting="toy", method="mtl", pt=pt)
+  pt = results.summarize_runs(_runs({"A": [0.0, 0.0, 0.0], "B": [0.5, 0.5, 0.5]}), setting="toy", method="pt")
+  m = results.summarize_runs(
+    _runs({"A": [0.2, 0.2, 0.2], "B": [NAN, NAN, NAN], "C": [1, 1, 1]}), setting="toy", method="mtl", pt=pt
+  )
   assert m["tasks_without_score"] == ["B"]
   assert m["average"] == pytest.approx(0.6)  # (0.2 + 1) / 2, B left out
   assert m["arg_tasks_missing_in_pt"] == ["C"]
@@ -87,8 +98,12 @@ def test_setting_files_written_and_readable(tmp_path):
   # PT given as the path of its results.json.
   maml = results.summarize_runs(_runs(MAML), setting="toy", method="maml", pt=pt_paths["json"])
   paths = results.write_setting_results(maml, tmp_path / "maml")
-  assert sorted(os.path.basename(p) for p in paths.values()) == \
-      ["results.csv", "results.json", "results.md", "results.png"]
+  assert sorted(os.path.basename(p) for p in paths.values()) == [
+    "results.csv",
+    "results.json",
+    "results.md",
+    "results.png",
+  ]
 
   # JSON: strict (NaN written as null), and reads back to the same numbers.
   text = open(paths["json"]).read()
@@ -101,8 +116,11 @@ def test_setting_files_written_and_readable(tmp_path):
 
   # Markdown: x100, NaN said in the table, average and ARG rows.
   md = open(paths["md"]).read()
-  rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-          for line in md.splitlines() if line.startswith("| ")}
+  rows = {
+    line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+    for line in md.splitlines()
+    if line.startswith("| ")
+  }
   assert rows["A"] == ["ACC", "60.0", "70.0", "50.0", f"60.0 ± {100 * math.sqrt(0.02 / 3):.1f}", "+50.0%"]
   assert rows["B"] == ["ACC", "40.0", "NaN", "20.0", "30.0 ± 10.0 (1/3 NaN)", "+0.0%"]
   assert rows["**Average**"][-2] == "45.0" and rows["**ARG**"][-1] == "+25.0%"
@@ -120,6 +138,7 @@ def test_setting_files_written_and_readable(tmp_path):
   with open(paths["png"], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   import matplotlib.image  # pylint: disable=g-import-not-at-top
+
   assert matplotlib.image.imread(paths["png"]).ndim == 3
 
   # A task's own results.json.
@@ -130,28 +149,41 @@ def test_setting_files_written_and_readable(tmp_path):
 def test_comparison_orders_pt_first_and_computes_arg(tmp_path):
   base = {"A": [0.4, 0.4, 0.4], "B": [0.3, 0.3, 0.3]}
   summaries = {
-      "pt": base,
-      "mtl": {"A": [0.44, 0.44, 0.44], "B": [0.3, 0.3, 0.3]},  # ARG (.1 + 0) / 2 = .05
-      "maml": MAML,  # ARG .25 (B over its 2 finite seeds)
-      "fomaml": {"A": [0.2, 0.2, 0.2], "B": [0.15, 0.15, 0.15]},  # ARG -.5
-      "reptile": {"A": [0.4, 0.4, 0.4]},  # B missing: ARG 0 over A only
-      "MyMethod": base,
+    "pt": base,
+    "mtl": {"A": [0.44, 0.44, 0.44], "B": [0.3, 0.3, 0.3]},  # ARG (.1 + 0) / 2 = .05
+    "maml": MAML,  # ARG .25 (B over its 2 finite seeds)
+    "fomaml": {"A": [0.2, 0.2, 0.2], "B": [0.15, 0.15, 0.15]},  # ARG -.5
+    "reptile": {"A": [0.4, 0.4, 0.4]},  # B missing: ARG 0 over A only
+    "MyMethod": base,
   }
-  given = [results.summarize_runs(_runs(summaries[m]), setting="toy", method=m)
-           for m in ("reptile", "MyMethod", "maml", "pt", "fomaml", "mtl")]
+  given = [
+    results.summarize_runs(_runs(summaries[m]), setting="toy", method=m)
+    for m in ("reptile", "MyMethod", "maml", "pt", "fomaml", "mtl")
+  ]
   comparison = results.compare_methods(given)
   assert comparison["methods"] == ["pt", "mtl", "maml", "fomaml", "reptile", "MyMethod"]
-  assert comparison["arg"] == {"mtl": pytest.approx(0.05), "maml": pytest.approx(0.25),
-                               "fomaml": pytest.approx(-0.5), "reptile": pytest.approx(0.0),
-                               "MyMethod": pytest.approx(0.0)}
+  assert comparison["arg"] == {
+    "mtl": pytest.approx(0.05),
+    "maml": pytest.approx(0.25),
+    "fomaml": pytest.approx(-0.5),
+    "reptile": pytest.approx(0.0),
+    "MyMethod": pytest.approx(0.0),
+  }
   assert comparison["average"]["mtl"] == pytest.approx(0.37)
   assert comparison["n_tasks"]["reptile"] == 1
 
   paths = results.write_comparison(comparison, tmp_path)
   md = open(paths["md"]).read()
   header = next(line for line in md.splitlines() if line.startswith("| task"))
-  assert [c.strip() for c in header.split("|")[1:-1]] == \
-      ["task", "PT", "MTL", "MAML", "FoMAML", "Reptile", "MyMethod"]
+  assert [c.strip() for c in header.split("|")[1:-1]] == [
+    "task",
+    "PT",
+    "MTL",
+    "MAML",
+    "FoMAML",
+    "Reptile",
+    "MyMethod",
+  ]
   first_table = md.split("\n\n| method")[0]  # the paired comparison against PT follows
   lines = [line for line in first_table.splitlines() if line.startswith("| ")]
   assert [line.split("|")[1].strip() for line in lines[1:]] == ["A", "B", "**Average**", "**ARG**"]

@@ -50,8 +50,16 @@ def test_sources_are_the_original_split_files_training_tasks():
 
 # Where each study setting's target list comes from in its split file; the *2nocls targets come from the
 # reference's run scripts only (their split files are the *2cls ones).
-_TARGETS_IN_SPLIT_FILE = {"cls2cls": "test", "nocls2cls": "test", "both2cls": "test", "qa2qa": "dev",
-                          "noqa2qa": "dev", "nonli2nli": "dev", "nopara2para": "dev", "random": "test"}
+_TARGETS_IN_SPLIT_FILE = {
+  "cls2cls": "test",
+  "nocls2cls": "test",
+  "both2cls": "test",
+  "qa2qa": "dev",
+  "noqa2qa": "dev",
+  "nonli2nli": "dev",
+  "nopara2para": "dev",
+  "random": "test",
+}
 
 
 def test_targets_agree_with_the_study_split_files():
@@ -91,8 +99,9 @@ def test_settings_without_overlap_do_not_warn():
 
 def test_unknown_task_names_are_all_rejected_with_close_names():
   with pytest.raises(SettingError) as info:
-    settings.load_setting({"source": ["glue-mrcp", "glue-sst2", "superglue-rtee"],
-                           "target": ["ag_new", "totally_made_up"]})
+    settings.load_setting(
+      {"source": ["glue-mrcp", "glue-sst2", "superglue-rtee"], "target": ["ag_new", "totally_made_up"]}
+    )
   message = str(info.value)
   assert "4 unknown task name(s)" in message
   assert "'glue-mrcp' (did you mean 'glue-mrpc'" in message
@@ -115,8 +124,14 @@ def test_user_settings_from_json_files_and_configs(tmp_path):
   assert (setting.name, setting.source, setting.target) == ("mine", ("glue-sst2", "imdb"), ("glue-rte",))
 
   several = tmp_path / "several.json"
-  several.write_text(json.dumps({"a": {"source": ["imdb"], "target": ["glue-rte"]},
-                                 "b": {"source": ["ag_news"], "target": ["glue-cola"]}}))
+  several.write_text(
+    json.dumps(
+      {
+        "a": {"source": ["imdb"], "target": ["glue-rte"]},
+        "b": {"source": ["ag_news"], "target": ["glue-cola"]},
+      }
+    )
+  )
   assert settings.load_setting(str(several), name="b").source == ("ag_news",)
   with pytest.raises(SettingError, match="pick one with name="):
     settings.load_setting(several)
@@ -125,12 +140,15 @@ def test_user_settings_from_json_files_and_configs(tmp_path):
   assert settings.load_setting(config, name="cfg").target == ("glue-cola", "synth-qa_owns")
 
 
-@pytest.mark.parametrize("spec, match", [
+@pytest.mark.parametrize(
+  "spec, match",
+  [
     ({"source": ["imdb"]}, "'source' and 'target'"),
     ({"source": "imdb", "target": ["glue-rte"]}, "must be a list"),
     ({"source": [], "target": ["glue-rte"]}, "is empty"),
     ({"source": ["imdb", "imdb"], "target": ["glue-rte"]}, "more than once"),
-])
+  ],
+)
 def test_malformed_settings_fail_early(spec, match):
   with pytest.raises(SettingError, match=match):
     settings.load_setting(spec)
@@ -161,7 +179,9 @@ def test_registered_gyms_serve_metric_lookups_and_can_be_removed(tmp_path):
     assert settings.get_setting("toy_setting").gym == "toy"
     # A user setting may mix the gyms' tasks.
     assert settings.load_setting({"source": ["toy-copy", "imdb"], "target": ["toy-label"]}).source == (
-        "toy-copy", "imdb")
+      "toy-copy",
+      "imdb",
+    )
   finally:
     settings.unregister_gym("toy")
   with pytest.raises(SettingError, match="unknown task"):

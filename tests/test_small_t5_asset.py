@@ -20,7 +20,9 @@ from mpt_jax.model.t5 import init_params
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET = REPO / "assets" / "small_t5"
-_spec = importlib.util.spec_from_file_location("pretrain_small_t5", REPO / "experiments" / "pretrain_small_t5.py")
+_spec = importlib.util.spec_from_file_location(
+  "pretrain_small_t5", REPO / "experiments" / "pretrain_small_t5.py"
+)
 pretrain_small_t5 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pretrain_small_t5)
 CHUNK = 64  # raw tokens per example, as the pretraining's LM phase
@@ -48,17 +50,27 @@ def test_asset_is_a_small_t5_v1_1_checkpoint(loaded):
   assert tokenizer.convert_tokens_to_ids("<extra_id_0>") == len(tokenizer) - 1
   assert tokenizer.convert_tokens_to_ids("<extra_id_99>") == len(tokenizer) - 100
   assert len(tokenizer) <= config.vocab_size
-  assert tokenizer.decode(tokenizer("a dog is a kind of canine")["input_ids"],
-                          skip_special_tokens=True) == "a dog is a kind of canine"
+  assert (
+    tokenizer.decode(tokenizer("a dog is a kind of canine")["input_ids"], skip_special_tokens=True)
+    == "a dog is a kind of canine"
+  )
 
 
 def _heldout_prefix_lm_batch(tokenizer, num_examples: int = 16) -> dict:
   """One example per held-out document, cut as in the LM-adaptation phase of the pretraining."""
   docs = (ASSET / "heldout_documents.txt").read_text(encoding="utf-8").splitlines()[:num_examples]
   rng = np.random.default_rng(0)
-  pairs = [pretrain_objectives.prefix_lm(np.asarray(tokenizer(d, add_special_tokens=False)["input_ids"][:CHUNK]),
-                                         rng, max_target_tokens=PREFIX_LM_MAX_TARGET) for d in docs]
-  return pretrain_objectives.pad_batch(pairs, *pretrain_objectives.prefix_lm_lengths(CHUNK, PREFIX_LM_MAX_TARGET))
+  pairs = [
+    pretrain_objectives.prefix_lm(
+      np.asarray(tokenizer(d, add_special_tokens=False)["input_ids"][:CHUNK]),
+      rng,
+      max_target_tokens=PREFIX_LM_MAX_TARGET,
+    )
+    for d in docs
+  ]
+  return pretrain_objectives.pad_batch(
+    pairs, *pretrain_objectives.prefix_lm_lengths(CHUNK, PREFIX_LM_MAX_TARGET)
+  )
 
 
 def _loss(model):
@@ -80,8 +92,11 @@ def test_pretrained_model_reads_its_input(loaded):
   but no prompt could steer it: with another example's input, the loss must be clearly worse."""
   model, params, tokenizer = loaded
   batch = _heldout_prefix_lm_batch(tokenizer)
-  other_inputs = dict(batch, input_ids=np.roll(batch["input_ids"], 1, axis=0),
-                      input_mask=np.roll(batch["input_mask"], 1, axis=0))
+  other_inputs = dict(
+    batch,
+    input_ids=np.roll(batch["input_ids"], 1, axis=0),
+    input_mask=np.roll(batch["input_mask"], 1, axis=0),
+  )
   right, wrong = float(_loss(model)(params, batch)), float(_loss(model)(params, other_inputs))
   assert right < wrong - PREFIX_LM_INPUT_GAP_NATS, (right, wrong)
 
@@ -172,22 +187,40 @@ def test_prefix_lm_refuses_what_it_cannot_cut():
 
 def _synset(key, pos, lexname, lemmas, definition, pointers=()):
   from mpt_jax.data import wordnet as wn
-  return wn.Synset(key=key, pos=pos, satellite=False, lexname=lexname, lemmas=lemmas, pointers=pointers,
-                   verb_frames=(), definition=definition, examples=())
+
+  return wn.Synset(
+    key=key,
+    pos=pos,
+    satellite=False,
+    lexname=lexname,
+    lemmas=lemmas,
+    pointers=pointers,
+    verb_frames=(),
+    definition=definition,
+    examples=(),
+  )
 
 
 def test_documents_carry_the_lexicographer_category_of_nouns_and_verbs_only():
   from mpt_jax.data import wordnet as wn
+
   tree = _synset(("n", 2), "n", "noun.plant", ("tree",), "a tall perennial woody plant")
-  orange = _synset(("n", 1), "n", "noun.plant", ("temple orange",), "large citrus tree",
-                   (wn.Pointer(wn.HYPERNYM, ("n", 2), 0, 0),))
+  orange = _synset(
+    ("n", 1),
+    "n",
+    "noun.plant",
+    ("temple orange",),
+    "large citrus tree",
+    (wn.Pointer(wn.HYPERNYM, ("n", 2), 0, 0),),
+  )
   top = _synset(("n", 3), "n", "noun.Tops", ("entity",), "that which exists")
   quick = _synset(("a", 4), "a", "adj.all", ("quick",), "moving fast")
   synsets = {s.key: s for s in (tree, orange, top, quick)}
   doc = pretrain_small_t5.synset_document(orange, synsets)
   assert doc == "Temple orange (noun, plant): large citrus tree. Temple orange is a kind of tree."
   assert pretrain_small_t5.synset_document(orange, synsets, categories=False).startswith(
-      "Temple orange (noun): ")
+    "Temple orange (noun): "
+  )
   assert pretrain_small_t5.synset_document(top, synsets).startswith("Entity (noun): ")
   assert pretrain_small_t5.synset_document(quick, synsets).startswith("Quick (adjective): ")
 
@@ -210,6 +243,6 @@ def test_mixture_batches_hold_both_objectives_and_are_a_pure_function_of_the_ste
   span = pretrain_small_t5.train_batch(streams["span_corruption"], 5, 2, sentinel, "span_corruption")
   prefix = pretrain_small_t5.train_batch(streams["prefix_lm"], 5, 6, sentinel, "prefix_lm")
   for key in ("input_ids", "target_ids"):
-    np.testing.assert_array_equal(first[key][:2, :span[key].shape[1]], span[key])
-    np.testing.assert_array_equal(first[key][2:, :prefix[key].shape[1]], prefix[key])
-    assert not first[key][:2, span[key].shape[1]:].any() and not first[key][2:, prefix[key].shape[1]:].any()
+    np.testing.assert_array_equal(first[key][:2, : span[key].shape[1]], span[key])
+    np.testing.assert_array_equal(first[key][2:, : prefix[key].shape[1]], prefix[key])
+    assert not first[key][:2, span[key].shape[1] :].any() and not first[key][2:, prefix[key].shape[1] :].any()

@@ -98,8 +98,15 @@ def _split(gym, task):
 
 def test_related_tasks_share_lexicons_but_differ():
   specs = synthetic.task_specs(0)
-  assert {s.family for s in specs.values()} == {"sentiment", "topic", "pair", "transform", "mapping", "qa",
-                                                "keywords"}
+  assert {s.family for s in specs.values()} == {
+    "sentiment",
+    "topic",
+    "pair",
+    "transform",
+    "mapping",
+    "qa",
+    "keywords",
+  }
   by_family = collections.Counter(s.family for s in specs.values())
   assert min(by_family.values()) >= 2
 
@@ -123,8 +130,9 @@ def test_the_gym_settings_are_registered_and_written(gym_dir):
 
 
 def test_a_subset_of_tasks_and_sizes(tmp_path):
-  names = synthetic.write_synthetic_gym(tmp_path, tasks=["synth-topic_b", "synth-qa_made"], seeds=[13],
-                                        k_per_class=4, k=8, test_size=10)
+  names = synthetic.write_synthetic_gym(
+    tmp_path, tasks=["synth-topic_b", "synth-qa_made"], seeds=[13], k_per_class=4, k=8, test_size=10
+  )
   data = crossfit.read_crossfit(tmp_path, names, seeds=[13])
   assert len(data["synth-topic_b"].split(13, "train")) == 4 * 4
   assert len(data["synth-qa_made"].split(13, "dev")) == 8

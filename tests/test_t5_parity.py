@@ -26,9 +26,11 @@ except ImportError:  # the JAX-only tests below still run
   torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="the transformers reference needs torch")
 
-TEXTS = ["premise: the movie was great [SEP] hypothesis: good",
-         "one two",
-         "question: who is the old cat that was on the mountain and by the river? answer: the dog"]
+TEXTS = [
+  "premise: the movie was great [SEP] hypothesis: good",
+  "one two",
+  "question: who is the old cat that was on the mountain and by the river? answer: the dog",
+]
 TARGETS = ["positive", "a blue bird in the city", "no"]
 
 
@@ -60,8 +62,12 @@ def _encode(tokenizer, texts):
 def _batch(tokenizer):
   input_ids, input_mask = _encode(tokenizer, TEXTS)
   target_ids, target_mask = _encode(tokenizer, TARGETS)
-  return {"input_ids": input_ids, "input_mask": input_mask, "target_ids": target_ids,
-          "target_mask": target_mask}
+  return {
+    "input_ids": input_ids,
+    "input_mask": input_mask,
+    "target_ids": target_ids,
+    "target_mask": target_mask,
+  }
 
 
 def _t(x):
@@ -76,10 +82,11 @@ def test_relative_position_bucket_matches_transformers():
   for bidirectional in (True, False):
     for buckets, distance in ((32, 128), (8, 12), (32, 20), (64, 256)):
       expected = T5Attention._relative_position_bucket(
-          torch.tensor(relative), bidirectional=bidirectional, num_buckets=buckets,
-          max_distance=distance).numpy()
-      ours = relative_position_bucket(relative, bidirectional=bidirectional, num_buckets=buckets,
-                                      max_distance=distance)
+        torch.tensor(relative), bidirectional=bidirectional, num_buckets=buckets, max_distance=distance
+      ).numpy()
+      ours = relative_position_bucket(
+        relative, bidirectional=bidirectional, num_buckets=buckets, max_distance=distance
+      )
       np.testing.assert_array_equal(np.asarray(ours), expected)
 
 
@@ -93,8 +100,9 @@ def test_loaded_config_matches_flavour(pair):
   else:
     assert not config.tie_word_embeddings and not config.scale_decoder_outputs
     assert config.num_decoder_layers == 3 and config.num_layers == 2
-    np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]).T,
-                                  reference.lm_head.weight.detach().numpy())
+    np.testing.assert_array_equal(
+      np.asarray(params["lm_head"]["kernel"]).T, reference.lm_head.weight.detach().numpy()
+    )
 
 
 @needs_torch
@@ -107,25 +115,34 @@ def test_logits_and_loss_match_transformers_on_padded_batch(pair):
   labels = np.where(batch["target_mask"] == 1, batch["target_ids"], -100)
   with torch.no_grad():
     expected_logits = reference(
-        input_ids=_t(batch["input_ids"]), attention_mask=_t(batch["input_mask"]),
-        decoder_input_ids=_t(decoder_input_ids), decoder_attention_mask=_t(decoder_mask)).logits
-    expected_loss = reference(input_ids=_t(batch["input_ids"]), attention_mask=_t(batch["input_mask"]),
-                              labels=_t(labels)).loss.item()
+      input_ids=_t(batch["input_ids"]),
+      attention_mask=_t(batch["input_mask"]),
+      decoder_input_ids=_t(decoder_input_ids),
+      decoder_attention_mask=_t(decoder_mask),
+    ).logits
+    expected_loss = reference(
+      input_ids=_t(batch["input_ids"]), attention_mask=_t(batch["input_mask"]), labels=_t(labels)
+    ).loss.item()
 
   @jax.jit  # one compilation for the three quantities
   def ours(params, batch):
-    logits = model.apply({"params": params}, batch["input_ids"], batch["input_mask"],
-                         decoder_input_ids, decoder_mask)
-    return (logits, seq2seq_loss(model, params, None, batch, None, deterministic=True),
-            sequence_log_likelihood(model, params, None, batch))
+    logits = model.apply(
+      {"params": params}, batch["input_ids"], batch["input_mask"], decoder_input_ids, decoder_mask
+    )
+    return (
+      logits,
+      seq2seq_loss(model, params, None, batch, None, deterministic=True),
+      sequence_log_likelihood(model, params, None, batch),
+    )
 
   logits, loss, log_likelihoods = ours(params, batch)
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(logits), expected_logits.numpy(), atol=1e-5, rtol=0)
   np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
   # Per-example sums of log-likelihoods, summed and normalized, give back the mean token loss.
-  np.testing.assert_allclose(-float(log_likelihoods.sum()) / batch["target_mask"].sum(),
-                             expected_loss, rtol=1e-5)
+  np.testing.assert_allclose(
+    -float(log_likelihoods.sum()) / batch["target_mask"].sum(), expected_loss, rtol=1e-5
+  )
 
 
 def _prompt_embeddings(reference, batch, prompt, placement):
@@ -137,10 +154,10 @@ def _prompt_embeddings(reference, batch, prompt, placement):
   embeds = np.zeros((batch_size, length + num_prompt, d_model), np.float32)
   mask = np.zeros((batch_size, length + num_prompt), np.int64)
   for i, n in enumerate(lengths):
-    rows = ([prompt, tokens[i, :n]] if placement == "prepend" else [tokens[i, :n], prompt])
-    embeds[i, :n + num_prompt] = np.concatenate(rows)
-    embeds[i, n + num_prompt:] = tokens[i, n:]  # padding rows: masked out
-    mask[i, :n + num_prompt] = 1
+    rows = [prompt, tokens[i, :n]] if placement == "prepend" else [tokens[i, :n], prompt]
+    embeds[i, : n + num_prompt] = np.concatenate(rows)
+    embeds[i, n + num_prompt :] = tokens[i, n:]  # padding rows: masked out
+    mask[i, : n + num_prompt] = 1
   return embeds, mask
 
 
@@ -154,10 +171,19 @@ def test_prompted_logits_match_transformers_inputs_embeds(pair_v11, placement):
   decoder_input_ids = np.asarray(shift_right(batch["target_ids"], 0))
   embeds, mask = _prompt_embeddings(reference, batch, prompt, placement)
   with torch.no_grad():
-    expected = reference(inputs_embeds=torch.tensor(embeds), attention_mask=torch.tensor(mask),
-                         decoder_input_ids=_t(decoder_input_ids)).logits.numpy()
-  ours = _jit_apply(model)({"params": params}, batch["input_ids"], batch["input_mask"],
-                           decoder_input_ids, prompt=jnp.asarray(prompt), placement=placement)
+    expected = reference(
+      inputs_embeds=torch.tensor(embeds),
+      attention_mask=torch.tensor(mask),
+      decoder_input_ids=_t(decoder_input_ids),
+    ).logits.numpy()
+  ours = _jit_apply(model)(
+    {"params": params},
+    batch["input_ids"],
+    batch["input_mask"],
+    decoder_input_ids,
+    prompt=jnp.asarray(prompt),
+    placement=placement,
+  )
   np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5, rtol=0)
 
 
@@ -169,28 +195,45 @@ def test_greedy_decoding_matches_transformers_generate(pair):
   # HF's cache breaks when the decoder is deeper than the encoder (DESIGN.md).
   use_cache = model.config.num_decoder_layers <= model.config.num_layers
   with torch.no_grad():
-    free = reference.generate(input_ids=_t(input_ids), attention_mask=_t(input_mask),
-                              max_new_tokens=max_length, do_sample=False, num_beams=1,
-                              use_cache=use_cache).numpy()[:, 1:]
-  ours = np.asarray(greedy_decode(model, params, input_ids, input_mask, max_length=max_length,
-                                  eos_token_id=model.config.eos_token_id))
+    free = reference.generate(
+      input_ids=_t(input_ids),
+      attention_mask=_t(input_mask),
+      max_new_tokens=max_length,
+      do_sample=False,
+      num_beams=1,
+      use_cache=use_cache,
+    ).numpy()[:, 1:]
+  ours = np.asarray(
+    greedy_decode(
+      model, params, input_ids, input_mask, max_length=max_length, eos_token_id=model.config.eos_token_id
+    )
+  )
   np.testing.assert_array_equal(ours, np.pad(free, ((0, 0), (0, max_length - free.shape[1]))))
 
   # Stopping: make a token the first example emits mid-sequence the EOS; both must stop there and pad.
   eos = int(free[0, min(2, free.shape[1] - 1)])
   with torch.no_grad():
-    stopped = reference.generate(input_ids=_t(input_ids), attention_mask=_t(input_mask),
-                                 max_new_tokens=max_length, do_sample=False, num_beams=1,
-                                 use_cache=use_cache, eos_token_id=eos, pad_token_id=0).numpy()[:, 1:]
+    stopped = reference.generate(
+      input_ids=_t(input_ids),
+      attention_mask=_t(input_mask),
+      max_new_tokens=max_length,
+      do_sample=False,
+      num_beams=1,
+      use_cache=use_cache,
+      eos_token_id=eos,
+      pad_token_id=0,
+    ).numpy()[:, 1:]
   stopped = np.pad(stopped, ((0, 0), (0, max_length - stopped.shape[1])))
-  ours = np.asarray(greedy_decode(model, params, input_ids, input_mask, max_length=max_length,
-                                  eos_token_id=eos))
+  ours = np.asarray(
+    greedy_decode(model, params, input_ids, input_mask, max_length=max_length, eos_token_id=eos)
+  )
   np.testing.assert_array_equal(ours, stopped)
   first_eos = int(np.argmax(ours[0] == eos))
-  assert ours[0, first_eos] == eos and np.all(ours[0, first_eos + 1:] == 0)
+  assert ours[0, first_eos] == eos and np.all(ours[0, first_eos + 1 :] == 0)
 
 
 # --- the model's own switches (tiny JAX-built models, no torch) --------------------------------------
+
 
 # Dropout tests compile many threefry draws; JAX's default partitionable threefry compiles ~3x slower
 # on CPU. Scoped to these tests (a different random stream, same semantics).
@@ -204,13 +247,19 @@ def test_cached_decoding_equals_teacher_forcing():
   decoder_input_ids = shift_right(batch["target_ids"], 0)
 
   def cached(variables, batch):
-    encoded, encoder_mask = model.apply(variables, batch["input_ids"], batch["input_mask"],
-                                        method=T5.encode)
+    encoded, encoder_mask = model.apply(variables, batch["input_ids"], batch["input_mask"], method=T5.encode)
     cache = model.apply(variables, encoded, 6, method=T5.init_cache)
     pieces = []
     for start, stop in ((0, 1), (1, 3), (3, 6)):  # one token, then chunks of several
-      logits, cache = model.apply(variables, encoded, encoder_mask, decoder_input_ids[:, start:stop],
-                                  cache=cache, cache_index=start, method=T5.decode)
+      logits, cache = model.apply(
+        variables,
+        encoded,
+        encoder_mask,
+        decoder_input_ids[:, start:stop],
+        cache=cache,
+        cache_index=start,
+        method=T5.decode,
+      )
       pieces.append(logits)
     return jnp.concatenate(pieces, axis=1)
 
@@ -270,11 +319,13 @@ def test_bfloat16_weights_stay_close_to_float32():
 
   def run(model, params):
     def loss_and_logits(prompt):
-      logits = model.apply({"params": params}, batch["input_ids"], batch["input_mask"],
-                           decoder_input_ids, prompt=prompt)
+      logits = model.apply(
+        {"params": params}, batch["input_ids"], batch["input_mask"], decoder_input_ids, prompt=prompt
+      )
       log_probs = jax.nn.log_softmax(logits)
       token_ll = jnp.take_along_axis(log_probs, batch["target_ids"][..., None], -1)[..., 0]
       return -jnp.sum(token_ll * batch["target_mask"]) / batch["target_mask"].sum(), logits
+
     (loss, logits), grad = jax.jit(jax.value_and_grad(loss_and_logits, has_aux=True))(prompt)
     return loss, logits, grad
 

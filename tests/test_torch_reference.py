@@ -69,14 +69,14 @@ def ours_and_baseline(setup, method: str, batch, num_tasks: int):
   elif method == "pt":
     grad_fn = algorithms.make_pt_grad_fn(loss_fn)
   else:
-    grad_fn = algorithms.make_maml_grad_fn(loss_fn, inner_lr=INNER_LR,
-                                           first_order=(method == "fomaml"))
+    grad_fn = algorithms.make_maml_grad_fn(loss_fn, inner_lr=INNER_LR, first_order=(method == "fomaml"))
   args = (jnp.asarray(prompt), params, batch, jax.random.key(0), 0)
   # Without XLA's backend optimizations the grad-of-grad compiles ~2x faster; same numbers to ~1e-7.
   compiled = jax.jit(grad_fn).lower(*args).compile(FAST_COMPILE)
   grad, metrics = compiled(*args)
-  state, _ = common.apply_gradient(algorithms.init_state(jnp.asarray(prompt), optimizer), grad,
-                                   metrics, optimizer)
+  state, _ = common.apply_gradient(
+    algorithms.init_state(jnp.asarray(prompt), optimizer), grad, metrics, optimizer
+  )
   run = reference.ReferenceRun(torch_model, prompt, inner_lr=INNER_LR)
   torch_loss = run.step(method, reference.to_torch(batch))
   np.testing.assert_allclose(torch_loss, float(metrics["loss"]), rtol=1e-5)

@@ -57,8 +57,16 @@ def test_splits_are_balanced_disjoint_and_test_is_fixed(shipped):
 def test_inputs_carry_field_prefixes_and_label_words_are_words(shipped):
   for task, data in shipped.items():
     for text in data.split(13, "train").inputs:
-      assert text.split(":", 1)[0] in {"word", "verb", "adjective", "sentence", "word 1", "definition",
-                                       "name", "part"}, (task, text)
+      assert text.split(":", 1)[0] in {
+        "word",
+        "verb",
+        "adjective",
+        "sentence",
+        "word 1",
+        "definition",
+        "name",
+        "part",
+      }, (task, text)
     spec = wordnet_gym.TASK_SPECS[task]
     if spec.classification:
       assert all(label.isalpha() and label.islower() for label in spec.labels), task
@@ -76,8 +84,12 @@ def test_shipped_metric_table_and_settings_match_the_module():
       assert set(spec["target"]) <= cls, name
   assert set(wordnet_gym.SETTINGS["wn_cls2cls"]["source"]) <= cls
   assert not set(wordnet_gym.SETTINGS["wn_nocls2cls"]["source"]) & cls
-  assert not set(wordnet_gym.SETTINGS["wn_nocls2nocls"]["source"] +
-                 wordnet_gym.SETTINGS["wn_nocls2nocls"]["target"]) & cls
+  assert (
+    not set(
+      wordnet_gym.SETTINGS["wn_nocls2nocls"]["source"] + wordnet_gym.SETTINGS["wn_nocls2nocls"]["target"]
+    )
+    & cls
+  )
   assert (SHIPPED / wordnet_gym.LICENSE_FILE).read_text().startswith("WordNet Release 3.0")
 
 
@@ -102,21 +114,20 @@ def test_gym_registers_with_the_settings_registry():
 # --- the reader and the builders on a tiny hand-written database (wndb(5WN) lines) -----------------------
 
 _TINY = {
-    "data.noun": [
-        "00000010 05 n 01 dog 0 001 @ 00000020 n 0000 | a domesticated canine; \"the dog barked all night\"",
-        "00000020 05 n 02 canine 0 canid 0 000 | a mammal with long pointed teeth",
-    ],
-    "data.verb": [
-        "00000010 38 v 01 walk 0 000 01 + 02 00 | use one's feet to advance; \"we walked to the store\"",
-        "00000020 35 v 01 hit 0 000 01 + 08 00 | deal a blow to; \"He hit her hard\"",
-    ],
-    "data.adj": [
-        "00000010 00 a 01 hot 0 002 ! 00000020 a 0101 & 00000030 s 0000 | used of physical heat; "
-        "\"a hot stove\"",
-        "00000020 00 a 01 cold 0 001 ! 00000010 a 0101 | having a low temperature",
-        "00000030 00 s 02 scorching 0 galore(ip) 0 001 & 00000010 a 0000 | hot enough to burn",
-    ],
-    "data.adv": ["00000010 02 r 01 quickly 0 000 | with speed; \"she answered quickly\""],
+  "data.noun": [
+    '00000010 05 n 01 dog 0 001 @ 00000020 n 0000 | a domesticated canine; "the dog barked all night"',
+    "00000020 05 n 02 canine 0 canid 0 000 | a mammal with long pointed teeth",
+  ],
+  "data.verb": [
+    '00000010 38 v 01 walk 0 000 01 + 02 00 | use one\'s feet to advance; "we walked to the store"',
+    '00000020 35 v 01 hit 0 000 01 + 08 00 | deal a blow to; "He hit her hard"',
+  ],
+  "data.adj": [
+    '00000010 00 a 01 hot 0 002 ! 00000020 a 0101 & 00000030 s 0000 | used of physical heat; "a hot stove"',
+    "00000020 00 a 01 cold 0 001 ! 00000010 a 0101 | having a low temperature",
+    "00000030 00 s 02 scorching 0 galore(ip) 0 001 & 00000010 a 0000 | hot enough to burn",
+  ],
+  "data.adv": ['00000010 02 r 01 quickly 0 000 | with speed; "she answered quickly"'],
 }
 
 
@@ -145,34 +156,45 @@ def test_reader_parses_the_documented_line_format(tiny):
   assert scorching.related(wordnet.SIMILAR) == [("a", 10)]  # pos "a" although the line says "s"
   hot = tiny[("a", 10)]
   assert [(p.symbol, p.target, p.source_word, p.target_word) for p in hot.pointers] == [
-      ("!", ("a", 20), 1, 1), ("&", ("a", 30), 0, 0)]
+    ("!", ("a", 20), 1, 1),
+    ("&", ("a", 30), 0, 0),
+  ]
   assert tiny[("r", 10)].lexname == "adv.all"
 
 
 def test_task_builders_give_the_hand_derived_examples(tiny):
   sep = " [SEP] "
   assert wordnet_gym._antonym_of_adjective(tiny) == [
-      (f"adjective: hot{sep}definition: used of physical heat", ("cold",)),
-      (f"adjective: cold{sep}definition: having a low temperature", ("hot",))]
+    (f"adjective: hot{sep}definition: used of physical heat", ("cold",)),
+    (f"adjective: cold{sep}definition: having a low temperature", ("hot",)),
+  ]
   assert wordnet_gym._antonym_pair(tiny) == [
-      (f"word 1: hot{sep}word 2: cold", ("opposite",)), (f"word 1: hot{sep}word 2: scorching", ("similar",)),
-      (f"word 1: cold{sep}word 2: hot", ("opposite",))]
+    (f"word 1: hot{sep}word 2: cold", ("opposite",)),
+    (f"word 1: hot{sep}word 2: scorching", ("similar",)),
+    (f"word 1: cold{sep}word 2: hot", ("opposite",)),
+  ]
   assert wordnet_gym._hypernym_of_word(tiny) == [
-      (f"word: dog{sep}definition: a domesticated canine", ("canine", "canid"))]
+    (f"word: dog{sep}definition: a domesticated canine", ("canine", "canid"))
+  ]
   assert wordnet_gym._verb_transitivity(tiny) == [
-      (f"verb: walk{sep}definition: use one's feet to advance", ("intransitive",)),
-      (f"verb: hit{sep}definition: deal a blow to", ("transitive",))]
+    (f"verb: walk{sep}definition: use one's feet to advance", ("intransitive",)),
+    (f"verb: hit{sep}definition: deal a blow to", ("transitive",)),
+  ]
   # "we walked to the store" lacks the exact word "walk"; "a hot stove" is too short for a cloze.
   assert wordnet_gym._pos_in_context(tiny) == [
-      (f"sentence: the dog barked all night{sep}word: dog", ("noun",)),
-      (f"sentence: He hit her hard{sep}word: hit", ("verb",)),
-      (f"sentence: a hot stove{sep}word: hot", ("adjective",)),
-      (f"sentence: she answered quickly{sep}word: quickly", ("adverb",))]
+    (f"sentence: the dog barked all night{sep}word: dog", ("noun",)),
+    (f"sentence: He hit her hard{sep}word: hit", ("verb",)),
+    (f"sentence: a hot stove{sep}word: hot", ("adjective",)),
+    (f"sentence: she answered quickly{sep}word: quickly", ("adverb",)),
+  ]
   assert wordnet_gym._example_cloze(tiny) == [
-      ("sentence: the ___ barked all night", ("dog",)), ("sentence: He ___ her hard", ("hit",))]
+    ("sentence: the ___ barked all night", ("dog",)),
+    ("sentence: He ___ her hard", ("hit",)),
+  ]
   assert wordnet_gym._synonym_of_word(tiny) == [
-      (f"word: canine{sep}definition: a mammal with long pointed teeth", ("canid",)),
-      (f"word: scorching{sep}definition: hot enough to burn", ("galore",))]
+    (f"word: canine{sep}definition: a mammal with long pointed teeth", ("canid",)),
+    (f"word: scorching{sep}definition: hot enough to burn", ("galore",)),
+  ]
 
 
 def test_register_refuses_a_stale_gym_directory(tmp_path):

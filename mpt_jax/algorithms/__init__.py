@@ -9,8 +9,18 @@ from __future__ import annotations
 import optax
 
 from mpt_jax import study
-from mpt_jax.algorithms.common import (Diverged, PromptState, apply_gradient, check_update, guard_failure,
-                                       init_grid_state, init_state, jit_step, make_grid_step, make_loss_fn)
+from mpt_jax.algorithms.common import (
+  Diverged,
+  PromptState,
+  apply_gradient,
+  check_update,
+  guard_failure,
+  init_grid_state,
+  init_state,
+  jit_step,
+  make_grid_step,
+  make_loss_fn,
+)
 from mpt_jax.algorithms.maml import make_maml_grad_fn, make_maml_step
 from mpt_jax.algorithms.pt import make_mtl_step, make_pt_grad_fn, make_pt_step
 from mpt_jax.algorithms.reptile import make_reptile_grad_fn, make_reptile_step
@@ -18,8 +28,15 @@ from mpt_jax.algorithms.reptile import make_reptile_grad_fn, make_reptile_step
 METHODS = study.METHODS
 
 
-def make_step(method: str, loss_fn, optimizer: optax.GradientTransformation, *,
-              inner_lr: float | None = None, remat: bool = False, axis_name: str | None = None):
+def make_step(
+  method: str,
+  loss_fn,
+  optimizer: optax.GradientTransformation,
+  *,
+  inner_lr: float | None = None,
+  remat: bool = False,
+  axis_name: str | None = None,
+):
   """The (unjitted) step of `method`; meta-learning methods need `inner_lr`.
 
   remat: rematerialize each inner step (MAML/FoMAML; no effect elsewhere).
@@ -33,14 +50,29 @@ def make_step(method: str, loss_fn, optimizer: optax.GradientTransformation, *,
     raise ValueError(f"method {method!r} needs inner_lr (the inner-loop SGD learning rate)")
   if method == "reptile":
     return make_reptile_step(loss_fn, optimizer, inner_lr=inner_lr, axis_name=axis_name)
-  return make_maml_step(loss_fn, optimizer, inner_lr=inner_lr, first_order=(method == "fomaml"),
-                        remat=remat, axis_name=axis_name)
+  return make_maml_step(
+    loss_fn, optimizer, inner_lr=inner_lr, first_order=(method == "fomaml"), remat=remat, axis_name=axis_name
+  )
 
 
 __all__ = [
-    "METHODS", "Diverged", "PromptState", "apply_gradient", "check_update", "guard_failure", "init_grid_state",
-    "init_state",
-    "jit_step", "make_grid_step", "make_loss_fn", "make_maml_grad_fn", "make_maml_step",
-    "make_mtl_step", "make_pt_grad_fn", "make_pt_step", "make_reptile_grad_fn", "make_reptile_step",
-    "make_step",
+  "METHODS",
+  "Diverged",
+  "PromptState",
+  "apply_gradient",
+  "check_update",
+  "guard_failure",
+  "init_grid_state",
+  "init_state",
+  "jit_step",
+  "make_grid_step",
+  "make_loss_fn",
+  "make_maml_grad_fn",
+  "make_maml_step",
+  "make_mtl_step",
+  "make_pt_grad_fn",
+  "make_pt_step",
+  "make_reptile_grad_fn",
+  "make_reptile_step",
+  "make_step",
 ]

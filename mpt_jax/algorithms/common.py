@@ -42,6 +42,7 @@ StepFn = Callable[..., tuple["PromptState", dict[str, jax.Array]]]
 @flax.struct.dataclass
 class PromptState:
   """What a prompt-training run carries from step to step (and checkpoints)."""
+
   step: jax.Array  # int32 scalar: updates applied so far (a skipped non-finite step does not count)
   prompt: jax.Array  # [P, d_model] float32
   opt_state: optax.OptState
@@ -50,8 +51,7 @@ class PromptState:
 def init_state(prompt: jax.Array, optimizer: optax.GradientTransformation) -> PromptState:
   prompt = jnp.array(prompt)  # a copy: donating the state to a step must not delete the caller's prompt
   if prompt.ndim != 2:
-    raise ValueError(f"init_state: the prompt must be [num_prompt_tokens, d_model], got shape "
-                     f"{prompt.shape}")
+    raise ValueError(f"init_state: the prompt must be [num_prompt_tokens, d_model], got shape {prompt.shape}")
   return PromptState(step=jnp.zeros((), jnp.int32), prompt=prompt, opt_state=optimizer.init(prompt))
 
 
@@ -64,8 +64,9 @@ def make_loss_fn(model, *, deterministic: bool, placement: str = "prepend") -> L
   from mpt_jax.model.loss import seq2seq_loss  # the model is only needed here, not by the algorithms
 
   def loss_fn(prompt, frozen_params, batch, rng):
-    return seq2seq_loss(model, frozen_params, prompt, batch, rng, deterministic=deterministic,
-                        placement=placement)
+    return seq2seq_loss(
+      model, frozen_params, prompt, batch, rng, deterministic=deterministic, placement=placement
+    )
 
   return loss_fn
 
@@ -89,8 +90,9 @@ def _rms(x: jax.Array) -> jax.Array:
 MAX_UPDATE_RATIO = 1e3
 
 
-def apply_gradient(state: PromptState, grad: jax.Array, metrics: dict[str, jax.Array],
-                   optimizer: optax.GradientTransformation) -> tuple[PromptState, dict[str, jax.Array]]:
+def apply_gradient(
+  state: PromptState, grad: jax.Array, metrics: dict[str, jax.Array], optimizer: optax.GradientTransformation
+) -> tuple[PromptState, dict[str, jax.Array]]:
   """One optimizer update of the prompt, skipped (state returned as is) when it fails the guard: a
   non-finite loss, gradient or new state, or an update over MAX_UPDATE_RATIO times the prompt's RMS.
 
@@ -99,14 +101,21 @@ def apply_gradient(state: PromptState, grad: jax.Array, metrics: dict[str, jax.A
   """
   grad_norm = optax.tree.norm(grad)
   updates, opt_state = optimizer.update(grad, state.opt_state, state.prompt)
-  new_state = PromptState(step=state.step + 1, prompt=optax.apply_updates(state.prompt, updates),
-                          opt_state=opt_state)
+  new_state = PromptState(
+    step=state.step + 1, prompt=optax.apply_updates(state.prompt, updates), opt_state=opt_state
+  )
   prompt_rms, update_rms = _rms(state.prompt), _rms(updates)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & _all_finite(new_state)
   update_ok = finite & (update_rms <= MAX_UPDATE_RATIO * jnp.maximum(prompt_rms, 1.0))
   new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(update_ok, new, old), new_state, state)
-  metrics = {**metrics, "grad_norm": grad_norm, "update_rms": update_rms, "prompt_rms": prompt_rms,
-             "update_ok": update_ok, "learning_rate": _learning_rate_or_nan(state.opt_state)}
+  metrics = {
+    **metrics,
+    "grad_norm": grad_norm,
+    "update_rms": update_rms,
+    "prompt_rms": prompt_rms,
+    "update_ok": update_ok,
+    "learning_rate": _learning_rate_or_nan(state.opt_state),
+  }
   return new_state, metrics
 
 
@@ -117,8 +126,9 @@ def _learning_rate_or_nan(opt_state) -> jax.Array:
     return jnp.asarray(jnp.nan, jnp.float32)
 
 
-def make_step(grad_fn: GradFn, optimizer: optax.GradientTransformation, *,
-              axis_name: str | None = None) -> StepFn:
+def make_step(
+  grad_fn: GradFn, optimizer: optax.GradientTransformation, *, axis_name: str | None = None
+) -> StepFn:
   """`step(state, frozen_params, batch, rng) -> (state, metrics)` from a method's gradient function.
 
   With `axis_name`, the step is the per-device body of a `jax.shard_map` over that mesh axis: the
@@ -153,8 +163,9 @@ def jit_step(step: StepFn, *, donate_state: bool = True) -> StepFn:
 def guard_failure(metrics: Mapping[str, Any]) -> str:
   """Why a step failed the guard, from the host metrics of one run (scalars)."""
   value = lambda key: float(np.asarray(metrics[key]))
-  loss, grad_norm, update_rms, prompt_rms = (value(k) for k in ("loss", "grad_norm", "update_rms",
-                                                                 "prompt_rms"))
+  loss, grad_norm, update_rms, prompt_rms = (
+    value(k) for k in ("loss", "grad_norm", "update_rms", "prompt_rms")
+  )
   if not np.isfinite(loss):
     return f"the loss is {loss}"
   if not np.isfinite(grad_norm):
@@ -162,10 +173,14 @@ def guard_failure(metrics: Mapping[str, Any]) -> str:
   if not np.isfinite(update_rms):
     return f"the update overflowed (the loss, {loss:.4g}, and the gradient norm, {grad_norm:.4g}, are finite)"
   if update_rms > MAX_UPDATE_RATIO * max(prompt_rms, 1.0):
-    return (f"the update's RMS, {update_rms:.3g}, is over {MAX_UPDATE_RATIO:g} times the prompt's, "
-            f"{prompt_rms:.3g}: the learning rate is far too large")
-  return (f"the optimizer state overflowed (loss {loss:.4g}, gradient norm {grad_norm:.4g} and update RMS "
-          f"{update_rms:.3g} are finite)")
+    return (
+      f"the update's RMS, {update_rms:.3g}, is over {MAX_UPDATE_RATIO:g} times the prompt's, "
+      f"{prompt_rms:.3g}: the learning rate is far too large"
+    )
+  return (
+    f"the optimizer state overflowed (loss {loss:.4g}, gradient norm {grad_norm:.4g} and update RMS "
+    f"{update_rms:.3g} are finite)"
+  )
 
 
 class Diverged(FloatingPointError):
@@ -173,9 +188,11 @@ class Diverged(FloatingPointError):
 
   def __init__(self, step: int, reason: str, where: str = ""):
     self.step, self.reason = int(step), reason
-    super().__init__(f"step {self.step}{where}: {reason}. The update was skipped, so the state in hand is "
-                     f"the one before this step. Lower the learning rate, check the batch at this step, or "
-                     f"use float32.")
+    super().__init__(
+      f"step {self.step}{where}: {reason}. The update was skipped, so the state in hand is "
+      f"the one before this step. Lower the learning rate, check the batch at this step, or "
+      f"use float32."
+    )
 
 
 def check_update(metrics: Mapping[str, Any], step: int) -> None:
@@ -216,8 +233,7 @@ def task_rngs(rng: jax.Array, num_tasks: int, shard_index: jax.Array) -> jax.Arr
 
 def inner_and_outer_rngs(task_rng: jax.Array, num_inner_steps: int) -> tuple[jax.Array, jax.Array]:
   """Distinct rngs for a task's K inner steps ([K]) and for its outer (query) pass."""
-  return (jax.random.split(jax.random.fold_in(task_rng, 0), num_inner_steps),
-          jax.random.fold_in(task_rng, 1))
+  return (jax.random.split(jax.random.fold_in(task_rng, 0), num_inner_steps), jax.random.fold_in(task_rng, 1))
 
 
 def make_grid_step(step: StepFn) -> StepFn:
@@ -231,22 +247,23 @@ def make_grid_step(step: StepFn) -> StepFn:
   return jax.vmap(step, in_axes=(0, None, 0, 0))
 
 
-def init_grid_state(prompts: jax.Array, optimizer: optax.GradientTransformation,
-                    learning_rates) -> PromptState:
+def init_grid_state(
+  prompts: jax.Array, optimizer: optax.GradientTransformation, learning_rates
+) -> PromptState:
   """States of R runs: `prompts` [R, P, d] (or one [P, d] prompt shared by all) and R learning rates.
 
   `optimizer` must come from `mpt_jax.optim.make_optimizer` (its learning rate is a state leaf).
   """
   learning_rates = jnp.asarray(learning_rates, jnp.float32)
   if learning_rates.ndim != 1:
-    raise ValueError(f"init_grid_state: learning_rates must be a list of R numbers, got shape "
-                     f"{learning_rates.shape}")
+    raise ValueError(
+      f"init_grid_state: learning_rates must be a list of R numbers, got shape {learning_rates.shape}"
+    )
   num_runs = learning_rates.shape[0]
   prompts = jnp.asarray(prompts)
   if prompts.ndim == 2:
     prompts = jnp.broadcast_to(prompts, (num_runs, *prompts.shape))
   if prompts.ndim != 3 or prompts.shape[0] != num_runs:
-    raise ValueError(f"init_grid_state: prompts must be [R={num_runs}, P, d] or [P, d], got "
-                     f"{prompts.shape}")
+    raise ValueError(f"init_grid_state: prompts must be [R={num_runs}, P, d] or [P, d], got {prompts.shape}")
   states = jax.vmap(lambda p: init_state(p, optimizer))(prompts)
   return states.replace(opt_state=optim.set_learning_rate(states.opt_state, learning_rates))

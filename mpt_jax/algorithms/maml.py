@@ -27,8 +27,9 @@ from mpt_jax.algorithms import common
 AdaptFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 
-def make_inner_loop(loss_fn: common.LossFn, inner_lr: float, *, first_order: bool = False,
-                    remat: bool = False) -> AdaptFn:
+def make_inner_loop(
+  loss_fn: common.LossFn, inner_lr: float, *, first_order: bool = False, remat: bool = False
+) -> AdaptFn:
   """K SGD steps on the prompt, one per leading slice of the support set, as a `lax.scan`.
 
   first_order: stop the gradient through the inner gradients (first-order MAML).
@@ -49,6 +50,7 @@ def make_inner_loop(loss_fn: common.LossFn, inner_lr: float, *, first_order: boo
   def adapt(prompt, frozen_params, support, rngs):
     def body(phi, batch_and_rng):
       return inner_step(frozen_params, phi, *batch_and_rng)
+
     return jax.lax.scan(body, prompt, (support, rngs))
 
   return adapt
@@ -65,15 +67,18 @@ def check_episode(episode, *, needs_query: bool) -> tuple[int, int]:
   support_shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(episode["support"])]
   num_inner_steps = {shape[1] if len(shape) >= 4 else None for shape in support_shapes}
   if len(num_inner_steps) != 1 or None in num_inner_steps:
-    raise ValueError(f"meta-batch support arrays must be [T, K, b, L] (T tasks, K inner steps of b "
-                     f"examples) with one K, got shapes "
-                     f"{jax.tree_util.tree_map(jnp.shape, episode['support'])}")
+    raise ValueError(
+      f"meta-batch support arrays must be [T, K, b, L] (T tasks, K inner steps of b "
+      f"examples) with one K, got shapes "
+      f"{jax.tree_util.tree_map(jnp.shape, episode['support'])}"
+    )
   num_inner_steps = num_inner_steps.pop()
   return num_tasks, num_inner_steps
 
 
-def make_maml_grad_fn(loss_fn: common.LossFn, *, inner_lr: float, first_order: bool = False,
-                      remat: bool = False) -> common.GradFn:
+def make_maml_grad_fn(
+  loss_fn: common.LossFn, *, inner_lr: float, first_order: bool = False, remat: bool = False
+) -> common.GradFn:
   """grad_fn(prompt, frozen_params, episode, rng, shard_index) -> (meta-gradient, metrics).
 
   metrics: "loss" (query loss after adaptation) and "inner_loss" (support loss, mean over the K inner
@@ -92,7 +97,7 @@ def make_maml_grad_fn(loss_fn: common.LossFn, *, inner_lr: float, first_order: b
 
     def meta_loss(prompt):
       query_losses, inner_losses = jax.vmap(
-          lambda task, task_rng: task_query_loss(prompt, frozen_params, task, task_rng, num_inner_steps)
+        lambda task, task_rng: task_query_loss(prompt, frozen_params, task, task_rng, num_inner_steps)
       )(episode, rngs)
       return jnp.mean(query_losses), jnp.mean(inner_losses)
 
@@ -102,9 +107,15 @@ def make_maml_grad_fn(loss_fn: common.LossFn, *, inner_lr: float, first_order: b
   return grad_fn
 
 
-def make_maml_step(loss_fn: common.LossFn, optimizer: optax.GradientTransformation, *,
-                   inner_lr: float, first_order: bool = False, remat: bool = False,
-                   axis_name: str | None = None) -> common.StepFn:
+def make_maml_step(
+  loss_fn: common.LossFn,
+  optimizer: optax.GradientTransformation,
+  *,
+  inner_lr: float,
+  first_order: bool = False,
+  remat: bool = False,
+  axis_name: str | None = None,
+) -> common.StepFn:
   """`step(state, frozen_params, episode, rng) -> (state, metrics)` of (first-order) MAML."""
   grad_fn = make_maml_grad_fn(loss_fn, inner_lr=inner_lr, first_order=first_order, remat=remat)
   return common.make_step(grad_fn, optimizer, axis_name=axis_name)

@@ -23,15 +23,17 @@ def make_pt_grad_fn(loss_fn: common.LossFn) -> common.GradFn:
 
   def grad_fn(prompt, frozen_params, batch, rng, shard_index):
     common.leading_size(batch, "PT/MTL batch")
-    loss, grad = jax.value_and_grad(loss_fn)(prompt, frozen_params, batch,
-                                             common.example_rng(rng, shard_index))
+    loss, grad = jax.value_and_grad(loss_fn)(
+      prompt, frozen_params, batch, common.example_rng(rng, shard_index)
+    )
     return grad, {"loss": loss}
 
   return grad_fn
 
 
-def make_pt_step(loss_fn: common.LossFn, optimizer: optax.GradientTransformation, *,
-                 axis_name: str | None = None) -> common.StepFn:
+def make_pt_step(
+  loss_fn: common.LossFn, optimizer: optax.GradientTransformation, *, axis_name: str | None = None
+) -> common.StepFn:
   """`step(state, frozen_params, batch [B, ...], rng) -> (state, metrics)` of prompt tuning."""
   return common.make_step(make_pt_grad_fn(loss_fn), optimizer, axis_name=axis_name)
 

@@ -43,8 +43,12 @@ def make_reptile_grad_fn(loss_fn: common.LossFn, *, inner_lr: float) -> common.G
   return grad_fn
 
 
-def make_reptile_step(loss_fn: common.LossFn, optimizer: optax.GradientTransformation, *,
-                      inner_lr: float, axis_name: str | None = None) -> common.StepFn:
+def make_reptile_step(
+  loss_fn: common.LossFn,
+  optimizer: optax.GradientTransformation,
+  *,
+  inner_lr: float,
+  axis_name: str | None = None,
+) -> common.StepFn:
   """`step(state, frozen_params, episode, rng) -> (state, metrics)` of Reptile."""
-  return common.make_step(make_reptile_grad_fn(loss_fn, inner_lr=inner_lr), optimizer,
-                          axis_name=axis_name)
+  return common.make_step(make_reptile_grad_fn(loss_fn, inner_lr=inner_lr), optimizer, axis_name=axis_name)

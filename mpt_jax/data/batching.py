@@ -43,6 +43,7 @@ BATCH_KEYS = ("input_ids", "input_mask", "target_ids", "target_mask")
 @dataclasses.dataclass(frozen=True)
 class TextSpec:
   """How examples become token ids: the input format and the fixed (truncation = padding) lengths."""
+
   max_input_len: int = MAX_INPUT_LENGTH
   max_target_len: int = DOWNSTREAM_TARGET_LENGTH
   input_template: str = INPUT_FORMAT  # fields: {task}, {input}
@@ -54,13 +55,15 @@ class TextSpec:
     try:
       self.input_template.format(task="t", input="x")
     except (KeyError, IndexError, ValueError) as e:
-      raise ValueError(f"input_template {self.input_template!r} must use only the fields {{task}} and "
-                       f"{{input}}: {e!r}") from None
+      raise ValueError(
+        f"input_template {self.input_template!r} must use only the fields {{task}} and {{input}}: {e!r}"
+      ) from None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class TokenizedSplit:
   """Token ids of one split (or of a pool of splits), padded to the spec's lengths."""
+
   task: str
   seed: int | None
   split: str | None
@@ -86,6 +89,7 @@ class TokenizedSplit:
 
 # --- tokenization and its cache --------------------------------------------------------------------------
 
+
 def tokenizer_fingerprint(tokenizer) -> str:
   """A hash that changes when the tokenizer's vocabulary or rules change (part of the cache key)."""
   backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -97,6 +101,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     text = type(tokenizer).__name__ + json.dumps(state, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
   from datasets.fingerprint import Hasher  # pickles the object: works for any tokenizer
+
   return Hasher.hash(tokenizer)
 
 
@@ -110,8 +115,9 @@ def _encode(tokenizer, texts: Sequence[str], max_length: int, eos: bool) -> tupl
   return [list(x[:room]) + ([EOS_ID] if eos else []) for x in ids], truncated
 
 
-def _pad(rows: Sequence[Sequence[int]] | None, lengths: np.ndarray, values: np.ndarray | None,
-         width: int) -> np.ndarray:
+def _pad(
+  rows: Sequence[Sequence[int]] | None, lengths: np.ndarray, values: np.ndarray | None, width: int
+) -> np.ndarray:
   """Right-pads ragged rows (given as lists, or as flat values with their lengths) to [N, width]."""
   out = np.full((len(lengths), width), PAD_ID, np.int32)
   if values is None:
@@ -120,8 +126,9 @@ def _pad(rows: Sequence[Sequence[int]] | None, lengths: np.ndarray, values: np.n
   return out
 
 
-def _cache_key(task: str, inputs: Sequence[str], answers: Sequence[Sequence[str]], fingerprint: str,
-               spec: TextSpec) -> str:
+def _cache_key(
+  task: str, inputs: Sequence[str], answers: Sequence[Sequence[str]], fingerprint: str, spec: TextSpec
+) -> str:
   digest = hashlib.sha256()
   header = [_CACHE_VERSION, task, fingerprint, dataclasses.asdict(spec)]
   digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
@@ -130,8 +137,13 @@ def _cache_key(task: str, inputs: Sequence[str], answers: Sequence[Sequence[str]
   return digest.hexdigest()[:20]
 
 
-def _save_arrow(path: Path, input_rows: list[list[int]], target_rows: list[list[int]],
-                num_golds: np.ndarray, num_truncated: int) -> None:
+def _save_arrow(
+  path: Path,
+  input_rows: list[list[int]],
+  target_rows: list[list[int]],
+  num_golds: np.ndarray,
+  num_truncated: int,
+) -> None:
   """One Arrow stream file per split: the format of `datasets`' cache files (`Dataset.from_file` reads it).
 
   `save_to_disk`/`load_from_disk` cost ~30 ms per split here, more than tokenizing a small CrossFit
@@ -141,10 +153,15 @@ def _save_arrow(path: Path, input_rows: list[list[int]], target_rows: list[list[
 
   bounds = np.concatenate([[0], np.cumsum(num_golds)])
   golds = [target_rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-  table = pa.table({"input_ids": pa.array(input_rows, pa.list_(pa.int32())),
-                    "target_ids": pa.array(golds, pa.list_(pa.list_(pa.int32())))})
-  table = table.replace_schema_metadata({"num_truncated": str(num_truncated),
-                                         "cache_version": str(_CACHE_VERSION)})
+  table = pa.table(
+    {
+      "input_ids": pa.array(input_rows, pa.list_(pa.int32())),
+      "target_ids": pa.array(golds, pa.list_(pa.list_(pa.int32()))),
+    }
+  )
+  table = table.replace_schema_metadata(
+    {"num_truncated": str(num_truncated), "cache_version": str(_CACHE_VERSION)}
+  )
   path.parent.mkdir(parents=True, exist_ok=True)
   # Written beside, then renamed: a run killed mid-write leaves no half cache entry behind.
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".arrow")
@@ -171,15 +188,23 @@ def _load_arrow(path: Path, spec: TextSpec) -> tuple[np.ndarray, ...] | None:
   target_lengths = np.asarray(targets.value_lengths(), np.int64)
   num_golds = np.asarray(golds.value_lengths(), np.int64)
   num_truncated = int(table.schema.metadata[b"num_truncated"])
-  return (_pad(None, input_lengths, np.asarray(inputs.flatten(), np.int32), spec.max_input_len),
-          input_lengths,
-          _pad(None, target_lengths, np.asarray(targets.flatten(), np.int32), spec.max_target_len),
-          target_lengths, num_golds, num_truncated)
+  return (
+    _pad(None, input_lengths, np.asarray(inputs.flatten(), np.int32), spec.max_input_len),
+    input_lengths,
+    _pad(None, target_lengths, np.asarray(targets.flatten(), np.int32), spec.max_target_len),
+    target_lengths,
+    num_golds,
+    num_truncated,
+  )
 
 
-def tokenize_split(split: Split, tokenizer, spec: TextSpec = TextSpec(),
-                   cache_dir: str | os.PathLike | None = None,
-                   fingerprint: str | None = None) -> TokenizedSplit:
+def tokenize_split(
+  split: Split,
+  tokenizer,
+  spec: TextSpec = TextSpec(),
+  cache_dir: str | os.PathLike | None = None,
+  fingerprint: str | None = None,
+) -> TokenizedSplit:
   """Token ids of every input (formatted with the task name) and of every gold answer of a split.
 
   With `cache_dir`, the ids are kept as Arrow files under a key of (texts, tokenizer, spec): a second
@@ -195,30 +220,51 @@ def tokenize_split(split: Split, tokenizer, spec: TextSpec = TextSpec(),
     cached = _load_arrow(path, spec)
   if cached is None:
     input_rows, num_truncated = _encode(tokenizer, inputs, spec.max_input_len, spec.input_eos)
-    target_rows, _ = _encode(tokenizer, [g for golds in split.answers for g in golds],
-                             spec.max_target_len, eos=True)
+    target_rows, _ = _encode(
+      tokenizer, [g for golds in split.answers for g in golds], spec.max_target_len, eos=True
+    )
     if path is not None:
       _save_arrow(path, input_rows, target_rows, num_golds, num_truncated)
     input_lengths = np.asarray([len(r) for r in input_rows], np.int64)
     target_lengths = np.asarray([len(r) for r in target_rows], np.int64)
-    cached = (_pad(input_rows, input_lengths, None, spec.max_input_len), input_lengths,
-              _pad(target_rows, target_lengths, None, spec.max_target_len), target_lengths,
-              num_golds, num_truncated)
+    cached = (
+      _pad(input_rows, input_lengths, None, spec.max_input_len),
+      input_lengths,
+      _pad(target_rows, target_lengths, None, spec.max_target_len),
+      target_lengths,
+      num_golds,
+      num_truncated,
+    )
   input_ids, input_lengths, target_ids, target_lengths, cached_golds, num_truncated = cached
   if not np.array_equal(cached_golds, num_golds):
     raise RuntimeError(f"cache entry {path} does not match {split.path}; delete the cache directory")
-  return TokenizedSplit(split.task, split.seed, split.split, input_ids, input_lengths.astype(np.int32),
-                        target_ids, target_lengths.astype(np.int32),
-                        np.concatenate([[0], np.cumsum(num_golds)]).astype(np.int64),
-                        tuple(split.answers), int(num_truncated))
+  return TokenizedSplit(
+    split.task,
+    split.seed,
+    split.split,
+    input_ids,
+    input_lengths.astype(np.int32),
+    target_ids,
+    target_lengths.astype(np.int32),
+    np.concatenate([[0], np.cumsum(num_golds)]).astype(np.int64),
+    tuple(split.answers),
+    int(num_truncated),
+  )
 
 
-def tokenize_tasks(tasks: Mapping[str, TaskData], tokenizer, spec: TextSpec = TextSpec(),
-                   cache_dir: str | os.PathLike | None = None) -> dict[tuple[str, int, str], TokenizedSplit]:
+def tokenize_tasks(
+  tasks: Mapping[str, TaskData],
+  tokenizer,
+  spec: TextSpec = TextSpec(),
+  cache_dir: str | os.PathLike | None = None,
+) -> dict[tuple[str, int, str], TokenizedSplit]:
   """Every split that was read, by (task, seed, split)."""
   fingerprint = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
-  return {(task, seed, name): tokenize_split(split, tokenizer, spec, cache_dir, fingerprint)
-          for task, data in tasks.items() for (seed, name), split in data.splits.items()}
+  return {
+    (task, seed, name): tokenize_split(split, tokenizer, spec, cache_dir, fingerprint)
+    for task, data in tasks.items()
+    for (seed, name), split in data.splits.items()
+  }
 
 
 def concat_splits(splits: Sequence[TokenizedSplit], task: str = "mixture") -> TokenizedSplit:
@@ -231,14 +277,25 @@ def concat_splits(splits: Sequence[TokenizedSplit], task: str = "mixture") -> To
     offsets.append(s.gold_offsets[1:] + start)
     start += int(s.gold_offsets[-1])
   return TokenizedSplit(
-      task, None, None, np.concatenate([s.input_ids for s in splits]),
-      np.concatenate([s.input_lengths for s in splits]), np.concatenate([s.target_ids for s in splits]),
-      np.concatenate([s.target_lengths for s in splits]), np.concatenate(offsets),
-      tuple(a for s in splits for a in s.answers), sum(s.num_truncated for s in splits))
+    task,
+    None,
+    None,
+    np.concatenate([s.input_ids for s in splits]),
+    np.concatenate([s.input_lengths for s in splits]),
+    np.concatenate([s.target_ids for s in splits]),
+    np.concatenate([s.target_lengths for s in splits]),
+    np.concatenate(offsets),
+    tuple(a for s in splits for a in s.answers),
+    sum(s.num_truncated for s in splits),
+  )
 
 
-def source_pool(tokenized: Mapping[tuple[str, int, str], TokenizedSplit], tasks: Sequence[str],
-                seeds: Sequence[int], splits: Sequence[str] = ("train", "dev")) -> TokenizedSplit:
+def source_pool(
+  tokenized: Mapping[tuple[str, int, str], TokenizedSplit],
+  tasks: Sequence[str],
+  seeds: Sequence[int],
+  splits: Sequence[str] = ("train", "dev"),
+) -> TokenizedSplit:
   """The MTL pool: the union of the given splits of every task and seed (the study: train + dev)."""
   missing = [(t, s, n) for t in tasks for s in seeds for n in splits if (t, s, n) not in tokenized]
   if missing:
@@ -249,11 +306,14 @@ def source_pool(tokenized: Mapping[tuple[str, int, str], TokenizedSplit], tasks:
 def _check_same_lengths(splits: Sequence[TokenizedSplit]) -> None:
   lengths = {s.lengths for s in splits}
   if len(lengths) > 1:
-    raise ValueError(f"splits tokenized with different lengths {sorted(lengths)}: a batch needs one "
-                     f"static shape; tokenize them with the same TextSpec")
+    raise ValueError(
+      f"splits tokenized with different lengths {sorted(lengths)}: a batch needs one "
+      f"static shape; tokenize them with the same TextSpec"
+    )
 
 
 # --- batches ---------------------------------------------------------------------------------------------
+
 
 def make_batch(data: TokenizedSplit, examples: np.ndarray, golds: np.ndarray | None = None) -> dict:
   """The contract batch of `examples` (any shape S) -> arrays [*S, L]; `golds` picks each one's gold
@@ -273,10 +333,10 @@ def make_batch(data: TokenizedSplit, examples: np.ndarray, golds: np.ndarray | N
     target_ids, target_lengths = np.zeros((*rows.shape, l_out), np.int32), np.zeros(rows.shape, np.int32)
   target_lengths = np.where(has_gold, target_lengths, 0)
   return {
-      "input_ids": data.input_ids[examples],
-      "input_mask": (np.arange(l_in) < input_lengths[..., None]).astype(np.int32),
-      "target_ids": np.where(has_gold[..., None], target_ids, PAD_ID).astype(np.int32),
-      "target_mask": (np.arange(l_out) < target_lengths[..., None]).astype(np.int32),
+    "input_ids": data.input_ids[examples],
+    "input_mask": (np.arange(l_in) < input_lengths[..., None]).astype(np.int32),
+    "target_ids": np.where(has_gold[..., None], target_ids, PAD_ID).astype(np.int32),
+    "target_mask": (np.arange(l_out) < target_lengths[..., None]).astype(np.int32),
   }
 
 
@@ -293,8 +353,10 @@ def random_golds(rng: np.random.Generator, data: TokenizedSplit, examples: np.nd
 def _check_trainable(data: TokenizedSplit) -> None:
   without = int(np.sum(data.num_golds == 0))
   if without:
-    raise ValueError(f"{data.task} (seed {data.seed}, {data.split}): {without} example(s) without a gold "
-                     f"answer cannot be trained on; read training files without keep_empty_answers")
+    raise ValueError(
+      f"{data.task} (seed {data.seed}, {data.split}): {without} example(s) without a gold "
+      f"answer cannot be trained on; read training files without keep_empty_answers"
+    )
 
 
 def draw_examples(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
@@ -309,26 +371,40 @@ def draw_examples(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
 @dataclasses.dataclass(frozen=True, eq=False)
 class MetaTask:
   """One (task, seed): support examples from its train file, query examples from its dev file."""
+
   task: str
   seed: int
   support: TokenizedSplit
   query: TokenizedSplit | None = None
 
 
-def meta_tasks(tokenized: Mapping[tuple[str, int, str], TokenizedSplit], tasks: Sequence[str],
-               seeds: Sequence[int], with_query: bool = True) -> list[MetaTask]:
+def meta_tasks(
+  tokenized: Mapping[tuple[str, int, str], TokenizedSplit],
+  tasks: Sequence[str],
+  seeds: Sequence[int],
+  with_query: bool = True,
+) -> list[MetaTask]:
   """Every (task, seed) of the source tasks, in a fixed order."""
-  missing = [(t, s, n) for t in tasks for s in seeds for n in (("train", "dev") if with_query else
-                                                                  ("train",)) if (t, s, n) not in tokenized]
+  missing = [
+    (t, s, n)
+    for t in tasks
+    for s in seeds
+    for n in (("train", "dev") if with_query else ("train",))
+    if (t, s, n) not in tokenized
+  ]
   if missing:
     raise KeyError(f"not tokenized: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-  return [MetaTask(t, s, tokenized[(t, s, "train")], tokenized[(t, s, "dev")] if with_query else None)
-          for t in tasks for s in seeds]
+  return [
+    MetaTask(t, s, tokenized[(t, s, "train")], tokenized[(t, s, "dev")] if with_query else None)
+    for t in tasks
+    for s in seeds
+  ]
 
 
 @dataclasses.dataclass(frozen=True)
 class EpisodeSampler:
   """Meta-batches: T meta-tasks per step; support [T, K, b, L], query [T, q, L] (none when q is None)."""
+
   meta_tasks: tuple[MetaTask, ...]
   tasks_per_step: int  # T
   inner_steps: int  # K
@@ -341,9 +417,12 @@ class EpisodeSampler:
     if not self.meta_tasks:
       raise ValueError("EpisodeSampler needs at least one meta-task")
     if min(self.tasks_per_step, self.inner_steps, self.inner_batch_size) < 1 or (
-        self.query_size is not None and self.query_size < 1):
-      raise ValueError(f"sizes must be positive: T={self.tasks_per_step} K={self.inner_steps} "
-                       f"b={self.inner_batch_size} q={self.query_size}")
+      self.query_size is not None and self.query_size < 1
+    ):
+      raise ValueError(
+        f"sizes must be positive: T={self.tasks_per_step} K={self.inner_steps} "
+        f"b={self.inner_batch_size} q={self.query_size}"
+      )
     missing = [(m.task, m.seed) for m in self.meta_tasks if self.query_size and m.query is None]
     if missing:
       raise ValueError(f"query examples asked for, but no dev split for {missing[:5]}")
@@ -351,8 +430,9 @@ class EpisodeSampler:
       _check_trainable(m.support)
       if self.query_size and m.query is not None:
         _check_trainable(m.query)
-    _check_same_lengths([m.support for m in self.meta_tasks]
-                        + [m.query for m in self.meta_tasks if m.query is not None])
+    _check_same_lengths(
+      [m.support for m in self.meta_tasks] + [m.query for m in self.meta_tasks if m.query is not None]
+    )
 
   def task_indices(self, step: int) -> np.ndarray:
     """Which meta-tasks the step uses: distinct ones while there are enough."""
@@ -384,6 +464,7 @@ class EpochSampler:
   """Batches [B, L] of shuffled epochs over a pool. The examples form one stream, epoch after epoch
   (epoch e is a permutation drawn from (seed, e)); step s takes its positions s*B .. s*B+B-1, so every
   batch is full and every example is seen once per epoch, whatever N and B."""
+
   data: TokenizedSplit
   batch_size: int
   seed: int = 0
@@ -421,11 +502,17 @@ class EpochSampler:
 class GridSampler:
   """The downstream grid: run r (a seed x lr pair) trains on its own seed's train file; batches
   [R, B, L]. Runs that share a sampling seed see the same batches (as separate runs of the study do)."""
+
   samplers: tuple[EpochSampler, ...]
 
   @classmethod
-  def create(cls, train_by_seed: Mapping[int, TokenizedSplit], run_seeds: Sequence[int], batch_size: int,
-             sampling_seeds: Sequence[int] | None = None) -> GridSampler:
+  def create(
+    cls,
+    train_by_seed: Mapping[int, TokenizedSplit],
+    run_seeds: Sequence[int],
+    batch_size: int,
+    sampling_seeds: Sequence[int] | None = None,
+  ) -> GridSampler:
     missing = sorted({s for s in run_seeds if s not in train_by_seed})
     if missing:
       raise KeyError(f"no train split for the run seed(s) {missing}; have {sorted(train_by_seed)}")
@@ -433,14 +520,16 @@ class GridSampler:
     if len(sampling_seeds) != len(run_seeds):
       raise ValueError("one sampling seed per run")
     _check_same_lengths([train_by_seed[s] for s in run_seeds])
-    return cls(tuple(EpochSampler(train_by_seed[s], batch_size, int(z))
-                     for s, z in zip(run_seeds, sampling_seeds)))
+    return cls(
+      tuple(EpochSampler(train_by_seed[s], batch_size, int(z)) for s, z in zip(run_seeds, sampling_seeds))
+    )
 
   def __call__(self, step: int) -> dict:
     return _stack([sampler(step) for sampler in self.samplers])
 
 
 # --- evaluation ------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalBatch:
@@ -472,5 +561,8 @@ def grid_eval_batches(splits: Sequence[TokenizedSplit], batch_size: int) -> Iter
   longest = max(len(s) for s in splits)
   for start in range(0, longest, batch_size):
     parts = [_eval_batch(s, start, batch_size) for s in splits]
-    yield EvalBatch(_stack([p.batch for p in parts]), np.stack([p.mask for p in parts]),
-                    np.stack([p.indices for p in parts]))
+    yield EvalBatch(
+      _stack([p.batch for p in parts]),
+      np.stack([p.mask for p in parts]),
+      np.stack([p.indices for p in parts]),
+    )

@@ -53,12 +53,14 @@ class CrossFitError(ValueError):
     more = len(self.problems) - _MESSAGE_PROBLEMS
     tail = f"\n  ... and {more} more (all in CrossFitError.problems)" if more > 0 else ""
     super().__init__(
-        f"{len(self.problems)} problem(s) in the CrossFit data; fix them all, then rerun:\n{shown}{tail}")
+      f"{len(self.problems)} problem(s) in the CrossFit data; fix them all, then rerun:\n{shown}{tail}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
   """One file: `inputs[i]` with its gold answers `answers[i]` (at least one each, in file order)."""
+
   task: str
   seed: int
   split: str  # "train" | "dev" | "test"
@@ -74,6 +76,7 @@ class Split:
 @dataclasses.dataclass(frozen=True)
 class TaskData:
   """The requested files of one task, keyed by (seed, split)."""
+
   task: str
   k: int
   splits: dict[tuple[int, str], Split]
@@ -82,8 +85,10 @@ class TaskData:
     try:
       return self.splits[(seed, split)]
     except KeyError:
-      raise KeyError(f"task {self.task!r}: split ({seed}, {split!r}) was not read; read it with "
-                     f"read_crossfit(..., seeds=[{seed}], splits=[{split!r}])") from None
+      raise KeyError(
+        f"task {self.task!r}: split ({seed}, {split!r}) was not read; read it with "
+        f"read_crossfit(..., seeds=[{seed}], splits=[{split!r}])"
+      ) from None
 
   @property
   def seeds(self) -> tuple[int, ...]:
@@ -99,12 +104,19 @@ def discover_k(task_dir: Path, task: str) -> tuple[int | None, list[Problem]]:
   pattern = re.compile(rf"^{re.escape(task)}_(\d+)_(\d+)_({'|'.join(SPLITS)})\.tsv$")
   ks = sorted({int(m.group(1)) for name in os.listdir(task_dir) if (m := pattern.match(name))})
   if not ks:
-    return None, [Problem(str(task_dir), None,
-                          f"no file named {task}_{{k}}_{{seed}}_{{train,dev,test}}.tsv in this directory")]
+    return None, [
+      Problem(
+        str(task_dir), None, f"no file named {task}_{{k}}_{{seed}}_{{train,dev,test}}.tsv in this directory"
+      )
+    ]
   if len(ks) > 1:
-    return None, [Problem(str(task_dir), None,
-                          f"ambiguous k: files exist for k in {ks}; keep one k per task directory "
-                          f"or pass k explicitly")]
+    return None, [
+      Problem(
+        str(task_dir),
+        None,
+        f"ambiguous k: files exist for k in {ks}; keep one k per task directory or pass k explicitly",
+      )
+    ]
   return ks[0], []
 
 
@@ -117,7 +129,7 @@ def parse_lines(data: bytes, path: str) -> tuple[list[str], list[tuple[str, ...]
   """
   inputs, answers, problems = [], [], []
   if data.startswith(codecs.BOM_UTF8):  # written by some editors; not part of the first input
-    data = data[len(codecs.BOM_UTF8):]
+    data = data[len(codecs.BOM_UTF8) :]
   lines = data.split(b"\n")
   if lines and lines[-1] == b"":  # the newline that ends the last line opens no new line
     lines.pop()
@@ -143,8 +155,9 @@ def parse_lines(data: bytes, path: str) -> tuple[list[str], list[tuple[str, ...]
   return inputs, answers, problems
 
 
-def read_split(path: str | os.PathLike, task: str, seed: int, split: str,
-               keep_empty_answers: bool = False) -> tuple[Split | None, list[Problem]]:
+def read_split(
+  path: str | os.PathLike, task: str, seed: int, split: str, keep_empty_answers: bool = False
+) -> tuple[Split | None, list[Problem]]:
   """One file; lines without an answer are kept (answers ()) or dropped, with one warning either way."""
   path = str(path)
   try:
@@ -163,8 +176,9 @@ def read_split(path: str | os.PathLike, task: str, seed: int, split: str,
       what = "dropped, as the reference's meta-learning and multi-task loaders did"
       kept = [i for i, golds in enumerate(answers) if golds]
       inputs, answers = [inputs[i] for i in kept], [answers[i] for i in kept]
-    warnings.warn(f"{path}: {without_answer} of {num_lines} line(s) without an answer, {what}",
-                  UserWarning, stacklevel=2)
+    warnings.warn(
+      f"{path}: {without_answer} of {num_lines} line(s) without an answer, {what}", UserWarning, stacklevel=2
+    )
     if not inputs:
       return None, [Problem(path, None, f"no examples left: all {without_answer} line(s) lack an answer")]
   return Split(task, seed, split, path, tuple(inputs), tuple(answers), without_answer), []
@@ -183,9 +197,14 @@ def _check_requests(tasks: Sequence[str], seeds: Sequence[int], splits: Sequence
     raise ValueError("no seeds requested")
 
 
-def validate_crossfit(data_dir: str | os.PathLike, tasks: Sequence[str], seeds: Iterable[int] = SEEDS,
-                      splits: Iterable[str] = SPLITS, k: int | None = None,
-                      keep_empty_answers: Iterable[str] = ()) -> tuple[dict[str, TaskData], list[Problem]]:
+def validate_crossfit(
+  data_dir: str | os.PathLike,
+  tasks: Sequence[str],
+  seeds: Iterable[int] = SEEDS,
+  splits: Iterable[str] = SPLITS,
+  k: int | None = None,
+  keep_empty_answers: Iterable[str] = (),
+) -> tuple[dict[str, TaskData], list[Problem]]:
   """Reads what is readable and lists every problem; `read_crossfit` raises when the list is not empty.
 
   keep_empty_answers: the splits whose lines without an answer are kept (the reference downstream:
@@ -226,9 +245,14 @@ def validate_crossfit(data_dir: str | os.PathLike, tasks: Sequence[str], seeds: 
   return result, problems
 
 
-def read_crossfit(data_dir: str | os.PathLike, tasks: Sequence[str], seeds: Iterable[int] = SEEDS,
-                  splits: Iterable[str] = SPLITS, k: int | None = None,
-                  keep_empty_answers: Iterable[str] = ()) -> dict[str, TaskData]:
+def read_crossfit(
+  data_dir: str | os.PathLike,
+  tasks: Sequence[str],
+  seeds: Iterable[int] = SEEDS,
+  splits: Iterable[str] = SPLITS,
+  k: int | None = None,
+  keep_empty_answers: Iterable[str] = (),
+) -> dict[str, TaskData]:
   """The requested files of every task, checked; raises one `CrossFitError` listing every problem.
   Lines without an answer are dropped, except in the `keep_empty_answers` splits (module docstring)."""
   result, problems = validate_crossfit(data_dir, tasks, seeds, splits, k, keep_empty_answers)
@@ -238,6 +262,7 @@ def read_crossfit(data_dir: str | os.PathLike, tasks: Sequence[str], seeds: Iter
 
 
 # --- writing (the offline gyms write their tasks in this layout) ----------------------------------------
+
 
 def tsv_bytes(examples: Iterable[tuple[str, Sequence[str]]]) -> bytes:
   """A split file: one `input<TAB>answer[<TAB>answer2...]` line per (input, golds) example."""

@@ -19,8 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def span_counts(length: int, noise_density: float = 0.15,
-                mean_noise_span_length: float = 3.0) -> tuple[int, int]:
+def span_counts(
+  length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> tuple[int, int]:
   """(noise tokens, noise spans) of a chunk of `length` tokens, as T5 counts them."""
   num_noise_tokens = int(np.round(length * noise_density))
   num_noise_tokens = min(max(num_noise_tokens, 1), length - 1)
@@ -28,8 +29,9 @@ def span_counts(length: int, noise_density: float = 0.15,
   return num_noise_tokens, num_noise_spans
 
 
-def corrupted_lengths(tokens_length: int, noise_density: float = 0.15,
-                      mean_noise_span_length: float = 3.0) -> tuple[int, int]:
+def corrupted_lengths(
+  tokens_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> tuple[int, int]:
   """(input length, target length), EOS included, of a full chunk: pad batches to these."""
   noise, spans = span_counts(tokens_length, noise_density, mean_noise_span_length)
   return tokens_length - noise + spans + 1, noise + spans + 1
@@ -43,8 +45,9 @@ def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Gener
   return np.bincount(segment_id, minlength=num_segments)
 
 
-def random_spans_noise_mask(length: int, rng: np.random.Generator, noise_density: float = 0.15,
-                            mean_noise_span_length: float = 3.0) -> np.ndarray:
+def random_spans_noise_mask(
+  length: int, rng: np.random.Generator, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> np.ndarray:
   """Boolean [length]: True where a token is noise. Alternates non-noise and noise spans."""
   num_noise_tokens, num_noise_spans = span_counts(length, noise_density, mean_noise_span_length)
   noise_lengths = _random_segmentation(num_noise_tokens, num_noise_spans, rng)
@@ -65,9 +68,14 @@ def _replace_spans_with_sentinels(tokens: np.ndarray, mask: np.ndarray, first_se
   return out[~(mask & previous)]
 
 
-def span_corrupt(tokens: np.ndarray, rng: np.random.Generator, sentinel_start: int, eos_id: int = 1,
-                 noise_density: float = 0.15, mean_noise_span_length: float = 3.0
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def span_corrupt(
+  tokens: np.ndarray,
+  rng: np.random.Generator,
+  sentinel_start: int,
+  eos_id: int = 1,
+  noise_density: float = 0.15,
+  mean_noise_span_length: float = 3.0,
+) -> tuple[np.ndarray, np.ndarray]:
   """(input ids, target ids) of one chunk, each ending with EOS. `sentinel_start` is <extra_id_0>'s id."""
   tokens = np.asarray(tokens)
   mask = random_spans_noise_mask(len(tokens), rng, noise_density, mean_noise_span_length)
@@ -76,8 +84,9 @@ def span_corrupt(tokens: np.ndarray, rng: np.random.Generator, sentinel_start: i
   return np.append(inputs, eos_id), np.append(targets, eos_id)
 
 
-def prefix_lm(tokens: np.ndarray, rng: np.random.Generator, eos_id: int = 1,
-              max_target_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def prefix_lm(
+  tokens: np.ndarray, rng: np.random.Generator, eos_id: int = 1, max_target_tokens: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """(input ids, target ids) of one chunk of at least 2 tokens, each ending with EOS: cut at a uniformly
   random point, so that both parts are non-empty and the target has at most max_target_tokens tokens
   (None: any cut in [1, len - 1], as T5's prefix_lm; a cap spends less compute on long targets and
@@ -100,15 +109,23 @@ def prefix_lm_lengths(tokens_length: int, max_target_tokens: int | None = None) 
 
 def pad_batch(pairs: list[tuple[np.ndarray, np.ndarray]], input_len: int, target_len: int) -> dict:
   """Right-pads (input, target) pairs into the batch dict of docs/CONTRACTS.md (pad id 0)."""
-  batch = {name: np.zeros((len(pairs), n), np.int32) for name, n in
-           (("input_ids", input_len), ("input_mask", input_len), ("target_ids", target_len),
-            ("target_mask", target_len))}
+  batch = {
+    name: np.zeros((len(pairs), n), np.int32)
+    for name, n in (
+      ("input_ids", input_len),
+      ("input_mask", input_len),
+      ("target_ids", target_len),
+      ("target_mask", target_len),
+    )
+  }
   for row, (inputs, targets) in enumerate(pairs):
     if len(inputs) > input_len or len(targets) > target_len:
-      raise ValueError(f"example {row} is longer ({len(inputs)}, {len(targets)}) than the padded "
-                       f"lengths ({input_len}, {target_len})")
-    batch["input_ids"][row, :len(inputs)] = inputs
-    batch["input_mask"][row, :len(inputs)] = 1
-    batch["target_ids"][row, :len(targets)] = targets
-    batch["target_mask"][row, :len(targets)] = 1
+      raise ValueError(
+        f"example {row} is longer ({len(inputs)}, {len(targets)}) than the padded "
+        f"lengths ({input_len}, {target_len})"
+      )
+    batch["input_ids"][row, : len(inputs)] = inputs
+    batch["input_mask"][row, : len(inputs)] = 1
+    batch["target_ids"][row, : len(targets)] = targets
+    batch["target_mask"][row, : len(targets)] = 1
   return batch

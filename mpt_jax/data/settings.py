@@ -25,10 +25,20 @@ _HERE = Path(__file__).parent
 CROSSFIT_SETTINGS_FILE = _HERE / "settings.json"
 CROSSFIT_METRICS_FILE = _HERE / "crossfit_task_metrics.json"
 
-METRICS = ("ACC", "Classification-F1", "EM", "QA-F1", "Rouge-L", "Matthew-Correlation",
-           "Pearson-Correlation")
-STUDY_SETTINGS = ("random", "cls2cls", "nocls2cls", "both2cls", "cls2nocls", "nocls2nocls", "both2nocls",
-                  "qa2qa", "noqa2qa", "nonli2nli", "nopara2para")
+METRICS = ("ACC", "Classification-F1", "EM", "QA-F1", "Rouge-L", "Matthew-Correlation", "Pearson-Correlation")
+STUDY_SETTINGS = (
+  "random",
+  "cls2cls",
+  "nocls2cls",
+  "both2cls",
+  "cls2nocls",
+  "nocls2nocls",
+  "both2nocls",
+  "qa2qa",
+  "noqa2qa",
+  "nonli2nli",
+  "nopara2para",
+)
 
 
 class SettingError(ValueError):
@@ -66,8 +76,10 @@ _BUILTIN: dict[str, Callable[[], Gym]] = {}
 def _load_crossfit() -> Gym:
   metrics = _read_json(CROSSFIT_METRICS_FILE)
   raw = _read_json(CROSSFIT_SETTINGS_FILE)
-  settings = {name: _setting_from_mapping(name, spec, "crossfit", where=str(CROSSFIT_SETTINGS_FILE))
-              for name, spec in raw.items()}
+  settings = {
+    name: _setting_from_mapping(name, spec, "crossfit", where=str(CROSSFIT_SETTINGS_FILE))
+    for name, spec in raw.items()
+  }
   return _checked_gym("crossfit", metrics, settings)
 
 
@@ -118,21 +130,30 @@ def _plain(spec):
 def _setting_from_mapping(name: str, spec, gym: str, where: str) -> Setting:
   if not isinstance(spec, Mapping) or "source" not in spec or "target" not in spec:
     raise SettingError(f"{where}: setting {name!r} must be an object with 'source' and 'target' lists")
-  return Setting(name=name, source=_name_list(spec["source"], "source", f"{where} [{name}]"),
-                 target=_name_list(spec["target"], "target", f"{where} [{name}]"), gym=gym,
-                 note=str(spec.get("note", "")))
+  return Setting(
+    name=name,
+    source=_name_list(spec["source"], "source", f"{where} [{name}]"),
+    target=_name_list(spec["target"], "target", f"{where} [{name}]"),
+    gym=gym,
+    note=str(spec.get("note", "")),
+  )
 
 
-def _checked_gym(name: str, metrics: Mapping[str, str], settings: Mapping[str, Setting],
-                 classification: Iterable[str] | None = None) -> Gym:
+def _checked_gym(
+  name: str,
+  metrics: Mapping[str, str],
+  settings: Mapping[str, Setting],
+  classification: Iterable[str] | None = None,
+) -> Gym:
   bad_metrics = {t: m for t, m in metrics.items() if m not in METRICS}
   if bad_metrics:
     raise SettingError(f"gym {name!r}: unknown metric(s) {bad_metrics}; known metrics: {list(METRICS)}")
   for setting in settings.values():
     unknown = [t for t in setting.source + setting.target if t not in metrics]
     if unknown:
-      raise SettingError(f"gym {name!r}, setting {setting.name!r}: task(s) without a metric in the "
-                         f"gym's table: {unknown}")
+      raise SettingError(
+        f"gym {name!r}, setting {setting.name!r}: task(s) without a metric in the gym's table: {unknown}"
+      )
   if classification is not None:
     classification = frozenset(classification)
     unknown = sorted(classification - set(metrics))
@@ -147,18 +168,25 @@ def _install(gym: Gym) -> None:
       continue
     clashes = [t for t in gym.metrics if t in other.metrics and other.metrics[t] != gym.metrics[t]]
     if clashes:
-      raise SettingError(f"gym {gym.name!r}: task(s) {clashes[:5]} already known to gym {other.name!r} "
-                         f"with another metric; rename the tasks")
+      raise SettingError(
+        f"gym {gym.name!r}: task(s) {clashes[:5]} already known to gym {other.name!r} "
+        f"with another metric; rename the tasks"
+      )
     same = sorted(set(gym.settings) & set(other.settings))
     if same:
-      raise SettingError(f"gym {gym.name!r}: setting name(s) {same} already defined by gym "
-                         f"{other.name!r}; give them other names")
+      raise SettingError(
+        f"gym {gym.name!r}: setting name(s) {same} already defined by gym "
+        f"{other.name!r}; give them other names"
+      )
   _GYMS[gym.name] = gym
 
 
-def make_gym(name: str, metrics: Mapping[str, str],
-             settings: Mapping[str, Mapping | Setting] | None = None,
-             classification: Iterable[str] | None = None) -> Gym:
+def make_gym(
+  name: str,
+  metrics: Mapping[str, str],
+  settings: Mapping[str, Mapping | Setting] | None = None,
+  classification: Iterable[str] | None = None,
+) -> Gym:
   """A checked gym (every setting's tasks have a known metric), not yet registered."""
   built = {}
   for setting_name, spec in (settings or {}).items():
@@ -170,9 +198,12 @@ def make_gym(name: str, metrics: Mapping[str, str],
   return _checked_gym(name, metrics, built, classification)
 
 
-def register_gym(name: str, metrics: Mapping[str, str],
-                 settings: Mapping[str, Mapping | Setting] | None = None,
-                 classification: Iterable[str] | None = None) -> Gym:
+def register_gym(
+  name: str,
+  metrics: Mapping[str, str],
+  settings: Mapping[str, Mapping | Setting] | None = None,
+  classification: Iterable[str] | None = None,
+) -> Gym:
   """Makes a gym's tasks and settings known to every lookup; registering a name again replaces it."""
   _ensure_builtin()
   gym = make_gym(name, metrics, settings, classification)
@@ -185,8 +216,9 @@ def unregister_gym(name: str) -> None:
   _GYMS.pop(name, None)
 
 
-def register_gym_files(name: str, metrics_file: str | os.PathLike,
-                       settings_file: str | os.PathLike | None = None) -> Gym:
+def register_gym_files(
+  name: str, metrics_file: str | os.PathLike, settings_file: str | os.PathLike | None = None
+) -> Gym:
   """A gym from its metric table (`{task: metric}`) and settings (`{name: {source, target}}`) files."""
   metrics = _read_json(metrics_file)
   if not isinstance(metrics, Mapping):
@@ -226,9 +258,10 @@ def check_task_names(names: Iterable[str], where: str = "") -> None:
     lines = "\n".join(f"  {n!r}{_suggest(n, known)}" for n in unknown)
     prefix = f"{where}: " if where else ""
     raise SettingError(
-        f"{prefix}{len(unknown)} unknown task name(s):\n{lines}\nKnown tasks are those of the gyms "
-        f"{sorted(_GYMS)} (CrossFit's are in {CROSSFIT_METRICS_FILE.name}); a new task needs a metric: "
-        f"register its gym with mpt_jax.data.settings.register_gym.")
+      f"{prefix}{len(unknown)} unknown task name(s):\n{lines}\nKnown tasks are those of the gyms "
+      f"{sorted(_GYMS)} (CrossFit's are in {CROSSFIT_METRICS_FILE.name}); a new task needs a metric: "
+      f"register its gym with mpt_jax.data.settings.register_gym."
+    )
 
 
 def metric_for_task(task: str) -> str:
@@ -252,19 +285,26 @@ def is_classification(task: str) -> bool | None:
 def _warn_overlap(setting: Setting) -> None:
   if setting.overlap:
     warnings.warn(
-        f"setting {setting.name!r}: task(s) {list(setting.overlap)} are both source and target, so the "
-        f"learned initialization has seen target-task data"
-        + (" (a leak in the original split file, kept to reproduce the study)"
-           if setting.gym == "crossfit" else ""),
-        UserWarning, stacklevel=3)
+      f"setting {setting.name!r}: task(s) {list(setting.overlap)} are both source and target, so the "
+      f"learned initialization has seen target-task data"
+      + (
+        " (a leak in the original split file, kept to reproduce the study)"
+        if setting.gym == "crossfit"
+        else ""
+      ),
+      UserWarning,
+      stacklevel=3,
+    )
 
 
 def get_setting(name: str) -> Setting:
   """A registered setting by name (the 11 of the study, the synthetic gym's, and registered ones)."""
   settings = all_settings()
   if name not in settings:
-    raise SettingError(f"unknown setting {name!r}{_suggest(name, settings)}; known settings: "
-                       f"{sorted(settings)}, or pass a JSON file with 'source' and 'target' lists")
+    raise SettingError(
+      f"unknown setting {name!r}{_suggest(name, settings)}; known settings: "
+      f"{sorted(settings)}, or pass a JSON file with 'source' and 'target' lists"
+    )
   setting = settings[name]
   _warn_overlap(setting)
   return setting

@@ -62,48 +62,58 @@ class TaskSpec:
 # --- the tasks: names and metrics are fixed; the lexicons behind them depend on the gym seed -----------
 
 _SENTIMENT = (  # name, field name, label words (positive first)
-    ("synth-sentiment_a", "review", ("positive", "negative")),
-    ("synth-sentiment_b", "tweet", ("good", "bad")),
-    ("synth-sentiment_c", "comment", ("great", "terrible")),
-    ("synth-sentiment_d", "text", ("happy", "sad")),
+  ("synth-sentiment_a", "review", ("positive", "negative")),
+  ("synth-sentiment_b", "tweet", ("good", "bad")),
+  ("synth-sentiment_c", "comment", ("great", "terrible")),
+  ("synth-sentiment_d", "text", ("happy", "sad")),
 )
 _TOPICS = ("sports", "music", "science", "politics", "food", "travel", "health", "business")
 _TOPIC = (  # name, field name, topics (label words)
-    ("synth-topic_a", "news", ("sports", "music", "science")),
-    ("synth-topic_b", "headline", ("politics", "food", "travel", "sports")),
-    ("synth-topic_c", "question", ("health", "business", "music")),
-    ("synth-topic_d", "article", ("science", "travel", "business", "food")),
+  ("synth-topic_a", "news", ("sports", "music", "science")),
+  ("synth-topic_b", "headline", ("politics", "food", "travel", "sports")),
+  ("synth-topic_c", "question", ("health", "business", "music")),
+  ("synth-topic_d", "article", ("science", "travel", "business", "food")),
 )
 _PAIR = (  # name, field names, label words, rule
-    ("synth-pair_paraphrase", ("sentence 1", "sentence 2"), ("equivalent", "not_equivalent"), "reorder"),
-    ("synth-pair_duplicate", ("question 1", "question 2"), ("duplicate", "not_duplicate"), "reorder"),
-    ("synth-pair_entailment", ("premise", "hypothesis"), ("entailment", "not_entailment"), "subset"),
-    ("synth-pair_nli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "nli"),
+  ("synth-pair_paraphrase", ("sentence 1", "sentence 2"), ("equivalent", "not_equivalent"), "reorder"),
+  ("synth-pair_duplicate", ("question 1", "question 2"), ("duplicate", "not_duplicate"), "reorder"),
+  ("synth-pair_entailment", ("premise", "hypothesis"), ("entailment", "not_entailment"), "subset"),
+  ("synth-pair_nli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "nli"),
 )
-_TRANSFORM = ("synth-transform_copy", "synth-transform_reverse", "synth-transform_first_last",
-              "synth-transform_sort")
+_TRANSFORM = (
+  "synth-transform_copy",
+  "synth-transform_reverse",
+  "synth-transform_first_last",
+  "synth-transform_sort",
+)
 _MAPPING = ("synth-mapping_a", "synth-mapping_b", "synth-mapping_c")
 _QA = (  # name, fact template, question template, article before the answer
-    ("synth-qa_likes", "{name} likes the {obj}.", "what does {name} like?", "the"),
-    ("synth-qa_owns", "{name} owns a {obj}.", "what does {name} own?", "a"),
-    ("synth-qa_made", "{name} made the {obj}.", "what did {name} make?", "the"),
-    ("synth-qa_found", "{name} found a {obj}.", "what did {name} find?", "a"),
+  ("synth-qa_likes", "{name} likes the {obj}.", "what does {name} like?", "the"),
+  ("synth-qa_owns", "{name} owns a {obj}.", "what does {name} own?", "a"),
+  ("synth-qa_made", "{name} made the {obj}.", "what did {name} make?", "the"),
+  ("synth-qa_found", "{name} found a {obj}.", "what did {name} find?", "a"),
 )
 _KEYWORDS = ("synth-keywords_a", "synth-keywords_b")
 
 _CLASSIFICATION_METRICS = {
-    "synth-sentiment_a": "Classification-F1", "synth-sentiment_b": "Classification-F1",
-    "synth-sentiment_c": "ACC", "synth-sentiment_d": "Classification-F1",
-    "synth-topic_a": "Classification-F1", "synth-topic_b": "ACC", "synth-topic_c": "Classification-F1",
-    "synth-topic_d": "Classification-F1",
-    "synth-pair_paraphrase": "ACC", "synth-pair_duplicate": "Classification-F1",
-    "synth-pair_entailment": "ACC", "synth-pair_nli": "Classification-F1",
+  "synth-sentiment_a": "Classification-F1",
+  "synth-sentiment_b": "Classification-F1",
+  "synth-sentiment_c": "ACC",
+  "synth-sentiment_d": "Classification-F1",
+  "synth-topic_a": "Classification-F1",
+  "synth-topic_b": "ACC",
+  "synth-topic_c": "Classification-F1",
+  "synth-topic_d": "Classification-F1",
+  "synth-pair_paraphrase": "ACC",
+  "synth-pair_duplicate": "Classification-F1",
+  "synth-pair_entailment": "ACC",
+  "synth-pair_nli": "Classification-F1",
 }
 TASK_METRICS = {
-    **_CLASSIFICATION_METRICS,
-    **{name: "EM" for name in _TRANSFORM + _MAPPING},
-    **{spec[0]: "QA-F1" for spec in _QA},
-    **{name: "Rouge-L" for name in _KEYWORDS},
+  **_CLASSIFICATION_METRICS,
+  **{name: "EM" for name in _TRANSFORM + _MAPPING},
+  **{spec[0]: "QA-F1" for spec in _QA},
+  **{name: "Rouge-L" for name in _KEYWORDS},
 }
 CLASSIFICATION_TASKS = tuple(_CLASSIFICATION_METRICS)
 
@@ -113,12 +123,12 @@ _CLS_SOURCE = tuple(t for t in CLASSIFICATION_TASKS if t not in _CLS_TARGET)
 _NOCLS_TARGET = ("synth-transform_sort", "synth-mapping_c", "synth-qa_found", "synth-keywords_b")
 _NOCLS_SOURCE = tuple(t for t in TASK_METRICS if t not in CLASSIFICATION_TASKS and t not in _NOCLS_TARGET)
 SETTINGS = {
-    "synth_cls2cls": {"source": list(_CLS_SOURCE), "target": list(_CLS_TARGET)},
-    "synth_nocls2cls": {"source": list(_NOCLS_SOURCE), "target": list(_CLS_TARGET)},
-    "synth_nocls2nocls": {"source": list(_NOCLS_SOURCE), "target": list(_NOCLS_TARGET)},
-    "synth_both2cls": {"source": list(_CLS_SOURCE[::2] + _NOCLS_SOURCE[::2]), "target": list(_CLS_TARGET)},
-    # Two source tasks, one target: the smallest end-to-end run (demo, smoke tests).
-    "synth_mini": {"source": ["synth-sentiment_a", "synth-topic_a"], "target": ["synth-sentiment_d"]},
+  "synth_cls2cls": {"source": list(_CLS_SOURCE), "target": list(_CLS_TARGET)},
+  "synth_nocls2cls": {"source": list(_NOCLS_SOURCE), "target": list(_CLS_TARGET)},
+  "synth_nocls2nocls": {"source": list(_NOCLS_SOURCE), "target": list(_NOCLS_TARGET)},
+  "synth_both2cls": {"source": list(_CLS_SOURCE[::2] + _NOCLS_SOURCE[::2]), "target": list(_CLS_TARGET)},
+  # Two source tasks, one target: the smallest end-to-end run (demo, smoke tests).
+  "synth_mini": {"source": ["synth-sentiment_a", "synth-topic_a"], "target": ["synth-sentiment_d"]},
 }
 
 
@@ -132,12 +142,55 @@ def synthetic_gym() -> settings_lib.Gym:
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 # Words the generated vocabulary must not contain: label words, field names, template words.
-_RESERVED = {w for spec in _SENTIMENT for w in spec[2]} | set(_TOPICS) | {
-    w for spec in _PAIR for w in spec[2]} | {
-    "same", "not", "sentence", "question", "premise", "hypothesis", "context", "text", "news", "likes",
-    "owns", "made", "found", "like", "own", "make", "find", "what", "does", "did", "the", "a", "an",
-    "translate", "summarize", "review", "tweet", "comment", "headline", "article", "sep", "words",
-    "more", "some", "tide", "bone", "note", "name", "time", "vote", "pole", "sale"}
+_RESERVED = (
+  {w for spec in _SENTIMENT for w in spec[2]}
+  | set(_TOPICS)
+  | {w for spec in _PAIR for w in spec[2]}
+  | {
+    "same",
+    "not",
+    "sentence",
+    "question",
+    "premise",
+    "hypothesis",
+    "context",
+    "text",
+    "news",
+    "likes",
+    "owns",
+    "made",
+    "found",
+    "like",
+    "own",
+    "make",
+    "find",
+    "what",
+    "does",
+    "did",
+    "the",
+    "a",
+    "an",
+    "translate",
+    "summarize",
+    "review",
+    "tweet",
+    "comment",
+    "headline",
+    "article",
+    "sep",
+    "words",
+    "more",
+    "some",
+    "tide",
+    "bone",
+    "note",
+    "name",
+    "time",
+    "vote",
+    "pole",
+    "sale",
+  }
+)
 
 
 def _vocabulary(rng: random.Random, size: int) -> list[str]:
@@ -174,13 +227,21 @@ def _lexicon(seed: int) -> _Lexicon:
   def next_words(n):
     return [next(take) for _ in range(n)]
 
-  return _Lexicon(filler=next_words(150), positive=next_words(40), negative=next_words(40),
-                  topics={topic: next_words(16) for topic in _TOPICS},
-                  names=[w.capitalize() for w in next_words(40)], objects=next_words(60),
-                  source_words=next_words(40), target_words=next_words(40), keywords=next_words(30))
+  return _Lexicon(
+    filler=next_words(150),
+    positive=next_words(40),
+    negative=next_words(40),
+    topics={topic: next_words(16) for topic in _TOPICS},
+    names=[w.capitalize() for w in next_words(40)],
+    objects=next_words(60),
+    source_words=next_words(40),
+    target_words=next_words(40),
+    keywords=next_words(30),
+  )
 
 
 # --- task generators -------------------------------------------------------------------------------------
+
 
 def _sentiment_tasks(lex: _Lexicon, seed: int) -> list[TaskSpec]:
   specs = []
@@ -192,8 +253,11 @@ def _sentiment_tasks(lex: _Lexicon, seed: int) -> list[TaskSpec]:
     def make(rng, label, field=field, labels=labels, polar=polar):
       other = labels[1] if label == labels[0] else labels[0]
       n_main = rng.randint(2, 4)
-      words = (rng.sample(lex.filler, rng.randint(4, 8)) + rng.sample(polar[label], n_main)
-               + rng.sample(polar[other], rng.randint(0, n_main - 1)))
+      words = (
+        rng.sample(lex.filler, rng.randint(4, 8))
+        + rng.sample(polar[label], n_main)
+        + rng.sample(polar[other], rng.randint(0, n_main - 1))
+      )
       rng.shuffle(words)
       return f"{field}: {' '.join(words)}", (label,)
 
@@ -246,10 +310,10 @@ def _pair_tasks(lex: _Lexicon) -> list[TaskSpec]:
 
 def _transform_tasks(lex: _Lexicon) -> list[TaskSpec]:
   rules = {
-      "synth-transform_copy": lambda words: words,
-      "synth-transform_reverse": lambda words: words[::-1],
-      "synth-transform_first_last": lambda words: [words[0], words[-1]],
-      "synth-transform_sort": sorted,
+    "synth-transform_copy": lambda words: words,
+    "synth-transform_reverse": lambda words: words[::-1],
+    "synth-transform_first_last": lambda words: [words[0], words[-1]],
+    "synth-transform_sort": sorted,
   }
   specs = []
   for name in _TRANSFORM:
@@ -323,13 +387,21 @@ def _keyword_tasks(lex: _Lexicon, seed: int) -> list[TaskSpec]:
 def task_specs(seed: int = 0) -> dict[str, TaskSpec]:
   """Every task of the gym for this gym seed, by name."""
   lex = _lexicon(seed)
-  specs = (_sentiment_tasks(lex, seed) + _topic_tasks(lex) + _pair_tasks(lex) + _transform_tasks(lex)
-           + _mapping_tasks(lex, seed) + _qa_tasks(lex) + _keyword_tasks(lex, seed))
+  specs = (
+    _sentiment_tasks(lex, seed)
+    + _topic_tasks(lex)
+    + _pair_tasks(lex)
+    + _transform_tasks(lex)
+    + _mapping_tasks(lex, seed)
+    + _qa_tasks(lex)
+    + _keyword_tasks(lex, seed)
+  )
   assert [s.name for s in specs] == list(TASK_METRICS), "task tables out of sync"
   return {s.name: s for s in specs}
 
 
 # --- writing ---------------------------------------------------------------------------------------------
+
 
 def _draw(spec: TaskSpec, rng: random.Random, count: int, seen: set[str]) -> list[Example]:
   """`count` examples with inputs unseen so far; classes balanced (count per class for classification)."""
@@ -349,9 +421,15 @@ def _draw(spec: TaskSpec, rng: random.Random, count: int, seen: set[str]) -> lis
   return examples
 
 
-def write_synthetic_gym(out_dir: str | os.PathLike, seed: int = 0, tasks: Sequence[str] | None = None,
-                        seeds: Sequence[int] = SEEDS, k_per_class: int = K_PER_CLASS, k: int = K,
-                        test_size: int = TEST_SIZE) -> list[str]:
+def write_synthetic_gym(
+  out_dir: str | os.PathLike,
+  seed: int = 0,
+  tasks: Sequence[str] | None = None,
+  seeds: Sequence[int] = SEEDS,
+  k_per_class: int = K_PER_CLASS,
+  k: int = K,
+  test_size: int = TEST_SIZE,
+) -> list[str]:
   """Writes the gym in the CrossFit layout under `out_dir`; returns the task names written.
 
   `out_dir/{task}/{task}_{k}_{data_seed}_{train,dev,test}.tsv`, with k = `k_per_class` examples per class
@@ -378,8 +456,11 @@ def write_synthetic_gym(out_dir: str | os.PathLike, seed: int = 0, tasks: Sequen
     for data_seed in seeds:
       rng = random.Random(f"mpt-synthetic/{seed}/{name}/{data_seed}")
       seen_here = set(seen)  # train and dev disjoint from each other and from test
-      files = {"train": _draw(spec, rng, file_k, seen_here), "dev": _draw(spec, rng, file_k, seen_here),
-               "test": test}
+      files = {
+        "train": _draw(spec, rng, file_k, seen_here),
+        "dev": _draw(spec, rng, file_k, seen_here),
+        "test": test,
+      }
       for split, examples in files.items():
         (task_dir / f"{name}_{file_k}_{data_seed}_{split}.tsv").write_bytes(crossfit.tsv_bytes(examples))
   (out_dir / METRICS_FILE).write_bytes(crossfit.json_bytes(TASK_METRICS))

@@ -24,14 +24,52 @@ POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "r": "adverb"}
 
 # lexnames(5WN): the lexicographer file of a synset, by the two-digit number in its data line.
 LEXNAMES = (
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
-    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling",
-    "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
-    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation",
-    "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change",
-    "verb.cognition", "verb.communication", "verb.competition", "verb.consumption", "verb.contact",
-    "verb.creation", "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social",
-    "verb.stative", "verb.weather", "adj.ppl")
+  "adj.all",
+  "adj.pert",
+  "adv.all",
+  "noun.Tops",
+  "noun.act",
+  "noun.animal",
+  "noun.artifact",
+  "noun.attribute",
+  "noun.body",
+  "noun.cognition",
+  "noun.communication",
+  "noun.event",
+  "noun.feeling",
+  "noun.food",
+  "noun.group",
+  "noun.location",
+  "noun.motive",
+  "noun.object",
+  "noun.person",
+  "noun.phenomenon",
+  "noun.plant",
+  "noun.possession",
+  "noun.process",
+  "noun.quantity",
+  "noun.relation",
+  "noun.shape",
+  "noun.state",
+  "noun.substance",
+  "noun.time",
+  "verb.body",
+  "verb.change",
+  "verb.cognition",
+  "verb.communication",
+  "verb.competition",
+  "verb.consumption",
+  "verb.contact",
+  "verb.creation",
+  "verb.emotion",
+  "verb.motion",
+  "verb.perception",
+  "verb.possession",
+  "verb.social",
+  "verb.stative",
+  "verb.weather",
+  "adj.ppl",
+)
 
 # Pointer symbols used by the gym and the corpus (wninput(5WN) lists them all).
 ANTONYM, HYPERNYM, INSTANCE_HYPERNYM, SIMILAR, ATTRIBUTE = "!", "@", "@i", "&", "="
@@ -100,9 +138,10 @@ def wordnet_dir(path: str | os.PathLike | None = None) -> Path:
   missing = [name for name in DATA_FILES.values() if not (path / name).is_file()]
   if missing:
     raise FileNotFoundError(
-        f"WordNet database not found: {path} lacks {', '.join(missing)}. Install it with "
-        f"`apt-get install wordnet-base` (gives {DEFAULT_WORDNET_DIR}), or set MPT_WORDNET_DIR to a "
-        f"directory holding the WordNet 3.0 data.noun/data.verb/data.adj/data.adv files.")
+      f"WordNet database not found: {path} lacks {', '.join(missing)}. Install it with "
+      f"`apt-get install wordnet-base` (gives {DEFAULT_WORDNET_DIR}), or set MPT_WORDNET_DIR to a "
+      f"directory holding the WordNet 3.0 data.noun/data.verb/data.adj/data.adv files."
+    )
   return path
 
 
@@ -130,11 +169,14 @@ def parse_data_line(line: str, file_pos: str) -> Synset:
   i += 1
   pointers = []
   for _ in range(p_cnt):
-    symbol, target_offset, target_pos, source_target = tok[i:i + 4]
+    symbol, target_offset, target_pos, source_target = tok[i : i + 4]
     i += 4
     target_pos = "a" if target_pos == "s" else target_pos
-    pointers.append(Pointer(symbol, (target_pos, int(target_offset)), int(source_target[:2], 16),
-                            int(source_target[2:], 16)))
+    pointers.append(
+      Pointer(
+        symbol, (target_pos, int(target_offset)), int(source_target[:2], 16), int(source_target[2:], 16)
+      )
+    )
   frames = []
   if file_pos == "v" and i < len(tok):
     f_cnt = int(tok[i])
@@ -143,9 +185,17 @@ def parse_data_line(line: str, file_pos: str) -> Synset:
       frames.append((int(tok[i + 1]), int(tok[i + 2], 16)))
       i += 3
   definition, examples = split_gloss(gloss.strip())
-  return Synset(key=(file_pos, offset), pos=file_pos, satellite=ss_type == "s",
-                lexname=LEXNAMES[lex_filenum], lemmas=lemmas, pointers=tuple(pointers),
-                verb_frames=tuple(frames), definition=definition, examples=examples)
+  return Synset(
+    key=(file_pos, offset),
+    pos=file_pos,
+    satellite=ss_type == "s",
+    lexname=LEXNAMES[lex_filenum],
+    lemmas=lemmas,
+    pointers=tuple(pointers),
+    verb_frames=tuple(frames),
+    definition=definition,
+    examples=examples,
+  )
 
 
 @functools.lru_cache(maxsize=2)

@@ -80,6 +80,7 @@ class TaskSpec:
 
 # --- the database, indexed for the task builders ---------------------------------------------------------
 
+
 class WordNetIndex:
   """The synsets plus the look-ups that the tasks share (all in database order: deterministic)."""
 
@@ -97,8 +98,11 @@ class WordNetIndex:
 
   def word_pointers(self, synset: wn.Synset, symbol: str) -> list[tuple[str, str]]:
     """(source word, target word) of the word-level pointers with this symbol."""
-    return [(synset.lemmas[p.source_word - 1], self[p.target].lemmas[p.target_word - 1])
-            for p in synset.pointers if p.symbol == symbol and p.source_word]
+    return [
+      (synset.lemmas[p.source_word - 1], self[p.target].lemmas[p.target_word - 1])
+      for p in synset.pointers
+      if p.symbol == symbol and p.source_word
+    ]
 
 
 def _clean(text: str) -> str:
@@ -122,28 +126,86 @@ def _single_word(lemma: str) -> bool:
 
 # (task, lexicographer file -> label word); label words are real words.
 _NOUN_CATEGORIES = (
-    ("wn-noun_category_living", {"noun.animal": "animal", "noun.plant": "plant", "noun.person": "person",
-                                 "noun.body": "body", "noun.food": "food"}),
-    ("wn-noun_category_objects", {"noun.artifact": "artifact", "noun.substance": "substance",
-                                  "noun.object": "nature", "noun.location": "location",
-                                  "noun.shape": "shape"}),
-    ("wn-noun_category_mind", {"noun.cognition": "thought", "noun.communication": "communication",
-                               "noun.feeling": "feeling", "noun.attribute": "attribute"}),
-    ("wn-noun_category_happenings", {"noun.act": "act", "noun.event": "event", "noun.process": "process",
-                                     "noun.phenomenon": "phenomenon", "noun.time": "time"}),
-    ("wn-noun_category_relations", {"noun.group": "group", "noun.possession": "possession",
-                                    "noun.quantity": "quantity", "noun.relation": "relation",
-                                    "noun.state": "state"}),
+  (
+    "wn-noun_category_living",
+    {
+      "noun.animal": "animal",
+      "noun.plant": "plant",
+      "noun.person": "person",
+      "noun.body": "body",
+      "noun.food": "food",
+    },
+  ),
+  (
+    "wn-noun_category_objects",
+    {
+      "noun.artifact": "artifact",
+      "noun.substance": "substance",
+      "noun.object": "nature",
+      "noun.location": "location",
+      "noun.shape": "shape",
+    },
+  ),
+  (
+    "wn-noun_category_mind",
+    {
+      "noun.cognition": "thought",
+      "noun.communication": "communication",
+      "noun.feeling": "feeling",
+      "noun.attribute": "attribute",
+    },
+  ),
+  (
+    "wn-noun_category_happenings",
+    {
+      "noun.act": "act",
+      "noun.event": "event",
+      "noun.process": "process",
+      "noun.phenomenon": "phenomenon",
+      "noun.time": "time",
+    },
+  ),
+  (
+    "wn-noun_category_relations",
+    {
+      "noun.group": "group",
+      "noun.possession": "possession",
+      "noun.quantity": "quantity",
+      "noun.relation": "relation",
+      "noun.state": "state",
+    },
+  ),
 )
 _VERB_CATEGORIES = (
-    ("wn-verb_category_physical", {"verb.body": "body", "verb.contact": "contact", "verb.motion": "motion",
-                                   "verb.consumption": "consumption", "verb.perception": "perception"}),
-    ("wn-verb_category_social", {"verb.cognition": "cognition", "verb.communication": "communication",
-                                 "verb.competition": "competition", "verb.emotion": "emotion",
-                                 "verb.possession": "possession"}),
+  (
+    "wn-verb_category_physical",
+    {
+      "verb.body": "body",
+      "verb.contact": "contact",
+      "verb.motion": "motion",
+      "verb.consumption": "consumption",
+      "verb.perception": "perception",
+    },
+  ),
+  (
+    "wn-verb_category_social",
+    {
+      "verb.cognition": "cognition",
+      "verb.communication": "communication",
+      "verb.competition": "competition",
+      "verb.emotion": "emotion",
+      "verb.possession": "possession",
+    },
+  ),
 )
-_DOMAINS = {"law": "law", "military": "military", "music": "music", "chemistry": "chemistry",
-            "mathematics": "mathematics", "medicine": "medicine"}
+_DOMAINS = {
+  "law": "law",
+  "military": "military",
+  "music": "music",
+  "chemistry": "chemistry",
+  "mathematics": "mathematics",
+  "medicine": "medicine",
+}
 # wninput(5WN) verb frames: with a direct object, and without any object or complement.
 _TRANSITIVE_FRAMES = {8, 9, 10, 11, 14, 15, 16, 17, 18, 19, 20, 21, 24, 25, 30, 31}
 _INTRANSITIVE_FRAMES = {1, 2, 3, 4, 12, 13, 22, 23, 27}
@@ -157,6 +219,7 @@ def _category_task(lexnames: dict[str, str], field: str) -> Callable[[WordNetInd
         word = s.lemmas[0]
         out.append((f"{field}: {word}{SEP}definition: {_definition(s)}", (label,)))
     return out
+
   return build
 
 
@@ -191,8 +254,13 @@ def _topic_domain(index: WordNetIndex) -> list[Example]:
 
 
 def _synonym_sets(index: WordNetIndex) -> set[frozenset[str]]:
-  return {frozenset((a.lower(), b.lower())) for s in index.synsets.values()
-          for a in s.lemmas for b in s.lemmas if a != b}
+  return {
+    frozenset((a.lower(), b.lower()))
+    for s in index.synsets.values()
+    for a in s.lemmas
+    for b in s.lemmas
+    if a != b
+  }
 
 
 def _synonym_pair(index: WordNetIndex) -> list[Example]:
@@ -207,16 +275,24 @@ def _synonym_pair(index: WordNetIndex) -> list[Example]:
         continue
       out.append((f"word 1: {words[0]}{SEP}word 2: {words[1]}", ("same",)))
       other = rng.choice(group)  # a word of the same category: related in topic, not in meaning
-      candidates = [w for w in other.lemmas if _is_word(w) and w != words[0]
-                    and frozenset((words[0].lower(), w.lower())) not in synonyms]
+      candidates = [
+        w
+        for w in other.lemmas
+        if _is_word(w) and w != words[0] and frozenset((words[0].lower(), w.lower())) not in synonyms
+      ]
       if candidates:
         out.append((f"word 1: {words[0]}{SEP}word 2: {candidates[0]}", ("different",)))
   return out
 
 
 def _hypernym_pair(index: WordNetIndex) -> list[Example]:
-  true_pairs = {(w.lower(), h.lower()) for s in index.synsets.values() for k in s.related(wn.HYPERNYM)
-                for w in s.lemmas for h in index[k].lemmas}
+  true_pairs = {
+    (w.lower(), h.lower())
+    for s in index.synsets.values()
+    for k in s.related(wn.HYPERNYM)
+    for w in s.lemmas
+    for h in index[k].lemmas
+  }
   out = []
   for lexname in sorted(index.by_lexname):
     group = [s for s in index.by_lexname[lexname] if s.pos == "n" and s.related(wn.HYPERNYM)]
@@ -285,26 +361,35 @@ def _verb_transitivity(index: WordNetIndex) -> list[Example]:
 
 def _adjective_type(index: WordNetIndex) -> list[Example]:
   labels = {"adj.all": "descriptive", "adj.pert": "relational"}
-  return [(f"adjective: {s.lemmas[0]}{SEP}definition: {_definition(s)}", (labels[s.lexname],))
-          for s in index.synsets.values() if s.lexname in labels]
+  return [
+    (f"adjective: {s.lemmas[0]}{SEP}definition: {_definition(s)}", (labels[s.lexname],))
+    for s in index.synsets.values()
+    if s.lexname in labels
+  ]
 
 
 # --- non-classification tasks ----------------------------------------------------------------------------
+
 
 def _golds(words: Iterable[str]) -> tuple[str, ...]:
   return tuple(dict.fromkeys(w for w in words if w.strip()))
 
 
 def _word_from_definition(index: WordNetIndex) -> list[Example]:
-  return [(f"definition: {_definition(s)}{SEP}part of speech: {wn.POS_NAMES[s.pos]}", _golds(s.lemmas))
-          for s in index.synsets.values() if any(_is_word(w) for w in s.lemmas)]
+  return [
+    (f"definition: {_definition(s)}{SEP}part of speech: {wn.POS_NAMES[s.pos]}", _golds(s.lemmas))
+    for s in index.synsets.values()
+    if any(_is_word(w) for w in s.lemmas)
+  ]
 
 
-def _related_lemmas_task(symbol: str, field: str, keep: Callable[[wn.Synset], bool] = lambda s: True,
-                         word_only: bool = True) -> Callable[[WordNetIndex], list[Example]]:
+def _related_lemmas_task(
+  symbol: str, field: str, keep: Callable[[wn.Synset], bool] = lambda s: True, word_only: bool = True
+) -> Callable[[WordNetIndex], list[Example]]:
   """A generation task: a synset's first lemma and definition -> the lemmas of the synsets it points to
   with `symbol` (e.g. its hypernyms), for the synsets that `keep` accepts and, if word_only, whose first
   lemma is a word."""
+
   def build(index: WordNetIndex) -> list[Example]:
     out = []
     for s in index.synsets.values():
@@ -313,6 +398,7 @@ def _related_lemmas_task(symbol: str, field: str, keep: Callable[[wn.Synset], bo
         golds = _golds(w for k in related for w in index[k].lemmas)
         out.append((f"{field}: {s.lemmas[0]}{SEP}definition: {_definition(s)}", golds))
     return out
+
   return build
 
 
@@ -339,8 +425,10 @@ def _antonym_of_adjective(index: WordNetIndex) -> list[Example]:
       for word, antonym in index.word_pointers(s, wn.ANTONYM):
         if _is_word(word) and _is_word(antonym):
           antonyms[(word, s.key)].append(antonym)
-  return [(f"adjective: {word}{SEP}definition: {_definition(index[key])}", _golds(found))
-          for (word, key), found in antonyms.items()]
+  return [
+    (f"adjective: {word}{SEP}definition: {_definition(index[key])}", _golds(found))
+    for (word, key), found in antonyms.items()
+  ]
 
 
 def _example_cloze(index: WordNetIndex) -> list[Example]:
@@ -385,8 +473,9 @@ def _definition_completion(index: WordNetIndex) -> list[Example]:
     words = _definition(s).split()
     if len(words) >= 8 and _is_word(s.lemmas[0]):
       cut = len(words) // 2
-      out.append((f"word: {s.lemmas[0]}{SEP}definition start: {' '.join(words[:cut])}",
-                  (" ".join(words[cut:]),)))
+      out.append(
+        (f"word: {s.lemmas[0]}{SEP}definition start: {' '.join(words[:cut])}", (" ".join(words[cut:]),))
+      )
   return out
 
 
@@ -401,39 +490,44 @@ def _define_word(index: WordNetIndex) -> list[Example]:
 
 # --- the task table --------------------------------------------------------------------------------------
 
+
 def _classification(name: str, metric: str, labels: Sequence[str], build) -> TaskSpec:
   return TaskSpec(name, metric, tuple(labels), build)
 
 
 TASKS: tuple[TaskSpec, ...] = (
-    *(_classification(name, "Classification-F1", m.values(), _category_task(m, "word"))
-      for name, m in _NOUN_CATEGORIES),
-    *(_classification(name, "Classification-F1", m.values(), _category_task(m, "verb"))
-      for name, m in _VERB_CATEGORIES),
-    _classification("wn-part_of_speech", "Classification-F1", wn.POS_NAMES.values(), _part_of_speech),
-    _classification("wn-pos_in_context", "Classification-F1", wn.POS_NAMES.values(), _pos_in_context),
-    _classification("wn-topic_domain", "Classification-F1", _DOMAINS.values(), _topic_domain),
-    _classification("wn-synonym_pair", "ACC", ("same", "different"), _synonym_pair),
-    _classification("wn-hypernym_pair", "ACC", ("yes", "no"), _hypernym_pair),
-    _classification("wn-antonym_pair", "ACC", ("opposite", "similar"), _antonym_pair),
-    _classification("wn-definition_match", "ACC", ("correct", "wrong"), _definition_match),
-    _classification("wn-verb_transitivity", "Classification-F1", ("transitive", "intransitive"),
-                    _verb_transitivity),
-    _classification("wn-adjective_type", "Classification-F1", ("descriptive", "relational"),
-                    _adjective_type),
-    TaskSpec("wn-word_from_definition", "EM", None, _word_from_definition),
-    TaskSpec("wn-hypernym_of_word", "EM", None, _hypernym_of_word),
-    TaskSpec("wn-instance_of", "EM", None, _instance_of),
-    TaskSpec("wn-synonym_of_word", "EM", None, _synonym_of_word),
-    TaskSpec("wn-antonym_of_adjective", "EM", None, _antonym_of_adjective),
-    TaskSpec("wn-example_cloze", "EM", None, _example_cloze),
-    TaskSpec("wn-noun_of_verb", "EM", None, _noun_of_verb),
-    TaskSpec("wn-attribute_of_adjective", "EM", None, _attribute_of_adjective),
-    TaskSpec("wn-noun_of_adjective", "EM", None, _noun_of_adjective),
-    TaskSpec("wn-verb_entailment", "EM", None, _verb_entailment),
-    TaskSpec("wn-whole_of_part", "EM", None, _whole_of_part),
-    TaskSpec("wn-definition_completion", "QA-F1", None, _definition_completion),
-    TaskSpec("wn-define_word", "QA-F1", None, _define_word),
+  *(
+    _classification(name, "Classification-F1", m.values(), _category_task(m, "word"))
+    for name, m in _NOUN_CATEGORIES
+  ),
+  *(
+    _classification(name, "Classification-F1", m.values(), _category_task(m, "verb"))
+    for name, m in _VERB_CATEGORIES
+  ),
+  _classification("wn-part_of_speech", "Classification-F1", wn.POS_NAMES.values(), _part_of_speech),
+  _classification("wn-pos_in_context", "Classification-F1", wn.POS_NAMES.values(), _pos_in_context),
+  _classification("wn-topic_domain", "Classification-F1", _DOMAINS.values(), _topic_domain),
+  _classification("wn-synonym_pair", "ACC", ("same", "different"), _synonym_pair),
+  _classification("wn-hypernym_pair", "ACC", ("yes", "no"), _hypernym_pair),
+  _classification("wn-antonym_pair", "ACC", ("opposite", "similar"), _antonym_pair),
+  _classification("wn-definition_match", "ACC", ("correct", "wrong"), _definition_match),
+  _classification(
+    "wn-verb_transitivity", "Classification-F1", ("transitive", "intransitive"), _verb_transitivity
+  ),
+  _classification("wn-adjective_type", "Classification-F1", ("descriptive", "relational"), _adjective_type),
+  TaskSpec("wn-word_from_definition", "EM", None, _word_from_definition),
+  TaskSpec("wn-hypernym_of_word", "EM", None, _hypernym_of_word),
+  TaskSpec("wn-instance_of", "EM", None, _instance_of),
+  TaskSpec("wn-synonym_of_word", "EM", None, _synonym_of_word),
+  TaskSpec("wn-antonym_of_adjective", "EM", None, _antonym_of_adjective),
+  TaskSpec("wn-example_cloze", "EM", None, _example_cloze),
+  TaskSpec("wn-noun_of_verb", "EM", None, _noun_of_verb),
+  TaskSpec("wn-attribute_of_adjective", "EM", None, _attribute_of_adjective),
+  TaskSpec("wn-noun_of_adjective", "EM", None, _noun_of_adjective),
+  TaskSpec("wn-verb_entailment", "EM", None, _verb_entailment),
+  TaskSpec("wn-whole_of_part", "EM", None, _whole_of_part),
+  TaskSpec("wn-definition_completion", "QA-F1", None, _definition_completion),
+  TaskSpec("wn-define_word", "QA-F1", None, _define_word),
 )
 TASK_SPECS = {t.name: t for t in TASKS}
 TASK_METRICS = {t.name: t.metric for t in TASKS}
@@ -443,20 +537,23 @@ NON_CLASSIFICATION_TASKS = tuple(t.name for t in TASKS if not t.classification)
 # Settings mirror the study's: sources and targets disjoint, targets of the *2cls settings are
 # classification. Each target has relatives among the cls sources (another category task of the same
 # part of speech, another word-pair relation, part of speech out of context), so transfer is possible.
-_CLS_TARGET = ("wn-noun_category_living", "wn-verb_category_social", "wn-antonym_pair",
-               "wn-pos_in_context")
+_CLS_TARGET = ("wn-noun_category_living", "wn-verb_category_social", "wn-antonym_pair", "wn-pos_in_context")
 _CLS_SOURCE = tuple(t for t in CLASSIFICATION_TASKS if t not in _CLS_TARGET)
 _NOCLS_TARGET = ("wn-hypernym_of_word", "wn-antonym_of_adjective", "wn-definition_completion")
 _NOCLS_SOURCE = tuple(t for t in NON_CLASSIFICATION_TASKS if t not in _NOCLS_TARGET)
 SETTINGS = {
-    "wn_cls2cls": {"source": list(_CLS_SOURCE), "target": list(_CLS_TARGET)},
-    "wn_nocls2cls": {"source": list(NON_CLASSIFICATION_TASKS), "target": list(_CLS_TARGET)},
-    "wn_both2cls": {"source": list(_CLS_SOURCE[::2] + NON_CLASSIFICATION_TASKS[::2]),
-                    "target": list(_CLS_TARGET)},
-    "wn_nocls2nocls": {"source": list(_NOCLS_SOURCE), "target": list(_NOCLS_TARGET)},
-    # Two source tasks, one target: the smallest end-to-end run on real language.
-    "wn_mini": {"source": ["wn-noun_category_objects", "wn-noun_category_mind"],
-                "target": ["wn-noun_category_living"]},
+  "wn_cls2cls": {"source": list(_CLS_SOURCE), "target": list(_CLS_TARGET)},
+  "wn_nocls2cls": {"source": list(NON_CLASSIFICATION_TASKS), "target": list(_CLS_TARGET)},
+  "wn_both2cls": {
+    "source": list(_CLS_SOURCE[::2] + NON_CLASSIFICATION_TASKS[::2]),
+    "target": list(_CLS_TARGET),
+  },
+  "wn_nocls2nocls": {"source": list(_NOCLS_SOURCE), "target": list(_NOCLS_TARGET)},
+  # Two source tasks, one target: the smallest end-to-end run on real language.
+  "wn_mini": {
+    "source": ["wn-noun_category_objects", "wn-noun_category_mind"],
+    "target": ["wn-noun_category_living"],
+  },
 }
 
 
@@ -475,12 +572,16 @@ def register(gym_dir: str | os.PathLike | None = None) -> settings_lib.Gym:
     for name, expected in ((METRICS_FILE, TASK_METRICS), (SETTINGS_FILE, SETTINGS)):
       path = Path(gym_dir) / name
       if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; {gym_dir} is not a generated WordNet gym (write one "
-                                f"with `python -m mpt_jax.data.wordnet_gym --out_dir={gym_dir}`)")
+        raise FileNotFoundError(
+          f"{path}: missing; {gym_dir} is not a generated WordNet gym (write one "
+          f"with `python -m mpt_jax.data.wordnet_gym --out_dir={gym_dir}`)"
+        )
       if json.loads(path.read_text(encoding="utf-8")) != expected:
-        raise ValueError(f"{path} differs from mpt_jax.data.wordnet_gym's table: the gym in {gym_dir} "
-                         f"is stale; regenerate it with `python -m mpt_jax.data.wordnet_gym "
-                         f"--out_dir={gym_dir}`")
+        raise ValueError(
+          f"{path} differs from mpt_jax.data.wordnet_gym's table: the gym in {gym_dir} "
+          f"is stale; regenerate it with `python -m mpt_jax.data.wordnet_gym "
+          f"--out_dir={gym_dir}`"
+        )
   return settings_lib.register_gym(GYM_NAME, TASK_METRICS, SETTINGS, classification=CLASSIFICATION_TASKS)
 
 
@@ -488,12 +589,14 @@ def shipped_gym_dir() -> Path:
   """The generated gym shipped with the repository (assets/wordnet_gym), checked to exist."""
   if not (SHIPPED_DIR / METRICS_FILE).is_file():
     raise FileNotFoundError(
-        f"{SHIPPED_DIR}: the shipped WordNet gym is missing; regenerate it with `python -m "
-        f"mpt_jax.data.wordnet_gym --out_dir={SHIPPED_DIR}` (needs `apt-get install wordnet-base`).")
+      f"{SHIPPED_DIR}: the shipped WordNet gym is missing; regenerate it with `python -m "
+      f"mpt_jax.data.wordnet_gym --out_dir={SHIPPED_DIR}` (needs `apt-get install wordnet-base`)."
+    )
   return SHIPPED_DIR
 
 
 # --- writing ---------------------------------------------------------------------------------------------
+
 
 def _unique(examples: list[Example]) -> list[Example]:
   """One example per input (the first), and none whose input or answers could break a TSV line."""
@@ -512,16 +615,20 @@ def _sample(pool: list[Example], rng: random.Random, count: int, what: str) -> l
   return rng.sample(pool, count)
 
 
-def _split_examples(spec: TaskSpec, pool: list[Example], seeds: Sequence[int], k_per_class: int, k: int,
-                    test_size: int) -> tuple[list[Example], dict[int, tuple[list[Example], list[Example]]]]:
+def _split_examples(
+  spec: TaskSpec, pool: list[Example], seeds: Sequence[int], k_per_class: int, k: int, test_size: int
+) -> tuple[list[Example], dict[int, tuple[list[Example], list[Example]]]]:
   """(test, {seed: (train, dev)}): test fixed, every split disjoint from test and from each other."""
   by_label = {None: pool}
   if spec.classification:
     by_label = {label: [e for e in pool if e[1][0] == label] for label in spec.labels}
   test_rng = random.Random(f"mpt-wordnet/{spec.name}/test")
   per_label_test = test_size // len(by_label)
-  test = [e for label, group in by_label.items()
-          for e in _sample(group, test_rng, per_label_test, f"{spec.name} test [{label}]")]
+  test = [
+    e
+    for label, group in by_label.items()
+    for e in _sample(group, test_rng, per_label_test, f"{spec.name} test [{label}]")
+  ]
   test_rng.shuffle(test)
   test_inputs = {text for text, _ in test}
   per_seed = {}
@@ -550,9 +657,14 @@ def database_fingerprint(wordnet_dir: str | os.PathLike | None = None) -> str:
   return digest.hexdigest()
 
 
-def write_wordnet_gym(out_dir: str | os.PathLike, wordnet_dir: str | os.PathLike | None = None,
-                      tasks: Sequence[str] | None = None, seeds: Sequence[int] = SEEDS,
-                      k_per_class: int = K_PER_CLASS, k: int = K) -> list[str]:
+def write_wordnet_gym(
+  out_dir: str | os.PathLike,
+  wordnet_dir: str | os.PathLike | None = None,
+  tasks: Sequence[str] | None = None,
+  seeds: Sequence[int] = SEEDS,
+  k_per_class: int = K_PER_CLASS,
+  k: int = K,
+) -> list[str]:
   """Writes the gym in the CrossFit layout under `out_dir`; returns the task names written.
 
   `out_dir/{task}/{task}_{k}_{seed}_{train,dev,test}.tsv` (k = k_per_class for classification, k
@@ -570,8 +682,11 @@ def write_wordnet_gym(out_dir: str | os.PathLike, wordnet_dir: str | os.PathLike
   for name in names:
     spec = TASK_SPECS[name]
     pool = _unique(spec.build(index))
-    pool_sizes[name] = ({label: sum(e[1][0] == label for e in pool) for label in spec.labels}
-                        if spec.classification else len(pool))
+    pool_sizes[name] = (
+      {label: sum(e[1][0] == label for e in pool) for label in spec.labels}
+      if spec.classification
+      else len(pool)
+    )
     test_size = TEST_SIZE_CLASSIFICATION if spec.classification else TEST_SIZE
     test, per_seed = _split_examples(spec, pool, seeds, k_per_class, k, test_size)
     file_k = k_per_class if spec.classification else k
@@ -582,10 +697,16 @@ def write_wordnet_gym(out_dir: str | os.PathLike, wordnet_dir: str | os.PathLike
         (task_dir / f"{name}_{file_k}_{seed}_{split}.tsv").write_bytes(crossfit.tsv_bytes(examples))
   (out_dir / METRICS_FILE).write_bytes(crossfit.json_bytes(TASK_METRICS))
   (out_dir / SETTINGS_FILE).write_bytes(crossfit.json_bytes(SETTINGS))
-  info = {"source": "WordNet 3.0 (Debian wordnet-base; `apt-get install wordnet-base`)",
-          "database_sha256": database_fingerprint(wordnet_dir), "classification": list(CLASSIFICATION_TASKS),
-          "candidate_examples": pool_sizes, "k_per_class": k_per_class, "k": k, "seeds": list(seeds),
-          "test_size": {"classification": TEST_SIZE_CLASSIFICATION, "other": TEST_SIZE}}
+  info = {
+    "source": "WordNet 3.0 (Debian wordnet-base; `apt-get install wordnet-base`)",
+    "database_sha256": database_fingerprint(wordnet_dir),
+    "classification": list(CLASSIFICATION_TASKS),
+    "candidate_examples": pool_sizes,
+    "k_per_class": k_per_class,
+    "k": k,
+    "seeds": list(seeds),
+    "test_size": {"classification": TEST_SIZE_CLASSIFICATION, "other": TEST_SIZE},
+  }
   (out_dir / INFO_FILE).write_bytes(crossfit.json_bytes(info))
   (out_dir / LICENSE_FILE).write_text(wn.WORDNET_LICENSE, encoding="utf-8")
   return names

@@ -39,8 +39,9 @@ PYTORCH_INDEX = "pytorch_model.bin.index.json"
 # Tensors a T5 checkpoint may hold that our tree does not need: the stacks' copies of `shared`, and a
 # cross-attention bias table some old checkpoints carry but T5 never uses (HF ignores it as well).
 _IGNORED = re.compile(
-    r"^(encoder|decoder)\.embed_tokens\.weight$"
-    r"|^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$")
+  r"^(encoder|decoder)\.embed_tokens\.weight$"
+  r"|^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$"
+)
 _HUB_ALLOW = [CONFIG, SPIECE, "tokenizer_config.json", "special_tokens_map.json"]
 
 
@@ -61,8 +62,13 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32", *, 
 
 def looks_local(name: str) -> bool:
   """Paths, not hub ids ("org/name" or "name"): absolute, ./ ../ ~, or more than one '/'."""
-  return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-          or "\\" in name or name.endswith("/"))
+  return (
+    os.path.isabs(name)
+    or name.startswith((".", "~"))
+    or name.count("/") > 1
+    or "\\" in name
+    or name.endswith("/")
+  )
 
 
 def _hub_offline() -> bool:
@@ -80,16 +86,21 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
   path = Path(name).expanduser()
   if path.exists():
     if not path.is_dir():
-      raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory holding {CONFIG}, "
-                               f"the weights and {SPIECE}.")
+      raise NotADirectoryError(
+        f"{path} is a file; pass the checkpoint directory holding {CONFIG}, the weights and {SPIECE}."
+      )
     return path
-  how_to_get = (f"download it where the hub is reachable (`huggingface-cli download {name} "
-                f"--local-dir DIR`, or transformers' from_pretrained(...).save_pretrained(DIR) plus "
-                f"the tokenizer) and pass DIR")
+  how_to_get = (
+    f"download it where the hub is reachable (`huggingface-cli download {name} "
+    f"--local-dir DIR`, or transformers' from_pretrained(...).save_pretrained(DIR) plus "
+    f"the tokenizer) and pass DIR"
+  )
   if isinstance(name_or_path, os.PathLike) or looks_local(name):
-    raise FileNotFoundError(f"checkpoint directory {path} does not exist. To use a hub checkpoint "
-                            f"pass its id (e.g. google/t5-large-lm-adapt) with network access, or "
-                            f"download it first.")
+    raise FileNotFoundError(
+      f"checkpoint directory {path} does not exist. To use a hub checkpoint "
+      f"pass its id (e.g. google/t5-large-lm-adapt) with network access, or "
+      f"download it first."
+    )
   from huggingface_hub import snapshot_download
   from huggingface_hub.errors import HFValidationError
 
@@ -97,22 +108,31 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
   try:
     return _download(snapshot_download, name, local_files_only=offline)
   except HFValidationError as error:
-    raise FileNotFoundError(f"{name!r} is neither an existing directory nor a valid hub id "
-                            f"({error}).") from None
+    raise FileNotFoundError(
+      f"{name!r} is neither an existing directory nor a valid hub id ({error})."
+    ) from None
   except Exception as error:  # noqa: BLE001 (hub errors are many: offline, 404, gated, network)
-    where = ("the hub is offline here (HF_HUB_OFFLINE=1) and no copy is in the local hub cache"
-             if offline else f"the hub download failed: {type(error).__name__}: {error}")
-    raise FileNotFoundError(f"checkpoint {name!r} is not a local directory and {where}; "
-                            f"{how_to_get}.") from None
+    where = (
+      "the hub is offline here (HF_HUB_OFFLINE=1) and no copy is in the local hub cache"
+      if offline
+      else f"the hub download failed: {type(error).__name__}: {error}"
+    )
+    raise FileNotFoundError(
+      f"checkpoint {name!r} is not a local directory and {where}; {how_to_get}."
+    ) from None
 
 
 def _download(snapshot_download, repo_id: str, local_files_only: bool) -> Path:
   """Downloads config, tokenizer and one weight format (safetensors first) of a hub repo."""
-  formats = (["*.safetensors", SAFETENSORS_INDEX], [FLAX_MSGPACK],
-             [PYTORCH_BIN, "pytorch_model-*.bin", PYTORCH_INDEX])
+  formats = (
+    ["*.safetensors", SAFETENSORS_INDEX],
+    [FLAX_MSGPACK],
+    [PYTORCH_BIN, "pytorch_model-*.bin", PYTORCH_INDEX],
+  )
   for weights in formats:
-    path = Path(snapshot_download(repo_id, allow_patterns=_HUB_ALLOW + weights,
-                                  local_files_only=local_files_only))
+    path = Path(
+      snapshot_download(repo_id, allow_patterns=_HUB_ALLOW + weights, local_files_only=local_files_only)
+    )
     if _weight_files(path):
       return path
   raise FileNotFoundError(f"hub repo {repo_id} has no {SAFETENSORS}, {FLAX_MSGPACK} or {PYTORCH_BIN}")
@@ -121,21 +141,28 @@ def _download(snapshot_download, repo_id: str, local_files_only: bool) -> Path:
 def read_config(path: Path) -> dict:
   file = Path(path) / CONFIG
   if not file.is_file():
-    raise FileNotFoundError(f"{file}: no {CONFIG} in this checkpoint directory (an HF T5 checkpoint "
-                            f"has config.json, weights and {SPIECE}).")
+    raise FileNotFoundError(
+      f"{file}: no {CONFIG} in this checkpoint directory (an HF T5 checkpoint "
+      f"has config.json, weights and {SPIECE})."
+    )
   try:
     hf_config = json.loads(file.read_text())
   except json.JSONDecodeError as error:
     raise ValueError(f"{file}: not valid JSON ({error})") from None
   if hf_config.get("model_type") != "t5":
-    raise ValueError(f"{file}: model_type is {hf_config.get('model_type')!r}, not 't5'; mpt_jax runs "
-                     f"T5 encoder-decoders only (t5, t5-v1_1, t5-lm-adapt, flan-t5 checkpoints).")
+    raise ValueError(
+      f"{file}: model_type is {hf_config.get('model_type')!r}, not 't5'; mpt_jax runs "
+      f"T5 encoder-decoders only (t5, t5-v1_1, t5-lm-adapt, flan-t5 checkpoints)."
+    )
   return hf_config
 
 
 def _weight_files(path: Path) -> list[Path]:
-  return [path / name for name in (SAFETENSORS, SAFETENSORS_INDEX, FLAX_MSGPACK, PYTORCH_BIN,
-                                   PYTORCH_INDEX) if (path / name).is_file()]
+  return [
+    path / name
+    for name in (SAFETENSORS, SAFETENSORS_INDEX, FLAX_MSGPACK, PYTORCH_BIN, PYTORCH_INDEX)
+    if (path / name).is_file()
+  ]
 
 
 def read_weights(path: Path) -> dict[str, np.ndarray]:
@@ -151,8 +178,10 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
     return _read_torch([path / PYTORCH_BIN])
   if (path / PYTORCH_INDEX).is_file():
     return _read_torch(_shards(path / PYTORCH_INDEX))
-  raise FileNotFoundError(f"{path}: no weights found; expected one of {SAFETENSORS}, "
-                          f"{SAFETENSORS_INDEX}, {FLAX_MSGPACK}, {PYTORCH_BIN}, {PYTORCH_INDEX}.")
+  raise FileNotFoundError(
+    f"{path}: no weights found; expected one of {SAFETENSORS}, "
+    f"{SAFETENSORS_INDEX}, {FLAX_MSGPACK}, {PYTORCH_BIN}, {PYTORCH_INDEX}."
+  )
 
 
 def _shards(index_file: Path) -> list[Path]:
@@ -178,8 +207,10 @@ def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
           for key in f.keys():
             tensors[key] = np.asarray(f.get_tensor(key))
       except Exception as error:  # noqa: BLE001 (safetensors raises its own error types, without the path)
-        raise ValueError(f"{file}: unreadable safetensors file ({type(error).__name__}: {error}); a "
-                         f"truncated download? Download the checkpoint again.") from None
+        raise ValueError(
+          f"{file}: unreadable safetensors file ({type(error).__name__}: {error}); a "
+          f"truncated download? Download the checkpoint again."
+        ) from None
   return tensors
 
 
@@ -204,10 +235,11 @@ def _read_torch(files: list[Path]) -> dict[str, np.ndarray]:
     import torch
   except ImportError:
     raise ImportError(
-        f"{files[0]} is a PyTorch pickle and reading it needs torch, which is not installed. Either "
-        f"`pip install torch` (CPU is enough), or convert the checkpoint once to safetensors where "
-        f"torch is available: `from transformers import T5ForConditionalGeneration as M; "
-        f"M.from_pretrained(DIR).save_pretrained(DIR)` (writes {SAFETENSORS}).") from None
+      f"{files[0]} is a PyTorch pickle and reading it needs torch, which is not installed. Either "
+      f"`pip install torch` (CPU is enough), or convert the checkpoint once to safetensors where "
+      f"torch is available: `from transformers import T5ForConditionalGeneration as M; "
+      f"M.from_pretrained(DIR).save_pretrained(DIR)` (writes {SAFETENSORS})."
+    ) from None
   tensors = {}
   for file in files:
     state = torch.load(str(file), map_location="cpu", weights_only=True)
@@ -234,8 +266,14 @@ def _is_kernel(path: tuple[str, ...]) -> bool:
   return path[-1] == "kernel"
 
 
-def params_from_hf(hf_config: Mapping, tensors: Mapping[str, np.ndarray], *, dtype: str = "float32",
-                   remat: bool = False, source: str = "checkpoint"):
+def params_from_hf(
+  hf_config: Mapping,
+  tensors: Mapping[str, np.ndarray],
+  *,
+  dtype: str = "float32",
+  remat: bool = False,
+  source: str = "checkpoint",
+):
   """(T5Config, params) from a config.json dict and torch-named tensors; every error names the tensor."""
   tensors = dict(tensors)
   if "shared.weight" not in tensors:
@@ -245,13 +283,14 @@ def params_from_hf(hf_config: Mapping, tensors: Mapping[str, np.ndarray], *, dty
         break
   head = tensors.get("lm_head.weight")
   untied = head is not None and not (
-      "shared.weight" in tensors and head.shape == tensors["shared.weight"].shape
-      and np.array_equal(head, tensors["shared.weight"]))
+    "shared.weight" in tensors
+    and head.shape == tensors["shared.weight"].shape
+    and np.array_equal(head, tensors["shared.weight"])
+  )
   if head is not None and not untied:
     del tensors["lm_head.weight"]  # a saved copy of shared: the head is tied
   try:
-    config = T5Config.from_hf_dict(hf_config, dtype=dtype, remat=remat,
-                                   tie_word_embeddings=not untied)
+    config = T5Config.from_hf_dict(hf_config, dtype=dtype, remat=remat, tie_word_embeddings=not untied)
   except (ValueError, TypeError) as error:
     raise ValueError(f"{source}/{CONFIG}: {error}") from None
   model = T5(config)
@@ -264,25 +303,31 @@ def params_from_hf(hf_config: Mapping, tensors: Mapping[str, np.ndarray], *, dty
     path = tuple(p.key for p in path_keys)
     name = hf_name(path)
     if name not in tensors:
-      raise ValueError(f"{source}: tensor {name} is missing (expected shape "
-                     f"{_torch_shape(path, leaf.shape)} for a T5 with this {CONFIG}).")
+      raise ValueError(
+        f"{source}: tensor {name} is missing (expected shape "
+        f"{_torch_shape(path, leaf.shape)} for a T5 with this {CONFIG})."
+      )
     value = tensors[name]
     if _is_kernel(path):
       value = value.T
     if value.shape != leaf.shape:
-      raise ValueError(f"{source}: tensor {name} has shape {_torch_shape(path, value.shape)}, expected "
-                       f"{_torch_shape(path, leaf.shape)} from {CONFIG} (d_model={config.d_model}, "
-                       f"d_kv={config.d_kv}, num_heads={config.num_heads}, d_ff={config.d_ff}, "
-                       f"vocab_size={config.vocab_size}).")
+      raise ValueError(
+        f"{source}: tensor {name} has shape {_torch_shape(path, value.shape)}, expected "
+        f"{_torch_shape(path, leaf.shape)} from {CONFIG} (d_model={config.d_model}, "
+        f"d_kv={config.d_kv}, num_heads={config.num_heads}, d_ff={config.d_ff}, "
+        f"vocab_size={config.vocab_size})."
+      )
     used.add(name)
-    return jnp.asarray(value.astype(np.float32) if value.dtype != np.float32 else value,
-                       dtype=target_dtype)
+    return jnp.asarray(value.astype(np.float32) if value.dtype != np.float32 else value, dtype=target_dtype)
 
   params = jax.tree_util.tree_map_with_path(take, expected)
   unexpected = sorted(k for k in tensors if k not in used and not _IGNORED.match(k))
   if unexpected:
-    warnings.warn(f"{source}: {len(unexpected)} tensors are not part of a T5ForConditionalGeneration "
-                  f"and were ignored: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}", stacklevel=2)
+    warnings.warn(
+      f"{source}: {len(unexpected)} tensors are not part of a T5ForConditionalGeneration "
+      f"and were ignored: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}",
+      stacklevel=2,
+    )
   return config, params
 
 
@@ -305,8 +350,9 @@ def params_to_hf(params, dtype: str = "float32") -> dict[str, np.ndarray]:
   return tensors
 
 
-def save_checkpoint(directory: str | os.PathLike, config: T5Config, params, tokenizer=None, *,
-                    dtype: str = "float32") -> Path:
+def save_checkpoint(
+  directory: str | os.PathLike, config: T5Config, params, tokenizer=None, *, dtype: str = "float32"
+) -> Path:
   """Writes an HF T5 checkpoint (config.json, model.safetensors, spiece.model) that both
   `load_pretrained` and transformers' `T5ForConditionalGeneration.from_pretrained` read.
 
@@ -327,11 +373,14 @@ def save_checkpoint(directory: str | os.PathLike, config: T5Config, params, toke
   if tokenizer is not None:
     # A transformers 5 T5Tokenizer saves only tokenizer.json; we keep the SentencePiece model it was
     # read from, which is what load_tokenizer (and every transformers version) reads.
-    source = getattr(tokenizer, "vocab_file", None) if not isinstance(
-        tokenizer, (str, os.PathLike)) else tokenizer
+    source = (
+      getattr(tokenizer, "vocab_file", None) if not isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    )
     if source is None:
-      raise ValueError("save_checkpoint: this tokenizer has no vocab_file (SentencePiece model) to "
-                       "save; pass the path of its spiece.model instead.")
+      raise ValueError(
+        "save_checkpoint: this tokenizer has no vocab_file (SentencePiece model) to "
+        "save; pass the path of its spiece.model instead."
+      )
     source = Path(source)
     source = source / SPIECE if source.is_dir() else source
     if not source.is_file():

@@ -30,8 +30,9 @@ def mean_token_nll(token_ll, target_mask):
   return -jnp.sum(token_ll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def token_log_likelihoods(model: T5, frozen_params, prompt, batch, rng=None, *, deterministic=True,
-                          placement: str = "prepend"):
+def token_log_likelihoods(
+  model: T5, frozen_params, prompt, batch, rng=None, *, deterministic=True, placement: str = "prepend"
+):
   """log p(target_t | input, target_<t) per target position, float32 [B, L_out] (pads included)."""
   target_ids = batch["target_ids"]
   rngs = {} if deterministic or rng is None else {"dropout": rng}
@@ -40,22 +41,31 @@ def token_log_likelihoods(model: T5, frozen_params, prompt, batch, rng=None, *, 
   # stop_gradient: the T5 is frozen by construction, even for a caller that differentiates the
   # whole argument list (its gradient is then zero and XLA drops the work).
   logits = model.apply(
-      {"params": jax.lax.stop_gradient(frozen_params)}, batch["input_ids"], batch["input_mask"],
-      shift_right(target_ids, model.config.decoder_start_token_id), prompt=prompt,
-      placement=placement, deterministic=deterministic, rngs=rngs)
+    {"params": jax.lax.stop_gradient(frozen_params)},
+    batch["input_ids"],
+    batch["input_mask"],
+    shift_right(target_ids, model.config.decoder_start_token_id),
+    prompt=prompt,
+    placement=placement,
+    deterministic=deterministic,
+    rngs=rngs,
+  )
   return target_log_likelihoods(logits, target_ids)
 
 
-def seq2seq_loss(model: T5, frozen_params, prompt, batch, rng=None, *, deterministic: bool,
-                 placement: str = "prepend"):
+def seq2seq_loss(
+  model: T5, frozen_params, prompt, batch, rng=None, *, deterministic: bool, placement: str = "prepend"
+):
   """Token cross-entropy, mean over the non-pad target tokens of the batch (float32 scalar)."""
-  token_ll = token_log_likelihoods(model, frozen_params, prompt, batch, rng,
-                                   deterministic=deterministic, placement=placement)
+  token_ll = token_log_likelihoods(
+    model, frozen_params, prompt, batch, rng, deterministic=deterministic, placement=placement
+  )
   return mean_token_nll(token_ll, batch["target_mask"])
 
 
 def sequence_log_likelihood(model: T5, frozen_params, prompt, batch, *, placement: str = "prepend"):
   """Sum of target-token log-likelihoods per example [B] (deterministic): rank classification scores."""
-  token_ll = token_log_likelihoods(model, frozen_params, prompt, batch, deterministic=True,
-                                   placement=placement)
+  token_ll = token_log_likelihoods(
+    model, frozen_params, prompt, batch, deterministic=True, placement=placement
+  )
   return jnp.sum(token_ll * batch["target_mask"].astype(jnp.float32), axis=-1)

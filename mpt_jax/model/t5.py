@@ -82,8 +82,10 @@ class T5Config:
     if self.num_decoder_layers is None:
       object.__setattr__(self, "num_decoder_layers", self.num_layers)
     if self.feed_forward_proj not in FEED_FORWARD_PROJS:
-      raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: supported are "
-                       f"{FEED_FORWARD_PROJS} (T5 v1.0 and v1.1/LM-adapted/Flan-T5).")
+      raise ValueError(
+        f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: supported are "
+        f"{FEED_FORWARD_PROJS} (T5 v1.0 and v1.1/LM-adapted/Flan-T5)."
+      )
     if self.dtype not in DTYPES:
       raise ValueError(f"T5Config.dtype={self.dtype!r}: supported are {DTYPES}.")
 
@@ -99,8 +101,14 @@ class T5Config:
     return dataclasses.replace(self, **changes)
 
   @classmethod
-  def from_hf_dict(cls, hf: Mapping[str, Any], *, dtype: str = "float32", remat: bool = False,
-                   tie_word_embeddings: bool | None = None) -> T5Config:
+  def from_hf_dict(
+    cls,
+    hf: Mapping[str, Any],
+    *,
+    dtype: str = "float32",
+    remat: bool = False,
+    tie_word_embeddings: bool | None = None,
+  ) -> T5Config:
     """From a transformers `config.json` dict (any transformers version).
 
     Old files (transformers 4) carry the head tying in `tie_word_embeddings` (False for v1.1), and HF
@@ -112,8 +120,10 @@ class T5Config:
     """
     model_type = hf.get("model_type")
     if model_type != "t5":
-      raise ValueError(f"config model_type is {model_type!r}, not 't5': mpt_jax only runs T5 "
-                       f"encoder-decoders (t5, t5-v1_1, t5-lm-adapt, flan-t5 checkpoints).")
+      raise ValueError(
+        f"config model_type is {model_type!r}, not 't5': mpt_jax only runs T5 "
+        f"encoder-decoders (t5, t5-v1_1, t5-lm-adapt, flan-t5 checkpoints)."
+      )
     if "scale_decoder_outputs" in hf:
       scale = bool(hf["scale_decoder_outputs"])
     else:
@@ -121,8 +131,12 @@ class T5Config:
     tie = scale if tie_word_embeddings is None else tie_word_embeddings
     ffp = hf.get("feed_forward_proj", "relu")
     names = [f.name for f in dataclasses.fields(cls)]
-    plain = {k: hf[k] for k in names if k in hf and k not in (
-        "tie_word_embeddings", "scale_decoder_outputs", "dtype", "remat", "feed_forward_proj")}
+    plain = {
+      k: hf[k]
+      for k in names
+      if k in hf
+      and k not in ("tie_word_embeddings", "scale_decoder_outputs", "dtype", "remat", "feed_forward_proj")
+    }
     if plain.get("decoder_start_token_id") is None:
       plain["decoder_start_token_id"] = hf.get("pad_token_id", 0) or 0
     for key in ("pad_token_id", "eos_token_id"):
@@ -130,34 +144,61 @@ class T5Config:
         plain[key] = plain[key][0]
       if key in plain and plain[key] is None:
         del plain[key]
-    return cls(**plain, feed_forward_proj=ffp, tie_word_embeddings=tie, scale_decoder_outputs=scale,
-               dtype=dtype, remat=remat)
+    return cls(
+      **plain,
+      feed_forward_proj=ffp,
+      tie_word_embeddings=tie,
+      scale_decoder_outputs=scale,
+      dtype=dtype,
+      remat=remat,
+    )
 
   def to_hf_dict(self) -> dict[str, Any]:
     """A `config.json` dict that transformers 4 and 5 both read with our meaning."""
-    hf = {k: getattr(self, k) for k in (
-        "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
-        "relative_attention_num_buckets", "relative_attention_max_distance", "dropout_rate",
-        "layer_norm_epsilon", "feed_forward_proj", "pad_token_id", "eos_token_id",
-        "decoder_start_token_id")}
+    hf = {
+      k: getattr(self, k)
+      for k in (
+        "vocab_size",
+        "d_model",
+        "d_kv",
+        "d_ff",
+        "num_layers",
+        "num_decoder_layers",
+        "num_heads",
+        "relative_attention_num_buckets",
+        "relative_attention_max_distance",
+        "dropout_rate",
+        "layer_norm_epsilon",
+        "feed_forward_proj",
+        "pad_token_id",
+        "eos_token_id",
+        "decoder_start_token_id",
+      )
+    }
     hf.update(
-        model_type="t5", architectures=["T5ForConditionalGeneration"], is_encoder_decoder=True,
-        # transformers 4 reads the scaling from here; transformers 5 from scale_decoder_outputs.
-        tie_word_embeddings=self.tie_word_embeddings, scale_decoder_outputs=self.scale_decoder_outputs,
-        dense_act_fn="gelu_new" if self.is_gated else "relu", is_gated_act=self.is_gated,
-        initializer_factor=1.0, use_cache=True)
+      model_type="t5",
+      architectures=["T5ForConditionalGeneration"],
+      is_encoder_decoder=True,
+      # transformers 4 reads the scaling from here; transformers 5 from scale_decoder_outputs.
+      tie_word_embeddings=self.tie_word_embeddings,
+      scale_decoder_outputs=self.scale_decoder_outputs,
+      dense_act_fn="gelu_new" if self.is_gated else "relu",
+      is_gated_act=self.is_gated,
+      initializer_factor=1.0,
+      use_cache=True,
+    )
     return hf
 
 
 def cast_params(params, dtype):
   """The frozen params in `dtype` (e.g. bfloat16 to halve their memory); the prompt is not in here."""
   dtype = jnp.dtype(dtype)
-  return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                                else x, params)
+  return jax.tree_util.tree_map(
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+  )
 
 
-def relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int,
-                             max_distance: int):
+def relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int, max_distance: int):
   """HF/Mesh-TF bucketing of (memory - query) positions, with the same float32 ops as transformers.
 
   Exact small buckets near 0, then log-spaced buckets up to max_distance; one side each when
@@ -175,8 +216,9 @@ def relative_position_bucket(relative_position, *, bidirectional: bool, num_buck
   is_small = distance < max_exact
   # maximum(): keeps log() finite on the small side, whose value where() discards anyway.
   safe = jnp.maximum(distance, max_exact).astype(jnp.float32)
-  large = max_exact + (jnp.log(safe / max_exact) / math.log(max_distance / max_exact)
-                       * (num_buckets - max_exact)).astype(jnp.int32)
+  large = max_exact + (
+    jnp.log(safe / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+  ).astype(jnp.int32)
   large = jnp.minimum(large, num_buckets - 1)
   return buckets + jnp.where(is_small, distance, large)
 
@@ -194,15 +236,15 @@ class LayerNorm(nn.Module):
   def __call__(self, x):
     weight = self.param("weight", nn.initializers.ones, (self.config.d_model,), jnp.float32)
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-                              + self.config.layer_norm_epsilon)
+    x32 = x32 * jax.lax.rsqrt(
+      jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.config.layer_norm_epsilon
+    )
     dtype = self.config.compute_dtype
     return weight.astype(dtype) * x32.astype(dtype)
 
 
 def _dense(config: T5Config, features: int, std: float, name: str):
-  return nn.Dense(features, use_bias=False, dtype=config.compute_dtype, kernel_init=_normal(std),
-                  name=name)
+  return nn.Dense(features, use_bias=False, dtype=config.compute_dtype, kernel_init=_normal(std), name=name)
 
 
 class Attention(nn.Module):
@@ -216,14 +258,17 @@ class Attention(nn.Module):
     c = self.config
     inner = c.num_heads * c.d_kv
     self.q = _dense(c, inner, (c.d_model * c.d_kv) ** -0.5, "q")
-    self.k = _dense(c, inner, c.d_model ** -0.5, "k")
-    self.v = _dense(c, inner, c.d_model ** -0.5, "v")
-    self.o = _dense(c, c.d_model, inner ** -0.5, "o")
+    self.k = _dense(c, inner, c.d_model**-0.5, "k")
+    self.v = _dense(c, inner, c.d_model**-0.5, "v")
+    self.o = _dense(c, c.d_model, inner**-0.5, "o")
     self.dropout = nn.Dropout(c.dropout_rate)
     if self.has_relative_attention_bias:
       self.relative_attention_bias = nn.Embed(
-          c.relative_attention_num_buckets, c.num_heads, embedding_init=_normal(c.d_model ** -0.5),
-          name="relative_attention_bias")
+        c.relative_attention_num_buckets,
+        c.num_heads,
+        embedding_init=_normal(c.d_model**-0.5),
+        name="relative_attention_bias",
+      )
 
   def _heads(self, x):
     return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
@@ -236,8 +281,11 @@ class Attention(nn.Module):
     """[1, H, Lq, Lk] float32 bias from the bucket table (first layer only; shared by the rest)."""
     c = self.config
     buckets = relative_position_bucket(
-        key_positions[None, :] - query_positions[:, None], bidirectional=not self.is_decoder,
-        num_buckets=c.relative_attention_num_buckets, max_distance=c.relative_attention_max_distance)
+      key_positions[None, :] - query_positions[:, None],
+      bidirectional=not self.is_decoder,
+      num_buckets=c.relative_attention_num_buckets,
+      max_distance=c.relative_attention_max_distance,
+    )
     table = self.relative_attention_bias.embedding.astype(jnp.float32)
     return jnp.transpose(table[buckets], (2, 0, 1))[None]
 
@@ -267,18 +315,19 @@ class SelfAttentionLayer(nn.Module):
     self.layer_norm = LayerNorm(self.config)
     self.dropout = nn.Dropout(self.config.dropout_rate)
 
-  def __call__(self, x, mask, position_bias, query_positions, key_positions, deterministic,
-               cache=None, cache_index=None):
+  def __call__(
+    self, x, mask, position_bias, query_positions, key_positions, deterministic, cache=None, cache_index=None
+  ):
     """Returns (x, position_bias, cache). With a cache, this call's keys/values are written at
     cache_index and attention runs over the whole (static length) buffer."""
     normed = self.layer_norm(x)
     keys, values = self.SelfAttention.project_kv(normed)
     if cache is not None:
       start = (0, cache_index, 0, 0)
-      keys = jax.lax.dynamic_update_slice(cache["self_key"], keys.astype(cache["self_key"].dtype),
-                                          start)
-      values = jax.lax.dynamic_update_slice(cache["self_value"],
-                                            values.astype(cache["self_value"].dtype), start)
+      keys = jax.lax.dynamic_update_slice(cache["self_key"], keys.astype(cache["self_key"].dtype), start)
+      values = jax.lax.dynamic_update_slice(
+        cache["self_value"], values.astype(cache["self_value"].dtype), start
+      )
       cache = {**cache, "self_key": keys, "self_value": values}
     if position_bias is None and self.has_relative_attention_bias:
       position_bias = self.SelfAttention.position_bias(query_positions, key_positions)
@@ -328,12 +377,12 @@ class FeedForward(nn.Module):
   def __call__(self, x, deterministic):
     c = self.config
     if c.is_gated:
-      gate = nn.gelu(_dense(c, c.d_ff, c.d_model ** -0.5, "wi_0")(x), approximate=True)
-      hidden = gate * _dense(c, c.d_ff, c.d_model ** -0.5, "wi_1")(x)
+      gate = nn.gelu(_dense(c, c.d_ff, c.d_model**-0.5, "wi_0")(x), approximate=True)
+      hidden = gate * _dense(c, c.d_ff, c.d_model**-0.5, "wi_1")(x)
     else:
-      hidden = nn.relu(_dense(c, c.d_ff, c.d_model ** -0.5, "wi")(x))
+      hidden = nn.relu(_dense(c, c.d_ff, c.d_model**-0.5, "wi")(x))
     hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
-    return _dense(c, c.d_model, c.d_ff ** -0.5, "wo")(hidden)
+    return _dense(c, c.d_model, c.d_ff**-0.5, "wo")(hidden)
 
 
 class Block(nn.Module):
@@ -354,10 +403,22 @@ class Block(nn.Module):
     return self.layer[1].project_kv(encoded)
 
   # Positional arguments only: nn.remat marks `deterministic` (index 10, self = 0) static.
-  def __call__(self, x, mask, position_bias, query_positions, key_positions, encoded, encoder_mask,
-               cache, cache_index, deterministic):
-    x, position_bias, cache = self.layer[0](x, mask, position_bias, query_positions, key_positions,
-                                            deterministic, cache, cache_index)
+  def __call__(
+    self,
+    x,
+    mask,
+    position_bias,
+    query_positions,
+    key_positions,
+    encoded,
+    encoder_mask,
+    cache,
+    cache_index,
+    deterministic,
+  ):
+    x, position_bias, cache = self.layer[0](
+      x, mask, position_bias, query_positions, key_positions, deterministic, cache, cache_index
+    )
     if self.is_decoder:
       x = self.layer[1](x, encoded, encoder_mask, deterministic, cache)
     x = self.layer[-1](x, deterministic)
@@ -381,16 +442,35 @@ class Stack(nn.Module):
   def cross_kv(self, encoded):
     return [block.cross_kv(encoded) for block in self.block]
 
-  def __call__(self, embeddings, mask, query_positions, key_positions, deterministic,
-               encoded=None, encoder_mask=None, cache=None, cache_index=None):
+  def __call__(
+    self,
+    embeddings,
+    mask,
+    query_positions,
+    key_positions,
+    deterministic,
+    encoded=None,
+    encoder_mask=None,
+    cache=None,
+    cache_index=None,
+  ):
     x = self.dropout(embeddings, deterministic=deterministic)
     position_bias = None
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.block):
       layer_cache = cache[i] if cache is not None else None
-      x, position_bias, layer_cache = block(x, mask, position_bias, query_positions, key_positions,
-                                            encoded, encoder_mask, layer_cache, cache_index,
-                                            deterministic)
+      x, position_bias, layer_cache = block(
+        x,
+        mask,
+        position_bias,
+        query_positions,
+        key_positions,
+        encoded,
+        encoder_mask,
+        layer_cache,
+        cache_index,
+        deterministic,
+      )
       if cache is not None:
         new_cache.append(layer_cache)
     x = self.final_layer_norm(x)
@@ -405,8 +485,10 @@ def place_prompt(embeddings, input_mask, prompt, placement: str):
   input_mask = input_mask.astype(bool)
   if placement == "prepend":
     prompt_batch = jnp.broadcast_to(prompt[None], (batch, *prompt.shape))
-    return (jnp.concatenate([prompt_batch, embeddings], 1),
-            jnp.concatenate([jnp.ones((batch, num_prompt), bool), input_mask], 1))
+    return (
+      jnp.concatenate([prompt_batch, embeddings], 1),
+      jnp.concatenate([jnp.ones((batch, num_prompt), bool), input_mask], 1),
+    )
   lengths = input_mask.sum(axis=1, dtype=jnp.int32)[:, None]  # right padding assumed
   if placement == "suffix":
     start = lengths
@@ -433,21 +515,30 @@ class T5(nn.Module):
 
   def setup(self):
     c = self.config
-    self.shared = nn.Embed(c.vocab_size, c.d_model, dtype=c.compute_dtype,
-                           embedding_init=_normal(1.0), name="shared")
+    self.shared = nn.Embed(
+      c.vocab_size, c.d_model, dtype=c.compute_dtype, embedding_init=_normal(1.0), name="shared"
+    )
     self.encoder = Stack(c, is_decoder=False)
     self.decoder = Stack(c, is_decoder=True)
     if not c.tie_word_embeddings:
       self.lm_head = _dense(c, c.vocab_size, 1.0, "lm_head")
 
-  def __call__(self, input_ids, input_mask, decoder_input_ids, decoder_mask=None, prompt=None,
-               placement: str = "prepend", deterministic: bool = True):
+  def __call__(
+    self,
+    input_ids,
+    input_mask,
+    decoder_input_ids,
+    decoder_mask=None,
+    prompt=None,
+    placement: str = "prepend",
+    deterministic: bool = True,
+  ):
     encoded, encoder_mask = self.encode(input_ids, input_mask, prompt, placement, deterministic)
-    return self.decode(encoded, encoder_mask, decoder_input_ids, decoder_mask,
-                       deterministic=deterministic)
+    return self.decode(encoded, encoder_mask, decoder_input_ids, decoder_mask, deterministic=deterministic)
 
-  def encode(self, input_ids, input_mask, prompt=None, placement: str = "prepend",
-             deterministic: bool = True):
+  def encode(
+    self, input_ids, input_mask, prompt=None, placement: str = "prepend", deterministic: bool = True
+  ):
     """-> (encoded [B, L(+P), D] in the compute dtype, encoder_mask [B, L(+P)] bool)."""
     if placement not in PLACEMENTS:
       raise ValueError(f"prompt placement {placement!r}: expected one of {PLACEMENTS}")
@@ -458,12 +549,19 @@ class T5(nn.Module):
         raise ValueError(f"prompt has shape {prompt.shape}; expected [P, d_model={self.config.d_model}]")
       embeddings, mask = place_prompt(embeddings, mask, prompt, placement)
     positions = jnp.arange(embeddings.shape[1], dtype=jnp.int32)
-    encoded, _ = self.encoder(embeddings, mask[:, None, None, :], positions, positions,
-                              deterministic)
+    encoded, _ = self.encoder(embeddings, mask[:, None, None, :], positions, positions, deterministic)
     return encoded, mask
 
-  def decode(self, encoded, encoder_mask, decoder_input_ids, decoder_mask=None,
-             deterministic: bool = True, cache: Cache | None = None, cache_index=None):
+  def decode(
+    self,
+    encoded,
+    encoder_mask,
+    decoder_input_ids,
+    decoder_mask=None,
+    deterministic: bool = True,
+    cache: Cache | None = None,
+    cache_index=None,
+  ):
     """Decoder logits (float32). Without a cache: teacher forcing over decoder_input_ids [B, Lq],
     returns logits. With a cache (from `init_cache`): decoder_input_ids are the tokens at positions
     cache_index .. cache_index+Lq-1 (a traced scalar is fine), returns (logits, new_cache); decoder_mask
@@ -479,16 +577,24 @@ class T5(nn.Module):
       mask = (key_positions[None, :] <= query_positions[:, None])[None, None]
       if decoder_mask is not None:
         mask = mask & decoder_mask.astype(bool)[:, None, None, :]
-    x, new_cache = self.decoder(self.shared(decoder_input_ids), mask, query_positions,
-                                key_positions, deterministic, encoded,
-                                encoder_mask.astype(bool)[:, None, None, :], cache, cache_index)
+    x, new_cache = self.decoder(
+      self.shared(decoder_input_ids),
+      mask,
+      query_positions,
+      key_positions,
+      deterministic,
+      encoded,
+      encoder_mask.astype(bool)[:, None, None, :],
+      cache,
+      cache_index,
+    )
     logits = self.logits(x)
     return (logits, new_cache) if cache is not None else logits
 
   def logits(self, hidden):
     c = self.config
     if c.scale_decoder_outputs:
-      hidden = hidden * (c.d_model ** -0.5)
+      hidden = hidden * (c.d_model**-0.5)
     if c.tie_word_embeddings:
       return self.shared.attend(hidden).astype(jnp.float32)
     return self.lm_head(hidden).astype(jnp.float32)
@@ -501,8 +607,14 @@ class T5(nn.Module):
     shape = (batch, max_length, c.num_heads, c.d_kv)
     cache = []
     for keys, values in self.decoder.cross_kv(encoded):
-      cache.append({"self_key": jnp.zeros(shape, keys.dtype), "self_value": jnp.zeros(shape, keys.dtype),
-                    "cross_key": keys, "cross_value": values})
+      cache.append(
+        {
+          "self_key": jnp.zeros(shape, keys.dtype),
+          "self_value": jnp.zeros(shape, keys.dtype),
+          "cross_key": keys,
+          "cross_value": values,
+        }
+      )
     return cache
 
 
@@ -513,10 +625,18 @@ def _init_std(config: T5Config, path: tuple[str, ...]) -> float | None:
   if path[-1] == "weight":
     return None
   return {
-      "shared": 1.0, "lm_head": 1.0, "relative_attention_bias": c.d_model ** -0.5,
-      "q": (c.d_model * c.d_kv) ** -0.5, "k": c.d_model ** -0.5, "v": c.d_model ** -0.5,
-      "o": (c.num_heads * c.d_kv) ** -0.5, "wi": c.d_model ** -0.5, "wi_0": c.d_model ** -0.5,
-      "wi_1": c.d_model ** -0.5, "wo": c.d_ff ** -0.5}[leaf_owner]
+    "shared": 1.0,
+    "lm_head": 1.0,
+    "relative_attention_bias": c.d_model**-0.5,
+    "q": (c.d_model * c.d_kv) ** -0.5,
+    "k": c.d_model**-0.5,
+    "v": c.d_model**-0.5,
+    "o": (c.num_heads * c.d_kv) ** -0.5,
+    "wi": c.d_model**-0.5,
+    "wi_0": c.d_model**-0.5,
+    "wi_1": c.d_model**-0.5,
+    "wo": c.d_ff**-0.5,
+  }[leaf_owner]
 
 
 def init_params(model: T5, seed: int = 0):

@@ -81,14 +81,25 @@ def encoder_swap(model, params, split: batching.TokenizedSplit, n: int) -> dict:
   }
 
 
-def overfit(model, params, tokenizer, train: batching.TokenizedSplit, dev: batching.TokenizedSplit,
-            prompt_length: int, steps: int, lr: float, n: int, init_seed: int,
-            optimizer_name: str = "adafactor") -> dict:
+def overfit(
+  model,
+  params,
+  tokenizer,
+  train: batching.TokenizedSplit,
+  dev: batching.TokenizedSplit,
+  prompt_length: int,
+  steps: int,
+  lr: float,
+  n: int,
+  init_seed: int,
+  optimizer_name: str = "adafactor",
+) -> dict:
   """Prompt tuning on a fixed batch of n train examples; losses and accuracies along the way."""
   batch = {k: jnp.asarray(v) for k, v in batching.make_batch(train, np.arange(n)).items()}
   embedding = prompt_lib.token_embedding(params)
   prompt0 = prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer)(
-      jax.random.PRNGKey(init_seed), (prompt_length, embedding.shape[1]))
+    jax.random.PRNGKey(init_seed), (prompt_length, embedding.shape[1])
+  )
   optimizer = optim.make_optimizer(optimizer_name, lr)
   loss_fn = algorithms.make_loss_fn(model, deterministic=True)
   step = algorithms.jit_step(algorithms.make_pt_step(loss_fn, optimizer))
@@ -136,14 +147,24 @@ def overfit(model, params, tokenizer, train: batching.TokenizedSplit, dev: batch
   dev_rows = np.arange(len(dev))
   dev_rank, dev_texts = accuracy(state.prompt, dev, dev_rows, "rank")
   majority = max(np.mean([a[0] == c for a in dev.answers]) for c in candidates.texts)
-  return {"task": train.task, "prompt_length": prompt_length, "steps": steps, "lr": lr, "examples": n,
-          "optimizer": optimizer_name,
-          "loss_curve": curve, "final_loss": curve[-1][1],
-          "label_token_loss": float(label_token_loss(state.prompt)),
-          "train_rank_accuracy": rank_acc, "train_generation_accuracy": gen_acc,
-          "generations": sorted(set(gen_texts))[:8], "dev_rank_accuracy": dev_rank,
-          "dev_predicted_labels": sorted(set(dev_texts)), "dev_majority_accuracy": float(majority),
-          "seconds": round(seconds, 1)}
+  return {
+    "task": train.task,
+    "prompt_length": prompt_length,
+    "steps": steps,
+    "lr": lr,
+    "examples": n,
+    "optimizer": optimizer_name,
+    "loss_curve": curve,
+    "final_loss": curve[-1][1],
+    "label_token_loss": float(label_token_loss(state.prompt)),
+    "train_rank_accuracy": rank_acc,
+    "train_generation_accuracy": gen_acc,
+    "generations": sorted(set(gen_texts))[:8],
+    "dev_rank_accuracy": dev_rank,
+    "dev_predicted_labels": sorted(set(dev_texts)),
+    "dev_majority_accuracy": float(majority),
+    "seconds": round(seconds, 1),
+  }
 
 
 def main(argv=None):
@@ -184,8 +205,19 @@ def main(argv=None):
       dev = read_split(args.gym_dir, task, args.seed, "dev", tokenizer)
       # A fixed, class-balanced-as-it-comes batch: the first n examples of the shuffled train file.
       for length in map(int, args.prompt_lengths.split(",")):
-        row = overfit(model, params, tokenizer, train, dev, length, args.steps, args.lr, args.examples,
-                      init_seed=args.seed, optimizer_name=args.optimizer)
+        row = overfit(
+          model,
+          params,
+          tokenizer,
+          train,
+          dev,
+          length,
+          args.steps,
+          args.lr,
+          args.examples,
+          init_seed=args.seed,
+          optimizer_name=args.optimizer,
+        )
         report["overfit"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "generations"}), flush=True)
   report["wall_s"] = round(time.time() - t0, 1)

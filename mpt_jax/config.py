@@ -412,7 +412,8 @@ def validate(config, available_devices: int | None = None) -> None:
     add("seeds", "distinct integers >= 0 (CrossFit's data seeds: 100, 13, 21, 42, 87)")
   source_seeds = tuple(flat["downstream.source_seeds"])
   if len(set(source_seeds)) != len(source_seeds) or not all(
-      isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in source_seeds):
+    isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in source_seeds
+  ):
     add("downstream.source_seeds", "distinct integers >= 0, or () for config.seeds")
 
   method = flat["method"]

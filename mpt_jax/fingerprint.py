@@ -33,25 +33,25 @@ UPSTREAM_LEARNING_RATES = ("upstream.lr", "upstream.inner_lr")  # may change aft
 # Keys that cannot change what a stage computes, and why. Every other key (including keys added later)
 # is part of the fingerprint.
 HARMLESS = {
-    "upstream.log_every": "logging",
-    "upstream.checkpoint_every": "a resumed run is bitwise the uninterrupted one, wherever it stopped",
-    "cache_dir": "where a cache keyed by content lives",
-    "pt_results": "only the setting table's gain over PT, recomputed on every run",
-    "stages": "which stages run",
-    "downstream.tasks": "which target tasks run: each task's results stand alone",
-    "downstream.prompt_tune_sources": "whether the source tasks are prompt-tuned too",
-    "downstream.source_seeds": "which seeds' files the source grids read: their content is fingerprinted",
-    "data_dir": "where the data are: their content is fingerprinted",
-    "gym": "where the data are: their content is fingerprinted",
-    "setting": "which tasks: their names and data are fingerprinted",
-    "setting_file": "which tasks: their names and data are fingerprinted",
-    "init_prompt": "where the initial prompt is: its content is fingerprinted",
-    "remat_layers": "the same function, recomputed in the backward pass",
-    "upstream.remat_inner": "the same function, recomputed in the backward pass",
-    # (MTL's dropout masks are drawn per device: another draw of the same distribution.)
-    "num_devices": "the same data-parallel step, split over more or fewer devices",
-    # The batch only sets the prompt's position under after_padding (see `stage_keys`).
-    "downstream.eval_batch_size": "evaluation batches score each example on its own",
+  "upstream.log_every": "logging",
+  "upstream.checkpoint_every": "a resumed run is bitwise the uninterrupted one, wherever it stopped",
+  "cache_dir": "where a cache keyed by content lives",
+  "pt_results": "only the setting table's gain over PT, recomputed on every run",
+  "stages": "which stages run",
+  "downstream.tasks": "which target tasks run: each task's results stand alone",
+  "downstream.prompt_tune_sources": "whether the source tasks are prompt-tuned too",
+  "downstream.source_seeds": "which seeds' files the source grids read: their content is fingerprinted",
+  "data_dir": "where the data are: their content is fingerprinted",
+  "gym": "where the data are: their content is fingerprinted",
+  "setting": "which tasks: their names and data are fingerprinted",
+  "setting_file": "which tasks: their names and data are fingerprinted",
+  "init_prompt": "where the initial prompt is: its content is fingerprinted",
+  "remat_layers": "the same function, recomputed in the backward pass",
+  "upstream.remat_inner": "the same function, recomputed in the backward pass",
+  # (MTL's dropout masks are drawn per device: another draw of the same distribution.)
+  "num_devices": "the same data-parallel step, split over more or fewer devices",
+  # The batch only sets the prompt's position under after_padding (see `stage_keys`).
+  "downstream.eval_batch_size": "evaluation batches score each example on its own",
 }
 
 

@@ -93,9 +93,12 @@ def run(config, workdir: str) -> dict | None:
   # --- 6. downstream ---------------------------------------------------------------------------------------
   summaries = run_downstream(runtime, data.target, init_prompt)
   if data.source_runs:
-    logging.info("prompt-tuning the %d source tasks too (config.downstream.prompt_tune_sources)",
-                 len(data.source_runs))
-    run_downstream(runtime, data.source_runs, init_prompt, out_subdir="sources", seeds=source_run_seeds(config))
+    logging.info(
+      "prompt-tuning the %d source tasks too (config.downstream.prompt_tune_sources)", len(data.source_runs)
+    )
+    run_downstream(
+      runtime, data.source_runs, init_prompt, out_subdir="sources", seeds=source_run_seeds(config)
+    )
 
   # --- 7. results ------------------------------------------------------------------------------------------
   summary = results.summarize_setting(
@@ -171,16 +174,21 @@ def read_data(
   source and target alike. Lines without an answer are dropped from source tasks and kept (scored 0) in
   target tasks' dev and test files, as the reference read them."""
   requests = {
-      "source": (setting.source if upstream else (), config.seeds, ("train", "dev"), ()),
-      "target": (targets if downstream else (), config.seeds, ("train", "dev", "test"), ("dev", "test")),
-      "source_runs": (setting.source if prompt_tunes_sources(config) else (), source_run_seeds(config),
-                      ("train", "dev", "test"), ()),
+    "source": (setting.source if upstream else (), config.seeds, ("train", "dev"), ()),
+    "target": (targets if downstream else (), config.seeds, ("train", "dev", "test"), ("dev", "test")),
+    "source_runs": (
+      setting.source if prompt_tunes_sources(config) else (),
+      source_run_seeds(config),
+      ("train", "dev", "test"),
+      (),
+    ),
   }
   read, problems = {}, []
   for name, (tasks, seeds, splits, keep_empty) in requests.items():
     tasks = list(dict.fromkeys(tasks))
-    read[name], found = crossfit.validate_crossfit(data_dir, tasks, seeds, splits, None, keep_empty) \
-        if tasks else ({}, [])
+    read[name], found = (
+      crossfit.validate_crossfit(data_dir, tasks, seeds, splits, None, keep_empty) if tasks else ({}, [])
+    )
     problems += [p for p in found if p not in problems]
   problems += [crossfit.Problem(path, None, message) for path, message in unscorable_files(read["target"])]
   if problems:
@@ -663,14 +671,22 @@ def grid_config(config) -> adapt.GridConfig:
   )
 
 
-def run_downstream(runtime: Runtime, target_data, init_prompt: np.ndarray | None,
-                   out_subdir: str = "downstream", seeds: Sequence[int] | None = None) -> list[dict]:
+def run_downstream(
+  runtime: Runtime,
+  target_data,
+  init_prompt: np.ndarray | None,
+  out_subdir: str = "downstream",
+  seeds: Sequence[int] | None = None,
+) -> list[dict]:
   """The grid on every task of `target_data` from `init_prompt` (None: PT, each seed from the task's own
   name); a task whose results exist with this config is reused, one whose grid was interrupted resumes."""
   config, d = runtime.config, runtime.config.downstream
   seeds = tuple(config.seeds if seeds is None else seeds)
-  spec = batching.TextSpec(max_input_len=config.data.max_input_len, max_target_len=d.max_target_len,
-                           input_template=config.data.input_template)
+  spec = batching.TextSpec(
+    max_input_len=config.data.max_input_len,
+    max_target_len=d.max_target_len,
+    input_template=config.data.input_template,
+  )
   grid = grid_config(config)
   fix = _fresh_workdir_fix(runtime.workdir, config.method in UPSTREAM_METHODS)
   summaries = []
@@ -695,16 +711,26 @@ def run_downstream(runtime: Runtime, target_data, init_prompt: np.ndarray | None
       ).items()
     }
     if init_prompt is None:  # PT: each seed starts from the target task's own name
-      prompts = {s: initial_prompt(config, runtime.frozen_params, runtime.tokenizer, [task], config.seed + s)
-                 for s in seeds}
+      prompts = {
+        s: initial_prompt(config, runtime.frozen_params, runtime.tokenizer, [task], config.seed + s)
+        for s in seeds
+      }
     else:
       prompts = {s: init_prompt for s in seeds}
-    runs = adapt.adapt_task(task, init_prompts=prompts, frozen_params=runtime.frozen_params,
-                            tokenized=tokenized, grid_step=runtime.grid_step,
-                            optimizer=runtime.grid_optimizer,
-                            predict=runtime.predictor(tokenized[(seeds[0], "train")]),
-                            tokenizer=runtime.tokenizer, config=grid, seeds=seeds, out_dir=task_dir,
-                            prompt_meta=prompt_meta(runtime, config_fingerprint=record.hash))
+    runs = adapt.adapt_task(
+      task,
+      init_prompts=prompts,
+      frozen_params=runtime.frozen_params,
+      tokenized=tokenized,
+      grid_step=runtime.grid_step,
+      optimizer=runtime.grid_optimizer,
+      predict=runtime.predictor(tokenized[(seeds[0], "train")]),
+      tokenizer=runtime.tokenizer,
+      config=grid,
+      seeds=seeds,
+      out_dir=task_dir,
+      prompt_meta=prompt_meta(runtime, config_fingerprint=record.hash),
+    )
     summary = {**results.summarize_task(task, runs), "config_fingerprint": record.hash}
     results.write_task_results(summary, task_dir)
     adapt.remove_checkpoints(task_dir)

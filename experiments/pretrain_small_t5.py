@@ -66,7 +66,7 @@ def _sentence(text: str) -> str:
   return text if text[-1:] in ".!?" else text + "."
 
 
-def synset_document(synset: wn.Synset, synsets: dict, categories: bool = True) -> str:
+def synset_document(synset: wn.Synset, synsets: dict, categories: bool = False) -> str:
   """One short English document about a synset: its definition, examples and relations as sentences.
 
   categories: head a noun or verb with its WordNet lexicographer category, as a dictionary's field
@@ -99,7 +99,7 @@ def is_heldout(synset: wn.Synset) -> bool:
   return zlib.crc32(f"{synset.key[0]}{synset.key[1]}".encode()) % 100 < HELDOUT_PERCENT
 
 
-def build_corpus(wordnet_dir: str | None, categories: bool = True) -> tuple[list[str], list[str]]:
+def build_corpus(wordnet_dir: str | None, categories: bool = False) -> tuple[list[str], list[str]]:
   """(train documents, held-out documents), one per synset, in database order."""
   synsets = wn.load_wordnet(wordnet_dir)
   train, heldout = [], []
@@ -467,9 +467,9 @@ def parse_args(argv=None):
   p.add_argument(
     "--categories",
     action=argparse.BooleanOptionalAction,
-    default=True,
-    help="head noun and verb documents with their lexicographer category (the model shipped "
-    "before 2026-11-29 was trained with --no-categories)",
+    default=False,
+    help="head noun and verb documents with their lexicographer category (tried for the 2026-11-29 "
+    "candidate models; the shipped model was trained without)",
   )
   p.add_argument("--vocab_size", type=int, default=8000, help="SentencePiece pieces (+100 sentinels)")
   p.add_argument("--d_model", type=int, default=128)

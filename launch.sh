@@ -82,6 +82,9 @@ case "$cmd" in
     ;;
   test)
     ensure_env requirements-test.txt
+    # The linter first (seconds): a test run that passes on unlinted code is not a passing CI.
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
     exec "$VENV/bin/python" -m pytest -q tests "$@"
     ;;

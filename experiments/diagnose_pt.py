@@ -11,6 +11,8 @@
    A prompt that cannot fit 16 two-label examples will not learn the task from them.
 3. Dev accuracy of those memorizing prompts (rank classification), for what it is worth: 16 examples
    and no early stopping.
+4. Continuations: the first output token's distribution after plain text whose next word the corpus
+   states ("The opposite of hot is"): entropy and top tokens.
 
   python experiments/diagnose_pt.py --model=assets/small_t5 --out=experiments/results/diagnosis/small_t5.json
 
@@ -167,6 +169,59 @@ def overfit(
   }
 
 
+# Plain continuations whose next word a reader of the corpus knows (its documents state these facts).
+CONTINUATIONS = (
+  "The opposite of hot is",
+  "The opposite of good is",
+  "Dog (noun): a member of the genus Canis. Dog is a kind of",
+  "Oak (noun): a tree of the genus Quercus. Oak is a kind of",
+  "Temple orange (noun): large citrus tree. Temple orange is a kind of",
+)
+
+
+def continuations(model, params, tokenizer, texts=CONTINUATIONS) -> list[dict]:
+  """The first target token's distribution after plain text (no prompt): its entropy and top tokens.
+  A decoder that only reads what the input is about, not where it stops, answers with format tokens."""
+  enc = tokenizer(list(texts), padding=True, return_tensors="np")
+  start = np.zeros((len(texts), 1), np.int32)
+  logits = model.apply({"params": params}, enc["input_ids"], enc["attention_mask"], start)
+  probs = np.asarray(jax.nn.softmax(logits[:, 0]), np.float64)
+  rows = []
+  for text, p in zip(texts, probs):
+    top = np.argsort(-p)[:3]
+    rows.append(
+      {
+        "input": text,
+        "entropy": float(-(p * np.log(p + 1e-12)).sum()),
+        "top": [[tokenizer.convert_ids_to_tokens(int(i)), round(float(p[i]), 3)] for i in top],
+      }
+    )
+  return rows
+
+
+def markdown_table(reports: list[dict]) -> str:
+  """One row per report (diagnose_pt.py --out files): encoder swap, then the overfit checks."""
+  lines = [
+    "| model | encoder-swap KL (first token) | zeroed-encoder KL | label loss own / other | "
+    "overfit: final loss (label token) | train rank acc. | continuation entropy |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for r in reports:
+    swap = r.get("encoder_swap", [])
+    kl = " / ".join(f"{x['kl_first_token_other_encoding']:.3f}" for x in swap)
+    zero = " / ".join(f"{x['kl_first_token_zeroed_encoding']:.2f}" for x in swap)
+    labels = " / ".join(f"{x['label_loss_own']:.2f}-{x['label_loss_other']:.2f}" for x in swap[:1])
+    fits = "; ".join(
+      f"{x['task'].removeprefix('wn-')} P{x['prompt_length']}: {x['final_loss']:.2f} ({x['label_token_loss']:.2f})"
+      for x in r.get("overfit", [])
+    )
+    accs = " / ".join(f"{x['train_rank_accuracy']:.2f}" for x in r.get("overfit", []))
+    cont = r.get("continuations")
+    entropy = f"{np.mean([c['entropy'] for c in cont]):.2f}" if cont else "-"
+    lines.append(f"| {r.get('name', r['model'])} | {kl} | {zero} | {labels} | {fits} | {accs} | {entropy} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default=str(REPO_ROOT / "assets" / "small_t5"))
@@ -182,7 +237,12 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=100, help="the gym's data seed (file) to read")
   p.add_argument("--skip_overfit", action="store_true")
   p.add_argument("--out", default="")
+  p.add_argument("--table", nargs="+", default=None, help="print the markdown table of these --out files")
   args = p.parse_args(argv)
+  if args.table:
+    reports = [dict(json.loads(Path(f).read_text()), name=Path(f).stem) for f in args.table]
+    print(markdown_table(reports))
+    return reports
 
   t0 = time.time()
   model, params, tokenizer = hf.load_pretrained(args.model)
@@ -192,7 +252,10 @@ def main(argv=None):
     "args": vars(args),
     "encoder_swap": [],
     "overfit": [],
+    "continuations": continuations(model, params, tokenizer),
   }
+  for row in report["continuations"]:
+    print(json.dumps(row), flush=True)
   for task in filter(None, args.swap_tasks.split(",")):
     row = encoder_swap(
       model, params, read_split(args.gym_dir, task, args.seed, "train", tokenizer), args.swap_examples

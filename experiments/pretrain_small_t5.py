@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import os
 import pickle
 import time
@@ -66,7 +67,7 @@ def _sentence(text: str) -> str:
   return text if text[-1:] in ".!?" else text + "."
 
 
-def synset_document(synset: wn.Synset, synsets: dict, categories: bool = True) -> str:
+def synset_document(synset: wn.Synset, synsets: dict, categories: bool = False) -> str:
   """One short English document about a synset: its definition, examples and relations as sentences.
 
   categories: head a noun or verb with its WordNet lexicographer category, as a dictionary's field
@@ -99,7 +100,7 @@ def is_heldout(synset: wn.Synset) -> bool:
   return zlib.crc32(f"{synset.key[0]}{synset.key[1]}".encode()) % 100 < HELDOUT_PERCENT
 
 
-def build_corpus(wordnet_dir: str | None, categories: bool = True) -> tuple[list[str], list[str]]:
+def build_corpus(wordnet_dir: str | None, categories: bool = False) -> tuple[list[str], list[str]]:
   """(train documents, held-out documents), one per synset, in database order."""
   synsets = wn.load_wordnet(wordnet_dir)
   train, heldout = [], []
@@ -151,7 +152,8 @@ class DocumentStream:
 
 
 def make_stream(objective: str, doc_ids: list[np.ndarray], chunk_len: int, seed: int):
-  return (DocumentStream if objective == "prefix_lm" else ChunkStream)(doc_ids, chunk_len, seed)
+  document_aligned = objective in ("prefix_lm", "next_words")  # cuts follow documents (see DocumentStream)
+  return (DocumentStream if document_aligned else ChunkStream)(doc_ids, chunk_len, seed)
 
 
 def make_streams(objective: str, doc_ids: list[np.ndarray], chunk_len: int, seed: int) -> dict:
@@ -165,10 +167,13 @@ OBJECTIVES = ("span_corruption", "prefix_lm")
 # UL2-style mixtures do, so that the decoder keeps learning to read its input while the model learns to
 # continue plain text (span corruption alone never produces plain text; prefix LM alone lets a small
 # decoder get by as an unconditional LM).
-TRAIN_OBJECTIVES = OBJECTIVES + ("mixture",)
+# "next_words": a prefix LM whose target is only the next NEXT_WORDS_TOKENS tokens after the cut, so that
+# every target token depends on reading where the input stops (pretrain_objectives.next_words).
+TRAIN_OBJECTIVES = OBJECTIVES + ("mixture", "next_words")
 
 
 PREFIX_LM_MAX_TARGET = 24  # target tokens of a prefix-LM example at most (the gym's labels: 1-7 tokens)
+NEXT_WORDS_TOKENS = 4
 
 
 def objective_batch(
@@ -181,8 +186,11 @@ def objective_batch(
   elif objective == "prefix_lm":
     lengths = pretrain_objectives.prefix_lm_lengths(chunk_len, PREFIX_LM_MAX_TARGET)
     pairs = [pretrain_objectives.prefix_lm(c, rng, max_target_tokens=PREFIX_LM_MAX_TARGET) for c in chunks]
+  elif objective == "next_words":
+    lengths = (chunk_len, NEXT_WORDS_TOKENS + 1)
+    pairs = [pretrain_objectives.next_words(c, rng, num_tokens=NEXT_WORDS_TOKENS) for c in chunks]
   else:
-    raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+    raise ValueError(f"unknown objective {objective!r}; expected one of {TRAIN_OBJECTIVES}")
   return pretrain_objectives.pad_batch(pairs, *lengths)
 
 
@@ -467,9 +475,15 @@ def parse_args(argv=None):
   p.add_argument(
     "--categories",
     action=argparse.BooleanOptionalAction,
-    default=True,
-    help="head noun and verb documents with their lexicographer category (the model shipped "
-    "before 2026-11-29 was trained with --no-categories)",
+    default=False,
+    help="head noun and verb documents with their lexicographer category (tried for the 2026-11-29 "
+    "candidate models; the shipped model was trained without)",
+  )
+  p.add_argument(
+    "--init_from",
+    default="",
+    help="start from this saved model (HF layout: its shape, weights and vocabulary) with a fresh "
+    "optimizer, instead of a random initialization (a new phase for a model whose training state is gone)",
   )
   p.add_argument("--vocab_size", type=int, default=8000, help="SentencePiece pieces (+100 sentinels)")
   p.add_argument("--d_model", type=int, default=128)
@@ -591,7 +605,10 @@ def main(argv=None) -> None:
   tok_settings = json.dumps(
     {"vocab_size": args.vocab_size, "documents": len(train_docs), "corpus_sha256": corpus_hash}
   )
-  if not tok_stamp.is_file() or tok_stamp.read_text() != tok_settings:
+  if args.init_from:  # continue a saved model: its vocabulary, whatever the corpus settings
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(args.init_from) / tokenizer_lib.SPIECE, tok_dir / tokenizer_lib.SPIECE)
+  elif not tok_stamp.is_file() or tok_stamp.read_text() != tok_settings:
     tokenizer_lib.train_sentencepiece(train_docs, tok_dir, args.vocab_size)
     tok_stamp.write_text(tok_settings)
   tokenizer = tokenizer_lib.load_tokenizer(tok_dir)
@@ -630,15 +647,24 @@ def main(argv=None) -> None:
   # -- model and optimizer
   from mpt_jax.model.t5 import T5
 
-  config = make_config(args, vocab_size=int(math.ceil(len(tokenizer) / 64) * 64))
-  model = T5(config)
-  example = step_batch(streams, 0, argparse.Namespace(**{**vars(args), "batch_size": 2}), sentinel_start)
-  init_rng, head_rng = jax.random.split(jax.random.PRNGKey(args.seed))
-  params = model.init(init_rng, example["input_ids"], example["input_mask"], example["target_ids"])["params"]
-  # HF initializes the untied head with std 1.0, which makes the first logits ~sqrt(d_model) large;
-  # t5x uses fan-in scaling (std d_model**-0.5) for the untied head: start from uniform-ish predictions.
-  head = params["lm_head"]["kernel"]
-  params["lm_head"]["kernel"] = jax.random.normal(head_rng, head.shape, head.dtype) * args.d_model**-0.5
+  if args.init_from:  # the saved model's shape and weights; a fresh optimizer (the new phase's schedule)
+    from mpt_jax.model.hf import load_pretrained
+
+    loaded, params, _ = load_pretrained(args.init_from)
+    config = dataclasses.replace(loaded.config, dtype=args.compute_dtype, dropout_rate=0.0)
+    model = T5(config)
+  else:
+    config = make_config(args, vocab_size=int(math.ceil(len(tokenizer) / 64) * 64))
+    model = T5(config)
+    example = step_batch(streams, 0, argparse.Namespace(**{**vars(args), "batch_size": 2}), sentinel_start)
+    init_rng, head_rng = jax.random.split(jax.random.PRNGKey(args.seed))
+    params = model.init(init_rng, example["input_ids"], example["input_mask"], example["target_ids"])[
+      "params"
+    ]
+    # HF initializes the untied head with std 1.0, which makes the first logits ~sqrt(d_model) large;
+    # t5x uses fan-in scaling (std d_model**-0.5) for the untied head: start from uniform-ish predictions.
+    head = params["lm_head"]["kernel"]
+    params["lm_head"]["kernel"] = jax.random.normal(head_rng, head.shape, head.dtype) * args.d_model**-0.5
   num_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"model: {config}\nparameters: {num_params} ({num_params * 4 / 2**20:.1f} MiB float32)", flush=True)
   optimizer = make_optimizer(args)

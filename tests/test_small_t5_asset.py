@@ -216,13 +216,11 @@ def test_documents_carry_the_lexicographer_category_of_nouns_and_verbs_only():
   top = _synset(("n", 3), "n", "noun.Tops", ("entity",), "that which exists")
   quick = _synset(("a", 4), "a", "adj.all", ("quick",), "moving fast")
   synsets = {s.key: s for s in (tree, orange, top, quick)}
-  doc = pretrain_small_t5.synset_document(orange, synsets)
+  doc = pretrain_small_t5.synset_document(orange, synsets, categories=True)
   assert doc == "Temple orange (noun, plant): large citrus tree. Temple orange is a kind of tree."
-  assert pretrain_small_t5.synset_document(orange, synsets, categories=False).startswith(
-    "Temple orange (noun): "
-  )
-  assert pretrain_small_t5.synset_document(top, synsets).startswith("Entity (noun): ")
-  assert pretrain_small_t5.synset_document(quick, synsets).startswith("Quick (adjective): ")
+  assert pretrain_small_t5.synset_document(orange, synsets).startswith("Temple orange (noun): ")
+  assert pretrain_small_t5.synset_document(top, synsets, categories=True).startswith("Entity (noun): ")
+  assert pretrain_small_t5.synset_document(quick, synsets, categories=True).startswith("Quick (adjective): ")
 
 
 def test_mixture_batches_hold_both_objectives_and_are_a_pure_function_of_the_step():

@@ -101,6 +101,22 @@ def prefix_lm(
   return np.append(tokens[:cut], eos_id), np.append(tokens[cut:], eos_id)
 
 
+def next_words(
+  tokens: np.ndarray, rng: np.random.Generator, eos_id: int = 1, num_tokens: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+  """(input ids, target ids), each ending with EOS: a chunk of at least 2 tokens cut at a uniformly random
+  point (as prefix_lm), the target only the next `num_tokens` tokens after the cut (fewer at the chunk's
+  end). A prefix LM whose every target token sits right after its input: a decoder cannot predict them
+  from its own prefix, only by reading where the input stops (what a prompt-tuned label needs)."""
+  tokens = np.asarray(tokens)
+  if len(tokens) < 2:
+    raise ValueError(f"next_words needs a chunk of at least 2 tokens, got {len(tokens)}")
+  if num_tokens < 1:
+    raise ValueError(f"num_tokens must be at least 1, got {num_tokens}")
+  cut = int(rng.integers(1, len(tokens)))
+  return np.append(tokens[:cut], eos_id), np.append(tokens[cut : cut + num_tokens], eos_id)
+
+
 def prefix_lm_lengths(tokens_length: int, max_target_tokens: int | None = None) -> tuple[int, int]:
   """Padded (input, target) lengths that hold any prefix_lm split of a chunk (EOS included)."""
   targets = tokens_length - 1 if max_target_tokens is None else min(max_target_tokens, tokens_length - 1)

@@ -13,6 +13,8 @@
    and no early stopping.
 4. Continuations: the first output token's distribution after plain text whose next word the corpus
    states ("The opposite of hot is"): entropy and top tokens.
+5. Free-encoding oracle: the overfit check with 16 free vectors appended to the encoder output in place of
+   a prompt (same RMS as the encoder's outputs). Whether the decoder can be driven to the labels at all.
 
   python experiments/diagnose_pt.py --model=assets/small_t5 --out=experiments/results/diagnosis/small_t5.json
 
@@ -169,6 +171,59 @@ def overfit(
   }
 
 
+def free_encoding_oracle(
+  model, params, train: batching.TokenizedSplit, n: int, steps: int, rows: int = 16, lr: float = 0.1
+) -> dict:
+  """Can the decoder be driven to the labels at all? `rows` free vectors appended to the encoder output
+  (kept at the encoder outputs' RMS, so they are no louder than real ones), trained with Adam on the n fixed
+  examples instead of a prompt. A prompt reaches the decoder only through the frozen encoder; if free
+  encoder outputs fit the labels far better than a prompt does, the encoder is the bottleneck."""
+  import optax
+
+  batch = {k: jnp.asarray(v) for k, v in batching.make_batch(train, np.arange(n)).items()}
+  encoded, mask = model.apply({"params": params}, batch["input_ids"], batch["input_mask"], method=T5.encode)
+  scale = jnp.sqrt(jnp.mean(jnp.square(encoded[mask.astype(bool)])))
+  decoder_in = shift_right(batch["target_ids"], model.config.decoder_start_token_id)
+  target_mask = batch["target_mask"].astype(jnp.float32)
+
+  def token_ll(free):
+    free = free / jnp.sqrt(jnp.mean(jnp.square(free), axis=-1, keepdims=True) + 1e-6) * scale
+    enc = jnp.concatenate([jnp.broadcast_to(free, (n, *free.shape)), encoded], axis=1)
+    enc_mask = jnp.concatenate([jnp.ones((n, rows), bool), mask.astype(bool)], axis=1)
+    logits = model.apply({"params": params}, enc, enc_mask, decoder_in, method=T5.decode)
+    return target_log_likelihoods(logits, batch["target_ids"])
+
+  def loss(free):
+    return -jnp.sum(token_ll(free) * target_mask) / jnp.sum(target_mask)
+
+  optimizer = optax.adam(lr)
+  free = jax.random.normal(jax.random.PRNGKey(0), (rows, encoded.shape[-1]))
+  state = optimizer.init(free)
+
+  @jax.jit
+  def step(free, state):
+    value, grad = jax.value_and_grad(loss)(free)
+    updates, state = optimizer.update(grad, state)
+    return optax.apply_updates(free, updates), state, value
+
+  curve = []
+  for s in range(steps):
+    free, state, value = step(free, state)
+    if s % max(steps // 6, 1) == 0:
+      curve.append([s, float(value)])
+  ll = token_ll(free)
+  return {
+    "task": train.task,
+    "rows": rows,
+    "steps": steps,
+    "lr": lr,
+    "examples": n,
+    "loss_curve": curve,
+    "final_loss": float(loss(free)),
+    "label_token_loss": float(-jnp.mean(ll[:, 0])),
+  }
+
+
 # Plain continuations whose next word a reader of the corpus knows (its documents state these facts).
 CONTINUATIONS = (
   "The opposite of hot is",
@@ -283,6 +338,9 @@ def main(argv=None):
         )
         report["overfit"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "generations"}), flush=True)
+      row = free_encoding_oracle(model, params, train, args.examples, args.steps)
+      report.setdefault("free_encoding_oracle", []).append(row)
+      print(json.dumps(row), flush=True)
   report["wall_s"] = round(time.time() - t0, 1)
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

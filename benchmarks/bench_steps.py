@@ -3,6 +3,8 @@
     python -m benchmarks.bench_steps               # the full table: tiny and T5-small-shaped models
     python -m benchmarks.bench_steps --quick       # the tiny model only, 3 repeats (a smoke run)
     python -m benchmarks.bench_steps --check-only  # only the faithfulness check of the baseline
+    python -m benchmarks.bench_steps --gpu         # issue 13's GPU table at T5-large shape (<= 8 min;
+                                                   # benchmarks/gpu_table.py; --scale tiny: CPU dry run)
 
 One process, both sides on the same T5 weights, the same batches and the same number of threads. In
 order, for each model configuration:
@@ -95,6 +97,30 @@ def parse_args(argv=None):
     help="only rewrite OUT/steps.md from OUT/steps.json (after changing the tables)",
   )
   parser.add_argument("--out", type=Path, default=RESULTS, help="where steps.json / steps.md go")
+  parser.add_argument(
+    "--gpu",
+    action="store_true",
+    help="the GPU table instead (benchmarks/gpu_table.py): T5-large shape, padded and "
+    "bucketed lengths, scanned layers, the grid in chunks, dev decoding; writes "
+    "OUT/gpu_<date>.{json,md}",
+  )
+  parser.add_argument(
+    "--scale",
+    choices=("large", "tiny"),
+    default="large",
+    help="--gpu: the study's T5-large shape, or a tiny model (a CPU dry run of the code)",
+  )
+  parser.add_argument(
+    "--budget_s",
+    type=float,
+    default=450.0,
+    help="--gpu: sections that would end after this many seconds are skipped",
+  )
+  parser.add_argument(
+    "--sections",
+    default=None,
+    help="--gpu: comma-separated subset of the GPU table's sections (default: all)",
+  )
   return parser.parse_args(argv)
 
 
@@ -110,7 +136,11 @@ def pin_threads(threads: int | None) -> list[int]:
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
-if ARGS is not None:
+if ARGS is not None and ARGS.gpu:
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the reference (torch) runs first
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+elif ARGS is not None:
   CORES = pin_threads(ARGS.threads)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -1112,6 +1142,11 @@ def main():
   import torch
 
   args = ARGS
+  if args.gpu:
+    from benchmarks import gpu_table
+
+    gpu_table.main(args)
+    return
   if args.render:
     results = json.loads((args.out / "steps.json").read_text())
     write_results(results, args.out)

@@ -19,7 +19,10 @@ What the original study's code did (reference/PROTOCOL.md), rebuilt on this mach
   relative_step=False, warmup_init=False, weight_decay=1e-5)`, the study's.
 
 Batches are the numpy dicts of docs/CONTRACTS.md (support [T, K, b, L], query [T, q, L], PT [B, L]);
-`to_torch` converts them once, outside any timed region. Our steps average over tasks where this sums
+`to_torch` converts them once, outside any timed region.
+Devices: everything follows the model's device (`build_torch_t5(..., device="cuda")`, `to_torch(batch,
+device)`); the soft prompt is created there and every tensor built on the way (the prompt's attention-mask
+ones) is made beside the batch. Our steps average over tasks where this sums
 (mpt_jax/algorithms/maml.py explains why Adafactor gives the same update): compare `grad / T` with ours.
 """
 
@@ -38,13 +41,14 @@ TorchBatch = Mapping[str, Any]
 IGNORE_INDEX = -100  # transformers' CrossEntropyLoss ignore_index: marks the target padding
 
 
-def build_torch_t5(config, params, *, dropout_rate: float | None = None):
+def build_torch_t5(config, params, *, dropout_rate: float | None = None, device=None):
   """transformers' PyTorch T5 holding exactly our `params` (an `mpt_jax.model.t5.T5Config` and tree).
 
   Goes through a checkpoint directory: our `save_checkpoint` writes config.json + model.safetensors,
   transformers' `from_pretrained` reads them (untied `lm_head` kept). Then every tensor of the torch
   model is compared with our params (`params_to_hf`), so a mapping mistake fails here, loudly.
   dropout_rate: overrides config.dropout_rate in the torch model (both sides must agree for timing).
+  device: where the model goes after the check (default: the CPU).
   """
   from transformers import T5ForConditionalGeneration
 
@@ -66,23 +70,24 @@ def build_torch_t5(config, params, *, dropout_rate: float | None = None):
   tied = model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()
   if not config.tie_word_embeddings and tied:
     raise RuntimeError("transformers tied lm_head to shared although our T5 has an untied head")
-  return model
+  return model if device is None else model.to(device)
 
 
-def to_torch(batch):
-  """A numpy batch or episode (nested dicts, any leading dims) -> int64 tensors (embedding lookups
-  want long ids)."""
+def to_torch(batch, device=None):
+  """A numpy batch or episode (nested dicts, any leading dims) -> int64 tensors on `device` (embedding
+  lookups want long ids)."""
   if isinstance(batch, Mapping):
-    return {key: to_torch(value) for key, value in batch.items()}
-  return torch.as_tensor(np.asarray(batch), dtype=torch.long)
+    return {key: to_torch(value, device) for key, value in batch.items()}
+  return torch.as_tensor(np.asarray(batch), dtype=torch.long, device=device)
 
 
 class SoftPrompt(nn.Module):
   """The only trainable tensor: `higher` patches this module's parameter with its fast weights."""
 
-  def __init__(self, prompt):
+  def __init__(self, prompt, device=None):
     super().__init__()
-    self.prompt = nn.Parameter(torch.tensor(np.array(prompt, np.float32)))  # a copy, never a view
+    # A copy, never a view, made on the model's device (a leaf there, so .grad lands on it).
+    self.prompt = nn.Parameter(torch.tensor(np.array(prompt, np.float32), device=device))
 
   def forward(self):
     return self.prompt
@@ -93,9 +98,15 @@ def prompt_loss(model, prompt: torch.Tensor, batch: TorchBatch) -> torch.Tensor:
   input_ids = batch["input_ids"]
   num_examples = input_ids.shape[0]
   embeddings = model.get_input_embeddings()(input_ids)
-  inputs_embeds = torch.cat([prompt.unsqueeze(0).expand(num_examples, -1, -1), embeddings], dim=1)
+  inputs_embeds = torch.cat(
+    [prompt.unsqueeze(0).expand(num_examples, -1, -1).to(embeddings.dtype), embeddings], dim=1
+  )
   attention_mask = torch.cat(
-    [torch.ones(num_examples, prompt.shape[0], dtype=torch.long), batch["input_mask"]], dim=1
+    [
+      torch.ones(num_examples, prompt.shape[0], dtype=torch.long, device=input_ids.device),
+      batch["input_mask"],
+    ],
+    dim=1,
   )
   labels = batch["target_ids"].masked_fill(batch["target_mask"] == 0, IGNORE_INDEX)
   return model(
@@ -204,7 +215,7 @@ class ReferenceRun:
 
   def __init__(self, model, prompt, *, inner_lr: float = 3e-5, learning_rate: float = 0.5):
     self.model = model
-    self.soft_prompt = SoftPrompt(prompt)
+    self.soft_prompt = SoftPrompt(prompt, device=next(model.parameters()).device)
     self.inner_lr = inner_lr
     self.optimizer = make_outer_optimizer(self.soft_prompt, learning_rate)
 
@@ -226,11 +237,11 @@ class ReferenceRun:
 
   @property
   def prompt(self) -> np.ndarray:
-    return self.soft_prompt.prompt.detach().numpy().copy()
+    return self.soft_prompt.prompt.detach().float().cpu().numpy().copy()
 
   @property
   def grad(self) -> np.ndarray:
-    return self.soft_prompt.prompt.grad.detach().numpy().copy()
+    return self.soft_prompt.prompt.grad.detach().float().cpu().numpy().copy()
 
 
 def grid_step(runs: list[ReferenceRun], batches: TorchBatch) -> list[float]:

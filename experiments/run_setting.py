@@ -7,7 +7,8 @@ Each method is `python -m mpt_jax.main` with `configs/<method>_<setting>.py` (ru
 after another): PT first, so that the others report their relative gain over it. `--preset` picks a
 config preset (e.g. `demo`), `--set key=value` overrides any config field for every method, and
 `--methods` picks a subset. Run it again with the same workdir to resume: finished stages are kept.
-Output: <workdir>/<method>/ per method and <workdir>/comparison_<setting>.{md,csv,json,png}.
+Output: <workdir>/<method>/ per method and <workdir>/comparison_<setting>.{md,csv,json,png}; the
+methods share <workdir>/cache (tokenized tasks, compiled steps).
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ def main(argv) -> None:
   if unknown:
     raise app.UsageError(f"--methods: unknown {unknown}; choose from {config_lib.METHODS}")
   configs = {m: method_config(m, setting, _PRESET.value, _SET.value) for m in methods}
+  for config in configs.values():
+    # One cache for all methods: the tokenized tasks and the compiled steps (the downstream grid, the
+    # same for every method) are made by the first method and loaded by the others.
+    config.cache_dir = config.cache_dir or os.path.join(workdir, "cache")
   summaries = []
   pt_results = os.path.join(workdir, "pt", "results.json")
   for method, config in configs.items():

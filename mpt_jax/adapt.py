@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mpt_jax import algorithms, checkpoints, logs, metrics, parallel, prompt as prompt_lib
+from mpt_jax import algorithms, checkpoints, chunking, logs, metrics, parallel, prompt as prompt_lib
 from mpt_jax.data import batching
 
 
@@ -49,6 +49,7 @@ class GridConfig:
   eval_batch_size: int
   optimizer: str = "adafactor"
   seed: int = 0
+  length_buckets: batching.LengthBuckets = batching.NO_BUCKETS  # of train and eval batches
   max_epochs: int = 0  # cap each run at this many epochs of its train split (0: no cap)
   step0_candidate: bool = False  # score the initial prompt on dev as a best-dev candidate
   test_prompt: str = "best_dev"  # which prompt of the chosen run is tested: "best_dev" | "last"
@@ -91,13 +92,18 @@ def grid_runs(seeds: Sequence[int], learning_rates: Sequence[float]) -> list[Run
   return [Run(int(s), float(lr)) for s in seeds for lr in learning_rates]
 
 
-def make_grid_trainer(loss_fn, optimizer, mesh=None) -> Callable:
+def make_grid_trainer(loss_fn, optimizer, mesh=None, memory_budget_bytes: int | None = None) -> Callable:
   """grid_step(states [R], frozen_params, batches [R, ...], rngs [R]), jitted (split over the devices by
-  run if a mesh with several devices is given; runs are padded to a multiple of them)."""
+  run if a mesh with several devices is given; runs are padded to a multiple of them). On one device, the
+  runs go in the fewest chunks whose compiled step fits the memory budget (default: the device's free
+  memory; mpt_jax/chunking.py), so a grid too big for the device still runs, with the same results."""
   step = algorithms.make_pt_step(loss_fn, optimizer)
   if mesh is not None and mesh.size > 1:
     return parallel.shard_grid_step(step, mesh)
-  return jax.jit(algorithms.make_grid_step(step), donate_argnums=(0,))
+  grid_step = jax.jit(algorithms.make_grid_step(step), donate_argnums=(0,))
+  return chunking.RunChunks(
+    grid_step, (0, None, 0, 0), budget_bytes=memory_budget_bytes, name="downstream grid step"
+  )
 
 
 @dataclasses.dataclass
@@ -303,16 +309,25 @@ def choose_best_runs(
 class Scorer:
   """Predictions and CrossFit scores of R prompts on R splits (run r on split r), batched over runs."""
 
-  def __init__(self, predict: Callable, tokenizer, task: str, batch_size: int, metric: str | None = None):
+  def __init__(
+    self,
+    predict: Callable,
+    tokenizer,
+    task: str,
+    batch_size: int,
+    metric: str | None = None,
+    length_buckets: batching.LengthBuckets = batching.NO_BUCKETS,
+  ):
     self.predict = predict  # predict(prompts [R, P, D], batch [R, B, ...]) -> token ids [R, B, T]
     self.tokenizer = tokenizer
     self.task = task
     self.batch_size = batch_size
     self.metric = metric
+    self.length_buckets = length_buckets
 
   def predictions(self, prompts, splits: Sequence[batching.TokenizedSplit]) -> list[list[str]]:
     out: list[list[str]] = [[""] * len(s) for s in splits]
-    for eb in batching.grid_eval_batches(splits, self.batch_size):
+    for eb in batching.grid_eval_batches(splits, self.batch_size, self.length_buckets):
       ids = np.asarray(jax.device_get(self.predict(prompts, eb.batch)))
       for r in range(len(splits)):
         real = eb.mask[r].astype(bool)
@@ -377,9 +392,12 @@ def adapt_task(
   prompts0 = np.stack([np.asarray(init_prompts[r.seed], np.float32) for r in runs])
   states = algorithms.init_grid_state(prompts0, optimizer, [r.learning_rate for r in runs])
   sampler = batching.GridSampler.create(
-    {s: tokenized[(s, "train")] for s in seeds}, [r.seed for r in runs], config.batch_size
+    {s: tokenized[(s, "train")] for s in seeds},
+    [r.seed for r in runs],
+    config.batch_size,
+    buckets=config.length_buckets,
   )
-  scorer = Scorer(predict, tokenizer, task, config.eval_batch_size)
+  scorer = Scorer(predict, tokenizer, task, config.eval_batch_size, length_buckets=config.length_buckets)
   dev_splits = [tokenized[(r.seed, "dev")] for r in runs]
   checkpoint_dir = os.path.join(out_dir, "checkpoints")
   checkpointer = checkpoints.Checkpointer(checkpoint_dir)

@@ -52,7 +52,11 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   c.seed = 0  # rng of upstream sampling, dropout and prompt init.
   c.stages = ("upstream", "downstream")
   c.init_prompt = ""  # a saved prompt (.npy) to start downstream from; skips upstream.
-  c.cache_dir = ""  # tokenized-task cache; default: <workdir>/cache
+  c.cache_dir = ""  # tokenized tasks and compiled steps; default: <workdir>/cache
+  # JAX's persistent compilation cache: a resumed or repeated run, and the next method of a study (which
+  # share a cache_dir), load their compiled steps instead of compiling again (mpt_jax/compilation.py).
+  c.compilation_cache = True
+  c.compilation_cache_dir = ""  # default: <cache_dir>/compiled
   # Devices of the 1-D data-parallel mesh: 0 = all. Upstream splits each step's tasks (MTL: examples) over
   # them, so their number must divide upstream.tasks_per_step (MTL: upstream.batch_size).
   c.num_devices = 0
@@ -63,6 +67,13 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # The reference ran MTL and downstream under fp16 autocast (docs/PROTOCOL.md, "Precision").
   c.dtype = "float32"
   c.remat_layers = False  # rematerialize each T5 layer in the backward pass.
+  c.remat_policy = "nothing"  # what a rematerialized layer keeps: "nothing" | "dots" (its x @ W outputs)
+  # One lax.scan over the T5 layers (params stacked): compiles one layer body instead of one per layer
+  # (a T5-large step compiled for 1-2 minutes unrolled); same checkpoints, same numbers.
+  c.scan_layers = False
+  # Attention: our einsums, or jax.nn.dot_product_attention ("xla", or "cudnn": fused kernels on NVIDIA
+  # GPUs, bfloat16, first-order gradients) where no dropout is drawn (evaluation, dropout_rate 0).
+  c.attention = "einsum"
   c.dropout_rate = 0.1
 
   c.prompt = ml_collections.ConfigDict()
@@ -79,6 +90,13 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   c.data = ml_collections.ConfigDict()
   c.data.input_template = " [{task}] {input}"
   c.data.max_input_len = study.MAX_INPUT_LEN
+  # Length buckets: each batch is padded to its longest input (target) rounded up to a multiple of these,
+  # not to max_input_len (max_target_len): the study's inputs are mostly far shorter than 512, and a step
+  # compiles once per bucket shape met (benchmarks/README.md: 1-6 per step). 0: pad to the maximum.
+  # Losses do not depend on it, except with prompt.placement "after_padding", whose prompt position moves
+  # with the padding (the reference cut each batch to its longest row: multiples of 1).
+  c.data.input_bucket_multiple = 64
+  c.data.target_bucket_multiple = 16
 
   u = c.upstream = ml_collections.ConfigDict()
   u.num_steps = 0
@@ -115,6 +133,9 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   d.optimizer = "adafactor"
   d.max_target_len = study.DOWNSTREAM_TARGET_LEN
   d.eval_batch_size = 32
+  # Memory for the grid's step and its dev decoding, in GiB: the runs go in the fewest chunks that fit
+  # (same results, mpt_jax/chunking.py). 0: the device's free memory (CPUs report none: one chunk).
+  d.memory_budget_gb = 0.0
   # The study's decoding of dev (best-dev selection) and test: transformers' beam search with 4 beams,
   # repetition penalty 2.5, early stopping (an example stops once it holds 4 finished hypotheses).
   # beam | greedy | rank (the most likely of the train split's labels) | auto (rank for a task scored by a
@@ -370,6 +391,8 @@ def validate(config, available_devices: int | None = None) -> None:
   one_of("prompt.placement", t5.PLACEMENTS)
   one_of("prompt.init", prompt_lib.INITS)
   one_of("dtype", t5.DTYPES)
+  one_of("remat_policy", tuple(t5.REMAT_POLICIES))
+  one_of("attention", t5.ATTENTION_IMPLEMENTATIONS)
   one_of("downstream.decoding", pipeline.DECODINGS)
   one_of("downstream.optimizer", optim.OPTIMIZERS)
   one_of("downstream.test_prompt", adapt.TEST_PROMPTS)
@@ -390,6 +413,8 @@ def validate(config, available_devices: int | None = None) -> None:
     ("prompt.length", 1),
     ("prompt.vocab_top_k", 1),
     ("data.max_input_len", 2),
+    ("data.input_bucket_multiple", 0),
+    ("data.target_bucket_multiple", 0),
     ("num_devices", 0),
     ("seed", 0),
   ):
@@ -470,6 +495,14 @@ def validate(config, available_devices: int | None = None) -> None:
   integer(d + "max_target_len", 2)
   integer(d + "max_epochs", 0)
   rate(d + "repetition_penalty")
+  budget = flat[d + "memory_budget_gb"]
+  if (
+    isinstance(budget, bool)
+    or not isinstance(budget, (int, float))
+    or not math.isfinite(budget)
+    or budget < 0
+  ):
+    add(d + "memory_budget_gb", "a number of GiB >= 0 (0: the device's free memory)")
 
   # The setting, its target tasks and the files the config names.
   try:

@@ -67,12 +67,49 @@ def greedy_decode(
 
   eos_token_id: the stop token, default the model's; a traced value (changing it does not recompile).
   """
+  variables = {"params": frozen_params}
+  encoded, encoder_mask = model.apply(variables, input_ids, input_mask, prompt, placement, method=T5.encode)
+  return _greedy_from_encoded(model, frozen_params, encoded, encoder_mask, max_length, eos_token_id)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "placement"))
+def greedy_decode_runs(
+  model: T5,
+  frozen_params,
+  input_ids,
+  input_mask,
+  prompts,
+  *,
+  max_length: int,
+  placement: str = "prepend",
+  eos_token_id=None,
+):
+  """Greedy tokens [R, B, max_length] of R runs: run r's inputs [r] ([R, B, L]) with its prompt
+  prompts[r] ([R, P, D]); what `jax.vmap(greedy_decode)` over runs gives.
+
+  The prompt only enters the encoder, so each run is encoded with its own prompt and then all R x B
+  rows are decoded as one batch in one loop, which stops once every row is done. (vmap of
+  greedy_decode batches the loop's stop condition instead, and then selects between the new and the
+  old value of the whole loop state, the cache included, at every step for every run.)
+  """
+  variables = {"params": frozen_params}
+  encoded, encoder_mask = jax.vmap(
+    lambda prompt, ids, mask: model.apply(variables, ids, mask, prompt, placement, method=T5.encode)
+  )(prompts, input_ids, input_mask)
+  num_runs, batch = input_ids.shape[:2]
+  rows = lambda x: x.reshape(num_runs * batch, *x.shape[2:])
+  output = _greedy_from_encoded(
+    model, frozen_params, rows(encoded), rows(encoder_mask), max_length, eos_token_id
+  )
+  return output.reshape(num_runs, batch, max_length)
+
+
+def _greedy_from_encoded(model: T5, frozen_params, encoded, encoder_mask, max_length: int, eos_token_id):
+  """The greedy loop over encoder outputs [B, L, D]: the cross-attention keys/values computed once."""
   config = model.config
   eos = config.eos_token_id if eos_token_id is None else eos_token_id
-  batch = input_ids.shape[0]
-  encoded, encoder_mask, cache = start_generation(
-    model, frozen_params, input_ids, input_mask, prompt, placement=placement, max_length=max_length
-  )
+  batch = encoded.shape[0]
+  cache = model.apply({"params": frozen_params}, encoded, max_length, method=T5.init_cache)
   output = jnp.full((batch, max_length), config.pad_token_id, jnp.int32)
   start = jnp.full((batch,), config.decoder_start_token_id, jnp.int32)
   done = jnp.zeros((batch,), bool)

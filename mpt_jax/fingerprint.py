@@ -36,6 +36,8 @@ HARMLESS = {
   "upstream.log_every": "logging",
   "upstream.checkpoint_every": "a resumed run is bitwise the uninterrupted one, wherever it stopped",
   "cache_dir": "where a cache keyed by content lives",
+  "compilation_cache": "whether compiled programs are kept on disk (the same programs either way)",
+  "compilation_cache_dir": "where compiled programs are kept (keyed by the program itself)",
   "pt_results": "only the setting table's gain over PT, recomputed on every run",
   "stages": "which stages run",
   "downstream.tasks": "which target tasks run: each task's results stand alone",

@@ -26,6 +26,8 @@ from mpt_jax import (
   adapt,
   algorithms,
   baselines,
+  chunking,
+  compilation,
   config as config_lib,
   decode,
   fingerprint,
@@ -349,7 +351,7 @@ class Runtime:
 
   config: Any
   workdir: str
-  cache_dir: str  # tokenized tasks
+  cache_dir: str  # tokenized tasks, compiled steps
   model: Any  # mpt_jax.model.t5.T5
   frozen_params: Any  # placed on the mesh (replicated) once, for every stage
   tokenizer: Any
@@ -385,16 +387,45 @@ class Runtime:
 def load_model(config):
   """(model, frozen_params, tokenizer) of config.model in config.dtype, with the config's dropout."""
   model, frozen_params, tokenizer = hf.load_pretrained(
-    config.model, dtype=config.dtype, remat=config.remat_layers
+    config.model, dtype=config.dtype, remat=config.remat_layers, scan_layers=config.scan_layers
   )
-  model = type(model)(dataclasses.replace(model.config, dropout_rate=config.dropout_rate))
+  model = type(model)(
+    dataclasses.replace(
+      model.config,
+      dropout_rate=config.dropout_rate,
+      remat_policy=config.remat_policy,
+      attention=config.attention,
+    )
+  )
   return model, frozen_params, tokenizer
+
+
+def memory_budget_bytes(config) -> int | None:
+  """The downstream's memory budget: configured, or None for the device's free memory."""
+  budget = config.downstream.memory_budget_gb
+  return int(budget * 2**30) if budget else None
+
+
+def runs_in_chunks(fn: Callable, run_axes, mesh, budget_bytes: int | None, name: str) -> Callable:
+  """fn over R runs in the fewest chunks of runs that fit the memory (one device; mpt_jax/chunking.py).
+  Over several devices the runs are split across them instead."""
+  if mesh.size > 1:
+    return fn
+  return chunking.RunChunks(fn, run_axes, budget_bytes=budget_bytes, name=name)
 
 
 def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
   """The model and its weights on the mesh, the tokenizer, the compiled steps and decoders (compiled at
   their first call, once per shape)."""
   u, d = config.upstream, config.downstream
+  cache_dir = config.cache_dir or os.path.join(workdir, "cache")
+  if config.compilation_cache:  # before anything compiles: JAX opens its cache at the first compilation
+    logging.info(
+      "persistent compilation cache: %s",
+      compilation.enable_persistent_cache(
+        config.compilation_cache_dir or os.path.join(cache_dir, "compiled")
+      ),
+    )
   model, frozen_params, tokenizer = load_model(config)
   mesh = parallel.make_mesh(num_devices=config.num_devices)
   frozen_params = parallel.replicate(frozen_params, mesh)
@@ -414,6 +445,7 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
         algorithms.make_step(config.method, loss_fn, upstream_optimizer, **kwargs)
       )
   grid_optimizer = optim.make_optimizer(d.optimizer, 1.0)
+  budget = memory_budget_bytes(config)
   generate = None
   if d.decoding in ("greedy", "beam", "auto"):
     generate = make_generate(
@@ -425,16 +457,24 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
       repetition_penalty=float(d.repetition_penalty),
       early_stopping=bool(d.early_stopping),
     )
+    generate = runs_in_chunks(generate, (None, 0, 0, 0), mesh, budget, "dev decoding")
 
   def rank_one(frozen, prompt, ids, mask, candidates):
     return decode.rank_classify(
       model, frozen, ids, mask, prompt, candidates=candidates, placement=config.prompt.placement
     )
 
+  rank = runs_in_chunks(
+    jax.jit(jax.vmap(rank_one, in_axes=(None, 0, 0, 0, None))),
+    (None, 0, 0, 0, None),
+    mesh,
+    budget,
+    "rank classification",
+  )
   return Runtime(
     config=config,
     workdir=workdir,
-    cache_dir=config.cache_dir or os.path.join(workdir, "cache"),
+    cache_dir=cache_dir,
     model=model,
     frozen_params=frozen_params,
     tokenizer=tokenizer,
@@ -443,9 +483,9 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
     upstream_step=upstream_step,
     put_batch=put_batch,
     grid_optimizer=grid_optimizer,
-    grid_step=adapt.make_grid_trainer(loss_fn, grid_optimizer, mesh),
+    grid_step=adapt.make_grid_trainer(loss_fn, grid_optimizer, mesh, budget),
     generate=generate,
-    rank=jax.jit(jax.vmap(rank_one, in_axes=(None, 0, 0, 0, None))),
+    rank=rank,
   )
 
 
@@ -460,27 +500,26 @@ def make_generate(
   early_stopping: bool,
 ) -> Callable:
   """generate(frozen, prompts [R, P, D], ids [R, B, L], mask) -> tokens [R, B, T], jitted."""
-  if decoding == "greedy":
-
-    def one(frozen, prompt, ids, mask):
-      return decode.greedy_decode(
-        model, frozen, ids, mask, prompt, max_length=max_decode_len, placement=placement
+  if decoding == "greedy":  # all runs' rows in one decoding loop (see decode.greedy_decode_runs)
+    return jax.jit(
+      lambda frozen, prompts, ids, mask: decode.greedy_decode_runs(
+        model, frozen, ids, mask, prompts, max_length=max_decode_len, placement=placement
       )
-  else:
+    )
 
-    def one(frozen, prompt, ids, mask):
-      return decode.beam_search(
-        model,
-        frozen,
-        ids,
-        mask,
-        prompt,
-        max_length=max_decode_len,
-        placement=placement,
-        num_beams=num_beams,
-        repetition_penalty=repetition_penalty,
-        early_stopping=early_stopping,
-      )
+  def one(frozen, prompt, ids, mask):
+    return decode.beam_search(
+      model,
+      frozen,
+      ids,
+      mask,
+      prompt,
+      max_length=max_decode_len,
+      placement=placement,
+      num_beams=num_beams,
+      repetition_penalty=repetition_penalty,
+      early_stopping=early_stopping,
+    )
 
   return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
 
@@ -496,6 +535,10 @@ def resolve_decoding(decoding: str, task: str) -> str:
 # --- 5. upstream -------------------------------------------------------------------------------------------
 
 
+def length_buckets(config) -> batching.LengthBuckets:
+  return batching.LengthBuckets(config.data.input_bucket_multiple, config.data.target_bucket_multiple)
+
+
 def upstream_sampler(config, source_data, tokenizer, cache_dir):
   """(sample_batch(step), num_steps) of the method: MTL pools batches, meta-learners draw episodes."""
   u = config.upstream
@@ -507,7 +550,9 @@ def upstream_sampler(config, source_data, tokenizer, cache_dir):
   tokenized = batching.tokenize_tasks(source_data, tokenizer, spec, cache_dir)
   if config.method == "mtl":
     pool = batching.concat_splits([tokenized[key] for key in sorted(tokenized)], "mtl")
-    sampler = batching.EpochSampler(pool, batch_size=u.batch_size, seed=config.seed)
+    sampler = batching.EpochSampler(
+      pool, batch_size=u.batch_size, seed=config.seed, buckets=length_buckets(config)
+    )
     return sampler, u.num_steps or sampler.steps_for_epochs(u.num_epochs)
   with_query = config.method != "reptile"
   tasks = batching.meta_tasks(tokenized, list(source_data), config.seeds, with_query=with_query)
@@ -518,6 +563,7 @@ def upstream_sampler(config, source_data, tokenizer, cache_dir):
     inner_batch_size=u.inner_batch_size,
     query_size=u.query_size if with_query else None,
     seed=config.seed,
+    buckets=length_buckets(config),
   )
   return sampler, u.num_steps
 
@@ -665,6 +711,7 @@ def grid_config(config) -> adapt.GridConfig:
     eval_batch_size=d.eval_batch_size,
     optimizer=d.optimizer,
     seed=config.seed,
+    length_buckets=length_buckets(config),
     max_epochs=d.max_epochs,
     step0_candidate=d.step0_candidate,
     test_prompt=d.test_prompt,

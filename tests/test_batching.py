@@ -289,3 +289,78 @@ def test_kept_lines_without_an_answer_evaluate_with_an_empty_target_and_score_0(
   only_empty = dataclasses.replace(split, inputs=("q0",), answers=((),))
   empty_batch = next(batching.eval_batches(batching.tokenize_split(only_empty, tokenizer, SPEC), 2)).batch
   assert empty_batch["target_mask"].sum() == 0
+
+
+# --- length buckets --------------------------------------------------------------------------------------
+
+BUCKETS = batching.LengthBuckets(input_multiple=8, target_multiple=4)
+LONG_SPEC = TextSpec(max_input_len=64, max_target_len=12)  # room to cut: most inputs are shorter
+
+
+@pytest.fixture(scope="module")
+def tokenized_long(data, tokenizer):
+  return batching.tokenize_tasks(data, tokenizer, LONG_SPEC)
+
+
+def test_bucket_length_rounds_up_to_a_multiple_within_the_maximum():
+  assert [batching.bucket_length(n, 64, 512) for n in (1, 64, 65, 500, 512)] == [64, 64, 128, 512, 512]
+  assert batching.bucket_length(30, 64, 48) == 48  # never more than what is stored
+  assert batching.bucket_length(3, 0, 512) == 512  # 0: no bucketing
+  with pytest.raises(ValueError, match=">= 0"):
+    batching.LengthBuckets(-1, 4)
+
+
+def _assert_cut_of(bucketed: dict, padded: dict, *others: dict) -> None:
+  """`bucketed` is `padded` without trailing columns that are padding in every row, at the bucket length
+  of the longest row of `padded` and `others` (batches cut to the same shape)."""
+  for key, multiple in (("input", 8), ("target", 4)):
+    stored = padded[f"{key}_ids"].shape[-1]
+    length = bucketed[f"{key}_ids"].shape[-1]
+    longest = max(int(b[f"{key}_mask"].sum(-1).max()) for b in (padded, *others))
+    assert length == batching.bucket_length(longest, multiple, stored) >= longest
+    assert length % multiple == 0 or length == stored
+    for part in ("ids", "mask"):
+      np.testing.assert_array_equal(bucketed[f"{key}_{part}"], padded[f"{key}_{part}"][..., :length])
+      assert not padded[f"{key}_{part}"][..., length:].any()
+
+
+def test_every_sampler_cuts_its_batches_to_bucket_lengths_only(tokenized_long):
+  episodes = (_sampler(tokenized_long), _sampler(tokenized_long, buckets=BUCKETS))
+  shapes = set()
+  for step in range(12):
+    padded, bucketed = (sampler(step) for sampler in episodes)
+    lengths = {(bucketed[p]["input_ids"].shape[-1], bucketed[p]["target_ids"].shape[-1]) for p in bucketed}
+    assert len(lengths) == 1  # support and query share one shape
+    shapes |= lengths
+    _assert_cut_of(bucketed["support"], padded["support"], padded["query"])
+    _assert_cut_of(bucketed["query"], padded["query"], padded["support"])
+  assert max(length for length, _ in shapes) < LONG_SPEC.max_input_len  # there was padding to cut
+  pool = batching.source_pool(tokenized_long, ["sentiment_toy"], [100, 13, 21])
+  epoch = (batching.EpochSampler(pool, 5, 3), batching.EpochSampler(pool, 5, 3, BUCKETS))
+  train = {s: tokenized_long[("sentiment_toy", s, "train")] for s in (100, 13)}
+  grid = (
+    batching.GridSampler.create(train, [100, 13, 100], 3),
+    batching.GridSampler.create(train, [100, 13, 100], 3, buckets=BUCKETS),
+  )
+  for padded_sampler, bucketed_sampler in (epoch, grid):
+    for step in (0, 5):
+      _assert_cut_of(bucketed_sampler(step), padded_sampler(step))
+      # Still a pure function of the step: a fresh sampler gives the same batch.
+      again = dataclasses.replace(bucketed_sampler)(step)
+      for key in batching.BATCH_KEYS:
+        np.testing.assert_array_equal(again[key], bucketed_sampler(step)[key])
+
+
+def test_eval_batches_are_bucketed_with_their_masks_and_indices(tokenized_long):
+  splits = [tokenized_long[("qa_toy", 100, "test")], tokenized_long[("sentiment_toy", 100, "test")]]
+  padded = list(batching.grid_eval_batches(splits, 2))
+  bucketed = list(batching.grid_eval_batches(splits, 2, BUCKETS))
+  for p, b in zip(padded, bucketed, strict=True):
+    _assert_cut_of(b.batch, p.batch)
+    np.testing.assert_array_equal(b.mask, p.mask)
+    np.testing.assert_array_equal(b.indices, p.indices)
+  assert bucketed[-1].batch["input_ids"].shape[-1] < LONG_SPEC.max_input_len
+  for p, b in zip(
+    batching.eval_batches(splits[1], 2), batching.eval_batches(splits[1], 2, BUCKETS), strict=True
+  ):
+    _assert_cut_of(b.batch, p.batch)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from helpers_t5 import random_batch, tiny_t5
-from mpt_jax import prompt as prompts
+from mpt_jax import algorithms, optim, prompt as prompts
+from mpt_jax.data import batching
 from mpt_jax.model.loss import seq2seq_loss
 from mpt_jax.model.tokenizer import load_tokenizer
 
@@ -23,6 +24,21 @@ def tiny():
   model, params = tiny_t5("1.1", seed=3, num_layers=1, num_decoder_layers=1)
   forward = jax.jit(model.apply, static_argnames=("placement",))
   return model, params, forward
+
+
+@pytest.fixture(scope="module")
+def tiny_wide_buckets():
+  """`tiny` with T5's 32 relative-position buckets up to distance 128: moving the padding by tens of
+  positions changes the position bias (the tiny default, 8 buckets up to 12, would hide it)."""
+  model, params = tiny_t5(
+    "1.1",
+    seed=3,
+    num_layers=1,
+    num_decoder_layers=1,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+  )
+  return model, params
 
 
 def _prompt(num_rows, d_model=16, seed=0):
@@ -126,6 +142,73 @@ def test_reference_after_padding_placement(tiny):
     atol=1e-5,
     rtol=0,
   )
+
+
+def _padded_to(batch: dict, input_length: int, target_length: int) -> dict:
+  """`batch` (any leading dims) right-padded with zeros to the given lengths: fixed padding."""
+
+  def pad(x, length):
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])])
+
+  return {k: pad(v, input_length if k.startswith("input") else target_length) for k, v in batch.items()}
+
+
+def _bucketed_and_padded(seed: int, lead: tuple[int, ...]):
+  """The same examples padded to 40 / 12 tokens (fixed padding) and cut to length buckets of 8 / 4."""
+  rows = int(np.prod(lead))
+  flat = random_batch(seed, batch=rows, input_length=11, target_length=5)
+  padded = _padded_to({k: v.reshape(*lead, -1) for k, v in flat.items()}, 40, 12)
+  (bucketed,) = batching.LengthBuckets(input_multiple=8, target_multiple=4).trim(padded)
+  assert bucketed["input_ids"].shape[-1] in (8, 16) and bucketed["target_ids"].shape[-1] in (4, 8)
+  return bucketed, padded
+
+
+@pytest.mark.parametrize("placement", ["prepend", "suffix"])
+def test_bucketed_batches_give_the_padded_loss_and_gradient(tiny_wide_buckets, placement):
+  model, params = tiny_wide_buckets
+  loss_and_grad = jax.jit(
+    jax.value_and_grad(
+      lambda p, fp, b: seq2seq_loss(model, fp, p, b, None, deterministic=True, placement=placement)
+    )
+  )
+  prompt = _prompt(5, seed=4)
+  bucketed, padded = _bucketed_and_padded(6, (4,))
+  loss, grad = loss_and_grad(prompt, params, bucketed)
+  padded_loss, padded_grad = loss_and_grad(prompt, params, padded)
+  np.testing.assert_allclose(loss, padded_loss, rtol=1e-6)
+  np.testing.assert_allclose(grad, padded_grad, rtol=1e-5, atol=1e-6 * float(jnp.abs(padded_grad).max()))
+
+
+def test_bucketed_episodes_and_grid_batches_give_the_padded_meta_gradient_and_update(tiny_wide_buckets):
+  model, params = tiny_wide_buckets
+  loss_fn = algorithms.make_loss_fn(model, deterministic=True)
+  prompt = _prompt(5, seed=5)
+  support, padded_support = _bucketed_and_padded(7, (2, 1, 2))  # MAML: T=2 tasks x (K=1 step of 2)
+  query, padded_query = _bucketed_and_padded(8, (2, 2))
+  # An episode's parts share one length (EpisodeSampler); cut both to the longer one here too.
+  length_in = max(support["input_ids"].shape[-1], query["input_ids"].shape[-1])
+  length_out = max(support["target_ids"].shape[-1], query["target_ids"].shape[-1])
+  episode = {
+    "support": _padded_to(support, length_in, length_out),
+    "query": _padded_to(query, length_in, length_out),
+  }
+  grad_fn = jax.jit(algorithms.make_maml_grad_fn(loss_fn, inner_lr=10.0))
+  grad, metrics = grad_fn(prompt, params, episode, jax.random.key(0), 0)
+  padded_grad, padded_metrics = grad_fn(
+    prompt, params, {"support": padded_support, "query": padded_query}, jax.random.key(0), 0
+  )
+  np.testing.assert_allclose(metrics["loss"], padded_metrics["loss"], rtol=1e-6)
+  np.testing.assert_allclose(grad, padded_grad, rtol=1e-5, atol=1e-6 * float(jnp.abs(padded_grad).max()))
+  # The downstream grid: 3 runs, one Adafactor step each.
+  optimizer = optim.make_optimizer("adafactor", 0.5)
+  grid_step = jax.jit(algorithms.make_grid_step(algorithms.make_step("pt", loss_fn, optimizer)))
+  batches, padded_batches = _bucketed_and_padded(9, (3, 4))
+  states = algorithms.init_grid_state(prompt, optimizer, [0.5, 0.4, 0.3])
+  rngs = jax.random.split(jax.random.key(1), 3)
+  new, _ = grid_step(states, params, batches, rngs)
+  padded_new, _ = grid_step(states, params, padded_batches, rngs)
+  np.testing.assert_allclose(new.prompt, padded_new.prompt, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(new.prompt - states.prompt).min()) > 0  # the step did move every prompt entry
 
 
 def test_bad_placement_and_prompt_width_are_rejected(tiny):

@@ -127,3 +127,36 @@ def test_build_torch_t5_refuses_mismatched_weights(setup, monkeypatch):
   monkeypatch.setattr(hf, "save_checkpoint", save_corrupted)
   with pytest.raises(RuntimeError, match="lm_head.weight"):
     reference.build_torch_t5(model.config, params)
+
+
+def test_the_baseline_builds_every_tensor_on_the_models_device(setup):
+  """On a GPU every tensor of the reference step must live on the GPU; PyTorch's "meta" device (shapes
+  without data) stands in for it here, with a stand-in for transformers' T5 (whose forward reads values,
+  which meta tensors have not) that checks what the reference hands it: a tensor made on the CPU by
+  mistake (the prompt's attention-mask ones once were) shows up as a CPU tensor."""
+  model, _, _, prompt = setup
+  seen = {}
+
+  class StandIn(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.embed = torch.nn.Embedding(model.config.vocab_size, model.config.d_model, device="meta")
+
+    def get_input_embeddings(self):
+      return self.embed
+
+    def forward(self, inputs_embeds, attention_mask, labels, use_cache):
+      seen.update(
+        inputs_embeds=inputs_embeds.device, attention_mask=attention_mask.device, labels=labels.device
+      )
+      return type("Output", (), {"loss": (inputs_embeds.sum() + attention_mask.sum())})()
+
+  stand_in = StandIn()
+  batch = reference.to_torch(random_batch(3, batch=2), device="meta")
+  assert {value.device.type for value in batch.values()} == {"meta"}
+  run = reference.ReferenceRun(stand_in, prompt)
+  assert run.soft_prompt.prompt.device.type == "meta" and run.soft_prompt.prompt.is_leaf
+  loss = reference.prompt_loss(stand_in, run.soft_prompt(), batch)
+  assert {device.type for device in seen.values()} == {"meta"} and loss.device.type == "meta"
+  loss.backward()
+  assert run.soft_prompt.prompt.grad.device.type == "meta"

@@ -13,6 +13,10 @@
     `GridSampler`     the downstream grid: a leading run axis [R, B], each run on its own seed's train file.
   In training one gold answer is drawn at random per example; evaluation batches keep the order of the
   file, pad the last batch with a mask of the real rows, and point back to every gold (`answers`).
+- Length buckets (`LengthBuckets`): splits are stored padded to the spec's maximum lengths, but each batch
+  (episode, grid batch, eval batch) is cut to its longest row rounded up to a multiple (e.g. inputs to 64,
+  targets to 16), so a short-input task does not pay for 512 positions while a step still compiles only
+  for a few shapes. Right padding and masks make the loss independent of the cut (tests/test_prompt.py).
 """
 
 from __future__ import annotations
@@ -58,6 +62,57 @@ class TextSpec:
       raise ValueError(
         f"input_template {self.input_template!r} must use only the fields {{task}} and {{input}}: {e!r}"
       ) from None
+
+
+def bucket_length(longest: int, multiple: int, maximum: int) -> int:
+  """`longest` rounded up to a multiple of `multiple`, at most `maximum` (`multiple` 0: `maximum`)."""
+  if multiple <= 0:
+    return maximum
+  return min(maximum, max(multiple, -(-longest // multiple) * multiple))
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthBuckets:
+  """How much of the stored padding a batch keeps: its longest input (target) row rounded up to a
+  multiple of `input_multiple` (`target_multiple`), never more than the stored length; 0 keeps it all.
+
+  The lengths a run can compile for are the multiples up to the maximum: with inputs to 512 in steps
+  of 64 and targets to 128 in steps of 16, at most 8 x 8 shapes, in practice the few that a setting's
+  tasks reach (benchmarks/README.md measures them).
+  """
+
+  input_multiple: int = 0
+  target_multiple: int = 0
+
+  def __post_init__(self):
+    if self.input_multiple < 0 or self.target_multiple < 0:
+      raise ValueError(f"length bucket multiples must be >= 0 (0: no bucketing), got {self}")
+
+  def lengths(self, batches: Sequence[Mapping[str, np.ndarray]]) -> tuple[int, int]:
+    """(input, target) length that every batch of `batches` is cut to (one shape for all of them)."""
+    out = []
+    for key, multiple in (("input", self.input_multiple), ("target", self.target_multiple)):
+      stored = batches[0][f"{key}_mask"].shape[-1]
+      longest = max(int(b[f"{key}_mask"].sum(-1).max(initial=0)) for b in batches)
+      out.append(bucket_length(max(longest, 1), multiple, stored))
+    return out[0], out[1]
+
+  def trim(self, *batches: Mapping[str, np.ndarray]) -> list[dict]:
+    """The batches (contract arrays with any leading dims) cut to one bucket length: the columns cut
+    are padding in every row (right padding: a row's length is its mask's sum)."""
+    if self.input_multiple == 0 and self.target_multiple == 0:
+      return [dict(b) for b in batches]
+    input_length, target_length = self.lengths(batches)
+    return [
+      {
+        key: np.ascontiguousarray(b[key][..., : input_length if key.startswith("input") else target_length])
+        for key in BATCH_KEYS
+      }
+      for b in batches
+    ]
+
+
+NO_BUCKETS = LengthBuckets()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
@@ -411,6 +466,7 @@ class EpisodeSampler:
   inner_batch_size: int  # b: examples per inner step
   query_size: int | None  # q; None for Reptile
   seed: int = 0
+  buckets: LengthBuckets = NO_BUCKETS  # support and query are cut to one length
 
   def __post_init__(self):
     object.__setattr__(self, "meta_tasks", tuple(self.meta_tasks))
@@ -452,7 +508,7 @@ class EpisodeSampler:
     episode = {"support": _stack(supports)}
     if self.query_size is not None:
       episode["query"] = _stack(queries)
-    return episode
+    return dict(zip(episode, self.buckets.trim(*episode.values())))
 
 
 def _stack(batches: Sequence[dict]) -> dict:
@@ -468,6 +524,7 @@ class EpochSampler:
   data: TokenizedSplit
   batch_size: int
   seed: int = 0
+  buckets: LengthBuckets = NO_BUCKETS
 
   def __post_init__(self):
     if self.batch_size < 1 or len(self.data) == 0:
@@ -495,15 +552,18 @@ class EpochSampler:
 
   def __call__(self, step: int) -> dict:
     examples = self.examples(step)
-    return make_batch(self.data, examples, random_golds(_rng(self.seed, 3, step), self.data, examples))
+    batch = make_batch(self.data, examples, random_golds(_rng(self.seed, 3, step), self.data, examples))
+    return self.buckets.trim(batch)[0]
 
 
 @dataclasses.dataclass(frozen=True)
 class GridSampler:
   """The downstream grid: run r (a seed x lr pair) trains on its own seed's train file; batches
-  [R, B, L]. Runs that share a sampling seed see the same batches (as separate runs of the study do)."""
+  [R, B, L]. Runs that share a sampling seed see the same batches (as separate runs of the study do).
+  All runs' batches of a step are cut to one bucket length (one shape for the vmapped step)."""
 
   samplers: tuple[EpochSampler, ...]
+  buckets: LengthBuckets = NO_BUCKETS
 
   @classmethod
   def create(
@@ -512,6 +572,7 @@ class GridSampler:
     run_seeds: Sequence[int],
     batch_size: int,
     sampling_seeds: Sequence[int] | None = None,
+    buckets: LengthBuckets = NO_BUCKETS,
   ) -> GridSampler:
     missing = sorted({s for s in run_seeds if s not in train_by_seed})
     if missing:
@@ -521,11 +582,12 @@ class GridSampler:
       raise ValueError("one sampling seed per run")
     _check_same_lengths([train_by_seed[s] for s in run_seeds])
     return cls(
-      tuple(EpochSampler(train_by_seed[s], batch_size, int(z)) for s, z in zip(run_seeds, sampling_seeds))
+      tuple(EpochSampler(train_by_seed[s], batch_size, int(z)) for s, z in zip(run_seeds, sampling_seeds)),
+      buckets,
     )
 
   def __call__(self, step: int) -> dict:
-    return _stack([sampler(step) for sampler in self.samplers])
+    return self.buckets.trim(_stack([sampler(step) for sampler in self.samplers]))[0]
 
 
 # --- evaluation ------------------------------------------------------------------------------------------
@@ -548,13 +610,18 @@ def _eval_batch(data: TokenizedSplit, start: int, batch_size: int) -> EvalBatch:
   return EvalBatch(batch, real.astype(np.int32), np.where(real, indices, -1))
 
 
-def eval_batches(data: TokenizedSplit, batch_size: int) -> Iterator[EvalBatch]:
+def eval_batches(
+  data: TokenizedSplit, batch_size: int, buckets: LengthBuckets = NO_BUCKETS
+) -> Iterator[EvalBatch]:
   """The whole split in file order, ceil(N / B) batches of B rows, the last one padded."""
   for start in range(0, len(data), batch_size):
-    yield _eval_batch(data, start, batch_size)
+    part = _eval_batch(data, start, batch_size)
+    yield dataclasses.replace(part, batch=buckets.trim(part.batch)[0])
 
 
-def grid_eval_batches(splits: Sequence[TokenizedSplit], batch_size: int) -> Iterator[EvalBatch]:
+def grid_eval_batches(
+  splits: Sequence[TokenizedSplit], batch_size: int, buckets: LengthBuckets = NO_BUCKETS
+) -> Iterator[EvalBatch]:
   """Eval batches with a leading run axis: run r walks through `splits[r]`; a run whose split is shorter
   gets fully masked batches once it is done."""
   _check_same_lengths(splits)
@@ -562,7 +629,7 @@ def grid_eval_batches(splits: Sequence[TokenizedSplit], batch_size: int) -> Iter
   for start in range(0, longest, batch_size):
     parts = [_eval_batch(s, start, batch_size) for s in splits]
     yield EvalBatch(
-      _stack([p.batch for p in parts]),
+      buckets.trim(_stack([p.batch for p in parts]))[0],
       np.stack([p.mask for p in parts]),
       np.stack([p.indices for p in parts]),
     )

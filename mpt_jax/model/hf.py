@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpt_jax.model.t5 import DTYPES, T5, T5Config
+from mpt_jax.model.t5 import DTYPES, T5, T5Config, stack_blocks, unstack_blocks
 from mpt_jax.model.tokenizer import SPIECE, load_tokenizer
 
 CONFIG = "config.json"
@@ -45,18 +45,23 @@ _IGNORED = re.compile(
 _HUB_ALLOW = [CONFIG, SPIECE, "tokenizer_config.json", "special_tokens_map.json"]
 
 
-def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32", *, remat: bool = False):
+def load_pretrained(
+  name_or_path: str | os.PathLike, dtype: str = "float32", *, remat: bool = False, scan_layers: bool = False
+):
   """-> (model, frozen_params, tokenizer) from a local checkpoint directory or a hub id.
 
   dtype: "float32" or "bfloat16", the dtype the frozen params are kept and computed in (the prompt,
   the loss and the logits stay float32). remat: rematerialize each block (saves memory for MAML).
+  scan_layers: the model scans over its blocks, whose params are then stacked (`t5.stack_blocks`).
   """
   if dtype not in DTYPES:
     raise ValueError(f"load_pretrained dtype={dtype!r}: expected one of {DTYPES}")
   path = resolve_checkpoint(name_or_path)
   hf_config = read_config(path)
   tensors = read_weights(path)
-  config, params = params_from_hf(hf_config, tensors, dtype=dtype, remat=remat, source=str(path))
+  config, params = params_from_hf(
+    hf_config, tensors, dtype=dtype, remat=remat, scan_layers=scan_layers, source=str(path)
+  )
   return T5(config), params, load_tokenizer(path)
 
 
@@ -272,9 +277,12 @@ def params_from_hf(
   *,
   dtype: str = "float32",
   remat: bool = False,
+  scan_layers: bool = False,
   source: str = "checkpoint",
 ):
-  """(T5Config, params) from a config.json dict and torch-named tensors; every error names the tensor."""
+  """(T5Config, params) from a config.json dict and torch-named tensors; every error names the tensor.
+
+  The tensors map one-to-one onto the per-layer tree; with scan_layers its blocks are then stacked."""
   tensors = dict(tensors)
   if "shared.weight" not in tensors:
     for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
@@ -290,10 +298,12 @@ def params_from_hf(
   if head is not None and not untied:
     del tensors["lm_head.weight"]  # a saved copy of shared: the head is tied
   try:
-    config = T5Config.from_hf_dict(hf_config, dtype=dtype, remat=remat, tie_word_embeddings=not untied)
+    config = T5Config.from_hf_dict(
+      hf_config, dtype=dtype, remat=remat, tie_word_embeddings=not untied, scan_layers=scan_layers
+    )
   except (ValueError, TypeError) as error:
     raise ValueError(f"{source}/{CONFIG}: {error}") from None
-  model = T5(config)
+  model = T5(config.replace(scan_layers=False))  # the checkpoint's layout: one entry per block
   ids = jnp.zeros((1, 2), jnp.int32)
   expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, ids, ids)["params"]
   target_dtype = config.compute_dtype
@@ -328,7 +338,7 @@ def params_from_hf(
       f"and were ignored: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}",
       stacklevel=2,
     )
-  return config, params
+  return config, stack_blocks(params) if config.scan_layers else params
 
 
 def _torch_shape(path, shape) -> tuple[int, ...]:
@@ -336,9 +346,11 @@ def _torch_shape(path, shape) -> tuple[int, ...]:
 
 
 def params_to_hf(params, dtype: str = "float32") -> dict[str, np.ndarray]:
-  """Our params -> torch-named, torch-layout numpy tensors of `dtype` (the inverse of params_from_hf)."""
+  """Our params (per-layer or scanned layout) -> torch-named, torch-layout numpy tensors of `dtype` (the
+  inverse of params_from_hf)."""
   if dtype not in DTYPES:
     raise ValueError(f"params_to_hf dtype={dtype!r}: expected one of {DTYPES}")
+  params = unstack_blocks(params)
   tensors = {}
 
   def put(path_keys, leaf):

@@ -28,7 +28,17 @@ in cross-attention, and gets the embedding dropout like the tokens. Inputs must 
 
 Compute dtype: `config.dtype` ("float32" | "bfloat16") is the dtype of the matmuls; the frozen params may
 be stored in either (see `cast_params`); layer-norm statistics, softmax, the prompt and the returned
-logits are float32. `config.remat` rematerializes each block (`nn.remat`) to trade compute for memory.
+logits are float32. `config.remat` rematerializes each block (`jax.checkpoint`) to trade compute for
+memory; `config.remat_policy` says what a block keeps for the backward pass: "nothing" (recompute all)
+or "dots" (keep the outputs of the matmuls with the weights, recompute the rest).
+
+Scanned layers (`config.scan_layers`): the blocks after the first of each stack are one `lax.scan` over
+their parameters stacked on a leading axis, so XLA compiles one block body instead of one per layer
+(compile time grows far less with depth; same numbers up to float rounding). The parameter tree then
+holds `block_0` (which owns the position-bias table) and `blocks`, blocks 1..N-1 stacked;
+`stack_blocks` / `unstack_blocks` convert between the two layouts, and `hf.py` reads and writes
+checkpoints in the per-layer one. Generation with the KV cache runs the stacked blocks in a Python loop
+over their slices (the cache stays a list per layer, the layout beam search reorders).
 
 Generation: `encode` once, `init_cache` (self-attention K/V buffers of static length plus the
 cross-attention K/V computed once), then `decode(..., cache=, cache_index=)` one or more tokens at a
@@ -50,13 +60,25 @@ import jax.numpy as jnp
 PLACEMENTS = ("prepend", "suffix", "after_padding")
 FEED_FORWARD_PROJS = ("relu", "gated-gelu")
 DTYPES = ("float32", "bfloat16")
+# What a rematerialized block keeps for the backward pass (jax.checkpoint policies).
+REMAT_POLICIES = {
+  "nothing": None,  # recompute the whole block
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep x @ W, recompute the rest
+}
+STACKED_BLOCKS = "blocks"  # the parameter of blocks 1..N-1 of a stack when config.scan_layers
+# How attention is computed: our einsums ("einsum"), or jax.nn.dot_product_attention with that
+# implementation ("xla"; "cudnn": fused cuDNN kernels, bfloat16 on NVIDIA GPUs, first-order gradients
+# only). dot_product_attention has no dropout, so it serves only dropout-free calls (evaluation,
+# dropout_rate 0); others fall back to the einsums.
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 
 Cache = list  # per decoder layer: {"self_key", "self_value", "cross_key", "cross_value"}
 
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
-  """T5 hyper-parameters (HF names), plus how we compute (dtype, remat). Hashable: a static jit arg."""
+  """T5 hyper-parameters (HF names), plus how we compute (dtype, remat, scan_layers). Hashable: a static
+  jit arg."""
 
   vocab_size: int = 32128
   d_model: int = 512
@@ -77,6 +99,9 @@ class T5Config:
   decoder_start_token_id: int = 0
   dtype: str = "float32"
   remat: bool = False
+  remat_policy: str = "nothing"  # see REMAT_POLICIES
+  scan_layers: bool = False  # blocks 1..N-1 of each stack as one lax.scan (params stacked)
+  attention: str = "einsum"  # see ATTENTION_IMPLEMENTATIONS
 
   def __post_init__(self):
     if self.num_decoder_layers is None:
@@ -88,6 +113,10 @@ class T5Config:
       )
     if self.dtype not in DTYPES:
       raise ValueError(f"T5Config.dtype={self.dtype!r}: supported are {DTYPES}.")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"T5Config.attention={self.attention!r}: supported are {ATTENTION_IMPLEMENTATIONS}.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}: supported are {tuple(REMAT_POLICIES)}.")
 
   @property
   def compute_dtype(self):
@@ -108,6 +137,7 @@ class T5Config:
     dtype: str = "float32",
     remat: bool = False,
     tie_word_embeddings: bool | None = None,
+    scan_layers: bool = False,
   ) -> T5Config:
     """From a transformers `config.json` dict (any transformers version).
 
@@ -135,7 +165,17 @@ class T5Config:
       k: hf[k]
       for k in names
       if k in hf
-      and k not in ("tie_word_embeddings", "scale_decoder_outputs", "dtype", "remat", "feed_forward_proj")
+      and k
+      not in (
+        "tie_word_embeddings",
+        "scale_decoder_outputs",
+        "dtype",
+        "remat",
+        "remat_policy",
+        "scan_layers",
+        "attention",
+        "feed_forward_proj",
+      )
     }
     if plain.get("decoder_start_token_id") is None:
       plain["decoder_start_token_id"] = hf.get("pad_token_id", 0) or 0
@@ -151,6 +191,7 @@ class T5Config:
       scale_decoder_outputs=scale,
       dtype=dtype,
       remat=remat,
+      scan_layers=scan_layers,
     )
 
   def to_hf_dict(self) -> dict[str, Any]:
@@ -196,6 +237,37 @@ def cast_params(params, dtype):
   return jax.tree_util.tree_map(
     lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
   )
+
+
+def stack_blocks(params):
+  """Per-layer params (`block_0` .. `block_{N-1}` in each stack: the checkpoint's layout) -> the
+  scanned layout (`block_0`, and blocks 1..N-1 stacked on a leading axis under `blocks`)."""
+  out = dict(params)
+  for stack in ("encoder", "decoder"):
+    tree = dict(params[stack])
+    rest = [tree.pop(f"block_{i}") for i in range(1, _num_blocks(tree))]
+    if rest:
+      tree[STACKED_BLOCKS] = jax.tree_util.tree_map(lambda *layers: jnp.stack(layers), *rest)
+    out[stack] = tree
+  return out
+
+
+def unstack_blocks(params):
+  """The scanned layout -> per-layer params (the inverse of `stack_blocks`; others pass through)."""
+  out = dict(params)
+  for stack in ("encoder", "decoder"):
+    tree = dict(params[stack])
+    stacked = tree.pop(STACKED_BLOCKS, None)
+    if stacked is not None:
+      num_blocks = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+      for i in range(num_blocks):
+        tree[f"block_{i + 1}"] = jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], stacked)
+    out[stack] = tree
+  return out
+
+
+def _num_blocks(stack_params) -> int:
+  return sum(1 for name in stack_params if name.startswith("block_"))
 
 
 def relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int, max_distance: int):
@@ -293,6 +365,19 @@ class Attention(nn.Module):
     """x [B, Lq, D]; keys/values [B, Lk, H, d_kv]; mask broadcastable to [B, H, Lq, Lk] (True = see);
     bias None or broadcastable to [B, H, Lq, Lk] float32."""
     query = self._heads(self.q(x))
+    c = self.config
+    if c.attention != "einsum" and (deterministic or c.dropout_rate == 0):
+      # T5 does not scale the scores; the position bias joins in the compute dtype (what cuDNN takes).
+      out = jax.nn.dot_product_attention(
+        query,
+        keys.astype(query.dtype),
+        values.astype(query.dtype),
+        bias=None if bias is None else bias.astype(query.dtype),
+        mask=mask,
+        scale=1.0,
+        implementation=c.attention,
+      )
+      return self.o(out.reshape(*out.shape[:2], -1))
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, keys).astype(jnp.float32)
     if bias is not None:
       scores = scores + bias
@@ -433,14 +518,60 @@ class Stack(nn.Module):
 
   def setup(self):
     c = self.config
-    block_cls = nn.remat(Block, static_argnums=(10,)) if c.remat else Block
+    block_cls = Block
+    if c.remat:
+      block_cls = nn.remat(Block, static_argnums=(10,), policy=REMAT_POLICIES[c.remat_policy])
     n = c.num_decoder_layers if self.is_decoder else c.num_layers
-    self.block = [block_cls(c, self.is_decoder, i == 0) for i in range(n)]
+    if self._has_stacked_blocks:
+      self.block = [block_cls(c, self.is_decoder, True)]
+      self.blocks = self.param(STACKED_BLOCKS, self._init_stacked_blocks, n - 1)
+    else:
+      self.block = [block_cls(c, self.is_decoder, i == 0) for i in range(n)]
     self.final_layer_norm = LayerNorm(c)
     self.dropout = nn.Dropout(c.dropout_rate)
 
+  @property
+  def _has_stacked_blocks(self) -> bool:
+    c = self.config
+    return c.scan_layers and (c.num_decoder_layers if self.is_decoder else c.num_layers) > 1
+
+  def _plain_block(self) -> Block:
+    """A block without the position-bias table, unbound: applied to one layer's (stacked) params."""
+    return Block(self.config, self.is_decoder, False, parent=None)
+
+  def _init_stacked_blocks(self, rng, num_blocks: int):
+    c = self.config
+    x = jnp.zeros((1, 1, c.d_model), jnp.float32)
+    mask = jnp.ones((1, 1, 1, 1), bool)
+    positions = jnp.zeros((1,), jnp.int32)
+    encoded = x if self.is_decoder else None
+    init = lambda key: self._plain_block().init(
+      key,
+      x,
+      mask,
+      jnp.zeros((1, c.num_heads, 1, 1), jnp.float32),
+      positions,
+      positions,
+      encoded,
+      mask,
+      None,
+      None,
+      True,
+    )["params"]
+    return jax.vmap(init)(jax.random.split(rng, num_blocks))
+
+  def _stacked_slices(self):
+    num_blocks = jax.tree_util.tree_leaves(self.blocks)[0].shape[0]
+    return [jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], self.blocks) for i in range(num_blocks)]
+
   def cross_kv(self, encoded):
-    return [block.cross_kv(encoded) for block in self.block]
+    kv = [block.cross_kv(encoded) for block in self.block]
+    if self._has_stacked_blocks:
+      kv += [
+        self._plain_block().apply({"params": params}, encoded, method=Block.cross_kv)
+        for params in self._stacked_slices()
+      ]
+    return kv
 
   def __call__(
     self,
@@ -473,8 +604,78 @@ class Stack(nn.Module):
       )
       if cache is not None:
         new_cache.append(layer_cache)
+    if self._has_stacked_blocks:
+      x, stacked_cache = self._run_stacked_blocks(
+        x,
+        mask,
+        position_bias,
+        query_positions,
+        key_positions,
+        encoded,
+        encoder_mask,
+        cache,
+        cache_index,
+        deterministic,
+      )
+      if cache is not None:
+        new_cache += stacked_cache
     x = self.final_layer_norm(x)
     return self.dropout(x, deterministic=deterministic), new_cache
+
+  def _run_stacked_blocks(
+    self,
+    x,
+    mask,
+    position_bias,
+    query_positions,
+    key_positions,
+    encoded,
+    encoder_mask,
+    cache,
+    cache_index,
+    deterministic,
+  ):
+    """Blocks 1..N-1 from their stacked params: one lax.scan (one compiled body), or with a KV cache a
+    loop over the layers' slices (the cache is a list per layer). Each layer draws its own dropout."""
+    c = self.config
+    block = self._plain_block()
+    num_blocks = jax.tree_util.tree_leaves(self.blocks)[0].shape[0]
+    layer_rngs = None if deterministic else jax.random.split(self.make_rng("dropout"), num_blocks)
+
+    def apply_block(x, params, rng, layer_cache):
+      return block.apply(
+        {"params": params},
+        x,
+        mask,
+        position_bias,
+        query_positions,
+        key_positions,
+        encoded,
+        encoder_mask,
+        layer_cache,
+        cache_index,
+        deterministic,
+        rngs={} if rng is None else {"dropout": rng},
+      )
+
+    if cache is not None:
+      new_cache = []
+      for i, params in enumerate(self._stacked_slices()):
+        x, _, layer_cache = apply_block(
+          x, params, None if layer_rngs is None else layer_rngs[i], cache[len(self.block) + i]
+        )
+        new_cache.append(layer_cache)
+      return x, new_cache
+
+    def body(x, params_and_rng):
+      params, rng = params_and_rng
+      return apply_block(x, params, rng, None)[0], None
+
+    if c.remat:
+      # prevent_cse=False: inside a scan, CSE cannot merge the recomputation into the forward pass.
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, (self.blocks, layer_rngs))
+    return x, None
 
 
 def place_prompt(embeddings, input_mask, prompt, placement: str):

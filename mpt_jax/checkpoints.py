@@ -17,8 +17,11 @@ import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from mpt_jax import parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +56,7 @@ class Checkpointer:
     Falls back over unreadable checkpoints (moved aside, with a warning); raises when checkpoints exist
     but none reads back.
     """
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+    abstract = jax.tree.map(_abstract, like)
     unreadable = []
     for step in reversed(self.steps()):
       try:
@@ -83,13 +86,16 @@ class Checkpointer:
     return None
 
   def _set_aside(self, steps: list[int]) -> None:
-    """Moves unreadable checkpoints out of the manager's way (later saves reuse their step numbers)."""
-    aside = self.directory + ".unreadable"
-    os.makedirs(aside, exist_ok=True)
-    for step in steps:
-      target = os.path.join(aside, str(step))
-      shutil.rmtree(target, ignore_errors=True)
-      shutil.move(os.path.join(self.directory, str(step)), target)
+    """Moves unreadable checkpoints out of the manager's way (later saves reuse their step numbers); the
+    primary process moves them, every process then opens the directory again."""
+    if parallel.is_primary():
+      aside = self.directory + ".unreadable"
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, str(step))
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(os.path.join(self.directory, str(step)), target)
+    parallel.sync(f"set aside {self.directory}")
     self._manager.close()
     self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
@@ -111,6 +117,14 @@ class Checkpointer:
       self._manager.wait_until_finished()
       self._manager.close()
       self._manager = None
+
+
+def _abstract(x):
+  """What orbax restores a leaf as: a jax.Array placed like `x` (e.g. replicated on the mesh of a
+  multi-process run), or a host array for a host array."""
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  return np.asarray(x)
 
 
 def _brief(error: Exception) -> str:

@@ -10,12 +10,14 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from mpt_jax import parallel
+
 
 class MetricWriter:
   """Writes scalar metrics under `directory`: metrics.jsonl and TensorBoard events (process 0 only)."""
 
   def __init__(self, directory: str | os.PathLike):
-    self._active = jax.process_index() == 0
+    self._active = parallel.is_primary()
     self._jsonl = self._tb = None
     if self._active:
       os.makedirs(directory, exist_ok=True)

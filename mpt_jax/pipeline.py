@@ -70,8 +70,10 @@ def run(config, workdir: str) -> dict | None:
 
   # --- 3. workdir: refuse to mix work of another config -----------------------------------------------------
   upstream_check = check_workdir(config, workdir, data, init_prompt, upstream=do_upstream)
-  os.makedirs(workdir, exist_ok=True)
-  results.run_record(config, workdir)
+  parallel.sync("workdir checked")  # every process has read the workdir before the primary writes to it
+  if parallel.is_primary():
+    os.makedirs(workdir, exist_ok=True)
+    results.run_record(config, workdir)
 
   # --- 4. runtime: model, weights on the mesh, tokenizer, compiled steps ---------------------------------
   runtime = build_runtime(config, workdir, upstream=do_upstream)
@@ -104,7 +106,8 @@ def run(config, workdir: str) -> dict | None:
   summary = results.summarize_setting(
     summaries, setting=setting.name, method=config.method, pt=config.pt_results or None
   )
-  results.write_setting_results(summary, workdir)
+  if parallel.is_primary():
+    results.write_setting_results(summary, workdir)
   logging.info("results: %s", os.path.join(workdir, "results.md"))
   return summary
 
@@ -148,7 +151,11 @@ def resolve_data_dir(config, workdir: str) -> str:
   if config.data_dir:
     return config.data_dir
   if config.gym:
-    return gyms.data_dir(config.gym, os.path.join(workdir, os.pardir, "gym_data"))
+    gym_dir = os.path.join(workdir, os.pardir, "gym_data")
+    if parallel.is_primary():  # generated on first use, by one process
+      gyms.data_dir(config.gym, gym_dir)
+    parallel.sync("gym data")
+    return gyms.data_dir(config.gym, gym_dir)
   raise config_lib.ConfigError(
     [
       "config.data_dir is empty: pass --config.data_dir=/path/to/crossfit_data (the CrossFit layout "
@@ -356,7 +363,6 @@ class Runtime:
   mesh: Any  # 1-D ('data',)
   upstream_optimizer: Any  # None without an upstream stage
   upstream_step: Callable | None  # jitted (sharded over the mesh's devices when there are several)
-  put_batch: Callable  # places an upstream batch for upstream_step
   grid_optimizer: Any  # the learning rates are state: one optimizer for every run
   grid_step: Callable  # jitted; runs split over the devices
   generate: Callable | None  # greedy or beam decoding of [R] prompts, jitted (None: rank only)
@@ -365,7 +371,7 @@ class Runtime:
   def predictor(self, train_split: batching.TokenizedSplit) -> Callable:
     """predict(prompts [R, P, D], batch [R, B, ...]) -> token ids [R, B, T] with the task's decoding
     (rank classification scores the labels of `train_split`); runs split over the devices, padded to a
-    multiple of them."""
+    multiple of them, each process feeding its own (`parallel.RunLayout`); host arrays come back."""
     if resolve_decoding(self.config.downstream.decoding, train_split.task) == "rank":
       candidates = decode.label_candidates(train_split)
       generate = lambda frozen, prompts, ids, mask: self.rank(frozen, prompts, ids, mask, candidates)
@@ -373,11 +379,9 @@ class Runtime:
       generate = self.generate
 
     def predict(prompts, batch):
-      ids, mask = batch["input_ids"], batch["input_mask"]
-      num_runs = ids.shape[0]
-      if self.mesh.size > 1:
-        prompts, ids, mask = parallel.shard_runs((np.asarray(prompts), ids, mask), self.mesh)
-      return generate(self.frozen_params, prompts, ids, mask)[:num_runs]
+      layout = parallel.RunLayout(self.mesh, batch["input_ids"].shape[0])
+      placed = layout.put((parallel.to_host(prompts), batch["input_ids"], batch["input_mask"]))
+      return layout.to_host(generate(self.frozen_params, *placed))
 
     return predict
 
@@ -402,13 +406,11 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
     model, deterministic=config.dropout_rate == 0, placement=config.prompt.placement
   )
   upstream_optimizer = upstream_step = None
-  put_batch = lambda batch: batch
   if upstream:
     upstream_optimizer = optim.make_optimizer(u.optimizer, u.lr)
     kwargs = {} if config.method == "mtl" else {"inner_lr": u.inner_lr, "remat": u.remat_inner}
     if mesh.size > 1:  # config.validate checked that the step's tasks (MTL: examples) split over them
       upstream_step = parallel.make_sharded_step(config.method, loss_fn, upstream_optimizer, mesh, **kwargs)
-      put_batch = lambda batch: parallel.shard(batch, mesh)
     else:
       upstream_step = algorithms.jit_step(
         algorithms.make_step(config.method, loss_fn, upstream_optimizer, **kwargs)
@@ -441,7 +443,6 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
     mesh=mesh,
     upstream_optimizer=upstream_optimizer,
     upstream_step=upstream_step,
-    put_batch=put_batch,
     grid_optimizer=grid_optimizer,
     grid_step=adapt.make_grid_trainer(loss_fn, grid_optimizer, mesh),
     generate=generate,
@@ -497,7 +498,8 @@ def resolve_decoding(decoding: str, task: str) -> str:
 
 
 def upstream_sampler(config, source_data, tokenizer, cache_dir):
-  """(sample_batch(step), num_steps) of the method: MTL pools batches, meta-learners draw episodes."""
+  """(sample_batch(step, rows=None), num_steps) of the method: MTL pools batches, meta-learners draw
+  episodes; `rows` of the leading axis (`upstream_batch_size`) build a process's share of a batch."""
   u = config.upstream
   spec = batching.TextSpec(
     max_input_len=config.data.max_input_len,
@@ -522,10 +524,16 @@ def upstream_sampler(config, source_data, tokenizer, cache_dir):
   return sampler, u.num_steps
 
 
+def upstream_batch_size(config) -> int:
+  """The leading size of an upstream batch, split over the devices: MTL's examples, else tasks."""
+  return config.upstream.batch_size if config.method == "mtl" else config.upstream.tasks_per_step
+
+
 def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], seed: int) -> np.ndarray:
-  """The configured prompt init: task names (the study's), sampled vocabulary, uniform or label words."""
+  """The configured prompt init: task names (the study's), sampled vocabulary, uniform or label words.
+  Every process computes it (the embedding is gathered to each host)."""
   p = config.prompt
-  embedding = prompt_lib.token_embedding(frozen_params)
+  embedding = parallel.to_host(prompt_lib.token_embedding(frozen_params))
   if p.init == "task_names":
     if len(task_names) > p.length:
       logging.info(
@@ -576,12 +584,15 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
     )
     record.keys, record.diverged = keys, False
     record.learning_rates.append({"step": resume_step, **_learning_rates(keys)})
-  record.save(out_dir)
+  if parallel.is_primary():
+    record.save(out_dir)
 
-  sample_batch, num_steps = upstream_sampler(config, source_data, runtime.tokenizer, runtime.cache_dir)
+  sampler, num_steps = upstream_sampler(config, source_data, runtime.tokenizer, runtime.cache_dir)
+  # Each process builds and sends only its devices' share of each batch.
+  sample_batch = parallel.fed_by_process(sampler, upstream_batch_size(config), runtime.mesh)
   prompt0 = initial_prompt(config, runtime.frozen_params, runtime.tokenizer, list(source_data), config.seed)
   logging.info("upstream: %s on %d source tasks, %d steps", config.method, len(source_data), num_steps)
-  state = algorithms.init_state(prompt0, runtime.upstream_optimizer)
+  state = parallel.replicate(algorithms.init_state(prompt0, runtime.upstream_optimizer), runtime.mesh)
   loop = train.LoopConfig(
     num_steps=num_steps,
     checkpoint_every=u.checkpoint_every,
@@ -597,7 +608,6 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
       sample_batch,
       loop,
       out_dir,
-      runtime.put_batch,
       checkpoint_meta={"config_fingerprint": record.hash},
     )
   except algorithms.Diverged as diverged:
@@ -611,7 +621,8 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
         "learning_rates": rates,
       }
     )
-    record.save(out_dir)
+    if parallel.is_primary():
+      record.save(out_dir)
     resume = (
       f"it continues from step {diverged.resume_step}, the last good checkpoint, with the new rate "
       f"({os.path.join(out_dir, fingerprint.FILE)} records which rate trained which steps)"
@@ -623,18 +634,19 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
       f"every checkpoint holds steps that passed the guard. Rerun with a lower --config.upstream.lr (now "
       f"{u.lr:g}): {resume}."
     ) from diverged
-  prompt = np.asarray(jax.device_get(state.prompt))
-  prompt_lib.save_prompt(
-    prompt_path,
-    prompt,
-    prompt_meta(
-      runtime,
-      source_tasks=list(source_data),
-      steps=num_steps,
-      config_fingerprint=record.hash,
-      learning_rates=record.learning_rates,
-    ),
-  )
+  prompt = parallel.to_host(state.prompt)
+  if parallel.is_primary():
+    prompt_lib.save_prompt(
+      prompt_path,
+      prompt,
+      prompt_meta(
+        runtime,
+        source_tasks=list(source_data),
+        steps=num_steps,
+        config_fingerprint=record.hash,
+        learning_rates=record.learning_rates,
+      ),
+    )
   logging.info("upstream prompt saved to %s", prompt_path)
   return prompt
 
@@ -699,11 +711,13 @@ def run_downstream(
     done = os.path.join(task_dir, results.RESULTS_FILE)
     if check.record is not None and os.path.exists(done):
       logging.info("downstream %s: done with this config (%s), reusing it", task, done)
-      adapt.remove_checkpoints(task_dir)  # left behind when a run stopped between results and cleanup
+      if parallel.is_primary():  # left behind when a run stopped between results and cleanup
+        adapt.remove_checkpoints(task_dir)
       summaries.append(results.load_results(done))
       continue
     record = check.record or fingerprint.Record(keys=keys)
-    record.save(task_dir)
+    if parallel.is_primary():
+      record.save(task_dir)
     tokenized = {
       key[1:]: split
       for key, split in batching.tokenize_tasks(
@@ -730,10 +744,13 @@ def run_downstream(
       seeds=seeds,
       out_dir=task_dir,
       prompt_meta=prompt_meta(runtime, config_fingerprint=record.hash),
+      mesh=runtime.mesh,
     )
     summary = {**results.summarize_task(task, runs), "config_fingerprint": record.hash}
-    results.write_task_results(summary, task_dir)
-    adapt.remove_checkpoints(task_dir)
+    parallel.sync(f"grid of {task} done")  # every process is done with its checkpoints
+    if parallel.is_primary():
+      results.write_task_results(summary, task_dir)
+      adapt.remove_checkpoints(task_dir)
     summaries.append(summary)
   return summaries
 

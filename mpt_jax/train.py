@@ -40,13 +40,14 @@ def train_prompt(
   sample_batch: Callable[[int], dict],
   loop: LoopConfig,
   workdir: str,
-  put_batch: Callable[[dict], Any] = lambda batch: batch,
   checkpoint_meta: dict | None = None,
 ) -> PromptState:
   """Runs `step_fn` from the latest checkpoint in `workdir` (or from `state`) to `loop.num_steps`.
 
   step_fn(state, frozen_params, batch, rng) -> (state, metrics), jitted, state donated.
-  sample_batch(step) -> batch (host arrays); put_batch places it (e.g. shards it over devices).
+  sample_batch(step) -> the step's batch, placed for step_fn (`parallel.fed_by_process` splits it over
+  the devices, each process building its own rows). `state` is placed as step_fn takes it (replicated on
+  the mesh): a checkpoint is restored with its placement.
   The state is saved every `checkpoint_every` steps and at the end, with `checkpoint_meta` (the config
   fingerprint). A step that fails the guard (a non-finite or diverging update) stops the run with
   `algorithms.Diverged`; every checkpoint is of steps that passed it, and the exception's `resume_step`
@@ -54,7 +55,8 @@ def train_prompt(
   """
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), loop.checkpoint_every)
   writer = logs.MetricWriter(os.path.join(workdir, "logs"))
-  base_rng = jax.random.PRNGKey(loop.seed)
+  # On the host: the same on every process, and saved by the primary one alone.
+  base_rng = np.asarray(jax.random.PRNGKey(loop.seed))
   start = 0
   pending = []  # metrics of the steps since the last log line, fetched together (one host sync)
   try:
@@ -82,7 +84,7 @@ def train_prompt(
       disable=jax.process_index() != 0,
       mininterval=5,
     ):
-      batch = put_batch(sample_batch(step))
+      batch = sample_batch(step)
       state, metrics = step_fn(state, frozen_params, batch, jax.random.fold_in(base_rng, step))
       pending.append((step, metrics))
       done = step + 1

@@ -438,17 +438,26 @@ class EpisodeSampler:
     """Which meta-tasks the step uses: distinct ones while there are enough."""
     return draw_examples(_rng(self.seed, 0, step), len(self.meta_tasks), self.tasks_per_step)
 
-  def __call__(self, step: int) -> dict:
+  def __call__(self, step: int, rows: slice | None = None) -> dict:
+    """The step's meta-batch, or only its tasks `rows` (a process's share of them in a multi-process run:
+    the draws of every task are made, so each task gets the examples it gets in the whole batch, but
+    only these tasks' arrays are built)."""
     rng = _rng(self.seed, 1, step)
+    picked = self.task_indices(step)
+    built = range(len(picked))[rows or slice(None)]
     supports, queries = [], []
-    for t in self.task_indices(step):
+    for position, t in enumerate(picked):
       task = self.meta_tasks[t]
       shape = (self.inner_steps, self.inner_batch_size)
       examples = draw_examples(rng, len(task.support), int(np.prod(shape))).reshape(shape)
-      supports.append(make_batch(task.support, examples, random_golds(rng, task.support, examples)))
+      golds = random_golds(rng, task.support, examples)
+      if position in built:
+        supports.append(make_batch(task.support, examples, golds))
       if self.query_size is not None:
         examples = draw_examples(rng, len(task.query), self.query_size)
-        queries.append(make_batch(task.query, examples, random_golds(rng, task.query, examples)))
+        golds = random_golds(rng, task.query, examples)
+        if position in built:
+          queries.append(make_batch(task.query, examples, golds))
     episode = {"support": _stack(supports)}
     if self.query_size is not None:
       episode["query"] = _stack(queries)
@@ -493,9 +502,12 @@ class EpochSampler:
       out[here] = order[positions[here] % n]
     return out
 
-  def __call__(self, step: int) -> dict:
+  def __call__(self, step: int, rows: slice | None = None) -> dict:
+    """The step's batch, or only its examples `rows` (a process's share in a multi-process run)."""
     examples = self.examples(step)
-    return make_batch(self.data, examples, random_golds(_rng(self.seed, 3, step), self.data, examples))
+    golds = random_golds(_rng(self.seed, 3, step), self.data, examples)
+    rows = rows or slice(None)
+    return make_batch(self.data, examples[rows], golds[rows])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -524,8 +536,11 @@ class GridSampler:
       tuple(EpochSampler(train_by_seed[s], batch_size, int(z)) for s, z in zip(run_seeds, sampling_seeds))
     )
 
-  def __call__(self, step: int) -> dict:
-    return _stack([sampler(step) for sampler in self.samplers])
+  def __call__(self, step: int, runs: Sequence[int] | None = None) -> dict:
+    """The batches of every run, or of the runs `runs` (indices; a process's share of a padded grid,
+    `parallel.RunLayout.local`)."""
+    runs = range(len(self.samplers)) if runs is None else runs
+    return _stack([self.samplers[r](step) for r in runs])
 
 
 # --- evaluation ------------------------------------------------------------------------------------------

@@ -200,7 +200,8 @@ def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
 
   tensors = {}
   # framework="flax": numpy has no bfloat16; we then take the arrays to host numpy (ml_dtypes).
-  with jax.default_device(jax.devices("cpu")[0]):
+  # This process's own CPU (in a multi-process run jax.devices("cpu")[0] may be another host's).
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
     for file in files:
       try:
         with safe_open(str(file), framework="flax") as f:

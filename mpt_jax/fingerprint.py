@@ -50,6 +50,7 @@ HARMLESS = {
   "upstream.remat_inner": "the same function, recomputed in the backward pass",
   # (MTL's dropout masks are drawn per device: another draw of the same distribution.)
   "num_devices": "the same data-parallel step, split over more or fewer devices",
+  "model_parallel": "the same step, with the frozen weights split over more or fewer devices",
   # The batch only sets the prompt's position under after_padding (see `stage_keys`).
   "downstream.eval_batch_size": "evaluation batches score each example on its own",
 }

@@ -1,12 +1,16 @@
-"""Data parallelism on a 1-D device mesh ('data',) with `jax.shard_map`.
+"""The device mesh ('data', 'model') and the steps on it, written per device with `jax.shard_map`.
 
-- Training steps (PT/MTL/MAML/FoMAML/Reptile): the batch's leading axis (tasks of a meta-batch,
-  examples of a PT/MTL batch) is split over devices; the state, frozen params and rng are replicated.
-  The per-device step (built with `axis_name=DATA_AXIS`) averages its gradient across devices exactly
-  once (mpt_jax/algorithms/common.py explains the check_vma trap it avoids), so every device applies the
-  same update and the state stays replicated.
-- Downstream grid: R independent runs (each its own prompt, optimizer state and learning rate) split
-  over devices along the run axis; no cross-device reduction at all.
+- 'data': data parallelism. Training steps (PT/MTL/MAML/FoMAML/Reptile): the batch's leading axis
+  (tasks of a meta-batch, examples of a PT/MTL batch) is split over it; the state and rng are
+  replicated. The per-device step (built with `axis_name=DATA_AXIS`) averages its gradient across the
+  axis exactly once (mpt_jax/algorithms/common.py explains the check_vma trap it avoids), so every
+  device applies the same update and the state stays replicated. Downstream grid: R independent runs
+  (each its own prompt, optimizer state and learning rate) split along the run axis; no reduction.
+- 'model': the frozen T5's weights are split over it by name (mpt_jax/sharding.py), so a model too big
+  for one device fits on `model_parallel` of them. shard_map is manual over 'data' only
+  (`axis_names={'data'}`): inside the per-device step 'model' stays automatic, the weights keep their
+  sharding, and XLA partitions each layer's matmuls over it (tensor parallelism); the step's code is
+  the same whatever the size of either axis. Size 1 (the default): every device holds every weight.
 
 Several processes (a TPU pod's hosts, a multi-node GPU job; `python -m mpt_jax.main --multihost`):
 `jax.distributed.initialize()` first; the mesh then spans every process's devices. Every process runs
@@ -30,30 +34,53 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mpt_jax import algorithms
+from mpt_jax import algorithms, sharding
 from mpt_jax.algorithms import common
 
 DATA_AXIS = "data"
+MODEL_AXIS = sharding.MODEL_AXIS
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None, num_devices: int = 0) -> Mesh:
-  """A 1-D mesh named ('data',) over `devices` (default: all), or their first `num_devices` (0: all).
-  Auto axis: jit may reshard inputs."""
+def make_mesh(
+  devices: Sequence[jax.Device] | None = None, num_devices: int = 0, model_parallel: int = 1
+) -> Mesh:
+  """A 2-D mesh ('data', 'model') over `devices` (default: all), or their first `num_devices` (0: all),
+  with `model_parallel` devices on the 'model' axis and the rest of the factor on 'data'.
+
+  Devices keep their order (jax.devices(): process by process), row-major: a 'model' group is
+  consecutive devices, within one host while model_parallel <= its devices (its collectives stay on
+  the host's fast links), and each process's 'data' rows are one block (`process_rows`)."""
   devices = list(jax.devices() if devices is None else devices)
   if num_devices:
     if num_devices > len(devices):
       raise ValueError(f"num_devices={num_devices}: only {len(devices)} device(s) here")
     devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+  if model_parallel < 1 or len(devices) % model_parallel:
+    raise ValueError(
+      f"model_parallel={model_parallel}: the {len(devices)} device(s) do not split into groups of "
+      f"{model_parallel}; use a divisor of {len(devices)}"
+    )
+  grid = np.asarray(devices).reshape(len(devices) // model_parallel, model_parallel)
+  return Mesh(grid, (DATA_AXIS, MODEL_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def describe(mesh: Mesh) -> str:
-  """'2 x cpu (ids 0, 1)': the devices a run uses, for its log (and over how many processes)."""
+  """'4 x cpu (ids 0, 1, 2, 3) as data 2 x model 2': the devices a run uses, for its log (and over how
+  many processes)."""
   devices = list(mesh.devices.flat)
   kinds = sorted({d.device_kind for d in devices})
   processes = len({d.process_index for d in devices})
   over = f" over {processes} processes" if processes > 1 else ""
-  return f"{len(devices)} x {'/'.join(kinds)} (ids {', '.join(str(d.id) for d in devices)}){over}"
+  shape = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
+  ids = ", ".join(str(d.id) for d in devices)
+  return f"{len(devices)} x {'/'.join(kinds)} (ids {ids}) as {shape}{over}"
+
+
+def place_frozen(frozen_params, mesh: Mesh):
+  """The frozen weights on the mesh, each split over the 'model' axis by its partition rule
+  (mpt_jax/sharding.py) and whole along 'data'; from host arrays, each device receiving only its part."""
+  specs = sharding.frozen_specs(frozen_params, mesh.shape[MODEL_AXIS])
+  return place(frozen_params, sharding.shardings(mesh, specs))
 
 
 # --- processes ---------------------------------------------------------------------------------------------
@@ -176,11 +203,11 @@ def place(tree, shardings):
   array from every host): each process must hold the same values (the same checkpoint, the same
   computed initial state)."""
 
-  def put(x, sharding):
+  def put(x, target):
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys
-      return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+      return jax.random.wrap_key_data(put(jax.random.key_data(x), target), impl=jax.random.key_impl(x))
     x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
   if isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda x: put(x, shardings), tree)
@@ -188,7 +215,7 @@ def place(tree, shardings):
 
 
 def replicate(tree, mesh: Mesh):
-  """Put a full copy of `tree` on every device of the mesh (a state, small frozen params)."""
+  """Put a full copy of `tree` on every device of the mesh (e.g. the upstream state)."""
   return place(tree, NamedSharding(mesh, P()))
 
 
@@ -219,7 +246,11 @@ def shard_step(per_device_step: common.StepFn, mesh: Mesh) -> common.StepFn:
   returned state and metrics replicated. The state is donated.
   """
   sharded = jax.shard_map(
-    per_device_step, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P()), out_specs=(P(), P())
+    per_device_step,
+    mesh=mesh,
+    in_specs=(P(), P(), P(DATA_AXIS), P()),
+    out_specs=(P(), P()),
+    axis_names={DATA_AXIS},  # 'model' stays automatic: the frozen params keep their sharding over it
   )
 
   def step(state, frozen_params, batch, rng):
@@ -248,6 +279,7 @@ def shard_grid_step(step: common.StepFn, mesh: Mesh) -> common.StepFn:
     mesh=mesh,
     in_specs=(P(DATA_AXIS), P(), P(DATA_AXIS), P(DATA_AXIS)),
     out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+    axis_names={DATA_AXIS},
   )
 
   def grid_step(states, frozen_params, batches, rngs):

@@ -35,6 +35,7 @@ from mpt_jax import (
   parallel,
   prompt as prompt_lib,
   results,
+  sharding,
   study,
   train,
 )
@@ -358,9 +359,9 @@ class Runtime:
   workdir: str
   cache_dir: str  # tokenized tasks
   model: Any  # mpt_jax.model.t5.T5
-  frozen_params: Any  # placed on the mesh (replicated) once, for every stage
+  frozen_params: Any  # placed on the mesh once, for every stage (split over its 'model' axis)
   tokenizer: Any
-  mesh: Any  # 1-D ('data',)
+  mesh: Any  # ('data', 'model')
   upstream_optimizer: Any  # None without an upstream stage
   upstream_step: Callable | None  # jitted (sharded over the mesh's devices when there are several)
   grid_optimizer: Any  # the learning rates are state: one optimizer for every run
@@ -389,7 +390,7 @@ class Runtime:
 def load_model(config):
   """(model, frozen_params, tokenizer) of config.model in config.dtype, with the config's dropout."""
   model, frozen_params, tokenizer = hf.load_pretrained(
-    config.model, dtype=config.dtype, remat=config.remat_layers
+    config.model, dtype=config.dtype, remat=config.remat_layers, on_host=True
   )
   model = type(model)(dataclasses.replace(model.config, dropout_rate=config.dropout_rate))
   return model, frozen_params, tokenizer
@@ -400,8 +401,9 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
   their first call, once per shape)."""
   u, d = config.upstream, config.downstream
   model, frozen_params, tokenizer = load_model(config)
-  mesh = parallel.make_mesh(num_devices=config.num_devices)
-  frozen_params = parallel.replicate(frozen_params, mesh)
+  mesh = parallel.make_mesh(num_devices=config.num_devices, model_parallel=config.model_parallel)
+  logging.info("%s", sharding.describe(frozen_params, config.model_parallel))
+  frozen_params = parallel.place_frozen(frozen_params, mesh)  # from host memory, each device its part
   loss_fn = algorithms.make_loss_fn(
     model, deterministic=config.dropout_rate == 0, placement=config.prompt.placement
   )

@@ -274,6 +274,7 @@ REPRODUCTIONS = {
   "target-not-in-setting": lambda ctx: refused_config(ctx, **{"downstream.tasks": ("synth-topic_a",)}),
   "no-data": lambda ctx: refused_config(ctx, gym=""),
   "devices-do-not-divide": devices_do_not_divide,
+  "model-parallel-does-not-divide": lambda ctx: refused_config(ctx, model_parallel=3),
   "first-order-key": first_order_key,
   "data-problems": data_problems,
   "init-prompt-length": init_prompt_length,

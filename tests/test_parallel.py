@@ -56,8 +56,10 @@ def assert_steps_agree(method, loss_fn, frozen, prompt, batches, mesh, *, rtol=1
   jax.tree_util.tree_map(np.testing.assert_array_equal, frozen_before, jax.device_get(frozen))
 
 
-def test_mesh_is_one_dimensional_data_axis(mesh):
-  assert mesh.axis_names == (parallel.DATA_AXIS,) and mesh.shape[parallel.DATA_AXIS] == 2
+def test_mesh_by_default_is_all_data_parallel(mesh):
+  """model_parallel=1: the 'model' axis has size 1, every device holds every frozen weight."""
+  assert mesh.axis_names == (parallel.DATA_AXIS, parallel.MODEL_AXIS)
+  assert dict(mesh.shape) == {parallel.DATA_AXIS: 2, parallel.MODEL_AXIS: 1}
 
 
 @pytest.mark.parametrize("method", ["maml", "reptile"])

@@ -45,11 +45,16 @@ _IGNORED = re.compile(
 _HUB_ALLOW = [CONFIG, SPIECE, "tokenizer_config.json", "special_tokens_map.json"]
 
 
-def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32", *, remat: bool = False):
+def load_pretrained(
+  name_or_path: str | os.PathLike, dtype: str = "float32", *, remat: bool = False, on_host: bool = False
+):
   """-> (model, frozen_params, tokenizer) from a local checkpoint directory or a hub id.
 
   dtype: "float32" or "bfloat16", the dtype the frozen params are kept and computed in (the prompt,
   the loss and the logits stay float32). remat: rematerialize each block (saves memory for MAML).
+  on_host: keep the params as numpy arrays in host memory, to be placed on a mesh part by part
+  (`parallel.place_frozen`: no device ever holds more than its part of a T5-XXL); else they are put
+  on the default device.
   """
   if dtype not in DTYPES:
     raise ValueError(f"load_pretrained dtype={dtype!r}: expected one of {DTYPES}")
@@ -57,7 +62,7 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32", *, 
   hf_config = read_config(path)
   tensors = read_weights(path)
   config, params = params_from_hf(hf_config, tensors, dtype=dtype, remat=remat, source=str(path))
-  return T5(config), params, load_tokenizer(path)
+  return T5(config), (params if on_host else jax.device_put(params)), load_tokenizer(path)
 
 
 def looks_local(name: str) -> bool:
@@ -275,7 +280,8 @@ def params_from_hf(
   remat: bool = False,
   source: str = "checkpoint",
 ):
-  """(T5Config, params) from a config.json dict and torch-named tensors; every error names the tensor."""
+  """(T5Config, params) from a config.json dict and torch-named tensors; every error names the tensor.
+  The params are host (numpy) arrays of the compute dtype."""
   tensors = dict(tensors)
   if "shared.weight" not in tensors:
     for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
@@ -297,7 +303,7 @@ def params_from_hf(
   model = T5(config)
   ids = jnp.zeros((1, 2), jnp.int32)
   expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, ids, ids)["params"]
-  target_dtype = config.compute_dtype
+  target_dtype = np.dtype(config.compute_dtype)  # bfloat16: ml_dtypes' numpy type
   used = set()
 
   def take(path_keys, leaf):
@@ -319,7 +325,9 @@ def params_from_hf(
         f"vocab_size={config.vocab_size})."
       )
     used.add(name)
-    return jnp.asarray(value.astype(np.float32) if value.dtype != np.float32 else value, dtype=target_dtype)
+    if value.dtype != target_dtype:  # through float32: any float dtype to any other
+      value = value.astype(np.float32, copy=False).astype(target_dtype)
+    return value
 
   params = jax.tree_util.tree_map_with_path(take, expected)
   unexpected = sorted(k for k in tensors if k not in used and not _IGNORED.match(k))

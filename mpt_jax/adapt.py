@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,7 +32,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mpt_jax import algorithms, checkpoints, logs, metrics, parallel, prompt as prompt_lib
+from mpt_jax import algorithms, checkpoints, logs, metrics, parallel, paths, prompt as prompt_lib
 from mpt_jax.data import batching
 
 
@@ -396,9 +394,9 @@ def adapt_task(
   )
   scorer = Scorer(predict, tokenizer, task, config.eval_batch_size)
   dev_splits = [tokenized[(r.seed, "dev")] for r in runs]
-  checkpoint_dir = os.path.join(out_dir, "checkpoints")
+  checkpoint_dir = paths.join(out_dir, "checkpoints")
   checkpointer = checkpoints.Checkpointer(checkpoint_dir)
-  writer = logs.MetricWriter(os.path.join(out_dir, "logs"))
+  writer = logs.MetricWriter(paths.join(out_dir, "logs"))
   try:
     progress = train_grid(
       grid_step,
@@ -517,10 +515,10 @@ def _write_prompts(
 ) -> None:
   """Each seed's initial prompt, each run's best (and with test_prompt="last", last) prompt, and the dev
   curves, under out_dir."""
-  prompt_dir = os.path.join(out_dir, "prompts")
+  prompt_dir = paths.join(out_dir, "prompts")
   for seed in seeds:  # what training started from: a prompt's change is its task embedding (analysis.py)
     prompt_lib.save_prompt(
-      os.path.join(prompt_dir, f"init_seed{seed}.npy"),
+      paths.join(prompt_dir, f"init_seed{seed}.npy"),
       init_prompts[seed],
       {**(prompt_meta or {}), "task": task, "seed": int(seed), "initial": True},
     )
@@ -536,11 +534,11 @@ def _write_prompts(
     }
     if failed[i]:
       meta["failed_at_step"] = int(progress.failed_steps[i])
-    prompt_lib.save_prompt(os.path.join(prompt_dir, f"{run.name}.npy"), progress.best_prompts[i], meta)
+    prompt_lib.save_prompt(paths.join(prompt_dir, f"{run.name}.npy"), progress.best_prompts[i], meta)
     if config.test_prompt == "last":
-      prompt_lib.save_prompt(os.path.join(prompt_dir, f"{run.name}_last.npy"), progress.last_prompts[i], meta)
+      prompt_lib.save_prompt(paths.join(prompt_dir, f"{run.name}_last.npy"), progress.last_prompts[i], meta)
   _write_json_atomic(
-    os.path.join(out_dir, "dev_curve.json"),
+    paths.join(out_dir, "dev_curve.json"),
     {
       "runs": [r.name for r in runs],
       "curve": [[step, [_json_float(x) for x in scores]] for step, scores in progress.dev_curve],
@@ -550,14 +548,11 @@ def _write_prompts(
 
 def remove_checkpoints(out_dir: str) -> None:
   """Drops a finished grid's checkpoints (its results and prompts are written): they are large."""
-  shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
+  paths.remove(paths.join(out_dir, "checkpoints"), recursive=True)
 
 
 def _write_json_atomic(path: str, value) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f)
-  os.replace(tmp, path)
+  paths.write_text(path, json.dumps(value))
 
 
 def metrics_name(task: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from mpt_jax import study
+from mpt_jax import paths, study
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -359,8 +359,6 @@ def validate(config, available_devices: int | None = None) -> None:
   and (given the devices there are) how upstream's batches split over the devices."""
   # The enumerations live with the code that dispatches on them; imported here rather than at the top so
   # that loading a config file stays light.
-  import os
-
   from mpt_jax import adapt, gyms, optim, pipeline, prompt as prompt_lib
   from mpt_jax.model import hf, t5
 
@@ -509,10 +507,16 @@ def validate(config, available_devices: int | None = None) -> None:
       )
   for key in ("init_prompt", "pt_results", "setting_file"):
     path = flat[key]
-    if path and not os.path.isfile(path):
+    if path and not paths.isfile(path):  # a local path or a URL (mpt_jax/paths.py)
       problems.append(f"config.{key}={path!r}: no such file")
+  for key, what in (
+    ("setting_file", "a small JSON file read at startup"),
+    ("cache_dir", "per-machine scratch"),
+  ):
+    if paths.is_url(flat[key]):
+      problems.append(f"config.{key}={flat[key]!r}: must be a local path ({what}); copy it to the machine")
   model = flat["model"]
-  if hf.looks_local(model) and not os.path.isdir(os.path.expanduser(model)):
+  if hf.looks_local(model) and not paths.isdir(paths.absolute(model)):
     problems.append(
       f"config.model={model!r}: no such checkpoint directory (or pass a hub id such as "
       f"google/t5-large-lm-adapt)"

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -33,6 +34,7 @@ from mpt_jax import (
   metrics,
   optim,
   parallel,
+  paths,
   prompt as prompt_lib,
   results,
   sharding,
@@ -73,7 +75,7 @@ def run(config, workdir: str) -> dict | None:
   upstream_check = check_workdir(config, workdir, data, init_prompt, upstream=do_upstream)
   parallel.sync("workdir checked")  # every process has read the workdir before the primary writes to it
   if parallel.is_primary():
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     results.run_record(config, workdir)
 
   # --- 4. runtime: model, weights on the mesh, tokenizer, compiled steps ---------------------------------
@@ -109,7 +111,7 @@ def run(config, workdir: str) -> dict | None:
   )
   if parallel.is_primary():
     results.write_setting_results(summary, workdir)
-  logging.info("results: %s", os.path.join(workdir, "results.md"))
+  logging.info("results: %s", paths.join(workdir, "results.md"))
   return summary
 
 
@@ -152,7 +154,12 @@ def resolve_data_dir(config, workdir: str) -> str:
   if config.data_dir:
     return config.data_dir
   if config.gym:
-    gym_dir = os.path.join(workdir, os.pardir, "gym_data")
+    # Beside the workdir; a URL workdir's gym goes to this machine's cache (it is regenerated, not read).
+    gym_dir = (
+      paths.join(paths.cache_root(), "gym_data")
+      if paths.is_url(workdir)
+      else os.path.join(workdir, os.pardir, "gym_data")
+    )
     if parallel.is_primary():  # generated on first use, by one process
       gyms.data_dir(config.gym, gym_dir)
     parallel.sync("gym data")
@@ -258,8 +265,8 @@ def initial_prompt_file(
   if config.init_prompt:
     path, key = config.init_prompt, "config.init_prompt"
   elif downstream and not upstream and config.method in UPSTREAM_METHODS:
-    path, key = os.path.join(workdir, "upstream", "prompt.npy"), "the upstream prompt"
-    if not os.path.exists(path):
+    path, key = paths.join(workdir, "upstream", "prompt.npy"), "the upstream prompt"
+    if not paths.exists(path):
       raise FileNotFoundError(
         f"{config.method} downstream needs an upstream prompt: none at {path}; run "
         f"the upstream stage first or pass --config.init_prompt=path.npy"
@@ -298,7 +305,7 @@ def _fresh_workdir_fix(workdir: str, upstream_prompt: bool) -> str:
   reuse = (
     (
       f" (to keep its upstream prompt, start downstream from it there: --config.init_prompt="
-      f"{os.path.join(workdir, 'upstream', 'prompt.npy')})"
+      f"{paths.join(workdir, 'upstream', 'prompt.npy')})"
     )
     if upstream_prompt
     else ""
@@ -317,13 +324,13 @@ def check_workdir(
   or not (a downstream-only rerun with other upstream keys would label the old prompt's results with
   them); without the source data read, their hash is not compared."""
   problems, upstream_check = [], None
-  upstream_prompt = os.path.exists(os.path.join(workdir, "upstream", "prompt.npy"))
+  upstream_prompt = paths.exists(paths.join(workdir, "upstream", "prompt.npy"))
   fix = _fresh_workdir_fix(workdir, upstream_prompt)
   if config.method in UPSTREAM_METHODS and not config.init_prompt:
     upstream_check = fingerprint.check_stage(
-      os.path.join(workdir, "upstream"),
+      paths.join(workdir, "upstream"),
       upstream_fingerprint(config, data.source),
-      what=os.path.join(workdir, "upstream"),
+      what=paths.join(workdir, "upstream"),
       fix=fix,
       unknown=() if upstream else (fingerprint.DATA,),
     )
@@ -333,7 +340,7 @@ def check_workdir(
   known_prompt = init_prompt is not None or config.method not in UPSTREAM_METHODS
   for subdir, tasks in (("downstream", data.target), ("sources", data.source_runs)):
     for task, task_data in tasks.items():
-      task_dir = os.path.join(workdir, subdir, task)
+      task_dir = paths.join(workdir, subdir, task)
       check = fingerprint.check_stage(
         task_dir,
         task_fingerprint(config, task, task_data, init_prompt),
@@ -387,6 +394,14 @@ class Runtime:
     return predict
 
 
+def default_cache_dir(workdir: str) -> str:
+  """The tokenized-task cache: <workdir>/cache, or for a URL workdir a directory of this machine's
+  cache named after it (the cache is scratch that each machine rebuilds, written with the OS)."""
+  if not paths.is_url(workdir):
+    return paths.join(workdir, "cache")
+  return paths.join(paths.cache_root(), "tokenized", hashlib.sha256(workdir.encode()).hexdigest()[:16])
+
+
 def load_model(config):
   """(model, frozen_params, tokenizer) of config.model in config.dtype, with the config's dropout."""
   model, frozen_params, tokenizer = hf.load_pretrained(
@@ -438,7 +453,7 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
   return Runtime(
     config=config,
     workdir=workdir,
-    cache_dir=config.cache_dir or os.path.join(workdir, "cache"),
+    cache_dir=config.cache_dir or default_cache_dir(workdir),
     model=model,
     frozen_params=frozen_params,
     tokenizer=tokenizer,
@@ -567,11 +582,11 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
   the latest checkpoint). After a divergence, a rerun with lower learning rates continues from the last good
   checkpoint with them."""
   config, u = runtime.config, runtime.config.upstream
-  out_dir = os.path.join(runtime.workdir, "upstream")
-  prompt_path = os.path.join(out_dir, "prompt.npy")
+  out_dir = paths.join(runtime.workdir, "upstream")
+  prompt_path = paths.join(out_dir, "prompt.npy")
   keys = upstream_fingerprint(config, source_data)
   record = check.record
-  if record is not None and check.new_learning_rates is None and os.path.exists(prompt_path):
+  if record is not None and check.new_learning_rates is None and paths.exists(prompt_path):
     logging.info("upstream: done with this config (%s), reusing its prompt", prompt_path)
     return prompt_lib.load_prompt(prompt_path)[0]
   if record is None:
@@ -627,7 +642,7 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
       record.save(out_dir)
     resume = (
       f"it continues from step {diverged.resume_step}, the last good checkpoint, with the new rate "
-      f"({os.path.join(out_dir, fingerprint.FILE)} records which rate trained which steps)"
+      f"({paths.join(out_dir, fingerprint.FILE)} records which rate trained which steps)"
       if diverged.resume_step
       else "it starts again from the initial prompt (no step before the divergence was checkpointed)"
     )
@@ -705,13 +720,13 @@ def run_downstream(
   fix = _fresh_workdir_fix(runtime.workdir, config.method in UPSTREAM_METHODS)
   summaries = []
   for task, data in target_data.items():
-    task_dir = os.path.join(runtime.workdir, out_subdir, task)
+    task_dir = paths.join(runtime.workdir, out_subdir, task)
     keys = task_fingerprint(config, task, data, init_prompt)
     check = fingerprint.check_stage(task_dir, keys, what=task_dir, fix=fix)
     if check.problem:
       raise fingerprint.WorkdirConflict(check.problem)
-    done = os.path.join(task_dir, results.RESULTS_FILE)
-    if check.record is not None and os.path.exists(done):
+    done = paths.join(task_dir, results.RESULTS_FILE)
+    if check.record is not None and paths.exists(done):
       logging.info("downstream %s: done with this config (%s), reusing it", task, done)
       if parallel.is_primary():  # left behind when a run stopped between results and cleanup
         adapt.remove_checkpoints(task_dir)

@@ -9,7 +9,6 @@ continues from its latest checkpoint exactly as if it had never stopped.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mpt_jax import checkpoints, logs, optim
+from mpt_jax import checkpoints, logs, optim, paths
 from mpt_jax.algorithms import Diverged, PromptState, check_update
 
 
@@ -53,8 +52,8 @@ def train_prompt(
   `algorithms.Diverged`; every checkpoint is of steps that passed it, and the exception's `resume_step`
   is the latest of them (0: none, the initial state), where a rerun with a lower learning rate continues.
   """
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), loop.checkpoint_every)
-  writer = logs.MetricWriter(os.path.join(workdir, "logs"))
+  ckpt = checkpoints.Checkpointer(paths.join(workdir, "checkpoints"), loop.checkpoint_every)
+  writer = logs.MetricWriter(paths.join(workdir, "logs"))
   # On the host: the same on every process, and saved by the primary one alone.
   base_rng = np.asarray(jax.random.PRNGKey(loop.seed))
   start = 0

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpt_jax import paths
 from mpt_jax.model.t5 import DTYPES, T5, T5Config
 from mpt_jax.model.tokenizer import SPIECE, load_tokenizer
 
@@ -82,12 +83,20 @@ def _hub_offline() -> bool:
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-  """The local directory of a checkpoint: the path itself, or a hub id's (cached or fresh) snapshot.
+  """The local directory of a checkpoint: the path itself, a local copy of a URL's directory
+  (mpt_jax/paths.py), or a hub id's (cached or fresh) snapshot.
 
   Fails fast, never waiting on an unreachable hub: a path that looks local is never looked up on the
   hub, and with HF_HUB_OFFLINE=1 only the local hub cache is consulted.
   """
   name = os.fspath(name_or_path)
+  if paths.is_url(name):  # gs://...: copied once to a local cache (the tokenizer and safetensors read files)
+    if not paths.isdir(name):
+      raise FileNotFoundError(
+        f"{name}: no such checkpoint directory (a model URL names a directory holding {CONFIG}, the "
+        f"weights and {SPIECE})"
+      )
+    return Path(paths.local_copy(name, "models"))
   path = Path(name).expanduser()
   if path.exists():
     if not path.is_dir():

@@ -146,3 +146,13 @@ def test_steps_on_a_data_2_by_model_4_mesh_of_8_devices_equal_one_device():
   )
   assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
   assert " 8 passed" in done.stdout, done.stdout[-2000:]  # none skipped for want of devices
+
+
+def test_the_memory_table_of_docs_memory_md_is_what_its_script_prints():
+  """docs/MEMORY.md quotes `python -m benchmarks.memory_table`; its weights are the exact shapes'."""
+  from benchmarks import memory_table
+
+  text = memory_table.table()
+  assert "| T5-large | 0.78 B | 1.5 GiB |" in text and "| T5-XXL | 11.14 B | 20.7 GiB |" in text
+  assert 0.5 < memory_table.calibration() < 3  # the analytic count is within a small factor of XLA's
+  assert text in (REPO / "docs" / "MEMORY.md").read_text()

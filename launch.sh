@@ -7,13 +7,16 @@
 #   bash launch.sh mini-study                # the offline mini-study (experiments/mini_study.py), ~1 h
 #   bash launch.sh run --config=configs/maml_cls2cls.py --workdir=runs/maml_cls2cls [--config.x=y ...]
 #   bash launch.sh study --setting=cls2cls --workdir=runs/cls2cls --set data_dir=/data/crossfit
-#   bash launch.sh tpu --name=mpt --zone=us-central2-b --accelerator=v4-32 [--create] [--dry-run] \
-#       -- --config=configs/maml_cls2cls.py --workdir=runs/maml_cls2cls --config.data_dir=/data/crossfit
+#   bash launch.sh tpu watch --name=mpt --zone=us-central2-b --accelerator=v4-32 --create [--dry-run] \
+#       -- --config=configs/maml_cls2cls.py --workdir=gs://BUCKET/runs/maml_cls2cls \
+#          --config.data_dir=gs://BUCKET/crossfit
+#   bash launch.sh tpu {start|status|logs|stop} ...   (`bash launch.sh tpu` alone: the help)
 #
-# tpu: (optionally) creates the TPU VM, copies this checkout to every worker, installs the pinned
-# requirements with the TPU build of JAX on every worker, runs the same `python -m mpt_jax.main
-# --multihost ...` on all workers (jax.distributed.initialize() joins them), and copies the workdir back
-# from worker 0. --dry-run prints the gcloud commands instead of running them.
+# tpu: (optionally) creates the TPU VM, ships HEAD to every worker, installs the pinned requirements with
+# the TPU build of JAX, and starts the same `python -m mpt_jax.main --multihost ...` detached on every
+# worker (jax.distributed.initialize() joins them; one log per worker, ~/mpt-jax/logs/job.log); `watch`
+# recreates a preempted VM and reruns the command, which resumes from the gs:// workdir's checkpoints.
+# README.md "Running on a TPU pod" walks through it. --dry-run prints the gcloud commands.
 #
 # The environment lives in .venv (override with MPT_VENV): the pinned requirements, then this package
 # itself (`pip install -e .`, pyproject.toml); it is (re)installed whenever either changes.
@@ -36,41 +39,172 @@ ensure_env() {  # $1: requirements file
   fi
 }
 
+# --- tpu: a job on every worker of a TPU VM, detached, that survives preemption ----------------------------
+# Everything that outlives a VM lives on GCS: --workdir (checkpoints, results, logs) and the data. A
+# worker holds only the code (a `git archive` of HEAD, shipped once per launch), its venv and its job log.
+GCLOUD="${GCLOUD:-gcloud}"
+TPU_REMOTE_DIR="mpt-jax"
+
+tpu_usage() {
+  cat >&2 <<'USAGE'
+usage: bash launch.sh tpu ACTION --name=NAME --zone=ZONE [options] [-- mpt_jax.main flags]
+  start   (--create: create the VM first) ship the code, set up every worker, start the job detached
+  watch   start it when it is not running, then keep it alive: a preempted or deleted VM is recreated
+          (with --create, else waited for), a VM that lost its job (recreated, rebooted, a worker died)
+          gets the same command again, which resumes from the checkpoints under the gs:// workdir;
+          returns when every worker's job has exited 0 (run it in tmux/nohup, or Cloud Shell)
+  status  each worker: running, done <exit code>, stopped (not running, no exit code) or absent
+  logs    the job log of --worker=N (default 0); --follow to keep tailing it (Ctrl-C leaves the job running)
+  stop    kill the job on every worker
+options: --accelerator=v4-8 --version=tpu-ubuntu2204-base --create --spot (a Spot VM: cheaper, preemptible)
+         --dry-run (print the gcloud commands)
+         --poll=60 (watch: seconds between checks) --max-restarts=20 --worker=N --follow
+         --allow-local-workdir (a workdir on the VM's disk is lost with the VM: refused by default)
+env:     MPT_TPU_SETUP (replaces the per-worker setup command, e.g. for an image with the env baked in),
+         MPT_TPU_PYTHON (the workers' python, default .venv/bin/python), GCLOUD (the gcloud binary)
+USAGE
+  exit 2
+}
+
 tpu_launch() {
-  local name="" zone="" accelerator="v4-8" version="tpu-ubuntu2204-base" create=0 dry=0 remote_dir="mpt-jax"
+  local action="${1:-}"; shift || true
+  case "$action" in start|watch|status|logs|stop) ;; *) tpu_usage;; esac
+  local name="" zone="" accelerator="v4-8" version="tpu-ubuntu2204-base" create=0 dry=0 poll=60
+  local max_restarts=20 worker=0 follow=0 allow_local=0 spot=()
   while [ $# -gt 0 ]; do
     case "$1" in
       --name=*) name="${1#*=}";; --zone=*) zone="${1#*=}";; --accelerator=*) accelerator="${1#*=}";;
-      --version=*) version="${1#*=}";; --create) create=1;; --dry-run) dry=1;;
+      --version=*) version="${1#*=}";; --create) create=1;; --dry-run) dry=1;; --poll=*) poll="${1#*=}";;
+      --max-restarts=*) max_restarts="${1#*=}";; --worker=*) worker="${1#*=}";; --follow) follow=1;;
+      --allow-local-workdir) allow_local=1;; --spot) spot=(--spot);;
       --) shift; break;;
       *) echo "tpu: unknown option $1 (options before --, mpt_jax.main flags after)" >&2; exit 2;;
     esac
     shift
   done
   [ -n "$name" ] && [ -n "$zone" ] || { echo "tpu: --name and --zone are required" >&2; exit 2; }
+  TPU_ARGS=("$@")
+  TPU_VM=("$GCLOUD" compute tpus tpu-vm)
+  TPU_NAME="$name"; TPU_AT=(--zone="$zone"); TPU_DRY="$dry"
+  TPU_CREATE=(create "$name" --zone="$zone" --accelerator-type="$accelerator" --version="$version" "${spot[@]}")
+  case "$action" in
+    status) tpu_ssh all "$(tpu_status_command)"; return;;
+    stop) tpu_ssh all "$(tpu_stop_command)"; return;;
+    logs)
+      local tail_flags="-n 200"; [ "$follow" = 1 ] && tail_flags="-n 200 -F"
+      tpu_ssh "$worker" "tail $tail_flags ~/$TPU_REMOTE_DIR/logs/job.log"; return;;
+  esac
   local workdir=""
   for arg in "$@"; do case "$arg" in --workdir=*) workdir="${arg#*=}";; esac; done
-  [ -n "$workdir" ] || { echo "tpu: pass --workdir=... after --" >&2; exit 2; }
-  local vm=(gcloud compute tpus tpu-vm)
-  local at=(--zone="$zone")
-  run_or_print() { if [ "$dry" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
-  if [ "$create" = 1 ]; then
-    run_or_print "${vm[@]}" create "$name" "${at[@]}" --accelerator-type="$accelerator" --version="$version"
+  [ -n "$workdir" ] || { echo "tpu: pass --workdir=gs://BUCKET/... after --" >&2; exit 2; }
+  if [ "$allow_local" = 0 ] && [[ "$workdir" != gs://* ]]; then
+    echo "tpu: --workdir=$workdir is not on GCS: a preempted VM loses its disk, and with it the checkpoints" \
+      "a rerun resumes from; pass --workdir=gs://BUCKET/... (or --allow-local-workdir)" >&2
+    exit 2
   fi
-  local archive; archive="$(mktemp -u /tmp/mpt-jax-XXXX).tar.gz"
-  run_or_print git archive --format=tar.gz -o "$archive" HEAD
-  run_or_print "${vm[@]}" scp "$archive" "$name:~/mpt-jax.tar.gz" "${at[@]}" --worker=all
-  # TPU VM images ship an older Python; JAX 0.10.2 needs 3.11.
-  local setup="(command -v python3.11 || (sudo apt-get update -q && sudo apt-get install -y -q python3.11 \
-python3.11-venv)) && mkdir -p $remote_dir && tar -xzf ~/mpt-jax.tar.gz -C $remote_dir && cd $remote_dir && \
-python3.11 -m venv .venv && .venv/bin/pip install -q -r requirements.txt && \
-.venv/bin/pip install -q 'jax[tpu]==0.10.2' && .venv/bin/pip install -q --no-deps -e ."
-  run_or_print "${vm[@]}" ssh "$name" "${at[@]}" --worker=all --command="$setup"
-  local args; args="$(printf '%q ' "$@")"
-  run_or_print "${vm[@]}" ssh "$name" "${at[@]}" --worker=all \
-    --command="cd $remote_dir && .venv/bin/python -m mpt_jax.main --multihost $args"
-  mkdir -p "$(dirname "$workdir")"
-  run_or_print "${vm[@]}" scp --recurse "$name:~/$remote_dir/$workdir" "$(dirname "$workdir")/" "${at[@]}" --worker=0
+  TPU_ARCHIVE="$(mktemp -u /tmp/mpt-jax-XXXX).tar.gz"
+  tpu_do git archive --format=tar.gz -o "$TPU_ARCHIVE" HEAD  # one archive: every restart runs this code
+  if [ "$action" = start ]; then
+    [ "$create" = 1 ] && tpu_do "${TPU_VM[@]}" "${TPU_CREATE[@]}"
+    tpu_deploy && tpu_start
+    echo "tpu: started on every worker of $name; follow it with: bash launch.sh tpu logs --name=$name" \
+      "--zone=$zone --follow (status: tpu status; keep it alive through preemption: tpu watch)" >&2
+    return
+  fi
+  tpu_watch "$create" "$poll" "$max_restarts"
+}
+
+tpu_do() { if [ "$TPU_DRY" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
+tpu_ssh() { tpu_do "${TPU_VM[@]}" ssh "$TPU_NAME" "${TPU_AT[@]}" --worker="$1" --command="$2"; }
+
+tpu_setup_command() {
+  # TPU VM images ship an older Python; JAX 0.10.2 needs 3.11. gcsfs: gs:// for mpt_jax/paths.py (its
+  # release pins fsspec; 2026.8.0 is the newest pair that datasets 5.2.0 accepts). Skipped when done.
+  local default="(command -v python3.11 || (sudo apt-get update -q && sudo apt-get install -y -q python3.11 \
+python3.11-venv)) && (test -x .venv/bin/python || python3.11 -m venv .venv) && \
+(cmp -s requirements.txt .venv/.mpt-requirements || (.venv/bin/pip install -q -r requirements.txt && \
+.venv/bin/pip install -q 'jax[tpu]==0.10.2' gcsfs==2026.8.0 fsspec==2026.8.0 && \
+cp requirements.txt .venv/.mpt-requirements)) && .venv/bin/pip install -q --no-deps -e ."
+  echo "mkdir -p ~/$TPU_REMOTE_DIR && tar -xzf ~/mpt-jax.tar.gz -C ~/$TPU_REMOTE_DIR && \
+cd ~/$TPU_REMOTE_DIR && ${MPT_TPU_SETUP:-$default}"
+}
+
+tpu_start_command() {
+  # The job is a script on the worker (~/mpt-jax/job.sh: the exact command, readable there). setsid: a
+  # session of its own (its pid is its process group: `stop` kills all of it); nohup and the redirections
+  # detach it from the ssh session, which returns at once. One log per worker: ~/mpt-jax/logs/job.log.
+  local python="${MPT_TPU_PYTHON:-.venv/bin/python}" args
+  args="$(printf '%q ' "${TPU_ARGS[@]}")"
+  printf '%s\n' "cd ~/$TPU_REMOTE_DIR && mkdir -p logs && rm -f logs/exit && cat > job.sh <<'MPT_JOB_EOF'" \
+    "cd ~/$TPU_REMOTE_DIR" \
+    "echo \"=== \$(date -u +%FT%TZ) \$(hostname) starts ~/$TPU_REMOTE_DIR/job.sh\"" \
+    "$python -m mpt_jax.main --multihost $args" \
+    "echo \$? > logs/exit" \
+    "MPT_JOB_EOF" \
+    "setsid nohup bash job.sh >> logs/job.log 2>&1 < /dev/null & echo \$! > logs/pid"
+}
+
+tpu_status_command() {
+  echo "cd ~/$TPU_REMOTE_DIR/logs 2>/dev/null || { echo absent; exit 0; }; if test -f exit; then \
+echo \"done \$(cat exit)\"; elif test -f pid && kill -0 \$(cat pid) 2>/dev/null; then echo running; \
+else echo stopped; fi"
+}
+
+tpu_stop_command() {
+  echo "cd ~/$TPU_REMOTE_DIR/logs 2>/dev/null && test -f pid && kill -- -\$(cat pid) 2>/dev/null; true"
+}
+
+tpu_deploy() {
+  tpu_do "${TPU_VM[@]}" scp "$TPU_ARCHIVE" "$TPU_NAME:~/mpt-jax.tar.gz" "${TPU_AT[@]}" --worker=all &&
+    tpu_ssh all "$(tpu_setup_command)"
+}
+tpu_start() { tpu_ssh all "$(tpu_stop_command)" && tpu_ssh all "$(tpu_start_command)"; }
+
+tpu_watch() {  # $1 create (recreate a lost VM), $2 poll seconds, $3 restarts allowed
+  local recreate="$1" poll="$2" max="$3" restarts=0 state statuses
+  if [ "$TPU_DRY" = 1 ]; then  # what one recovery runs
+    tpu_do "${TPU_VM[@]}" describe "$TPU_NAME" "${TPU_AT[@]}" --format='value(state)'
+    tpu_do "${TPU_VM[@]}" delete "$TPU_NAME" "${TPU_AT[@]}" --quiet
+    tpu_do "${TPU_VM[@]}" "${TPU_CREATE[@]}"
+    tpu_deploy; tpu_start; tpu_ssh all "$(tpu_status_command)"
+    return
+  fi
+  while true; do
+    state="$("${TPU_VM[@]}" describe "$TPU_NAME" "${TPU_AT[@]}" --format='value(state)' 2>/dev/null || echo ABSENT)"
+    if [ "$state" != READY ]; then
+      echo "tpu watch: $(date -u +%FT%TZ) VM $TPU_NAME is $state" >&2
+      if [ "$recreate" = 1 ] && [[ "$state" =~ ^(ABSENT|PREEMPTED|TERMINATED|STOPPED|SUSPENDED)$ ]]; then
+        [ "$state" != ABSENT ] && { "${TPU_VM[@]}" delete "$TPU_NAME" "${TPU_AT[@]}" --quiet || true; }
+        "${TPU_VM[@]}" "${TPU_CREATE[@]}" || echo "tpu watch: create failed (no capacity?); retrying" >&2
+      fi
+      sleep "$poll"; continue
+    fi
+    statuses="$(tpu_ssh all "$(tpu_status_command)" 2>/dev/null | grep -E '^(running|done -?[0-9]+|stopped|absent)$')" \
+      || { echo "tpu watch: workers unreachable; retrying" >&2; sleep "$poll"; continue; }
+    if ! grep -qv '^done 0$' <<<"$statuses"; then
+      echo "tpu watch: $(date -u +%FT%TZ) the job finished on every worker (exit 0); results under the workdir" >&2
+      return 0
+    fi
+    if grep -q '^running$' <<<"$statuses" && ! grep -qv '^running$' <<<"$statuses"; then
+      sleep "$poll"; continue
+    fi
+    if ! grep -qvE '^done -?[0-9]+$' <<<"$statuses"; then  # the job itself failed (e.g. a config error)
+      echo "tpu watch: the job exited with an error on every worker ($(tr '\n' ' ' <<<"$statuses")); not" \
+        "restarting it: see bash launch.sh tpu logs --name=$TPU_NAME ${TPU_AT[*]}" >&2
+      return 1
+    fi
+    # Some worker has no job (a fresh or rebooted VM, a crashed process): a multi-host job needs every
+    # process, so stop what is left and run the same command again everywhere; it resumes.
+    if [ "$restarts" -ge "$max" ]; then
+      echo "tpu watch: $max restarts spent; worker states: $(tr '\n' ' ' <<<"$statuses")" >&2
+      return 1
+    fi
+    restarts=$((restarts + 1))
+    echo "tpu watch: $(date -u +%FT%TZ) workers $(tr '\n' ' ' <<<"$statuses")-> restart $restarts of $max" >&2
+    if grep -q '^absent$' <<<"$statuses"; then tpu_deploy || { sleep "$poll"; continue; }; fi
+    tpu_start || true
+    sleep "$poll"
+  done
 }
 
 cmd="${1:-demo}"; shift || true

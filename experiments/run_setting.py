@@ -18,7 +18,7 @@ import os
 
 from absl import app, flags, logging
 
-from mpt_jax import config as config_lib
+from mpt_jax import config as config_lib, paths as paths_lib
 
 _SETTING = flags.DEFINE_string("setting", None, "Setting name (e.g. cls2cls, wn_cls2cls, synth_mini).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one subdirectory per method).")
@@ -67,19 +67,19 @@ def main(argv) -> None:
     # same for every method) are made by the first method and loaded by the others.
     config.cache_dir = config.cache_dir or os.path.join(workdir, "cache")
   summaries = []
-  pt_results = os.path.join(workdir, "pt", "results.json")
+  pt_results = paths_lib.join(workdir, "pt", "results.json")  # workdir: a local path or a URL
   for method, config in configs.items():
-    if method != "pt" and os.path.exists(pt_results) and not config.pt_results:
+    if method != "pt" and paths_lib.exists(pt_results) and not config.pt_results:
       config.pt_results = pt_results
     logging.info("=== %s on %s ===", method, setting)
-    summary = pipeline.run(config, os.path.join(workdir, method))
+    summary = pipeline.run(config, paths_lib.join(workdir, method))
     if summary is not None:
       summaries.append(summary)
   first = next(iter(configs))
-  chance = pipeline.target_baselines(configs[first], os.path.join(workdir, first))
+  chance = pipeline.target_baselines(configs[first], paths_lib.join(workdir, first))
   comparison = results.compare_methods(summaries, baselines=chance)
   paths = results.write_comparison(comparison, workdir)
-  print(open(paths["md"], encoding="utf-8").read())
+  print(paths_lib.read_text(paths["md"]))
   print(f"written: {', '.join(paths.values())}")
 
 

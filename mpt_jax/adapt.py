@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,7 +32,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mpt_jax import algorithms, checkpoints, chunking, logs, metrics, parallel, prompt as prompt_lib
+from mpt_jax import algorithms, checkpoints, chunking, logs, metrics, parallel, paths, prompt as prompt_lib
 from mpt_jax.data import batching
 
 
@@ -168,7 +166,7 @@ def train_grid(
   grid_step: Callable,
   states,
   frozen_params,
-  sampler: batching.GridSampler,
+  sampler: batching.GridSampler,  # sampler(step, runs=indices) -> those runs' batches
   evaluate_dev: Callable[[jax.Array], np.ndarray],
   config: GridConfig,
   writer: logs.MetricWriter | None = None,
@@ -177,6 +175,7 @@ def train_grid(
   checkpointer: checkpoints.Checkpointer | None = None,
   checkpoint_meta: Mapping[str, Any] | None = None,
   run_names: Sequence[str] | None = None,
+  mesh=None,
 ) -> GridProgress:
   """Trains R runs together; returns their GridProgress at the end.
 
@@ -188,9 +187,13 @@ def train_grid(
   same holds for a run from the step it failed the guard. Dev is scored every eval_every steps and at the
   end of each budget.
   checkpointer: saves the states and the progress at every evaluation (with `checkpoint_meta`), and
-  restores the latest at the start, so that a killed grid resumes where it stopped.
+  restores the latest at the start, so that a killed grid resumes where it stopped. The states are saved
+  as host arrays of the R runs, so a grid resumes on another number of devices or processes too.
+  mesh: the runs are split over its data axis (`parallel.RunLayout`: padded to a multiple of it, each
+  process feeding only its own runs); `grid_step` must be the trainer of the same mesh. None: one device.
   """
   num_runs = int(np.asarray(states.step).shape[0])
+  layout = parallel.RunLayout(mesh, num_runs)
   run_steps = (
     np.full(num_runs, config.num_steps, np.int64) if run_steps is None else np.asarray(run_steps, np.int64)
   )
@@ -198,7 +201,8 @@ def train_grid(
   total_steps = int(run_steps.max(initial=0))
   eval_steps = set(range(config.eval_every, total_steps + 1, config.eval_every)) | set(run_steps.tolist())
   base_rng = jax.random.PRNGKey(config.seed)
-  progress = GridProgress.start(np.array(jax.device_get(states.prompt)))
+  states = parallel.to_host(states)
+  progress = GridProgress.start(np.array(states.prompt))
   start = 0
   restored = (
     None
@@ -220,7 +224,8 @@ def train_grid(
     progress.best_scores = np.asarray(evaluate_dev(states.prompt), np.float64)
     progress.has_candidate[:] = True
     progress.dev_curve.append((0, progress.best_scores.tolist()))
-  failed_steps = jnp.asarray(progress.failed_steps, jnp.int32)
+  states = layout.put(states)
+  failed_steps = layout.put(progress.failed_steps.astype(np.int32))
   for step in tqdm(
     range(start, total_steps),
     initial=start,
@@ -229,13 +234,14 @@ def train_grid(
     disable=jax.process_index() != 0,
     mininterval=5,
   ):
-    rngs = jax.random.split(jax.random.fold_in(base_rng, step), num_runs)
-    states, step_metrics = grid_step(states, frozen_params, sampler(step), rngs)
+    rngs = layout.put(jax.random.split(jax.random.fold_in(base_rng, step), num_runs))
+    batches = layout.put_local(sampler(step, runs=layout.local))
+    states, step_metrics = grid_step(states, frozen_params, batches, rngs)
     done = step + 1
     failed_steps = _note_failures(failed_steps, step_metrics["update_ok"], done)
     if done not in eval_steps:
       continue
-    failed = np.asarray(failed_steps, np.int64)
+    failed = layout.to_host(failed_steps).astype(np.int64)
     for r in np.flatnonzero((failed > 0) & (progress.failed_steps == 0)):
       logging.warning(
         "%s: %s failed the guard at step %d (a non-finite or diverging update): left out of "
@@ -246,12 +252,12 @@ def train_grid(
       )
     progress.failed_steps = failed
     in_budget = (done <= run_steps) & (failed == 0)
-    scores = np.where(in_budget, np.asarray(evaluate_dev(states.prompt), np.float64), np.nan)
+    prompts = layout.to_host(states.prompt)
+    scores = np.where(in_budget, np.asarray(evaluate_dev(prompts), np.float64), np.nan)
     progress.dev_curve.append((done, scores.tolist()))
     improved = in_budget & (~progress.has_candidate | _better(scores, progress.best_scores))
     ended = done == run_steps
     if improved.any() or ended.any():
-      prompts = np.asarray(jax.device_get(states.prompt))
       progress.best_prompts[improved] = prompts[improved]
       progress.best_scores[improved] = scores[improved]
       progress.best_steps[improved] = done
@@ -259,7 +265,7 @@ def train_grid(
       progress.last_prompts[ended] = prompts[ended]
     if writer is not None:
       healthy = failed == 0
-      loss = np.asarray(step_metrics["loss"], np.float64)
+      loss = layout.to_host(step_metrics["loss"]).astype(np.float64)
       writer.write(
         done,
         {
@@ -271,7 +277,11 @@ def train_grid(
     if checkpointer is not None:
       checkpointer.save(
         done,
-        {"states": states, "best_prompts": progress.best_prompts, "last_prompts": progress.last_prompts},
+        {
+          "states": layout.to_host(states),
+          "best_prompts": progress.best_prompts,
+          "last_prompts": progress.last_prompts,
+        },
         {**(checkpoint_meta or {}), **progress.meta(), "run_steps": run_steps.tolist()},
         force=True,
       )
@@ -365,6 +375,7 @@ def adapt_task(
   seeds: Sequence[int],
   out_dir: str,
   prompt_meta: Mapping[str, Any] | None = None,
+  mesh=None,
 ) -> list[dict]:
   """The whole grid of one target task; returns one result dict per seed (for mpt_jax.results).
 
@@ -372,6 +383,8 @@ def adapt_task(
   grid_step / optimizer: from `make_grid_trainer` (built once, shared by every task of the same shapes).
   Writes per-run best prompts and the dev curves under out_dir; checkpoints the grid in
   out_dir/checkpoints (with `prompt_meta`) until the results are written, and resumes from there.
+  mesh: the one `grid_step` is sharded over (see `train_grid`). In a multi-process run every process
+  trains and scores the grid; only the primary one writes files.
   """
   runs = grid_runs(seeds, config.lrs)
   run_steps = [
@@ -399,9 +412,9 @@ def adapt_task(
   )
   scorer = Scorer(predict, tokenizer, task, config.eval_batch_size, length_buckets=config.length_buckets)
   dev_splits = [tokenized[(r.seed, "dev")] for r in runs]
-  checkpoint_dir = os.path.join(out_dir, "checkpoints")
+  checkpoint_dir = paths.join(out_dir, "checkpoints")
   checkpointer = checkpoints.Checkpointer(checkpoint_dir)
-  writer = logs.MetricWriter(os.path.join(out_dir, "logs"))
+  writer = logs.MetricWriter(paths.join(out_dir, "logs"))
   try:
     progress = train_grid(
       grid_step,
@@ -416,6 +429,7 @@ def adapt_task(
       checkpointer=checkpointer,
       checkpoint_meta=prompt_meta,
       run_names=[r.name for r in runs],
+      mesh=mesh,
     )
   finally:
     checkpointer.close()
@@ -432,42 +446,26 @@ def adapt_task(
     zip(
       tested_seeds,
       scorer.scores(
-        jnp.asarray(tested_prompts[[chosen[s] for s in tested_seeds]]),
+        tested_prompts[[chosen[s] for s in tested_seeds]],
         [tokenized[(s, "test")] for s in tested_seeds],
       )
       if tested_seeds
       else [],
     )
   )
-  prompt_dir = os.path.join(out_dir, "prompts")
-  for seed in seeds:  # what training started from: a prompt's change is its task embedding (analysis.py)
-    prompt_lib.save_prompt(
-      os.path.join(prompt_dir, f"init_seed{seed}.npy"),
-      init_prompts[seed],
-      {**(prompt_meta or {}), "task": task, "seed": int(seed), "initial": True},
+  if parallel.is_primary():
+    _write_prompts(
+      out_dir,
+      task=task,
+      seeds=seeds,
+      runs=runs,
+      init_prompts=init_prompts,
+      progress=progress,
+      run_steps=run_steps,
+      failed=failed,
+      config=config,
+      prompt_meta=prompt_meta,
     )
-  for i, run in enumerate(runs):
-    meta = {
-      **(prompt_meta or {}),
-      "task": task,
-      "seed": run.seed,
-      "learning_rate": run.learning_rate,
-      "best_step": int(progress.best_steps[i]),
-      "dev_score": _json_float(progress.best_scores[i]),
-      "steps": int(run_steps[i]),
-    }
-    if failed[i]:
-      meta["failed_at_step"] = int(progress.failed_steps[i])
-    prompt_lib.save_prompt(os.path.join(prompt_dir, f"{run.name}.npy"), progress.best_prompts[i], meta)
-    if config.test_prompt == "last":
-      prompt_lib.save_prompt(os.path.join(prompt_dir, f"{run.name}_last.npy"), progress.last_prompts[i], meta)
-  _write_json_atomic(
-    os.path.join(out_dir, "dev_curve.json"),
-    {
-      "runs": [r.name for r in runs],
-      "curve": [[step, [_json_float(x) for x in scores]] for step, scores in progress.dev_curve],
-    },
-  )
   results = []
   for seed in seeds:
     failures = [
@@ -520,16 +518,59 @@ def adapt_task(
   return results
 
 
+def _write_prompts(
+  out_dir: str,
+  *,
+  task: str,
+  seeds: Sequence[int],
+  runs: Sequence[Run],
+  init_prompts: Mapping[int, np.ndarray],
+  progress: GridProgress,
+  run_steps: Sequence[int],
+  failed: np.ndarray,
+  config: GridConfig,
+  prompt_meta: Mapping[str, Any] | None,
+) -> None:
+  """Each seed's initial prompt, each run's best (and with test_prompt="last", last) prompt, and the dev
+  curves, under out_dir."""
+  prompt_dir = paths.join(out_dir, "prompts")
+  for seed in seeds:  # what training started from: a prompt's change is its task embedding (analysis.py)
+    prompt_lib.save_prompt(
+      paths.join(prompt_dir, f"init_seed{seed}.npy"),
+      init_prompts[seed],
+      {**(prompt_meta or {}), "task": task, "seed": int(seed), "initial": True},
+    )
+  for i, run in enumerate(runs):
+    meta = {
+      **(prompt_meta or {}),
+      "task": task,
+      "seed": run.seed,
+      "learning_rate": run.learning_rate,
+      "best_step": int(progress.best_steps[i]),
+      "dev_score": _json_float(progress.best_scores[i]),
+      "steps": int(run_steps[i]),
+    }
+    if failed[i]:
+      meta["failed_at_step"] = int(progress.failed_steps[i])
+    prompt_lib.save_prompt(paths.join(prompt_dir, f"{run.name}.npy"), progress.best_prompts[i], meta)
+    if config.test_prompt == "last":
+      prompt_lib.save_prompt(paths.join(prompt_dir, f"{run.name}_last.npy"), progress.last_prompts[i], meta)
+  _write_json_atomic(
+    paths.join(out_dir, "dev_curve.json"),
+    {
+      "runs": [r.name for r in runs],
+      "curve": [[step, [_json_float(x) for x in scores]] for step, scores in progress.dev_curve],
+    },
+  )
+
+
 def remove_checkpoints(out_dir: str) -> None:
   """Drops a finished grid's checkpoints (its results and prompts are written): they are large."""
-  shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
+  paths.remove(paths.join(out_dir, "checkpoints"), recursive=True)
 
 
 def _write_json_atomic(path: str, value) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f)
-  os.replace(tmp, path)
+  paths.write_text(path, json.dumps(value))
 
 
 def metrics_name(task: str) -> str:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from mpt_jax import parallel, paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +34,13 @@ class Checkpointer:
   """A thin wrapper over orbax's CheckpointManager: save every `every` steps, restore the latest readable."""
 
   def __init__(self, directory: str | os.PathLike, every: int = 1, max_to_keep: int = 2):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)  # a URL as it is (orbax writes gs:// itself)
     self.every = max(int(every), 1)
     self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    self._manager = self._open()
+
+  def _open(self):
+    return ocp.CheckpointManager(orbax_directory(self.directory), options=self._options)
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -43,7 +48,7 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     """The latest step saved (after close(): on disk)."""
     if self._manager is None:
-      steps = [int(e.name) for e in os.scandir(self.directory) if e.name.isdigit()]
+      steps = [int(name) for name in paths.listdir(self.directory) if name.isdigit()]
       return max(steps, default=None)
     return self._manager.latest_step()
 
@@ -53,7 +58,7 @@ class Checkpointer:
     Falls back over unreadable checkpoints (moved aside, with a warning); raises when checkpoints exist
     but none reads back.
     """
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+    abstract = jax.tree.map(_abstract, like)
     unreadable = []
     for step in reversed(self.steps()):
       try:
@@ -83,15 +88,18 @@ class Checkpointer:
     return None
 
   def _set_aside(self, steps: list[int]) -> None:
-    """Moves unreadable checkpoints out of the manager's way (later saves reuse their step numbers)."""
-    aside = self.directory + ".unreadable"
-    os.makedirs(aside, exist_ok=True)
-    for step in steps:
-      target = os.path.join(aside, str(step))
-      shutil.rmtree(target, ignore_errors=True)
-      shutil.move(os.path.join(self.directory, str(step)), target)
+    """Moves unreadable checkpoints out of the manager's way (later saves reuse their step numbers); the
+    primary process moves them, every process then opens the directory again."""
+    if parallel.is_primary():
+      aside = self.directory + ".unreadable"
+      paths.makedirs(aside)
+      for step in steps:
+        target = paths.join(aside, str(step))
+        paths.remove(target, recursive=True)
+        paths.move(paths.join(self.directory, str(step)), target)
+    parallel.sync(f"set aside {self.directory}")
     self._manager.close()
-    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    self._manager = self._open()
 
   def save(self, step: int, arrays: Any, meta: dict[str, Any] | None = None, *, force: bool = False) -> bool:
     """Saves at multiples of `every` (and when forced, e.g. the last step). Asynchronous; see close()."""
@@ -111,6 +119,21 @@ class Checkpointer:
       self._manager.wait_until_finished()
       self._manager.close()
       self._manager = None
+
+
+def orbax_directory(directory: str) -> str:
+  """What orbax is given for a checkpoint directory: the path or URL itself (orbax reads and writes
+  gs:// through etils.epath and tensorstore, not through mpt_jax/paths.py). One place, so a test can map
+  a fake bucket's URL to the local directory behind it."""
+  return directory
+
+
+def _abstract(x):
+  """What orbax restores a leaf as: a jax.Array placed like `x` (e.g. replicated on the mesh of a
+  multi-process run), or a host array for a host array."""
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  return np.asarray(x)
 
 
 def _brief(error: Exception) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from mpt_jax import study
+from mpt_jax import paths, study
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,14 +52,19 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   c.seed = 0  # rng of upstream sampling, dropout and prompt init.
   c.stages = ("upstream", "downstream")
   c.init_prompt = ""  # a saved prompt (.npy) to start downstream from; skips upstream.
-  c.cache_dir = ""  # tokenized tasks and compiled steps; default: <workdir>/cache
+  # Tokenized tasks and compiled steps; default: <workdir>/cache (for a URL workdir, a directory of this
+  # machine's cache named after it). Always a local path.
+  c.cache_dir = ""
   # JAX's persistent compilation cache: a resumed or repeated run, and the next method of a study (which
   # share a cache_dir), load their compiled steps instead of compiling again (mpt_jax/compilation.py).
   c.compilation_cache = True
   c.compilation_cache_dir = ""  # default: <cache_dir>/compiled
-  # Devices of the 1-D data-parallel mesh: 0 = all. Upstream splits each step's tasks (MTL: examples) over
-  # them, so their number must divide upstream.tasks_per_step (MTL: upstream.batch_size).
+  # Devices of the mesh ('data', 'model'): 0 = all. model_parallel of them form the 'model' axis, over
+  # which the frozen weights are split (mpt_jax/sharding.py; 1: every device holds them all, the choice
+  # while they fit); the rest of the factor is the data-parallel axis. Upstream splits each step's tasks
+  # (MTL: examples) over 'data', so its size must divide upstream.tasks_per_step (MTL: batch_size).
   c.num_devices = 0
+  c.model_parallel = 1
 
   c.model = "google/t5-large-lm-adapt"
   # The frozen T5's weights and compute (matmuls, activations, residual stream): "float32" or "bfloat16"
@@ -349,6 +354,27 @@ def _did_you_mean(value: str, options) -> str:
   return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _data_axis_size(flat: Mapping[str, Any], available_devices: int | None, problems: list) -> int:
+  """The size of the mesh's data axis (0 when unknown or invalid), checking num_devices and
+  model_parallel against the devices there are."""
+  devices, model_parallel = flat["num_devices"], flat["model_parallel"]
+  if available_devices is None or not isinstance(devices, int) or not isinstance(model_parallel, int):
+    return 0
+  devices = devices or available_devices
+  if devices > available_devices:
+    problems.append(
+      f"config.num_devices={devices}: expected at most the {available_devices} device(s) there are"
+    )
+    return 0
+  if model_parallel < 1 or devices % model_parallel:
+    problems.append(
+      f"config.model_parallel={model_parallel}: the {devices} device(s) do not split into groups of "
+      f"{model_parallel} (the 'model' axis); use a divisor of {devices}"
+    )
+    return 0
+  return devices // model_parallel
+
+
 def validate(config, available_devices: int | None = None) -> None:
   """Raises ConfigError naming every invalid value: enumerations (method, decoding, placement,
   optimizers, gym, stages, prompt init, dtype, tested prompt), positive integers (steps, sizes, eval and
@@ -356,8 +382,6 @@ def validate(config, available_devices: int | None = None) -> None:
   and (given the devices there are) how upstream's batches split over the devices."""
   # The enumerations live with the code that dispatches on them; imported here rather than at the top so
   # that loading a config file stays light.
-  import os
-
   from mpt_jax import adapt, gyms, optim, pipeline, prompt as prompt_lib
   from mpt_jax.model import hf, t5
 
@@ -416,6 +440,7 @@ def validate(config, available_devices: int | None = None) -> None:
     ("data.input_bucket_multiple", 0),
     ("data.target_bucket_multiple", 0),
     ("num_devices", 0),
+    ("model_parallel", 1),
     ("seed", 0),
   ):
     integer(key, minimum)
@@ -469,16 +494,15 @@ def validate(config, available_devices: int | None = None) -> None:
         integer("upstream.query_size")
       rate("upstream.inner_lr")
       per_step, per_step_key = flat["upstream.tasks_per_step"], "upstream.tasks_per_step"
-    if available_devices is not None and isinstance(per_step, int) and per_step > 0:
-      devices = flat["num_devices"] or available_devices
-      if isinstance(devices, int) and devices > available_devices:
-        add("num_devices", f"at most the {available_devices} device(s) there are")
-      elif isinstance(devices, int) and devices > 0 and per_step % devices:
-        problems.append(
-          f"config.{per_step_key}={per_step} does not split over {devices} devices (upstream is data "
-          f"parallel over it): make it a multiple of {devices}, or use fewer devices with "
-          f"--config.num_devices (a divisor of {per_step})"
-        )
+    data_axis = _data_axis_size(flat, available_devices, problems)
+    if data_axis and isinstance(per_step, int) and per_step > 0 and per_step % data_axis:
+      problems.append(
+        f"config.{per_step_key}={per_step} does not split over the {data_axis} devices of the data axis "
+        f"(upstream is data parallel over it): make it a multiple of {data_axis}, or use fewer devices "
+        f"with --config.num_devices (data axis = num_devices / model_parallel, a divisor of {per_step})"
+      )
+  else:
+    _data_axis_size(flat, available_devices, problems)
 
   d = "downstream."
   lrs = tuple(flat[d + "lrs"])
@@ -518,10 +542,16 @@ def validate(config, available_devices: int | None = None) -> None:
       )
   for key in ("init_prompt", "pt_results", "setting_file"):
     path = flat[key]
-    if path and not os.path.isfile(path):
+    if path and not paths.isfile(path):  # a local path or a URL (mpt_jax/paths.py)
       problems.append(f"config.{key}={path!r}: no such file")
+  for key, what in (
+    ("setting_file", "a small JSON file read at startup"),
+    ("cache_dir", "per-machine scratch"),
+  ):
+    if paths.is_url(flat[key]):
+      problems.append(f"config.{key}={flat[key]!r}: must be a local path ({what}); copy it to the machine")
   model = flat["model"]
-  if hf.looks_local(model) and not os.path.isdir(os.path.expanduser(model)):
+  if hf.looks_local(model) and not paths.isdir(paths.absolute(model)):
     problems.append(
       f"config.model={model!r}: no such checkpoint directory (or pass a hub id such as "
       f"google/t5-large-lm-adapt)"

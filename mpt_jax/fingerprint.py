@@ -16,14 +16,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from mpt_jax import config as config_lib
+from mpt_jax import config as config_lib, paths
 
 FILE = "fingerprint.json"
 DATA = "(data)"  # hash of the stage's data files (task names, inputs, answers)
@@ -52,6 +51,7 @@ HARMLESS = {
   "upstream.remat_inner": "the same function, recomputed in the backward pass",
   # (MTL's dropout masks are drawn per device: another draw of the same distribution.)
   "num_devices": "the same data-parallel step, split over more or fewer devices",
+  "model_parallel": "the same step, with the frozen weights split over more or fewer devices",
   # The batch only sets the prompt's position under after_padding (see `stage_keys`).
   "downstream.eval_batch_size": "evaluation batches score each example on its own",
 }
@@ -112,12 +112,11 @@ class Record:
 
   @classmethod
   def load(cls, directory: str) -> Record | None:
-    path = os.path.join(directory, FILE)
-    if not os.path.exists(path):
+    path = paths.join(directory, FILE)
+    if not paths.exists(path):
       return None
     try:
-      with open(path, encoding="utf-8") as f:
-        fields = json.load(f)
+      fields = json.loads(paths.read_text(path))
       fields.pop("fingerprint", None)
       return cls(**fields)
     except (json.JSONDecodeError, TypeError) as error:
@@ -127,24 +126,20 @@ class Record:
       ) from None
 
   def save(self, directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"fingerprint": self.hash, **dataclasses.asdict(self)}, f, indent=1, sort_keys=True)
-      f.write("\n")
-    os.replace(tmp, path)
+    paths.makedirs(directory)
+    record = {"fingerprint": self.hash, **dataclasses.asdict(self)}
+    paths.write_text(paths.join(directory, FILE), json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def has_work(directory: str) -> bool:
   """Whether the stage directory holds anything a rerun would reuse: a checkpoint, a prompt, results."""
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     return False
-  for entry in os.scandir(directory):
-    if entry.name in (FILE, "logs") or entry.name.startswith(FILE):
+  for name in paths.listdir(directory):
+    if name in (FILE, "logs") or name.startswith(FILE):
       continue
-    if entry.name == "checkpoints":
-      if any(e.name.isdigit() for e in os.scandir(entry.path)):
+    if name == "checkpoints":
+      if any(e.isdigit() for e in paths.listdir(paths.join(directory, name))):
         return True
       continue
     return True
@@ -207,7 +202,7 @@ def check_stage(
   After a recorded divergence, changed upstream learning rates (and nothing else) are accepted.
   """
   work = has_work(directory)
-  record = Record.load(directory) if os.path.isdir(directory) else None
+  record = Record.load(directory) if paths.isdir(directory) else None
   if not work:
     return Check(None)
   if record is None:

@@ -10,19 +10,25 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from mpt_jax import parallel, paths
+
 
 class MetricWriter:
-  """Writes scalar metrics under `directory`: metrics.jsonl and TensorBoard events (process 0 only)."""
+  """Writes scalar metrics under `directory`: metrics.jsonl and TensorBoard events (process 0 only).
 
-  def __init__(self, directory: str | os.PathLike):
-    self._active = jax.process_index() == 0
-    self._jsonl = self._tb = None
+  A URL directory (gs://...) is written through a local mirror (mpt_jax/paths.py: object stores cannot
+  append), uploaded every `upload_every` writes and on close."""
+
+  def __init__(self, directory: str | os.PathLike, upload_every: int = 50):
+    self._active = parallel.is_primary()
+    self._jsonl = self._tb = self._mirror = None
+    self._upload_every, self._writes = upload_every, 0
     if self._active:
-      os.makedirs(directory, exist_ok=True)
-      self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")
+      self._mirror = paths.LocalMirror(directory)
+      self._jsonl = open(os.path.join(self._mirror.local, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
       from tensorboardX import SummaryWriter  # deferred: only runs that log need it
 
-      self._tb = SummaryWriter(str(directory), flush_secs=30)
+      self._tb = SummaryWriter(self._mirror.local, flush_secs=30)
 
   def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
     if not self._active:
@@ -36,11 +42,16 @@ class MetricWriter:
       raise OSError(error.errno, f"writing {self._jsonl.name}: {error.strerror or error}") from error
     for name, value in scalars.items():
       self._tb.add_scalar(name, value, int(step))
+    self._writes += 1
+    if paths.is_url(self._mirror.path) and self._writes % self._upload_every == 0:
+      self._tb.flush()
+      self._mirror.upload()
 
   def close(self) -> None:
     if self._active:
       self._jsonl.close()
       self._tb.close()
+      self._mirror.upload()
 
 
 def _scalar(value) -> float:
@@ -49,5 +60,4 @@ def _scalar(value) -> float:
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
   """The records of a metrics.jsonl file."""
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]

@@ -24,7 +24,18 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/<method>_<setting>.py[:preset]).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, prompts, logs and results.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods).")
+_MULTIHOST = flags.DEFINE_bool(
+  "multihost",
+  False,
+  "Join the other processes of a multi-process run with jax.distributed.initialize() (every host of a "
+  "TPU pod slice runs the same command; the cluster is detected there, elsewhere pass the three flags "
+  "below).",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "--multihost without cluster detection: process 0's host:port."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--multihost: how many processes there are.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--multihost: this process's index, from 0.")
 
 
 def config_mistakes(argv: list[str]) -> list[str]:
@@ -76,7 +87,12 @@ def main(argv) -> None:
   # orbax logs every step of every save at INFO; keep our own progress lines readable.
   logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
   if _MULTIHOST.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
+    logging.info("process %d of %d", jax.process_index(), jax.process_count())
   from mpt_jax import config as config_lib, fingerprint, pipeline
   from mpt_jax.data import crossfit
 

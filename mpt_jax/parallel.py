@@ -1,54 +1,189 @@
-"""Data parallelism on a 1-D device mesh ('data',) with `jax.shard_map`.
+"""The device mesh ('data', 'model') and the steps on it, written per device with `jax.shard_map`.
 
-- Training steps (PT/MTL/MAML/FoMAML/Reptile): the batch's leading axis (tasks of a meta-batch,
-  examples of a PT/MTL batch) is split over devices; the state, frozen params and rng are replicated.
-  The per-device step (built with `axis_name=DATA_AXIS`) averages its gradient across devices exactly
-  once (mpt_jax/algorithms/common.py explains the check_vma trap it avoids), so every device applies the
-  same update and the state stays replicated.
-- Downstream grid: R independent runs (each its own prompt, optimizer state and learning rate) split
-  over devices along the run axis; no cross-device reduction at all.
+- 'data': data parallelism. Training steps (PT/MTL/MAML/FoMAML/Reptile): the batch's leading axis
+  (tasks of a meta-batch, examples of a PT/MTL batch) is split over it; the state and rng are
+  replicated. The per-device step (built with `axis_name=DATA_AXIS`) averages its gradient across the
+  axis exactly once (mpt_jax/algorithms/common.py explains the check_vma trap it avoids), so every
+  device applies the same update and the state stays replicated. Downstream grid: R independent runs
+  (each its own prompt, optimizer state and learning rate) split along the run axis; no reduction.
+- 'model': the frozen T5's weights are split over it by name (mpt_jax/sharding.py), so a model too big
+  for one device fits on `model_parallel` of them. shard_map is manual over 'data' only
+  (`axis_names={'data'}`): inside the per-device step 'model' stays automatic, the weights keep their
+  sharding, and XLA partitions each layer's matmuls over it (tensor parallelism); the step's code is
+  the same whatever the size of either axis. Size 1 (the default): every device holds every weight.
 
-On a multi-host TPU pod call `jax.distributed.initialize()` first; the mesh then spans all hosts'
-devices and each host feeds its part of the global batch.
+Several processes (a TPU pod's hosts, a multi-node GPU job; `python -m mpt_jax.main --multihost`):
+`jax.distributed.initialize()` first; the mesh then spans every process's devices. Every process runs
+the same program on the same host-side state (so that all take part in each collective); each builds
+and transfers only the rows of a batch its own devices hold (`process_rows`, `fed_by_process`,
+`RunLayout`), and reads back what spans other processes' devices with `to_host` (a collective). Only
+the primary process (`is_primary`) writes results, prompts and logs; every process takes part in the
+orbax checkpoints, which each save collectively.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mpt_jax import algorithms
+from mpt_jax import algorithms, sharding
 from mpt_jax.algorithms import common
 
 DATA_AXIS = "data"
+MODEL_AXIS = sharding.MODEL_AXIS
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None, num_devices: int = 0) -> Mesh:
-  """A 1-D mesh named ('data',) over `devices` (default: all), or their first `num_devices` (0: all).
-  Auto axis: jit may reshard inputs."""
+def make_mesh(
+  devices: Sequence[jax.Device] | None = None, num_devices: int = 0, model_parallel: int = 1
+) -> Mesh:
+  """A 2-D mesh ('data', 'model') over `devices` (default: all), or their first `num_devices` (0: all),
+  with `model_parallel` devices on the 'model' axis and the rest of the factor on 'data'.
+
+  Devices keep their order (jax.devices(): process by process), row-major: a 'model' group is
+  consecutive devices, within one host while model_parallel <= its devices (its collectives stay on
+  the host's fast links), and each process's 'data' rows are one block (`process_rows`)."""
   devices = list(jax.devices() if devices is None else devices)
   if num_devices:
     if num_devices > len(devices):
       raise ValueError(f"num_devices={num_devices}: only {len(devices)} device(s) here")
     devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+  if model_parallel < 1 or len(devices) % model_parallel:
+    raise ValueError(
+      f"model_parallel={model_parallel}: the {len(devices)} device(s) do not split into groups of "
+      f"{model_parallel}; use a divisor of {len(devices)}"
+    )
+  grid = np.asarray(devices).reshape(len(devices) // model_parallel, model_parallel)
+  return Mesh(grid, (DATA_AXIS, MODEL_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def describe(mesh: Mesh) -> str:
-  """'2 x cpu (ids 0, 1)': the devices a run uses, for its log."""
+  """'4 x cpu (ids 0, 1, 2, 3) as data 2 x model 2': the devices a run uses, for its log (and over how
+  many processes)."""
   devices = list(mesh.devices.flat)
   kinds = sorted({d.device_kind for d in devices})
-  return f"{len(devices)} x {'/'.join(kinds)} (ids {', '.join(str(d.id) for d in devices)})"
+  processes = len({d.process_index for d in devices})
+  over = f" over {processes} processes" if processes > 1 else ""
+  shape = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
+  ids = ", ".join(str(d.id) for d in devices)
+  return f"{len(devices)} x {'/'.join(kinds)} (ids {ids}) as {shape}{over}"
+
+
+def place_frozen(frozen_params, mesh: Mesh):
+  """The frozen weights on the mesh, each split over the 'model' axis by its partition rule
+  (mpt_jax/sharding.py) and whole along 'data'; from host arrays, each device receiving only its part."""
+  specs = sharding.frozen_specs(frozen_params, mesh.shape[MODEL_AXIS])
+  return place(frozen_params, sharding.shardings(mesh, specs))
+
+
+# --- processes ---------------------------------------------------------------------------------------------
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (results, prompts, logs, records): process 0."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Waits until every process reaches this point (nothing to wait for in a single process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree):
+  """Host (numpy) copies of a tree's arrays. An array split over other processes' devices is gathered
+  from them: a collective, so every process must call this at the same point of the run."""
+
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(get, tree)
+
+
+def process_rows(mesh: Mesh, size: int) -> slice:
+  """The rows of a leading axis of `size`, split over the mesh's data axis, that this process's devices
+  hold: the only rows it builds and transfers. Contiguous for a mesh of `make_mesh` (devices in process
+  order)."""
+  _check_size(size, mesh, "batch")
+  index_map = NamedSharding(mesh, P(DATA_AXIS)).addressable_devices_indices_map((size,))
+  spans = sorted({index[0].indices(size)[:2] for index in index_map.values()})
+  start, stop = spans[0][0], spans[-1][1]
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ValueError(
+      f"this process's devices hold rows {spans} of the data axis, not one block; build the mesh with "
+      f"parallel.make_mesh (devices in process order)"
+    )
+  return slice(start, stop)
+
+
+def put_process_rows(tree, mesh: Mesh, size: int):
+  """Global arrays of leading size `size`, split over the data axis, from this process's rows of them
+  (`process_rows(mesh, size)`, host arrays): nothing of other processes' rows is built or sent here."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(sharding, x, (size, *x.shape[1:]))
+
+  return jax.tree.map(put, tree)
+
+
+def fed_by_process(sample: Callable[..., Any], size: int, mesh: Mesh) -> Callable[[int], Any]:
+  """batch(step) from a sampler `sample(step, rows=slice)` of a leading axis of `size`: global arrays
+  split over the data axis, each process building only its own rows (`process_rows`)."""
+  rows = process_rows(mesh, size)
+  return lambda step: put_process_rows(sample(step, rows=rows), mesh, size)
 
 
 def padded_runs(num_runs: int, mesh: Mesh) -> int:
-  """The smallest multiple of the mesh's devices that holds `num_runs` runs."""
+  """The smallest multiple of the mesh's data axis that holds `num_runs` runs."""
   n = mesh.shape[DATA_AXIS]
   return -(-num_runs // n) * n
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+  """R independent runs (the downstream grid's, or prompts decoded together) on the mesh: padded to a
+  multiple of the data axis by repeating the last run, and split over it. Each process builds and
+  transfers only the runs its devices hold (`local`: run indices, the padding repeating R - 1);
+  `to_host` gathers the R runs back. Without a mesh, runs stay where they are (one device)."""
+
+  mesh: Mesh | None
+  num_runs: int
+
+  @property
+  def padded(self) -> int:
+    return self.num_runs if self.mesh is None else padded_runs(self.num_runs, self.mesh)
+
+  @functools.cached_property
+  def local(self) -> np.ndarray:
+    if self.mesh is None:
+      return np.arange(self.num_runs)
+    rows = process_rows(self.mesh, self.padded)
+    return np.minimum(np.arange(rows.start, rows.stop), self.num_runs - 1)
+
+  def put(self, tree):
+    """Global arrays [padded, ...] from host arrays of all R runs (only this process's rows are sent)."""
+    if self.mesh is None:
+      return tree
+    return self.put_local(jax.tree.map(lambda x: np.asarray(x)[self.local], tree))
+
+  def put_local(self, tree):
+    """Global arrays [padded, ...] from host arrays of this process's runs (`local`) only."""
+    return tree if self.mesh is None else put_process_rows(tree, self.mesh, self.padded)
+
+  def to_host(self, tree):
+    """Host arrays [R, ...] of the runs (a collective across processes; see `to_host`)."""
+    return jax.tree.map(lambda x: x[: self.num_runs], to_host(tree))
 
 
 def _pad_leading(tree, size: int, xp=np):
@@ -61,27 +196,42 @@ def _pad_leading(tree, size: int, xp=np):
   return jax.tree.map(pad, tree)
 
 
-def shard_runs(tree, mesh: Mesh):
-  """Host arrays with a leading run axis, padded to a multiple of the devices (repeating the last run)
-  and split over them; take the first R rows of what comes back."""
-  num_runs = common.leading_size(tree, "runs")
-  return shard(_pad_leading(tree, padded_runs(num_runs, mesh)), mesh, "runs")
+def place(tree, shardings):
+  """Host arrays (or arrays of this process) put on the mesh, each with its sharding (one for all, or a
+  tree of them): every device receives only its own part, taken from this process's copy. Unlike
+  `jax.device_put` in a multi-process run, nothing is compared across processes (that gathers every
+  array from every host): each process must hold the same values (the same checkpoint, the same
+  computed initial state)."""
+
+  def put(x, target):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys
+      return jax.random.wrap_key_data(put(jax.random.key_data(x), target), impl=jax.random.key_impl(x))
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: put(x, shardings), tree)
+  return jax.tree.map(put, tree, shardings)
 
 
 def replicate(tree, mesh: Mesh):
-  """Put a full copy of `tree` on every device of the mesh (state, frozen params)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """Put a full copy of `tree` on every device of the mesh (e.g. the upstream state)."""
+  return place(tree, NamedSharding(mesh, P()))
 
 
 def shard(tree, mesh: Mesh, what: str = "batch"):
-  """Split every array of `tree` along its leading axis over the mesh's devices."""
+  """Split every array of `tree` along its leading axis over the mesh's data axis (from a full copy in
+  this process; `put_process_rows` builds a batch from this process's rows only)."""
   _check_divisible(tree, mesh, what)
-  return jax.device_put(tree, NamedSharding(mesh, P(DATA_AXIS)))
+  return place(tree, NamedSharding(mesh, P(DATA_AXIS)))
 
 
 def _check_divisible(tree, mesh: Mesh, what: str) -> None:
+  _check_size(common.leading_size(tree, what), mesh, what)
+
+
+def _check_size(size: int, mesh: Mesh, what: str) -> None:
   num_devices = mesh.shape[DATA_AXIS]
-  size = common.leading_size(tree, what)
   if size % num_devices:
     raise ValueError(
       f"{what}: leading dimension {size} does not split over {num_devices} devices; make "
@@ -96,7 +246,11 @@ def shard_step(per_device_step: common.StepFn, mesh: Mesh) -> common.StepFn:
   returned state and metrics replicated. The state is donated.
   """
   sharded = jax.shard_map(
-    per_device_step, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P()), out_specs=(P(), P())
+    per_device_step,
+    mesh=mesh,
+    in_specs=(P(), P(), P(DATA_AXIS), P()),
+    out_specs=(P(), P()),
+    axis_names={DATA_AXIS},  # 'model' stays automatic: the frozen params keep their sharding over it
   )
 
   def step(state, frozen_params, batch, rng):
@@ -125,6 +279,7 @@ def shard_grid_step(step: common.StepFn, mesh: Mesh) -> common.StepFn:
     mesh=mesh,
     in_specs=(P(DATA_AXIS), P(), P(DATA_AXIS), P(DATA_AXIS)),
     out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+    axis_names={DATA_AXIS},
   )
 
   def grid_step(states, frozen_params, batches, rngs):

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -35,8 +36,10 @@ from mpt_jax import (
   metrics,
   optim,
   parallel,
+  paths,
   prompt as prompt_lib,
   results,
+  sharding,
   study,
   train,
 )
@@ -72,8 +75,10 @@ def run(config, workdir: str) -> dict | None:
 
   # --- 3. workdir: refuse to mix work of another config -----------------------------------------------------
   upstream_check = check_workdir(config, workdir, data, init_prompt, upstream=do_upstream)
-  os.makedirs(workdir, exist_ok=True)
-  results.run_record(config, workdir)
+  parallel.sync("workdir checked")  # every process has read the workdir before the primary writes to it
+  if parallel.is_primary():
+    paths.makedirs(workdir)
+    results.run_record(config, workdir)
 
   # --- 4. runtime: model, weights on the mesh, tokenizer, compiled steps ---------------------------------
   runtime = build_runtime(config, workdir, upstream=do_upstream)
@@ -106,8 +111,9 @@ def run(config, workdir: str) -> dict | None:
   summary = results.summarize_setting(
     summaries, setting=setting.name, method=config.method, pt=config.pt_results or None
   )
-  results.write_setting_results(summary, workdir)
-  logging.info("results: %s", os.path.join(workdir, "results.md"))
+  if parallel.is_primary():
+    results.write_setting_results(summary, workdir)
+  logging.info("results: %s", paths.join(workdir, "results.md"))
   return summary
 
 
@@ -150,7 +156,16 @@ def resolve_data_dir(config, workdir: str) -> str:
   if config.data_dir:
     return config.data_dir
   if config.gym:
-    return gyms.data_dir(config.gym, os.path.join(workdir, os.pardir, "gym_data"))
+    # Beside the workdir; a URL workdir's gym goes to this machine's cache (it is regenerated, not read).
+    gym_dir = (
+      paths.join(paths.cache_root(), "gym_data")
+      if paths.is_url(workdir)
+      else os.path.join(workdir, os.pardir, "gym_data")
+    )
+    if parallel.is_primary():  # generated on first use, by one process
+      gyms.data_dir(config.gym, gym_dir)
+    parallel.sync("gym data")
+    return gyms.data_dir(config.gym, gym_dir)
   raise config_lib.ConfigError(
     [
       "config.data_dir is empty: pass --config.data_dir=/path/to/crossfit_data (the CrossFit layout "
@@ -252,8 +267,8 @@ def initial_prompt_file(
   if config.init_prompt:
     path, key = config.init_prompt, "config.init_prompt"
   elif downstream and not upstream and config.method in UPSTREAM_METHODS:
-    path, key = os.path.join(workdir, "upstream", "prompt.npy"), "the upstream prompt"
-    if not os.path.exists(path):
+    path, key = paths.join(workdir, "upstream", "prompt.npy"), "the upstream prompt"
+    if not paths.exists(path):
       raise FileNotFoundError(
         f"{config.method} downstream needs an upstream prompt: none at {path}; run "
         f"the upstream stage first or pass --config.init_prompt=path.npy"
@@ -292,7 +307,7 @@ def _fresh_workdir_fix(workdir: str, upstream_prompt: bool) -> str:
   reuse = (
     (
       f" (to keep its upstream prompt, start downstream from it there: --config.init_prompt="
-      f"{os.path.join(workdir, 'upstream', 'prompt.npy')})"
+      f"{paths.join(workdir, 'upstream', 'prompt.npy')})"
     )
     if upstream_prompt
     else ""
@@ -311,13 +326,13 @@ def check_workdir(
   or not (a downstream-only rerun with other upstream keys would label the old prompt's results with
   them); without the source data read, their hash is not compared."""
   problems, upstream_check = [], None
-  upstream_prompt = os.path.exists(os.path.join(workdir, "upstream", "prompt.npy"))
+  upstream_prompt = paths.exists(paths.join(workdir, "upstream", "prompt.npy"))
   fix = _fresh_workdir_fix(workdir, upstream_prompt)
   if config.method in UPSTREAM_METHODS and not config.init_prompt:
     upstream_check = fingerprint.check_stage(
-      os.path.join(workdir, "upstream"),
+      paths.join(workdir, "upstream"),
       upstream_fingerprint(config, data.source),
-      what=os.path.join(workdir, "upstream"),
+      what=paths.join(workdir, "upstream"),
       fix=fix,
       unknown=() if upstream else (fingerprint.DATA,),
     )
@@ -327,7 +342,7 @@ def check_workdir(
   known_prompt = init_prompt is not None or config.method not in UPSTREAM_METHODS
   for subdir, tasks in (("downstream", data.target), ("sources", data.source_runs)):
     for task, task_data in tasks.items():
-      task_dir = os.path.join(workdir, subdir, task)
+      task_dir = paths.join(workdir, subdir, task)
       check = fingerprint.check_stage(
         task_dir,
         task_fingerprint(config, task, task_data, init_prompt),
@@ -353,12 +368,11 @@ class Runtime:
   workdir: str
   cache_dir: str  # tokenized tasks, compiled steps
   model: Any  # mpt_jax.model.t5.T5
-  frozen_params: Any  # placed on the mesh (replicated) once, for every stage
+  frozen_params: Any  # placed on the mesh once, for every stage (split over its 'model' axis)
   tokenizer: Any
-  mesh: Any  # 1-D ('data',)
+  mesh: Any  # ('data', 'model')
   upstream_optimizer: Any  # None without an upstream stage
   upstream_step: Callable | None  # jitted (sharded over the mesh's devices when there are several)
-  put_batch: Callable  # places an upstream batch for upstream_step
   grid_optimizer: Any  # the learning rates are state: one optimizer for every run
   grid_step: Callable  # jitted; runs split over the devices
   generate: Callable | None  # greedy or beam decoding of [R] prompts, jitted (None: rank only)
@@ -367,7 +381,7 @@ class Runtime:
   def predictor(self, train_split: batching.TokenizedSplit) -> Callable:
     """predict(prompts [R, P, D], batch [R, B, ...]) -> token ids [R, B, T] with the task's decoding
     (rank classification scores the labels of `train_split`); runs split over the devices, padded to a
-    multiple of them."""
+    multiple of them, each process feeding its own (`parallel.RunLayout`); host arrays come back."""
     if resolve_decoding(self.config.downstream.decoding, train_split.task) == "rank":
       candidates = decode.label_candidates(train_split)
       generate = lambda frozen, prompts, ids, mask: self.rank(frozen, prompts, ids, mask, candidates)
@@ -375,19 +389,29 @@ class Runtime:
       generate = self.generate
 
     def predict(prompts, batch):
-      ids, mask = batch["input_ids"], batch["input_mask"]
-      num_runs = ids.shape[0]
-      if self.mesh.size > 1:
-        prompts, ids, mask = parallel.shard_runs((np.asarray(prompts), ids, mask), self.mesh)
-      return generate(self.frozen_params, prompts, ids, mask)[:num_runs]
+      layout = parallel.RunLayout(self.mesh, batch["input_ids"].shape[0])
+      placed = layout.put((parallel.to_host(prompts), batch["input_ids"], batch["input_mask"]))
+      return layout.to_host(generate(self.frozen_params, *placed))
 
     return predict
+
+
+def default_cache_dir(workdir: str) -> str:
+  """The tokenized-task cache: <workdir>/cache, or for a URL workdir a directory of this machine's
+  cache named after it (the cache is scratch that each machine rebuilds, written with the OS)."""
+  if not paths.is_url(workdir):
+    return paths.join(workdir, "cache")
+  return paths.join(paths.cache_root(), "tokenized", hashlib.sha256(workdir.encode()).hexdigest()[:16])
 
 
 def load_model(config):
   """(model, frozen_params, tokenizer) of config.model in config.dtype, with the config's dropout."""
   model, frozen_params, tokenizer = hf.load_pretrained(
-    config.model, dtype=config.dtype, remat=config.remat_layers, scan_layers=config.scan_layers
+    config.model,
+    dtype=config.dtype,
+    remat=config.remat_layers,
+    scan_layers=config.scan_layers,
+    on_host=True,
   )
   model = type(model)(
     dataclasses.replace(
@@ -418,7 +442,7 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
   """The model and its weights on the mesh, the tokenizer, the compiled steps and decoders (compiled at
   their first call, once per shape)."""
   u, d = config.upstream, config.downstream
-  cache_dir = config.cache_dir or os.path.join(workdir, "cache")
+  cache_dir = config.cache_dir or default_cache_dir(workdir)  # always local (config.validate)
   if config.compilation_cache:  # before anything compiles: JAX opens its cache at the first compilation
     logging.info(
       "persistent compilation cache: %s",
@@ -427,19 +451,18 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
       ),
     )
   model, frozen_params, tokenizer = load_model(config)
-  mesh = parallel.make_mesh(num_devices=config.num_devices)
-  frozen_params = parallel.replicate(frozen_params, mesh)
+  mesh = parallel.make_mesh(num_devices=config.num_devices, model_parallel=config.model_parallel)
+  logging.info("%s", sharding.describe(frozen_params, config.model_parallel))
+  frozen_params = parallel.place_frozen(frozen_params, mesh)  # from host memory, each device its part
   loss_fn = algorithms.make_loss_fn(
     model, deterministic=config.dropout_rate == 0, placement=config.prompt.placement
   )
   upstream_optimizer = upstream_step = None
-  put_batch = lambda batch: batch
   if upstream:
     upstream_optimizer = optim.make_optimizer(u.optimizer, u.lr)
     kwargs = {} if config.method == "mtl" else {"inner_lr": u.inner_lr, "remat": u.remat_inner}
     if mesh.size > 1:  # config.validate checked that the step's tasks (MTL: examples) split over them
       upstream_step = parallel.make_sharded_step(config.method, loss_fn, upstream_optimizer, mesh, **kwargs)
-      put_batch = lambda batch: parallel.shard(batch, mesh)
     else:
       upstream_step = algorithms.jit_step(
         algorithms.make_step(config.method, loss_fn, upstream_optimizer, **kwargs)
@@ -481,7 +504,6 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
     mesh=mesh,
     upstream_optimizer=upstream_optimizer,
     upstream_step=upstream_step,
-    put_batch=put_batch,
     grid_optimizer=grid_optimizer,
     grid_step=adapt.make_grid_trainer(loss_fn, grid_optimizer, mesh, budget),
     generate=generate,
@@ -540,7 +562,8 @@ def length_buckets(config) -> batching.LengthBuckets:
 
 
 def upstream_sampler(config, source_data, tokenizer, cache_dir):
-  """(sample_batch(step), num_steps) of the method: MTL pools batches, meta-learners draw episodes."""
+  """(sample_batch(step, rows=None), num_steps) of the method: MTL pools batches, meta-learners draw
+  episodes; `rows` of the leading axis (`upstream_batch_size`) build a process's share of a batch."""
   u = config.upstream
   spec = batching.TextSpec(
     max_input_len=config.data.max_input_len,
@@ -568,10 +591,16 @@ def upstream_sampler(config, source_data, tokenizer, cache_dir):
   return sampler, u.num_steps
 
 
+def upstream_batch_size(config) -> int:
+  """The leading size of an upstream batch, split over the devices: MTL's examples, else tasks."""
+  return config.upstream.batch_size if config.method == "mtl" else config.upstream.tasks_per_step
+
+
 def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], seed: int) -> np.ndarray:
-  """The configured prompt init: task names (the study's), sampled vocabulary, uniform or label words."""
+  """The configured prompt init: task names (the study's), sampled vocabulary, uniform or label words.
+  Every process computes it (the embedding is gathered to each host)."""
   p = config.prompt
-  embedding = prompt_lib.token_embedding(frozen_params)
+  embedding = parallel.to_host(prompt_lib.token_embedding(frozen_params))
   if p.init == "task_names":
     if len(task_names) > p.length:
       logging.info(
@@ -603,11 +632,11 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
   the latest checkpoint). After a divergence, a rerun with lower learning rates continues from the last good
   checkpoint with them."""
   config, u = runtime.config, runtime.config.upstream
-  out_dir = os.path.join(runtime.workdir, "upstream")
-  prompt_path = os.path.join(out_dir, "prompt.npy")
+  out_dir = paths.join(runtime.workdir, "upstream")
+  prompt_path = paths.join(out_dir, "prompt.npy")
   keys = upstream_fingerprint(config, source_data)
   record = check.record
-  if record is not None and check.new_learning_rates is None and os.path.exists(prompt_path):
+  if record is not None and check.new_learning_rates is None and paths.exists(prompt_path):
     logging.info("upstream: done with this config (%s), reusing its prompt", prompt_path)
     return prompt_lib.load_prompt(prompt_path)[0]
   if record is None:
@@ -622,12 +651,15 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
     )
     record.keys, record.diverged = keys, False
     record.learning_rates.append({"step": resume_step, **_learning_rates(keys)})
-  record.save(out_dir)
+  if parallel.is_primary():
+    record.save(out_dir)
 
-  sample_batch, num_steps = upstream_sampler(config, source_data, runtime.tokenizer, runtime.cache_dir)
+  sampler, num_steps = upstream_sampler(config, source_data, runtime.tokenizer, runtime.cache_dir)
+  # Each process builds and sends only its devices' share of each batch.
+  sample_batch = parallel.fed_by_process(sampler, upstream_batch_size(config), runtime.mesh)
   prompt0 = initial_prompt(config, runtime.frozen_params, runtime.tokenizer, list(source_data), config.seed)
   logging.info("upstream: %s on %d source tasks, %d steps", config.method, len(source_data), num_steps)
-  state = algorithms.init_state(prompt0, runtime.upstream_optimizer)
+  state = parallel.replicate(algorithms.init_state(prompt0, runtime.upstream_optimizer), runtime.mesh)
   loop = train.LoopConfig(
     num_steps=num_steps,
     checkpoint_every=u.checkpoint_every,
@@ -643,7 +675,6 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
       sample_batch,
       loop,
       out_dir,
-      runtime.put_batch,
       checkpoint_meta={"config_fingerprint": record.hash},
     )
   except algorithms.Diverged as diverged:
@@ -657,10 +688,11 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
         "learning_rates": rates,
       }
     )
-    record.save(out_dir)
+    if parallel.is_primary():
+      record.save(out_dir)
     resume = (
       f"it continues from step {diverged.resume_step}, the last good checkpoint, with the new rate "
-      f"({os.path.join(out_dir, fingerprint.FILE)} records which rate trained which steps)"
+      f"({paths.join(out_dir, fingerprint.FILE)} records which rate trained which steps)"
       if diverged.resume_step
       else "it starts again from the initial prompt (no step before the divergence was checkpointed)"
     )
@@ -669,18 +701,19 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
       f"every checkpoint holds steps that passed the guard. Rerun with a lower --config.upstream.lr (now "
       f"{u.lr:g}): {resume}."
     ) from diverged
-  prompt = np.asarray(jax.device_get(state.prompt))
-  prompt_lib.save_prompt(
-    prompt_path,
-    prompt,
-    prompt_meta(
-      runtime,
-      source_tasks=list(source_data),
-      steps=num_steps,
-      config_fingerprint=record.hash,
-      learning_rates=record.learning_rates,
-    ),
-  )
+  prompt = parallel.to_host(state.prompt)
+  if parallel.is_primary():
+    prompt_lib.save_prompt(
+      prompt_path,
+      prompt,
+      prompt_meta(
+        runtime,
+        source_tasks=list(source_data),
+        steps=num_steps,
+        config_fingerprint=record.hash,
+        learning_rates=record.learning_rates,
+      ),
+    )
   logging.info("upstream prompt saved to %s", prompt_path)
   return prompt
 
@@ -738,19 +771,21 @@ def run_downstream(
   fix = _fresh_workdir_fix(runtime.workdir, config.method in UPSTREAM_METHODS)
   summaries = []
   for task, data in target_data.items():
-    task_dir = os.path.join(runtime.workdir, out_subdir, task)
+    task_dir = paths.join(runtime.workdir, out_subdir, task)
     keys = task_fingerprint(config, task, data, init_prompt)
     check = fingerprint.check_stage(task_dir, keys, what=task_dir, fix=fix)
     if check.problem:
       raise fingerprint.WorkdirConflict(check.problem)
-    done = os.path.join(task_dir, results.RESULTS_FILE)
-    if check.record is not None and os.path.exists(done):
+    done = paths.join(task_dir, results.RESULTS_FILE)
+    if check.record is not None and paths.exists(done):
       logging.info("downstream %s: done with this config (%s), reusing it", task, done)
-      adapt.remove_checkpoints(task_dir)  # left behind when a run stopped between results and cleanup
+      if parallel.is_primary():  # left behind when a run stopped between results and cleanup
+        adapt.remove_checkpoints(task_dir)
       summaries.append(results.load_results(done))
       continue
     record = check.record or fingerprint.Record(keys=keys)
-    record.save(task_dir)
+    if parallel.is_primary():
+      record.save(task_dir)
     tokenized = {
       key[1:]: split
       for key, split in batching.tokenize_tasks(
@@ -777,10 +812,13 @@ def run_downstream(
       seeds=seeds,
       out_dir=task_dir,
       prompt_meta=prompt_meta(runtime, config_fingerprint=record.hash),
+      mesh=runtime.mesh,
     )
     summary = {**results.summarize_task(task, runs), "config_fingerprint": record.hash}
-    results.write_task_results(summary, task_dir)
-    adapt.remove_checkpoints(task_dir)
+    parallel.sync(f"grid of {task} done")  # every process is done with its checkpoints
+    if parallel.is_primary():
+      results.write_task_results(summary, task_dir)
+      adapt.remove_checkpoints(task_dir)
     summaries.append(summary)
   return summaries
 

@@ -23,14 +23,16 @@ placement, ... whatever `meta` holds), and check it fits the model on the way ba
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mpt_jax import paths
 
 Initializer = Callable[[jax.Array, tuple[int, int]], jax.Array]
 
@@ -144,47 +146,37 @@ def _check_shape(shape, embedding):
 # --- export / import ---------------------------------------------------------------------------------
 
 
-def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
-  path = Path(path)
-  stem = path.with_suffix("") if path.suffix in (".npy", ".json") else path
-  return stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
+def _files(path: str | os.PathLike) -> tuple[str, str]:
+  """(<stem>.npy, <stem>.json) of a prompt path given with either suffix or none (local or URL)."""
+  path = os.fspath(path)
+  stem = next((path[: -len(s)] for s in (".npy", ".json") if path.endswith(s)), path)
+  return stem + ".npy", stem + ".json"
 
 
-def save_prompt(path: str | os.PathLike, prompt, meta: dict | None = None) -> Path:
+def save_prompt(path: str | os.PathLike, prompt, meta: dict | None = None) -> str:
   """Writes `<path>.npy` (float32 [P, d_model]) and `<path>.json` (meta + d_model and length), each
-  atomically (a killed or failed write leaves the previous file or none, never half of one)."""
+  atomically (a killed or failed write leaves the previous file or none, never half of one); `path`
+  may be a URL (mpt_jax/paths.py)."""
   array = np.asarray(jax.device_get(prompt), np.float32)
   if array.ndim != 2:
     raise ValueError(f"a prompt is [length, d_model]; got shape {array.shape}")
-  npy, sidecar = _paths(path)
+  npy, sidecar = _files(path)
   meta = dict(meta or {})
   meta.update(length=int(array.shape[0]), d_model=int(array.shape[1]))
-  npy.parent.mkdir(parents=True, exist_ok=True)
-  _write_atomic(npy, lambda f: np.save(f, array))
-  text = json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
-  _write_atomic(sidecar, lambda f: f.write(text.encode()))
+  paths.makedirs(paths.parent(npy))
+  paths.write_atomic(npy, lambda f: np.save(f, array))
+  paths.write_text(sidecar, json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
   return npy
-
-
-def _write_atomic(path: Path, write) -> None:
-  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except OSError as error:
-    tmp.unlink(missing_ok=True)
-    raise OSError(error.errno, f"writing {path}: {error.strerror or error}") from error
 
 
 def load_prompt(path: str | os.PathLike, *, d_model: int | None = None) -> tuple[np.ndarray, dict]:
   """(prompt float32 [P, d_model], meta) from `save_prompt` files; d_model: the model's, checked."""
-  npy, sidecar = _paths(path)
-  if not npy.is_file():
+  npy, sidecar = _files(path)
+  if not paths.isfile(npy):
     raise FileNotFoundError(f"prompt file {npy} does not exist")
   try:
-    prompt = np.load(npy, allow_pickle=False)
-    meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    prompt = np.load(io.BytesIO(paths.read_bytes(npy)), allow_pickle=False)
+    meta = json.loads(paths.read_text(sidecar)) if paths.isfile(sidecar) else {}
   except (ValueError, OSError, EOFError) as error:  # a truncated or foreign file
     raise ValueError(
       f"{npy}: not a readable prompt ({type(error).__name__}: {error}); a prompt is a "
@@ -194,7 +186,7 @@ def load_prompt(path: str | os.PathLike, *, d_model: int | None = None) -> tuple
     raise ValueError(f"{npy}: a prompt is a float [length, d_model] array; got {prompt.dtype} {prompt.shape}")
   for key, actual in (("length", prompt.shape[0]), ("d_model", prompt.shape[1])):
     if key in meta and meta[key] != actual:
-      raise ValueError(f"{npy}: array {key} {actual} disagrees with {sidecar.name} ({meta[key]})")
+      raise ValueError(f"{npy}: array {key} {actual} disagrees with {paths.name(sidecar)} ({meta[key]})")
   if d_model is not None and prompt.shape[1] != d_model:
     raise ValueError(
       f"{npy}: prompt d_model {prompt.shape[1]} (from model {meta.get('model', '?')}) "

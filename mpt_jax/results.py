@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from mpt_jax import study
+from mpt_jax import paths, study
 
 STD_DDOF = 0  # np.std's default, as in the study's tables: population std over seeds.
 NAN_POLICIES = ("omit", "propagate")
@@ -276,15 +276,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "w", newline="") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except OSError as error:  # a full disk says only "No space left on device": name the file
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise OSError(error.errno, f"writing {path}: {error.strerror or error}") from error
+  paths.write_text(path, text)  # whole or not at all; errors name the file
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -294,11 +286,10 @@ def _write_json(path: str, value: Any) -> None:
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
   """A results.json (task or setting summary, or comparison); a directory means its results.json."""
   path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, RESULTS_FILE)
+  if paths.isdir(path):
+    path = paths.join(path, RESULTS_FILE)
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except FileNotFoundError:
     raise FileNotFoundError(
       f"no results file at {path}; run the downstream stage (or write_setting_results) first"
@@ -309,8 +300,8 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 
 def write_task_results(task_summary: Mapping[str, Any], task_dir: str | os.PathLike) -> str:
   """<task_dir>/results.json of one task; returns its path."""
-  os.makedirs(task_dir, exist_ok=True)
-  path = os.path.join(os.fspath(task_dir), RESULTS_FILE)
+  paths.makedirs(task_dir)
+  path = paths.join(task_dir, RESULTS_FILE)
   _write_json(path, task_summary)
   return path
 
@@ -481,7 +472,7 @@ def plot_bars(
   axes.legend(fontsize=8)
   figure.tight_layout()
   path = os.fspath(path)
-  figure.savefig(path, format="png", dpi=120)
+  paths.write_atomic(path, lambda f: figure.savefig(f, format="png", dpi=120))
   return path
 
 
@@ -490,11 +481,11 @@ def write_setting_results(
 ) -> dict[str, str]:
   """results.json, results.md, results.csv and results.png of one method on one setting."""
   out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {ext: os.path.join(out_dir, f"results.{ext}") for ext in ("json", "md", "csv", "png")}
-  _write_json(paths["json"], summary)
-  _write_atomic(paths["md"], setting_table_markdown(summary, digits))
-  _write_atomic(paths["csv"], setting_table_csv(summary))
+  paths.makedirs(out_dir)
+  files = {ext: paths.join(out_dir, f"results.{ext}") for ext in ("json", "md", "csv", "png")}
+  _write_json(files["json"], summary)
+  _write_atomic(files["md"], setting_table_markdown(summary, digits))
+  _write_atomic(files["csv"], setting_table_csv(summary))
   tasks = list(summary["tasks"])
   plot_bars(
     tasks + ["average"],
@@ -504,10 +495,10 @@ def write_setting_results(
         [summary["tasks"][t]["std"] for t in tasks] + [0.0],
       )
     },
-    paths["png"],
+    files["png"],
     title=f"{method_display_name(summary['method'])} on {summary['setting']}",
   )
-  return paths
+  return files
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -753,12 +744,12 @@ def write_comparison(
 ) -> dict[str, str]:
   """<name>.json/.md/.csv/.png of a comparison table (name defaults to the setting)."""
   out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   name = name or f"comparison_{comparison['setting']}"
-  paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "csv", "png")}
-  _write_json(paths["json"], comparison)
-  _write_atomic(paths["md"], comparison_table_markdown(comparison, digits))
-  _write_atomic(paths["csv"], comparison_table_csv(comparison))
+  files = {ext: paths.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "csv", "png")}
+  _write_json(files["json"], comparison)
+  _write_atomic(files["md"], comparison_table_markdown(comparison, digits))
+  _write_atomic(files["csv"], comparison_table_csv(comparison))
   tasks = comparison["tasks"]
   nan_cell = {"mean": float("nan"), "std": float("nan")}
   series = {}
@@ -768,8 +759,8 @@ def write_comparison(
       [c["mean"] for c in cells] + [comparison["average"][m]],
       [c["std"] for c in cells] + [0.0],
     )
-  plot_bars(tasks + ["average"], series, paths["png"], title=str(comparison["setting"]))
-  return paths
+  plot_bars(tasks + ["average"], series, files["png"], title=str(comparison["setting"]))
+  return files
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -858,17 +849,16 @@ def run_record(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
   if record["devices"].get("process_index", 0) != 0:
     return record
   workdir = os.fspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, RUN_RECORD_FILE)
+  paths.makedirs(workdir)
+  path = paths.join(workdir, RUN_RECORD_FILE)
   history = []
-  if os.path.exists(path):
+  if paths.exists(path):
     try:
-      with open(path) as f:
-        history = json.load(f)
+      history = json.loads(paths.read_text(path))
     except json.JSONDecodeError:
       history = None
     if not isinstance(history, list):  # Unreadable: keep it aside rather than lose or crash.
-      os.replace(path, path + ".unreadable")
+      paths.move(path, path + ".unreadable")
       history = []
   _write_json(path, history + [record])
   return record
@@ -888,10 +878,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
   parser.add_argument("--digits", type=int, default=1)
   parser.add_argument("--nan_policy", choices=NAN_POLICIES, default="omit")
   args = parser.parse_args(argv)
-  paths = write_comparison(compare_methods(args.results, args.nan_policy), args.out, args.name, args.digits)
-  with open(paths["md"]) as f:
-    print(f.read())
-  return paths
+  files = write_comparison(compare_methods(args.results, args.nan_policy), args.out, args.name, args.digits)
+  print(paths.read_text(files["md"]))
+  return files
 
 
 if __name__ == "__main__":

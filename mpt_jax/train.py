@@ -9,7 +9,6 @@ continues from its latest checkpoint exactly as if it had never stopped.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mpt_jax import checkpoints, logs, optim
+from mpt_jax import checkpoints, logs, optim, paths
 from mpt_jax.algorithms import Diverged, PromptState, check_update
 
 
@@ -40,21 +39,23 @@ def train_prompt(
   sample_batch: Callable[[int], dict],
   loop: LoopConfig,
   workdir: str,
-  put_batch: Callable[[dict], Any] = lambda batch: batch,
   checkpoint_meta: dict | None = None,
 ) -> PromptState:
   """Runs `step_fn` from the latest checkpoint in `workdir` (or from `state`) to `loop.num_steps`.
 
   step_fn(state, frozen_params, batch, rng) -> (state, metrics), jitted, state donated.
-  sample_batch(step) -> batch (host arrays); put_batch places it (e.g. shards it over devices).
+  sample_batch(step) -> the step's batch, placed for step_fn (`parallel.fed_by_process` splits it over
+  the devices, each process building its own rows). `state` is placed as step_fn takes it (replicated on
+  the mesh): a checkpoint is restored with its placement.
   The state is saved every `checkpoint_every` steps and at the end, with `checkpoint_meta` (the config
   fingerprint). A step that fails the guard (a non-finite or diverging update) stops the run with
   `algorithms.Diverged`; every checkpoint is of steps that passed it, and the exception's `resume_step`
   is the latest of them (0: none, the initial state), where a rerun with a lower learning rate continues.
   """
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), loop.checkpoint_every)
-  writer = logs.MetricWriter(os.path.join(workdir, "logs"))
-  base_rng = jax.random.PRNGKey(loop.seed)
+  ckpt = checkpoints.Checkpointer(paths.join(workdir, "checkpoints"), loop.checkpoint_every)
+  writer = logs.MetricWriter(paths.join(workdir, "logs"))
+  # On the host: the same on every process, and saved by the primary one alone.
+  base_rng = np.asarray(jax.random.PRNGKey(loop.seed))
   start = 0
   pending = []  # metrics of the steps since the last log line, fetched together (one host sync)
   try:
@@ -82,7 +83,7 @@ def train_prompt(
       disable=jax.process_index() != 0,
       mininterval=5,
     ):
-      batch = put_batch(sample_batch(step))
+      batch = sample_batch(step)
       state, metrics = step_fn(state, frozen_params, batch, jax.random.fold_in(base_rng, step))
       pending.append((step, metrics))
       done = step + 1

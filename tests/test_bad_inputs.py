@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import helpers_t5
-from mpt_jax import config as config_lib, fingerprint, optim, pipeline, results
+from mpt_jax import config as config_lib, fingerprint, optim, paths, pipeline, results
 
 REPO = Path(__file__).resolve().parents[1]
 CATALOGUE = REPO / "docs" / "BAD_INPUTS.md"
@@ -248,7 +248,7 @@ def disk_full(ctx, monkeypatch):
     def write(self, text):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-  monkeypatch.setattr(results, "open", FullDisk, raising=False)
+  monkeypatch.setattr(paths, "open", FullDisk, raising=False)  # every write goes through mpt_jax/paths.py
   summary = results.summarize_task("t", [{"task": "t", "seed": 1, "test_score": 0.5}])
   return error_of(lambda: results.write_task_results(summary, ctx.tmp), OSError)
 
@@ -274,6 +274,7 @@ REPRODUCTIONS = {
   "target-not-in-setting": lambda ctx: refused_config(ctx, **{"downstream.tasks": ("synth-topic_a",)}),
   "no-data": lambda ctx: refused_config(ctx, gym=""),
   "devices-do-not-divide": devices_do_not_divide,
+  "model-parallel-does-not-divide": lambda ctx: refused_config(ctx, model_parallel=3),
   "first-order-key": first_order_key,
   "data-problems": data_problems,
   "init-prompt-length": init_prompt_length,

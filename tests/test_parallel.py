@@ -56,8 +56,10 @@ def assert_steps_agree(method, loss_fn, frozen, prompt, batches, mesh, *, rtol=1
   jax.tree_util.tree_map(np.testing.assert_array_equal, frozen_before, jax.device_get(frozen))
 
 
-def test_mesh_is_one_dimensional_data_axis(mesh):
-  assert mesh.axis_names == (parallel.DATA_AXIS,) and mesh.shape[parallel.DATA_AXIS] == 2
+def test_mesh_by_default_is_all_data_parallel(mesh):
+  """model_parallel=1: the 'model' axis has size 1, every device holds every frozen weight."""
+  assert mesh.axis_names == (parallel.DATA_AXIS, parallel.MODEL_AXIS)
+  assert dict(mesh.shape) == {parallel.DATA_AXIS: 2, parallel.MODEL_AXIS: 1}
 
 
 @pytest.mark.parametrize("method", ["maml", "reptile"])
@@ -139,5 +141,25 @@ def test_a_grid_of_runs_that_does_not_divide_over_the_devices_is_padded_not_run_
   np.testing.assert_allclose(sharded.prompt, expected.prompt, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics["learning_rate"], learning_rates)
   assert parallel.padded_runs(3, mesh) == 4 and parallel.padded_runs(4, mesh) == 4
-  placed = parallel.shard_runs({"ids": np.arange(3)}, mesh)
+  layout = parallel.RunLayout(mesh, 3)  # how the pipeline places runs: padded by the last, split
+  placed = layout.put({"ids": np.arange(3)})
   assert placed["ids"].tolist() == [0, 1, 2, 2] and not placed["ids"].sharding.is_fully_replicated
+  assert layout.local.tolist() == [0, 1, 2, 2]  # one process: it feeds every row
+  assert layout.to_host(placed)["ids"].tolist() == [0, 1, 2]
+
+
+def test_each_process_builds_only_the_rows_its_devices_hold(mesh):
+  """The rows a process feeds are those of its devices; with one process, all of them. (Two processes
+  feeding halves: tests/test_multiprocess.py.)"""
+  assert parallel.process_rows(mesh, 4) == slice(0, 4)
+  calls = []
+
+  def sample(step, rows):
+    calls.append(rows)
+    return {"x": np.arange(4)[rows] + 10 * step}
+
+  batch = parallel.fed_by_process(sample, 4, mesh)(2)
+  assert calls == [slice(0, 4)] and batch["x"].tolist() == [20, 21, 22, 23]
+  assert [s.data.tolist() for s in batch["x"].addressable_shards] == [[20, 21], [22, 23]]
+  with pytest.raises(ValueError, match="does not split over 2 devices"):
+    parallel.process_rows(mesh, 3)

@@ -102,7 +102,7 @@ class _Grid:
   def sampler(self, runs):
     # the same batch every step: enough to compare grids; GridSampler has its own tests
     batch = {k: np.stack([self.train[r.seed][k] for r in runs]) for k in self.train[100]}
-    return lambda step: batch
+    return lambda step, runs: {k: v[runs] for k, v in batch.items()}
 
   def dev_scores(self, runs):
     dev = {k: np.stack([self.dev[r.seed][k] for r in runs]) for k in self.dev[100]}

@@ -41,10 +41,10 @@ def _child(checkpoint: str, workdir: str, kill_at: int) -> None:
   jax.config.update("jax_threefry_partitionable", False)  # as tests/conftest.py
   sample = batching.GridSampler.__call__
 
-  def sample_or_die(self, step):
+  def sample_or_die(self, step, runs=None):
     if step == kill_at:
       os.kill(os.getpid(), signal.SIGKILL)
-    return sample(self, step)
+    return sample(self, step, runs)
 
   batching.GridSampler.__call__ = sample_or_die
   pipeline.run(grid_config(checkpoint), workdir)
@@ -77,7 +77,9 @@ def test_a_killed_grid_resumes_to_the_uninterrupted_results_bitwise(tmp_path, mo
   sampled = []  # the grid steps the rerun trains: from the latest checkpoint on, not from 0
   sample = batching.GridSampler.__call__
   monkeypatch.setattr(
-    batching.GridSampler, "__call__", lambda self, step: sampled.append(step) or sample(self, step)
+    batching.GridSampler,
+    "__call__",
+    lambda self, step, runs=None: sampled.append(step) or sample(self, step, runs),
   )
   pipeline.run(grid_config(checkpoint), str(killed))
   assert sampled == list(range(max(saved), 8))

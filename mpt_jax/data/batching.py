@@ -494,7 +494,11 @@ class EpisodeSampler:
     """Which meta-tasks the step uses: distinct ones while there are enough."""
     return draw_examples(_rng(self.seed, 0, step), len(self.meta_tasks), self.tasks_per_step)
 
-  def __call__(self, step: int) -> dict:
+  def __call__(self, step: int, rows: slice | None = None) -> dict:
+    """The step's meta-batch, or only its tasks `rows` (a process's share of them in a multi-process run).
+    Every task's arrays are built (host memory only) and the whole meta-batch is cut to its length
+    bucket before `rows` are taken, so that each process's share has the same shape and each task the
+    examples it gets in the whole batch."""
     rng = _rng(self.seed, 1, step)
     supports, queries = [], []
     for t in self.task_indices(step):
@@ -508,7 +512,10 @@ class EpisodeSampler:
     episode = {"support": _stack(supports)}
     if self.query_size is not None:
       episode["query"] = _stack(queries)
-    return dict(zip(episode, self.buckets.trim(*episode.values())))
+    trimmed = dict(zip(episode, self.buckets.trim(*episode.values())))
+    if rows is None:
+      return trimmed
+    return {name: {k: v[rows] for k, v in part.items()} for name, part in trimmed.items()}
 
 
 def _stack(batches: Sequence[dict]) -> dict:
@@ -550,10 +557,13 @@ class EpochSampler:
       out[here] = order[positions[here] % n]
     return out
 
-  def __call__(self, step: int) -> dict:
+  def __call__(self, step: int, rows: slice | None = None) -> dict:
+    """The step's batch, or only its examples `rows` (a process's share in a multi-process run)."""
     examples = self.examples(step)
-    batch = make_batch(self.data, examples, random_golds(_rng(self.seed, 3, step), self.data, examples))
-    return self.buckets.trim(batch)[0]
+    golds = random_golds(_rng(self.seed, 3, step), self.data, examples)
+    # The whole batch is cut to its bucket first, so that every process's share has the same shape.
+    batch = self.buckets.trim(make_batch(self.data, examples, golds))[0]
+    return batch if rows is None else {k: v[rows] for k, v in batch.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -586,8 +596,11 @@ class GridSampler:
       buckets,
     )
 
-  def __call__(self, step: int) -> dict:
-    return self.buckets.trim(_stack([sampler(step) for sampler in self.samplers]))[0]
+  def __call__(self, step: int, runs: Sequence[int] | None = None) -> dict:
+    """The batches of every run, or of the runs `runs` (indices; a process's share of a padded grid,
+    `parallel.RunLayout.local`), cut to the whole grid's length bucket (one shape in every process)."""
+    batch = self.buckets.trim(_stack([sampler(step) for sampler in self.samplers]))[0]
+    return batch if runs is None else {k: v[np.asarray(runs, int)] for k, v in batch.items()}
 
 
 # --- evaluation ------------------------------------------------------------------------------------------

@@ -24,9 +24,8 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
-from mpt_jax import study
+from mpt_jax import paths, study
 
 SEEDS = study.SEEDS
 SPLITS = ("train", "dev", "test")
@@ -95,14 +94,15 @@ class TaskData:
     return tuple(dict.fromkeys(seed for seed, _ in self.splits))
 
 
-def split_path(data_dir: str | os.PathLike, task: str, k: int, seed: int, split: str) -> Path:
-  return Path(data_dir) / task / f"{task}_{k}_{seed}_{split}.tsv"
+def split_path(data_dir: str | os.PathLike, task: str, k: int, seed: int, split: str) -> str:
+  """<data_dir>/<task>/<task>_<k>_<seed>_<split>.tsv (data_dir: a local path or a URL, mpt_jax/paths.py)."""
+  return paths.join(data_dir, task, f"{task}_{k}_{seed}_{split}.tsv")
 
 
-def discover_k(task_dir: Path, task: str) -> tuple[int | None, list[Problem]]:
+def discover_k(task_dir: str, task: str) -> tuple[int | None, list[Problem]]:
   """The k of the task's file names; a problem when there is none or more than one."""
   pattern = re.compile(rf"^{re.escape(task)}_(\d+)_(\d+)_({'|'.join(SPLITS)})\.tsv$")
-  ks = sorted({int(m.group(1)) for name in os.listdir(task_dir) if (m := pattern.match(name))})
+  ks = sorted({int(m.group(1)) for name in paths.listdir(task_dir) if (m := pattern.match(name))})
   if not ks:
     return None, [
       Problem(
@@ -161,7 +161,7 @@ def read_split(
   """One file; lines without an answer are kept (answers ()) or dropped, with one warning either way."""
   path = str(path)
   try:
-    data = Path(path).read_bytes()
+    data = paths.read_bytes(path)
   except OSError as e:
     return None, [Problem(path, None, f"cannot read ({e.strerror or e})")]
   inputs, answers, problems = parse_lines(data, path)
@@ -215,13 +215,13 @@ def validate_crossfit(
   bad_keep = [s for s in keep_empty_answers if s not in SPLITS]
   if bad_keep:
     raise ValueError(f"keep_empty_answers: unknown split(s) {bad_keep}; CrossFit splits are {list(SPLITS)}")
-  data_dir = Path(data_dir)
-  if not data_dir.is_dir():
+  data_dir = os.fspath(data_dir)
+  if not paths.isdir(data_dir):
     raise CrossFitError([Problem(str(data_dir), None, "CrossFit data directory not found")])
   result, problems = {}, []
   for task in tasks:
-    task_dir = data_dir / task
-    if not task_dir.is_dir():
+    task_dir = paths.join(data_dir, task)
+    if not paths.isdir(task_dir):
       problems.append(Problem(str(task_dir), None, f"task directory of {task!r} not found"))
       continue
     task_k = k
@@ -234,7 +234,7 @@ def validate_crossfit(
     for seed in seeds:
       for split in splits:
         path = split_path(data_dir, task, task_k, seed, split)
-        if not path.is_file():
+        if not paths.isfile(path):
           problems.append(Problem(str(path), None, "file not found"))
           continue
         parsed, split_problems = read_split(path, task, seed, split, split in keep_empty_answers)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpt_jax import paths
 from mpt_jax.model.t5 import DTYPES, T5, T5Config, stack_blocks, unstack_blocks
 from mpt_jax.model.tokenizer import SPIECE, load_tokenizer
 
@@ -46,13 +47,21 @@ _HUB_ALLOW = [CONFIG, SPIECE, "tokenizer_config.json", "special_tokens_map.json"
 
 
 def load_pretrained(
-  name_or_path: str | os.PathLike, dtype: str = "float32", *, remat: bool = False, scan_layers: bool = False
+  name_or_path: str | os.PathLike,
+  dtype: str = "float32",
+  *,
+  remat: bool = False,
+  scan_layers: bool = False,
+  on_host: bool = False,
 ):
   """-> (model, frozen_params, tokenizer) from a local checkpoint directory or a hub id.
 
   dtype: "float32" or "bfloat16", the dtype the frozen params are kept and computed in (the prompt,
   the loss and the logits stay float32). remat: rematerialize each block (saves memory for MAML).
   scan_layers: the model scans over its blocks, whose params are then stacked (`t5.stack_blocks`).
+  on_host: keep the params as numpy arrays in host memory, to be placed on a mesh part by part
+  (`parallel.place_frozen`: no device ever holds more than its part of a T5-XXL); else they are put
+  on the default device.
   """
   if dtype not in DTYPES:
     raise ValueError(f"load_pretrained dtype={dtype!r}: expected one of {DTYPES}")
@@ -62,7 +71,7 @@ def load_pretrained(
   config, params = params_from_hf(
     hf_config, tensors, dtype=dtype, remat=remat, scan_layers=scan_layers, source=str(path)
   )
-  return T5(config), params, load_tokenizer(path)
+  return T5(config), (params if on_host else jax.device_put(params)), load_tokenizer(path)
 
 
 def looks_local(name: str) -> bool:
@@ -82,12 +91,20 @@ def _hub_offline() -> bool:
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-  """The local directory of a checkpoint: the path itself, or a hub id's (cached or fresh) snapshot.
+  """The local directory of a checkpoint: the path itself, a local copy of a URL's directory
+  (mpt_jax/paths.py), or a hub id's (cached or fresh) snapshot.
 
   Fails fast, never waiting on an unreachable hub: a path that looks local is never looked up on the
   hub, and with HF_HUB_OFFLINE=1 only the local hub cache is consulted.
   """
   name = os.fspath(name_or_path)
+  if paths.is_url(name):  # gs://...: copied once to a local cache (the tokenizer and safetensors read files)
+    if not paths.isdir(name):
+      raise FileNotFoundError(
+        f"{name}: no such checkpoint directory (a model URL names a directory holding {CONFIG}, the "
+        f"weights and {SPIECE})"
+      )
+    return Path(paths.local_copy(name, "models"))
   path = Path(name).expanduser()
   if path.exists():
     if not path.is_dir():
@@ -205,7 +222,8 @@ def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
 
   tensors = {}
   # framework="flax": numpy has no bfloat16; we then take the arrays to host numpy (ml_dtypes).
-  with jax.default_device(jax.devices("cpu")[0]):
+  # This process's own CPU (in a multi-process run jax.devices("cpu")[0] may be another host's).
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
     for file in files:
       try:
         with safe_open(str(file), framework="flax") as f:
@@ -282,7 +300,8 @@ def params_from_hf(
 ):
   """(T5Config, params) from a config.json dict and torch-named tensors; every error names the tensor.
 
-  The tensors map one-to-one onto the per-layer tree; with scan_layers its blocks are then stacked."""
+  The tensors map one-to-one onto the per-layer tree; with scan_layers its blocks are then stacked. The
+  params are host (numpy) arrays of the compute dtype."""
   tensors = dict(tensors)
   if "shared.weight" not in tensors:
     for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
@@ -306,7 +325,7 @@ def params_from_hf(
   model = T5(config.replace(scan_layers=False))  # the checkpoint's layout: one entry per block
   ids = jnp.zeros((1, 2), jnp.int32)
   expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, ids, ids)["params"]
-  target_dtype = config.compute_dtype
+  target_dtype = np.dtype(config.compute_dtype)  # bfloat16: ml_dtypes' numpy type
   used = set()
 
   def take(path_keys, leaf):
@@ -328,7 +347,9 @@ def params_from_hf(
         f"vocab_size={config.vocab_size})."
       )
     used.add(name)
-    return jnp.asarray(value.astype(np.float32) if value.dtype != np.float32 else value, dtype=target_dtype)
+    if value.dtype != target_dtype:  # through float32: any float dtype to any other
+      value = value.astype(np.float32, copy=False).astype(target_dtype)
+    return value
 
   params = jax.tree_util.tree_map_with_path(take, expected)
   unexpected = sorted(k for k in tensors if k not in used and not _IGNORED.match(k))

@@ -56,6 +56,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PLACEMENTS = ("prepend", "suffix", "after_padding")
 FEED_FORWARD_PROJS = ("relu", "gated-gelu")
@@ -247,7 +248,10 @@ def stack_blocks(params):
     tree = dict(params[stack])
     rest = [tree.pop(f"block_{i}") for i in range(1, _num_blocks(tree))]
     if rest:
-      tree[STACKED_BLOCKS] = jax.tree_util.tree_map(lambda *layers: jnp.stack(layers), *rest)
+      # Host (numpy) params stay on the host (hf.load_pretrained(on_host=True) places them part by part).
+      tree[STACKED_BLOCKS] = jax.tree_util.tree_map(
+        lambda *layers: np.stack(layers) if isinstance(layers[0], np.ndarray) else jnp.stack(layers), *rest
+      )
     out[stack] = tree
   return out
 

@@ -1,0 +1,152 @@
+"""Two processes joined by `jax.distributed` (a local coordinator, gloo collectives on CPU) run MAML
+upstream and the downstream grid of a tiny T5 as one job, and end with the prompts and results of a
+single-process run on as many devices: what a TPU pod slice's hosts do, on one machine.
+
+Each worker process has one CPU device, so the 2-device mesh spans both; the reference run (this
+process, tests/conftest.py's 2 simulated devices) runs the same per-device programs, so the results
+are bitwise equal. The workers run `python -m mpt_jax.main --multihost` unchanged
+(tests/multiprocess_worker.py adds an audit hook that records what each process writes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import helpers_t5
+from mpt_jax import config as config_lib, gyms, pipeline
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fast_compile")]
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = "synth-sentiment_d"
+NUM_PROCESSES = 2
+# The keys the workers get on the command line; the reference run sets the same ones.
+OVERRIDES = {
+  "setting": "synth_mini",
+  "upstream.num_steps": 4,
+  "upstream.checkpoint_every": 2,
+  "downstream.num_steps": 4,
+  "downstream.max_epochs": 0,
+}
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _reference_config(checkpoint: str, data_dir: str):
+  config = config_lib.base_config("maml", "synth_mini", "tiny")
+  config.model, config.data_dir = checkpoint, data_dir
+  for key, value in OVERRIDES.items():
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
+
+
+def _run_workers(checkpoint: str, data_dir: str, workdir: Path, writes_dir: Path) -> None:
+  port = _free_port()
+  env = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    "JAX_PLATFORMS": "cpu",
+    # As tests/conftest.py and the fast_compile fixture set them for the reference run.
+    "JAX_THREEFRY_PARTITIONABLE": "0",
+    "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+  }
+  flags = [
+    "--multihost",
+    f"--coordinator_address=localhost:{port}",
+    f"--num_processes={NUM_PROCESSES}",
+    "--config=configs/maml_cls2cls.py:tiny",
+    f"--workdir={workdir}",
+    f"--config.model={checkpoint}",
+    f"--config.data_dir={data_dir}",
+    *(f"--config.{key}={value}" for key, value in OVERRIDES.items()),
+  ]
+  log_files = [open(writes_dir / f"{i}.log", "wb") for i in range(NUM_PROCESSES)]
+  workers = [
+    subprocess.Popen(
+      [sys.executable, str(REPO / "tests" / "multiprocess_worker.py"), str(writes_dir / f"{i}.json")]
+      + flags
+      + [f"--process_id={i}"],
+      cwd=REPO,
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
+    for i, log in enumerate(log_files)
+  ]
+  # A process that fails leaves the others waiting on a collective for minutes: stop them at once.
+  deadline = time.monotonic() + 900
+  try:
+    while any(w.poll() is None for w in workers) and time.monotonic() < deadline:
+      if any(w.poll() not in (None, 0) for w in workers):
+        break
+      time.sleep(1)
+  finally:
+    for worker in workers:
+      if worker.poll() is None:
+        worker.kill()
+        worker.wait()
+    for log in log_files:
+      log.close()
+  logs = [(writes_dir / f"{i}.log").read_text(errors="replace") for i in range(NUM_PROCESSES)]
+  failed = [i for i, worker in enumerate(workers) if worker.returncode != 0]
+  assert not failed, "\n".join(
+    f"--- process {i} (exit {workers[i].returncode}):\n{logs[i][-5000:]}" for i in failed
+  )
+  assert "process 1 of 2" in logs[1] and "over 2 processes" in logs[0]
+
+
+def _outputs(workdir: Path) -> dict[str, object]:
+  """The run's prompts (arrays) and results (JSON) by path, for comparison across runs."""
+  task_dir = workdir / "downstream" / TASK
+  out = {"upstream/prompt.npy": np.load(workdir / "upstream" / "prompt.npy")}
+  for path in sorted((task_dir / "prompts").glob("*.npy")):
+    out[str(path.relative_to(workdir))] = np.load(path)
+  for name in ("downstream/" + TASK + "/results.json", "downstream/" + TASK + "/dev_curve.json"):
+    out[name] = json.loads((workdir / name).read_text())
+  return out
+
+
+def test_two_processes_train_as_one_and_only_process_0_writes_the_runs_files(tmp_path):
+  checkpoint = str(helpers_t5.make_tiny_checkpoint(tmp_path / "tiny_t5"))
+  data_dir = gyms.data_dir("synthetic", tmp_path / "gym")
+  reference, multi, writes = tmp_path / "reference", tmp_path / "multi", tmp_path / "writes"
+  writes.mkdir()
+  pipeline.run(_reference_config(checkpoint, data_dir), str(reference))
+  _run_workers(checkpoint, data_dir, multi, writes)
+
+  expected, got = _outputs(reference), _outputs(multi)
+  assert sorted(got) == sorted(expected) and len(got) > 4
+  for name in expected:
+    if name.endswith(".npy"):
+      np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    else:
+      assert got[name] == expected[name], name
+  logged = [json.loads(line)["step"] for line in open(multi / "upstream" / "logs" / "metrics.jsonl")]
+  assert logged == [1, 2, 3, 4]  # one writer: each step logged once
+
+  # Process 1 wrote nothing of the run's own files; it took part in the orbax checkpoints (which
+  # every process saves together) and wrote tokenization cache entries (atomically, the same bytes).
+  changed = [Path(p) for p in json.load(open(writes / "1.json"))]
+  in_workdir = [p.relative_to(multi) for p in changed if p.is_relative_to(multi)]
+  assert in_workdir, "the audit hook saw none of process 1's checkpoint writes"
+  assert all(p.parts[0] == "cache" or "checkpoints" in p.parts for p in in_workdir), in_workdir
+  primary = json.load(open(writes / "0.json"))  # the hook sees the primary's writes (written atomically)
+  assert any(p.startswith(str(multi / "upstream" / "prompt.npy")) for p in primary)

@@ -40,25 +40,27 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only (re)write the downs
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def finished_pt_runs(workdir: str, settings: list[str]) -> dict[str, str]:
-  """{task: directory} of every finished PT grid (target or source) of the given settings."""
+def finished_pt_runs(workdir: str, settings: list[str], kind: str) -> dict[str, str]:
+  """{task: directory} of every finished PT grid of `kind` ("downstream": a target task's, "sources": a
+  source task's) of the given settings."""
   found = {}
   for other in settings:
-    for kind in ("downstream", "sources"):
-      parent = os.path.join(workdir, other, "pt", kind)
-      for task in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
-        if os.path.exists(os.path.join(parent, task, "results.json")):
-          found.setdefault(task, os.path.join(parent, task))
+    parent = os.path.join(workdir, other, "pt", kind)
+    for task in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
+      if os.path.exists(os.path.join(parent, task, "results.json")):
+        found.setdefault(task, os.path.join(parent, task))
   return found
 
 
 def share_pt_runs(workdir: str, setting: str, earlier: list[str], targets, sources=()) -> list[str]:
   """Copies finished PT grids of earlier settings to where this setting's PT run needs them: a target
-  task's into pt/downstream/, a source task's into pt/sources/ (the same computation either way: the
-  same grid from the task's own name)."""
-  found = finished_pt_runs(workdir, earlier)
+  task's from an earlier setting's targets into pt/downstream/, a source task's from earlier sources into
+  pt/sources/. Never across the two: a source task is prompt-tuned with `downstream.source_seeds` (fewer
+  seeds), a target with every seed, so the grids differ (and the run's fingerprint check refuses one
+  copied across)."""
   copied = []
   for kind, tasks in (("downstream", targets), ("sources", sources)):
+    found = finished_pt_runs(workdir, earlier, kind)
     for task in tasks:
       destination = os.path.join(workdir, setting, "pt", kind, task)
       if task in found and not os.path.exists(os.path.join(destination, "results.json")):

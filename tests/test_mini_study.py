@@ -36,16 +36,14 @@ def test_pt_runs_are_shared_only_when_finished_and_never_overwritten(tmp_path):
   _write_task(tmp_path, "a", "pt", "s1", {20: 2.0}, done=True, kind="sources")
   _write_task(tmp_path, "a", "pt", "t5", {20: 1.0}, done=True)  # neither a target nor a source of b
   copied = mini_study.share_pt_runs(
-    str(tmp_path), "b", ["a"], targets=["t1", "t2", "t3", "s1"], sources=["t1", "t4"]
+    str(tmp_path), "b", ["a"], targets=["t1", "t2", "t3", "s1"], sources=["t1", "t4", "s1"]
   )
-  assert copied == [
-    "t1 (from a/pt/downstream/t1)",
-    "s1 (from a/pt/sources/s1)",
-    "t1 (from a/pt/downstream/t1)",
-  ]
+  # Each kind from its own kind only: a source's grid has fewer seeds than a target's.
+  assert copied == ["t1 (from a/pt/downstream/t1)", "s1 (from a/pt/sources/s1)"]
   assert (tmp_path / "b" / "pt" / "downstream" / "t1" / "results.json").is_file()
-  assert (tmp_path / "b" / "pt" / "downstream" / "s1" / "results.json").is_file()  # a source's run
-  assert (tmp_path / "b" / "pt" / "sources" / "t1" / "results.json").is_file()  # a target's run
+  assert (tmp_path / "b" / "pt" / "sources" / "s1" / "results.json").is_file()
+  assert not (tmp_path / "b" / "pt" / "downstream" / "s1").exists()  # a source's run is not a target's
+  assert not (tmp_path / "b" / "pt" / "sources" / "t1").exists()  # nor a target's a source's
   assert not (tmp_path / "b" / "pt" / "downstream" / "t2").exists()
   assert not (tmp_path / "b" / "pt" / "downstream" / "t5").exists()
   assert "9.0" in (tmp_path / "b" / "pt" / "downstream" / "t3" / "logs" / "metrics.jsonl").read_text()

@@ -222,8 +222,8 @@ def _demo(c):
 
 def _mini(c):
   """The offline mini-study (experiments/mini_study.py): the demo's model and gym, the study's 5 seeds on
-  every target task, sized to finish both *2cls settings in about an hour on 2 CPU cores (measured: 72 min,
-  experiments/README.md): 2 learning rates, 60 prompt-tuning steps (15 epochs of a 2-class 16-shot task),
+  every target task of four settings, sized to finish in 1.5-2.5 hours on 2 CPU cores (measured 2026-11-29:
+  48.6 + ~41 + 23.2 + 15.9 min, PT shared between settings, experiments/README.md): 2 learning rates, 60 prompt-tuning steps (15 epochs of a 2-class 16-shot task),
   200 meta-learning steps; MTL sees as many examples as MAML (2 tasks x (2+2) x 200 = 400 batches of 4)."""
   _demo(c)
   c.seeds = SEEDS

@@ -185,6 +185,26 @@ def test_prefix_lm_refuses_what_it_cannot_cut():
     pretrain_objectives.prefix_lm(np.arange(3, 10), rng, max_target_tokens=0)
 
 
+@pytest.mark.parametrize("length,num_tokens", [(2, 4), (9, 4), (64, 1), (64, 4)])
+def test_next_words_targets_are_the_tokens_right_after_a_uniform_cut(length, num_tokens):
+  rng = np.random.default_rng(length)
+  tokens = rng.integers(3, 7900, length)
+  cuts = set()
+  for _ in range(2000):
+    inputs, targets = pretrain_objectives.next_words(tokens, rng, num_tokens=num_tokens)
+    assert inputs[-1] == targets[-1] == 1  # EOS
+    cut = len(inputs) - 1
+    assert 1 <= cut <= length - 1  # both parts non-empty
+    assert list(inputs[:-1]) == list(tokens[:cut])  # the input is the chunk up to the cut
+    assert list(targets[:-1]) == list(tokens[cut : cut + num_tokens])  # then only the next tokens
+    cuts.add(cut)
+  assert cuts == set(range(1, length))  # every cut is drawn
+  with pytest.raises(ValueError, match="at least 2 tokens"):
+    pretrain_objectives.next_words(np.array([5]), rng)
+  with pytest.raises(ValueError, match="num_tokens"):
+    pretrain_objectives.next_words(tokens, rng, num_tokens=0)
+
+
 def _synset(key, pos, lexname, lemmas, definition, pointers=()):
   from mpt_jax.data import wordnet as wn
 

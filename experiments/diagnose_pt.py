@@ -15,6 +15,10 @@
    states ("The opposite of hot is"): entropy and top tokens.
 5. Free-encoding oracle: the overfit check with 16 free vectors appended to the encoder output in place of
    a prompt (same RMS as the encoder's outputs). Whether the decoder can be driven to the labels at all.
+6. Ceilings (`--ceiling_tasks`): on a task's whole train file, scored on its test file by the task's metric
+   beside the constant answer: a linear probe of the frozen encoder's mean output (is what the task needs in
+   the encoder at all?) and full fine-tuning of the model (what 16 shots per class can teach this model when
+   every weight may move; prompt tuning moves far fewer).
 
   python experiments/diagnose_pt.py --model=assets/small_t5 --out=experiments/results/diagnosis/small_t5.json
 
@@ -224,6 +228,135 @@ def free_encoding_oracle(
   }
 
 
+def task_metric(gym_dir, task: str) -> str:
+  return json.loads((Path(gym_dir) / "wordnet_task_metrics.json").read_text())[task]
+
+
+def score_labels(gym_dir, split: batching.TokenizedSplit, predictions: list[str]) -> float:
+  from mpt_jax import metrics
+
+  return metrics.score(task_metric(gym_dir, split.task), predictions, [list(a) for a in split.answers])
+
+
+def linear_probe(
+  model, params, gym_dir, train: batching.TokenizedSplit, test: batching.TokenizedSplit, steps: int = 500
+) -> dict:
+  """Softmax regression on the frozen encoder's mean output (no prompt), standardized features, L2 1e-3,
+  Adam lr 0.05 on the whole train file: the test score by the task's metric."""
+  import optax
+
+  labels = sorted({a[0] for a in train.answers})
+
+  def features(split):
+    batch = batching.make_batch(split, np.arange(len(split)))
+    encoded, mask = model.apply({"params": params}, batch["input_ids"], batch["input_mask"], method=T5.encode)
+    mask = jnp.asarray(mask, jnp.float32)[..., None]
+    return jnp.sum(encoded * mask, 1) / jnp.sum(mask, 1)
+
+  x_train, x_test = features(train), features(test)
+  mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+  x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+  y = jnp.asarray([labels.index(a[0]) for a in train.answers])
+  w = jnp.zeros((x_train.shape[1], len(labels))), jnp.zeros(len(labels))
+
+  def loss(w):
+    logits = x_train @ w[0] + w[1]
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(y)), y]) + 1e-3 * jnp.sum(w[0] ** 2)
+
+  optimizer = optax.adam(0.05)
+  state = optimizer.init(w)
+  grad = jax.jit(jax.value_and_grad(loss))
+  for _ in range(steps):
+    value, g = grad(w)
+    updates, state = optimizer.update(g, state)
+    w = optax.apply_updates(w, updates)
+  train_acc = float(jnp.mean(jnp.argmax(x_train @ w[0] + w[1], -1) == y))
+  predictions = [labels[int(i)] for i in jnp.argmax(x_test @ w[0] + w[1], -1)]
+  return {"train_loss": float(value), "train_accuracy": train_acc, "test_score": score_labels(gym_dir, test, predictions)}
+
+
+def fine_tune(
+  model,
+  params,
+  tokenizer,
+  gym_dir,
+  train: batching.TokenizedSplit,
+  test: batching.TokenizedSplit,
+  steps: int = 150,
+  lr: float = 3e-4,
+  batch_size: int = 16,
+) -> dict:
+  """Full fine-tuning (every weight, AdamW, no dropout) on the whole train file, shuffled batches; the
+  test score by rank classification over the train labels, by the task's metric."""
+  import optax
+
+  optimizer = optax.adamw(lr, weight_decay=0.0)
+  state = optimizer.init(params)
+
+  def loss(p, batch):
+    logits = model.apply(
+      {"params": p}, batch["input_ids"], batch["input_mask"], shift_right(batch["target_ids"], 0)
+    )
+    ll = target_log_likelihoods(logits, batch["target_ids"])
+    mask = batch["target_mask"].astype(jnp.float32)
+    return -jnp.sum(ll * mask) / jnp.sum(mask)
+
+  @jax.jit
+  def step(p, state, batch):
+    value, g = jax.value_and_grad(loss)(p, batch)
+    updates, state = optimizer.update(g, state, p)
+    return optax.apply_updates(p, updates), state, value
+
+  rng = np.random.default_rng(0)
+  tuned, curve = params, []
+  for s in range(steps):
+    rows = rng.choice(len(train), size=min(batch_size, len(train)), replace=False)
+    batch = {k: jnp.asarray(v) for k, v in batching.make_batch(train, rows).items()}
+    tuned, state, value = step(tuned, state, batch)
+    if s % max(steps // 5, 1) == 0 or s == steps - 1:
+      curve.append([s, float(value)])
+  candidates = decode.label_candidates(train)
+  b = batching.make_batch(test, np.arange(len(test)))
+  ids = decode.rank_classify(model, tuned, b["input_ids"], b["input_mask"], None, candidates=candidates)
+  predictions = tokenizer.batch_decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+  return {"steps": steps, "lr": lr, "loss_curve": curve, "test_score": score_labels(gym_dir, test, predictions)}
+
+
+def ceilings(
+  model, params, tokenizer, gym_dir, task: str, seed: int, probe_steps: int = 500, fine_tune_steps: int = 150
+) -> dict:
+  train = read_split(gym_dir, task, seed, "train", tokenizer)
+  test = read_split(gym_dir, task, seed, "test", tokenizer)
+  counts = {}
+  for answers in train.answers:
+    counts[answers[0]] = counts.get(answers[0], 0) + 1
+  constant = max(counts, key=counts.get)
+  return {
+    "task": task,
+    "seed": seed,
+    "metric": task_metric(gym_dir, task),
+    "train_examples": len(train),
+    "constant_answer": score_labels(gym_dir, test, [constant] * len(test)),
+    "linear_probe": linear_probe(model, params, gym_dir, train, test, probe_steps),
+    "fine_tune": fine_tune(model, params, tokenizer, gym_dir, train, test, fine_tune_steps),
+  }
+
+
+def ceiling_summary(rows: list[dict]) -> dict:
+  """Per task, then averaged over tasks: the mean over seeds of the constant answer, the linear probe and
+  fine-tuning (test scores x100)."""
+  keys = {"constant": lambda r: r["constant_answer"], "linear_probe": lambda r: r["linear_probe"]["test_score"],
+          "fine_tune": lambda r: r["fine_tune"]["test_score"]}
+  tasks = sorted({r["task"] for r in rows})
+  per_task = {
+    t: {k: round(100 * float(np.mean([f(r) for r in rows if r["task"] == t])), 1) for k, f in keys.items()}
+    for t in tasks
+  }
+  per_task = {t: dict(v, seeds=sum(r["task"] == t for r in rows)) for t, v in per_task.items()}
+  average = {k: round(float(np.mean([v[k] for v in per_task.values()])), 1) for k in keys}
+  return {"per_task": per_task, "average": average}
+
+
 # Plain continuations whose next word a reader of the corpus knows (its documents state these facts).
 CONTINUATIONS = (
   "The opposite of hot is",
@@ -291,6 +424,14 @@ def main(argv=None):
   p.add_argument("--examples", type=int, default=16)
   p.add_argument("--seed", type=int, default=100, help="the gym's data seed (file) to read")
   p.add_argument("--skip_overfit", action="store_true")
+  p.add_argument(
+    "--ceiling_seeds", default="", help="measurement 6 on these gym seeds (comma-separated); empty: --seed"
+  )
+  p.add_argument(
+    "--ceiling_tasks",
+    default="",
+    help="measurement 6 on these tasks (comma-separated), e.g. the wn_cls2cls targets; empty: skip",
+  )
   p.add_argument("--out", default="")
   p.add_argument("--table", nargs="+", default=None, help="print the markdown table of these --out files")
   args = p.parse_args(argv)
@@ -341,6 +482,15 @@ def main(argv=None):
       row = free_encoding_oracle(model, params, train, args.examples, args.steps)
       report.setdefault("free_encoding_oracle", []).append(row)
       print(json.dumps(row), flush=True)
+  seeds = [int(x) for x in args.ceiling_seeds.split(",") if x] or [args.seed]
+  for task in filter(None, args.ceiling_tasks.split(",")):
+    for seed in seeds:
+      row = ceilings(model, params, tokenizer, args.gym_dir, task, seed)
+      report.setdefault("ceilings", []).append(row)
+      print(json.dumps(row), flush=True)
+  if report.get("ceilings"):
+    report["ceiling_summary"] = ceiling_summary(report["ceilings"])
+    print(json.dumps(report["ceiling_summary"]), flush=True)
   report["wall_s"] = round(time.time() - t0, 1)
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -152,34 +152,67 @@ class DocumentStream:
 
 
 def make_stream(objective: str, doc_ids: list[np.ndarray], chunk_len: int, seed: int):
-  document_aligned = objective in ("prefix_lm", "next_words")  # cuts follow documents (see DocumentStream)
+  document_aligned = objective in ("prefix_lm", "next_words", "word_fill")  # per document (DocumentStream)
   return (DocumentStream if document_aligned else ChunkStream)(doc_ids, chunk_len, seed)
 
 
-def make_streams(objective: str, doc_ids: list[np.ndarray], chunk_len: int, seed: int) -> dict:
-  """{objective: stream} of the objectives a training run draws from."""
-  names = OBJECTIVES if objective == "mixture" else (objective,)
+def make_streams(objective: str, doc_ids: list[np.ndarray], chunk_len: int, seed: int, mixture=None) -> dict:
+  """{objective: stream} of the objectives a training run draws from (`mixture`: {objective: fraction},
+  for objective "mixture"; None: DEFAULT_MIXTURE)."""
+  names = tuple(mixture or DEFAULT_MIXTURE) if objective == "mixture" else (objective,)
   return {name: make_stream(name, doc_ids, chunk_len, seed) for name in names}
 
 
 OBJECTIVES = ("span_corruption", "prefix_lm")
-# "mixture": every batch holds both objectives (--span_fraction of its rows span corruption), as
-# UL2-style mixtures do, so that the decoder keeps learning to read its input while the model learns to
-# continue plain text (span corruption alone never produces plain text; prefix LM alone lets a small
-# decoder get by as an unconditional LM).
+# "mixture": every batch holds several objectives (--mixture, default span corruption and prefix LM with
+# --span_fraction of the rows span corruption), as UL2-style mixtures do, so that the decoder keeps
+# learning to read its input while the model learns to continue plain text (span corruption alone never
+# produces plain text; prefix LM alone lets a small decoder get by as an unconditional LM).
 # "next_words": a prefix LM whose target is only the next NEXT_WORDS_TOKENS tokens after the cut, so that
 # every target token depends on reading where the input stops (pretrain_objectives.next_words).
-TRAIN_OBJECTIVES = OBJECTIVES + ("mixture", "next_words")
+# "word_fill": a one-sentinel cloze of 1-3 whole words of a document, the target the words alone
+# (pretrain_objectives.word_fill).
+SINGLE_OBJECTIVES = OBJECTIVES + ("next_words", "word_fill")
+TRAIN_OBJECTIVES = SINGLE_OBJECTIVES + ("mixture",)
+HELDOUT_OBJECTIVES = OBJECTIVES + ("word_fill",)  # evaluated in every run, whatever it trains
+DEFAULT_MIXTURE = {"span_corruption": 0.5, "prefix_lm": 0.5}
+
+
+def parse_mixture(text: str, span_fraction: float = 0.5) -> dict:
+  """--mixture "prefix_lm=0.5,word_fill=0.5" -> {objective: fraction}; "" -> span corruption and prefix
+  LM, span_fraction of the rows span corruption (the flag's older form). Fractions must sum to 1."""
+  if not text:
+    return {"span_corruption": span_fraction, "prefix_lm": 1.0 - span_fraction}
+  fractions = {}
+  for part in text.split(","):
+    name, _, value = part.partition("=")
+    name = name.strip()
+    if name not in SINGLE_OBJECTIVES or name in fractions:
+      raise ValueError(f"--mixture: {name!r} is not one objective of {SINGLE_OBJECTIVES} (or is repeated)")
+    try:
+      fractions[name] = float(value)
+    except ValueError:
+      raise ValueError(f"--mixture: {part!r} needs a fraction, as in prefix_lm=0.5") from None
+  if any(f < 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-6:
+    raise ValueError(f"--mixture: fractions {fractions} must be >= 0 and sum to 1")
+  return fractions
 
 
 PREFIX_LM_MAX_TARGET = 24  # target tokens of a prefix-LM example at most (the gym's labels: 1-7 tokens)
 NEXT_WORDS_TOKENS = 4
+WORD_FILL_TARGET = 12  # target tokens of a word_fill example at most (EOS excluded)
 
 
 def objective_batch(
-  objective: str, chunks: list[np.ndarray], rng: np.random.Generator, sentinel_start: int, chunk_len: int
+  objective: str,
+  chunks: list[np.ndarray],
+  rng: np.random.Generator,
+  sentinel_start: int,
+  chunk_len: int,
+  word_start: np.ndarray | None = None,
 ) -> dict:
-  """A padded batch of (input, target) pairs of `objective` made from raw chunks of chunk_len tokens."""
+  """A padded batch of (input, target) pairs of `objective` made from raw chunks of chunk_len tokens
+  (`word_start`: pretrain_objectives.word_starts of the vocabulary, for word_fill)."""
   if objective == "span_corruption":
     lengths = pretrain_objectives.corrupted_lengths(chunk_len)
     pairs = [pretrain_objectives.span_corrupt(c, rng, sentinel_start) for c in chunks]
@@ -189,27 +222,46 @@ def objective_batch(
   elif objective == "next_words":
     lengths = (chunk_len, NEXT_WORDS_TOKENS + 1)
     pairs = [pretrain_objectives.next_words(c, rng, num_tokens=NEXT_WORDS_TOKENS) for c in chunks]
+  elif objective == "word_fill":
+    if word_start is None:
+      raise ValueError("word_fill needs word_start (pretrain_objectives.word_starts of the vocabulary)")
+    lengths = (chunk_len + 1, WORD_FILL_TARGET + 1)
+    pairs = [
+      pretrain_objectives.word_fill(c, word_start, rng, sentinel_start, max_target_tokens=WORD_FILL_TARGET)
+      for c in chunks
+    ]
   else:
     raise ValueError(f"unknown objective {objective!r}; expected one of {TRAIN_OBJECTIVES}")
   return pretrain_objectives.pad_batch(pairs, *lengths)
 
 
 def train_batch(
-  stream: ChunkStream, step: int, batch_size: int, sentinel_start: int, objective: str = "span_corruption"
+  stream: ChunkStream,
+  step: int,
+  batch_size: int,
+  sentinel_start: int,
+  objective: str = "span_corruption",
+  word_start: np.ndarray | None = None,
 ) -> dict:
   chunks = [stream.chunk(step * batch_size + i) for i in range(batch_size)]
   rng = np.random.default_rng([stream.seed, 1_000_003, step])
-  return objective_batch(objective, chunks, rng, sentinel_start, stream.chunk_len)
+  return objective_batch(objective, chunks, rng, sentinel_start, stream.chunk_len, word_start)
 
 
-def mixed_batch(streams: dict, step: int, batch_size: int, sentinel_start: int, span_fraction: float) -> dict:
-  """One batch of both objectives: the first round(span_fraction * batch_size) rows span corruption,
-  the rest prefix LM, padded to common lengths (each stream advances by its own rows per step)."""
-  num_span = int(round(span_fraction * batch_size))
-  parts = [
-    (name, n) for name, n in (("span_corruption", num_span), ("prefix_lm", batch_size - num_span)) if n
-  ]
-  batches = [train_batch(streams[name], step, n, sentinel_start, name) for name, n in parts]
+def mixed_batch(
+  streams: dict,
+  step: int,
+  batch_size: int,
+  sentinel_start: int,
+  fractions: dict,
+  word_start: np.ndarray | None = None,
+) -> dict:
+  """One batch of several objectives ({objective: fraction}, in that order): consecutive blocks of rows,
+  each round(cumulative fraction * batch_size) rows long, padded to common lengths (each stream advances
+  by its own rows per step)."""
+  edges = np.round(np.cumsum([0.0, *fractions.values()]) * batch_size).astype(int)
+  parts = [(name, int(n)) for name, n in zip(fractions, np.diff(edges)) if n]
+  batches = [train_batch(streams[name], step, n, sentinel_start, name, word_start) for name, n in parts]
   input_len = max(b["input_ids"].shape[1] for b in batches)
   target_len = max(b["target_ids"].shape[1] for b in batches)
 
@@ -224,11 +276,14 @@ def mixed_batch(streams: dict, step: int, batch_size: int, sentinel_start: int, 
   }
 
 
-def step_batch(streams: dict, step: int, args, sentinel_start: int) -> dict:
+def step_batch(streams: dict, step: int, args, sentinel_start: int, word_start=None) -> dict:
   """The training batch of `step` for the run's objective (a pure function of seed and step)."""
   if args.objective == "mixture":
-    return mixed_batch(streams, step, args.batch_size, sentinel_start, args.span_fraction)
-  return train_batch(streams[args.objective], step, args.batch_size, sentinel_start, args.objective)
+    fractions = parse_mixture(getattr(args, "mixture", ""), args.span_fraction)
+    return mixed_batch(streams, step, args.batch_size, sentinel_start, fractions, word_start)
+  return train_batch(
+    streams[args.objective], step, args.batch_size, sentinel_start, args.objective, word_start
+  )
 
 
 def heldout_batches(
@@ -239,9 +294,10 @@ def heldout_batches(
   sentinel_start: int,
   seed: int,
   objective: str = "span_corruption",
+  word_start: np.ndarray | None = None,
 ) -> list[dict]:
   """Fixed batches of held-out text (same noise and cuts every evaluation)."""
-  if objective == "prefix_lm":  # one example per document, as in training
+  if objective in ("prefix_lm", "word_fill"):  # one example per document, as in training
     chunks = [d[:chunk_len] for d in doc_ids if len(d) >= 2][: batch_size * num_batches]
   else:
     stream = np.concatenate(doc_ids)
@@ -250,7 +306,7 @@ def heldout_batches(
   n = len(chunks)
   rng = np.random.default_rng([seed, 7])
   return [
-    objective_batch(objective, chunks[i : i + batch_size], rng, sentinel_start, chunk_len)
+    objective_batch(objective, chunks[i : i + batch_size], rng, sentinel_start, chunk_len, word_start)
     for i in range(0, n - batch_size + 1, batch_size)
   ]
 
@@ -509,7 +565,13 @@ def parse_args(argv=None):
     "--span_fraction",
     type=float,
     default=0.5,
-    help="mixture: the fraction of each batch that is span corruption",
+    help="mixture without --mixture: the fraction of each batch that is span corruption",
+  )
+  p.add_argument(
+    "--mixture",
+    default="",
+    help='objective "mixture": the fraction of each batch per objective, e.g. '
+    '"prefix_lm=0.5,word_fill=0.5" (default: span_corruption and prefix_lm by --span_fraction)',
   )
   p.add_argument(
     "--compute_dtype",
@@ -623,7 +685,9 @@ def main(argv=None) -> None:
     assert tokenizer(doc)["input_ids"][:-1] == sp.encode(doc), doc
   train_ids = [np.asarray(x, np.int32) for x in sp.encode(train_docs)]
   heldout_ids = [np.asarray(x, np.int32) for x in sp.encode(heldout_docs)]
-  streams = make_streams(args.objective, train_ids, args.chunk_len, args.seed)
+  word_start = pretrain_objectives.word_starts([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+  mixture = parse_mixture(args.mixture, args.span_fraction) if args.objective == "mixture" else None
+  streams = make_streams(args.objective, train_ids, args.chunk_len, args.seed, mixture)
   examples = ", ".join(f"{s.num_chunks} {name} examples" for name, s in streams.items())
   print(
     f"tokens: {sum(map(len, train_ids))} train ({examples} of <= {args.chunk_len}), "
@@ -640,8 +704,9 @@ def main(argv=None) -> None:
       sentinel_start,
       args.seed,
       objective,
+      word_start,
     )
-    for objective in OBJECTIVES
+    for objective in HELDOUT_OBJECTIVES
   }
 
   # -- model and optimizer
@@ -656,7 +721,9 @@ def main(argv=None) -> None:
   else:
     config = make_config(args, vocab_size=int(math.ceil(len(tokenizer) / 64) * 64))
     model = T5(config)
-    example = step_batch(streams, 0, argparse.Namespace(**{**vars(args), "batch_size": 2}), sentinel_start)
+    example = step_batch(
+      streams, 0, argparse.Namespace(**{**vars(args), "batch_size": 2}), sentinel_start, word_start
+    )
     init_rng, head_rng = jax.random.split(jax.random.PRNGKey(args.seed))
     params = model.init(init_rng, example["input_ids"], example["input_mask"], example["target_ids"])[
       "params"
@@ -701,7 +768,11 @@ def main(argv=None) -> None:
         log.setdefault(key, []).append([step, heldout_loss(eval_loss, params, batches, shuffle)])
     return "; ".join(
       f"held-out {o} {log[k][-1][1]:.4f} (other input {log[k + '_shuffled_inputs'][-1][1]:.4f})"
-      for o, k in (("span corruption", "heldout"), ("prefix LM", "heldout_prefix_lm"))
+      for o, k in (
+        ("span corruption", "heldout"),
+        ("prefix LM", "heldout_prefix_lm"),
+        ("word fill", "heldout_word_fill"),
+      )
     )
 
   if start_step == 0:
@@ -711,7 +782,7 @@ def main(argv=None) -> None:
   t_train, window = time.time(), []
   step = start_step
   for step in range(start_step, args.steps):
-    batch = step_batch(streams, step, args, sentinel_start)
+    batch = step_batch(streams, step, args, sentinel_start, word_start)
     params, opt_state, loss, grad_norm = train_step(params, opt_state, batch)
     window.append(float(loss))
     if not np.isfinite(window[-1]):

@@ -205,6 +205,60 @@ def test_next_words_targets_are_the_tokens_right_after_a_uniform_cut(length, num
     pretrain_objectives.next_words(tokens, rng, num_tokens=0)
 
 
+def test_word_fill_hides_whole_words_behind_one_sentinel_and_targets_them_alone():
+  # ids 10-19 open a word, 20-29 continue one: words are [10 21] [11] [12 22 23] [13] [14 24]
+  word_start = np.zeros(30, bool)
+  word_start[10:20] = True
+  tokens = np.array([10, 21, 11, 12, 22, 23, 13, 14, 24])
+  words = [[10, 21], [11], [12, 22, 23], [13], [14, 24]]
+  rng = np.random.default_rng(0)
+  seen = set()
+  for _ in range(3000):
+    inputs, targets = pretrain_objectives.word_fill(tokens, word_start, rng, sentinel_start=8099)
+    assert inputs[-1] == targets[-1] == 1 and list(inputs).count(8099) == 1
+    hole = list(inputs).index(8099)
+    # Some run of 1-3 consecutive whole words, put back where the sentinel is, restores the document.
+    hidden = list(targets[:-1])
+    matches = [
+      (first, count)
+      for count in (1, 2, 3)
+      for first in range(len(words) - count + 1)
+      if sum(words[first : first + count], []) == hidden
+      and sum(words[:first], []) == list(inputs[:hole])
+      and sum(words[first + count :], []) == list(inputs[hole + 1 : -1])
+    ]
+    assert len(matches) == 1, (inputs, targets)
+    seen.add(matches[0])
+  assert seen == {(f, c) for c in (1, 2, 3) for f in range(len(words) - c + 1)}  # every span is drawn
+  # A long word hides only its first max_target_tokens tokens; the rest stays after the sentinel.
+  long_doc = np.array([10, 20, 21, 22, 23, 24, 11])
+  for _ in range(50):
+    inputs, targets = pretrain_objectives.word_fill(long_doc, word_start, rng, 8099, max_target_tokens=3)
+    assert len(targets) <= 4
+  with pytest.raises(ValueError, match="at least 2 words"):
+    pretrain_objectives.word_fill(np.array([10, 21]), word_start, rng, 8099)
+
+
+def test_word_starts_are_the_pieces_that_open_a_word():
+  starts = pretrain_objectives.word_starts(["<pad>", "</s>", "\u2581the", "s", "\u2581", ".", "\u2581(noun"])
+  assert starts.tolist() == [False, False, True, False, True, False, True]
+
+
+def test_mixture_flag_parses_fractions_and_refuses_bad_ones():
+  parse = pretrain_small_t5.parse_mixture
+  assert parse("") == {"span_corruption": 0.5, "prefix_lm": 0.5}
+  assert parse("", span_fraction=0.25) == {"span_corruption": 0.25, "prefix_lm": 0.75}
+  assert parse("prefix_lm=0.5, word_fill=0.5") == {"prefix_lm": 0.5, "word_fill": 0.5}
+  for bad, message in (
+    ("prefix_lm=0.5,word_fill=0.4", "sum to 1"),
+    ("prefix_lm=0.5,mixture=0.5", "not one objective"),
+    ("prefix_lm=0.5,prefix_lm=0.5", "repeated"),
+    ("prefix_lm", "needs a fraction"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      parse(bad)
+
+
 def _synset(key, pos, lexname, lemmas, definition, pointers=()):
   from mpt_jax.data import wordnet as wn
 
@@ -249,7 +303,8 @@ def test_mixture_batches_hold_both_objectives_and_are_a_pure_function_of_the_ste
 
   def batch(step):  # fresh streams each time: nothing carried over between calls
     streams = pretrain_small_t5.make_streams("mixture", docs, CHUNK, seed=0)
-    return streams, pretrain_small_t5.mixed_batch(streams, step, 8, sentinel, span_fraction=0.25)
+    fractions = {"span_corruption": 0.25, "prefix_lm": 0.75}
+    return streams, pretrain_small_t5.mixed_batch(streams, step, 8, sentinel, fractions)
 
   streams, first = batch(5)
   _, again = batch(5)
@@ -264,3 +319,20 @@ def test_mixture_batches_hold_both_objectives_and_are_a_pure_function_of_the_ste
     np.testing.assert_array_equal(first[key][:2, : span[key].shape[1]], span[key])
     np.testing.assert_array_equal(first[key][2:, : prefix[key].shape[1]], prefix[key])
     assert not first[key][:2, span[key].shape[1] :].any() and not first[key][2:, prefix[key].shape[1] :].any()
+
+
+def test_mixture_of_three_objectives_gives_each_its_block_of_rows():
+  docs = [np.arange(3, 3 + n, dtype=np.int32) for n in (30, 50, 70, 90, 45, 12, 64, 80)] * 4
+  word_start = np.zeros(8100, bool)
+  word_start[::2] = True  # every other id opens a word
+  fractions = pretrain_small_t5.parse_mixture("prefix_lm=0.25,word_fill=0.5,span_corruption=0.25")
+  streams = pretrain_small_t5.make_streams("mixture", docs, CHUNK, seed=0, mixture=fractions)
+  assert set(streams) == {"prefix_lm", "word_fill", "span_corruption"}
+  batch = pretrain_small_t5.mixed_batch(streams, 3, 8, 8099, fractions, word_start)
+  fill = pretrain_small_t5.train_batch(streams["word_fill"], 3, 4, 8099, "word_fill", word_start)
+  np.testing.assert_array_equal(batch["input_ids"][2:6, : fill["input_ids"].shape[1]], fill["input_ids"])
+  # word_fill rows: one sentinel in the input, a plain-text target; span corruption's open with it.
+  assert ((batch["input_ids"][2:6] == 8099).sum(1) == 1).all() and (batch["target_ids"][2:6, 0] < 8000).all()
+  assert (batch["target_ids"][6:, 0] == 8099).all() and (batch["target_ids"][:2, 0] < 8000).all()
+  with pytest.raises(ValueError, match="word_start"):
+    pretrain_small_t5.mixed_batch(streams, 3, 8, 8099, fractions)

@@ -117,6 +117,45 @@ def next_words(
   return np.append(tokens[:cut], eos_id), np.append(tokens[cut : cut + num_tokens], eos_id)
 
 
+def word_fill(
+  tokens: np.ndarray,
+  word_start: np.ndarray,
+  rng: np.random.Generator,
+  sentinel_start: int,
+  eos_id: int = 1,
+  max_words: int = 3,
+  max_target_tokens: int = 12,
+) -> tuple[np.ndarray, np.ndarray]:
+  """(input ids, target ids), each ending with EOS: 1 to `max_words` consecutive whole words of a document
+  (uniform count, uniform position; at least one word stays visible) are replaced in the input by one
+  sentinel (<extra_id_0> = `sentinel_start`), and the target is the hidden words alone, at most
+  `max_target_tokens` tokens (a longer span hides only its first that many). `word_start[id]` says whether
+  piece `id` opens a word (SentencePiece's leading "▁"); a document's first token always does.
+
+  A cloze whose answer is a word of the corpus: unlike span corruption (whose targets open with a
+  sentinel) and prefix LM (whose first target token is often a generic "." or "is"), the decoder's first
+  token is a content word that only the input determines, which is what a prompt-tuned label needs."""
+  tokens = np.asarray(tokens)
+  starts = np.flatnonzero(np.asarray(word_start)[tokens])
+  starts = np.union1d([0], starts) if len(tokens) else starts
+  if len(starts) < 2:
+    raise ValueError(f"word_fill needs a document of at least 2 words, got {len(starts)}")
+  if max_words < 1 or max_target_tokens < 1:
+    raise ValueError(f"max_words and max_target_tokens must be at least 1, got {max_words}, {max_target_tokens}")
+  bounds = np.append(starts, len(tokens))
+  count = int(rng.integers(1, min(max_words, len(starts) - 1) + 1))
+  first = int(rng.integers(0, len(starts) - count + 1))
+  begin, end = int(bounds[first]), int(bounds[first + count])
+  end = min(end, begin + max_target_tokens)
+  inputs = np.concatenate([tokens[:begin], [sentinel_start], tokens[end:], [eos_id]])
+  return inputs.astype(tokens.dtype), np.append(tokens[begin:end], eos_id)
+
+
+def word_starts(pieces: list[str]) -> np.ndarray:
+  """[vocab] bool: which SentencePiece pieces open a word (start with "▁"), for word_fill."""
+  return np.array([piece.startswith("▁") for piece in pieces], bool)
+
+
 def prefix_lm_lengths(tokens_length: int, max_target_tokens: int | None = None) -> tuple[int, int]:
   """Padded (input, target) lengths that hold any prefix_lm split of a chunk (EOS included)."""
   targets = tokens_length - 1 if max_target_tokens is None else min(max_target_tokens, tokens_length - 1)

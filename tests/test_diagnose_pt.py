@@ -1,0 +1,50 @@
+"""experiments/diagnose_pt.py's ceilings (measurement 6): the linear probe, fine-tuning and their summary."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpt_jax.model.hf import load_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("diagnose_pt", REPO / "experiments" / "diagnose_pt.py")
+diagnose_pt = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(diagnose_pt)
+
+
+def test_ceiling_summary_averages_over_seeds_then_over_tasks():
+  def row(task, constant, probe, tuned):
+    return {
+      "task": task,
+      "constant_answer": constant,
+      "linear_probe": {"test_score": probe},
+      "fine_tune": {"test_score": tuned},
+    }
+
+  rows = [row("a", 0.1, 0.3, 0.5), row("a", 0.1, 0.5, 0.7), row("b", 0.5, 0.6, 0.6)]
+  summary = diagnose_pt.ceiling_summary(rows)
+  assert summary["per_task"]["a"] == {"constant": 10.0, "linear_probe": 40.0, "fine_tune": 60.0, "seeds": 2}
+  assert summary["per_task"]["b"]["seeds"] == 1
+  assert summary["average"] == {"constant": 30.0, "linear_probe": 50.0, "fine_tune": 60.0}
+
+
+def test_ceilings_of_the_shipped_model_on_a_gym_task():
+  """Short runs on the real asset and gym: the probe separates its 80 train examples, fine-tuning lowers
+  the loss, and the constant answer scores what macro-F1 gives a majority guess over 5 balanced classes."""
+  model, params, tokenizer = load_pretrained(str(REPO / "assets" / "small_t5"))
+  row = diagnose_pt.ceilings(
+    model, params, tokenizer, diagnose_pt.GYM_DIR, "wn-noun_category_living", 100,
+    probe_steps=200, fine_tune_steps=12,
+  )
+  assert row["metric"] == "Classification-F1" and row["train_examples"] == 80
+  # One class predicted everywhere: F1 2 * 0.2 / 1.2 on it, 0 on the other four.
+  assert row["constant_answer"] == pytest.approx(2 * 0.2 / 1.2 / 5)
+  assert row["linear_probe"]["train_accuracy"] == 1.0
+  curve = np.array(row["fine_tune"]["loss_curve"])
+  assert curve[-1, 1] < 0.5 * curve[0, 1]
+  for score in (row["linear_probe"]["test_score"], row["fine_tune"]["test_score"]):
+    assert 0.0 <= score <= 1.0

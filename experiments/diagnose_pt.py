@@ -348,12 +348,11 @@ def ceiling_summary(rows: list[dict]) -> dict:
   keys = {"constant": lambda r: r["constant_answer"], "linear_probe": lambda r: r["linear_probe"]["test_score"],
           "fine_tune": lambda r: r["fine_tune"]["test_score"]}
   tasks = sorted({r["task"] for r in rows})
+  means = {t: {k: 100 * float(np.mean([f(r) for r in rows if r["task"] == t])) for k, f in keys.items()} for t in tasks}
   per_task = {
-    t: {k: round(100 * float(np.mean([f(r) for r in rows if r["task"] == t])), 1) for k, f in keys.items()}
-    for t in tasks
+    t: dict({k: round(v, 1) for k, v in m.items()}, seeds=sum(r["task"] == t for r in rows)) for t, m in means.items()
   }
-  per_task = {t: dict(v, seeds=sum(r["task"] == t for r in rows)) for t, v in per_task.items()}
-  average = {k: round(float(np.mean([v[k] for v in per_task.values()])), 1) for k in keys}
+  average = {k: round(float(np.mean([m[k] for m in means.values()])), 1) for k in keys}
   return {"per_task": per_task, "average": average}
 
 

@@ -477,6 +477,8 @@ def plot_log(log_path: Path, png_path: Path) -> None:
     ("heldout_shuffled_inputs", "x--", "C1", "  same, another example's input"),
     ("heldout_prefix_lm", "o-", "C2", "held-out prefix LM"),
     ("heldout_prefix_lm_shuffled_inputs", "x--", "C2", "  same, another example's input"),
+    ("heldout_word_fill", "o-", "C3", "held-out word fill"),
+    ("heldout_word_fill_shuffled_inputs", "x--", "C3", "  same, another example's input"),
   )
   for name, style, color, label in curves:
     if log.get(name):

@@ -272,7 +272,11 @@ def linear_probe(
     w = optax.apply_updates(w, updates)
   train_acc = float(jnp.mean(jnp.argmax(x_train @ w[0] + w[1], -1) == y))
   predictions = [labels[int(i)] for i in jnp.argmax(x_test @ w[0] + w[1], -1)]
-  return {"train_loss": float(value), "train_accuracy": train_acc, "test_score": score_labels(gym_dir, test, predictions)}
+  return {
+    "train_loss": float(value),
+    "train_accuracy": train_acc,
+    "test_score": score_labels(gym_dir, test, predictions),
+  }
 
 
 def fine_tune(
@@ -319,7 +323,12 @@ def fine_tune(
   b = batching.make_batch(test, np.arange(len(test)))
   ids = decode.rank_classify(model, tuned, b["input_ids"], b["input_mask"], None, candidates=candidates)
   predictions = tokenizer.batch_decode(np.asarray(ids).tolist(), skip_special_tokens=True)
-  return {"steps": steps, "lr": lr, "loss_curve": curve, "test_score": score_labels(gym_dir, test, predictions)}
+  return {
+    "steps": steps,
+    "lr": lr,
+    "loss_curve": curve,
+    "test_score": score_labels(gym_dir, test, predictions),
+  }
 
 
 def ceilings(
@@ -345,12 +354,19 @@ def ceilings(
 def ceiling_summary(rows: list[dict]) -> dict:
   """Per task, then averaged over tasks: the mean over seeds of the constant answer, the linear probe and
   fine-tuning (test scores x100)."""
-  keys = {"constant": lambda r: r["constant_answer"], "linear_probe": lambda r: r["linear_probe"]["test_score"],
-          "fine_tune": lambda r: r["fine_tune"]["test_score"]}
+  keys = {
+    "constant": lambda r: r["constant_answer"],
+    "linear_probe": lambda r: r["linear_probe"]["test_score"],
+    "fine_tune": lambda r: r["fine_tune"]["test_score"],
+  }
   tasks = sorted({r["task"] for r in rows})
-  means = {t: {k: 100 * float(np.mean([f(r) for r in rows if r["task"] == t])) for k, f in keys.items()} for t in tasks}
+  means = {
+    t: {k: 100 * float(np.mean([f(r) for r in rows if r["task"] == t])) for k, f in keys.items()}
+    for t in tasks
+  }
   per_task = {
-    t: dict({k: round(v, 1) for k, v in m.items()}, seeds=sum(r["task"] == t for r in rows)) for t, m in means.items()
+    t: dict({k: round(v, 1) for k, v in m.items()}, seeds=sum(r["task"] == t for r in rows))
+    for t, m in means.items()
   }
   average = {k: round(float(np.mean([m[k] for m in means.values()])), 1) for k in keys}
   return {"per_task": per_task, "average": average}

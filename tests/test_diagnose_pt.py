@@ -37,8 +37,14 @@ def test_ceilings_of_the_shipped_model_on_a_gym_task():
   the loss, and the constant answer scores what macro-F1 gives a majority guess over 5 balanced classes."""
   model, params, tokenizer = load_pretrained(str(REPO / "assets" / "small_t5"))
   row = diagnose_pt.ceilings(
-    model, params, tokenizer, diagnose_pt.GYM_DIR, "wn-noun_category_living", 100,
-    probe_steps=200, fine_tune_steps=12,
+    model,
+    params,
+    tokenizer,
+    diagnose_pt.GYM_DIR,
+    "wn-noun_category_living",
+    100,
+    probe_steps=200,
+    fine_tune_steps=12,
   )
   assert row["metric"] == "Classification-F1" and row["train_examples"] == 80
   # One class predicted everywhere: F1 2 * 0.2 / 1.2 on it, 0 on the other four.

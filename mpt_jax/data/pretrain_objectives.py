@@ -141,7 +141,9 @@ def word_fill(
   if len(starts) < 2:
     raise ValueError(f"word_fill needs a document of at least 2 words, got {len(starts)}")
   if max_words < 1 or max_target_tokens < 1:
-    raise ValueError(f"max_words and max_target_tokens must be at least 1, got {max_words}, {max_target_tokens}")
+    raise ValueError(
+      f"max_words and max_target_tokens must be at least 1, got {max_words}, {max_target_tokens}"
+    )
   bounds = np.append(starts, len(tokens))
   count = int(rng.integers(1, min(max_words, len(starts) - 1) + 1))
   first = int(rng.integers(0, len(starts) - count + 1))

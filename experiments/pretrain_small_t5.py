@@ -623,7 +623,10 @@ def parse_args(argv=None):
   )
   p.add_argument("--smoke", action="store_true", help="tiny model and few steps: checks the pipeline")
   p.add_argument(
-    "--plot", default="experiments/small_t5_pretrain_loss.png", help="where the loss-curve PNG goes"
+    "--plot",
+    default=None,
+    help="where the loss-curve PNG goes (default: out_dir/pretrain_loss.png; the shipped model's curve in "
+    "experiments/README.md is --plot=experiments/small_t5_pretrain_loss.png)",
   )
   p.add_argument("--plot_only", action="store_true", help="only redraw --plot from out_dir's log")
   if p.parse_known_args(argv)[0].smoke:  # the smoke run's defaults; flags given explicitly still win
@@ -638,10 +641,9 @@ def parse_args(argv=None):
       ckpt_every=20,
       warmup_steps=5,
       heldout_batches=1,
-      plot=None,
     )
   args = p.parse_args(argv)
-  if args.smoke and args.plot is None:
+  if args.plot is None:  # never overwrite another run's curve by default
     args.plot = str(Path(args.out_dir) / "pretrain_loss.png")
   return args
 

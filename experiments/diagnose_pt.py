@@ -14,7 +14,8 @@
 4. Continuations: the first output token's distribution after plain text whose next word the corpus
    states ("The opposite of hot is"): entropy and top tokens.
 5. Free-encoding oracle: the overfit check with 16 free vectors appended to the encoder output in place of
-   a prompt (same RMS as the encoder's outputs). Whether the decoder can be driven to the labels at all.
+   a prompt (same RMS as the encoder's outputs). Whether the decoder can be driven to the labels at all;
+   with `--oracle_per_example` also 16 free vectors per example (an input-dependent encoding at its best).
 6. Ceilings (`--ceiling_tasks`): on a task's whole train file, scored on its test file by the task's metric
    beside the constant answer: a linear probe of the frozen encoder's mean output (is what the task needs in
    the encoder at all?) and full fine-tuning of the model (what 16 shots per class can teach this model when
@@ -176,12 +177,21 @@ def overfit(
 
 
 def free_encoding_oracle(
-  model, params, train: batching.TokenizedSplit, n: int, steps: int, rows: int = 16, lr: float = 0.1
+  model,
+  params,
+  train: batching.TokenizedSplit,
+  n: int,
+  steps: int,
+  rows: int = 16,
+  lr: float = 0.1,
+  per_example: bool = False,
 ) -> dict:
   """Can the decoder be driven to the labels at all? `rows` free vectors appended to the encoder output
   (kept at the encoder outputs' RMS, so they are no louder than real ones), trained with Adam on the n fixed
   examples instead of a prompt. A prompt reaches the decoder only through the frozen encoder; if free
-  encoder outputs fit the labels far better than a prompt does, the encoder is the bottleneck."""
+  encoder outputs fit the labels far better than a prompt does, the encoder is the bottleneck.
+  per_example: each example gets its own `rows` free vectors (what an input-dependent encoding could do
+  at best); shared ones can only set a prior over the labels."""
   import optax
 
   batch = {k: jnp.asarray(v) for k, v in batching.make_batch(train, np.arange(n)).items()}
@@ -192,7 +202,7 @@ def free_encoding_oracle(
 
   def token_ll(free):
     free = free / jnp.sqrt(jnp.mean(jnp.square(free), axis=-1, keepdims=True) + 1e-6) * scale
-    enc = jnp.concatenate([jnp.broadcast_to(free, (n, *free.shape)), encoded], axis=1)
+    enc = jnp.concatenate([jnp.broadcast_to(free, (n, rows, free.shape[-1])), encoded], axis=1)
     enc_mask = jnp.concatenate([jnp.ones((n, rows), bool), mask.astype(bool)], axis=1)
     logits = model.apply({"params": params}, enc, enc_mask, decoder_in, method=T5.decode)
     return target_log_likelihoods(logits, batch["target_ids"])
@@ -201,7 +211,8 @@ def free_encoding_oracle(
     return -jnp.sum(token_ll(free) * target_mask) / jnp.sum(target_mask)
 
   optimizer = optax.adam(lr)
-  free = jax.random.normal(jax.random.PRNGKey(0), (rows, encoded.shape[-1]))
+  shape = (n, rows, encoded.shape[-1]) if per_example else (rows, encoded.shape[-1])
+  free = jax.random.normal(jax.random.PRNGKey(0), shape)
   state = optimizer.init(free)
 
   @jax.jit
@@ -219,6 +230,7 @@ def free_encoding_oracle(
   return {
     "task": train.task,
     "rows": rows,
+    "per_example": per_example,
     "steps": steps,
     "lr": lr,
     "examples": n,
@@ -440,6 +452,11 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=100, help="the gym's data seed (file) to read")
   p.add_argument("--skip_overfit", action="store_true")
   p.add_argument(
+    "--oracle_per_example",
+    action="store_true",
+    help="also run the free-encoding oracle with free vectors per example (not shared)",
+  )
+  p.add_argument(
     "--ceiling_seeds", default="", help="measurement 6 on these gym seeds (comma-separated); empty: --seed"
   )
   p.add_argument(
@@ -494,9 +511,10 @@ def main(argv=None):
         )
         report["overfit"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "generations"}), flush=True)
-      row = free_encoding_oracle(model, params, train, args.examples, args.steps)
-      report.setdefault("free_encoding_oracle", []).append(row)
-      print(json.dumps(row), flush=True)
+      for per_example in (False, True) if args.oracle_per_example else (False,):
+        row = free_encoding_oracle(model, params, train, args.examples, args.steps, per_example=per_example)
+        report.setdefault("free_encoding_oracle", []).append(row)
+        print(json.dumps(row), flush=True)
   seeds = [int(x) for x in args.ceiling_seeds.split(",") if x] or [args.seed]
   for task in filter(None, args.ceiling_tasks.split(",")):
     for seed in seeds:

@@ -643,6 +643,11 @@ def parse_args(argv=None):
       heldout_batches=1,
     )
   args = p.parse_args(argv)
+  if args.steps - args.phase_start <= args.warmup_steps:
+    p.error(
+      f"--steps={args.steps} leaves no room for the schedule: it must exceed --phase_start "
+      f"({args.phase_start}) + --warmup_steps ({args.warmup_steps}); raise --steps or lower --warmup_steps"
+    )
   if args.plot is None:  # never overwrite another run's curve by default
     args.plot = str(Path(args.out_dir) / "pretrain_loss.png")
   return args

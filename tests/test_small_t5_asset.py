@@ -336,3 +336,11 @@ def test_mixture_of_three_objectives_gives_each_its_block_of_rows():
   assert (batch["target_ids"][6:, 0] == 8099).all() and (batch["target_ids"][:2, 0] < 8000).all()
   with pytest.raises(ValueError, match="word_start"):
     pretrain_small_t5.mixed_batch(streams, 3, 8, 8099, fractions)
+
+
+def test_a_schedule_without_room_is_refused_before_anything_runs(capsys):
+  with pytest.raises(SystemExit):
+    pretrain_small_t5.parse_args(["--steps=100", "--phase_start=50", "--warmup_steps=60"])
+  assert "--steps=100 leaves no room" in capsys.readouterr().err
+  args = pretrain_small_t5.parse_args(["--smoke", "--out_dir=/tmp/somewhere"])
+  assert args.plot == "/tmp/somewhere/pretrain_loss.png"  # never the shipped model's curve by default

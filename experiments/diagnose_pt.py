@@ -102,6 +102,7 @@ def overfit(
   n: int,
   init_seed: int,
   optimizer_name: str = "adafactor",
+  placement: str = "prepend",
 ) -> dict:
   """Prompt tuning on a fixed batch of n train examples; losses and accuracies along the way."""
   batch = {k: jnp.asarray(v) for k, v in batching.make_batch(train, np.arange(n)).items()}
@@ -110,7 +111,7 @@ def overfit(
     jax.random.PRNGKey(init_seed), (prompt_length, embedding.shape[1])
   )
   optimizer = optim.make_optimizer(optimizer_name, lr)
-  loss_fn = algorithms.make_loss_fn(model, deterministic=True)
+  loss_fn = algorithms.make_loss_fn(model, deterministic=True, placement=placement)
   step = algorithms.jit_step(algorithms.make_pt_step(loss_fn, optimizer))
   state = algorithms.init_state(prompt0, optimizer)
   candidates = decode.label_candidates(train)
@@ -124,6 +125,7 @@ def overfit(
         batch["input_mask"],
         shift_right(batch["target_ids"], 0),
         prompt=prompt,
+        placement=placement,
       ),
       batch["target_ids"],
     )
@@ -133,10 +135,12 @@ def overfit(
     b = batching.make_batch(split, rows)
     if how == "rank":
       ids = decode.rank_classify(
-        model, params, b["input_ids"], b["input_mask"], prompt, candidates=candidates
+        model, params, b["input_ids"], b["input_mask"], prompt, candidates=candidates, placement=placement
       )
     else:
-      ids = decode.greedy_decode(model, params, b["input_ids"], b["input_mask"], prompt, max_length=8)
+      ids = decode.greedy_decode(
+        model, params, b["input_ids"], b["input_mask"], prompt, max_length=8, placement=placement
+      )
     texts = tokenizer.batch_decode(np.asarray(ids).tolist(), skip_special_tokens=True)
     golds = [split.answers[i] for i in rows]
     return float(np.mean([t.strip() in g for t, g in zip(texts, golds)])), texts
@@ -163,6 +167,7 @@ def overfit(
     "lr": lr,
     "examples": n,
     "optimizer": optimizer_name,
+    "placement": placement,
     "loss_curve": curve,
     "final_loss": curve[-1][1],
     "label_token_loss": float(label_token_loss(state.prompt)),
@@ -449,6 +454,9 @@ def main(argv=None):
   p.add_argument("--lr", type=float, default=0.5)
   p.add_argument("--optimizer", default="adafactor", help="adafactor (the study's), adamw or sgd")
   p.add_argument("--examples", type=int, default=16)
+  p.add_argument(
+    "--placement", default="prepend", help="where the prompt goes: prepend, suffix or after_padding"
+  )
   p.add_argument("--seed", type=int, default=100, help="the gym's data seed (file) to read")
   p.add_argument("--skip_overfit", action="store_true")
   p.add_argument(
@@ -508,6 +516,7 @@ def main(argv=None):
           args.examples,
           init_seed=args.seed,
           optimizer_name=args.optimizer,
+          placement=args.placement,
         )
         report["overfit"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "generations"}), flush=True)

@@ -296,19 +296,11 @@ def linear_probe(
   }
 
 
-def fine_tune(
-  model,
-  params,
-  tokenizer,
-  gym_dir,
-  train: batching.TokenizedSplit,
-  test: batching.TokenizedSplit,
-  steps: int = 150,
-  lr: float = 3e-4,
-  batch_size: int = 16,
-) -> dict:
-  """Full fine-tuning (every weight, AdamW, no dropout) on the whole train file, shuffled batches; the
-  test score by rank classification over the train labels, by the task's metric."""
+def train_all_weights(
+  model, params, train: batching.TokenizedSplit, steps: int, lr: float, batch_size: int = 16, seed: int = 0
+):
+  """Full fine-tuning (every weight, AdamW, no dropout) on shuffled batches of a split (its first gold):
+  -> (tuned params, [[step, loss], ...])."""
   import optax
 
   optimizer = optax.adamw(lr, weight_decay=0.0)
@@ -328,7 +320,7 @@ def fine_tune(
     updates, state = optimizer.update(g, state, p)
     return optax.apply_updates(p, updates), state, value
 
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   tuned, curve = params, []
   for s in range(steps):
     rows = rng.choice(len(train), size=min(batch_size, len(train)), replace=False)
@@ -336,6 +328,23 @@ def fine_tune(
     tuned, state, value = step(tuned, state, batch)
     if s % max(steps // 5, 1) == 0 or s == steps - 1:
       curve.append([s, float(value)])
+  return tuned, curve
+
+
+def fine_tune(
+  model,
+  params,
+  tokenizer,
+  gym_dir,
+  train: batching.TokenizedSplit,
+  test: batching.TokenizedSplit,
+  steps: int = 150,
+  lr: float = 3e-4,
+  batch_size: int = 16,
+) -> dict:
+  """Full fine-tuning on the whole train file (train_all_weights); the test score by rank classification
+  over the train labels, by the task's metric."""
+  tuned, curve = train_all_weights(model, params, train, steps, lr, batch_size)
   candidates = decode.label_candidates(train)
   b = batching.make_batch(test, np.arange(len(test)))
   ids = decode.rank_classify(model, tuned, b["input_ids"], b["input_mask"], None, candidates=candidates)

@@ -54,3 +54,39 @@ def test_ceilings_of_the_shipped_model_on_a_gym_task():
   assert curve[-1, 1] < 0.5 * curve[0, 1]
   for score in (row["linear_probe"]["test_score"], row["fine_tune"]["test_score"]):
     assert 0.0 <= score <= 1.0
+
+
+def test_source_tuning_pools_every_source_train_file_of_the_setting_and_no_target():
+  import json
+
+  spec = importlib.util.spec_from_file_location(
+    "tune_on_sources", REPO / "experiments" / "tune_on_sources.py"
+  )
+  tune_on_sources = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tune_on_sources)
+  _, _, tokenizer = load_pretrained(str(REPO / "assets" / "small_t5"))
+  gym = diagnose_pt.GYM_DIR
+  setting = json.loads((gym / "wordnet_settings.json").read_text())["wn_cls2cls"]
+  pool = tune_on_sources.source_pool(gym, "wn_cls2cls", tokenizer)
+
+  def lines(task):
+    return [
+      line.split("\t")[0]
+      for f in sorted((gym / task).glob("*_train.tsv"))
+      for line in f.read_text().splitlines()
+    ]
+
+  template = diagnose_pt.SPEC.input_template
+
+  def ids(task):  # as the pool holds them: formatted, token ids, EOS last, cut at the spec's input length
+    cut = diagnose_pt.SPEC.max_input_len
+    texts = [template.format(task=task, input=x) for x in lines(task)]
+    return {tuple(x[: cut - 1] + [1] if len(x) > cut else x) for x in tokenizer(texts)["input_ids"]}
+
+  assert len(pool) == sum(len(lines(task)) for task in setting["source"]) == 3520
+  pooled = {tuple(int(t) for t in row if t) for row in pool.input_ids}
+  assert pooled == set().union(*(ids(task) for task in setting["source"]))  # exactly the source examples
+  for task in setting["target"]:  # no target task's example, in any seed's train file
+    assert not pooled & ids(task), task
+  with pytest.raises(SystemExit, match="wordnet_settings.json"):
+    tune_on_sources.source_pool(gym, "wn_nosuch", tokenizer)

@@ -41,14 +41,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mpt_jax import algorithms, decode, optim, prompt as prompt_lib  # noqa: E402
+from mpt_jax import algorithms, baselines, decode, gyms, metrics, optim, prompt as prompt_lib  # noqa: E402
 from mpt_jax.data import batching, crossfit  # noqa: E402
+from mpt_jax.data.settings import metric_for_task  # noqa: E402
 from mpt_jax.model import hf  # noqa: E402
-from mpt_jax.model.loss import shift_right, target_log_likelihoods  # noqa: E402
+from mpt_jax.model.loss import shift_right, target_log_likelihoods, weights_loss  # noqa: E402
 from mpt_jax.model.t5 import T5  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GYM_DIR = REPO_ROOT / "assets" / "wordnet_gym"
+GYM_DIR = gyms.WORDNET_GYM_DIR
+gyms.ensure("wordnet")  # the gym's tasks and settings in the registry (their metrics, for scoring)
 SPEC = batching.TextSpec(max_input_len=64, max_target_len=8)  # the demo/mini presets' lengths
 
 
@@ -245,18 +247,13 @@ def free_encoding_oracle(
   }
 
 
-def task_metric(gym_dir, task: str) -> str:
-  return json.loads((Path(gym_dir) / "wordnet_task_metrics.json").read_text())[task]
-
-
-def score_labels(gym_dir, split: batching.TokenizedSplit, predictions: list[str]) -> float:
-  from mpt_jax import metrics
-
-  return metrics.score(task_metric(gym_dir, split.task), predictions, [list(a) for a in split.answers])
+def score_labels(split: batching.TokenizedSplit, predictions: list[str]) -> float:
+  """The task's score (its gym metric) of one predicted label per example."""
+  return metrics.evaluate(split.task, predictions, [list(a) for a in split.answers])
 
 
 def linear_probe(
-  model, params, gym_dir, train: batching.TokenizedSplit, test: batching.TokenizedSplit, steps: int = 500
+  model, params, train: batching.TokenizedSplit, test: batching.TokenizedSplit, steps: int = 500
 ) -> dict:
   """Softmax regression on the frozen encoder's mean output (no prompt), standardized features, L2 1e-3,
   Adam lr 0.05 on the whole train file: the test score by the task's metric."""
@@ -292,7 +289,7 @@ def linear_probe(
   return {
     "train_loss": float(value),
     "train_accuracy": train_acc,
-    "test_score": score_labels(gym_dir, test, predictions),
+    "test_score": score_labels(test, predictions),
   }
 
 
@@ -306,17 +303,9 @@ def train_all_weights(
   optimizer = optax.adamw(lr, weight_decay=0.0)
   state = optimizer.init(params)
 
-  def loss(p, batch):
-    logits = model.apply(
-      {"params": p}, batch["input_ids"], batch["input_mask"], shift_right(batch["target_ids"], 0)
-    )
-    ll = target_log_likelihoods(logits, batch["target_ids"])
-    mask = batch["target_mask"].astype(jnp.float32)
-    return -jnp.sum(ll * mask) / jnp.sum(mask)
-
   @jax.jit
   def step(p, state, batch):
-    value, g = jax.value_and_grad(loss)(p, batch)
+    value, g = jax.value_and_grad(lambda p: weights_loss(model, p, batch))(p)
     updates, state = optimizer.update(g, state, p)
     return optax.apply_updates(p, updates), state, value
 
@@ -335,7 +324,6 @@ def fine_tune(
   model,
   params,
   tokenizer,
-  gym_dir,
   train: batching.TokenizedSplit,
   test: batching.TokenizedSplit,
   steps: int = 150,
@@ -353,27 +341,24 @@ def fine_tune(
     "steps": steps,
     "lr": lr,
     "loss_curve": curve,
-    "test_score": score_labels(gym_dir, test, predictions),
+    "test_score": score_labels(test, predictions),
   }
 
 
 def ceilings(
   model, params, tokenizer, gym_dir, task: str, seed: int, probe_steps: int = 500, fine_tune_steps: int = 150
 ) -> dict:
-  train = read_split(gym_dir, task, seed, "train", tokenizer)
-  test = read_split(gym_dir, task, seed, "test", tokenizer)
-  counts = {}
-  for answers in train.answers:
-    counts[answers[0]] = counts.get(answers[0], 0) + 1
-  constant = max(counts, key=counts.get)
+  splits = crossfit.read_crossfit(gym_dir, [task], [seed], ["train", "test"])[task].splits
+  raw_train, raw_test = splits[(seed, "train")], splits[(seed, "test")]
+  train, test = (batching.tokenize_split(s, tokenizer, SPEC) for s in (raw_train, raw_test))
   return {
     "task": task,
     "seed": seed,
-    "metric": task_metric(gym_dir, task),
+    "metric": metric_for_task(task),
     "train_examples": len(train),
-    "constant_answer": score_labels(gym_dir, test, [constant] * len(test)),
-    "linear_probe": linear_probe(model, params, gym_dir, train, test, probe_steps),
-    "fine_tune": fine_tune(model, params, tokenizer, gym_dir, train, test, fine_tune_steps),
+    "constant_answer": baselines.constant_answer_score(raw_train, raw_test),
+    "linear_probe": linear_probe(model, params, train, test, probe_steps),
+    "fine_tune": fine_tune(model, params, tokenizer, train, test, fine_tune_steps),
   }
 
 

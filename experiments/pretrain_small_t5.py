@@ -151,8 +151,12 @@ class DocumentStream:
     return self.docs[self._order[within]]
 
 
+# Objectives that take one example per document (see DocumentStream), in training and held out.
+DOCUMENT_ALIGNED = ("prefix_lm", "next_words", "word_fill")
+
+
 def make_stream(objective: str, doc_ids: list[np.ndarray], chunk_len: int, seed: int):
-  document_aligned = objective in ("prefix_lm", "next_words", "word_fill")  # per document (DocumentStream)
+  document_aligned = objective in DOCUMENT_ALIGNED
   return (DocumentStream if document_aligned else ChunkStream)(doc_ids, chunk_len, seed)
 
 
@@ -297,7 +301,7 @@ def heldout_batches(
   word_start: np.ndarray | None = None,
 ) -> list[dict]:
   """Fixed batches of held-out text (same noise and cuts every evaluation)."""
-  if objective in ("prefix_lm", "word_fill"):  # one example per document, as in training
+  if objective in DOCUMENT_ALIGNED:  # one example per document, as in training
     chunks = [d[:chunk_len] for d in doc_ids if len(d) >= 2][: batch_size * num_batches]
   else:
     stream = np.concatenate(doc_ids)
@@ -360,23 +364,11 @@ def make_optimizer(args):
   )
 
 
-def pretrain_loss(model, params, batch):
-  """`mpt_jax.model.loss.seq2seq_loss` without its stop_gradient on the T5 params (which guards the
-  frozen model in prompt tuning): token cross-entropy, mean over the non-pad target tokens."""
-  from mpt_jax.model.loss import mean_token_nll, shift_right, target_log_likelihoods
-
-  logits = model.apply(
-    {"params": params},
-    batch["input_ids"],
-    batch["input_mask"],
-    shift_right(batch["target_ids"], model.config.decoder_start_token_id),
-  )
-  return mean_token_nll(target_log_likelihoods(logits, batch["target_ids"]), batch["target_mask"])
-
-
 def make_steps(model, optimizer):
+  from mpt_jax.model.loss import weights_loss  # seq2seq_loss without its stop_gradient on the params
+
   def loss_fn(params, batch):
-    return pretrain_loss(model, params, batch)
+    return weights_loss(model, params, batch)
 
   @jax.jit
   def eval_loss(params, batch):
@@ -643,6 +635,11 @@ def parse_args(argv=None):
       heldout_batches=1,
     )
   args = p.parse_args(argv)
+  if args.objective == "mixture":
+    try:
+      parse_mixture(args.mixture, args.span_fraction)
+    except ValueError as e:  # refused before the corpus is built
+      p.error(str(e))
   if args.steps - args.phase_start <= args.warmup_steps:
     p.error(
       f"--steps={args.steps} leaves no room for the schedule: it must exceed --phase_start "

@@ -23,15 +23,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import diagnose_pt  # noqa: E402
 
-from mpt_jax.data import batching, crossfit  # noqa: E402
+from mpt_jax import gyms  # noqa: E402
+from mpt_jax.data import batching, crossfit, settings as settings_lib  # noqa: E402
 from mpt_jax.model import hf  # noqa: E402
 
 
 def source_pool(gym_dir, setting: str, tokenizer) -> batching.TokenizedSplit:
-  settings = json.loads((Path(gym_dir) / "wordnet_settings.json").read_text())
-  if setting not in settings:
-    raise SystemExit(f"--setting={setting!r}: not in {gym_dir}/wordnet_settings.json ({sorted(settings)})")
-  tasks = settings[setting]["source"]
+  """The train files of every seed of the setting's source tasks (diagnose_pt registered the gym)."""
+  try:
+    tasks = settings_lib.get_setting(setting).source
+  except settings_lib.SettingError as e:
+    raise SystemExit(f"--setting: {e} (the WordNet gym's: {gyms.WORDNET_GYM_DIR}/wordnet_settings.json)")
   data = crossfit.read_crossfit(gym_dir, tasks, splits=["train"])
   return batching.concat_splits(
     [

@@ -312,3 +312,18 @@ def test_load_prompt_rejects_what_does_not_fit(tmp_path):
     prompts.load_prompt(tmp_path / "p.npy")
   with pytest.raises(FileNotFoundError, match="nope.npy"):
     prompts.load_prompt(tmp_path / "nope")
+
+
+def test_weights_loss_is_seq2seq_loss_without_a_prompt_but_trains_the_weights():
+  from mpt_jax.model.loss import weights_loss
+
+  model, params = tiny_t5(dropout_rate=0.0)
+  batch = {k: jnp.asarray(v) for k, v in random_batch(3).items()}
+  empty = jnp.zeros((0, model.config.d_model), jnp.float32)
+  frozen = seq2seq_loss(model, params, empty, batch, None, deterministic=True)
+  np.testing.assert_allclose(float(weights_loss(model, params, batch)), float(frozen), rtol=1e-6)
+  # seq2seq_loss guards the frozen weights (zero gradient); weights_loss is for training them.
+  frozen_grads = jax.grad(lambda p: seq2seq_loss(model, p, empty, batch, None, deterministic=True))(params)
+  grads = jax.grad(lambda p: weights_loss(model, p, batch))(params)
+  assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(frozen_grads))
+  assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(grads)) > 0

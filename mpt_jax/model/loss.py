@@ -1,7 +1,8 @@
 """Sequence-to-sequence losses of the frozen T5 with a soft prompt (docs/CONTRACTS.md).
 
 Both are pure functions of (prompt, frozen_params, batch): differentiate with respect to `prompt` only;
-the frozen params are an argument so that jit does not bake them in as constants.
+the frozen params are an argument so that jit does not bake them in as constants. `weights_loss` is the
+same token cross-entropy for training the model's own weights (pretraining, fine-tuning), no prompt.
 """
 
 from __future__ import annotations
@@ -61,6 +62,18 @@ def seq2seq_loss(
     model, frozen_params, prompt, batch, rng, deterministic=deterministic, placement=placement
   )
   return mean_token_nll(token_ll, batch["target_mask"])
+
+
+def weights_loss(model: T5, params, batch):
+  """`seq2seq_loss` without a prompt and without its stop_gradient on the T5 params (which guards the
+  frozen model in prompt tuning): for differentiating the weights themselves. Dropout off."""
+  logits = model.apply(
+    {"params": params},
+    batch["input_ids"],
+    batch["input_mask"],
+    shift_right(batch["target_ids"], model.config.decoder_start_token_id),
+  )
+  return mean_token_nll(target_log_likelihoods(logits, batch["target_ids"]), batch["target_mask"])
 
 
 def sequence_log_likelihood(model: T5, frozen_params, prompt, batch, *, placement: str = "prepend"):

@@ -20,6 +20,12 @@
    beside the constant answer: a linear probe of the frozen encoder's mean output (is what the task needs in
    the encoder at all?) and full fine-tuning of the model (what 16 shots per class can teach this model when
    every weight may move; prompt tuning moves far fewer).
+7. Direction (`--direction_tasks`): prompt tuning as the mini-study runs it (task-name init, 60 Adafactor
+   steps of 8, learning rates 0.5 / 0.3, dev every 20 steps, the best-dev prompt tested), in the study's
+   direct form (the model reads the input and scores each label) and in the noisy-channel form (Min et
+   al. 2022: the model reads the prompt and a label and scores the input, trained on p(input | label));
+   beside each, the zero-shot score without a prompt. Is what the model knows reachable in the direction
+   it was pretrained to predict (text from a short head)?
 
   python experiments/diagnose_pt.py --model=assets/small_t5 --out=experiments/results/diagnosis/small_t5.json
 
@@ -29,6 +35,7 @@ Everything is a pure function of the arguments (fixed examples, fixed prompt-ini
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -370,6 +377,12 @@ def ceiling_summary(rows: list[dict]) -> dict:
     "linear_probe": lambda r: r["linear_probe"]["test_score"],
     "fine_tune": lambda r: r["fine_tune"]["test_score"],
   }
+  return summarize_rows(rows, keys)
+
+
+def summarize_rows(rows: list[dict], keys: dict) -> dict:
+  """{"per_task": {task: {key: mean over its rows x100, ..., "seeds": n}}, "average": {key: mean over
+  tasks}} of the scores `keys[key](row)`; the average is of the unrounded task means."""
   tasks = sorted({r["task"] for r in rows})
   means = {
     t: {k: 100 * float(np.mean([f(r) for r in rows if r["task"] == t])) for k, f in keys.items()}
@@ -381,6 +394,122 @@ def ceiling_summary(rows: list[dict]) -> dict:
   }
   average = {k: round(float(np.mean([m[k] for m in means.values()])), 1) for k in keys}
   return {"per_task": per_task, "average": average}
+
+
+CHANNEL_SPEC = batching.TextSpec(max_input_len=64, max_target_len=8, input_template="{input}")
+DIRECTIONS = ("direct", "channel")
+
+
+def rank_predictions(model, params, tokenizer, split, candidates, prompt, direction: str) -> list[str]:
+  """The label each example of `split` gets by rank classification in `direction` (see measurement 7)."""
+  classify = decode.channel_rank_classify if direction == "channel" else decode.rank_classify
+  b = batching.make_batch(split, np.arange(len(split)))
+  ids = classify(model, params, b["input_ids"], b["input_mask"], prompt, candidates=candidates)
+  return tokenizer.batch_decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+
+
+@functools.cache
+def _pt_step(model, lr: float):
+  """(optimizer, jitted PT step) per learning rate, built once: every task and seed reuses its compilation."""
+  optimizer = optim.make_optimizer("adafactor", lr)
+  loss_fn = algorithms.make_loss_fn(model, deterministic=True)
+  return optimizer, algorithms.jit_step(algorithms.make_pt_step(loss_fn, optimizer))
+
+
+def prompt_tune_direction(
+  model,
+  params,
+  tokenizer,
+  splits: dict,
+  direction: str,
+  seed: int,
+  steps: int = 60,
+  batch_size: int = 8,
+  lrs: tuple[float, ...] = (0.5, 0.3),
+  eval_every: int = 20,
+  prompt_length: int = 16,
+) -> dict:
+  """Prompt tuning of one task and seed in `direction`, the mini-study's grid: per learning rate, a
+  task-name-initialized prompt trained on shuffled batches (the same order for both directions),
+  scored on dev every `eval_every` steps; the best dev score over all (lr, step) is tested.
+
+  `splits`: {"train", "dev", "test"} -> TokenizedSplit in the direct form (the study's input template
+  for "direct", `CHANNEL_SPEC`'s bare input for "channel"); the channel trainer reads
+  `batching.channel_form(train)`."""
+  if direction not in DIRECTIONS:
+    raise ValueError(f"direction {direction!r}: expected one of {DIRECTIONS}")
+  train, dev, test = splits["train"], splits["dev"], splits["test"]
+  task = train.task
+  candidates = decode.label_candidates(train)
+  fit = batching.channel_form(train) if direction == "channel" else train
+  embedding = prompt_lib.token_embedding(params)
+  prompt0 = prompt_lib.task_names(embedding, tokenizer, [task])(
+    jax.random.PRNGKey(seed), (prompt_length, embedding.shape[1])
+  )
+
+  def score(prompt, split):
+    return score_labels(
+      split, rank_predictions(model, params, tokenizer, split, candidates, prompt, direction)
+    )
+
+  best = {"dev": -1.0}
+  for lr in lrs:
+    optimizer, step = _pt_step(model, lr)
+    state = algorithms.init_state(prompt0, optimizer)
+    order_rng, queue = np.random.default_rng(seed), np.zeros(0, np.int64)
+    for s in range(1, steps + 1):
+      if len(queue) < batch_size:
+        queue = np.concatenate([queue, order_rng.permutation(len(fit))])
+      rows, queue = queue[:batch_size], queue[batch_size:]
+      batch = {k: jnp.asarray(v) for k, v in batching.make_batch(fit, rows).items()}
+      state, metrics_ = step(state, params, batch, jax.random.PRNGKey(s))
+      if s % eval_every == 0:
+        dev_score = score(state.prompt, dev)
+        if dev_score > best["dev"]:
+          prompt = jnp.asarray(np.array(state.prompt))  # a copy: the next step donates the state's buffers
+          best = {"dev": dev_score, "lr": lr, "step": s, "loss": float(metrics_["loss"]), "prompt": prompt}
+  return {
+    "direction": direction,
+    "zero_shot_no_prompt": score(None, test),
+    "initial_prompt": score(prompt0, test),
+    "best_lr": best["lr"],
+    "best_step": best["step"],
+    "train_loss_at_best": best["loss"],
+    "dev_score": best["dev"],
+    "test_score": score(best["prompt"], test),
+  }
+
+
+def directions(
+  model, params, tokenizer, gym_dir, task: str, seed: int, forms: tuple[str, ...] = DIRECTIONS, **grid
+) -> dict:
+  """Measurement 7 for one task and seed: prompt tuning in each of `forms` (direct, channel), beside the
+  constant answer."""
+  raw = crossfit.read_crossfit(gym_dir, [task], [seed], ["train", "dev", "test"])[task].splits
+  row = {
+    "task": task,
+    "seed": seed,
+    "metric": metric_for_task(task),
+    "constant_answer": baselines.constant_answer_score(raw[(seed, "train")], raw[(seed, "test")]),
+  }
+  for direction, spec in (("direct", SPEC), ("channel", CHANNEL_SPEC)):
+    if direction not in forms:
+      continue
+    splits = {
+      name: batching.tokenize_split(raw[(seed, name)], tokenizer, spec) for name in ("train", "dev", "test")
+    }
+    row[direction] = prompt_tune_direction(model, params, tokenizer, splits, direction, seed, **grid)
+  return row
+
+
+def direction_summary(rows: list[dict]) -> dict:
+  """Per task, then averaged over tasks: mean over seeds (x100) of the constant answer and, per direction,
+  prompt tuning's test score and the zero-shot score without a prompt."""
+  keys = {"constant": lambda r: r["constant_answer"]}
+  for d in (d for d in DIRECTIONS if all(d in r for r in rows)):
+    keys[f"{d}_pt"] = lambda r, d=d: r[d]["test_score"]
+    keys[f"{d}_zero_shot"] = lambda r, d=d: r[d]["zero_shot_no_prompt"]
+  return summarize_rows(rows, keys)
 
 
 # Plain continuations whose next word a reader of the corpus knows (its documents state these facts).
@@ -466,6 +595,18 @@ def main(argv=None):
     default="",
     help="measurement 6 on these tasks (comma-separated), e.g. the wn_cls2cls targets; empty: skip",
   )
+  p.add_argument(
+    "--direction_tasks",
+    default="",
+    help="measurement 7 (direct vs channel prompt tuning) on these tasks (comma-separated); empty: skip",
+  )
+  p.add_argument(
+    "--direction_seeds", default="", help="measurement 7 on these gym seeds (comma-separated); empty: --seed"
+  )
+  p.add_argument(
+    "--direction_forms", default="direct,channel", help="measurement 7's forms (comma-separated)"
+  )
+  p.add_argument("--direction_prompt_length", type=int, default=16, help="measurement 7's prompt length")
   p.add_argument("--out", default="")
   p.add_argument("--table", nargs="+", default=None, help="print the markdown table of these --out files")
   args = p.parse_args(argv)
@@ -527,6 +668,24 @@ def main(argv=None):
   if report.get("ceilings"):
     report["ceiling_summary"] = ceiling_summary(report["ceilings"])
     print(json.dumps(report["ceiling_summary"]), flush=True)
+  seeds = [int(x) for x in args.direction_seeds.split(",") if x] or [args.seed]
+  for task in filter(None, args.direction_tasks.split(",")):
+    for seed in seeds:
+      row = directions(
+        model,
+        params,
+        tokenizer,
+        args.gym_dir,
+        task,
+        seed,
+        forms=tuple(args.direction_forms.split(",")),
+        prompt_length=args.direction_prompt_length,
+      )
+      report.setdefault("directions", []).append(row)
+      print(json.dumps(row), flush=True)
+  if report.get("directions"):
+    report["direction_summary"] = direction_summary(report["directions"])
+    print(json.dumps(report["direction_summary"]), flush=True)
   report["wall_s"] = round(time.time() - t0, 1)
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

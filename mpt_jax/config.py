@@ -94,6 +94,12 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
 
   c.data = ml_collections.ConfigDict()
   c.data.input_template = " [{task}] {input}"
+  # How classification tasks (those decoded by rank classification) are trained and scored: "direct" (the
+  # study's: the model reads the input and generates the label) or "channel" (Min et al. 2022, noisy
+  # channel prompting: the model reads the prompt and a label and generates the input, trained on
+  # p(input | label), and each input gets the label under which it is most likely). Generation tasks stay
+  # direct. Upstream uses each source task in the same form as downstream.
+  c.data.direction = "direct"
   c.data.max_input_len = study.MAX_INPUT_LEN
   # Length buckets: each batch is padded to its longest input (target) rounded up to a multiple of these,
   # not to max_input_len (max_target_len): the study's inputs are mostly far shorter than 512, and a step
@@ -418,6 +424,13 @@ def validate(config, available_devices: int | None = None) -> None:
   one_of("remat_policy", tuple(t5.REMAT_POLICIES))
   one_of("attention", t5.ATTENTION_IMPLEMENTATIONS)
   one_of("downstream.decoding", pipeline.DECODINGS)
+  one_of("data.direction", pipeline.DIRECTIONS)
+  if flat["data.direction"] == "channel" and flat["downstream.decoding"] not in ("rank", "auto"):
+    add(
+      "downstream.decoding",
+      "'rank' or 'auto' with data.direction='channel' (the channel form scores a task's label set; "
+      "beam or greedy generation has none)",
+    )
   one_of("downstream.optimizer", optim.OPTIMIZERS)
   one_of("downstream.test_prompt", adapt.TEST_PROMPTS)
   if flat["gym"]:

@@ -443,3 +443,47 @@ def rank_classify(
   token_ll = target_log_likelihoods(logits, targets)
   scores = jnp.sum(token_ll.reshape(batch, num_labels, -1) * target_mask, axis=-1)
   return labels[jnp.argmax(scores, axis=-1)]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "placement"))
+def channel_rank_classify(
+  model: T5,
+  frozen_params,
+  input_ids,
+  input_mask,
+  prompt=None,
+  *,
+  candidates: Candidates,
+  placement: str = "prepend",
+):
+  """Rank classification in the noisy-channel direction (Min et al. 2022): the label c of each input x
+  that maximizes log p(x | prompt, c), the model reading the prompt and the label and scoring the input
+  (EOS included) as its target; returned as that label's token ids [B, L_out] int32, as `rank_classify`.
+
+  `input_ids` / `input_mask` are the inputs as they would be fed to the encoder (EOS-terminated; the
+  `batching.channel_form` targets). Each label is encoded once with the prompt; the decoder scores every
+  input against one label at a time (a `lax.map` over the C labels keeps the logits at [B, L, V]). Ties
+  go to the first label in `candidates` order."""
+  variables = {"params": frozen_params}
+  labels = jnp.asarray(candidates.target_ids, jnp.int32)
+  encoded, encoder_mask = model.apply(
+    variables, labels, jnp.asarray(candidates.target_mask, jnp.int32), prompt, placement, method=T5.encode
+  )
+  targets = jnp.asarray(input_ids, jnp.int32)
+  target_mask = jnp.asarray(input_mask, jnp.float32)
+  decoder_in = shift_right(targets, model.config.decoder_start_token_id)
+  batch = targets.shape[0]
+
+  def score_label(label):
+    enc, enc_mask = label
+    logits = model.apply(
+      variables,
+      jnp.broadcast_to(enc, (batch, *enc.shape)),
+      jnp.broadcast_to(enc_mask, (batch, *enc_mask.shape)),
+      decoder_in,
+      method=T5.decode,
+    )
+    return jnp.sum(target_log_likelihoods(logits, targets) * target_mask, axis=-1)
+
+  scores = jax.lax.map(score_label, (encoded, encoder_mask))  # [C, B]
+  return labels[jnp.argmax(scores, axis=0)]

@@ -48,6 +48,7 @@ from mpt_jax.model import hf
 
 UPSTREAM_METHODS = study.UPSTREAM_METHODS
 DECODINGS = ("beam", "greedy", "rank", "auto")  # config.downstream.decoding
+DIRECTIONS = ("direct", "channel")  # config.data.direction
 CLASSIFICATION_METRICS = (metrics.ACC, metrics.CLASSIFICATION_F1, metrics.MATTHEW_CORRELATION)
 
 
@@ -208,6 +209,7 @@ def read_data(
     )
     problems += [p for p in found if p not in problems]
   problems += [crossfit.Problem(path, None, message) for path, message in unscorable_files(read["target"])]
+  problems += [crossfit.Problem(path, None, message) for path, message in channel_unfit_files(config, read)]
   if problems:
     raise crossfit.CrossFitError(problems)
   return RunData(data_dir=data_dir, **read)
@@ -248,6 +250,29 @@ def unscorable_files(target_data) -> list[tuple[str, str]]:
             f"first gold) cannot score; give them an answer or remove them",
           )
         )
+  return found
+
+
+def channel_unfit_files(config, read: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
+  """(path, why) of the files that a channel task trains on (config.data.direction "channel": upstream the
+  sources' train and dev files, downstream the train files) with a line of several answers: the channel
+  form conditions on one label per line (`batching.channel_form`)."""
+  found = []
+  for name, data in read.items():
+    for task, task_data in data.items():
+      if task_direction(config, task) != "channel":
+        continue
+      for (_, split_name), split in sorted(task_data.splits.items()):
+        trained = ("train", "dev") if name == "source" else ("train",)
+        count = sum(len(golds) > 1 for golds in split.answers)
+        if split_name in trained and count:
+          found.append(
+            (
+              split.path,
+              f"{count} line(s) with several answers, but config.data.direction='channel' trains "
+              f"{task} on p(input given its one label); give each line one answer or use the direct form",
+            )
+          )
   return found
 
 
@@ -377,6 +402,7 @@ class Runtime:
   grid_step: Callable  # jitted; runs split over the devices
   generate: Callable | None  # greedy or beam decoding of [R] prompts, jitted (None: rank only)
   rank: Callable  # rank classification of [R] prompts over a task's labels, jitted
+  channel_rank: Callable  # the same in the noisy-channel direction (config.data.direction), jitted
 
   def predictor(self, train_split: batching.TokenizedSplit) -> Callable:
     """predict(prompts [R, P, D], batch [R, B, ...]) -> token ids [R, B, T] with the task's decoding
@@ -384,7 +410,8 @@ class Runtime:
     multiple of them, each process feeding its own (`parallel.RunLayout`); host arrays come back."""
     if resolve_decoding(self.config.downstream.decoding, train_split.task) == "rank":
       candidates = decode.label_candidates(train_split)
-      generate = lambda frozen, prompts, ids, mask: self.rank(frozen, prompts, ids, mask, candidates)
+      rank = self.channel_rank if task_direction(self.config, train_split.task) == "channel" else self.rank
+      generate = lambda frozen, prompts, ids, mask: rank(frozen, prompts, ids, mask, candidates)
     else:
       generate = self.generate
 
@@ -487,12 +514,16 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
       model, frozen, ids, mask, prompt, candidates=candidates, placement=config.prompt.placement
     )
 
-  rank = runs_in_chunks(
-    jax.jit(jax.vmap(rank_one, in_axes=(None, 0, 0, 0, None))),
-    (None, 0, 0, 0, None),
-    mesh,
-    budget,
-    "rank classification",
+  def channel_rank_one(frozen, prompt, ids, mask, candidates):
+    return decode.channel_rank_classify(
+      model, frozen, ids, mask, prompt, candidates=candidates, placement=config.prompt.placement
+    )
+
+  rank, channel_rank = (
+    runs_in_chunks(
+      jax.jit(jax.vmap(fn, in_axes=(None, 0, 0, 0, None))), (None, 0, 0, 0, None), mesh, budget, name
+    )
+    for fn, name in ((rank_one, "rank classification"), (channel_rank_one, "channel rank classification"))
   )
   return Runtime(
     config=config,
@@ -508,6 +539,7 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
     grid_step=adapt.make_grid_trainer(loss_fn, grid_optimizer, mesh, budget),
     generate=generate,
     rank=rank,
+    channel_rank=channel_rank,
   )
 
 
@@ -554,6 +586,19 @@ def resolve_decoding(decoding: str, task: str) -> str:
   return "rank" if settings_lib.metric_for_task(task) in CLASSIFICATION_METRICS else "greedy"
 
 
+def task_direction(config, task: str) -> str:
+  """The form `task` is trained and scored in: "channel" for a task decoded by rank classification when
+  config.data.direction is "channel" (a label set to condition on), "direct" otherwise."""
+  if config.data.direction == "channel" and resolve_decoding(config.downstream.decoding, task) == "rank":
+    return "channel"
+  return "direct"
+
+
+def training_form(config, split: batching.TokenizedSplit) -> batching.TokenizedSplit:
+  """A tokenized split as prompt tuning trains on it: its channel form for a channel task."""
+  return batching.channel_form(split) if task_direction(config, split.task) == "channel" else split
+
+
 # --- 5. upstream -------------------------------------------------------------------------------------------
 
 
@@ -570,7 +615,17 @@ def upstream_sampler(config, source_data, tokenizer, cache_dir):
     max_target_len=u.max_target_len,
     input_template=config.data.input_template,
   )
-  tokenized = batching.tokenize_tasks(source_data, tokenizer, spec, cache_dir)
+  tokenized = {
+    key: training_form(config, split)
+    for key, split in batching.tokenize_tasks(source_data, tokenizer, spec, cache_dir).items()
+  }
+  # Channel and direct sources side by side (data.direction "channel" with generation sources) share a
+  # shape: each side padded to the longer (length buckets cut every batch to its own longest row again).
+  input_len, target_len = (max(s.lengths[i] for s in tokenized.values()) for i in (0, 1))
+  tokenized = {
+    key: s if s.lengths == (input_len, target_len) else batching.pad_lengths(s, input_len, target_len)
+    for key, s in tokenized.items()
+  }
   if config.method == "mtl":
     pool = batching.concat_splits([tokenized[key] for key in sorted(tokenized)], "mtl")
     sampler = batching.EpochSampler(
@@ -799,14 +854,16 @@ def run_downstream(
       }
     else:
       prompts = {s: init_prompt for s in seeds}
+    predict = runtime.predictor(tokenized[(seeds[0], "train")])  # the labels, from the direct form
     runs = adapt.adapt_task(
       task,
       init_prompts=prompts,
       frozen_params=runtime.frozen_params,
-      tokenized=tokenized,
+      # Trained on the training form; dev and test stay direct (the channel scorer reads their inputs).
+      tokenized={k: training_form(config, v) if k[1] == "train" else v for k, v in tokenized.items()},
       grid_step=runtime.grid_step,
       optimizer=runtime.grid_optimizer,
-      predict=runtime.predictor(tokenized[(seeds[0], "train")]),
+      predict=predict,
       tokenizer=runtime.tokenizer,
       config=grid,
       seeds=seeds,

@@ -165,6 +165,21 @@ def data_problems(ctx):
   return message
 
 
+def channel_several_answers(ctx):
+  data = ctx.tmp / "data"
+  pipeline.resolve_setting(tiny_config(ctx.checkpoint))  # registers the synthetic gym
+  from mpt_jax.data import synthetic
+
+  synthetic.write_synthetic_gym(data, tasks=["synth-sentiment_a", "synth-topic_a", "synth-sentiment_d"])
+  train = next((data / "synth-sentiment_d").glob("*_100_train.tsv"))
+  lines = train.read_text().splitlines()
+  train.write_text("\n".join([lines[0] + "\tpositive"] + lines[1:]) + "\n")  # two answers on one line
+  overrides = {"data.direction": "channel", "downstream.decoding": "rank"}
+  message = refused_config(ctx, kind=ValueError, data_dir=str(data), **overrides)
+  assert train.name in message
+  return message
+
+
 def init_prompt_length(ctx):
   return refused_config(
     ctx, kind=ValueError, init_prompt=write_prompt(ctx.tmp / "p.npy", (8, 16)), **{"prompt.length": 16}
@@ -277,6 +292,10 @@ REPRODUCTIONS = {
   "model-parallel-does-not-divide": lambda ctx: refused_config(ctx, model_parallel=3),
   "first-order-key": first_order_key,
   "data-problems": data_problems,
+  "channel-several-answers": channel_several_answers,
+  "channel-without-labels": lambda ctx: refused_config(
+    ctx, **{"data.direction": "channel", "downstream.decoding": "greedy"}
+  ),
   "init-prompt-length": init_prompt_length,
   "init-prompt-width": lambda ctx: refused_config(
     ctx, kind=ValueError, init_prompt=write_prompt(ctx.tmp / "p.npy", (4, 7))

@@ -125,6 +125,32 @@ def test_cache_files_are_datasets_arrow_files(data, tokenizer, tmp_path):
     assert len(row["target_ids"]) == len(ids.answers[i])
 
 
+def test_the_channel_form_swaps_each_input_with_its_label(data, tokenized):
+  direct = tokenized[("sentiment_toy", 100, "train")]
+  channel = batching.channel_form(direct)
+  direct_batch = batching.make_batch(direct, np.arange(len(direct)))
+  channel_batch = batching.make_batch(channel, np.arange(len(direct)))
+  for side, other in (("input", "target"), ("target", "input")):
+    np.testing.assert_array_equal(channel_batch[f"{side}_ids"], direct_batch[f"{other}_ids"])
+    np.testing.assert_array_equal(channel_batch[f"{side}_mask"], direct_batch[f"{other}_mask"])
+  assert channel.answers == direct.answers and channel.lengths == direct.lengths[::-1]
+  # Padded to one shape with direct splits (an upstream pool of both forms); the batch's rows keep their tokens.
+  padded = batching.pad_lengths(channel, 30, 30)
+  assert padded.lengths == (30, 30)
+  padded_batch = batching.make_batch(padded, np.arange(len(direct)))
+  for key in ("input", "target"):
+    width = channel_batch[f"{key}_ids"].shape[1]
+    np.testing.assert_array_equal(padded_batch[f"{key}_ids"][:, :width], channel_batch[f"{key}_ids"])
+    assert (
+      not padded_batch[f"{key}_ids"][:, width:].any() and not padded_batch[f"{key}_mask"][:, width:].any()
+    )
+  with pytest.raises(ValueError, match="cannot cut"):
+    batching.pad_lengths(channel, 4, 30)
+  # A generation split with several golds per example has no single label to condition on.
+  with pytest.raises(ValueError, match="qa_toy.*exactly one gold.*example 0 has 2"):
+    batching.channel_form(tokenized[("qa_toy", 100, "train")])
+
+
 def _rows_of(ids: batching.TokenizedSplit) -> set[tuple[int, ...]]:
   return {tuple(r) for r in ids.input_ids}
 

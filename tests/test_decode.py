@@ -15,7 +15,7 @@ import pytest
 import helpers_t5
 from helpers_t5 import TINY_VOCAB, random_batch, tiny_t5
 from mpt_jax.data.batching import TokenizedSplit
-from mpt_jax.decode import beam_search, greedy_decode, label_candidates, rank_classify
+from mpt_jax.decode import beam_search, channel_rank_classify, greedy_decode, label_candidates, rank_classify
 from mpt_jax.model.loss import sequence_log_likelihood
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling dominates
@@ -419,3 +419,33 @@ def test_rank_classify_under_vmap_equals_brute_force_likelihoods():
     np.testing.assert_array_equal(ours[r], candidates.target_ids[np.argmax(scores, axis=1)])
   labels_chosen = {row.tobytes() for row in ours.reshape(-1, ours.shape[-1])}
   assert len(labels_chosen) > 1  # the inputs and prompts matter: not one constant label
+
+
+def test_channel_rank_classify_picks_the_label_under_which_the_input_is_most_likely():
+  """Brute force: for each label, the input's likelihood as the target of [prompt; label] (the
+  `batching.channel_form` batch), then the argmax per input; with and without a prompt."""
+  model, params = tiny_t5("1.1", seed=5, num_layers=1, num_decoder_layers=1)
+  rng = np.random.default_rng(2)
+  label_rows = [list(rng.integers(3, TINY_VOCAB, n)) + [1] for n in (1, 3, 2, 2)]
+  candidates = label_candidates(_split([(f"label {i}",) for i in range(4)], label_rows))
+  inputs = random_batch(12, batch=7, input_length=9)
+  chosen_sets = []
+  for prompt in (None, jnp.asarray(rng.normal(size=(3, model.config.d_model)), jnp.float32)):
+    ours = np.asarray(
+      channel_rank_classify(
+        model, params, inputs["input_ids"], inputs["input_mask"], prompt, candidates=candidates
+      )
+    )
+    scores = []
+    for c in range(len(candidates.texts)):
+      batch = {
+        "input_ids": jnp.broadcast_to(candidates.target_ids[c], (7, candidates.target_ids.shape[1])),
+        "input_mask": jnp.broadcast_to(candidates.target_mask[c], (7, candidates.target_ids.shape[1])),
+        "target_ids": jnp.asarray(inputs["input_ids"]),
+        "target_mask": jnp.asarray(inputs["input_mask"]),
+      }
+      scores.append(np.asarray(sequence_log_likelihood(model, params, prompt, batch)))
+    expected = candidates.target_ids[np.argmax(np.stack(scores, axis=1), axis=1)]
+    np.testing.assert_array_equal(ours, expected)
+    chosen_sets.append({row.tobytes() for row in ours})
+  assert max(len(c) for c in chosen_sets) > 1  # not one constant label for every input

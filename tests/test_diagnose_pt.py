@@ -56,6 +56,49 @@ def test_ceilings_of_the_shipped_model_on_a_gym_task():
     assert 0.0 <= score <= 1.0
 
 
+def test_direction_summary_averages_each_direction_over_seeds_then_tasks():
+  def row(task, constant, direct, channel):
+    return {
+      "task": task,
+      "constant_answer": constant,
+      "direct": {"test_score": direct, "zero_shot_no_prompt": constant},
+      "channel": {"test_score": channel, "zero_shot_no_prompt": 0.5 * channel},
+    }
+
+  summary = diagnose_pt.direction_summary(
+    [row("a", 0.1, 0.2, 0.4), row("a", 0.1, 0.4, 0.6), row("b", 0.5, 0.5, 0.8)]
+  )
+  assert summary["per_task"]["a"] == {
+    "constant": 10.0,
+    "direct_pt": 30.0,
+    "direct_zero_shot": 10.0,
+    "channel_pt": 50.0,
+    "channel_zero_shot": 25.0,
+    "seeds": 2,
+  }
+  assert summary["average"]["channel_pt"] == 65.0 and summary["average"]["direct_pt"] == 40.0
+
+
+def test_direct_and_channel_prompt_tuning_of_the_shipped_model_on_a_gym_task():
+  """A short grid on the real asset and gym: both directions train, pick a best-dev (lr, step) among the
+  evaluated ones and score the test file; the constant answer of a balanced 2-label ACC task is 0.5."""
+  model, params, tokenizer = load_pretrained(str(REPO / "assets" / "small_t5"))
+  row = diagnose_pt.directions(
+    model, params, tokenizer, diagnose_pt.GYM_DIR, "wn-antonym_pair", 100, steps=4, eval_every=2, lrs=(0.5,)
+  )
+  assert row["metric"] == "ACC" and row["constant_answer"] == 0.5
+  for direction in diagnose_pt.DIRECTIONS:
+    result = row[direction]
+    assert result["direction"] == direction and result["best_lr"] == 0.5 and result["best_step"] in (2, 4)
+    assert np.isfinite(result["train_loss_at_best"])
+    for key in ("zero_shot_no_prompt", "initial_prompt", "dev_score", "test_score"):
+      assert 0.0 <= result[key] <= 1.0
+  # The channel form's loss is over the input's tokens, the direct form's over the label's: far apart.
+  assert row["channel"]["train_loss_at_best"] != pytest.approx(row["direct"]["train_loss_at_best"], rel=0.1)
+  with pytest.raises(ValueError, match="direction 'sideways'"):
+    diagnose_pt.prompt_tune_direction(model, params, tokenizer, {}, "sideways", 100)
+
+
 def test_source_tuning_pools_every_source_train_file_of_the_setting_and_no_target():
   import json
 

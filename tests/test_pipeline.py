@@ -361,3 +361,65 @@ def test_the_runtime_places_the_frozen_weights_on_every_device_once(tmp_path):
   assert runtime.cache_dir == str(tmp_path / "run" / "cache")  # as config.py says
   config.num_devices = 1
   assert pipeline.build_runtime(config, str(tmp_path / "run"), upstream=False).mesh.size == 1
+
+
+def test_the_channel_direction_trains_and_scores_classification_tasks_as_p_input_given_label(tmp_path):
+  """config.data.direction="channel" on the synthetic gym, with a classification and a generation source:
+  upstream episodes hold the classification task in the channel form (its label in, its input out) and the
+  generation task direct, in one shape; the target's predictor is channel rank classification; the whole
+  run (FoMAML, then the downstream grid) ends with scores."""
+  from mpt_jax import config as config_lib, decode, pipeline
+
+  setting = tmp_path / "setting.json"
+  sources = ["synth-sentiment_a", "synth-transform_copy"]
+  setting.write_text(json.dumps({"source": sources, "target": ["synth-sentiment_d"]}))
+  config = config_lib.base_config("fomaml", "synth_mini", "tiny")
+  config.gym, config.dropout_rate, config.setting_file = "synthetic", 0.0, str(setting)
+  config.model = str(helpers_t5.make_tiny_checkpoint(tmp_path / "tiny_t5"))
+  config.data.direction, config.downstream.decoding = "channel", "auto"
+  workdir = str(tmp_path / "run")
+  data_dir = pipeline.resolve_data_dir(config, workdir)
+  runtime = pipeline.build_runtime(config, workdir, upstream=True)
+  tokenizer = runtime.tokenizer
+  assert [pipeline.task_direction(config, t) for t in sources] == ["channel", "direct"]
+
+  source_data = pipeline.read_tasks(data_dir, sources, config.seeds, ("train", "dev"))
+  sampler, _ = pipeline.upstream_sampler(config, source_data, tokenizer, str(tmp_path / "cache"))
+  shapes = set()
+  for meta_task in sampler.meta_tasks:
+    split, raw = meta_task.support, source_data[meta_task.task].split(meta_task.seed, "train")
+    shapes.add((split.lengths, meta_task.query.lengths))
+    first_input, first_target = (
+      tokenizer.decode(ids[0], skip_special_tokens=True) for ids in (split.input_ids, split.target_ids)
+    )
+    text = config.data.input_template.format(task=meta_task.task, input=raw.inputs[0])
+    # The input and the answer as the direct form tokenizes them (cut at their lengths).
+    as_input, as_answer = (
+      tokenizer.decode(tokenizer(t, truncation=True, max_length=n).input_ids, skip_special_tokens=True)
+      for t, n in ((text, config.data.max_input_len), (raw.answers[0][0], config.upstream.max_target_len))
+    )
+    if meta_task.task == "synth-sentiment_a":  # channel: the label is read, the input is the target
+      assert (first_input, first_target) == (as_answer, as_input)
+    else:
+      assert (first_input, first_target) == (as_input, as_answer)
+  assert len(shapes) == 1
+
+  target = pipeline.read_tasks(data_dir, ["synth-sentiment_d"], [100], ("train", "test"))["synth-sentiment_d"]
+  spec = batching.TextSpec(config.data.max_input_len, config.downstream.max_target_len)
+  train, test = (batching.tokenize_split(target.split(100, s), tokenizer, spec) for s in ("train", "test"))
+  prompt = np.random.default_rng(0).normal(size=(1, config.prompt.length, runtime.model.config.d_model))
+  batch = batching.make_batch(test, np.arange(min(8, len(test)))[None])
+  predicted = runtime.predictor(train)(prompt.astype(np.float32), batch)
+  expected = decode.channel_rank_classify(
+    runtime.model,
+    runtime.frozen_params,
+    batch["input_ids"][0],
+    batch["input_mask"][0],
+    jnp.asarray(prompt[0], jnp.float32),
+    candidates=decode.label_candidates(train),
+  )
+  np.testing.assert_array_equal(predicted[0], np.asarray(expected))
+
+  summary = pipeline.run(config, workdir)
+  scores = summary["tasks"]["synth-sentiment_d"]["test_scores"]
+  assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)

@@ -322,6 +322,44 @@ def tokenize_tasks(
   }
 
 
+def channel_form(data: TokenizedSplit) -> TokenizedSplit:
+  """The noisy-channel form of a classification split (Min et al. 2022, "Noisy Channel Language Model
+  Prompting for Few-Shot Text Classification"): each example's gold label becomes its input and its input
+  its target, so that a model trained on it learns p(input | prompt, label). Exact on the token ids: both
+  sides are EOS-terminated and right-padded already. `answers` stay the labels, what predictions are
+  compared with. Every example needs exactly one gold (a classification split); others are refused."""
+  golds = data.num_golds
+  if len(data) and not np.all(golds == 1):
+    bad = int(np.flatnonzero(golds != 1)[0])
+    raise ValueError(
+      f"task {data.task!r} (seed {data.seed}, split {data.split}): the channel form needs exactly one gold "
+      f"answer per example (a classification split); example {bad} has {int(golds[bad])}"
+    )
+  return dataclasses.replace(
+    data,
+    input_ids=data.target_ids,
+    input_lengths=data.target_lengths,
+    target_ids=data.input_ids,
+    target_lengths=data.input_lengths,
+    gold_offsets=np.arange(len(data) + 1, dtype=np.int64),
+  )
+
+
+def pad_lengths(data: TokenizedSplit, input_len: int, target_len: int) -> TokenizedSplit:
+  """The split with its id arrays right-padded to `input_len` / `target_len` (never cut): splits in the
+  direct and the channel form side by side in one upstream pool or episode need one shape."""
+  l_in, l_out = data.lengths
+  if input_len < l_in or target_len < l_out:
+    raise ValueError(
+      f"pad_lengths cannot cut {data.task!r} from ({l_in}, {l_out}) to ({input_len}, {target_len})"
+    )
+  return dataclasses.replace(
+    data,
+    input_ids=np.pad(data.input_ids, ((0, 0), (0, input_len - l_in))),
+    target_ids=np.pad(data.target_ids, ((0, 0), (0, target_len - l_out))),
+  )
+
+
 def concat_splits(splits: Sequence[TokenizedSplit], task: str = "mixture") -> TokenizedSplit:
   """One pool of many splits (MTL: the train and dev files of every source task and seed)."""
   if not splits:

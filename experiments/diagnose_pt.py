@@ -565,6 +565,22 @@ def markdown_table(reports: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def measure_tasks_and_seeds(
+  report, key, summary_key, tasks: str, seeds: str, default_seed: int, measure, summarize
+) -> None:
+  """report[key]: measure(task, seed) for every comma-separated task and seed (none given: default_seed),
+  each row printed as it comes; then report[summary_key] = summarize(rows) when there are rows."""
+  seed_list = [int(x) for x in seeds.split(",") if x] or [default_seed]
+  for task in filter(None, tasks.split(",")):
+    for seed in seed_list:
+      row = measure(task, seed)
+      report.setdefault(key, []).append(row)
+      print(json.dumps(row), flush=True)
+  if report.get(key):
+    report[summary_key] = summarize(report[key])
+    print(json.dumps(report[summary_key]), flush=True)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default=str(REPO_ROOT / "assets" / "small_t5"))
@@ -615,6 +631,10 @@ def main(argv=None):
     print(markdown_table(reports))
     return reports
 
+  forms = tuple(args.direction_forms.split(","))
+  if not forms or any(f not in DIRECTIONS for f in forms):
+    p.error(f"--direction_forms={args.direction_forms!r}: expected a comma-separated subset of {DIRECTIONS}")
+
   t0 = time.time()
   model, params, tokenizer = hf.load_pretrained(args.model)
   report = {
@@ -659,33 +679,35 @@ def main(argv=None):
         row = free_encoding_oracle(model, params, train, args.examples, args.steps, per_example=per_example)
         report.setdefault("free_encoding_oracle", []).append(row)
         print(json.dumps(row), flush=True)
-  seeds = [int(x) for x in args.ceiling_seeds.split(",") if x] or [args.seed]
-  for task in filter(None, args.ceiling_tasks.split(",")):
-    for seed in seeds:
-      row = ceilings(model, params, tokenizer, args.gym_dir, task, seed)
-      report.setdefault("ceilings", []).append(row)
-      print(json.dumps(row), flush=True)
-  if report.get("ceilings"):
-    report["ceiling_summary"] = ceiling_summary(report["ceilings"])
-    print(json.dumps(report["ceiling_summary"]), flush=True)
-  seeds = [int(x) for x in args.direction_seeds.split(",") if x] or [args.seed]
-  for task in filter(None, args.direction_tasks.split(",")):
-    for seed in seeds:
-      row = directions(
-        model,
-        params,
-        tokenizer,
-        args.gym_dir,
-        task,
-        seed,
-        forms=tuple(args.direction_forms.split(",")),
-        prompt_length=args.direction_prompt_length,
-      )
-      report.setdefault("directions", []).append(row)
-      print(json.dumps(row), flush=True)
-  if report.get("directions"):
-    report["direction_summary"] = direction_summary(report["directions"])
-    print(json.dumps(report["direction_summary"]), flush=True)
+  measure_tasks_and_seeds(
+    report,
+    "ceilings",
+    "ceiling_summary",
+    args.ceiling_tasks,
+    args.ceiling_seeds,
+    args.seed,
+    lambda task, seed: ceilings(model, params, tokenizer, args.gym_dir, task, seed),
+    ceiling_summary,
+  )
+  measure_tasks_and_seeds(
+    report,
+    "directions",
+    "direction_summary",
+    args.direction_tasks,
+    args.direction_seeds,
+    args.seed,
+    lambda task, seed: directions(
+      model,
+      params,
+      tokenizer,
+      args.gym_dir,
+      task,
+      seed,
+      forms=forms,
+      prompt_length=args.direction_prompt_length,
+    ),
+    direction_summary,
+  )
   report["wall_s"] = round(time.time() - t0, 1)
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -259,11 +259,11 @@ def channel_unfit_files(config, read: Mapping[str, Mapping[str, Any]]) -> list[t
   form conditions on one label per line (`batching.channel_form`)."""
   found = []
   for name, data in read.items():
+    trained = ("train", "dev") if name == "source" else ("train",)
     for task, task_data in data.items():
       if task_direction(config, task) != "channel":
         continue
       for (_, split_name), split in sorted(task_data.splits.items()):
-        trained = ("train", "dev") if name == "source" else ("train",)
         count = sum(len(golds) > 1 for golds in split.answers)
         if split_name in trained and count:
           found.append(

@@ -376,6 +376,7 @@ def adapt_task(
   out_dir: str,
   prompt_meta: Mapping[str, Any] | None = None,
   mesh=None,
+  label_set: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[dict]:
   """The whole grid of one target task; returns one result dict per seed (for mpt_jax.results).
 
@@ -385,6 +386,8 @@ def adapt_task(
   out_dir/checkpoints (with `prompt_meta`) until the results are written, and resumes from there.
   mesh: the one `grid_step` is sharded over (see `train_grid`). In a multi-process run every process
   trains and scores the grid; only the primary one writes files.
+  label_set: the task's labels (ids, mask [C, L]) for a `grid_step` with a label-choice objective: every
+  train batch carries them (`batching.GridSampler`).
   """
   runs = grid_runs(seeds, config.lrs)
   run_steps = [
@@ -409,6 +412,7 @@ def adapt_task(
     [r.seed for r in runs],
     config.batch_size,
     buckets=config.length_buckets,
+    label_set=label_set,
   )
   scorer = Scorer(predict, tokenizer, task, config.eval_batch_size, length_buckets=config.length_buckets)
   dev_splits = [tokenized[(r.seed, "dev")] for r in runs]

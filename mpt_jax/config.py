@@ -142,6 +142,12 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # the live parameter, not a copy).
   d.test_prompt = "best_dev"
   d.optimizer = "adafactor"
+  # What a classification task's prompt (one decoded by rank classification) trains on: "likelihood", the
+  # token cross-entropy of its gold answer (the study's); "label_choice", the cross-entropy of the gold among
+  # the task's train labels, each scored by its log-likelihood in the task's direction (data.direction), as
+  # rank classification scores them; "likelihood+label_choice", their sum. Generation tasks and upstream
+  # stay on the likelihood.
+  d.objective = "likelihood"
   d.max_target_len = study.DOWNSTREAM_TARGET_LEN
   d.eval_batch_size = 32
   # Memory for the grid's step and its dev decoding, in GiB: the runs go in the fewest chunks that fit
@@ -388,7 +394,7 @@ def validate(config, available_devices: int | None = None) -> None:
   and (given the devices there are) how upstream's batches split over the devices."""
   # The enumerations live with the code that dispatches on them; imported here rather than at the top so
   # that loading a config file stays light.
-  from mpt_jax import adapt, gyms, optim, pipeline, prompt as prompt_lib
+  from mpt_jax import adapt, algorithms, gyms, optim, pipeline, prompt as prompt_lib
   from mpt_jax.model import hf, t5
 
   flat = flatten(config)
@@ -430,6 +436,13 @@ def validate(config, available_devices: int | None = None) -> None:
       "downstream.decoding",
       "'rank' or 'auto' with data.direction='channel' (the channel form scores a task's label set; "
       "beam or greedy generation has none)",
+    )
+  one_of("downstream.objective", algorithms.OBJECTIVES)
+  if flat["downstream.objective"] != "likelihood" and flat["downstream.decoding"] not in ("rank", "auto"):
+    add(
+      "downstream.decoding",
+      f"'rank' or 'auto' with downstream.objective={flat['downstream.objective']!r} (a label-choice "
+      "objective trains on a task's label set; beam or greedy generation has none)",
     )
   one_of("downstream.optimizer", optim.OPTIMIZERS)
   one_of("downstream.test_prompt", adapt.TEST_PROMPTS)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from mpt_jax.model.loss import shift_right, target_log_likelihoods
+from mpt_jax.model.loss import label_log_likelihoods
 from mpt_jax.model.t5 import T5
 
 if TYPE_CHECKING:
@@ -422,27 +422,9 @@ def rank_classify(
   B * C rows (teacher forcing over the longest label's length only: the causal decoder makes the
   positions after it irrelevant). Ties go to the first label in `candidates` order.
   """
-  variables = {"params": frozen_params}
-  encoded, encoder_mask = model.apply(variables, input_ids, input_mask, prompt, placement, method=T5.encode)
-  batch = input_ids.shape[0]
-  labels = jnp.asarray(candidates.target_ids, jnp.int32)
-  num_labels = labels.shape[0]
-  targets = labels[:, : candidates.score_length]
-  target_mask = jnp.asarray(candidates.target_mask, jnp.float32)[:, : candidates.score_length]
-  # Row b * C + c: input b with label c.
-  encoded = jnp.repeat(encoded, num_labels, axis=0)
-  encoder_mask = jnp.repeat(encoder_mask, num_labels, axis=0)
-  targets = jnp.tile(targets, (batch, 1))
-  logits = model.apply(
-    variables,
-    encoded,
-    encoder_mask,
-    shift_right(targets, model.config.decoder_start_token_id),
-    method=T5.decode,
+  return _most_likely_label(
+    model, frozen_params, input_ids, input_mask, prompt, candidates, placement, direction="direct"
   )
-  token_ll = target_log_likelihoods(logits, targets)
-  scores = jnp.sum(token_ll.reshape(batch, num_labels, -1) * target_mask, axis=-1)
-  return labels[jnp.argmax(scores, axis=-1)]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "placement"))
@@ -464,26 +446,24 @@ def channel_rank_classify(
   `batching.channel_form` targets). Each label is encoded once with the prompt; the decoder scores every
   input against one label at a time (a `lax.map` over the C labels keeps the logits at [B, L, V]). Ties
   go to the first label in `candidates` order."""
-  variables = {"params": frozen_params}
-  labels = jnp.asarray(candidates.target_ids, jnp.int32)
-  encoded, encoder_mask = model.apply(
-    variables, labels, jnp.asarray(candidates.target_mask, jnp.int32), prompt, placement, method=T5.encode
+  return _most_likely_label(
+    model, frozen_params, input_ids, input_mask, prompt, candidates, placement, direction="channel"
   )
-  targets = jnp.asarray(input_ids, jnp.int32)
-  target_mask = jnp.asarray(input_mask, jnp.float32)
-  decoder_in = shift_right(targets, model.config.decoder_start_token_id)
-  batch = targets.shape[0]
 
-  def score_label(label):
-    enc, enc_mask = label
-    logits = model.apply(
-      variables,
-      jnp.broadcast_to(enc, (batch, *enc.shape)),
-      jnp.broadcast_to(enc_mask, (batch, *enc_mask.shape)),
-      decoder_in,
-      method=T5.decode,
-    )
-    return jnp.sum(target_log_likelihoods(logits, targets) * target_mask, axis=-1)
 
-  scores = jax.lax.map(score_label, (encoded, encoder_mask))  # [C, B]
-  return labels[jnp.argmax(scores, axis=0)]
+def _most_likely_label(model, frozen_params, input_ids, input_mask, prompt, candidates, placement, direction):
+  """The token ids [B, L_out] of each input's highest-scoring label (`label_log_likelihoods`); ties go to
+  the first label in `candidates` order. Labels are scored up to the longest one's length."""
+  labels = jnp.asarray(candidates.target_ids, jnp.int32)
+  scores = label_log_likelihoods(
+    model,
+    frozen_params,
+    prompt,
+    input_ids,
+    input_mask,
+    labels[:, : candidates.score_length],
+    jnp.asarray(candidates.target_mask)[:, : candidates.score_length],
+    direction=direction,
+    placement=placement,
+  )
+  return labels[jnp.argmax(scores, axis=-1)]

@@ -403,6 +403,19 @@ class Runtime:
   generate: Callable | None  # greedy or beam decoding of [R] prompts, jitted (None: rank only)
   rank: Callable  # rank classification of [R] prompts over a task's labels, jitted
   channel_rank: Callable  # the same in the noisy-channel direction (config.data.direction), jitted
+  # direction -> the grid step of config.downstream.objective's label choice; empty for "likelihood"
+  choice_grid_steps: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+
+  def trainer(self, train_split: batching.TokenizedSplit) -> tuple[Callable, tuple | None]:
+    """(grid step, label set) a task's prompts train with: under a label-choice objective, a
+    classification task (rank decoding) trains on its labels (`train_split`'s, in the direct form) in its
+    direction; every other task on the token cross-entropy, without a label set."""
+    task = train_split.task
+    if self.choice_grid_steps and resolve_decoding(self.config.downstream.decoding, task) == "rank":
+      candidates = decode.label_candidates(train_split)
+      label_set = (np.asarray(candidates.target_ids), np.asarray(candidates.target_mask))
+      return self.choice_grid_steps[task_direction(self.config, task)], label_set
+    return self.grid_step, None
 
   def predictor(self, train_split: batching.TokenizedSplit) -> Callable:
     """predict(prompts [R, P, D], batch [R, B, ...]) -> token ids [R, B, T] with the task's decoding
@@ -519,6 +532,17 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
       model, frozen, ids, mask, prompt, candidates=candidates, placement=config.prompt.placement
     )
 
+  choice_grid_steps = {}
+  if d.objective != "likelihood":
+    for direction in DIRECTIONS:
+      choice_loss = algorithms.make_loss_fn(
+        model,
+        deterministic=config.dropout_rate == 0,
+        placement=config.prompt.placement,
+        objective=d.objective,
+        direction=direction,
+      )
+      choice_grid_steps[direction] = adapt.make_grid_trainer(choice_loss, grid_optimizer, mesh, budget)
   rank, channel_rank = (
     runs_in_chunks(
       jax.jit(jax.vmap(fn, in_axes=(None, 0, 0, 0, None))), (None, 0, 0, 0, None), mesh, budget, name
@@ -540,6 +564,7 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
     generate=generate,
     rank=rank,
     channel_rank=channel_rank,
+    choice_grid_steps=choice_grid_steps,
   )
 
 
@@ -855,13 +880,14 @@ def run_downstream(
     else:
       prompts = {s: init_prompt for s in seeds}
     predict = runtime.predictor(tokenized[(seeds[0], "train")])  # the labels, from the direct form
+    grid_step, label_set = runtime.trainer(tokenized[(seeds[0], "train")])
     runs = adapt.adapt_task(
       task,
       init_prompts=prompts,
       frozen_params=runtime.frozen_params,
       # Trained on the training form; dev and test stay direct (the channel scorer reads their inputs).
       tokenized={k: training_form(config, v) if k[1] == "train" else v for k, v in tokenized.items()},
-      grid_step=runtime.grid_step,
+      grid_step=grid_step,
       optimizer=runtime.grid_optimizer,
       predict=predict,
       tokenizer=runtime.tokenizer,
@@ -870,6 +896,7 @@ def run_downstream(
       out_dir=task_dir,
       prompt_meta=prompt_meta(runtime, config_fingerprint=record.hash),
       mesh=runtime.mesh,
+      label_set=label_set,
     )
     summary = {**results.summarize_task(task, runs), "config_fingerprint": record.hash}
     parallel.sync(f"grid of {task} done")  # every process is done with its checkpoints

@@ -296,6 +296,9 @@ REPRODUCTIONS = {
   "channel-without-labels": lambda ctx: refused_config(
     ctx, **{"data.direction": "channel", "downstream.decoding": "greedy"}
   ),
+  "label-choice-without-labels": lambda ctx: refused_config(
+    ctx, **{"downstream.objective": "label_choice", "downstream.decoding": "beam"}
+  ),
   "init-prompt-length": init_prompt_length,
   "init-prompt-width": lambda ctx: refused_config(
     ctx, kind=ValueError, init_prompt=write_prompt(ctx.tmp / "p.npy", (4, 7))

@@ -423,3 +423,45 @@ def test_the_channel_direction_trains_and_scores_classification_tasks_as_p_input
   summary = pipeline.run(config, workdir)
   scores = summary["tasks"]["synth-sentiment_d"]["test_scores"]
   assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+
+
+@pytest.mark.parametrize("direction", ["direct", "channel"])
+def test_a_label_choice_objective_trains_classification_targets_on_their_label_set(tmp_path, direction):
+  """config.downstream.objective="likelihood+label_choice": a classification target's grid trains with
+  the label-choice step of its direction and its train labels in every batch; a generation target keeps
+  the token cross-entropy's step; both grids end with scores."""
+  from mpt_jax import config as config_lib, decode, pipeline
+
+  setting = tmp_path / "setting.json"
+  targets = ["synth-sentiment_d", "synth-transform_copy"]
+  setting.write_text(json.dumps({"source": ["synth-sentiment_a"], "target": targets}))
+  config = config_lib.base_config("pt", "synth_mini", "tiny")
+  config.gym, config.setting_file = "synthetic", str(setting)
+  config.model = str(helpers_t5.make_tiny_checkpoint(tmp_path / "tiny_t5"))
+  config.data.direction, config.downstream.decoding = direction, "auto"
+  config.downstream.objective = "likelihood+label_choice"
+  workdir = str(tmp_path / "run")
+  runtime = pipeline.build_runtime(config, workdir, upstream=False)
+  assert set(runtime.choice_grid_steps) == {"direct", "channel"}
+  data = pipeline.read_tasks(pipeline.resolve_data_dir(config, workdir), targets, [100], ("train",))
+  spec = batching.TextSpec(config.data.max_input_len, config.downstream.max_target_len)
+  classification, generation = (
+    batching.tokenize_split(data[t].split(100, "train"), runtime.tokenizer, spec) for t in targets
+  )
+  step, label_set = runtime.trainer(classification)
+  assert step is runtime.choice_grid_steps[direction]
+  candidates = decode.label_candidates(classification)
+  np.testing.assert_array_equal(label_set[0], candidates.target_ids)
+  assert runtime.trainer(generation) == (runtime.grid_step, None)
+
+  assert runtime.grid_step._cache_size() == step._cache_size() == 0
+  data = pipeline.read_tasks(
+    pipeline.resolve_data_dir(config, workdir), targets, config.seeds, ("train", "dev", "test")
+  )
+  summaries = pipeline.run_downstream(runtime, data, None)
+  for summary in summaries:
+    assert len(summary["test_scores"]) == 2 and all(0.0 <= s <= 1.0 for s in summary["test_scores"])
+  # Each grid trained with its own step: the classification target's label choice, the generation
+  # target's token cross-entropy.
+  assert step._cache_size() > 0 and runtime.grid_step._cache_size() > 0
+  assert runtime.choice_grid_steps["channel" if direction == "direct" else "direct"]._cache_size() == 0

@@ -10,6 +10,7 @@ import optax
 
 from mpt_jax import study
 from mpt_jax.algorithms.common import (
+  OBJECTIVES,
   Diverged,
   PromptState,
   apply_gradient,
@@ -57,6 +58,7 @@ def make_step(
 
 __all__ = [
   "METHODS",
+  "OBJECTIVES",
   "Diverged",
   "PromptState",
   "apply_gradient",

@@ -55,20 +55,64 @@ def init_state(prompt: jax.Array, optimizer: optax.GradientTransformation) -> Pr
   return PromptState(step=jnp.zeros((), jnp.int32), prompt=prompt, opt_state=optimizer.init(prompt))
 
 
-def make_loss_fn(model, *, deterministic: bool, placement: str = "prepend") -> LossFn:
-  """The T5 token cross-entropy as a `loss_fn(prompt, frozen_params, batch, rng)`.
+# config.downstream.objective: what a classification task's prompt is trained on. "likelihood" is the token
+# cross-entropy of the gold (the study's); "label_choice" the cross-entropy of the gold among the task's
+# labels (mpt_jax.model.loss.label_choice_loss); "likelihood+label_choice" their sum.
+OBJECTIVES = ("likelihood", "label_choice", "likelihood+label_choice")
+# A label-choice batch's arrays of the task, not of its examples: [C, L], whatever the batch size.
+LABEL_SET_KEYS = ("label_ids", "label_mask")
+
+
+def make_loss_fn(
+  model,
+  *,
+  deterministic: bool,
+  placement: str = "prepend",
+  objective: str = "likelihood",
+  direction: str = "direct",
+) -> LossFn:
+  """The T5 loss of a prompt as a `loss_fn(prompt, frozen_params, batch, rng)`: by default the token
+  cross-entropy; with a label-choice `objective`, batches carry their task's label set ("label_ids",
+  "label_mask") and hold examples in `direction`'s training form (see `label_choice_loss`).
 
   deterministic=False turns dropout on, driven by the rng each algorithm passes (distinct per task, per
-  inner step and for the outer pass).
+  inner step and for the outer pass); the two terms of "likelihood+label_choice" draw from split rngs.
   """
-  from mpt_jax.model.loss import seq2seq_loss  # the model is only needed here, not by the algorithms
+  # The model is only needed here, not by the algorithms.
+  from mpt_jax.model.loss import label_choice_loss, seq2seq_loss
 
-  def loss_fn(prompt, frozen_params, batch, rng):
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective {objective!r}: expected one of {OBJECTIVES}")
+
+  def likelihood(prompt, frozen_params, batch, rng):
     return seq2seq_loss(
       model, frozen_params, prompt, batch, rng, deterministic=deterministic, placement=placement
     )
 
-  return loss_fn
+  def label_choice(prompt, frozen_params, batch, rng):
+    return label_choice_loss(
+      model,
+      frozen_params,
+      prompt,
+      batch,
+      rng,
+      direction=direction,
+      deterministic=deterministic,
+      placement=placement,
+    )
+
+  if objective == "likelihood":
+    return likelihood
+  if objective == "label_choice":
+    return label_choice
+
+  def both(prompt, frozen_params, batch, rng):
+    rng_likelihood, rng_choice = (None, None) if rng is None else jax.random.split(rng)
+    return likelihood(prompt, frozen_params, batch, rng_likelihood) + label_choice(
+      prompt, frozen_params, batch, rng_choice
+    )
+
+  return both
 
 
 def _all_finite(tree) -> jax.Array:
@@ -209,7 +253,10 @@ def check_update(metrics: Mapping[str, Any], step: int) -> None:
 
 
 def leading_size(tree, what: str) -> int:
-  """The common leading dimension of every array in `tree`; a clear error if they differ."""
+  """The common leading dimension of every array in `tree` (a batch's label set, LABEL_SET_KEYS, aside);
+  a clear error if they differ."""
+  if isinstance(tree, Mapping):
+    tree = {key: value for key, value in tree.items() if key not in LABEL_SET_KEYS}
   sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree_util.tree_leaves(tree)}
   if len(sizes) != 1 or None in sizes:
     shapes = jax.tree_util.tree_map(jnp.shape, tree)

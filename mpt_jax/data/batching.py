@@ -608,10 +608,14 @@ class EpochSampler:
 class GridSampler:
   """The downstream grid: run r (a seed x lr pair) trains on its own seed's train file; batches
   [R, B, L]. Runs that share a sampling seed see the same batches (as separate runs of the study do).
-  All runs' batches of a step are cut to one bucket length (one shape for the vmapped step)."""
+  All runs' batches of a step are cut to one bucket length (one shape for the vmapped step).
+
+  label_set: the task's labels (token ids and mask [C, L], `decode.Candidates`), carried by every batch as
+  "label_ids" / "label_mask" [R, C, L] for a label-choice objective (`model.loss.label_choice_loss`)."""
 
   samplers: tuple[EpochSampler, ...]
   buckets: LengthBuckets = NO_BUCKETS
+  label_set: tuple[np.ndarray, np.ndarray] | None = None
 
   @classmethod
   def create(
@@ -621,6 +625,7 @@ class GridSampler:
     batch_size: int,
     sampling_seeds: Sequence[int] | None = None,
     buckets: LengthBuckets = NO_BUCKETS,
+    label_set: tuple[np.ndarray, np.ndarray] | None = None,
   ) -> GridSampler:
     missing = sorted({s for s in run_seeds if s not in train_by_seed})
     if missing:
@@ -632,12 +637,18 @@ class GridSampler:
     return cls(
       tuple(EpochSampler(train_by_seed[s], batch_size, int(z)) for s, z in zip(run_seeds, sampling_seeds)),
       buckets,
+      None if label_set is None else tuple(np.asarray(a, np.int32) for a in label_set),
     )
 
   def __call__(self, step: int, runs: Sequence[int] | None = None) -> dict:
     """The batches of every run, or of the runs `runs` (indices; a process's share of a padded grid,
     `parallel.RunLayout.local`), cut to the whole grid's length bucket (one shape in every process)."""
     batch = self.buckets.trim(_stack([sampler(step) for sampler in self.samplers]))[0]
+    if self.label_set is not None:
+      label_ids, label_mask = self.label_set
+      num_runs = len(self.samplers)
+      batch["label_ids"] = np.broadcast_to(label_ids, (num_runs, *label_ids.shape))
+      batch["label_mask"] = np.broadcast_to(label_mask, (num_runs, *label_mask.shape))
     return batch if runs is None else {k: v[np.asarray(runs, int)] for k, v in batch.items()}
 
 

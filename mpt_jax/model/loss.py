@@ -82,3 +82,136 @@ def sequence_log_likelihood(model: T5, frozen_params, prompt, batch, *, placemen
     model, frozen_params, prompt, batch, deterministic=True, placement=placement
   )
   return jnp.sum(token_ll * batch["target_mask"].astype(jnp.float32), axis=-1)
+
+
+# --- choosing among a task's labels ---------------------------------------------------------------------
+
+DIRECTIONS = ("direct", "channel")  # which side the model reads: the text (direct) or the label (channel)
+
+
+def label_log_likelihoods(
+  model: T5,
+  frozen_params,
+  prompt,
+  text_ids,
+  text_mask,
+  label_ids,
+  label_mask,
+  rng=None,
+  *,
+  direction: str,
+  placement: str = "prepend",
+  deterministic: bool = True,
+):
+  """log-likelihood of every (text, label) pair [B, C]: the sum of the scored side's token log-probabilities,
+  EOS included.
+
+  direct: log p(label | prompt, text). Each text is encoded once with the prompt; the decoder scores all C
+    labels against it in one batch of B * C rows.
+  channel (Min et al. 2022): log p(text | prompt, label). Each label is encoded once with the prompt; the
+    decoder scores every text against one label at a time (a `lax.map` over the labels keeps the logits at
+    [B, L, V]).
+  text_ids / label_ids are EOS-terminated and right-padded ([B, L_text], [C, L_label]), as the encoder reads
+  them; a label scored as a target counts its tokens up to the longest label only (the causal decoder makes
+  the later positions irrelevant). With dropout (deterministic=False) every pass draws from `rng`."""
+  if direction not in DIRECTIONS:
+    raise ValueError(f"direction {direction!r}: expected one of {DIRECTIONS}")
+  if not deterministic and rng is None:
+    raise ValueError("dropout (deterministic=False) needs an rng")
+  variables = {"params": jax.lax.stop_gradient(frozen_params)}
+  rngs = {} if deterministic else {"dropout": rng}
+  start = model.config.decoder_start_token_id
+  text_ids, label_ids = jnp.asarray(text_ids, jnp.int32), jnp.asarray(label_ids, jnp.int32)
+  batch, num_labels = text_ids.shape[0], label_ids.shape[0]
+
+  def decode(encoded, encoder_mask, targets, target_mask):
+    logits = model.apply(
+      variables,
+      encoded,
+      encoder_mask,
+      shift_right(targets, start),
+      None,
+      deterministic,
+      method=T5.decode,
+      rngs=rngs,
+    )
+    return jnp.sum(target_log_likelihoods(logits, targets) * target_mask, axis=-1)
+
+  if direction == "direct":
+    encoded, encoder_mask = model.apply(
+      variables, text_ids, text_mask, prompt, placement, deterministic, method=T5.encode, rngs=rngs
+    )
+    score_length = int(label_ids.shape[1])
+    # Row b * C + c: text b with label c.
+    scores = decode(
+      jnp.repeat(encoded, num_labels, axis=0),
+      jnp.repeat(encoder_mask, num_labels, axis=0),
+      jnp.tile(label_ids[:, :score_length], (batch, 1)),
+      jnp.tile(jnp.asarray(label_mask, jnp.float32)[:, :score_length], (batch, 1)),
+    )
+    return scores.reshape(batch, num_labels)
+  encoded, encoder_mask = model.apply(
+    variables, label_ids, label_mask, prompt, placement, deterministic, method=T5.encode, rngs=rngs
+  )
+  text_mask = jnp.asarray(text_mask, jnp.float32)
+
+  def score_label(label):
+    enc, enc_mask = label
+    return decode(
+      jnp.broadcast_to(enc, (batch, *enc.shape)),
+      jnp.broadcast_to(enc_mask, (batch, *enc_mask.shape)),
+      text_ids,
+      text_mask,
+    )
+
+  return jax.lax.map(score_label, (encoded, encoder_mask)).T  # [B, C]
+
+
+def gold_label_one_hot(gold_ids, label_ids):
+  """[B, C] float32: 1 where example b's gold label (its token ids [B, L], right-padded) is label c
+  ([C, L'], right-padded), compared over the longer of the two lengths."""
+  length = max(gold_ids.shape[1], label_ids.shape[1])
+  gold = jnp.pad(jnp.asarray(gold_ids, jnp.int32), ((0, 0), (0, length - gold_ids.shape[1])))
+  labels = jnp.pad(jnp.asarray(label_ids, jnp.int32), ((0, 0), (0, length - label_ids.shape[1])))
+  return jnp.all(gold[:, None, :] == labels[None, :, :], axis=-1).astype(jnp.float32)
+
+
+def label_choice_loss(
+  model: T5,
+  frozen_params,
+  prompt,
+  batch,
+  rng=None,
+  *,
+  direction: str,
+  deterministic: bool,
+  placement: str = "prepend",
+):
+  """Cross-entropy of each example's gold label among its task's labels, the labels scored by their
+  log-likelihood in `direction` (`label_log_likelihoods`): the objective of rank classification itself,
+  where the token cross-entropy trains the likelihood of the gold alone. Mean over the examples.
+
+  `batch` holds the task's label set ("label_ids", "label_mask" [C, L]) beside its examples in their
+  training form: direct, the input is the text and the target the gold label; channel
+  (`batching.channel_form`), the other way round. An example's gold is found among the labels by its token
+  ids; one that is not there (every train label is, `decode.label_candidates`) has no target and counts
+  zero."""
+  if direction == "direct":
+    text_ids, text_mask, gold_ids = batch["input_ids"], batch["input_mask"], batch["target_ids"]
+  else:
+    text_ids, text_mask, gold_ids = batch["target_ids"], batch["target_mask"], batch["input_ids"]
+  scores = label_log_likelihoods(
+    model,
+    frozen_params,
+    prompt,
+    text_ids,
+    text_mask,
+    batch["label_ids"],
+    batch["label_mask"],
+    rng,
+    direction=direction,
+    placement=placement,
+    deterministic=deterministic,
+  )
+  gold = gold_label_one_hot(gold_ids, batch["label_ids"])
+  return -jnp.sum(jax.nn.log_softmax(scores, axis=-1) * gold) / gold.shape[0]

@@ -25,7 +25,8 @@
    direct form (the model reads the input and scores each label) and in the noisy-channel form (Min et
    al. 2022: the model reads the prompt and a label and scores the input, trained on p(input | label));
    beside each, the zero-shot score without a prompt. Is what the model knows reachable in the direction
-   it was pretrained to predict (text from a short head)?
+   it was pretrained to predict (text from a short head)? `--direction_objective=label_choice` trains the
+   gold's cross-entropy among the task's labels instead of the token cross-entropy (config.downstream.objective).
 
   python experiments/diagnose_pt.py --model=assets/small_t5 --out=experiments/results/diagnosis/small_t5.json
 
@@ -409,10 +410,11 @@ def rank_predictions(model, params, tokenizer, split, candidates, prompt, direct
 
 
 @functools.cache
-def _pt_step(model, lr: float):
-  """(optimizer, jitted PT step) per learning rate, built once: every task and seed reuses its compilation."""
+def _pt_step(model, lr: float, objective: str = "likelihood", direction: str = "direct"):
+  """(optimizer, jitted PT step) per learning rate and objective, built once: every task and seed reuses
+  its compilation."""
   optimizer = optim.make_optimizer("adafactor", lr)
-  loss_fn = algorithms.make_loss_fn(model, deterministic=True)
+  loss_fn = algorithms.make_loss_fn(model, deterministic=True, objective=objective, direction=direction)
   return optimizer, algorithms.jit_step(algorithms.make_pt_step(loss_fn, optimizer))
 
 
@@ -428,10 +430,13 @@ def prompt_tune_direction(
   lrs: tuple[float, ...] = (0.5, 0.3),
   eval_every: int = 20,
   prompt_length: int = 16,
+  objective: str = "likelihood",
 ) -> dict:
   """Prompt tuning of one task and seed in `direction`, the mini-study's grid: per learning rate, a
   task-name-initialized prompt trained on shuffled batches (the same order for both directions),
-  scored on dev every `eval_every` steps; the best dev score over all (lr, step) is tested.
+  scored on dev every `eval_every` steps; the best dev score over all (lr, step) is tested. `objective`:
+  the trained loss (`algorithms.OBJECTIVES`, config.downstream.objective), the token cross-entropy by
+  default; a label-choice objective gets the task's train labels with every batch, as the pipeline's grid.
 
   `splits`: {"train", "dev", "test"} -> TokenizedSplit in the direct form (the study's input template
   for "direct", `CHANNEL_SPEC`'s bare input for "channel"); the channel trainer reads
@@ -452,16 +457,20 @@ def prompt_tune_direction(
       split, rank_predictions(model, params, tokenizer, split, candidates, prompt, direction)
     )
 
+  label_set = {"label_ids": candidates.target_ids, "label_mask": candidates.target_mask}
   best = {"dev": -1.0}
   for lr in lrs:
-    optimizer, step = _pt_step(model, lr)
+    optimizer, step = _pt_step(model, lr, objective, direction)
     state = algorithms.init_state(prompt0, optimizer)
     order_rng, queue = np.random.default_rng(seed), np.zeros(0, np.int64)
     for s in range(1, steps + 1):
       if len(queue) < batch_size:
         queue = np.concatenate([queue, order_rng.permutation(len(fit))])
       rows, queue = queue[:batch_size], queue[batch_size:]
-      batch = {k: jnp.asarray(v) for k, v in batching.make_batch(fit, rows).items()}
+      batch = batching.make_batch(fit, rows)
+      if objective != "likelihood":
+        batch.update(label_set)
+      batch = {k: jnp.asarray(v) for k, v in batch.items()}
       state, metrics_ = step(state, params, batch, jax.random.PRNGKey(s))
       if s % eval_every == 0:
         dev_score = score(state.prompt, dev)
@@ -470,6 +479,7 @@ def prompt_tune_direction(
           best = {"dev": dev_score, "lr": lr, "step": s, "loss": float(metrics_["loss"]), "prompt": prompt}
   return {
     "direction": direction,
+    "objective": objective,
     "zero_shot_no_prompt": score(None, test),
     "initial_prompt": score(prompt0, test),
     "best_lr": best["lr"],
@@ -623,6 +633,12 @@ def main(argv=None):
     "--direction_forms", default="direct,channel", help="measurement 7's forms (comma-separated)"
   )
   p.add_argument("--direction_prompt_length", type=int, default=16, help="measurement 7's prompt length")
+  p.add_argument(
+    "--direction_objective",
+    default="likelihood",
+    choices=algorithms.OBJECTIVES,
+    help="measurement 7's trained loss (config.downstream.objective)",
+  )
   p.add_argument("--out", default="")
   p.add_argument("--table", nargs="+", default=None, help="print the markdown table of these --out files")
   args = p.parse_args(argv)
@@ -705,6 +721,7 @@ def main(argv=None):
       seed,
       forms=forms,
       prompt_length=args.direction_prompt_length,
+      objective=args.direction_objective,
     ),
     direction_summary,
   )

@@ -95,6 +95,23 @@ def test_direct_and_channel_prompt_tuning_of_the_shipped_model_on_a_gym_task():
       assert 0.0 <= result[key] <= 1.0
   # The channel form's loss is over the input's tokens, the direct form's over the label's: far apart.
   assert row["channel"]["train_loss_at_best"] != pytest.approx(row["direct"]["train_loss_at_best"], rel=0.1)
+  # The label-choice objective: a cross-entropy over the task's 2 labels, far below the channel form's
+  # token cross-entropy over the input.
+  choice = diagnose_pt.directions(
+    model,
+    params,
+    tokenizer,
+    diagnose_pt.GYM_DIR,
+    "wn-antonym_pair",
+    100,
+    forms=("channel",),
+    steps=4,
+    eval_every=2,
+    lrs=(0.5,),
+    objective="label_choice",
+  )["channel"]
+  assert choice["objective"] == "label_choice" and 0.0 <= choice["test_score"] <= 1.0
+  assert choice["train_loss_at_best"] < 3.0 < row["channel"]["train_loss_at_best"]
   with pytest.raises(ValueError, match="direction 'sideways'"):
     diagnose_pt.prompt_tune_direction(model, params, tokenizer, {}, "sideways", 100)
 

@@ -56,6 +56,14 @@ HARMLESS = {
   "downstream.eval_batch_size": "evaluation batches score each example on its own",
 }
 
+# Keys added to the config after records were written, with the value every earlier run computed with: a
+# record without such a key was made with that value (so a workdir, or a grid copied from one, written
+# before the key existed stays reusable under it, and is refused under any other value).
+ADDED_KEYS = {
+  "data.direction": "direct",  # 2026-11-30: before it, every task was trained and scored direct
+  "downstream.objective": "likelihood",  # 2026-11-30: before it, every prompt trained the token loss
+}
+
 
 def stage_keys(config, stage: str) -> dict[str, Any]:
   """The config keys that can change the results of `stage` ("upstream" or "downstream"), as JSON."""
@@ -156,8 +164,10 @@ class Difference:
 def differences(
   stored: Mapping[str, Any], current: Mapping[str, Any], unknown: Sequence[str] = ()
 ) -> list[Difference]:
-  """Keys whose values differ (a key missing on one side counts); keys in `unknown` are not compared."""
+  """Keys whose values differ (a key missing on one side counts, except a key of ADDED_KEYS missing from
+  the stored record: it was made with that key's value); keys in `unknown` are not compared."""
   missing = object()
+  stored = {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **stored}
   return [
     Difference(key, stored.get(key, missing), current.get(key, missing))
     for key in sorted(set(stored) | set(current))

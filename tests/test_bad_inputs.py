@@ -333,6 +333,22 @@ ROWS_SHOWN_ELSEWHERE = {  # each shown by a test of its own below (they need a r
 SHOWN: dict[str, str] = {}  # case -> message, recorded by the tests below for the catalogue
 
 
+def test_a_record_written_before_a_key_existed_was_made_with_its_added_value():
+  """fingerprint.ADDED_KEYS: a record without downstream.objective (written before the key existed) matches
+  the token loss every earlier run trained, and is refused under another objective."""
+  current = fingerprint.stage_keys(config_lib.base_config("pt", "cls2cls"), "downstream")
+  old = {k: v for k, v in current.items() if k not in fingerprint.ADDED_KEYS}
+  assert fingerprint.differences(old, current) == []
+  changed = {**current, "downstream.objective": "label_choice"}
+  assert [(d.key, d.stored, d.current) for d in fingerprint.differences(old, changed)] == [
+    ("downstream.objective", "likelihood", "label_choice")
+  ]
+  # A key missing from the current side (a key since removed) still counts.
+  assert [d.key for d in fingerprint.differences(current, {**old, "data.direction": "direct"})] == [
+    "downstream.objective"
+  ]
+
+
 def test_stage_keys_leave_out_only_what_cannot_change_results():
   config = config_lib.base_config("maml", "cls2cls")
   upstream, downstream = (fingerprint.stage_keys(config, s) for s in ("upstream", "downstream"))

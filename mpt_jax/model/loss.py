@@ -112,8 +112,9 @@ def label_log_likelihoods(
     decoder scores every text against one label at a time (a `lax.map` over the labels keeps the logits at
     [B, L, V]).
   text_ids / label_ids are EOS-terminated and right-padded ([B, L_text], [C, L_label]), as the encoder reads
-  them; a label scored as a target counts its tokens up to the longest label only (the causal decoder makes
-  the later positions irrelevant). With dropout (deterministic=False) every pass draws from `rng`."""
+  them. Direct, the labels are the decoder's targets over label_ids' whole width: cut it to the longest
+  label first (`decode.rank_classify` does) to spare the padding's positions, which the causal decoder
+  makes irrelevant to the scores. With dropout (deterministic=False) every pass draws from `rng`."""
   if direction not in DIRECTIONS:
     raise ValueError(f"direction {direction!r}: expected one of {DIRECTIONS}")
   if not deterministic and rng is None:
@@ -141,13 +142,12 @@ def label_log_likelihoods(
     encoded, encoder_mask = model.apply(
       variables, text_ids, text_mask, prompt, placement, deterministic, method=T5.encode, rngs=rngs
     )
-    score_length = int(label_ids.shape[1])
     # Row b * C + c: text b with label c.
     scores = decode(
       jnp.repeat(encoded, num_labels, axis=0),
       jnp.repeat(encoder_mask, num_labels, axis=0),
-      jnp.tile(label_ids[:, :score_length], (batch, 1)),
-      jnp.tile(jnp.asarray(label_mask, jnp.float32)[:, :score_length], (batch, 1)),
+      jnp.tile(label_ids, (batch, 1)),
+      jnp.tile(jnp.asarray(label_mask, jnp.float32), (batch, 1)),
     )
     return scores.reshape(batch, num_labels)
   encoded, encoder_mask = model.apply(

@@ -431,19 +431,21 @@ def validate(config, available_devices: int | None = None) -> None:
   one_of("attention", t5.ATTENTION_IMPLEMENTATIONS)
   one_of("downstream.decoding", pipeline.DECODINGS)
   one_of("data.direction", pipeline.DIRECTIONS)
-  if flat["data.direction"] == "channel" and flat["downstream.decoding"] not in ("rank", "auto"):
-    add(
-      "downstream.decoding",
-      "'rank' or 'auto' with data.direction='channel' (the channel form scores a task's label set; "
-      "beam or greedy generation has none)",
-    )
   one_of("downstream.objective", algorithms.OBJECTIVES)
-  if flat["downstream.objective"] != "likelihood" and flat["downstream.decoding"] not in ("rank", "auto"):
-    add(
-      "downstream.decoding",
-      f"'rank' or 'auto' with downstream.objective={flat['downstream.objective']!r} (a label-choice "
-      "objective trains on a task's label set; beam or greedy generation has none)",
-    )
+  # Options that work on a task's label set, which only rank classification has.
+  for key, chosen, why in (
+    ("data.direction", flat["data.direction"] == "channel", "the channel form scores a task's label set"),
+    (
+      "downstream.objective",
+      flat["downstream.objective"] != "likelihood",
+      "a label-choice objective trains on a task's label set",
+    ),
+  ):
+    if chosen and flat["downstream.decoding"] not in ("rank", "auto"):
+      add(
+        "downstream.decoding",
+        f"'rank' or 'auto' with {key}={flat[key]!r} ({why}; beam or greedy generation has none)",
+      )
   one_of("downstream.optimizer", optim.OPTIMIZERS)
   one_of("downstream.test_prompt", adapt.TEST_PROMPTS)
   if flat["gym"]:

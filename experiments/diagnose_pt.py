@@ -26,7 +26,9 @@
    al. 2022: the model reads the prompt and a label and scores the input, trained on p(input | label));
    beside each, the zero-shot score without a prompt. Is what the model knows reachable in the direction
    it was pretrained to predict (text from a short head)? `--direction_objective=label_choice` trains the
-   gold's cross-entropy among the task's labels instead of the token cross-entropy (config.downstream.objective).
+   gold's cross-entropy among the task's labels instead of the token cross-entropy (config.downstream.objective);
+   `--direction_calibration=train_mean` subtracts each label's mean score over the task's train inputs before
+   rank classification chooses (config.downstream.calibration), for the zero-shot and the tuned prompts alike.
 
   python experiments/diagnose_pt.py --model=assets/small_t5 --out=experiments/results/diagnosis/small_t5.json
 
@@ -401,11 +403,24 @@ CHANNEL_SPEC = batching.TextSpec(max_input_len=64, max_target_len=8, input_templ
 DIRECTIONS = ("direct", "channel")
 
 
-def rank_predictions(model, params, tokenizer, split, candidates, prompt, direction: str) -> list[str]:
-  """The label each example of `split` gets by rank classification in `direction` (see measurement 7)."""
+def rank_predictions(
+  model, params, tokenizer, split, candidates, prompt, direction: str, calibration_split=None
+) -> list[str]:
+  """The label each example of `split` gets by rank classification in `direction` (see measurement 7);
+  with a `calibration_split` (the task's train split), each label's mean score over its inputs is
+  subtracted first (`decode.CALIBRATIONS`' "train_mean")."""
   classify = decode.channel_rank_classify if direction == "channel" else decode.rank_classify
+  bias = None
+  if calibration_split is not None:
+    c = batching.make_batch(calibration_split, np.arange(len(calibration_split)))
+    scores = decode.label_scores(
+      model, params, c["input_ids"], c["input_mask"], prompt, candidates=candidates, direction=direction
+    )
+    bias = decode.label_bias(scores)
   b = batching.make_batch(split, np.arange(len(split)))
-  ids = classify(model, params, b["input_ids"], b["input_mask"], prompt, candidates=candidates)
+  ids = classify(
+    model, params, b["input_ids"], b["input_mask"], prompt, candidates=candidates, label_bias=bias
+  )
   return tokenizer.batch_decode(np.asarray(ids).tolist(), skip_special_tokens=True)
 
 
@@ -431,18 +446,22 @@ def prompt_tune_direction(
   eval_every: int = 20,
   prompt_length: int = 16,
   objective: str = "likelihood",
+  calibration: str = "none",
 ) -> dict:
   """Prompt tuning of one task and seed in `direction`, the mini-study's grid: per learning rate, a
   task-name-initialized prompt trained on shuffled batches (the same order for both directions),
   scored on dev every `eval_every` steps; the best dev score over all (lr, step) is tested. `objective`:
   the trained loss (`algorithms.OBJECTIVES`, config.downstream.objective), the token cross-entropy by
   default; a label-choice objective gets the task's train labels with every batch, as the pipeline's grid.
+  `calibration`: `decode.CALIBRATIONS` (config.downstream.calibration), for dev and test alike.
 
   `splits`: {"train", "dev", "test"} -> TokenizedSplit in the direct form (the study's input template
   for "direct", `CHANNEL_SPEC`'s bare input for "channel"); the channel trainer reads
   `batching.channel_form(train)`."""
   if direction not in DIRECTIONS:
     raise ValueError(f"direction {direction!r}: expected one of {DIRECTIONS}")
+  if calibration not in decode.CALIBRATIONS:
+    raise ValueError(f"calibration {calibration!r}: expected one of {decode.CALIBRATIONS}")
   train, dev, test = splits["train"], splits["dev"], splits["test"]
   task = train.task
   candidates = decode.label_candidates(train)
@@ -452,9 +471,12 @@ def prompt_tune_direction(
     jax.random.PRNGKey(seed), (prompt_length, embedding.shape[1])
   )
 
+  calibration_split = train if calibration == "train_mean" else None
+
   def score(prompt, split):
     return score_labels(
-      split, rank_predictions(model, params, tokenizer, split, candidates, prompt, direction)
+      split,
+      rank_predictions(model, params, tokenizer, split, candidates, prompt, direction, calibration_split),
     )
 
   label_set = {"label_ids": candidates.target_ids, "label_mask": candidates.target_mask}
@@ -480,6 +502,7 @@ def prompt_tune_direction(
   return {
     "direction": direction,
     "objective": objective,
+    "calibration": calibration,
     "zero_shot_no_prompt": score(None, test),
     "initial_prompt": score(prompt0, test),
     "best_lr": best["lr"],
@@ -639,6 +662,12 @@ def main(argv=None):
     choices=algorithms.OBJECTIVES,
     help="measurement 7's trained loss (config.downstream.objective)",
   )
+  p.add_argument(
+    "--direction_calibration",
+    default="none",
+    choices=decode.CALIBRATIONS,
+    help="measurement 7's rank classification (config.downstream.calibration)",
+  )
   p.add_argument("--out", default="")
   p.add_argument("--table", nargs="+", default=None, help="print the markdown table of these --out files")
   args = p.parse_args(argv)
@@ -722,6 +751,7 @@ def main(argv=None):
       forms=forms,
       prompt_length=args.direction_prompt_length,
       objective=args.direction_objective,
+      calibration=args.direction_calibration,
     ),
     direction_summary,
   )

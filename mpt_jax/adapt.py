@@ -317,7 +317,12 @@ def choose_best_runs(
 
 
 class Scorer:
-  """Predictions and CrossFit scores of R prompts on R splits (run r on split r), batched over runs."""
+  """Predictions and CrossFit scores of R prompts on R splits (run r on split r), batched over runs.
+
+  calibration: (label_scores, {seed: train split}) for rank classification with the "train_mean"
+  calibration (config.downstream.calibration): before each scoring, every run's label bias is its labels'
+  mean score over its seed's train inputs under its prompt (`label_scores(prompts, batch)` -> [R, B, C]),
+  and `predict` subtracts it; None: the scores as they are."""
 
   def __init__(
     self,
@@ -327,18 +332,34 @@ class Scorer:
     batch_size: int,
     metric: str | None = None,
     length_buckets: batching.LengthBuckets = batching.NO_BUCKETS,
+    calibration: tuple[Callable, Mapping[int, batching.TokenizedSplit]] | None = None,
   ):
-    self.predict = predict  # predict(prompts [R, P, D], batch [R, B, ...]) -> token ids [R, B, T]
+    # predict(prompts [R, P, D], batch [R, B, ...][, label_bias [R, C]]) -> token ids [R, B, T]
+    self.predict = predict
     self.tokenizer = tokenizer
     self.task = task
     self.batch_size = batch_size
     self.metric = metric
     self.length_buckets = length_buckets
+    self.calibration = calibration
+
+  def label_bias(self, prompts, splits: Sequence[batching.TokenizedSplit]) -> np.ndarray:
+    """[R, C]: run r's labels' mean score over the train inputs of splits[r]'s seed, under prompts[r]."""
+    label_scores, train_splits = self.calibration
+    calibration_splits = [train_splits[s.seed] for s in splits]
+    total, count = 0.0, np.zeros((len(splits), 1))
+    for eb in batching.grid_eval_batches(calibration_splits, self.batch_size, self.length_buckets):
+      scores = np.asarray(jax.device_get(label_scores(prompts, eb.batch)), np.float64)  # [R, B, C]
+      mask = np.asarray(eb.mask, np.float64)[..., None]
+      total = total + (scores * mask).sum(axis=1)
+      count = count + mask.sum(axis=1)
+    return total / np.maximum(count, 1.0)
 
   def predictions(self, prompts, splits: Sequence[batching.TokenizedSplit]) -> list[list[str]]:
     out: list[list[str]] = [[""] * len(s) for s in splits]
+    extra = () if self.calibration is None else (self.label_bias(prompts, splits),)
     for eb in batching.grid_eval_batches(splits, self.batch_size, self.length_buckets):
-      ids = np.asarray(jax.device_get(self.predict(prompts, eb.batch)))
+      ids = np.asarray(jax.device_get(self.predict(prompts, eb.batch, *extra)))
       for r in range(len(splits)):
         real = eb.mask[r].astype(bool)
         # As the study decoded: spaces before punctuation are kept (a tokenizer may default to cleaning
@@ -377,6 +398,7 @@ def adapt_task(
   prompt_meta: Mapping[str, Any] | None = None,
   mesh=None,
   label_set: tuple[np.ndarray, np.ndarray] | None = None,
+  calibration: tuple[Callable, Mapping[int, batching.TokenizedSplit]] | None = None,
 ) -> list[dict]:
   """The whole grid of one target task; returns one result dict per seed (for mpt_jax.results).
 
@@ -388,6 +410,7 @@ def adapt_task(
   trains and scores the grid; only the primary one writes files.
   label_set: the task's labels (ids, mask [C, L]) for a `grid_step` with a label-choice objective: every
   train batch carries them (`batching.GridSampler`).
+  calibration: rank classification's "train_mean" calibration, for dev and test alike (see `Scorer`).
   """
   runs = grid_runs(seeds, config.lrs)
   run_steps = [
@@ -414,7 +437,14 @@ def adapt_task(
     buckets=config.length_buckets,
     label_set=label_set,
   )
-  scorer = Scorer(predict, tokenizer, task, config.eval_batch_size, length_buckets=config.length_buckets)
+  scorer = Scorer(
+    predict,
+    tokenizer,
+    task,
+    config.eval_batch_size,
+    length_buckets=config.length_buckets,
+    calibration=calibration,
+  )
   dev_splits = [tokenized[(r.seed, "dev")] for r in runs]
   checkpoint_dir = paths.join(out_dir, "checkpoints")
   checkpointer = checkpoints.Checkpointer(checkpoint_dir)

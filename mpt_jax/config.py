@@ -158,6 +158,10 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # beam | greedy | rank (the most likely of the train split's labels) | auto (rank for a task scored by a
   # classification metric, greedy for the others)
   d.decoding = "beam"
+  # How rank classification weighs the labels' scores (decode.CALIBRATIONS): "none", as scored (the
+  # study's); "train_mean", each label's score minus its mean score over the task's train inputs under the
+  # same prompt, for dev and test alike (no label is read; docs/PROTOCOL.md).
+  d.calibration = "none"
   d.num_beams = 4
   d.repetition_penalty = 2.5
   d.early_stopping = True  # False: transformers' default heuristic ("never" only through decode.py)
@@ -267,6 +271,7 @@ REFERENCE_BEHAVIOUR = {
   "downstream.step0_candidate": False,
   "downstream.max_epochs": 1000,
   "downstream.decoding": "beam",
+  "downstream.calibration": "none",
   "downstream.num_beams": 4,
   "downstream.repetition_penalty": 2.5,
   "downstream.early_stopping": True,
@@ -394,7 +399,7 @@ def validate(config, available_devices: int | None = None) -> None:
   and (given the devices there are) how upstream's batches split over the devices."""
   # The enumerations live with the code that dispatches on them; imported here rather than at the top so
   # that loading a config file stays light.
-  from mpt_jax import adapt, algorithms, gyms, optim, pipeline, prompt as prompt_lib
+  from mpt_jax import adapt, algorithms, decode, gyms, optim, pipeline, prompt as prompt_lib
   from mpt_jax.model import hf, t5
 
   flat = flatten(config)
@@ -432,6 +437,7 @@ def validate(config, available_devices: int | None = None) -> None:
   one_of("downstream.decoding", pipeline.DECODINGS)
   one_of("data.direction", pipeline.DIRECTIONS)
   one_of("downstream.objective", algorithms.OBJECTIVES)
+  one_of("downstream.calibration", decode.CALIBRATIONS)
   # Options that work on a task's label set, which only rank classification has.
   for key, chosen, why in (
     ("data.direction", flat["data.direction"] == "channel", "the channel form scores a task's label set"),
@@ -439,6 +445,11 @@ def validate(config, available_devices: int | None = None) -> None:
       "downstream.objective",
       flat["downstream.objective"] != "likelihood",
       "a label-choice objective trains on a task's label set",
+    ),
+    (
+      "downstream.calibration",
+      flat["downstream.calibration"] != "none",
+      "calibration weighs the scores of a task's label set",
     ),
   ):
     if chosen and flat["downstream.decoding"] not in ("rank", "auto"):

@@ -404,6 +404,53 @@ def label_candidates(train_split: TokenizedSplit) -> Candidates:
   )
 
 
+# How rank classification weighs the labels' scores before it chooses (config.downstream.calibration):
+# "none" (the study's): as scored; "train_mean": each label's score minus its mean score over the task's
+# train inputs (`label_bias`), so that a label which makes every input of the task likely (channel), or
+# which every input of the task makes likely (direct), does not win them all. Contextual calibration (Zhao
+# et al. 2021, "Calibrate Before Use") estimates the same bias from one content-free input; this takes the
+# task's own train inputs, which every run has (no labels are read).
+CALIBRATIONS = ("none", "train_mean")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "placement", "direction"))
+def label_scores(
+  model: T5,
+  frozen_params,
+  input_ids,
+  input_mask,
+  prompt=None,
+  *,
+  candidates: Candidates,
+  direction: str,
+  placement: str = "prepend",
+):
+  """Every label's log-likelihood with every input [B, C] in `direction` (`label_log_likelihoods`: direct
+  log p(label | prompt, input), channel log p(input | prompt, label)), labels scored up to the longest
+  one's length; what rank classification chooses from."""
+  return label_log_likelihoods(
+    model,
+    frozen_params,
+    prompt,
+    input_ids,
+    input_mask,
+    jnp.asarray(candidates.target_ids, jnp.int32)[:, : candidates.score_length],
+    jnp.asarray(candidates.target_mask)[:, : candidates.score_length],
+    direction=direction,
+    placement=placement,
+  )
+
+
+def label_bias(scores, example_mask=None):
+  """The "train_mean" calibration's bias [..., C]: each label's mean score over the real examples of
+  `scores` [..., N, C] (`example_mask` [..., N], 1 for a real example; None: all are)."""
+  scores = np.asarray(scores, np.float64)
+  if example_mask is None:
+    return scores.mean(axis=-2)
+  weights = np.asarray(example_mask, np.float64)[..., None]
+  return (scores * weights).sum(axis=-2) / np.maximum(weights.sum(axis=-2), 1.0)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "placement"))
 def rank_classify(
   model: T5,
@@ -414,16 +461,18 @@ def rank_classify(
   *,
   candidates: Candidates,
   placement: str = "prepend",
+  label_bias=None,
 ):
   """The most likely label of each input, as that label's token ids [B, L_out] int32.
 
   Likelihood as `sequence_log_likelihood`: the sum of the label's token log-probabilities, EOS
   included. Each input is encoded once; the decoder scores all C labels against it in one batch of
   B * C rows (teacher forcing over the longest label's length only: the causal decoder makes the
-  positions after it irrelevant). Ties go to the first label in `candidates` order.
+  positions after it irrelevant). `label_bias` [C] (None: zeros) is subtracted from every input's scores
+  first (the "train_mean" calibration). Ties go to the first label in `candidates` order.
   """
   return _most_likely_label(
-    model, frozen_params, input_ids, input_mask, prompt, candidates, placement, direction="direct"
+    model, frozen_params, input_ids, input_mask, prompt, candidates, placement, "direct", label_bias
   )
 
 
@@ -437,33 +486,37 @@ def channel_rank_classify(
   *,
   candidates: Candidates,
   placement: str = "prepend",
+  label_bias=None,
 ):
   """Rank classification in the noisy-channel direction (Min et al. 2022): the label c of each input x
-  that maximizes log p(x | prompt, c), the model reading the prompt and the label and scoring the input
-  (EOS included) as its target; returned as that label's token ids [B, L_out] int32, as `rank_classify`.
+  that maximizes log p(x | prompt, c) (minus `label_bias` [C], if given), the model reading the prompt and
+  the label and scoring the input (EOS included) as its target; returned as that label's token ids
+  [B, L_out] int32, as `rank_classify`.
 
   `input_ids` / `input_mask` are the inputs as they would be fed to the encoder (EOS-terminated; the
   `batching.channel_form` targets). Each label is encoded once with the prompt; the decoder scores every
   input against one label at a time (a `lax.map` over the C labels keeps the logits at [B, L, V]). Ties
   go to the first label in `candidates` order."""
   return _most_likely_label(
-    model, frozen_params, input_ids, input_mask, prompt, candidates, placement, direction="channel"
+    model, frozen_params, input_ids, input_mask, prompt, candidates, placement, "channel", label_bias
   )
 
 
-def _most_likely_label(model, frozen_params, input_ids, input_mask, prompt, candidates, placement, direction):
-  """The token ids [B, L_out] of each input's highest-scoring label (`label_log_likelihoods`); ties go to
-  the first label in `candidates` order. Labels are scored up to the longest one's length."""
-  labels = jnp.asarray(candidates.target_ids, jnp.int32)
-  scores = label_log_likelihoods(
+def _most_likely_label(
+  model, frozen_params, input_ids, input_mask, prompt, candidates, placement, direction, label_bias
+):
+  """The token ids [B, L_out] of each input's highest-scoring label (`label_scores`, minus `label_bias`
+  when given); ties go to the first label in `candidates` order."""
+  scores = label_scores(
     model,
     frozen_params,
-    prompt,
     input_ids,
     input_mask,
-    labels[:, : candidates.score_length],
-    jnp.asarray(candidates.target_mask)[:, : candidates.score_length],
+    prompt,
+    candidates=candidates,
     direction=direction,
     placement=placement,
   )
-  return labels[jnp.argmax(scores, axis=-1)]
+  if label_bias is not None:
+    scores = scores - jnp.asarray(label_bias, scores.dtype)[None, :]
+  return jnp.asarray(candidates.target_ids, jnp.int32)[jnp.argmax(scores, axis=-1)]

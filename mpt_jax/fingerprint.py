@@ -62,6 +62,7 @@ HARMLESS = {
 ADDED_KEYS = {
   "data.direction": "direct",  # 2026-11-30: before it, every task was trained and scored direct
   "downstream.objective": "likelihood",  # 2026-11-30: before it, every prompt trained the token loss
+  "downstream.calibration": "none",  # 2026-11-30: before it, rank classification took the raw scores
 }
 
 

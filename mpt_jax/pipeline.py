@@ -320,9 +320,19 @@ def upstream_fingerprint(config, source_data) -> dict[str, Any]:
   }
 
 
+# Keys that act on rank classification only: a task decoded otherwise (a generation task under "auto")
+# leaves them out of its fingerprint, so its finished grid stays reusable whatever their values.
+# (data.direction and downstream.objective act there only too, but were keyed for every task before this
+# existed; earlier records keep them.)
+RANK_ONLY_KEYS = ("downstream.calibration",)
+
+
 def task_fingerprint(config, task: str, task_data, init_prompt: np.ndarray | None) -> dict[str, Any]:
+  keys = fingerprint.stage_keys(config, "downstream")
+  if resolve_decoding(config.downstream.decoding, task) != "rank":
+    keys = {k: v for k, v in keys.items() if k not in RANK_ONLY_KEYS}
   return {
-    **fingerprint.stage_keys(config, "downstream"),
+    **keys,
     fingerprint.DATA: fingerprint.data_digest({task: task_data}),
     fingerprint.INITIAL_PROMPT: None if init_prompt is None else fingerprint.digest(init_prompt),
   }
@@ -401,8 +411,11 @@ class Runtime:
   grid_optimizer: Any  # the learning rates are state: one optimizer for every run
   grid_step: Callable  # jitted; runs split over the devices
   generate: Callable | None  # greedy or beam decoding of [R] prompts, jitted (None: rank only)
-  rank: Callable  # rank classification of [R] prompts over a task's labels, jitted
+  rank: Callable  # rank classification of [R] prompts over a task's labels (minus a bias [R, C]), jitted
   channel_rank: Callable  # the same in the noisy-channel direction (config.data.direction), jitted
+  # direction -> every label's score with every input [R, B, C] for [R] prompts, jitted: what the
+  # "train_mean" calibration (config.downstream.calibration) averages over a task's train inputs
+  label_scores: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
   # direction -> the grid step of config.downstream.objective's label choice; empty for "likelihood"
   choice_grid_steps: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
 
@@ -418,22 +431,52 @@ class Runtime:
     return self.grid_step, None
 
   def predictor(self, train_split: batching.TokenizedSplit) -> Callable:
-    """predict(prompts [R, P, D], batch [R, B, ...]) -> token ids [R, B, T] with the task's decoding
-    (rank classification scores the labels of `train_split`); runs split over the devices, padded to a
-    multiple of them, each process feeding its own (`parallel.RunLayout`); host arrays come back."""
+    """predict(prompts [R, P, D], batch [R, B, ...], label_bias=None) -> token ids [R, B, T] with the task's
+    decoding (rank classification scores the labels of `train_split`, each run's scores minus its
+    `label_bias` [R, C] if given); runs split over the devices, padded to a multiple of them, each process
+    feeding its own (`parallel.RunLayout`); host arrays come back."""
     if resolve_decoding(self.config.downstream.decoding, train_split.task) == "rank":
       candidates = decode.label_candidates(train_split)
       rank = self.channel_rank if task_direction(self.config, train_split.task) == "channel" else self.rank
-      generate = lambda frozen, prompts, ids, mask: rank(frozen, prompts, ids, mask, candidates)
-    else:
-      generate = self.generate
+      num_labels = candidates.target_ids.shape[0]
 
-    def predict(prompts, batch):
+      def generate(frozen, prompts, ids, mask, label_bias):
+        if label_bias is None:
+          label_bias = np.zeros((ids.shape[0], num_labels), np.float32)
+        return rank(frozen, prompts, ids, mask, candidates, label_bias)
+    else:
+
+      def generate(frozen, prompts, ids, mask, label_bias):
+        if label_bias is not None:
+          raise ValueError(f"{train_split.task}: a label bias needs rank classification")
+        return self.generate(frozen, prompts, ids, mask)
+
+    def predict(prompts, batch, label_bias=None):
       layout = parallel.RunLayout(self.mesh, batch["input_ids"].shape[0])
       placed = layout.put((parallel.to_host(prompts), batch["input_ids"], batch["input_mask"]))
-      return layout.to_host(generate(self.frozen_params, *placed))
+      bias = None if label_bias is None else layout.put(np.asarray(label_bias, np.float32))
+      return layout.to_host(generate(self.frozen_params, *placed, bias))
 
     return predict
+
+  def calibration_scorer(self, train_split: batching.TokenizedSplit) -> Callable | None:
+    """scores(prompts [R, P, D], batch [R, B, ...]) -> every label's score with every input [R, B, C] (host),
+    for a task that config.downstream.calibration calibrates ("train_mean", rank classification; the
+    labels of `train_split`, as `predictor`'s); None for any other."""
+    if (
+      self.config.downstream.calibration == "none"
+      or resolve_decoding(self.config.downstream.decoding, train_split.task) != "rank"
+    ):
+      return None
+    candidates = decode.label_candidates(train_split)
+    score = self.label_scores[task_direction(self.config, train_split.task)]
+
+    def scores(prompts, batch):
+      layout = parallel.RunLayout(self.mesh, batch["input_ids"].shape[0])
+      placed = layout.put((parallel.to_host(prompts), batch["input_ids"], batch["input_mask"]))
+      return layout.to_host(score(self.frozen_params, *placed, candidates))
+
+    return scores
 
 
 def default_cache_dir(workdir: str) -> str:
@@ -522,15 +565,21 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
     )
     generate = runs_in_chunks(generate, (None, 0, 0, 0), mesh, budget, "dev decoding")
 
-  def rank_one(frozen, prompt, ids, mask, candidates):
-    return decode.rank_classify(
-      model, frozen, ids, mask, prompt, candidates=candidates, placement=config.prompt.placement
-    )
+  def rank_runs(classify, name):  # decode.rank_classify or channel_rank_classify, over [R] runs
+    def one(frozen, prompt, ids, mask, candidates, label_bias):
+      return classify(
+        model,
+        frozen,
+        ids,
+        mask,
+        prompt,
+        candidates=candidates,
+        placement=config.prompt.placement,
+        label_bias=label_bias,
+      )
 
-  def channel_rank_one(frozen, prompt, ids, mask, candidates):
-    return decode.channel_rank_classify(
-      model, frozen, ids, mask, prompt, candidates=candidates, placement=config.prompt.placement
-    )
+    axes = (None, 0, 0, 0, None, 0)
+    return runs_in_chunks(jax.jit(jax.vmap(one, in_axes=axes)), axes, mesh, budget, name)
 
   choice_grid_steps = {}
   if d.objective != "likelihood":
@@ -543,12 +592,31 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
         direction=direction,
       )
       choice_grid_steps[direction] = adapt.make_grid_trainer(choice_loss, grid_optimizer, mesh, budget)
-  rank, channel_rank = (
-    runs_in_chunks(
-      jax.jit(jax.vmap(fn, in_axes=(None, 0, 0, 0, None))), (None, 0, 0, 0, None), mesh, budget, name
-    )
-    for fn, name in ((rank_one, "rank classification"), (channel_rank_one, "channel rank classification"))
-  )
+  rank = rank_runs(decode.rank_classify, "rank classification")
+  channel_rank = rank_runs(decode.channel_rank_classify, "channel rank classification")
+  label_scores = {}
+  if d.calibration != "none":
+    for direction in DIRECTIONS:
+
+      def scores_one(frozen, prompt, ids, mask, candidates, direction=direction):
+        return decode.label_scores(
+          model,
+          frozen,
+          ids,
+          mask,
+          prompt,
+          candidates=candidates,
+          direction=direction,
+          placement=config.prompt.placement,
+        )
+
+      label_scores[direction] = runs_in_chunks(
+        jax.jit(jax.vmap(scores_one, in_axes=(None, 0, 0, 0, None))),
+        (None, 0, 0, 0, None),
+        mesh,
+        budget,
+        f"{direction} label scores",
+      )
   return Runtime(
     config=config,
     workdir=workdir,
@@ -564,6 +632,7 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
     generate=generate,
     rank=rank,
     channel_rank=channel_rank,
+    label_scores=label_scores,
     choice_grid_steps=choice_grid_steps,
   )
 
@@ -880,6 +949,7 @@ def run_downstream(
     else:
       prompts = {s: init_prompt for s in seeds}
     predict = runtime.predictor(tokenized[(seeds[0], "train")])  # the labels, from the direct form
+    calibration_scores = runtime.calibration_scorer(tokenized[(seeds[0], "train")])
     grid_step, label_set = runtime.trainer(tokenized[(seeds[0], "train")])
     runs = adapt.adapt_task(
       task,
@@ -897,6 +967,10 @@ def run_downstream(
       prompt_meta=prompt_meta(runtime, config_fingerprint=record.hash),
       mesh=runtime.mesh,
       label_set=label_set,
+      # The "train_mean" calibration averages each seed's train inputs, as the scorer reads them (direct).
+      calibration=None
+      if calibration_scores is None
+      else (calibration_scores, {s: tokenized[(s, "train")] for s in seeds}),
     )
     summary = {**results.summarize_task(task, runs), "config_fingerprint": record.hash}
     parallel.sync(f"grid of {task} done")  # every process is done with its checkpoints

@@ -299,6 +299,9 @@ REPRODUCTIONS = {
   "label-choice-without-labels": lambda ctx: refused_config(
     ctx, **{"downstream.objective": "label_choice", "downstream.decoding": "beam"}
   ),
+  "calibration-without-labels": lambda ctx: refused_config(
+    ctx, **{"downstream.calibration": "train_mean", "downstream.decoding": "greedy"}
+  ),
   "init-prompt-length": init_prompt_length,
   "init-prompt-width": lambda ctx: refused_config(
     ctx, kind=ValueError, init_prompt=write_prompt(ctx.tmp / "p.npy", (4, 7))
@@ -345,7 +348,13 @@ def test_a_record_written_before_a_key_existed_was_made_with_its_added_value():
   ]
   # A key missing from the current side (a key since removed) still counts.
   assert [d.key for d in fingerprint.differences(current, {**old, "data.direction": "direct"})] == [
-    "downstream.objective"
+    "downstream.calibration",
+    "downstream.objective",
+  ]
+  # The calibration, added later still, likewise: a record without it was decoded uncalibrated.
+  calibrated = {**current, "downstream.calibration": "train_mean"}
+  assert [(d.key, d.stored, d.current) for d in fingerprint.differences(old, calibrated)] == [
+    ("downstream.calibration", "none", "train_mean")
   ]
 
 

@@ -114,6 +114,40 @@ def test_direct_and_channel_prompt_tuning_of_the_shipped_model_on_a_gym_task():
   assert choice["train_loss_at_best"] < 3.0 < row["channel"]["train_loss_at_best"]
   with pytest.raises(ValueError, match="direction 'sideways'"):
     diagnose_pt.prompt_tune_direction(model, params, tokenizer, {}, "sideways", 100)
+  with pytest.raises(ValueError, match="calibration 'median'"):
+    diagnose_pt.prompt_tune_direction(model, params, tokenizer, {}, "channel", 100, calibration="median")
+
+
+def test_calibrated_rank_predictions_take_each_labels_train_mean_off_its_scores():
+  """--direction_calibration=train_mean: each dev input's label is the argmax of its scores minus the
+  labels' mean scores over the train inputs (the zero-shot model, both directions)."""
+  from mpt_jax import decode
+  from mpt_jax.data import batching, crossfit
+
+  model, params, tokenizer = load_pretrained(str(REPO / "assets" / "small_t5"))
+  task = "wn-noun_category_living"
+  raw = crossfit.read_crossfit(diagnose_pt.GYM_DIR, [task], [100], ["train", "dev"])[task].splits
+  train, dev = (
+    batching.tokenize_split(raw[(100, s)], tokenizer, diagnose_pt.CHANNEL_SPEC) for s in ("train", "dev")
+  )
+  candidates = decode.label_candidates(train)
+
+  def scores(split, direction):
+    b = batching.make_batch(split, np.arange(len(split)))
+    return np.asarray(
+      decode.label_scores(
+        model, params, b["input_ids"], b["input_mask"], None, candidates=candidates, direction=direction
+      )
+    )
+
+  for direction in diagnose_pt.DIRECTIONS:
+    centred = scores(dev, direction) - scores(train, direction).mean(axis=0)
+    expected = [candidates.texts[i] for i in np.argmax(centred, axis=1)]
+    got = diagnose_pt.rank_predictions(model, params, tokenizer, dev, candidates, None, direction, train)
+    assert got == expected
+    raw_choice = [candidates.texts[i] for i in np.argmax(scores(dev, direction), axis=1)]
+    if direction == "channel":  # uncalibrated, the channel form gives most inputs one label (README)
+      assert len(set(raw_choice)) < len(set(got))
 
 
 def test_source_tuning_pools_every_source_train_file_of_the_setting_and_no_target():

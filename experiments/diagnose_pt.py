@@ -29,6 +29,9 @@
    gold's cross-entropy among the task's labels instead of the token cross-entropy (config.downstream.objective);
    `--direction_calibration=train_mean` subtracts each label's mean score over the task's train inputs before
    rank classification chooses (config.downstream.calibration), for the zero-shot and the tuned prompts alike.
+8. Zero-shot rank classification (`--zero_shot_tasks`): no prompt, no training; per direction and per
+   calibration (none, train_mean), the dev and test scores and how many test inputs get each label. Does
+   the model spread its answers over the labels, or give most inputs one label?
 
   python experiments/diagnose_pt.py --model=assets/small_t5 --out=experiments/results/diagnosis/small_t5.json
 
@@ -535,6 +538,42 @@ def directions(
   return row
 
 
+def zero_shot(model, params, tokenizer, gym_dir, task: str, seed: int) -> dict:
+  """Measurement 8 for one task and seed: rank classification without a prompt, in both directions (each
+  with its own input form, as measurement 7), uncalibrated and calibrated by the train inputs."""
+  raw = crossfit.read_crossfit(gym_dir, [task], [seed], ["train", "dev", "test"])[task].splits
+  row = {"task": task, "seed": seed, "metric": metric_for_task(task)}
+  for direction, spec in (("direct", SPEC), ("channel", CHANNEL_SPEC)):
+    train, dev, test = (
+      batching.tokenize_split(raw[(seed, n)], tokenizer, spec) for n in ("train", "dev", "test")
+    )
+    candidates = decode.label_candidates(train)
+    for calibration in decode.CALIBRATIONS:
+      calibration_split = train if calibration == "train_mean" else None
+      predictions = {
+        name: rank_predictions(
+          model, params, tokenizer, split, candidates, None, direction, calibration_split
+        )
+        for name, split in (("dev", dev), ("test", test))
+      }
+      counts = {label: predictions["test"].count(label) for label in sorted(set(predictions["test"]))}
+      row[f"{direction}/{calibration}"] = {
+        "dev_score": score_labels(dev, predictions["dev"]),
+        "test_score": score_labels(test, predictions["test"]),
+        "test_label_counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+      }
+  return row
+
+
+def zero_shot_summary(rows: list[dict]) -> dict:
+  """Per task, then averaged over tasks: mean over seeds (x100) of each form's dev and test scores."""
+  keys = {}
+  for form in (k for k in rows[0] if "/" in k):
+    for split in ("dev", "test"):
+      keys[f"{form}/{split}"] = lambda r, form=form, split=split: r[form][f"{split}_score"]
+  return summarize_rows(rows, keys)
+
+
 def direction_summary(rows: list[dict]) -> dict:
   """Per task, then averaged over tasks: mean over seeds (x100) of the constant answer and, per direction,
   prompt tuning's test score and the zero-shot score without a prompt."""
@@ -668,6 +707,14 @@ def main(argv=None):
     choices=decode.CALIBRATIONS,
     help="measurement 7's rank classification (config.downstream.calibration)",
   )
+  p.add_argument(
+    "--zero_shot_tasks",
+    default="",
+    help="measurement 8 (zero-shot rank classification, raw and calibrated) on these tasks; empty: skip",
+  )
+  p.add_argument(
+    "--zero_shot_seeds", default="", help="measurement 8 on these gym seeds (comma-separated); empty: --seed"
+  )
   p.add_argument("--out", default="")
   p.add_argument("--table", nargs="+", default=None, help="print the markdown table of these --out files")
   args = p.parse_args(argv)
@@ -754,6 +801,16 @@ def main(argv=None):
       calibration=args.direction_calibration,
     ),
     direction_summary,
+  )
+  measure_tasks_and_seeds(
+    report,
+    "zero_shot",
+    "zero_shot_summary",
+    args.zero_shot_tasks,
+    args.zero_shot_seeds,
+    args.seed,
+    lambda task, seed: zero_shot(model, params, tokenizer, args.gym_dir, task, seed),
+    zero_shot_summary,
   )
   report["wall_s"] = round(time.time() - t0, 1)
   if args.out:

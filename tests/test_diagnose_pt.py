@@ -184,3 +184,20 @@ def test_source_tuning_pools_every_source_train_file_of_the_setting_and_no_targe
     assert not pooled & ids(task), task
   with pytest.raises(SystemExit, match="wordnet_settings.json"):
     tune_on_sources.source_pool(gym, "wn_nosuch", tokenizer)
+
+
+def test_zero_shot_rank_classification_reports_both_directions_raw_and_calibrated():
+  """Measurement 8 on the real asset and gym: four forms, each with dev and test scores and a count of the
+  test inputs per predicted label (they add up to the test file), and the summary over seeds and tasks."""
+  model, params, tokenizer = load_pretrained(str(REPO / "assets" / "small_t5"))
+  row = diagnose_pt.zero_shot(model, params, tokenizer, diagnose_pt.GYM_DIR, "wn-antonym_pair", 100)
+  forms = [f"{d}/{c}" for d in diagnose_pt.DIRECTIONS for c in ("none", "train_mean")]
+  assert [k for k in row if "/" in k] == forms
+  for form in forms:
+    assert 0.0 <= row[form]["dev_score"] <= 1.0 and 0.0 <= row[form]["test_score"] <= 1.0
+    assert sum(row[form]["test_label_counts"].values()) == 120
+    assert set(row[form]["test_label_counts"]) <= {"opposite", "similar"}
+  summary = diagnose_pt.zero_shot_summary([row])
+  assert summary["average"]["channel/train_mean/test"] == pytest.approx(
+    100 * row["channel/train_mean"]["test_score"], abs=0.06
+  )

@@ -396,6 +396,15 @@ def check_workdir(
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskDecoding:
+  """A target task's decoding, resolved once (`Runtime.task_decoding`)."""
+
+  task: str
+  direction: str  # `task_direction`: "channel" or "direct"
+  candidates: decode.Candidates | None  # rank classification's label set; None: generation
+
+
+@dataclasses.dataclass(frozen=True)
 class Runtime:
   """What the stages of one run compute with, built once by `build_runtime` and passed to them."""
 
@@ -419,25 +428,33 @@ class Runtime:
   # direction -> the grid step of config.downstream.objective's label choice; empty for "likelihood"
   choice_grid_steps: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
 
-  def trainer(self, train_split: batching.TokenizedSplit) -> tuple[Callable, tuple | None]:
-    """(grid step, label set) a task's prompts train with: under a label-choice objective, a
-    classification task (rank decoding) trains on its labels (`train_split`'s, in the direct form) in its
-    direction; every other task on the token cross-entropy, without a label set."""
+  def task_decoding(self, train_split: batching.TokenizedSplit) -> TaskDecoding:
+    """How `train_split`'s task is decoded and trained: its direction and, under rank classification, its
+    label set (the split's, in the direct form), read once for `trainer`, `predictor` and
+    `calibration_scorer`."""
     task = train_split.task
-    if self.choice_grid_steps and resolve_decoding(self.config.downstream.decoding, task) == "rank":
-      candidates = decode.label_candidates(train_split)
-      label_set = (np.asarray(candidates.target_ids), np.asarray(candidates.target_mask))
-      return self.choice_grid_steps[task_direction(self.config, task)], label_set
+    rank = resolve_decoding(self.config.downstream.decoding, task) == "rank"
+    return TaskDecoding(
+      task, task_direction(self.config, task), decode.label_candidates(train_split) if rank else None
+    )
+
+  def trainer(self, task: TaskDecoding) -> tuple[Callable, tuple | None]:
+    """(grid step, label set) a task's prompts train with: under a label-choice objective, a
+    classification task (rank decoding) trains on its labels in its direction; every other task on the
+    token cross-entropy, without a label set."""
+    if self.choice_grid_steps and task.candidates is not None:
+      label_set = (np.asarray(task.candidates.target_ids), np.asarray(task.candidates.target_mask))
+      return self.choice_grid_steps[task.direction], label_set
     return self.grid_step, None
 
-  def predictor(self, train_split: batching.TokenizedSplit) -> Callable:
+  def predictor(self, task: TaskDecoding) -> Callable:
     """predict(prompts [R, P, D], batch [R, B, ...], label_bias=None) -> token ids [R, B, T] with the task's
-    decoding (rank classification scores the labels of `train_split`, each run's scores minus its
-    `label_bias` [R, C] if given); runs split over the devices, padded to a multiple of them, each process
-    feeding its own (`parallel.RunLayout`); host arrays come back."""
-    if resolve_decoding(self.config.downstream.decoding, train_split.task) == "rank":
-      candidates = decode.label_candidates(train_split)
-      rank = self.channel_rank if task_direction(self.config, train_split.task) == "channel" else self.rank
+    decoding (rank classification scores its labels, each run's scores minus its `label_bias` [R, C] if
+    given); runs split over the devices, padded to a multiple of them, each process feeding its own
+    (`parallel.RunLayout`); host arrays come back."""
+    candidates = task.candidates
+    if candidates is not None:
+      rank = self.channel_rank if task.direction == "channel" else self.rank
       num_labels = candidates.target_ids.shape[0]
 
       def generate(frozen, prompts, ids, mask, label_bias):
@@ -448,35 +465,34 @@ class Runtime:
 
       def generate(frozen, prompts, ids, mask, label_bias):
         if label_bias is not None:
-          raise ValueError(f"{train_split.task}: a label bias needs rank classification")
+          raise ValueError(f"{task.task}: a label bias needs rank classification")
         return self.generate(frozen, prompts, ids, mask)
 
     def predict(prompts, batch, label_bias=None):
-      layout = parallel.RunLayout(self.mesh, batch["input_ids"].shape[0])
-      placed = layout.put((parallel.to_host(prompts), batch["input_ids"], batch["input_mask"]))
-      bias = None if label_bias is None else layout.put(np.asarray(label_bias, np.float32))
-      return layout.to_host(generate(self.frozen_params, *placed, bias))
+      return self._on_runs(
+        generate, prompts, batch, None if label_bias is None else np.asarray(label_bias, np.float32)
+      )
 
     return predict
 
-  def calibration_scorer(self, train_split: batching.TokenizedSplit) -> Callable | None:
+  def calibration_scorer(self, task: TaskDecoding) -> Callable | None:
     """scores(prompts [R, P, D], batch [R, B, ...]) -> every label's score with every input [R, B, C] (host),
     for a task that config.downstream.calibration calibrates ("train_mean", rank classification; the
-    labels of `train_split`, as `predictor`'s); None for any other."""
-    if (
-      self.config.downstream.calibration == "none"
-      or resolve_decoding(self.config.downstream.decoding, train_split.task) != "rank"
-    ):
+    labels `predictor` scores); None for any other."""
+    if self.config.downstream.calibration == "none" or task.candidates is None:
       return None
-    candidates = decode.label_candidates(train_split)
-    score = self.label_scores[task_direction(self.config, train_split.task)]
+    score = self.label_scores[task.direction]
+    return lambda prompts, batch: self._on_runs(
+      lambda frozen, *placed: score(frozen, *placed, task.candidates), prompts, batch
+    )
 
-    def scores(prompts, batch):
-      layout = parallel.RunLayout(self.mesh, batch["input_ids"].shape[0])
-      placed = layout.put((parallel.to_host(prompts), batch["input_ids"], batch["input_mask"]))
-      return layout.to_host(score(self.frozen_params, *placed, candidates))
-
-    return scores
+  def _on_runs(self, fn: Callable, prompts, batch, *per_run):
+    """fn(frozen, prompts, input_ids, input_mask, *per_run) over R runs split across the devices (arrays
+    with a leading run axis; a None passes through), the result back on the host."""
+    layout = parallel.RunLayout(self.mesh, batch["input_ids"].shape[0])
+    placed = layout.put((parallel.to_host(prompts), batch["input_ids"], batch["input_mask"]))
+    extra = [None if x is None else layout.put(x) for x in per_run]
+    return layout.to_host(fn(self.frozen_params, *placed, *extra))
 
 
 def default_cache_dir(workdir: str) -> str:
@@ -948,9 +964,9 @@ def run_downstream(
       }
     else:
       prompts = {s: init_prompt for s in seeds}
-    predict = runtime.predictor(tokenized[(seeds[0], "train")])  # the labels, from the direct form
-    calibration_scores = runtime.calibration_scorer(tokenized[(seeds[0], "train")])
-    grid_step, label_set = runtime.trainer(tokenized[(seeds[0], "train")])
+    decoding = runtime.task_decoding(tokenized[(seeds[0], "train")])  # the labels, from the direct form
+    predict, calibration_scores = runtime.predictor(decoding), runtime.calibration_scorer(decoding)
+    grid_step, label_set = runtime.trainer(decoding)
     runs = adapt.adapt_task(
       task,
       init_prompts=prompts,

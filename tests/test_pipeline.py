@@ -409,7 +409,7 @@ def test_the_channel_direction_trains_and_scores_classification_tasks_as_p_input
   train, test = (batching.tokenize_split(target.split(100, s), tokenizer, spec) for s in ("train", "test"))
   prompt = np.random.default_rng(0).normal(size=(1, config.prompt.length, runtime.model.config.d_model))
   batch = batching.make_batch(test, np.arange(min(8, len(test)))[None])
-  predicted = runtime.predictor(train)(prompt.astype(np.float32), batch)
+  predicted = runtime.predictor(runtime.task_decoding(train))(prompt.astype(np.float32), batch)
   expected = decode.channel_rank_classify(
     runtime.model,
     runtime.frozen_params,
@@ -449,11 +449,11 @@ def test_a_label_choice_objective_trains_classification_targets_on_their_label_s
   classification, generation = (
     batching.tokenize_split(data[t].split(100, "train"), runtime.tokenizer, spec) for t in targets
   )
-  step, label_set = runtime.trainer(classification)
+  step, label_set = runtime.trainer(runtime.task_decoding(classification))
   assert step is runtime.choice_grid_steps[direction]
   candidates = decode.label_candidates(classification)
   np.testing.assert_array_equal(label_set[0], candidates.target_ids)
-  assert runtime.trainer(generation) == (runtime.grid_step, None)
+  assert runtime.trainer(runtime.task_decoding(generation)) == (runtime.grid_step, None)
 
   assert runtime.grid_step._cache_size() == step._cache_size() == 0
   if direction == "direct":  # the direct label-choice step is tested in tests/test_label_choice.py

@@ -581,9 +581,13 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
     )
     generate = runs_in_chunks(generate, (None, 0, 0, 0), mesh, budget, "dev decoding")
 
-  def rank_runs(classify, name):  # decode.rank_classify or channel_rank_classify, over [R] runs
-    def one(frozen, prompt, ids, mask, candidates, label_bias):
-      return classify(
+  def over_runs(fn, name, *, with_bias: bool, **options):
+    """decode's `fn`(model, frozen, ids, mask, prompt, candidates=..., placement=..., **options) for [R]
+    prompts, vmapped and jitted; `with_bias`: a label bias per run too (rank classification)."""
+
+    def one(frozen, prompt, ids, mask, candidates, *label_bias):
+      bias = dict(label_bias=label_bias[0]) if with_bias else {}
+      return fn(
         model,
         frozen,
         ids,
@@ -591,10 +595,11 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
         prompt,
         candidates=candidates,
         placement=config.prompt.placement,
-        label_bias=label_bias,
+        **options,
+        **bias,
       )
 
-    axes = (None, 0, 0, 0, None, 0)
+    axes = (None, 0, 0, 0, None) + ((0,) if with_bias else ())
     return runs_in_chunks(jax.jit(jax.vmap(one, in_axes=axes)), axes, mesh, budget, name)
 
   choice_grid_steps = {}
@@ -608,30 +613,13 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
         direction=direction,
       )
       choice_grid_steps[direction] = adapt.make_grid_trainer(choice_loss, grid_optimizer, mesh, budget)
-  rank = rank_runs(decode.rank_classify, "rank classification")
-  channel_rank = rank_runs(decode.channel_rank_classify, "channel rank classification")
+  rank = over_runs(decode.rank_classify, "rank classification", with_bias=True)
+  channel_rank = over_runs(decode.channel_rank_classify, "channel rank classification", with_bias=True)
   label_scores = {}
   if d.calibration != "none":
     for direction in DIRECTIONS:
-
-      def scores_one(frozen, prompt, ids, mask, candidates, direction=direction):
-        return decode.label_scores(
-          model,
-          frozen,
-          ids,
-          mask,
-          prompt,
-          candidates=candidates,
-          direction=direction,
-          placement=config.prompt.placement,
-        )
-
-      label_scores[direction] = runs_in_chunks(
-        jax.jit(jax.vmap(scores_one, in_axes=(None, 0, 0, 0, None))),
-        (None, 0, 0, 0, None),
-        mesh,
-        budget,
-        f"{direction} label scores",
+      label_scores[direction] = over_runs(
+        decode.label_scores, f"{direction} label scores", with_bias=False, direction=direction
       )
   return Runtime(
     config=config,

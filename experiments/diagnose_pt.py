@@ -32,6 +32,10 @@
 8. Zero-shot rank classification (`--zero_shot_tasks`): no prompt, no training; per direction and per
    calibration (none, train_mean), the dev and test scores and how many test inputs get each label. Does
    the model spread its answers over the labels, or give most inputs one label?
+9. Initial prompts (`--init_tasks`): rank classification with each prompt init of `--inits`, untrained
+   (config.prompt.init: task_names, vocab, uniform; token:<piece> for init "token" with that
+   config.prompt.init_token; none: no prompt), in measurement 7's `--direction_forms` (the first) and
+   `--direction_calibration`, dev and test. Where does prompt tuning start, against no prompt at all?
 
   python experiments/diagnose_pt.py --model=assets/small_t5 --out=experiments/results/diagnosis/small_t5.json
 
@@ -565,6 +569,60 @@ def zero_shot(model, params, tokenizer, gym_dir, task: str, seed: int) -> dict:
   return row
 
 
+def initial_prompt_of(spec: str, embedding, tokenizer, task: str, seed: int, length: int):
+  """Measurement 9's prompt for one init `spec` (see the module doc), as the pipeline makes it for PT
+  (the target's task name; the seed as the init rng); None for "none"."""
+  name, _, piece = spec.partition(":")
+  builders = {
+    "task_names": lambda: prompt_lib.task_names(embedding, tokenizer, [task]),
+    "vocab": lambda: prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer),
+    "uniform": lambda: prompt_lib.uniform(),
+    "token": lambda: prompt_lib.repeated_token(embedding, tokenizer, piece or prompt_lib.DEFAULT_INIT_TOKEN),
+  }
+  if name == "none":
+    return None
+  if name not in builders:
+    raise ValueError(f"--inits: {spec!r} is not one of none, {', '.join(builders)} (token:<piece>)")
+  return builders[name]()(jax.random.PRNGKey(seed), (length, embedding.shape[1]))
+
+
+def initial_prompts(
+  model, params, tokenizer, gym_dir, task: str, seed: int, inits, direction: str, calibration: str, length=16
+) -> dict:
+  """Measurement 9 for one task and seed: dev and test scores of each untrained initial prompt."""
+  raw = crossfit.read_crossfit(gym_dir, [task], [seed], ["train", "dev", "test"])[task].splits
+  spec = CHANNEL_SPEC if direction == "channel" else SPEC
+  train, dev, test = (
+    batching.tokenize_split(raw[(seed, n)], tokenizer, spec) for n in ("train", "dev", "test")
+  )
+  candidates = decode.label_candidates(train)
+  calibration_split = train if calibration == "train_mean" else None
+  embedding = prompt_lib.token_embedding(params)
+  row = {"task": task, "seed": seed, "metric": metric_for_task(task), "direction": direction}
+  row["calibration"] = calibration
+  for init in inits:
+    prompt = initial_prompt_of(init, embedding, tokenizer, task, seed, length)
+    row[init] = {
+      f"{name}_score": score_labels(
+        split,
+        rank_predictions(model, params, tokenizer, split, candidates, prompt, direction, calibration_split),
+      )
+      for name, split in (("dev", dev), ("test", test))
+    }
+  return row
+
+
+def initial_prompt_summary(rows: list[dict]) -> dict:
+  """Per task, then averaged over tasks: mean over seeds (x100) of each init's dev and test scores."""
+  inits = [k for k, v in rows[0].items() if isinstance(v, dict)]
+  keys = {
+    f"{init}/{split}": lambda r, init=init, split=split: r[init][f"{split}_score"]
+    for init in inits
+    for split in ("dev", "test")
+  }
+  return summarize_rows(rows, keys)
+
+
 def zero_shot_summary(rows: list[dict]) -> dict:
   """Per task, then averaged over tasks: mean over seeds (x100) of each form's dev and test scores."""
   keys = {}
@@ -653,6 +711,16 @@ def measure_tasks_and_seeds(
     print(json.dumps(report[summary_key]), flush=True)
 
 
+def add_tasks_and_seeds(parser, name: str, measurement: str) -> None:
+  """--<name>_tasks (none: the measurement is skipped) and --<name>_seeds (none: --seed)."""
+  parser.add_argument(
+    f"--{name}_tasks", default="", help=f"{measurement} on these tasks (comma-separated); empty: skip"
+  )
+  parser.add_argument(
+    f"--{name}_seeds", default="", help=f"{measurement} on these gym seeds (comma-separated); empty: --seed"
+  )
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default=str(REPO_ROOT / "assets" / "small_t5"))
@@ -675,22 +743,8 @@ def main(argv=None):
     action="store_true",
     help="also run the free-encoding oracle with free vectors per example (not shared)",
   )
-  p.add_argument(
-    "--ceiling_seeds", default="", help="measurement 6 on these gym seeds (comma-separated); empty: --seed"
-  )
-  p.add_argument(
-    "--ceiling_tasks",
-    default="",
-    help="measurement 6 on these tasks (comma-separated), e.g. the wn_cls2cls targets; empty: skip",
-  )
-  p.add_argument(
-    "--direction_tasks",
-    default="",
-    help="measurement 7 (direct vs channel prompt tuning) on these tasks (comma-separated); empty: skip",
-  )
-  p.add_argument(
-    "--direction_seeds", default="", help="measurement 7 on these gym seeds (comma-separated); empty: --seed"
-  )
+  add_tasks_and_seeds(p, "ceiling", "measurement 6 (ceilings), e.g. the wn_cls2cls targets")
+  add_tasks_and_seeds(p, "direction", "measurement 7 (direct vs channel prompt tuning)")
   p.add_argument(
     "--direction_forms", default="direct,channel", help="measurement 7's forms (comma-separated)"
   )
@@ -707,13 +761,12 @@ def main(argv=None):
     choices=decode.CALIBRATIONS,
     help="measurement 7's rank classification (config.downstream.calibration)",
   )
+  add_tasks_and_seeds(p, "zero_shot", "measurement 8 (zero-shot rank classification, raw and calibrated)")
+  add_tasks_and_seeds(p, "init", "measurement 9 (untrained initial prompts)")
   p.add_argument(
-    "--zero_shot_tasks",
-    default="",
-    help="measurement 8 (zero-shot rank classification, raw and calibrated) on these tasks; empty: skip",
-  )
-  p.add_argument(
-    "--zero_shot_seeds", default="", help="measurement 8 on these gym seeds (comma-separated); empty: --seed"
+    "--inits",
+    default="none,task_names,vocab,uniform,token:</s>",
+    help="measurement 9's initial prompts (comma-separated): none, task_names, vocab, uniform, token:<piece>",
   )
   p.add_argument("--out", default="")
   p.add_argument("--table", nargs="+", default=None, help="print the markdown table of these --out files")
@@ -771,47 +824,61 @@ def main(argv=None):
         row = free_encoding_oracle(model, params, train, args.examples, args.steps, per_example=per_example)
         report.setdefault("free_encoding_oracle", []).append(row)
         print(json.dumps(row), flush=True)
-  measure_tasks_and_seeds(
-    report,
-    "ceilings",
-    "ceiling_summary",
-    args.ceiling_tasks,
-    args.ceiling_seeds,
-    args.seed,
-    lambda task, seed: ceilings(model, params, tokenizer, args.gym_dir, task, seed),
-    ceiling_summary,
-  )
-  measure_tasks_and_seeds(
-    report,
-    "directions",
-    "direction_summary",
-    args.direction_tasks,
-    args.direction_seeds,
-    args.seed,
-    lambda task, seed: directions(
-      model,
-      params,
-      tokenizer,
-      args.gym_dir,
-      task,
-      seed,
-      forms=forms,
-      prompt_length=args.direction_prompt_length,
-      objective=args.direction_objective,
-      calibration=args.direction_calibration,
+  measurements = (  # (flag prefix, report key, summary key, measure(task, seed), summarize)
+    (
+      "ceiling",
+      "ceilings",
+      "ceiling_summary",
+      lambda task, seed: ceilings(model, params, tokenizer, args.gym_dir, task, seed),
+      ceiling_summary,
     ),
-    direction_summary,
+    (
+      "direction",
+      "directions",
+      "direction_summary",
+      lambda task, seed: directions(
+        model,
+        params,
+        tokenizer,
+        args.gym_dir,
+        task,
+        seed,
+        forms=forms,
+        prompt_length=args.direction_prompt_length,
+        objective=args.direction_objective,
+        calibration=args.direction_calibration,
+      ),
+      direction_summary,
+    ),
+    (
+      "zero_shot",
+      "zero_shot",
+      "zero_shot_summary",
+      lambda task, seed: zero_shot(model, params, tokenizer, args.gym_dir, task, seed),
+      zero_shot_summary,
+    ),
+    (
+      "init",
+      "initial_prompts",
+      "initial_prompt_summary",
+      lambda task, seed: initial_prompts(
+        model,
+        params,
+        tokenizer,
+        args.gym_dir,
+        task,
+        seed,
+        args.inits.split(","),
+        forms[0],
+        args.direction_calibration,
+        args.direction_prompt_length,
+      ),
+      initial_prompt_summary,
+    ),
   )
-  measure_tasks_and_seeds(
-    report,
-    "zero_shot",
-    "zero_shot_summary",
-    args.zero_shot_tasks,
-    args.zero_shot_seeds,
-    args.seed,
-    lambda task, seed: zero_shot(model, params, tokenizer, args.gym_dir, task, seed),
-    zero_shot_summary,
-  )
+  for flag, key, summary_key, measure, summarize in measurements:
+    tasks, seeds = getattr(args, f"{flag}_tasks"), getattr(args, f"{flag}_seeds")
+    measure_tasks_and_seeds(report, key, summary_key, tasks, seeds, args.seed, measure, summarize)
   report["wall_s"] = round(time.time() - t0, 1)
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -88,9 +88,10 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # of its batch; "prepend" is the prompt-tuning literature's placement, "suffix" puts the prompt right
   # after each example's own last token.
   c.prompt.placement = "prepend"
-  c.prompt.init = "task_names"  # task_names (reference) | vocab | uniform | label_words
+  c.prompt.init = "task_names"  # task_names (reference) | vocab | uniform | label_words | token
   c.prompt.vocab_top_k = 5000
   c.prompt.label_words = ()  # for init "label_words"
+  c.prompt.init_token = "</s>"  # for init "token": every row is this vocabulary piece's embedding (EOS)
 
   c.data = ml_collections.ConfigDict()
   c.data.input_template = " [{task}] {input}"
@@ -472,6 +473,10 @@ def validate(config, available_devices: int | None = None) -> None:
     add("stages", f"one or both of {STAGES}")
   if flat["prompt.init"] == "label_words" and not flat["prompt.label_words"]:
     add("prompt.label_words", "label words for prompt.init='label_words'")
+  if flat["prompt.init"] == "token" and not (
+    isinstance(flat["prompt.init_token"], str) and flat["prompt.init_token"]
+  ):
+    add("prompt.init_token", "one piece of the tokenizer's vocabulary (e.g. '</s>') for prompt.init='token'")
   for key, minimum in (
     ("prompt.length", 1),
     ("prompt.vocab_top_k", 1),

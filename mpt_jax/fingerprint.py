@@ -63,6 +63,7 @@ ADDED_KEYS = {
   "data.direction": "direct",  # 2026-11-30: before it, every task was trained and scored direct
   "downstream.objective": "likelihood",  # 2026-11-30: before it, every prompt trained the token loss
   "downstream.calibration": "none",  # 2026-11-30: before it, rank classification took the raw scores
+  "prompt.init_token": "</s>",  # 2026-11-30: before it, no init read it
 }
 
 

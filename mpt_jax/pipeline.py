@@ -550,6 +550,8 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
       ),
     )
   model, frozen_params, tokenizer = load_model(config)
+  if config.prompt.init == "token":  # refused here, before any compute, not when the first prompt is made
+    prompt_lib.vocabulary_id(tokenizer, config.prompt.init_token)
   mesh = parallel.make_mesh(num_devices=config.num_devices, model_parallel=config.model_parallel)
   logging.info("%s", sharding.describe(frozen_params, config.model_parallel))
   frozen_params = parallel.place_frozen(frozen_params, mesh)  # from host memory, each device its part
@@ -750,7 +752,8 @@ def upstream_batch_size(config) -> int:
 
 
 def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], seed: int) -> np.ndarray:
-  """The configured prompt init: task names (the study's), sampled vocabulary, uniform or label words.
+  """The configured prompt init: task names (the study's), sampled vocabulary, uniform, label words or one
+  repeated token.
   Every process computes it (the embedding is gathered to each host)."""
   p = config.prompt
   embedding = parallel.to_host(prompt_lib.token_embedding(frozen_params))
@@ -767,6 +770,8 @@ def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], 
     init = prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer, num_candidates=p.vocab_top_k)
   elif p.init == "uniform":
     init = prompt_lib.uniform()
+  elif p.init == "token":
+    init = prompt_lib.repeated_token(embedding, tokenizer, p.init_token)
   else:  # "label_words" (config.validate checked the choice and the words)
     init = prompt_lib.label_words(embedding, tokenizer, list(p.label_words), num_candidates=p.vocab_top_k)
   return np.asarray(init(jax.random.PRNGKey(seed), (p.length, embedding.shape[1])))

@@ -11,6 +11,9 @@ MAML, FoMAML, Reptile) starts from the same kind of prompt.
 - `uniform`: U[-scale, scale] (prompt-tuning's random-uniform init uses 0.5).
 - `label_words`: the first rows are the mean embeddings of the class label words (e.g. "positive",
   "negative"), the rest from the frequent-vocabulary sample.
+- `token`: every row is the embedding of one vocabulary token (EOS by default): a prompt that adds no
+  words to the input, so it starts near the frozen model without a prompt (experiments/README.md,
+  "A prompt that starts near no prompt").
 
 "The 5000 most frequent ids": the study counted them on C4. Without those counts we use that
 SentencePiece (unigram) vocabularies are ordered by piece score, which tracks frequency: the frequent
@@ -36,7 +39,8 @@ from mpt_jax import paths
 
 Initializer = Callable[[jax.Array, tuple[int, int]], jax.Array]
 
-INITS = ("task_names", "vocab", "uniform", "label_words")  # config.prompt.init
+INITS = ("task_names", "vocab", "uniform", "label_words", "token")  # config.prompt.init
+DEFAULT_INIT_TOKEN = "</s>"  # config.prompt.init_token's default: the EOS piece of T5's vocabulary
 NUM_SPECIAL_TOKENS = 3  # T5: pad 0, eos 1, unk 2
 FREQUENT_VOCAB = 5000
 
@@ -136,6 +140,35 @@ def label_words(
 ) -> Initializer:
   """Rows = mean embeddings of the class label words, then frequent-vocabulary samples."""
   return _rows_then_vocab(embedding, tokenizer, list(words), num_candidates, "label words")
+
+
+def vocabulary_id(tokenizer, token: str) -> int:
+  """The id of `token`, one piece of the tokenizer's vocabulary (config.prompt.init_token)."""
+  token_id = tokenizer.get_vocab().get(token)
+  if token_id is None:
+    raise ValueError(
+      f"prompt.init_token={token!r} is not a piece of the tokenizer's vocabulary; give one piece, "
+      f"e.g. {DEFAULT_INIT_TOKEN!r} (EOS) or a word piece such as '\u2581the'"
+    )
+  return token_id
+
+
+def repeated_token(embedding, tokenizer, token: str = DEFAULT_INIT_TOKEN) -> Initializer:
+  """Every row = the embedding of `token`, one piece of the tokenizer's vocabulary (e.g. "</s>")."""
+  embedding = jnp.asarray(embedding, jnp.float32)
+  token_id = vocabulary_id(tokenizer, token)
+  if token_id >= embedding.shape[0]:
+    raise ValueError(
+      f"prompt.init_token={token!r} has id {token_id}, beyond the {embedding.shape[0]} embeddings"
+    )
+  row = embedding[token_id]
+
+  def init(rng, shape):
+    del rng  # every row the same: nothing is sampled
+    _check_shape(shape, embedding)
+    return jnp.tile(row[None], (shape[0], 1))
+
+  return init
 
 
 def _check_shape(shape, embedding):

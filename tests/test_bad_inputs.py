@@ -201,6 +201,14 @@ def weights_truncated(ctx):
   return error_of(lambda: pipeline.run(config, str(ctx.tmp / "run")), ValueError)
 
 
+def init_token_unknown(ctx):
+  # Refused when the tokenizer loads, before the first prompt is made or any step compiled.
+  config = tiny_config(ctx.checkpoint, "pt", **{"prompt.init": "token", "prompt.init_token": "no such piece"})
+  message = error_of(lambda: pipeline.run(config, str(ctx.tmp / "token_run")), ValueError)
+  assert not (ctx.tmp / "token_run" / "downstream").exists()
+  return message
+
+
 def devices_do_not_divide(ctx):
   import jax
 
@@ -308,6 +316,7 @@ REPRODUCTIONS = {
   ),
   "init-prompt-truncated": init_prompt_truncated,
   "weights-truncated": weights_truncated,
+  "init-token-unknown": init_token_unknown,
   "model-missing": lambda ctx: refused_config(ctx, model="./no_such_model"),
   "other-method": lambda ctx: rerun(ctx, "fomaml"),
   "other-upstream-lr": lambda ctx: other_upstream_lr(ctx),

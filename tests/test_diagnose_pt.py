@@ -201,3 +201,29 @@ def test_zero_shot_rank_classification_reports_both_directions_raw_and_calibrate
   assert summary["average"]["channel/train_mean/test"] == pytest.approx(
     100 * row["channel/train_mean"]["test_score"], abs=0.06
   )
+
+
+def test_initial_prompts_score_each_untrained_init_and_no_prompt_as_zero_shot():
+  """Measurement 9 on the real asset and gym: "none" is measurement 8's zero-shot score in the same form;
+  "token:</s>" scores a prompt of EOS rows, which differs from no prompt; an unknown init is refused."""
+  model, params, tokenizer = load_pretrained(str(REPO / "assets" / "small_t5"))
+  task, seed = "wn-antonym_pair", 100
+  inits = ["none", "task_names", "token:</s>"]
+  row = diagnose_pt.initial_prompts(
+    model, params, tokenizer, diagnose_pt.GYM_DIR, task, seed, inits, "channel", "train_mean"
+  )
+  zero = diagnose_pt.zero_shot(model, params, tokenizer, diagnose_pt.GYM_DIR, task, seed)[
+    "channel/train_mean"
+  ]
+  assert row["none"] == {"dev_score": zero["dev_score"], "test_score": zero["test_score"]}
+  embedding = np.asarray(params["shared"]["embedding"], np.float32)
+  eos_prompt = diagnose_pt.initial_prompt_of("token:</s>", embedding, tokenizer, task, seed, 16)
+  np.testing.assert_array_equal(eos_prompt, np.tile(embedding[1], (16, 1)))
+  for init in inits:
+    assert 0.0 <= row[init]["dev_score"] <= 1.0 and 0.0 <= row[init]["test_score"] <= 1.0
+  summary = diagnose_pt.initial_prompt_summary([row])
+  assert summary["average"]["token:</s>/test"] == pytest.approx(
+    100 * row["token:</s>"]["test_score"], abs=0.06
+  )
+  with pytest.raises(ValueError, match="'zeros' is not one of none"):
+    diagnose_pt.initial_prompt_of("zeros", embedding, tokenizer, task, seed, 16)

@@ -288,6 +288,39 @@ def test_label_word_init(tokenizer, embedding):
   assert np.all(_row_ids(prompt[2:], embedding) >= 3)
 
 
+def test_repeated_token_init(tokenizer, embedding):
+  prompt = prompts.repeated_token(embedding, tokenizer)(jax.random.PRNGKey(4), (5, 16))
+  eos = tokenizer.convert_tokens_to_ids("</s>")
+  assert eos == 1
+  np.testing.assert_array_equal(_row_ids(prompt, embedding), [eos] * 5)
+  word = next(t for t in tokenizer.get_vocab() if t.startswith("\u2581") and len(t) > 2)
+  rows = prompts.repeated_token(embedding, tokenizer, word)(jax.random.PRNGKey(4), (3, 16))
+  np.testing.assert_array_equal(_row_ids(rows, embedding), [tokenizer.get_vocab()[word]] * 3)
+  with pytest.raises(ValueError, match="prompt.init_token='no such piece' is not a piece"):
+    prompts.repeated_token(embedding, tokenizer, "no such piece")
+
+
+def test_configured_token_init_is_the_same_prompt_for_every_method_task_and_seed(tokenizer):
+  """pipeline.initial_prompt with prompt.init='token': EOS rows of the model's own embedding, whatever the
+  task names (PT: the target's; upstream: the sources') and the seed."""
+  from mpt_jax import config as config_lib, pipeline
+
+  _, params = tiny_t5("1.1", seed=5, vocab_size=len(tokenizer), num_layers=1, num_decoder_layers=1)
+  config = config_lib.base_config("maml", "synth_mini", "tiny")
+  config.prompt.init, config.prompt.length = "token", 6
+  upstream = pipeline.initial_prompt(config, params, tokenizer, ["synth-topic_a", "synth-topic_b"], 0)
+  target = pipeline.initial_prompt(config, params, tokenizer, ["synth-sentiment_d"], 7)
+  eos_row = np.asarray(params["shared"]["embedding"])[1]
+  np.testing.assert_array_equal(upstream, np.tile(eos_row, (6, 1)))
+  np.testing.assert_array_equal(target, upstream)
+  config.prompt.init_token = (
+    "\u2581the" if "\u2581the" in tokenizer.get_vocab() else tokenizer.convert_ids_to_tokens(5)
+  )
+  other = pipeline.initial_prompt(config, params, tokenizer, ["synth-sentiment_d"], 7)
+  token_id = tokenizer.get_vocab()[config.prompt.init_token]
+  np.testing.assert_array_equal(other, np.tile(np.asarray(params["shared"]["embedding"])[token_id], (6, 1)))
+
+
 # --- files -------------------------------------------------------------------------------------------
 
 

@@ -111,6 +111,24 @@ def test_tiny_preset_shrinks_the_run(path):
   assert config.upstream.num_steps <= 4 and config.downstream.num_steps <= 4
 
 
+@pytest.mark.parametrize("method", ["pt", "maml", "mtl"])
+def test_mini_final_preset_is_mini_in_the_final_form_and_nothing_else(method):
+  """The final mini-study's preset differs from `mini` in exactly the five keys experiments/README.md
+  chose on dev, and is a valid config (channel and calibration need rank decoding)."""
+  mini = config_lib.flatten(config_lib.base_config(method, "wn_cls2cls", "mini"))
+  final_config = config_lib.base_config(method, "wn_cls2cls", "mini_final")
+  final = config_lib.flatten(final_config)
+  changed = {key: final[key] for key in final if final[key] != mini.get(key)}
+  assert changed == {
+    "data.direction": "channel",
+    "data.input_template": "{input}",
+    "downstream.calibration": "train_mean",
+    "prompt.init": "token",
+    "downstream.lrs": (0.5, 0.3, 0.1, 0.03),
+  }
+  config_lib.validate(final_config)
+
+
 def test_unknown_method_and_preset_are_rejected():
   with pytest.raises(ValueError, match="unknown method"):
     config_lib.base_config("mamll", "cls2cls")

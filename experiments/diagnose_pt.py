@@ -569,21 +569,21 @@ def zero_shot(model, params, tokenizer, gym_dir, task: str, seed: int) -> dict:
   return row
 
 
+MEASURED_INITS = ("task_names", "vocab", "uniform", "token")  # measurement 9's (label_words needs words)
+
+
 def initial_prompt_of(spec: str, embedding, tokenizer, task: str, seed: int, length: int):
   """Measurement 9's prompt for one init `spec` (see the module doc), as the pipeline makes it for PT
-  (the target's task name; the seed as the init rng); None for "none"."""
+  (`prompt_lib.initializer` with the target's task name; the seed as the init rng); None for "none"."""
   name, _, piece = spec.partition(":")
-  builders = {
-    "task_names": lambda: prompt_lib.task_names(embedding, tokenizer, [task]),
-    "vocab": lambda: prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer),
-    "uniform": lambda: prompt_lib.uniform(),
-    "token": lambda: prompt_lib.repeated_token(embedding, tokenizer, piece or prompt_lib.DEFAULT_INIT_TOKEN),
-  }
   if name == "none":
     return None
-  if name not in builders:
-    raise ValueError(f"--inits: {spec!r} is not one of none, {', '.join(builders)} (token:<piece>)")
-  return builders[name]()(jax.random.PRNGKey(seed), (length, embedding.shape[1]))
+  if name not in MEASURED_INITS:
+    raise ValueError(f"--inits: {spec!r} is not one of none, {', '.join(MEASURED_INITS)} (token:<piece>)")
+  init = prompt_lib.initializer(
+    name, embedding, tokenizer, names=[task], token=piece or prompt_lib.DEFAULT_INIT_TOKEN
+  )
+  return init(jax.random.PRNGKey(seed), (length, embedding.shape[1]))
 
 
 def initial_prompts(

@@ -757,23 +757,22 @@ def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], 
   Every process computes it (the embedding is gathered to each host)."""
   p = config.prompt
   embedding = parallel.to_host(prompt_lib.token_embedding(frozen_params))
-  if p.init == "task_names":
-    if len(task_names) > p.length:
-      logging.info(
-        "prompt init: %d task names for %d prompt rows: the first %d fill it (as the reference)",
-        len(task_names),
-        p.length,
-        p.length,
-      )
-    init = prompt_lib.task_names(embedding, tokenizer, task_names, num_candidates=p.vocab_top_k)
-  elif p.init == "vocab":
-    init = prompt_lib.sampled_vocab(embedding, tokenizer=tokenizer, num_candidates=p.vocab_top_k)
-  elif p.init == "uniform":
-    init = prompt_lib.uniform()
-  elif p.init == "token":
-    init = prompt_lib.repeated_token(embedding, tokenizer, p.init_token)
-  else:  # "label_words" (config.validate checked the choice and the words)
-    init = prompt_lib.label_words(embedding, tokenizer, list(p.label_words), num_candidates=p.vocab_top_k)
+  if p.init == "task_names" and len(task_names) > p.length:
+    logging.info(
+      "prompt init: %d task names for %d prompt rows: the first %d fill it (as the reference)",
+      len(task_names),
+      p.length,
+      p.length,
+    )
+  init = prompt_lib.initializer(
+    p.init,
+    embedding,
+    tokenizer,
+    names=task_names,
+    words=p.label_words,
+    token=p.init_token,
+    num_candidates=p.vocab_top_k,
+  )
   return np.asarray(init(jax.random.PRNGKey(seed), (p.length, embedding.shape[1])))
 
 

@@ -171,6 +171,31 @@ def repeated_token(embedding, tokenizer, token: str = DEFAULT_INIT_TOKEN) -> Ini
   return init
 
 
+def initializer(
+  init: str,
+  embedding,
+  tokenizer,
+  *,
+  names: Sequence[str] = (),
+  words: Sequence[str] = (),
+  token: str = DEFAULT_INIT_TOKEN,
+  num_candidates: int = FREQUENT_VOCAB,
+) -> Initializer:
+  """The initializer `init` (one of INITS, config.prompt.init), given what it reads: the task `names`
+  (task_names), the label `words` (label_words), the `token` (token), and how many frequent ids the
+  sampled rows come from (`num_candidates`; task_names, vocab, label_words)."""
+  builders = {
+    "task_names": lambda: task_names(embedding, tokenizer, names, num_candidates=num_candidates),
+    "vocab": lambda: sampled_vocab(embedding, tokenizer=tokenizer, num_candidates=num_candidates),
+    "uniform": lambda: uniform(),
+    "label_words": lambda: label_words(embedding, tokenizer, list(words), num_candidates=num_candidates),
+    "token": lambda: repeated_token(embedding, tokenizer, token),
+  }
+  if init not in builders:
+    raise ValueError(f"prompt init {init!r}: expected one of {INITS}")
+  return builders[init]()
+
+
 def _check_shape(shape, embedding):
   if len(shape) != 2 or shape[1] != embedding.shape[1]:
     raise ValueError(f"prompt shape {tuple(shape)}: expected (length, d_model={embedding.shape[1]})")

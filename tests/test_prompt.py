@@ -300,6 +300,25 @@ def test_repeated_token_init(tokenizer, embedding):
     prompts.repeated_token(embedding, tokenizer, "no such piece")
 
 
+def test_initializer_builds_each_named_init_and_refuses_others(tokenizer, embedding):
+  rng, shape = jax.random.PRNGKey(6), (5, 16)
+  expected = {
+    "task_names": prompts.task_names(embedding, tokenizer, ["glue-sst2"]),
+    "vocab": prompts.sampled_vocab(embedding, tokenizer=tokenizer),
+    "uniform": prompts.uniform(),
+    "label_words": prompts.label_words(embedding, tokenizer, ["positive", "negative"]),
+    "token": prompts.repeated_token(embedding, tokenizer, "</s>"),
+  }
+  assert set(expected) == set(prompts.INITS)
+  for name, init in expected.items():
+    built = prompts.initializer(
+      name, embedding, tokenizer, names=["glue-sst2"], words=["positive", "negative"]
+    )
+    np.testing.assert_array_equal(built(rng, shape), init(rng, shape), err_msg=name)
+  with pytest.raises(ValueError, match="prompt init 'zeros': expected one of"):
+    prompts.initializer("zeros", embedding, tokenizer)
+
+
 def test_configured_token_init_is_the_same_prompt_for_every_method_task_and_seed(tokenizer):
   """pipeline.initial_prompt with prompt.init='token': EOS rows of the model's own embedding, whatever the
   task names (PT: the target's; upstream: the sources') and the seed."""

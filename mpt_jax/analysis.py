@@ -18,6 +18,11 @@ the per-task means (the study's ARG terms), and the Spearman rank correlation (w
 similarity and gain over the (setting, target) points of every study directory given.
 
   python -m mpt_jax.analysis --out=runs/mini_study/analysis runs/mini_study/wn_cls2cls runs/mini_study/wn_nocls2cls
+
+An analysis can also pool the points of an earlier one (`--points_from=<its similarity_analysis.json>`),
+for settings whose run directories are no longer at hand: their similarities and gains are read from that
+JSON as it was written, and the correlations are computed over every point. A (setting, target) point
+present twice is refused.
 """
 
 from __future__ import annotations
@@ -141,10 +146,31 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
   return {"rho": float(result.statistic), "p": float(result.pvalue), "n": len(pairs)}
 
 
-def analyze(study_dirs: Sequence[str]) -> dict[str, Any]:
-  """Points (setting, target, similarity of each kind and summary, gain of each method) and the
+def load_points(analysis_json: str) -> tuple[list[str], list[dict[str, Any]]]:
+  """(study_dirs, points) of an analysis written earlier by `write_report`."""
+  with open(analysis_json, encoding="utf-8") as f:
+    earlier = json.load(f)
+  if not isinstance(earlier, dict) or not isinstance(earlier.get("points"), list):
+    raise ValueError(
+      f"{analysis_json}: not a similarity analysis (expected the similarity_analysis.json that "
+      f"`python -m mpt_jax.analysis --out=DIR` writes, with a 'points' list)"
+    )
+  for point in earlier["points"]:
+    missing = [key for key in ("setting", "target", "similarity", "gain") if key not in point]
+    if missing:
+      raise ValueError(f"{analysis_json}: a point lacks {missing}: {str(point)[:120]}")
+  return list(earlier.get("study_dirs", [])), earlier["points"]
+
+
+def analyze(study_dirs: Sequence[str], points_from: Sequence[str] = ()) -> dict[str, Any]:
+  """Points (setting, target, similarity of each kind and summary, gain of each method) of every study
+  directory, plus those of the earlier analyses `points_from` (their similarity_analysis.json), and the
   Spearman correlation of each (method, embedding kind, summary) over all points."""
-  points = []
+  points, sources = [], []
+  for analysis_json in points_from:
+    dirs, earlier = load_points(analysis_json)
+    points += earlier
+    sources += [f"{d} (points from {analysis_json})" for d in dirs] or [analysis_json]
   for study_dir in study_dirs:
     comparison = load_comparison(study_dir)
     gains = relative_gains(comparison)
@@ -161,6 +187,15 @@ def analyze(study_dirs: Sequence[str]) -> dict[str, Any]:
           "gain": {method: by_task.get(target, float("nan")) for method, by_task in gains.items()},
         }
       )
+  seen = set()
+  for p in points:
+    key = (p["setting"], p["target"])
+    if key in seen:
+      raise ValueError(
+        f"setting {key[0]!r}, target {key[1]!r} appears twice (a study directory and an earlier analysis, "
+        f"or two earlier analyses): give each setting once"
+      )
+    seen.add(key)
   methods = sorted({m for p in points for m in p["gain"]})
   correlations = {
     method: {
@@ -175,7 +210,12 @@ def analyze(study_dirs: Sequence[str]) -> dict[str, Any]:
     }
     for method in methods
   }
-  return {"study_dirs": list(study_dirs), "points": points, "methods": methods, "correlations": correlations}
+  return {
+    "study_dirs": sources + list(study_dirs),
+    "points": points,
+    "methods": methods,
+    "correlations": correlations,
+  }
 
 
 def markdown(analysis: Mapping[str, Any]) -> str:
@@ -236,7 +276,7 @@ def plot(analysis: Mapping[str, Any], path: str, kind: str = "mean", summary: st
       pts = [p for p in analysis["points"] if p["setting"] == setting]
       ax.scatter(
         [p["similarity"][kind][summary] for p in pts],
-        [100 * p["gain"][method] for p in pts],
+        [100 * p["gain"].get(method, float("nan")) for p in pts],
         color=f"C{i}",
         label=setting,
         s=22,
@@ -271,10 +311,18 @@ def write_report(analysis: Mapping[str, Any], out_dir: str) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("study_dirs", nargs="+", help="setting directories of experiments/run_setting.py")
+  parser.add_argument("study_dirs", nargs="*", help="setting directories of experiments/run_setting.py")
   parser.add_argument("--out", required=True, help="where similarity_analysis.{json,md,png} go")
+  parser.add_argument(
+    "--points_from",
+    action="append",
+    default=[],
+    help="similarity_analysis.json of an earlier analysis whose points to pool with these (repeatable)",
+  )
   args = parser.parse_args(argv)
-  paths = write_report(analyze(args.study_dirs), args.out)
+  if not args.study_dirs and not args.points_from:
+    parser.error("give at least one study directory or --points_from")
+  paths = write_report(analyze(args.study_dirs, args.points_from), args.out)
   print(open(paths["md"], encoding="utf-8").read())
   return paths
 

@@ -135,6 +135,48 @@ def test_perfect_rank_agreement_pooled_over_two_settings(tmp_path):
   assert os.path.getsize(paths["png"]) > 0
 
 
+def test_points_of_an_earlier_analysis_pool_like_its_study_directories(tmp_path):
+  maml_a = {"t10": 0.4, "t30": 0.2, "t50": 0.1, "t75": 0.3}
+  maml_b = {"t10": -0.2, "t30": 0.5, "t50": 0.0, "t75": 0.1}
+  a = _study(tmp_path, "a", {"maml": maml_a, "mtl": maml_b})
+  b = _study(tmp_path, "b", {"maml": maml_b})  # no mtl column: its points have no mtl gain
+  together = analysis.analyze([a, b])
+  earlier = analysis.write_report(analysis.analyze([a]), str(tmp_path / "earlier"))
+  import shutil
+
+  shutil.rmtree(a)  # the earlier setting's run directory is gone; its analysis JSON remains
+  pooled = analysis.analyze([b], points_from=[earlier["json"]])
+  assert [(p["setting"], p["target"]) for p in pooled["points"]] == [
+    (p["setting"], p["target"]) for p in together["points"]
+  ]
+  for method in ("maml", "mtl"):
+    for kind in analysis.EMBEDDINGS:
+      for summary in analysis.SUMMARIES:
+        got, want = (
+          pooled["correlations"][method][kind][summary],
+          together["correlations"][method][kind][summary],
+        )
+        assert got["n"] == want["n"] and got["rho"] == pytest.approx(want["rho"])
+  assert pooled["correlations"]["mtl"]["mean"]["max"]["n"] == 4  # b's points have no mtl gain
+  assert pooled["study_dirs"][0].endswith(f"(points from {earlier['json']})") and pooled["study_dirs"][1] == b
+  paths = analysis.write_report(pooled, str(tmp_path / "pooled"))
+  assert "| a | t10 |" in open(paths["md"]).read() and os.path.getsize(paths["png"]) > 0
+  # From the command line, with no study directory at all.
+  analysis.main(["--out", str(tmp_path / "cli"), "--points_from", earlier["json"]])
+  assert json.load(open(tmp_path / "cli" / "similarity_analysis.json"))["points"][0]["setting"] == "a"
+
+
+def test_a_point_given_twice_or_a_file_that_is_not_an_analysis_is_refused(tmp_path):
+  a = _study(tmp_path, "a", {"maml": {t: 0.1 for t in TARGET_ANGLES}})
+  earlier = analysis.write_report(analysis.analyze([a]), str(tmp_path / "earlier"))
+  with pytest.raises(ValueError, match="'a', target 't10' appears twice"):
+    analysis.analyze([a], points_from=[earlier["json"]])
+  not_analysis = tmp_path / "comparison.json"
+  not_analysis.write_text(json.dumps({"cells": {}}))
+  with pytest.raises(ValueError, match="comparison.json: not a similarity analysis"):
+    analysis.analyze([], points_from=[str(not_analysis)])
+
+
 def test_missing_source_prompts_say_how_to_make_them(tmp_path):
   study = _study(tmp_path, "x", {"maml": {t: 0.0 for t in TARGET_ANGLES}})
   import shutil

@@ -231,8 +231,9 @@ case "$cmd" in
     ;;
   mini-study)
     ensure_env requirements.txt
-    # JAX's default random bits (threefry partitionable), as the committed mini-study ran: the other kind
-    # draws other dropout masks, and a workdir's fingerprints do not record which kind made it.
+    # JAX's default random bits (threefry partitionable), as the final mini-study was run. The other kind
+    # draws other dropout masks; each stage's fingerprint records the kind, so a workdir made under one is
+    # refused under the other instead of mixed (records from before 2026-11-30 do not say, and are not compared).
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 JAX_THREEFRY_PARTITIONABLE="${JAX_THREEFRY_PARTITIONABLE:-1}"
     exec "$VENV/bin/python" experiments/mini_study.py "$@"
     ;;

@@ -28,6 +28,12 @@ FILE = "fingerprint.json"
 DATA = "(data)"  # hash of the stage's data files (task names, inputs, answers)
 INITIAL_PROMPT = "(initial prompt)"  # hash of the prompt downstream starts from (None: each task's name)
 UPSTREAM_LEARNING_RATES = ("upstream.lr", "upstream.inner_lr")  # may change after a divergence
+# Which random bits a key draws (JAX's `jax_threefry_partitionable`, set by JAX_THREEFRY_PARTITIONABLE): the
+# same config draws other dropout masks under the other kind. Not a config key, so recorded beside them.
+RANDOM_BITS = "(random bits)"
+# Recorded from 2026-11-30 on; what an earlier record was made with is unknown, so a record without it is
+# not compared on it (and keeps its old hash).
+UNRECORDED_BEFORE = (RANDOM_BITS,)
 
 # Keys that cannot change what a stage computes, and why. Every other key (including keys added later)
 # is part of the fingerprint.
@@ -80,6 +86,13 @@ def stage_keys(config, stage: str) -> dict[str, Any]:
     if not harmless and not key.startswith(other):
       keys[key] = value
   return _as_json(keys)
+
+
+def random_bits() -> str:
+  """The kind of random bits this process draws: "threefry_partitionable" (JAX's default) or "threefry"."""
+  import jax
+
+  return "threefry_partitionable" if jax.config.jax_threefry_partitionable else "threefry"
 
 
 def _as_json(value):
@@ -167,9 +180,11 @@ def differences(
   stored: Mapping[str, Any], current: Mapping[str, Any], unknown: Sequence[str] = ()
 ) -> list[Difference]:
   """Keys whose values differ (a key missing on one side counts, except a key of ADDED_KEYS missing from
-  the stored record: it was made with that key's value); keys in `unknown` are not compared."""
+  the stored record: it was made with that key's value, and a key of UNRECORDED_BEFORE missing from it:
+  what it was made with is unknown); keys in `unknown` are not compared."""
   missing = object()
   stored = {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **stored}
+  unknown = {*unknown, *(k for k in UNRECORDED_BEFORE if k not in stored)}
   return [
     Difference(key, stored.get(key, missing), current.get(key, missing))
     for key in sorted(set(stored) | set(current))
@@ -185,6 +200,8 @@ def restore_flags(diffs: Sequence[Difference]) -> str:
   """The command-line flags that set the config keys among `diffs` back to their stored values."""
   flags = []
   for d in diffs:
+    if d.key == RANDOM_BITS and d.stored in ("threefry", "threefry_partitionable"):
+      flags.append(f"JAX_THREEFRY_PARTITIONABLE={int(d.stored == 'threefry_partitionable')}")
     if d.key.startswith("(") or not isinstance(d.stored, (str, int, float, bool, list)):
       continue
     value = repr(tuple(d.stored)) if isinstance(d.stored, list) else str(d.stored)

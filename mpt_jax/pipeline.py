@@ -317,6 +317,7 @@ def upstream_fingerprint(config, source_data) -> dict[str, Any]:
   return {
     **fingerprint.stage_keys(config, "upstream"),
     fingerprint.DATA: fingerprint.data_digest(source_data),
+    fingerprint.RANDOM_BITS: fingerprint.random_bits(),
   }
 
 
@@ -335,6 +336,7 @@ def task_fingerprint(config, task: str, task_data, init_prompt: np.ndarray | Non
     **keys,
     fingerprint.DATA: fingerprint.data_digest({task: task_data}),
     fingerprint.INITIAL_PROMPT: None if init_prompt is None else fingerprint.digest(init_prompt),
+    fingerprint.RANDOM_BITS: fingerprint.random_bits(),
   }
 
 

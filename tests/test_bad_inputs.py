@@ -234,6 +234,14 @@ def other_upstream_lr(ctx):
   return message
 
 
+def other_random_bits(ctx):
+  import jax
+
+  assert not jax.config.jax_threefry_partitionable  # tests/conftest.py: the workdir was made with "threefry"
+  with jax.threefry_partitionable(True):
+    return rerun(ctx)
+
+
 def harmless_change(ctx, caplog):
   before = snapshot(ctx.finished)
   with caplog.at_level("INFO"):
@@ -323,6 +331,7 @@ REPRODUCTIONS = {
   "other-downstream-lrs": lambda ctx: rerun(ctx, **{"downstream.lrs": (0.4,)}),
   "fewer-steps": lambda ctx: rerun(ctx, **{"upstream.num_steps": 2}),
   "other-seed": lambda ctx: rerun(ctx, seed=1),
+  "other-random-bits": lambda ctx: other_random_bits(ctx),
   "harmless-change": None,  # needs caplog: test_catalogue passes it
   "old-workdir": old_workdir,
   "upstream-diverges": upstream_diverges,
@@ -364,6 +373,26 @@ def test_a_record_written_before_a_key_existed_was_made_with_its_added_value():
   assert [(d.key, d.stored, d.current) for d in fingerprint.differences(old, calibrated)] == [
     ("downstream.calibration", "none", "train_mean")
   ]
+
+
+def test_a_record_without_the_random_bits_is_not_compared_on_them():
+  """fingerprint.UNRECORDED_BEFORE: records written before the kind of random bits was recorded do not say
+  which kind made them, so they are accepted under either; a record that says is held to it."""
+  keys = {"seed": 0, fingerprint.RANDOM_BITS: "threefry_partitionable"}
+  old = {"seed": 0}
+  assert fingerprint.differences(old, keys) == []
+  assert fingerprint.differences(old, {**keys, "seed": 1})[0].key == "seed"
+  other = {**keys, fingerprint.RANDOM_BITS: "threefry"}
+  (diff,) = fingerprint.differences(keys, other)
+  assert (diff.key, diff.stored, diff.current) == (
+    fingerprint.RANDOM_BITS,
+    "threefry_partitionable",
+    "threefry",
+  )
+  assert fingerprint.restore_flags([diff]) == "JAX_THREEFRY_PARTITIONABLE=1"
+  # Each stage records it (this process's kind: tests/conftest.py sets the non-partitionable one).
+  config = config_lib.base_config("maml", "cls2cls")
+  assert pipeline.upstream_fingerprint(config, {})[fingerprint.RANDOM_BITS] == "threefry"
 
 
 def test_stage_keys_leave_out_only_what_cannot_change_results():

@@ -4,7 +4,7 @@
 #   bash launch.sh demo                      # the embedded offline default, end to end
 #   bash launch.sh test                      # the test suite
 #   bash launch.sh lint                      # ruff: lint and format check (CI runs it before the tests)
-#   bash launch.sh mini-study                # the offline mini-study (experiments/mini_study.py), ~6 h on 2 cores
+#   bash launch.sh mini-study                # the offline mini-study (experiments/mini_study.py), 6-12 h on 2 cores
 #   bash launch.sh run --config=configs/maml_cls2cls.py --workdir=runs/maml_cls2cls [--config.x=y ...]
 #   bash launch.sh study --setting=cls2cls --workdir=runs/cls2cls --set data_dir=/data/crossfit
 #   bash launch.sh tpu watch --name=mpt --zone=us-central2-b --accelerator=v4-32 --create [--dry-run] \

@@ -11,14 +11,12 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from mpt_jax import paths, study
+from mpt_jax import paths, resources, study
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = study.METHODS
 SEEDS = study.SEEDS
@@ -209,13 +207,13 @@ def _tiny(c):
 
 
 def _demo(c):
-  """The embedded offline default: the small T5 pretrained here on WordNet text (assets/small_t5) and the
-  WordNet gym (assets/wordnet_gym), with a reduced grid (2 seeds x 2 learning rates, 2 target tasks, short
-  runs, prompt 16: one row per source task name plus a few) so that all five methods finish in minutes on 2 CPU cores, and rank classification over
+  """The embedded offline default: the small T5 pretrained here on WordNet text (mpt_jax/assets/small_t5)
+  and the WordNet gym (mpt_jax/assets/wordnet_gym), with a reduced grid (2 seeds x 2 learning rates, 2 target
+  tasks, short runs, prompt 16: one row per source task name plus a few) so that all five methods finish in minutes on 2 CPU cores, and rank classification over
   each task's labels (a small model's free generation is mostly not a label at all). Hyperparameters of the
   methods themselves (Adafactor lr 0.5, inner SGD lr 3e-5, 2 tasks x (2+2) for MAML, ...) stay the study's."""
   c.gym = "wordnet"
-  c.model = str(REPO_ROOT / "assets" / "small_t5")
+  c.model = str(resources.SMALL_T5_DIR)
   c.seeds = (100, 13)
   c.prompt.length = 16
   c.data.max_input_len = 64  # the gym's inputs: median ~40 tokens, longest ~90

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mpt_jax import config as config_lib, paths
+from mpt_jax import config as config_lib, paths, resources
 
 FILE = "fingerprint.json"
 DATA = "(data)"  # hash of the stage's data files (task names, inputs, answers)
@@ -71,6 +71,10 @@ ADDED_KEYS = {
   "downstream.calibration": "none",  # 2026-11-30: before it, rank classification took the raw scores
   "prompt.init_token": "</s>",  # 2026-11-30: before it, no init read it
 }
+
+# Where the shipped small T5 was before it moved into the package (2026-12-06: <checkout>/assets/small_t5,
+# now <checkout>/mpt_jax/assets/small_t5): a record made with it there was made with the same files.
+MOVED_SMALL_T5 = str(resources.PACKAGE_DIR.parent / "assets" / "small_t5")
 
 
 def stage_keys(config, stage: str) -> dict[str, Any]:
@@ -184,6 +188,8 @@ def differences(
   what it was made with is unknown); keys in `unknown` are not compared."""
   missing = object()
   stored = {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **stored}
+  if stored.get("model") == MOVED_SMALL_T5 and current.get("model") == str(resources.SMALL_T5_DIR):
+    stored = {**stored, "model": current["model"]}  # the same files, moved
   unknown = {*unknown, *(k for k in UNRECORDED_BEFORE if k not in stored)}
   return [
     Difference(key, stored.get(key, missing), current.get(key, missing))

@@ -1,7 +1,7 @@
 """Offline gyms: task collections in the CrossFit layout that need no download.
 
 - "synthetic": artificial tasks from `mpt_jax.data.synthetic`, generated on first use (seconds).
-- "wordnet": real-language tasks built from WordNet, shipped in assets/wordnet_gym (the generator,
+- "wordnet": real-language tasks built from WordNet, shipped in mpt_jax/assets/wordnet_gym (the generator,
   `mpt_jax.data.wordnet_gym`, reproduces them from Debian's wordnet-base).
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mpt_jax import resources
 from mpt_jax.data import settings as settings_lib
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-WORDNET_GYM_DIR = REPO_ROOT / "assets" / "wordnet_gym"
+WORDNET_GYM_DIR = resources.WORDNET_GYM_DIR
 GYMS = ("synthetic", "wordnet")
 
 
@@ -33,7 +33,7 @@ def data_dir(name: str, default_dir: str | os.PathLike) -> str:
   if name == "wordnet":
     if not WORDNET_GYM_DIR.is_dir():
       raise FileNotFoundError(
-        f"{WORDNET_GYM_DIR} is missing: it ships with the repository; regenerate it "
+        f"{WORDNET_GYM_DIR} is missing: it ships with the package; regenerate it "
         f"with `python -m mpt_jax.data.wordnet_gym` (needs apt-get install "
         f"wordnet-base)"
       )

@@ -20,6 +20,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mpt_jax import resources
+
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/<method>_<setting>.py[:preset]).", lock_config=True
 )
@@ -59,7 +61,8 @@ def config_mistakes(argv: list[str]) -> list[str]:
   if not os.path.isfile(path):
     return [
       f"--config={config_arg}: no config file {path!r} (from {os.getcwd()}); the configs are "
-      f"configs/<method>_<setting>.py[:preset]"
+      f"configs/<method>_<setting>.py[:preset], or by name: <method>_<setting>[:preset] (shipped in "
+      f"{resources.CONFIGS_DIR})"
     ]
   try:  # as ml_collections loads it: the file's get_config(preset)
     spec = importlib.util.spec_from_file_location("mpt_jax_checked_config", path)
@@ -71,7 +74,20 @@ def config_mistakes(argv: list[str]) -> list[str]:
   return config_lib.unknown_keys(config, keys)
 
 
+def with_shipped_configs(argv: list[str]) -> list[str]:
+  """`argv` with a `--config` given by name (`maml_cls2cls:tiny`), or as the checkout's
+  `configs/maml_cls2cls.py` where there is no such file, replaced by the shipped config's path."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg == "--config" and i + 1 < len(out):
+      out[i + 1] = resources.resolve_config(out[i + 1])
+    elif arg.startswith("--config="):
+      out[i] = "--config=" + resources.resolve_config(arg.split("=", 1)[1])
+  return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
+  argv = with_shipped_configs(argv)
   mistakes = config_mistakes(argv)
   if mistakes:
     sys.stderr.write("FATAL Flags parsing error:\n" + "".join(f"  {m}\n" for m in mistakes))

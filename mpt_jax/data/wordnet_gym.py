@@ -45,6 +45,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from mpt_jax import resources
 from mpt_jax.data import settings as settings_lib
 from mpt_jax.data import wordnet as wn
 from mpt_jax.data import crossfit
@@ -55,7 +56,7 @@ METRICS_FILE = "wordnet_task_metrics.json"
 SETTINGS_FILE = "wordnet_settings.json"
 INFO_FILE = "wordnet_gym_info.json"
 LICENSE_FILE = "WORDNET_LICENSE.txt"
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "assets" / "wordnet_gym"
+SHIPPED_DIR = resources.WORDNET_GYM_DIR
 K_PER_CLASS = 16
 K = 32
 TEST_SIZE_CLASSIFICATION = 120  # divisible by 2..6 classes: balanced test sets
@@ -586,7 +587,7 @@ def register(gym_dir: str | os.PathLike | None = None) -> settings_lib.Gym:
 
 
 def shipped_gym_dir() -> Path:
-  """The generated gym shipped with the repository (assets/wordnet_gym), checked to exist."""
+  """The generated gym shipped with the package (mpt_jax/assets/wordnet_gym), checked to exist."""
   if not (SHIPPED_DIR / METRICS_FILE).is_file():
     raise FileNotFoundError(
       f"{SHIPPED_DIR}: the shipped WordNet gym is missing; regenerate it with `python -m "

@@ -23,17 +23,19 @@ HIT_EVENT = "/jax/compilation_cache/cache_hits"
 MISS_EVENT = "/jax/compilation_cache/cache_misses"
 
 
-def enable_persistent_cache(directory: str | os.PathLike, *, min_compile_time_secs: float = 1.0) -> str:
+def enable_persistent_cache(directory: str | os.PathLike, *, min_compile_time_secs: float | None = None) -> str:
   """Compiled programs that took at least `min_compile_time_secs` to compile are kept in (and read
-  from) `directory`. Call before compiling; a later call with another directory moves the cache there
-  (one process may run several workdirs). Returns the absolute directory."""
+  from) `directory` (None: JAX's own setting, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, 1 s unless
+  set). Call before compiling; a later call with another directory moves the cache there (one process
+  may run several workdirs). Returns the absolute directory."""
   directory = os.path.abspath(os.fspath(directory))
   os.makedirs(directory, exist_ok=True)
   if jax.config.jax_compilation_cache_dir != directory:
     jax.config.update("jax_compilation_cache_dir", directory)
     # JAX opens its cache once per process, at the first compilation: make it open this directory.
     compilation_cache.reset_cache()
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
+  if min_compile_time_secs is not None:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
   return directory
 
 

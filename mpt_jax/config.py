@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,7 +57,8 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # JAX's persistent compilation cache: a resumed or repeated run, and the next method of a study (which
   # share a cache_dir), load their compiled steps instead of compiling again (mpt_jax/compilation.py).
   c.compilation_cache = True
-  c.compilation_cache_dir = ""  # default: <cache_dir>/compiled
+  # Default: $MPT_COMPILATION_CACHE_DIR (one cache for every run of this machine) or <cache_dir>/compiled.
+  c.compilation_cache_dir = os.environ.get("MPT_COMPILATION_CACHE_DIR", "")
   # Devices of the mesh ('data', 'model'): 0 = all. model_parallel of them form the 'model' axis, over
   # which the frozen weights are split (mpt_jax/sharding.py; 1: every device holds them all, the choice
   # while they fit); the rest of the factor is the data-parallel axis. Upstream splits each step's tasks

@@ -518,7 +518,12 @@ def test_grid_step_equals_runs_one_by_one(model):
     state = common.init_state(prompts[r], optim.make_optimizer("adafactor", lr))
     for s in range(num_steps):
       state, single_metrics = single_step(state, model.frozen, take(batches[s], r), rngs[s][r])
-    np.testing.assert_allclose(states.prompt[r], state.prompt, rtol=1e-5, atol=1e-6)
+    # What the runs compute is the same, in another order (vmap batches the matmuls and reductions): the
+    # prompt's movement, lr times a sum of Adafactor updates made from float32 gradients, agrees to the
+    # relative accuracy of a float32 gradient of this model (1e-4 of its largest entry, as the
+    # meta-gradient tests above hold it), not to the bits of one CPU's reduction order.
+    moved = state.prompt - prompts[r]
+    np.testing.assert_allclose(states.prompt[r] - prompts[r], moved, rtol=0, atol=1e-4 * np.abs(moved).max())
     np.testing.assert_allclose(metrics["loss"][r], single_metrics["loss"], rtol=1e-5)
   # (The one-by-one runs use 4 different learning rates, so a grid that ignored its per-run learning
   # rates would fail the comparison above.)

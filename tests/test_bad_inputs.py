@@ -237,7 +237,8 @@ def other_upstream_lr(ctx):
 def other_random_bits(ctx):
   import jax
 
-  assert not jax.config.jax_threefry_partitionable  # tests/conftest.py: the workdir was made with "threefry"
+  assert not jax.config.jax_threefry_partitionable  # tests/conftest.py: the workdir is made with "threefry"
+  ctx.finished  # built here, outside the context below, when this case is the module's first to use it
   with jax.threefry_partitionable(True):
     return rerun(ctx)
 
@@ -341,7 +342,7 @@ REPRODUCTIONS = {
   "checkpoint-unreadable": None,
   "disk-full": None,
 }
-ROWS_SHOWN_ELSEWHERE = {  # each shown by a test of its own below (they need a run of their own)
+ROWS_SHOWN_ELSEWHERE = {  # each checked by a test of its own below (they need a run of their own)
   "same-lr-after-divergence": "test_a_lower_learning_rate_recovers_a_diverged_upstream",
   "lower-lr-after-divergence": "test_a_lower_learning_rate_recovers_a_diverged_upstream",
   "downstream-run-diverges": "test_a_diverging_downstream_run_is_marked_failed_and_the_others_go_on",
@@ -351,7 +352,12 @@ ROWS_SHOWN_ELSEWHERE = {  # each shown by a test of its own below (they need a r
 
 # --- the behaviour behind the hardest rows -----------------------------------------------------------------
 
-SHOWN: dict[str, str] = {}  # case -> message, recorded by the tests below for the catalogue
+
+def assert_catalogued(case: str, message: str) -> None:
+  """The message contains its row's excerpt of docs/BAD_INPUTS.md: the tests below check the rows of
+  ROWS_SHOWN_ELSEWHERE themselves, so that no test depends on another having run first."""
+  pattern = excerpt_pattern(catalogue_rows()[case])
+  assert re.search(pattern, message, re.DOTALL), f"{case}: {pattern!r} not in:\n{message}"
 
 
 def test_a_record_written_before_a_key_existed_was_made_with_its_added_value():
@@ -437,14 +443,15 @@ def test_a_lower_learning_rate_recovers_a_diverged_upstream(tmp_path, checkpoint
   assert sorted(os.listdir(workdir / "upstream/checkpoints")) == ["2"]
 
   # The same rate again: refused before any compute, instead of diverging again (the issue's stuck workdir).
-  SHOWN["same-lr-after-divergence"] = error_of(
-    lambda: pipeline.run(config, str(workdir)), fingerprint.WorkdirConflict
+  assert_catalogued(
+    "same-lr-after-divergence",
+    error_of(lambda: pipeline.run(config, str(workdir)), fingerprint.WorkdirConflict),
   )
   # A lower rate: continues from step 2 with it (the checkpointed optimizer state's rate is replaced).
   config.upstream.lr = 0.5
   with caplog.at_level("INFO"):
     pipeline.run(config, str(workdir))
-  SHOWN["lower-lr-after-divergence"] = caplog.text
+  assert_catalogued("lower-lr-after-divergence", caplog.text)
   logged = list(map(json.loads, open(workdir / "upstream/logs/metrics.jsonl")))
   assert [(r["step"], r["upstream/learning_rate"]) for r in logged] == [
     (1, 2.0),
@@ -471,7 +478,7 @@ def test_a_diverging_downstream_run_is_marked_failed_and_the_others_go_on(tmp_pa
   assert all(np.isfinite(task["test_scores"]))
   meta = json.loads((tmp_path / "pt/downstream/synth-sentiment_d/prompts/seed13_lr1e+30.json").read_text())
   assert meta["failed_at_step"] == 1
-  SHOWN["downstream-run-diverges"] = (tmp_path / "pt/results.md").read_text()
+  assert_catalogued("downstream-run-diverges", (tmp_path / "pt/results.md").read_text())
 
 
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, checkpoint, caplog):
@@ -500,12 +507,12 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path
       part.write_bytes(b"\0" * 7)  # a truncated or overwritten file
   with caplog.at_level("WARNING"):
     resumed = upstream(tmp_path / "damaged", 6)
-  SHOWN["checkpoint-unreadable"] = caplog.text
+  assert_catalogued("checkpoint-unreadable", caplog.text)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), resumed, straight)
   assert sorted(os.listdir(tmp_path / "damaged/checkpoints.unreadable")) == ["4"]  # kept aside, not deleted
 
 
-# --- the catalogue, last: the rows shown above reuse those tests' messages -----------------------------
+# --- the catalogue: the rows of ROWS_SHOWN_ELSEWHERE are checked by the tests above ------------------------
 
 
 def test_the_catalogue_and_its_reproductions_name_the_same_cases():
@@ -521,18 +528,13 @@ class Context:
     return self.request.getfixturevalue("finished_maml")
 
 
-@pytest.mark.parametrize("case", sorted(REPRODUCTIONS))
+@pytest.mark.parametrize("case", sorted(set(REPRODUCTIONS) - set(ROWS_SHOWN_ELSEWHERE)))
 def test_catalogue(case, request, tmp_path, checkpoint, caplog, monkeypatch):
   ctx = Context(request, tmp_path, checkpoint)
-  if case in ROWS_SHOWN_ELSEWHERE:
-    message = SHOWN.get(case)  # recorded by that test, which runs earlier in this file
-    if message is None:
-      pytest.skip(f"shown by {ROWS_SHOWN_ELSEWHERE[case]} (not selected in this session)")
-  elif case == "harmless-change":
+  if case == "harmless-change":
     message = harmless_change(ctx, caplog)
   elif case == "disk-full":
     message = disk_full(ctx, monkeypatch)
   else:
     message = REPRODUCTIONS[case](ctx)
-  pattern = excerpt_pattern(catalogue_rows()[case])
-  assert re.search(pattern, message, re.DOTALL), f"{case}: {pattern!r} not in:\n{message}"
+  assert_catalogued(case, message)

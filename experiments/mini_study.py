@@ -32,15 +32,24 @@ from absl import app, flags
 
 from mpt_jax import study
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/mini_final", "Output directory.")
-_SETTINGS = flags.DEFINE_list(
-  "settings", ["wn_cls2cls", "wn_nocls2cls", "wn_both2cls", "wn_nocls2nocls"], "WordNet gym settings."
-)
-_PRESET = flags.DEFINE_string(
-  "preset", "mini_final", "Config preset (mini_final; mini: the study's direct form; demo for a quick look)."
-)
-_SET = flags.DEFINE_multi_string("set", [], "key=value config override for every method and setting.")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only (re)write the downstream loss tables.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags: defined when this runs as a script, not when it is imported (its tests
+  import it beside mpt_jax.main, which defines --workdir too)."""
+  flags.DEFINE_string("workdir", "runs/mini_final", "Output directory.")
+  flags.DEFINE_list(
+    "settings", ["wn_cls2cls", "wn_nocls2cls", "wn_both2cls", "wn_nocls2nocls"], "WordNet gym settings."
+  )
+  flags.DEFINE_string(
+    "preset",
+    "mini_final",
+    "Config preset (mini_final; mini: the study's direct form; demo for a quick look).",
+  )
+  flags.DEFINE_multi_string("set", [], "key=value config override for every method and setting.")
+  flags.DEFINE_bool("report_only", False, "Only (re)write the downstream loss tables.")
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -118,21 +127,21 @@ def write_loss_table(workdir: str, setting: str) -> None:
 
 def main(argv) -> None:
   del argv
-  if _REPORT_ONLY.value:
-    for setting in _SETTINGS.value:
-      write_loss_table(_WORKDIR.value, setting)
+  if FLAGS.report_only:
+    for setting in FLAGS.settings:
+      write_loss_table(FLAGS.workdir, setting)
     return
   from mpt_jax.data import settings as settings_lib
   from mpt_jax.data import wordnet_gym
 
   wordnet_gym.register()
-  timings_path = os.path.join(_WORKDIR.value, "timings.json")
-  os.makedirs(_WORKDIR.value, exist_ok=True)
+  timings_path = os.path.join(FLAGS.workdir, "timings.json")
+  os.makedirs(FLAGS.workdir, exist_ok=True)
   timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
   done = []
-  for setting in _SETTINGS.value:
+  for setting in FLAGS.settings:
     resolved = settings_lib.get_setting(setting)  # an unknown name fails here, before any compute
-    copied = share_pt_runs(_WORKDIR.value, setting, done, resolved.target, resolved.source)
+    copied = share_pt_runs(FLAGS.workdir, setting, done, resolved.target, resolved.source)
     if copied:
       print(f"{setting}: PT reuses the runs of {', '.join(copied)}", flush=True)
     start = time.time()
@@ -141,9 +150,9 @@ def main(argv) -> None:
         sys.executable,
         os.path.join(HERE, "run_setting.py"),
         f"--setting={setting}",
-        f"--preset={_PRESET.value}",
-        f"--workdir={os.path.join(_WORKDIR.value, setting)}",
-        *[f"--set={item}" for item in _SET.value],
+        f"--preset={FLAGS.preset}",
+        f"--workdir={os.path.join(FLAGS.workdir, setting)}",
+        *[f"--set={item}" for item in FLAGS.set],
       ],
       check=True,
     )
@@ -152,9 +161,9 @@ def main(argv) -> None:
     with open(timings_path, "w") as f:
       json.dump(timings, f, indent=1)
     print(f"{setting}: {minutes:.1f} min", flush=True)
-    write_loss_table(_WORKDIR.value, setting)
+    write_loss_table(FLAGS.workdir, setting)
     done.append(setting)
-  similarity_analysis(_WORKDIR.value, done)
+  similarity_analysis(FLAGS.workdir, done)
 
 
 def similarity_analysis(workdir: str, settings: list[str]) -> None:
@@ -170,4 +179,5 @@ def similarity_analysis(workdir: str, settings: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

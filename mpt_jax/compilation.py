@@ -23,7 +23,9 @@ HIT_EVENT = "/jax/compilation_cache/cache_hits"
 MISS_EVENT = "/jax/compilation_cache/cache_misses"
 
 
-def enable_persistent_cache(directory: str | os.PathLike, *, min_compile_time_secs: float | None = None) -> str:
+def enable_persistent_cache(
+  directory: str | os.PathLike, *, min_compile_time_secs: float | None = None
+) -> str:
   """Compiled programs that took at least `min_compile_time_secs` to compile are kept in (and read
   from) `directory` (None: JAX's own setting, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, 1 s unless
   set). Call before compiling; a later call with another directory moves the cache there (one process

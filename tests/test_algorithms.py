@@ -18,6 +18,8 @@ import pytest
 from mpt_jax import algorithms, optim
 from mpt_jax.algorithms import common, maml, reptile
 
+pytestmark = pytest.mark.compat  # every algorithm's step and the grid, in the newest-JAX environment too
+
 # ---------------------------------------------------------------------------------------------------
 # A stand-in for the frozen T5: same batch format, nonlinear in the prompt, dropout from the rng.
 # ---------------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def _upstream(tiny, maml_step, workdir, num_steps, fail_at=None, seed=7):
   return state
 
 
+@pytest.mark.compat
 def test_killed_upstream_resumes_to_the_uninterrupted_result(tiny, maml_step, tmp_path):
   straight = _upstream(tiny, maml_step, tmp_path / "straight", num_steps=6)
   with pytest.raises(KeyboardInterrupt):
@@ -129,6 +130,7 @@ def grid(tiny):
   return _Grid(tiny)
 
 
+@pytest.mark.compat
 def test_vmapped_grid_equals_runs_one_by_one(grid):
   together = grid.train_runs(grid.runs)
   for i, run in enumerate(grid.runs):
@@ -239,6 +241,7 @@ def test_grid_sampler_feeds_each_run_its_seeds_file(tmp_path):
   assert not np.array_equal(batch["input_ids"][0], batch["input_ids"][2])
 
 
+@pytest.mark.compat
 def test_main_runs_a_setting_end_to_end_and_resumes(tmp_path):
   """`python -m mpt_jax.main` in-process on the synthetic gym with a tiny checkpoint: upstream (MTL),
   the downstream grid, results files; a second run finds everything done and recomputes nothing."""

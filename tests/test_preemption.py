@@ -55,6 +55,7 @@ def _files(task_dir: Path) -> dict[str, bytes]:
   return {name: (task_dir / name).read_bytes() for name in sorted(names)}
 
 
+@pytest.mark.compat
 def test_a_killed_grid_resumes_to_the_uninterrupted_results_bitwise(tmp_path, monkeypatch):
   from mpt_jax.data import batching
 

@@ -32,7 +32,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mpt_jax import algorithms, checkpoints, chunking, logs, metrics, parallel, paths, prompt as prompt_lib
+from mpt_jax import algorithms, checkpoints, chunking, logs, metrics, parallel, paths, throughput
+from mpt_jax import prompt as prompt_lib
 from mpt_jax.data import batching
 
 
@@ -119,6 +120,8 @@ class GridProgress:
   has_candidate: np.ndarray  # [R] bool
   failed_steps: np.ndarray  # [R]
   dev_curve: list  # (step, scores [R] with None where a run was not a candidate)
+  # this invocation's time and memory (mpt_jax/throughput.py; not checkpointed): None if it trained no step
+  throughput: dict | None = None
 
   @classmethod
   def start(cls, prompts: np.ndarray) -> GridProgress:
@@ -226,65 +229,76 @@ def train_grid(
     progress.dev_curve.append((0, progress.best_scores.tolist()))
   states = layout.put(states)
   failed_steps = layout.put(progress.failed_steps.astype(np.int32))
-  for step in tqdm(
+  bar = tqdm(
     range(start, total_steps),
     initial=start,
     total=total_steps,
     desc=desc,
     disable=jax.process_index() != 0,
     mininterval=5,
-  ):
-    rngs = layout.put(jax.random.split(jax.random.fold_in(base_rng, step), num_runs))
-    batches = layout.put_local(sampler(step, runs=layout.local))
-    states, step_metrics = grid_step(states, frozen_params, batches, rngs)
-    done = step + 1
-    failed_steps = _note_failures(failed_steps, step_metrics["update_ok"], done)
-    if done not in eval_steps:
-      continue
-    failed = layout.to_host(failed_steps).astype(np.int64)
-    for r in np.flatnonzero((failed > 0) & (progress.failed_steps == 0)):
-      logging.warning(
-        "%s: %s failed the guard at step %d (a non-finite or diverging update): left out of "
-        "its seed's choice of learning rate; the other runs go on",
-        desc,
-        names[r],
-        failed[r],
-      )
-    progress.failed_steps = failed
-    in_budget = (done <= run_steps) & (failed == 0)
-    prompts = layout.to_host(states.prompt)
-    scores = np.where(in_budget, np.asarray(evaluate_dev(prompts), np.float64), np.nan)
-    progress.dev_curve.append((done, scores.tolist()))
-    improved = in_budget & (~progress.has_candidate | _better(scores, progress.best_scores))
-    ended = done == run_steps
-    if improved.any() or ended.any():
-      progress.best_prompts[improved] = prompts[improved]
-      progress.best_scores[improved] = scores[improved]
-      progress.best_steps[improved] = done
-      progress.has_candidate |= improved
-      progress.last_prompts[ended] = prompts[ended]
-    if writer is not None:
-      healthy = failed == 0
-      loss = layout.to_host(step_metrics["loss"]).astype(np.float64)
-      writer.write(
-        done,
-        {
-          "loss": loss[healthy].mean() if healthy.any() else np.nan,
-          "dev_score": np.nanmean(scores) if in_budget.any() else np.nan,
-        },
-        f"{desc}/",
-      )
-    if checkpointer is not None:
-      checkpointer.save(
-        done,
-        {
-          "states": layout.to_host(states),
-          "best_prompts": progress.best_prompts,
-          "last_prompts": progress.last_prompts,
-        },
-        {**(checkpoint_meta or {}), **progress.meta(), "run_steps": run_steps.tolist()},
-        force=True,
-      )
+  )
+  meter = throughput.StageMeter(f"downstream/{desc}", total_steps, start)
+  with meter:
+    for step in bar:
+      rngs = layout.put(jax.random.split(jax.random.fold_in(base_rng, step), num_runs))
+      batches = layout.put_local(sampler(step, runs=layout.local))
+      states, step_metrics = grid_step(states, frozen_params, batches, rngs)
+      meter.after_step(batches, step_metrics)
+      done = step + 1
+      failed_steps = _note_failures(failed_steps, step_metrics["update_ok"], done)
+      if done not in eval_steps:
+        continue
+      failed = layout.to_host(failed_steps).astype(np.int64)  # the interval's host sync
+      perf = meter.interval(done)
+      bar.set_postfix_str(throughput.progress_text(perf), refresh=False)
+      meter.pause()  # dev scoring and the checkpoint are not step time
+      for r in np.flatnonzero((failed > 0) & (progress.failed_steps == 0)):
+        logging.warning(
+          "%s: %s failed the guard at step %d (a non-finite or diverging update): left out of "
+          "its seed's choice of learning rate; the other runs go on",
+          desc,
+          names[r],
+          failed[r],
+        )
+      progress.failed_steps = failed
+      in_budget = (done <= run_steps) & (failed == 0)
+      prompts = layout.to_host(states.prompt)
+      scores = np.where(in_budget, np.asarray(evaluate_dev(prompts), np.float64), np.nan)
+      progress.dev_curve.append((done, scores.tolist()))
+      improved = in_budget & (~progress.has_candidate | _better(scores, progress.best_scores))
+      ended = done == run_steps
+      if improved.any() or ended.any():
+        progress.best_prompts[improved] = prompts[improved]
+        progress.best_scores[improved] = scores[improved]
+        progress.best_steps[improved] = done
+        progress.has_candidate |= improved
+        progress.last_prompts[ended] = prompts[ended]
+      if writer is not None:
+        healthy = failed == 0
+        loss = layout.to_host(step_metrics["loss"]).astype(np.float64)
+        writer.write(
+          done,
+          {
+            "loss": loss[healthy].mean() if healthy.any() else np.nan,
+            "dev_score": np.nanmean(scores) if in_budget.any() else np.nan,
+            **{f"perf/{k}": v for k, v in perf.items()},
+          },
+          f"{desc}/",
+        )
+      if checkpointer is not None:
+        checkpointer.save(
+          done,
+          {
+            "states": layout.to_host(states),
+            "best_prompts": progress.best_prompts,
+            "last_prompts": progress.last_prompts,
+          },
+          {**(checkpoint_meta or {}), **progress.meta(), "run_steps": run_steps.tolist()},
+          force=True,
+        )
+      meter.resume()
+  if meter.summary()["steps"]:
+    progress.throughput = {**meter.summary(), "runs": num_runs}
   return progress
 
 
@@ -468,6 +482,8 @@ def adapt_task(
   finally:
     checkpointer.close()
     writer.close()
+  if progress.throughput is not None and parallel.is_primary():
+    throughput.write_summary(progress.throughput, paths.join(out_dir, "logs"))
   failed = progress.failed_steps > 0
   chosen = choose_best_runs(runs, progress.best_scores, failed)
   tested_prompts, tested_steps = (

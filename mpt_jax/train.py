@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mpt_jax import checkpoints, logs, optim, paths
+from mpt_jax import checkpoints, logs, optim, parallel, paths, throughput
 from mpt_jax.algorithms import Diverged, PromptState, check_update
 
 
@@ -75,22 +75,30 @@ def train_prompt(
       if loop.learning_rate is not None:
         state = state.replace(opt_state=optim.set_learning_rate(state.opt_state, loop.learning_rate))
       logging.info("resuming upstream from step %d (%s)", start, workdir)
-    for step in tqdm(
+    progress = tqdm(
       range(start, loop.num_steps),
       initial=start,
       total=loop.num_steps,
       desc="upstream",
       disable=jax.process_index() != 0,
       mininterval=5,
-    ):
-      batch = sample_batch(step)
-      state, metrics = step_fn(state, frozen_params, batch, jax.random.fold_in(base_rng, step))
-      pending.append((step, metrics))
-      done = step + 1
-      last = done == loop.num_steps
-      if done % loop.log_every == 0 or done % ckpt.every == 0 or last:
-        _flush(pending, writer)
-        ckpt.save(done, {"state": state, "rng": base_rng}, checkpoint_meta, force=last)
+    )
+    meter = throughput.StageMeter("upstream", loop.num_steps, start)
+    with meter:
+      for step in progress:
+        batch = sample_batch(step)
+        state, metrics = step_fn(state, frozen_params, batch, jax.random.fold_in(base_rng, step))
+        meter.after_step(batch, metrics)
+        pending.append((step, metrics))
+        done = step + 1
+        last = done == loop.num_steps
+        if done % loop.log_every == 0 or done % ckpt.every == 0 or last:
+          _flush(pending, writer, meter, progress)
+          meter.pause()  # a checkpoint is not step time
+          ckpt.save(done, {"state": state, "rng": base_rng}, checkpoint_meta, force=last)
+          meter.resume()
+    if parallel.is_primary() and meter.summary()["steps"]:
+      throughput.write_summary(meter.summary(), paths.join(workdir, "logs"))
   except Diverged as diverged:
     ckpt.close()
     diverged.resume_step = ckpt.latest_step() or 0
@@ -101,16 +109,23 @@ def train_prompt(
   return state
 
 
-def _flush(pending: list, writer: logs.MetricWriter) -> None:
+def _flush(pending: list, writer: logs.MetricWriter, meter: throughput.StageMeter, progress) -> None:
   """Checks every pending step with the guard (naming the first bad one, counted from 1 as the log
-  lines are), then logs the mean of the steps."""
+  lines are), then logs the mean of the steps, with the interval's time and memory under perf/."""
   fetched = jax.device_get(pending)
   pending.clear()
   for step, metrics in fetched:
     check_update(metrics, step + 1)
   step = fetched[-1][0]
   keys = [k for k in fetched[-1][1] if k != "update_ok"]
-  writer.write(step + 1, {k: np.mean([np.mean(m[k]) for _, m in fetched]) for k in keys}, "upstream/")
+  perf = meter.interval(step + 1)  # after the fetch above: every step of the interval has finished
+  scalars = {k: np.mean([np.mean(m[k]) for _, m in fetched]) for k in keys}
+  writer.write(step + 1, {**scalars, **{f"perf/{k}": v for k, v in perf.items()}}, "upstream/")
+  text = throughput.progress_text(perf)
+  progress.set_postfix_str(text, refresh=False)
   logging.info(
-    "upstream step %d: %s", step + 1, ", ".join(f"{k}={np.mean(fetched[-1][1][k]):.4g}" for k in keys)
+    "upstream step %d: %s | %s",
+    step + 1,
+    ", ".join(f"{k}={np.mean(fetched[-1][1][k]):.4g}" for k in keys),
+    text,
   )

@@ -10,12 +10,14 @@
 #   bash launch.sh tpu watch --name=mpt --zone=us-central2-b --accelerator=v4-32 --create [--dry-run] \
 #       -- --config=configs/maml_cls2cls.py --workdir=gs://BUCKET/runs/maml_cls2cls \
 #          --config.data_dir=gs://BUCKET/crossfit
-#   bash launch.sh tpu {start|status|logs|stop} ...   (`bash launch.sh tpu` alone: the help)
+#   bash launch.sh tpu {start|status|logs|stop|delete} ...   (`bash launch.sh tpu` alone: the help)
 #
-# tpu: (optionally) creates the TPU VM, ships HEAD to every worker, installs the pinned requirements with
-# the TPU build of JAX, and starts the same `python -m mpt_jax.main --multihost ...` detached on every
-# worker (jax.distributed.initialize() joins them; one log per worker, ~/mpt-jax/logs/job.log); `watch`
-# recreates a preempted VM and reruns the command, which resumes from the gs:// workdir's checkpoints.
+# tpu: checks the job's flags locally (mpt_jax/validate_job.py), (optionally) requests the TPU as a queued
+# resource (--spot/--reserved/--best-effort; --direct: `tpu-vm create`) with the accelerator's runtime,
+# ships HEAD to every worker, installs the pinned requirements with the TPU build of JAX, and starts the
+# same `python -m mpt_jax.main --multihost ...` detached on every worker (jax.distributed.initialize()
+# joins them; one log per worker, ~/mpt-jax/logs/job.log); `watch` recreates a preempted queued resource
+# and reruns the command, which resumes from the gs:// workdir's checkpoints.
 # README.md "Running on a TPU pod" walks through it. --dry-run prints the gcloud commands.
 #
 # The environment lives in .venv (override with MPT_VENV): the pinned requirements, then this package
@@ -68,16 +70,22 @@ TPU_REMOTE_DIR="mpt-jax"
 tpu_usage() {
   cat >&2 <<'USAGE'
 usage: bash launch.sh tpu ACTION --name=NAME --zone=ZONE [options] [-- mpt_jax.main flags]
-  start   (--create: create the VM first) ship the code, set up every worker, start the job detached
-  watch   start it when it is not running, then keep it alive: a preempted or deleted VM is recreated
-          (with --create, else waited for), a VM that lost its job (recreated, rebooted, a worker died)
-          gets the same command again, which resumes from the checkpoints under the gs:// workdir;
-          returns when every worker's job has exited 0 (run it in tmux/nohup, or Cloud Shell)
-  status  each worker: running, done <exit code>, stopped (not running, no exit code) or absent
+  start   (--create: get the TPU first: a queued resource, waited for until ACTIVE) ship the code, set up
+          every worker, start the job detached
+  watch   start it when it is not running, then keep it alive: a preempted (SUSPENDED), failed or deleted
+          queued resource is deleted and requested again (with --create, else waited for), a VM that lost
+          its job (recreated, rebooted, a worker died) gets the same command again, which resumes from the
+          checkpoints under the gs:// workdir; returns when every worker's job has exited 0 (run it in
+          tmux/nohup, or Cloud Shell)
+  status  the queued resource's state, then each worker: running, done <exit code>, stopped or absent
   logs    the job log of --worker=N (default 0); --follow to keep tailing it (Ctrl-C leaves the job running)
-  stop    kill the job on every worker
-options: --accelerator=v4-8 --version=tpu-ubuntu2204-base --create --spot (a Spot VM: cheaper, preemptible)
-         --dry-run (print the gcloud commands)
+  stop    kill the job on every worker (the TPU stays, and is billed)
+  delete  delete the queued resource and its TPU VM (--direct: the VM)
+options: --accelerator=v4-8 (default) --version=RUNTIME (default: the accelerator's runtime, tpu_runtime)
+         --spot | --reserved | --best-effort (queued resources: the capacity to queue for; best-effort is
+           gcloud alpha's) --direct (`tpu-vm create` instead of a queued resource: v4 users with quota)
+         --project=P --internal-ip (a VPC without external IPs) --tunnel-through-iap (ssh/scp through IAP)
+         --dry-run (print the gcloud commands) --skip-validation (do not check the job's flags locally)
          --poll=60 (watch: seconds between checks) --max-restarts=20 --worker=N --follow
          --allow-local-workdir (a workdir on the VM's disk is lost with the VM: refused by default)
 env:     MPT_TPU_SETUP (replaces the per-worker setup command, e.g. for an image with the env baked in),
@@ -86,30 +94,65 @@ USAGE
   exit 2
 }
 
+tpu_runtime() {  # $1 accelerator type -> the TPU software version (runtime image) to create it with
+  # Source: Cloud TPU "TPU software versions", PyTorch and JAX table (https://cloud.google.com/tpu/docs/runtimes,
+  # read 2026-12): Trillium v6e v2-alpha-tpuv6e, v5p v2-alpha-tpuv5, v5e v2-alpha-tpuv5-lite, v4 and older
+  # tpu-ubuntu2204-base.
+  case "$1" in
+    v6e-*) echo v2-alpha-tpuv6e;;
+    v5p-*) echo v2-alpha-tpuv5;;
+    v5litepod-*|v5e-*) echo v2-alpha-tpuv5-lite;;
+    v2-*|v3-*|v4-*) echo tpu-ubuntu2204-base;;
+    *) echo "tpu: no runtime known for --accelerator=$1 (known: v2-*, v3-*, v4-*, v5litepod-*, v5p-*," \
+         "v6e-*); pass --version=RUNTIME (see https://cloud.google.com/tpu/docs/runtimes)" >&2; return 2;;
+  esac
+}
+
 tpu_launch() {
   local action="${1:-}"; shift || true
-  case "$action" in start|watch|status|logs|stop) ;; *) tpu_usage;; esac
-  local name="" zone="" accelerator="v4-8" version="tpu-ubuntu2204-base" create=0 dry=0 poll=60
-  local max_restarts=20 worker=0 follow=0 allow_local=0 spot=()
+  case "$action" in start|watch|status|logs|stop|delete) ;; *) tpu_usage;; esac
+  local name="" zone="" accelerator="v4-8" version="" create=0 dry=0 poll=60 direct=0 validate=1
+  local max_restarts=20 worker=0 follow=0 allow_local=0 capacity=() project=() net=() internal=()
   while [ $# -gt 0 ]; do
     case "$1" in
       --name=*) name="${1#*=}";; --zone=*) zone="${1#*=}";; --accelerator=*) accelerator="${1#*=}";;
       --version=*) version="${1#*=}";; --create) create=1;; --dry-run) dry=1;; --poll=*) poll="${1#*=}";;
       --max-restarts=*) max_restarts="${1#*=}";; --worker=*) worker="${1#*=}";; --follow) follow=1;;
-      --allow-local-workdir) allow_local=1;; --spot) spot=(--spot);;
+      --allow-local-workdir) allow_local=1;; --direct) direct=1;; --skip-validation) validate=0;;
+      --spot|--reserved|--best-effort)
+        [ ${#capacity[@]} = 0 ] || { echo "tpu: pass one of --spot, --reserved, --best-effort" >&2; exit 2; }
+        capacity=("$1");;
+      --project=*) project=("$1");;
+      --internal-ip) net=(--internal-ip); internal=(--internal-ips);;
+      --tunnel-through-iap) net=(--tunnel-through-iap);;
       --) shift; break;;
       *) echo "tpu: unknown option $1 (options before --, mpt_jax.main flags after)" >&2; exit 2;;
     esac
     shift
   done
   [ -n "$name" ] && [ -n "$zone" ] || { echo "tpu: --name and --zone are required" >&2; exit 2; }
+  if [ "$direct" = 1 ] && [ "${capacity[*]:-}" = --best-effort ]; then
+    echo "tpu: --best-effort is a queued-resource option; drop --direct (or use --spot)" >&2; exit 2
+  fi
+  [ -n "$version" ] || version="$(tpu_runtime "$accelerator")" || exit 2
   TPU_ARGS=("$@")
+  TPU_NAME="$name"; TPU_DRY="$dry"; TPU_DIRECT="$direct"; TPU_POLL="$poll"
+  TPU_AT=(--zone="$zone" "${project[@]}")  # every gcloud call names the zone and the project
+  TPU_NET=("${net[@]}")                     # ssh and scp: how to reach the workers
   TPU_VM=("$GCLOUD" compute tpus tpu-vm)
-  TPU_NAME="$name"; TPU_AT=(--zone="$zone"); TPU_DRY="$dry"
-  TPU_CREATE=(create "$name" --zone="$zone" --accelerator-type="$accelerator" --version="$version" "${spot[@]}")
+  TPU_QR=("$GCLOUD" compute tpus queued-resources)
+  [ "${capacity[*]:-}" = --best-effort ] && TPU_QR=("$GCLOUD" alpha compute tpus queued-resources)
+  if [ "$direct" = 1 ]; then
+    TPU_CREATE=("${TPU_VM[@]}" create "$name" "${TPU_AT[@]}" --accelerator-type="$accelerator"
+      --version="$version" "${capacity[@]}" "${internal[@]}")
+  else  # the node of the queued resource has the resource's name: tpu-vm ssh/scp address it as before
+    TPU_CREATE=("${TPU_QR[@]}" create "$name" --node-id="$name" "${TPU_AT[@]}"
+      --accelerator-type="$accelerator" --runtime-version="$version" "${capacity[@]}" "${internal[@]}")
+  fi
   case "$action" in
-    status) tpu_ssh all "$(tpu_status_command)"; return;;
+    status) tpu_status; return;;
     stop) tpu_ssh all "$(tpu_stop_command)"; return;;
+    delete) tpu_release; return;;
     logs)
       local tail_flags="-n 200"; [ "$follow" = 1 ] && tail_flags="-n 200 -F"
       tpu_ssh "$worker" "tail $tail_flags ~/$TPU_REMOTE_DIR/logs/job.log"; return;;
@@ -122,10 +165,11 @@ tpu_launch() {
       "a rerun resumes from; pass --workdir=gs://BUCKET/... (or --allow-local-workdir)" >&2
     exit 2
   fi
+  [ "$validate" = 1 ] && tpu_validate "$@"  # before the first gcloud call: a typo costs seconds, not a VM
   TPU_ARCHIVE="$(mktemp -u /tmp/mpt-jax-XXXX).tar.gz"
   tpu_do git archive --format=tar.gz -o "$TPU_ARCHIVE" HEAD  # one archive: every restart runs this code
   if [ "$action" = start ]; then
-    [ "$create" = 1 ] && tpu_do "${TPU_VM[@]}" "${TPU_CREATE[@]}"
+    if [ "$create" = 1 ]; then tpu_do "${TPU_CREATE[@]}" && tpu_wait_active; fi
     tpu_deploy && tpu_start
     echo "tpu: started on every worker of $name; follow it with: bash launch.sh tpu logs --name=$name" \
       "--zone=$zone --follow (status: tpu status; keep it alive through preemption: tpu watch)" >&2
@@ -134,8 +178,71 @@ tpu_launch() {
   tpu_watch "$create" "$poll" "$max_restarts"
 }
 
+tpu_validate() {  # the job's flags through mpt_jax.main's own checks, here, before anything is created
+  local python="$VENV/bin/python"
+  [ -x "$python" ] || ensure_env requirements.txt
+  "$python" -m mpt_jax.validate_job "$@" || {
+    echo "tpu: the job's flags are refused locally (above); nothing was created (--skip-validation to" \
+      "send them anyway)" >&2
+    exit 2
+  }
+}
+
 tpu_do() { if [ "$TPU_DRY" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
-tpu_ssh() { tpu_do "${TPU_VM[@]}" ssh "$TPU_NAME" "${TPU_AT[@]}" --worker="$1" --command="$2"; }
+tpu_ssh() {
+  tpu_do "${TPU_VM[@]}" ssh "$TPU_NAME" "${TPU_AT[@]}" "${TPU_NET[@]}" --worker="$1" --command="$2"
+}
+
+tpu_state() {  # READY when the workers can be reached; else the queued resource's (or VM's) state, or ABSENT
+  local state
+  if [ "$TPU_DIRECT" = 1 ]; then
+    "${TPU_VM[@]}" describe "$TPU_NAME" "${TPU_AT[@]}" --format='value(state)' 2>/dev/null || echo ABSENT
+    return
+  fi
+  state="$("${TPU_QR[@]}" describe "$TPU_NAME" "${TPU_AT[@]}" --format='value(state.state)' 2>/dev/null)" \
+    || state=ABSENT
+  if [ "$state" = ACTIVE ]; then echo READY; else echo "${state:-ABSENT}"; fi
+}
+
+tpu_wait_active() {  # after a create: describe until the queued resource is ACTIVE (a direct create returns READY)
+  local state last=""
+  if [ "$TPU_DRY" = 1 ]; then
+    [ "$TPU_DIRECT" = 1 ] || tpu_do "${TPU_QR[@]}" describe "$TPU_NAME" "${TPU_AT[@]}" --format='value(state.state)'
+    return 0
+  fi
+  while true; do
+    state="$(tpu_state)"
+    [ "$state" = READY ] && return 0
+    [ "$state" != "$last" ] && echo "tpu: $(date -u +%FT%TZ) $TPU_NAME is $state" >&2
+    last="$state"
+    if [[ "$state" =~ ^(FAILED|SUSPENDED|PREEMPTED|TERMINATED)$ ]]; then
+      echo "tpu: $TPU_NAME is $state; see ${TPU_QR[*]} describe $TPU_NAME ${TPU_AT[*]}" \
+        "(delete it with: bash launch.sh tpu delete --name=$TPU_NAME ...)" >&2
+      return 1
+    fi
+    sleep "$TPU_POLL"
+  done
+}
+
+tpu_release() {  # delete the queued resource with its node (--force), or the VM
+  if [ "$TPU_DIRECT" = 1 ]; then
+    tpu_do "${TPU_VM[@]}" delete "$TPU_NAME" "${TPU_AT[@]}" --quiet
+  else
+    tpu_do "${TPU_QR[@]}" delete "$TPU_NAME" "${TPU_AT[@]}" --force --quiet
+  fi
+}
+
+tpu_status() {
+  if [ "$TPU_DRY" = 1 ]; then
+    if [ "$TPU_DIRECT" = 1 ]; then tpu_do "${TPU_VM[@]}" describe "$TPU_NAME" "${TPU_AT[@]}" --format='value(state)'
+    else tpu_do "${TPU_QR[@]}" describe "$TPU_NAME" "${TPU_AT[@]}" --format='value(state.state)'; fi
+    tpu_ssh all "$(tpu_status_command)"; return
+  fi
+  local state; state="$(tpu_state)"
+  echo "tpu: $TPU_NAME is $state" >&2
+  if [ "$state" != READY ]; then echo "tpu: no workers to ask" >&2; return 0; fi
+  tpu_ssh all "$(tpu_status_command)"
+}
 
 tpu_setup_command() {
   # TPU VM images ship an older Python; JAX 0.10.2 needs 3.11. gcsfs: gs:// for mpt_jax/paths.py (its
@@ -175,27 +282,29 @@ tpu_stop_command() {
 }
 
 tpu_deploy() {
-  tpu_do "${TPU_VM[@]}" scp "$TPU_ARCHIVE" "$TPU_NAME:~/mpt-jax.tar.gz" "${TPU_AT[@]}" --worker=all &&
-    tpu_ssh all "$(tpu_setup_command)"
+  tpu_do "${TPU_VM[@]}" scp "$TPU_ARCHIVE" "$TPU_NAME:~/mpt-jax.tar.gz" "${TPU_AT[@]}" "${TPU_NET[@]}" \
+    --worker=all && tpu_ssh all "$(tpu_setup_command)"
 }
 tpu_start() { tpu_ssh all "$(tpu_stop_command)" && tpu_ssh all "$(tpu_start_command)"; }
 
-tpu_watch() {  # $1 create (recreate a lost VM), $2 poll seconds, $3 restarts allowed
+tpu_watch() {  # $1 create (recreate a lost TPU), $2 poll seconds, $3 restarts allowed
   local recreate="$1" poll="$2" max="$3" restarts=0 state statuses
   if [ "$TPU_DRY" = 1 ]; then  # what one recovery runs
-    tpu_do "${TPU_VM[@]}" describe "$TPU_NAME" "${TPU_AT[@]}" --format='value(state)'
-    tpu_do "${TPU_VM[@]}" delete "$TPU_NAME" "${TPU_AT[@]}" --quiet
-    tpu_do "${TPU_VM[@]}" "${TPU_CREATE[@]}"
+    if [ "$TPU_DIRECT" = 1 ]; then tpu_do "${TPU_VM[@]}" describe "$TPU_NAME" "${TPU_AT[@]}" --format='value(state)'
+    else tpu_do "${TPU_QR[@]}" describe "$TPU_NAME" "${TPU_AT[@]}" --format='value(state.state)'; fi
+    tpu_release; tpu_do "${TPU_CREATE[@]}"; tpu_wait_active
     tpu_deploy; tpu_start; tpu_ssh all "$(tpu_status_command)"
     return
   fi
   while true; do
-    state="$("${TPU_VM[@]}" describe "$TPU_NAME" "${TPU_AT[@]}" --format='value(state)' 2>/dev/null || echo ABSENT)"
+    state="$(tpu_state)"
     if [ "$state" != READY ]; then
-      echo "tpu watch: $(date -u +%FT%TZ) VM $TPU_NAME is $state" >&2
-      if [ "$recreate" = 1 ] && [[ "$state" =~ ^(ABSENT|PREEMPTED|TERMINATED|STOPPED|SUSPENDED)$ ]]; then
-        [ "$state" != ABSENT ] && { "${TPU_VM[@]}" delete "$TPU_NAME" "${TPU_AT[@]}" --quiet || true; }
-        "${TPU_VM[@]}" "${TPU_CREATE[@]}" || echo "tpu watch: create failed (no capacity?); retrying" >&2
+      echo "tpu watch: $(date -u +%FT%TZ) $TPU_NAME is $state" >&2
+      # lost: a preempted Spot queued resource is SUSPENDED (a direct VM PREEMPTED); queued ones that are
+      # WAITING_FOR_RESOURCES, ACCEPTED, PROVISIONING, CREATING are on their way and waited for
+      if [ "$recreate" = 1 ] && [[ "$state" =~ ^(ABSENT|FAILED|SUSPENDED|PREEMPTED|TERMINATED|STOPPED)$ ]]; then
+        [ "$state" != ABSENT ] && { tpu_release || true; }
+        "${TPU_CREATE[@]}" || echo "tpu watch: create failed (no capacity?); retrying" >&2
       fi
       sleep "$poll"; continue
     fi

@@ -33,6 +33,7 @@ from mpt_jax import (
   decode,
   fingerprint,
   gyms,
+  lease,
   metrics,
   optim,
   parallel,
@@ -53,6 +54,14 @@ CLASSIFICATION_METRICS = (metrics.ACC, metrics.CLASSIFICATION_F1, metrics.MATTHE
 
 
 def run(config, workdir: str) -> dict | None:
+  """`_run`, holding the workdir's lease (mpt_jax/lease.py: one job per workdir) from its first write on."""
+  try:
+    return _run(config, workdir)
+  finally:
+    lease.release(workdir)
+
+
+def _run(config, workdir: str) -> dict | None:
   """Upstream (if the method has one), then the downstream grid on every target task, then the setting's
   results; returns the setting summary (None when the downstream stage is not run). Resumable: the same
   command continues where it stopped; a different config in the same workdir is refused."""
@@ -76,6 +85,8 @@ def run(config, workdir: str) -> dict | None:
 
   # --- 3. workdir: refuse to mix work of another config -----------------------------------------------------
   upstream_check = check_workdir(config, workdir, data, init_prompt, upstream=do_upstream)
+  if parallel.is_primary():  # one job per workdir: refused while another job holds it
+    lease.take(workdir)
   parallel.sync("workdir checked")  # every process has read the workdir before the primary writes to it
   if parallel.is_primary():
     paths.makedirs(workdir)

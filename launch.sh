@@ -11,6 +11,7 @@
 #       -- --config=configs/maml_cls2cls.py --workdir=gs://BUCKET/runs/maml_cls2cls \
 #          --config.data_dir=gs://BUCKET/crossfit
 #   bash launch.sh tpu {start|status|logs|stop|delete} ...   (`bash launch.sh tpu` alone: the help)
+#   bash launch.sh slurm --nodes=2 --gpus-per-node=8 -- --config=... --workdir=/shared/runs/x   (GPU clusters)
 #
 # tpu: checks the job's flags locally (mpt_jax/validate_job.py), (optionally) requests the TPU as a queued
 # resource (--spot/--reserved/--best-effort; --direct: `tpu-vm create`) with the accelerator's runtime,
@@ -336,6 +337,52 @@ tpu_watch() {  # $1 create (recreate a lost TPU), $2 poll seconds, $3 restarts a
   done
 }
 
+# --- slurm: the job on a GPU cluster (scripts/slurm/mpt_jax.sbatch) ----------------------------------------
+SLURM_SCRIPT="scripts/slurm/mpt_jax.sbatch"
+
+slurm_usage() {
+  cat >&2 <<'USAGE'
+usage: bash launch.sh slurm [options] -- mpt_jax.main flags
+  checks the job's flags locally (as tpu does), then submits scripts/slurm/mpt_jax.sbatch: one process per
+  GPU on every node, jax.distributed.initialize() joined through SLURM's variables, requeued on preemption
+options: --nodes=1 --gpus-per-node=8 --partition=P --account=A --time=24:00:00 --sbatch=ARG (repeatable: any
+         other sbatch option, e.g. --sbatch=--qos=high) --dry-run (print the sbatch command)
+         --skip-validation
+env:     SBATCH (the sbatch binary), MPT_PYTHON (the nodes' python, default .venv/bin/python)
+USAGE
+  exit 2
+}
+
+slurm_launch() {
+  local nodes=1 gpus=8 dry=0 validate=1 extra=()
+  [ $# -gt 0 ] || slurm_usage
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --nodes=*) nodes="${1#*=}";; --gpus-per-node=*) gpus="${1#*=}";; --dry-run) dry=1;;
+      --partition=*|--account=*|--time=*) extra+=("$1");; --sbatch=*) extra+=("${1#--sbatch=}");;
+      --skip-validation) validate=0;;
+      --) shift; break;;
+      *) echo "slurm: unknown option $1 (options before --, mpt_jax.main flags after)" >&2; exit 2;;
+    esac
+    shift
+  done
+  local workdir=""
+  for arg in "$@"; do case "$arg" in --workdir=*) workdir="${arg#*=}";; esac; done
+  [ -n "$workdir" ] || { echo "slurm: pass --workdir=/shared/... (or gs://...) after --" >&2; exit 2; }
+  if [ "$validate" = 1 ]; then
+    local python="$VENV/bin/python"
+    [ -x "$python" ] || ensure_env requirements.txt
+    "$python" -m mpt_jax.validate_job "$@" || {
+      echo "slurm: the job's flags are refused locally (above); nothing was submitted" >&2; exit 2; }
+  fi
+  local submit=("${SBATCH:-sbatch}" --nodes="$nodes" --ntasks-per-node="$gpus" --gres=gpu:"$gpus"
+    "${extra[@]}" "$SLURM_SCRIPT" "$@")
+  if [ "$dry" = 1 ]; then printf '%q ' "${submit[@]}"; echo; return; fi
+  "${submit[@]}"
+  echo "slurm: submitted; follow it with squeue --me and tail -F slurm-mpt-jax-<jobid>.out (results under" \
+    "$workdir)" >&2
+}
+
 run_newest_tests() {  # the compat tests in the newest-JAX environment
   echo "== the newest environment ($("$NEWEST_VENV/bin/python" -c 'import sys; from importlib.metadata import version
 names = ("jax", "flax", "optax", "orbax-checkpoint", "transformers")
@@ -410,10 +457,13 @@ case "$cmd" in
   tpu)
     tpu_launch "$@"
     ;;
+  slurm)
+    slurm_launch "$@"
+    ;;
   run)
     ensure_env requirements.txt
     exec "$VENV/bin/python" -m mpt_jax.main "$@"
     ;;
   *)
-    echo "usage: bash launch.sh {demo|test|test-newest|lint|mini-study|run|study|tpu} [args...]" >&2; exit 2;;
+    echo "usage: bash launch.sh {demo|test|test-newest|lint|mini-study|run|study|tpu|slurm} [args...]" >&2; exit 2;;
 esac

@@ -167,6 +167,10 @@ tpu_launch() {
     exit 2
   fi
   [ "$validate" = 1 ] && tpu_validate "$@"  # before the first gcloud call: a typo costs seconds, not a VM
+  TPU_WORKDIR="$workdir"
+  TPU_STARTUP="$(mktemp -u /tmp/mpt-jax-startup-XXXX).sh"
+  tpu_startup_script > "$TPU_STARTUP"
+  TPU_CREATE+=(--metadata-from-file=startup-script="$TPU_STARTUP")
   TPU_ARCHIVE="$(mktemp -u /tmp/mpt-jax-XXXX).tar.gz"
   tpu_do git archive --format=tar.gz -o "$TPU_ARCHIVE" HEAD  # one archive: every restart runs this code
   if [ "$action" = start ]; then
@@ -263,13 +267,40 @@ tpu_start_command() {
   # detach it from the ssh session, which returns at once. One log per worker: ~/mpt-jax/logs/job.log.
   local python="${MPT_TPU_PYTHON:-.venv/bin/python}" args
   args="$(printf '%q ' "${TPU_ARGS[@]}")"
+  # The log is copied to WORKDIR/logs/worker_<i>.log every MPT_TPU_LOG_UPLOAD_S seconds (60) and at the
+  # end (a gs:// workdir only): `logs` of a VM that is gone can be read there.
+  local upload="" every="${MPT_TPU_LOG_UPLOAD_S:-60}"
+  if [[ "${TPU_WORKDIR:-}" == gs://* ]]; then
+    upload="gcloud storage cp --quiet logs/job.log $(printf '%q' "$TPU_WORKDIR/logs")/worker_\$worker.log \
+2>> logs/upload.err"
+  fi
   printf '%s\n' "cd ~/$TPU_REMOTE_DIR && mkdir -p logs && rm -f logs/exit && cat > job.sh <<'MPT_JOB_EOF'" \
     "cd ~/$TPU_REMOTE_DIR" \
     "echo \"=== \$(date -u +%FT%TZ) \$(hostname) starts ~/$TPU_REMOTE_DIR/job.sh\"" \
+    "worker=\$(curl -sf -m 2 -H Metadata-Flavor:Google \
+http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number || echo 0)" \
+    "${upload:+(while sleep $every; do $upload; done) & uploader=\$!}" \
     "$python -m mpt_jax.main --multihost $args" \
-    "echo \$? > logs/exit" \
+    "code=\$?" \
+    "echo \$code > logs/exit" \
+    "${upload:+kill \$uploader; $upload}" \
     "MPT_JOB_EOF" \
     "setsid nohup bash job.sh >> logs/job.log 2>&1 < /dev/null & echo \$! > logs/pid"
+}
+
+tpu_startup_script() {
+  # In the VM's metadata: run as root at every boot. After a maintenance event or a reboot (the disk kept),
+  # it starts the job again on this worker unless it had finished (logs/exit); a fresh VM (recreated) has
+  # no job.sh yet: `watch` ships it. The job resumes from the workdir's checkpoints.
+  local user="${MPT_TPU_USER:-$(id -un)}"
+  cat <<STARTUP
+#!/bin/bash
+# mpt-jax startup script (launch.sh tpu): restart an unfinished job after a reboot
+home="\$(getent passwd $user | cut -d: -f6)"
+cd "\$home/$TPU_REMOTE_DIR" 2>/dev/null || exit 0
+test -f job.sh && ! test -f logs/exit || exit 0
+sudo -u $user bash -c 'setsid nohup bash job.sh >> logs/job.log 2>&1 < /dev/null & echo \$! > logs/pid'
+STARTUP
 }
 
 tpu_status_command() {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import subprocess
 from pathlib import Path
 
@@ -27,6 +28,9 @@ FAKE_GCLOUD = r"""#!/usr/bin/env bash
 # $FAKE_TPU_WAITS describes, then ACTIVE, SUSPENDED once its node is preempted.
 set -u
 echo "$*" >> "$FAKE_TPU/calls.log"
+if [ "$1" = storage ]; then  # storage cp --quiet SRC gs://DST: into the stand-in bucket
+  dst="$FAKE_TPU/bucket/${5#gs://}"; mkdir -p "$(dirname "$dst")"; cp "$4" "$dst"; exit
+fi
 [ "$1" = alpha ] && shift
 group="$3"; action="$4"; shift 4
 vm="$FAKE_TPU/vm"; qr="$FAKE_TPU/qr"; worker=all; command=""; rest=()
@@ -93,6 +97,7 @@ def fake_tpu(tmp_path):
     "FAKE_TPU": str(tmp_path),
     "FAKE_TPU_WORKERS": "2",
     "GCLOUD": str(bin_dir / "gcloud"),
+    "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",  # the workers' gcloud (log upload) too
     "MPT_TPU_SETUP": "true",  # the real setup (apt, pip) is what cannot run here
     "MPT_TPU_PYTHON": str(bin_dir / "fake_job"),
   }
@@ -181,7 +186,7 @@ def test_project_and_network_flags_reach_every_gcloud_call(fake_tpu):
   assert all("--project=p" in c for c in calls)
   assert all("--tunnel-through-iap" in c for c in calls if " ssh " in c or " scp " in c)
   assert "queued-resources delete mpt --zone=z --project=p --force --quiet" in watch.stdout
-  assert [c for c in calls if " create " in c][0].endswith("--spot ")
+  assert " --spot --metadata-from-file=startup-script=" in [c for c in calls if " create " in c][0]
   internal = launch(env, "start", *base, "--best-effort", "--internal-ip", "--", *JOB).stdout
   calls = gcloud_lines(internal)
   assert (
@@ -280,3 +285,30 @@ def test_watch_does_not_rerun_a_job_that_failed_by_itself(fake_tpu):
     and "exited with an error on every worker (done 3 done 3 ); not restarting" in done.stderr
   )
   assert sum("job.sh <<" in c for c in (root / "calls.log").read_text().splitlines()) == 1
+
+
+def test_the_startup_script_restarts_an_unfinished_job_and_the_log_goes_to_the_workdir(fake_tpu):
+  root, env = fake_tpu
+  args = ["--name=mpt", "--zone=z", "--create", "--poll=0.3", "--skip-validation"]
+  done = launch(env | {"MPT_TPU_LOG_UPLOAD_S": "0.2"}, "watch", *args, "--direct", "--", *JOB)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  calls = (root / "calls.log").read_text().splitlines()
+  (create,) = [c for c in calls if " create mpt " in c][:1]
+  startup = Path(create.split("--metadata-from-file=startup-script=")[1].split()[0]).read_text()
+  assert "test -f job.sh && ! test -f logs/exit || exit 0" in startup
+  assert "setsid nohup bash job.sh >> logs/job.log" in startup
+  job = (root / "vm" / "w0" / "mpt-jax" / "job.sh").read_text()
+  assert "instance/attributes/agent-worker-number" in job  # the worker's index, from the metadata server
+  upload = "gcloud storage cp --quiet logs/job.log gs://b/runs/maml/logs/worker_$worker.log"
+  assert f"do {upload}" in job and f"kill $uploader; {upload}" in job  # every 0.2 s, and at the end
+  uploaded = (root / "bucket" / "b" / "runs" / "maml" / "logs" / "worker_0.log").read_text()
+  assert "starts ~/mpt-jax/job.sh" in uploaded and "finished" in uploaded  # readable without the VM
+  # Rebooted with the job unfinished: the startup script (run as root at boot) starts it again.
+  worker = root / "vm" / "w1"
+  (worker / "mpt-jax" / "logs" / "exit").unlink()
+  script = startup.replace("sudo -u", "env -u").replace('"$(getent passwd', f'"{worker}" #')
+  subprocess.run(["bash", "-c", script], env=env | {"HOME": str(worker)}, check=True, timeout=30)
+  deadline = time.monotonic() + 60
+  while not (worker / "mpt-jax" / "logs" / "exit").exists() and time.monotonic() < deadline:
+    time.sleep(0.2)
+  assert (worker / "mpt-jax" / "logs" / "exit").read_text().strip() == "0"

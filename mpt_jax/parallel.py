@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -60,8 +61,85 @@ def make_mesh(
       f"model_parallel={model_parallel}: the {len(devices)} device(s) do not split into groups of "
       f"{model_parallel}; use a divisor of {len(devices)}"
     )
-  grid = np.asarray(devices).reshape(len(devices) // model_parallel, model_parallel)
+  grid = device_grid(devices, model_parallel)
   return Mesh(grid, (DATA_AXIS, MODEL_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def _granule(device) -> int:
+  """The unit a 'model' group must not leave: a TPU slice (slice_index), else a process's host."""
+  slice_index = getattr(device, "slice_index", None)
+  return device.process_index if slice_index is None else slice_index
+
+
+def _process_blocks(grid: np.ndarray) -> bool:
+  """Whether every process's devices fill consecutive whole rows of `grid` (as `process_rows` needs)."""
+  owners = [{d.process_index for d in row} for row in grid]
+  if any(len(o) > 1 for o in owners) and any(len(o) == 1 for o in owners):
+    return False
+  order = [min(o) for o in owners]
+  seen, last = set(), None
+  for p in order:
+    if p != last and p in seen:
+      return False
+    seen.add(p)
+    last = p
+  return True
+
+
+def device_grid(devices: Sequence, model_parallel: int) -> np.ndarray:
+  """The (data, model) array of `devices` for the mesh, following the hardware.
+
+  On TPU, JAX's topology-aware utilities place it: `mesh_utils.create_device_mesh` (one slice: the
+  'model' axis follows the ICI torus) or `create_hybrid_device_mesh` (several slices: 'data' spans them
+  over DCN, every 'model' group inside one slice). Elsewhere (GPU nodes, CPU), devices are grouped by
+  slice (a GPU node where the runtime reports one) or process, in their order, and laid out row-major, so
+  a 'model' group is consecutive devices of one group. A 'model' group that would cross a slice or node
+  boundary (model_parallel not dividing each group's devices) is refused: its frozen-weight collectives
+  would run over the slower network every step."""
+  devices = sorted(devices, key=lambda d: (_granule(d), d.process_index))  # stable: order kept within
+  sizes = {}
+  for d in devices:
+    sizes[_granule(d)] = sizes.get(_granule(d), 0) + 1
+  per_group = min(sizes.values())
+  where, plural = (
+    ("slice", "slices") if getattr(devices[0], "slice_index", None) is not None else ("process", "processes")
+  )
+  # Processes without slices (one process per GPU under SLURM, CPU): a group of whole processes is fine
+  # (consecutive ranks: one node's, under SLURM's block distribution); a process split across is not.
+  within = all(size % model_parallel == 0 for size in sizes.values())
+  whole_processes = where == "process" and len(set(sizes.values())) == 1 and model_parallel % per_group == 0
+  if not (within or whole_processes):
+    raise ValueError(
+      f"model_parallel={model_parallel}: a 'model' group would span {plural} ({len(sizes)} {plural} of "
+      f"{sorted(set(sizes.values()))} device(s)); use a divisor of {per_group} so that each group stays "
+      f"within one {where}"
+    )
+  rows = len(devices) // model_parallel
+  if devices[0].platform == "tpu" and len(devices) > 1:  # (slices: granules known)
+    from jax.experimental import mesh_utils
+
+    try:
+      if len(sizes) > 1 and where == "slice":
+        grid = mesh_utils.create_hybrid_device_mesh(
+          (per_group // model_parallel, model_parallel),
+          (len(sizes), 1),
+          devices,
+          allow_split_physical_axes=True,
+        )
+      else:
+        grid = mesh_utils.create_device_mesh(
+          (rows, model_parallel), devices, contiguous_submeshes=True, allow_split_physical_axes=True
+        )
+      if _process_blocks(grid):  # each process's 'data' rows one block: RunLayout's host-local loading
+        return grid
+      logging.warning(
+        "mesh_utils' data %d x model %d splits a process's rows; row-major instead", rows, model_parallel
+      )
+    except (ValueError, NotImplementedError, AssertionError) as error:
+      logging.warning(
+        "mesh_utils cannot place data %d x model %d (%s); row-major instead", rows, model_parallel, error
+      )
+  return np.asarray(devices).reshape(rows, model_parallel)
 
 
 def describe(mesh: Mesh) -> str:

@@ -18,7 +18,10 @@ import pytest
 from mpt_jax import algorithms, optim
 from mpt_jax.algorithms import common, maml, reptile
 
-pytestmark = pytest.mark.compat  # every algorithm's step and the grid, in the newest-JAX environment too
+pytestmark = [
+  pytest.mark.compat,  # every algorithm's step and the grid, in the newest-JAX environment too
+  pytest.mark.usefixtures("fast_compile"),  # tiny models: compiling dominates
+]
 
 # ---------------------------------------------------------------------------------------------------
 # A stand-in for the frozen T5: same batch format, nonlinear in the prompt, dropout from the rng.

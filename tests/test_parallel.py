@@ -23,7 +23,10 @@ from test_algorithms import (
 from mpt_jax import algorithms, optim, parallel
 from mpt_jax.algorithms import common
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (simulated) devices")
+pytestmark = [
+  pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (simulated) devices"),
+  pytest.mark.usefixtures("fast_compile"),  # tiny models: compiling dominates
+]
 
 
 @pytest.fixture(scope="module")

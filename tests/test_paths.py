@@ -26,6 +26,8 @@ from fsspec.implementations.local import LocalFileSystem
 import helpers_t5
 from mpt_jax import checkpoints, config as config_lib, gyms, paths, pipeline, prompt as prompt_lib
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling dominates (tests/helpers_t5.py)
+
 URL_LIKE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
 
 

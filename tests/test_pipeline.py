@@ -14,6 +14,8 @@ import helpers_t5
 from mpt_jax import adapt, algorithms, optim, train
 from mpt_jax.data import batching
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling dominates (tests/helpers_t5.py)
+
 PROMPT_LEN = 3
 VOCAB = helpers_t5.TINY_VOCAB
 

@@ -12,10 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 import helpers_t5
 from mpt_jax import config as config_lib, pipeline
+
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling dominates (tests/helpers_t5.py)
 
 TASK = "synth-sentiment_d"
 KILL_AT = 5  # the grid's checkpoints: every dev evaluation (steps 2, 4, 6, 8)
@@ -30,8 +33,9 @@ def grid_config(checkpoint: str):
   return config
 
 
-def _child(checkpoint: str, workdir: str, kill_at: int) -> None:
-  """The killed run: pipeline.run in this process, which SIGKILLs itself at the grid's step `kill_at`."""
+def _child(checkpoint: str, workdir: str, kill_at: int, fast_compile: bool) -> None:
+  """The killed run: pipeline.run in this process, which SIGKILLs itself at the grid's step `kill_at`;
+  compiled as the parent compiles (the same bits need the same programs)."""
   import signal
 
   import jax
@@ -39,6 +43,7 @@ def _child(checkpoint: str, workdir: str, kill_at: int) -> None:
   from mpt_jax.data import batching
 
   jax.config.update("jax_threefry_partitionable", False)  # as tests/conftest.py
+  jax.config.update("jax_disable_most_optimizations", fast_compile)  # as this module (fast_compile)
   sample = batching.GridSampler.__call__
 
   def sample_or_die(self, step, runs=None):
@@ -67,7 +72,8 @@ def test_a_killed_grid_resumes_to_the_uninterrupted_results_bitwise(tmp_path, mo
     **os.environ,
     "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
   }
-  code = f"import test_preemption as t; t._child({checkpoint!r}, {str(killed)!r}, {KILL_AT})"
+  fast = jax.config.read("jax_disable_most_optimizations")
+  code = f"import test_preemption as t; t._child({checkpoint!r}, {str(killed)!r}, {KILL_AT}, {fast})"
   done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == -9, done.stderr[-3000:]  # SIGKILL
   task_dir = killed / "downstream" / TASK

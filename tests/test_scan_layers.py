@@ -61,7 +61,7 @@ def test_scanned_logits_equal_the_per_layer_models(version):
 
 
 def test_scanned_meta_gradient_equals_the_per_layer_models():
-  model, params = tiny_t5("1.1", seed=5, num_layers=3, num_decoder_layers=3, dropout_rate=0.0)
+  model, params = tiny_t5("1.1", seed=5, num_layers=2, num_decoder_layers=2, dropout_rate=0.0)
   support = random_batch(2, batch=4, input_length=8, target_length=4)
   query = random_batch(3, batch=4, input_length=8, target_length=4)
   episode = {

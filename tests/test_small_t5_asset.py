@@ -23,8 +23,11 @@ ASSET = REPO / "assets" / "small_t5"
 _spec = importlib.util.spec_from_file_location(
   "pretrain_small_t5", REPO / "experiments" / "pretrain_small_t5.py"
 )
+
 pretrain_small_t5 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pretrain_small_t5)
+
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling dominates (tests/helpers_t5.py)
 CHUNK = 64  # raw tokens per example, as the pretraining's LM phase
 PREFIX_LM_MAX_TARGET = pretrain_small_t5.PREFIX_LM_MAX_TARGET
 # On these 16 examples the shipped model scores 3.69 with its own input and 4.03 with another (gap 0.34);

@@ -5,6 +5,7 @@
   mpt-jax study --setting=cls2cls --workdir=runs/cls2cls [--set key=value ...]       (mpt_jax/run_setting.py)
   mpt-jax analysis --out=DIR SETTING_DIR [...]   task similarity vs gain over PT     (python -m mpt_jax.analysis)
   mpt-jax configs                              the shipped configs, by name
+  mpt-jax export-prompt PROMPT.npy --to=peft OUT_DIR [--base_model=...]   a PEFT adapter (mpt_jax.peft_export)
 
 Each command takes the same flags as launch.sh passes to its entry point. `--config` takes a path or a
 shipped config's name (`maml_cls2cls:tiny`; `configs/maml_cls2cls.py` finds it too, from any directory).
@@ -16,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("demo", "run", "study", "analysis", "configs")
+COMMANDS = ("demo", "run", "study", "analysis", "configs", "export-prompt")
 
 
 def _usage() -> str:
@@ -50,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"# shipped in {resources.CONFIGS_DIR} (--config=NAME[:preset])")
     print("\n".join(resources.shipped_configs()))
+    return 0
+  if command == "export-prompt":
+    from mpt_jax import peft_export
+
+    sys.argv[0] = prog
+    peft_export.main(args)
     return 0
   if command == "analysis":
     from mpt_jax import analysis

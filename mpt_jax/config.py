@@ -50,7 +50,7 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   c.seeds = SEEDS
   c.seed = 0  # rng of upstream sampling, dropout and prompt init.
   c.stages = ("upstream", "downstream")
-  c.init_prompt = ""  # a saved prompt (.npy) to start downstream from; skips upstream.
+  c.init_prompt = ""  # a saved prompt (.npy) or a PEFT adapter dir to start downstream from; skips upstream.
   # Tokenized tasks and compiled steps; default: <workdir>/cache (for a URL workdir, a directory of this
   # machine's cache named after it). Always a local path.
   c.cache_dir = ""
@@ -66,7 +66,10 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   c.num_devices = 0
   c.model_parallel = 1
 
-  c.model = "google/t5-large-lm-adapt"
+  c.model = "google/t5-large-lm-adapt"  # a hub id, or a checkpoint directory (local or a URL)
+  # The hub revision of a hub id (a branch, tag or commit hash; a directory ignores it): every download
+  # asks for it, and the commit it resolved to is recorded (run_record.json) and fingerprinted.
+  c.model_revision = "main"
   # The frozen T5's weights and compute (matmuls, activations, residual stream): "float32" or "bfloat16"
   # (half the memory); layer-norm statistics, softmax, logits, loss, prompt and optimizer stay float32.
   # The reference ran MTL and downstream under fp16 autocast (docs/PROTOCOL.md, "Precision").
@@ -602,7 +605,8 @@ def validate(config, available_devices: int | None = None) -> None:
       )
   for key in ("init_prompt", "pt_results", "setting_file"):
     path = flat[key]
-    if path and not paths.isfile(path):  # a local path or a URL (mpt_jax/paths.py)
+    adapter = key == "init_prompt" and path and paths.isfile(paths.join(path, "adapter_config.json"))
+    if path and not paths.isfile(path) and not adapter:  # a local path or a URL (mpt_jax/paths.py)
       problems.append(f"config.{key}={path!r}: no such file")
   for key, what in (
     ("setting_file", "a small JSON file read at startup"),
@@ -610,6 +614,9 @@ def validate(config, available_devices: int | None = None) -> None:
   ):
     if paths.is_url(flat[key]):
       problems.append(f"config.{key}={flat[key]!r}: must be a local path ({what}); copy it to the machine")
+  revision = flat["model_revision"]
+  if not isinstance(revision, str) or not revision.strip() or revision != revision.strip():
+    add("model_revision", "a hub revision: a branch, tag or commit hash (a string; default 'main')")
   model = flat["model"]
   if hf.looks_local(model) and not paths.isdir(paths.absolute(model)):
     problems.append(

@@ -31,9 +31,12 @@ UPSTREAM_LEARNING_RATES = ("upstream.lr", "upstream.inner_lr")  # may change aft
 # Which random bits a key draws (JAX's `jax_threefry_partitionable`, set by JAX_THREEFRY_PARTITIONABLE): the
 # same config draws other dropout masks under the other kind. Not a config key, so recorded beside them.
 RANDOM_BITS = "(random bits)"
-# Recorded from 2026-11-30 on; what an earlier record was made with is unknown, so a record without it is
-# not compared on it (and keeps its old hash).
-UNRECORDED_BEFORE = (RANDOM_BITS,)
+# The hub commit of the model's weights (`hf.snapshot_commit`: a hub id's snapshot; None for a directory,
+# known by its path): a hub id's revision ("main") moves, and a month later may name other weights.
+MODEL_SNAPSHOT = "(model snapshot)"
+# Recorded from 2026-11-30 (random bits) and 2026-12-06 (model snapshot) on; what an earlier record was
+# made with is unknown, so a record without them is not compared on them (and keeps its old hash).
+UNRECORDED_BEFORE = (RANDOM_BITS, MODEL_SNAPSHOT)
 
 # Keys that cannot change what a stage computes, and why. Every other key (including keys added later)
 # is part of the fingerprint.
@@ -53,6 +56,7 @@ HARMLESS = {
   "setting": "which tasks: their names and data are fingerprinted",
   "setting_file": "which tasks: their names and data are fingerprinted",
   "init_prompt": "where the initial prompt is: its content is fingerprinted",
+  "model_revision": "which hub commit of the model: the commit it resolves to is fingerprinted",
   "remat_layers": "the same function, recomputed in the backward pass",
   "upstream.remat_inner": "the same function, recomputed in the backward pass",
   # (MTL's dropout masks are drawn per device: another draw of the same distribution.)
@@ -208,6 +212,8 @@ def restore_flags(diffs: Sequence[Difference]) -> str:
   for d in diffs:
     if d.key == RANDOM_BITS and d.stored in ("threefry", "threefry_partitionable"):
       flags.append(f"JAX_THREEFRY_PARTITIONABLE={int(d.stored == 'threefry_partitionable')}")
+    if d.key == MODEL_SNAPSHOT and isinstance(d.stored, str):  # the hub commit it was made with, pinned
+      flags.append(f"--config.model_revision={d.stored}")
     if d.key.startswith("(") or not isinstance(d.stored, (str, int, float, bool, list)):
       continue
     value = repr(tuple(d.stored)) if isinstance(d.stored, list) else str(d.stored)

@@ -111,6 +111,7 @@ def main(argv) -> None:
     logging.info("process %d of %d", jax.process_index(), jax.process_count())
   from mpt_jax import config as config_lib, fingerprint, pipeline
   from mpt_jax.data import crossfit
+  from mpt_jax.model import hf
 
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or not workdir:
@@ -122,6 +123,7 @@ def main(argv) -> None:
     config_lib.ConfigError,
     crossfit.CrossFitError,
     fingerprint.WorkdirConflict,
+    hf.CheckpointNotFound,
     pipeline.UpstreamDiverged,
   ) as error:  # the user's to fix, and said in full: no traceback
     sys.stderr.write(f"FATAL {type(error).__name__}: {error}\n")

@@ -38,6 +38,7 @@ from mpt_jax import (
   optim,
   parallel,
   paths,
+  peft_export,
   prompt as prompt_lib,
   results,
   sharding,
@@ -70,6 +71,7 @@ def _run(config, workdir: str) -> dict | None:
   do_upstream, do_downstream = needed_stages(config)
   setting = resolve_setting(config)
   targets = list(config.downstream.tasks) or list(setting.target)
+  d_model = hf.read_config(model_dir(config))["d_model"]  # a hub id out of reach fails here, before the data
 
   # --- 2. data and the initial prompt ----------------------------------------------------------------------
   data = read_data(
@@ -80,7 +82,6 @@ def _run(config, workdir: str) -> dict | None:
     upstream=do_upstream,
     downstream=do_downstream,
   )
-  d_model = hf.read_config(hf.resolve_checkpoint(config.model))["d_model"]
   init_prompt = initial_prompt_file(config, workdir, d_model, upstream=do_upstream, downstream=do_downstream)
 
   # --- 3. workdir: refuse to mix work of another config -----------------------------------------------------
@@ -90,7 +91,7 @@ def _run(config, workdir: str) -> dict | None:
   parallel.sync("workdir checked")  # every process has read the workdir before the primary writes to it
   if parallel.is_primary():
     paths.makedirs(workdir)
-    results.run_record(config, workdir)
+    results.run_record(config, workdir, model=model_record(config))
 
   # --- 4. runtime: model, weights on the mesh, tokenizer, compiled steps ---------------------------------
   runtime = build_runtime(config, workdir, upstream=do_upstream)
@@ -311,7 +312,7 @@ def initial_prompt_file(
       )
   else:
     return None
-  prompt, _ = prompt_lib.load_prompt(path, d_model=d_model)
+  prompt, _ = peft_export.load_any_prompt(path, d_model=d_model)  # a .npy or a PEFT adapter directory
   if prompt.shape[0] != config.prompt.length:
     raise ValueError(
       f"{key} {path} has {prompt.shape[0]} rows but config.prompt.length is "
@@ -324,11 +325,30 @@ def initial_prompt_file(
 # --- 3. workdir --------------------------------------------------------------------------------------------
 
 
+def model_dir(config):
+  """config.model's checkpoint directory (a hub id: its snapshot of config.model_revision, resolved once a
+  run); raises hf.CheckpointNotFound."""
+  return hf.resolve_checkpoint(config.model, config.model_revision)
+
+
+def model_record(config) -> dict[str, Any]:
+  """What run_record.json says of the model: the id or path, the revision asked for, the directory it
+  resolved to and its hub commit (None: a directory, not a hub snapshot)."""
+  path = model_dir(config)
+  return {
+    "model": config.model,
+    "revision": config.model_revision,
+    "path": str(path),
+    "commit": hf.snapshot_commit(path),
+  }
+
+
 def upstream_fingerprint(config, source_data) -> dict[str, Any]:
   return {
     **fingerprint.stage_keys(config, "upstream"),
     fingerprint.DATA: fingerprint.data_digest(source_data),
     fingerprint.RANDOM_BITS: fingerprint.random_bits(),
+    fingerprint.MODEL_SNAPSHOT: hf.snapshot_commit(model_dir(config)),
   }
 
 
@@ -348,6 +368,7 @@ def task_fingerprint(config, task: str, task_data, init_prompt: np.ndarray | Non
     fingerprint.DATA: fingerprint.data_digest({task: task_data}),
     fingerprint.INITIAL_PROMPT: None if init_prompt is None else fingerprint.digest(init_prompt),
     fingerprint.RANDOM_BITS: fingerprint.random_bits(),
+    fingerprint.MODEL_SNAPSHOT: hf.snapshot_commit(model_dir(config)),
   }
 
 
@@ -521,6 +542,7 @@ def load_model(config):
   model, frozen_params, tokenizer = hf.load_pretrained(
     config.model,
     dtype=config.dtype,
+    revision=config.model_revision,
     remat=config.remat_layers,
     scan_layers=config.scan_layers,
     on_host=True,

@@ -828,8 +828,11 @@ def _devices() -> dict[str, Any]:
     return {"error": f"{type(e).__name__}: {e}"}
 
 
-def run_record(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
-  """Record config, versions, git commit, devices, host, time and command line in workdir.
+def run_record(
+  config: Any, workdir: str | os.PathLike, model: dict[str, Any] | None = None
+) -> dict[str, Any]:
+  """Record config, versions, git commit, devices, host, time and command line in workdir; `model`: what
+  the model resolved to (`pipeline.model_record`: its hub commit, or null for a directory).
 
   <workdir>/run_record.json holds a list with one record per invocation, oldest first: a resumed run
   appends instead of overwriting the original record. Only process 0 writes (multi-host). Returns the
@@ -846,6 +849,8 @@ def run_record(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     "git": _git_state(),
     "devices": _devices(),
   }
+  if model is not None:
+    record["model"] = model
   if record["devices"].get("process_index", 0) != 0:
     return record
   workdir = os.fspath(workdir)

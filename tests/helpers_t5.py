@@ -127,6 +127,26 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike) -> Path:
   return Path(out_dir)
 
 
+FAKE_HUB_ID = "fake/tiny-t5"
+FAKE_MAIN_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+FAKE_OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def write_fake_hub(cache: str | os.PathLike, checkpoint, repo_id: str = FAKE_HUB_ID, refs=None) -> Path:
+  """A hub cache in the layout huggingface_hub writes, models--ORG--NAME/{refs/<ref>, snapshots/<commit>/},
+  holding copies of `checkpoint` (refs: {ref: commit}; default main and `other`). Read it offline with
+  HF_HUB_CACHE=cache and HF_HUB_OFFLINE=1."""
+  import shutil
+
+  refs = refs or {"main": FAKE_MAIN_COMMIT, "other": FAKE_OTHER_COMMIT}
+  repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+  (repo / "refs").mkdir(parents=True, exist_ok=True)
+  for ref, commit in refs.items():
+    shutil.copytree(checkpoint, repo / "snapshots" / commit, dirs_exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+  return Path(cache)
+
+
 def make_hf_t5_dir(out_dir: str | os.PathLike, version: str = "1.1", **kwargs) -> Path:
   """A tiny random transformers T5 checkpoint directory (see scripts/make_test_assets.py)."""
   return _assets_module().make_hf_t5(out_dir, version, **kwargs)

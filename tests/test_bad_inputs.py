@@ -21,7 +21,10 @@ import numpy as np
 import pytest
 
 import helpers_t5
-from mpt_jax import config as config_lib, fingerprint, optim, paths, pipeline, results
+from mpt_jax import config as config_lib, fingerprint, optim, paths, pipeline, resources, results
+from mpt_jax.model import hf
+
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling dominates (tests/helpers_t5.py)
 
 REPO = Path(__file__).resolve().parents[1]
 CATALOGUE = REPO / "docs" / "BAD_INPUTS.md"
@@ -285,6 +288,50 @@ def disk_full(ctx, monkeypatch):
   return error_of(lambda: results.write_task_results(summary, ctx.tmp), OSError)
 
 
+def hub_model_missing(ctx):
+  """The command line with a hub id this machine cannot download (offline, an empty hub cache)."""
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(ctx.tmp / "empty_hub")}
+  done = subprocess.run(
+    [sys.executable, "-m", "mpt_jax.main", "--config=pt_cls2cls:tiny", f"--workdir={ctx.tmp / 'never'}"]
+    + [f"--config.data_dir={ctx.tmp}", "--config.model=google/t5-large-lm-adapt"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
+  assert done.returncode == 1 and "Traceback" not in done.stderr and not (ctx.tmp / "never").exists()
+  (fatal,) = [line for line in done.stderr.splitlines() if line.startswith("FATAL")]
+  return fatal
+
+
+class _NoTaskData:
+  splits = {}
+
+
+def other_model_snapshot(ctx, monkeypatch):
+  """A workdir made with a hub id's main at one commit, rerun (a new process) after main moved to another."""
+  hub = ctx.tmp / "hub"
+  helpers_t5.write_fake_hub(hub, ctx.checkpoint, refs={"main": helpers_t5.FAKE_MAIN_COMMIT})
+  monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  config, workdir, task = (
+    tiny_config(helpers_t5.FAKE_HUB_ID, "pt"),
+    str(ctx.tmp / "hub_run"),
+    "synth-sentiment_d",
+  )
+  data = pipeline.RunData(str(ctx.tmp), source={}, target={task: _NoTaskData()}, source_runs={})
+  pipeline.check_workdir(config, workdir, data, None, upstream=False)  # a fresh workdir: accepted
+  stage = Path(workdir) / "downstream" / task
+  fingerprint.Record(pipeline.task_fingerprint(config, task, _NoTaskData(), None)).save(str(stage))
+  (stage / "results.json").write_text("{}")  # finished work, which a rerun would reuse
+  helpers_t5.write_fake_hub(hub, ctx.checkpoint, refs={"main": helpers_t5.FAKE_OTHER_COMMIT})
+  monkeypatch.setattr(hf, "_RESOLVED", {})  # a new process resolves main again
+  return error_of(
+    lambda: pipeline.check_workdir(config, workdir, data, None, upstream=False), fingerprint.WorkdirConflict
+  )
+
+
 def upstream_diverges(ctx):
   return error_of(
     lambda: pipeline.run(tiny_config(ctx.checkpoint, **{"upstream.lr": 1e30}), str(ctx.tmp / "d")),
@@ -327,12 +374,14 @@ REPRODUCTIONS = {
   "weights-truncated": weights_truncated,
   "init-token-unknown": init_token_unknown,
   "model-missing": lambda ctx: refused_config(ctx, model="./no_such_model"),
+  "hub-model-missing": hub_model_missing,
   "other-method": lambda ctx: rerun(ctx, "fomaml"),
   "other-upstream-lr": lambda ctx: other_upstream_lr(ctx),
   "other-downstream-lrs": lambda ctx: rerun(ctx, **{"downstream.lrs": (0.4,)}),
   "fewer-steps": lambda ctx: rerun(ctx, **{"upstream.num_steps": 2}),
   "other-seed": lambda ctx: rerun(ctx, seed=1),
   "other-random-bits": lambda ctx: other_random_bits(ctx),
+  "other-model-snapshot": None,  # needs monkeypatch: test_catalogue passes it
   "harmless-change": None,  # needs caplog: test_catalogue passes it
   "old-workdir": old_workdir,
   "upstream-diverges": upstream_diverges,
@@ -398,6 +447,7 @@ def test_a_record_without_the_random_bits_is_not_compared_on_them():
   assert fingerprint.restore_flags([diff]) == "JAX_THREEFRY_PARTITIONABLE=1"
   # Each stage records it (this process's kind: tests/conftest.py sets the non-partitionable one).
   config = config_lib.base_config("maml", "cls2cls")
+  config.model = str(resources.SMALL_T5_DIR)  # a directory: no hub to reach
   assert pipeline.upstream_fingerprint(config, {})[fingerprint.RANDOM_BITS] == "threefry"
 
 
@@ -535,6 +585,8 @@ def test_catalogue(case, request, tmp_path, checkpoint, caplog, monkeypatch):
     message = harmless_change(ctx, caplog)
   elif case == "disk-full":
     message = disk_full(ctx, monkeypatch)
+  elif case == "other-model-snapshot":
+    message = other_model_snapshot(ctx, monkeypatch)
   else:
     message = REPRODUCTIONS[case](ctx)
   assert_catalogued(case, message)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import helpers_t5
 from mpt_jax.model import hf
 from mpt_jax.model.hf import load_pretrained, save_checkpoint
 from mpt_jax.model.t5 import T5Config
@@ -135,10 +136,122 @@ def test_hub_id_offline_without_cache_fails_fast(tmp_path, monkeypatch):
 
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-  with pytest.raises(
-    FileNotFoundError, match=r"google/t5-large-lm-adapt.*HF_HUB_OFFLINE=1.*huggingface-cli download"
-  ):
+  with pytest.raises(hf.CheckpointNotFound) as caught:
     load_pretrained("google/t5-large-lm-adapt")
+  message = str(caught.value)
+  assert "\n" not in message  # mpt_jax.main prints it as one FATAL line
+  assert "model 'google/t5-large-lm-adapt' (revision 'main')" in message and "HF_HUB_OFFLINE=1" in message
+  assert "`hf download google/t5-large-lm-adapt --revision main --local-dir DIR`" in message
+  assert "--config.model=DIR" in message
+
+
+# --- the hub: a fake hub cache in the layout huggingface_hub writes, read offline ---------------------------
+
+HUB_ID, MAIN_COMMIT, OTHER_COMMIT = (
+  helpers_t5.FAKE_HUB_ID,
+  helpers_t5.FAKE_MAIN_COMMIT,
+  helpers_t5.FAKE_OTHER_COMMIT,
+)
+write_fake_hub = helpers_t5.write_fake_hub
+
+
+@pytest.fixture(scope="module")
+def hub_checkpoint(tmp_path_factory):
+  """A tiny checkpoint (config.json, model.safetensors, spiece.model), written without torch."""
+  return helpers_t5.make_tiny_checkpoint(tmp_path_factory.mktemp("hub_tiny_t5"))
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch, hub_checkpoint):
+  """HF_HUB_CACHE naming a fake hub cache of HUB_ID, offline; yields the cache directory."""
+  cache = write_fake_hub(tmp_path / "hub", hub_checkpoint)
+  monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  return cache
+
+
+def test_a_hub_id_resolves_to_the_snapshot_of_its_revision(fake_hub, tmp_path, monkeypatch, hub_checkpoint):
+  snapshots = fake_hub / "models--fake--tiny-t5" / "snapshots"
+  main = hf.resolve_checkpoint(HUB_ID)
+  assert main == snapshots / MAIN_COMMIT and hf.snapshot_commit(main) == MAIN_COMMIT
+  for revision in ("other", OTHER_COMMIT):  # a branch, or the commit itself
+    assert hf.resolve_checkpoint(HUB_ID, revision) == snapshots / OTHER_COMMIT
+  model, params, tokenizer = load_pretrained(HUB_ID, revision="other")
+  assert model.config.d_model == hf.read_config(hub_checkpoint)["d_model"] and len(tokenizer) > 100
+  assert hf.snapshot_commit(hub_checkpoint) is None  # a directory: known by its path
+  # HF_HOME names the cache too (HF_HOME/hub), as huggingface_hub reads it.
+  monkeypatch.delenv("HF_HUB_CACHE")
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+  write_fake_hub(tmp_path / "home" / "hub", hub_checkpoint, refs={"main": OTHER_COMMIT})
+  assert hf.snapshot_commit(hf.resolve_checkpoint(HUB_ID)) == OTHER_COMMIT
+
+
+def test_a_revision_not_in_the_cache_says_how_to_download_it(fake_hub):
+  with pytest.raises(hf.CheckpointNotFound) as caught:
+    hf.resolve_checkpoint(HUB_ID, "v2")
+  message = str(caught.value)
+  assert "\n" not in message and "model 'fake/tiny-t5' (revision 'v2')" in message
+  assert (
+    "`hf download fake/tiny-t5 --revision v2 --local-dir DIR`" in message and "--config.model=DIR" in message
+  )
+
+
+def test_the_hub_commit_is_recorded_and_fingerprinted(fake_hub, tmp_path, hub_checkpoint):
+  from mpt_jax import config as config_lib, fingerprint, pipeline, results
+
+  config = config_lib.base_config("pt", "cls2cls")
+  config.model = HUB_ID
+  record = results.run_record(config, tmp_path / "run", model=pipeline.model_record(config))
+  assert record["model"] == {
+    "model": HUB_ID,
+    "revision": "main",
+    "path": str(fake_hub / "models--fake--tiny-t5" / "snapshots" / MAIN_COMMIT),
+    "commit": MAIN_COMMIT,
+  }
+  assert json.loads((tmp_path / "run" / "run_record.json").read_text())[-1]["model"]["commit"] == MAIN_COMMIT
+  keys = pipeline.upstream_fingerprint(config, {})
+  assert keys[fingerprint.MODEL_SNAPSHOT] == MAIN_COMMIT and "model_revision" not in keys
+  # A local directory has no hub commit.
+  local = config_lib.base_config("pt", "cls2cls")
+  local.model = str(hub_checkpoint)
+  assert pipeline.model_record(local)["commit"] is None
+  assert pipeline.upstream_fingerprint(local, {})[fingerprint.MODEL_SNAPSHOT] is None
+
+
+def test_a_workdir_made_with_one_snapshot_refuses_another(fake_hub, tmp_path):
+  from mpt_jax import config as config_lib, fingerprint, pipeline
+
+  config = config_lib.base_config("pt", "cls2cls")
+  config.model = HUB_ID
+  stage = tmp_path / "downstream" / "task"
+  made = pipeline.task_fingerprint(config, "task", _NoData(), None)
+  fingerprint.Record(made).save(str(stage))
+  (stage / "results.json").write_text("{}")  # work a rerun would reuse
+  check = lambda keys: fingerprint.check_stage(str(stage), keys, what=str(stage), fix="Use a fresh --workdir")
+  config.model_revision = MAIN_COMMIT  # the same commit, pinned: accepted
+  assert check(pipeline.task_fingerprint(config, "task", _NoData(), None)).problem is None
+  config.model_revision = "other"
+  problem = check(pipeline.task_fingerprint(config, "task", _NoData(), None)).problem
+  assert f"(model snapshot): {MAIN_COMMIT!r} -> {OTHER_COMMIT!r}" in problem
+  assert f"--config.model_revision={MAIN_COMMIT}" in problem
+  # A record written before the commit was recorded is accepted under any (and keeps its hash).
+  old = {k: v for k, v in made.items() if k != fingerprint.MODEL_SNAPSHOT}
+  assert fingerprint.differences(old, pipeline.task_fingerprint(config, "task", _NoData(), None)) == []
+
+
+class _NoData:
+  splits = {}
+
+
+def test_model_revision_must_be_a_string(hub_checkpoint):
+  from mpt_jax import config as config_lib
+
+  config = config_lib.base_config("pt", "synth_mini", "tiny")
+  config.gym, config.model = "synthetic", str(hub_checkpoint)
+  with config.ignore_type():
+    config.model_revision = 3
+  with pytest.raises(config_lib.ConfigError, match=r"config.model_revision=3: expected a hub revision"):
+    config_lib.validate(config)
 
 
 def test_config_that_is_not_t5_is_rejected(hf_t5_v11_dir, tmp_path):

@@ -50,6 +50,7 @@ def load_pretrained(
   name_or_path: str | os.PathLike,
   dtype: str = "float32",
   *,
+  revision: str = "main",
   remat: bool = False,
   scan_layers: bool = False,
   on_host: bool = False,
@@ -61,11 +62,11 @@ def load_pretrained(
   scan_layers: the model scans over its blocks, whose params are then stacked (`t5.stack_blocks`).
   on_host: keep the params as numpy arrays in host memory, to be placed on a mesh part by part
   (`parallel.place_frozen`: no device ever holds more than its part of a T5-XXL); else they are put
-  on the default device.
+  on the default device. revision: the hub revision (branch, tag or commit) of a hub id.
   """
   if dtype not in DTYPES:
     raise ValueError(f"load_pretrained dtype={dtype!r}: expected one of {DTYPES}")
-  path = resolve_checkpoint(name_or_path)
+  path = resolve_checkpoint(name_or_path, revision)
   hf_config = read_config(path)
   tensors = read_weights(path)
   config, params = params_from_hf(
@@ -90,17 +91,57 @@ def _hub_offline() -> bool:
   return any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags)
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+def _hub_cache_dir() -> str | None:
+  """The hub cache as the environment names it now (huggingface_hub reads it once, at import)."""
+  if os.environ.get("HF_HUB_CACHE"):
+    return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+  if os.environ.get("HF_HOME"):
+    return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+  return None
+
+
+class CheckpointNotFound(FileNotFoundError):
+  """config.model names no checkpoint this machine can read (no such directory; a hub id that is not
+  cached here and cannot be downloaded): the user's to fix, said in full (mpt_jax.main: one FATAL line)."""
+
+
+_SNAPSHOT = re.compile(r"[0-9a-f]{40}")
+# Hub ids resolved by this process: one snapshot per (id, revision, cache) for the whole run, so that every
+# stage fingerprints and loads the same weights even if the revision moves on the hub meanwhile.
+_RESOLVED: dict[tuple, Path] = {}
+
+
+def snapshot_commit(path: str | os.PathLike) -> str | None:
+  """The hub commit a checkpoint directory is a snapshot of (`.../models--ORG--NAME/snapshots/<commit>`,
+  as `resolve_checkpoint` gives for a hub id), or None for any other directory (its content is not
+  hashed: a local copy is known by its path)."""
+  path = Path(os.fspath(path))
+  if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+    return path.name if _SNAPSHOT.fullmatch(path.name) else None
+  return None
+
+
+def download_hint(name: str, revision: str = "main") -> str:
+  """How to get a hub checkpoint onto a machine without the hub, and run from it."""
+  return (
+    f"download it where the hub is reachable: `hf download {name} --revision {revision} "
+    f"--local-dir DIR` (huggingface_hub's CLI), copy DIR here and pass --config.model=DIR; or run once "
+    f"with network access (and without HF_HUB_OFFLINE=1) to fill the hub cache"
+  )
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str = "main") -> Path:
   """The local directory of a checkpoint: the path itself, a local copy of a URL's directory
-  (mpt_jax/paths.py), or a hub id's (cached or fresh) snapshot.
+  (mpt_jax/paths.py), or a hub id's (cached or fresh) snapshot of `revision` (a branch, tag or commit;
+  `snapshot_commit` of the result names the commit).
 
   Fails fast, never waiting on an unreachable hub: a path that looks local is never looked up on the
-  hub, and with HF_HUB_OFFLINE=1 only the local hub cache is consulted.
+  hub, and with HF_HUB_OFFLINE=1 only the local hub cache is consulted. Raises CheckpointNotFound.
   """
   name = os.fspath(name_or_path)
   if paths.is_url(name):  # gs://...: copied once to a local cache (the tokenizer and safetensors read files)
     if not paths.isdir(name):
-      raise FileNotFoundError(
+      raise CheckpointNotFound(
         f"{name}: no such checkpoint directory (a model URL names a directory holding {CONFIG}, the "
         f"weights and {SPIECE})"
       )
@@ -112,40 +153,48 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         f"{path} is a file; pass the checkpoint directory holding {CONFIG}, the weights and {SPIECE}."
       )
     return path
-  how_to_get = (
-    f"download it where the hub is reachable (`huggingface-cli download {name} "
-    f"--local-dir DIR`, or transformers' from_pretrained(...).save_pretrained(DIR) plus "
-    f"the tokenizer) and pass DIR"
-  )
   if isinstance(name_or_path, os.PathLike) or looks_local(name):
-    raise FileNotFoundError(
+    raise CheckpointNotFound(
       f"checkpoint directory {path} does not exist. To use a hub checkpoint "
       f"pass its id (e.g. google/t5-large-lm-adapt) with network access, or "
       f"download it first."
     )
+  if not isinstance(revision, str) or not revision.strip():
+    raise ValueError(f"hub revision {revision!r}: expected a branch, tag or commit hash (a string)")
+  offline, cache_dir = _hub_offline(), _hub_cache_dir()
+  key = (name, revision, cache_dir, offline)
+  if key in _RESOLVED and _RESOLVED[key].is_dir():
+    return _RESOLVED[key]
   from huggingface_hub import snapshot_download
   from huggingface_hub.errors import HFValidationError
 
-  offline = _hub_offline()
   try:
-    return _download(snapshot_download, name, local_files_only=offline)
+    path = _download(snapshot_download, name, revision, cache_dir, local_files_only=offline)
   except HFValidationError as error:
-    raise FileNotFoundError(
+    raise CheckpointNotFound(
       f"{name!r} is neither an existing directory nor a valid hub id ({error})."
     ) from None
   except Exception as error:  # noqa: BLE001 (hub errors are many: offline, 404, gated, network)
     where = (
-      "the hub is offline here (HF_HUB_OFFLINE=1) and no copy is in the local hub cache"
+      "the hub is offline here (HF_HUB_OFFLINE=1) with no copy of it in the hub cache"
       if offline
-      else f"the hub download failed: {type(error).__name__}: {error}"
+      else f"the hub download failed ({type(error).__name__}: {_first_line(error)})"
     )
-    raise FileNotFoundError(
-      f"checkpoint {name!r} is not a local directory and {where}; {how_to_get}."
+    raise CheckpointNotFound(
+      f"model {name!r} (revision {revision!r}) is not a local directory and {where}; "
+      f"{download_hint(name, revision)}."
     ) from None
+  _RESOLVED[key] = path
+  return path
 
 
-def _download(snapshot_download, repo_id: str, local_files_only: bool) -> Path:
-  """Downloads config, tokenizer and one weight format (safetensors first) of a hub repo."""
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else "no message"
+
+
+def _download(snapshot_download, repo_id: str, revision: str, cache_dir, local_files_only: bool) -> Path:
+  """Downloads config, tokenizer and one weight format (safetensors first) of a hub repo's revision."""
   formats = (
     ["*.safetensors", SAFETENSORS_INDEX],
     [FLAX_MSGPACK],
@@ -153,7 +202,13 @@ def _download(snapshot_download, repo_id: str, local_files_only: bool) -> Path:
   )
   for weights in formats:
     path = Path(
-      snapshot_download(repo_id, allow_patterns=_HUB_ALLOW + weights, local_files_only=local_files_only)
+      snapshot_download(
+        repo_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        allow_patterns=_HUB_ALLOW + weights,
+        local_files_only=local_files_only,
+      )
     )
     if _weight_files(path):
       return path

@@ -450,7 +450,7 @@ case "$cmd" in
     newest_log="$(mktemp)"
     ensure_newest_env >"$newest_log" 2>&1 &
     newest_setup=$!
-    trap 'kill "$newest_setup" 2>/dev/null; rm -rf "$MPT_COMPILATION_CACHE_DIR" "$newest_log"' EXIT
+    trap 'kill "$newest_setup" 2>/dev/null || true; rm -rf "$MPT_COMPILATION_CACHE_DIR" "$newest_log"' EXIT
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
     echo "== the pinned environment ($("$VENV/bin/python" -V), the whole suite)"
     "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile --durations=15 tests

@@ -5,7 +5,9 @@ single-process run on as many devices: what a TPU pod slice's hosts do, on one m
 Each worker process has one CPU device, so the 2-device mesh spans both; the reference run (this
 process, tests/conftest.py's 2 simulated devices) runs the same per-device programs, so the results
 are bitwise equal. The workers run `python -m mpt_jax.main --multihost` unchanged
-(tests/multiprocess_worker.py adds an audit hook that records what each process writes).
+(tests/multiprocess_worker.py adds an audit hook that records what each process writes). The SLURM path
+(scripts/slurm/mpt_jax.sbatch under a stand-in srun, the processes joined by jax.distributed.initialize()'s
+own SLURM detection) is compared with the same reference run, made once for the module.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 
 import helpers_t5
 from mpt_jax import config as config_lib, gyms, pipeline
+from test_slurm import SCRIPT, fake_slurm_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fast_compile")]
 
@@ -57,10 +60,9 @@ def _reference_config(checkpoint: str, data_dir: str):
   return config
 
 
-def _run_workers(checkpoint: str, data_dir: str, workdir: Path, writes_dir: Path) -> None:
-  port = _free_port()
-  env = {
-    **os.environ,
+def _worker_env(base: dict[str, str]) -> dict[str, str]:
+  return {
+    **base,
     "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
     "JAX_PLATFORMS": "cpu",
@@ -68,30 +70,21 @@ def _run_workers(checkpoint: str, data_dir: str, workdir: Path, writes_dir: Path
     "JAX_THREEFRY_PARTITIONABLE": "0",
     "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
   }
-  flags = [
-    "--multihost",
-    f"--coordinator_address=localhost:{port}",
-    f"--num_processes={NUM_PROCESSES}",
+
+
+def _job_flags(checkpoint: str, data_dir: str, workdir: Path) -> list[str]:
+  return [
     "--config=configs/maml_cls2cls.py:tiny",
     f"--workdir={workdir}",
     f"--config.model={checkpoint}",
     f"--config.data_dir={data_dir}",
     *(f"--config.{key}={value}" for key, value in OVERRIDES.items()),
   ]
-  log_files = [open(writes_dir / f"{i}.log", "wb") for i in range(NUM_PROCESSES)]
-  workers = [
-    subprocess.Popen(
-      [sys.executable, str(REPO / "tests" / "multiprocess_worker.py"), str(writes_dir / f"{i}.json")]
-      + flags
-      + [f"--process_id={i}"],
-      cwd=REPO,
-      env=env,
-      stdout=log,
-      stderr=subprocess.STDOUT,
-    )
-    for i, log in enumerate(log_files)
-  ]
-  # A process that fails leaves the others waiting on a collective for minutes: stop them at once.
+
+
+def _wait_for(workers: list[subprocess.Popen], log_paths: list[Path]) -> list[str]:
+  """Waits for every worker; one that fails leaves the others waiting on a collective for minutes, so
+  they are stopped at once. Returns the logs; fails the test with them if any worker failed."""
   deadline = time.monotonic() + 900
   try:
     while any(w.poll() is None for w in workers) and time.monotonic() < deadline:
@@ -103,13 +96,37 @@ def _run_workers(checkpoint: str, data_dir: str, workdir: Path, writes_dir: Path
       if worker.poll() is None:
         worker.kill()
         worker.wait()
-    for log in log_files:
-      log.close()
-  logs = [(writes_dir / f"{i}.log").read_text(errors="replace") for i in range(NUM_PROCESSES)]
+  logs = [path.read_text(errors="replace") for path in log_paths]
   failed = [i for i, worker in enumerate(workers) if worker.returncode != 0]
   assert not failed, "\n".join(
     f"--- process {i} (exit {workers[i].returncode}):\n{logs[i][-5000:]}" for i in failed
   )
+  return logs
+
+
+def _run_workers(checkpoint: str, data_dir: str, workdir: Path, writes_dir: Path) -> None:
+  flags = [
+    "--multihost",
+    f"--coordinator_address=localhost:{_free_port()}",
+    f"--num_processes={NUM_PROCESSES}",
+    *_job_flags(checkpoint, data_dir, workdir),
+  ]
+  log_paths = [writes_dir / f"{i}.log" for i in range(NUM_PROCESSES)]
+  workers = []
+  for i, path in enumerate(log_paths):
+    with open(path, "wb") as log:  # the child keeps its own copy of the descriptor
+      workers.append(
+        subprocess.Popen(
+          [sys.executable, str(REPO / "tests" / "multiprocess_worker.py"), str(writes_dir / f"{i}.json")]
+          + flags
+          + [f"--process_id={i}"],
+          cwd=REPO,
+          env=_worker_env(dict(os.environ)),
+          stdout=log,
+          stderr=subprocess.STDOUT,
+        )
+      )
+  logs = _wait_for(workers, log_paths)
   assert "process 1 of 2" in logs[1] and "over 2 processes" in logs[0]
 
 
@@ -124,21 +141,31 @@ def _outputs(workdir: Path) -> dict[str, object]:
   return out
 
 
-def test_two_processes_train_as_one_and_only_process_0_writes_the_runs_files(tmp_path):
-  checkpoint = str(helpers_t5.make_tiny_checkpoint(tmp_path / "tiny_t5"))
-  data_dir = gyms.data_dir("synthetic", tmp_path / "gym")
-  reference, multi, writes = tmp_path / "reference", tmp_path / "multi", tmp_path / "writes"
-  writes.mkdir()
-  pipeline.run(_reference_config(checkpoint, data_dir), str(reference))
-  _run_workers(checkpoint, data_dir, multi, writes)
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, fast_compile):
+  """The one-process run on 2 simulated devices that every multi-process run must equal bitwise."""
+  root = tmp_path_factory.mktemp("multiprocess_reference")
+  checkpoint = str(helpers_t5.make_tiny_checkpoint(root / "tiny_t5"))
+  data_dir = gyms.data_dir("synthetic", root / "gym")
+  pipeline.run(_reference_config(checkpoint, data_dir), str(root / "reference"))
+  return checkpoint, data_dir, _outputs(root / "reference")
 
-  expected, got = _outputs(reference), _outputs(multi)
+
+def _assert_bitwise_equal(got: dict[str, object], expected: dict[str, object]) -> None:
   assert sorted(got) == sorted(expected) and len(got) > 4
   for name in expected:
     if name.endswith(".npy"):
       np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
     else:
       assert got[name] == expected[name], name
+
+
+def test_two_processes_train_as_one_and_only_process_0_writes_the_runs_files(tmp_path, reference_run):
+  checkpoint, data_dir, expected = reference_run
+  multi, writes = tmp_path / "multi", tmp_path / "writes"
+  writes.mkdir()
+  _run_workers(checkpoint, data_dir, multi, writes)
+  _assert_bitwise_equal(_outputs(multi), expected)
   logged = [json.loads(line)["step"] for line in open(multi / "upstream" / "logs" / "metrics.jsonl")]
   assert logged == [1, 2, 3, 4]  # one writer: each step logged once
 
@@ -152,3 +179,48 @@ def test_two_processes_train_as_one_and_only_process_0_writes_the_runs_files(tmp
   assert all(p.parts[0] == "cache" or "checkpoints" in p.parts for p in in_workdir), in_workdir
   primary = json.load(open(writes / "0.json"))  # the hook sees the primary's writes (written atomically)
   assert any(p.startswith(str(multi / "upstream" / "prompt.npy")) for p in primary)
+
+
+def test_two_processes_given_slurms_variables_reproduce_one_process_bitwise(tmp_path, reference_run):
+  checkpoint, data_dir, expected = reference_run
+  multi = tmp_path / "multi"
+  env = {key: value for key, value in fake_slurm_env(tmp_path).items() if not key.startswith("SLURM_")}
+  env = _worker_env(env) | {
+    "MPT_PYTHON": sys.executable,
+    "SLURM_SUBMIT_DIR": str(REPO),
+    # what srun sets for the 2 tasks of a one-node step
+    "SLURM_JOB_ID": _slurm_job_id(),
+    "SLURM_STEP_NODELIST": "localhost",
+    "SLURM_JOB_NODELIST": "localhost",
+    "SLURM_STEP_NUM_NODES": "1",
+    "SLURM_NTASKS": str(NUM_PROCESSES),
+  }
+  log_paths = [tmp_path / f"{i}.log" for i in range(NUM_PROCESSES)]
+  workers = []
+  for i, path in enumerate(log_paths):
+    with open(path, "wb") as log:
+      workers.append(
+        subprocess.Popen(
+          ["bash", str(SCRIPT), *_job_flags(checkpoint, data_dir, multi)],
+          cwd=REPO,
+          env=env | {"SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+          stdout=log,
+          stderr=subprocess.STDOUT,
+        )
+      )
+  logs = _wait_for(workers, log_paths)
+  assert "process 1 of 2" in logs[1]  # joined through SLURM's variables, no coordinator flags
+  _assert_bitwise_equal(_outputs(multi), expected)
+
+
+def _slurm_job_id() -> str:
+  """A job id whose port (jax's SlurmCluster: 61440 + id % 4096) is free here."""
+  for _ in range(50):
+    with socket.socket() as s:
+      port = 61440 + int.from_bytes(os.urandom(2), "big") % 4096
+      try:
+        s.bind(("localhost", port))
+      except OSError:
+        continue
+    return str(4096 * 30 + port - 61440)
+  raise RuntimeError("no free port in 61440-65535")

@@ -419,8 +419,8 @@ def validate(config, available_devices: int | None = None) -> None:
   and (given the devices there are) how upstream's batches split over the devices."""
   # The enumerations live with the code that dispatches on them; imported here rather than at the top so
   # that loading a config file stays light.
-  from mpt_jax import adapt, algorithms, decode, gyms, optim, pipeline, prompt as prompt_lib
-  from mpt_jax.model import hf, t5
+  from mpt_jax import adapt, algorithms, decode, gyms, optim, prompt as prompt_lib
+  from mpt_jax.model import hf, loss as loss_lib, t5
 
   flat = flatten(config)
   problems = []
@@ -454,8 +454,8 @@ def validate(config, available_devices: int | None = None) -> None:
   one_of("dtype", t5.DTYPES)
   one_of("remat_policy", tuple(t5.REMAT_POLICIES))
   one_of("attention", t5.ATTENTION_IMPLEMENTATIONS)
-  one_of("downstream.decoding", pipeline.DECODINGS)
-  one_of("data.direction", pipeline.DIRECTIONS)
+  one_of("downstream.decoding", decode.DECODINGS)
+  one_of("data.direction", loss_lib.DIRECTIONS)
   one_of("downstream.objective", algorithms.OBJECTIVES)
   one_of("downstream.calibration", decode.CALIBRATIONS)
   # Options that work on a task's label set, which only rank classification has.
@@ -593,7 +593,7 @@ def validate(config, available_devices: int | None = None) -> None:
 
   # The setting, its target tasks and the files the config names.
   try:
-    setting = pipeline.resolve_setting(config)
+    setting = gyms.resolve_setting(config)
   except (ValueError, OSError) as error:
     problems.append(f"config.setting={flat['setting']!r}: {error}")
   else:

@@ -134,6 +134,9 @@ def _greedy_from_encoded(model: T5, frozen_params, encoded, encoder_mask, max_le
 # --- beam search -----------------------------------------------------------------------------------------
 
 # What transformers adds to a score to rule a candidate out (not -inf: sums must stay finite).
+# config.downstream.decoding: beam search, greedy generation, rank classification over a task's labels,
+# or "auto" (rank for classification tasks, greedy for the others).
+DECODINGS = ("beam", "greedy", "rank", "auto")
 _EXCLUDED = -1.0e9
 
 

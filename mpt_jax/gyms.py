@@ -27,6 +27,16 @@ def ensure(name: str) -> None:
     )
 
 
+def resolve_setting(config) -> settings_lib.Setting:
+  """The setting a config names: `config.setting_file` if given, else `config.setting` (of CrossFit, a
+  built-in gym, or `config.gym`'s, registered here first)."""
+  if config.gym:
+    ensure(config.gym)
+  if config.setting_file:
+    return settings_lib.load_setting(config.setting_file)
+  return settings_lib.get_setting(config.setting)
+
+
 def data_dir(name: str, default_dir: str | os.PathLike) -> str:
   """Where the gym's files are: the shipped directory, or `default_dir` generated on first use."""
   ensure(name)

@@ -46,11 +46,9 @@ from mpt_jax import (
   train,
 )
 from mpt_jax.data import batching, crossfit, settings as settings_lib
-from mpt_jax.model import hf
+from mpt_jax.model import hf, loss as loss_lib
 
 UPSTREAM_METHODS = study.UPSTREAM_METHODS
-DECODINGS = ("beam", "greedy", "rank", "auto")  # config.downstream.decoding
-DIRECTIONS = ("direct", "channel")  # config.data.direction
 CLASSIFICATION_METRICS = (metrics.ACC, metrics.CLASSIFICATION_F1, metrics.MATTHEW_CORRELATION)
 
 
@@ -69,7 +67,7 @@ def _run(config, workdir: str) -> dict | None:
   # --- 1. config -------------------------------------------------------------------------------------------
   config_lib.validate(config, available_devices=jax.device_count())
   do_upstream, do_downstream = needed_stages(config)
-  setting = resolve_setting(config)
+  setting = gyms.resolve_setting(config)
   targets = list(config.downstream.tasks) or list(setting.target)
   d_model = hf.read_config(model_dir(config))["d_model"]  # a hub id out of reach fails here, before the data
 
@@ -138,14 +136,6 @@ def needed_stages(config) -> tuple[bool, bool]:
   stages = set(config.stages)
   upstream = "upstream" in stages and config.method in UPSTREAM_METHODS and not config.init_prompt
   return upstream, "downstream" in stages
-
-
-def resolve_setting(config) -> settings_lib.Setting:
-  if config.gym:
-    gyms.ensure(config.gym)
-  if config.setting_file:
-    return settings_lib.load_setting(config.setting_file)
-  return settings_lib.get_setting(config.setting)
 
 
 def source_run_seeds(config) -> tuple[int, ...]:
@@ -641,7 +631,7 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
 
   choice_grid_steps = {}
   if d.objective != "likelihood":
-    for direction in DIRECTIONS:
+    for direction in loss_lib.DIRECTIONS:
       choice_loss = algorithms.make_loss_fn(
         model,
         deterministic=config.dropout_rate == 0,
@@ -654,7 +644,7 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
   channel_rank = over_runs(decode.channel_rank_classify, "channel rank classification", with_bias=True)
   label_scores = {}
   if d.calibration != "none":
-    for direction in DIRECTIONS:
+    for direction in loss_lib.DIRECTIONS:
       label_scores[direction] = over_runs(
         decode.label_scores, f"{direction} label scores", with_bias=False, direction=direction
       )
@@ -1027,7 +1017,7 @@ def run_downstream(
 def target_baselines(config, workdir: str) -> dict[str, dict[str, float]]:
   """{target task: {"constant": x, "random": y}}: the chance levels of the run's target tasks under
   their metrics, from the same train and test files the methods use (mpt_jax.baselines)."""
-  setting = resolve_setting(config)
+  setting = gyms.resolve_setting(config)
   targets = list(config.downstream.tasks) or list(setting.target)
   data = read_tasks(
     resolve_data_dir(config, workdir), targets, config.seeds, ("train", "test"), keep_empty_answers=("test",)

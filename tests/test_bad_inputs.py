@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import helpers_t5
-from mpt_jax import config as config_lib, fingerprint, optim, paths, pipeline, resources, results
+from mpt_jax import config as config_lib, fingerprint, gyms, optim, paths, pipeline, resources, results
 from mpt_jax.model import hf
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling dominates (tests/helpers_t5.py)
@@ -156,7 +156,7 @@ def write_prompt(path: Path, shape) -> str:
 
 def data_problems(ctx):
   data = ctx.tmp / "data"
-  pipeline.resolve_setting(tiny_config(ctx.checkpoint))  # registers the synthetic gym
+  gyms.resolve_setting(tiny_config(ctx.checkpoint))  # registers the synthetic gym
   from mpt_jax.data import synthetic
 
   synthetic.write_synthetic_gym(data, tasks=["synth-sentiment_a", "synth-topic_a", "synth-sentiment_d"])
@@ -170,7 +170,7 @@ def data_problems(ctx):
 
 def channel_several_answers(ctx):
   data = ctx.tmp / "data"
-  pipeline.resolve_setting(tiny_config(ctx.checkpoint))  # registers the synthetic gym
+  gyms.resolve_setting(tiny_config(ctx.checkpoint))  # registers the synthetic gym
   from mpt_jax.data import synthetic
 
   synthetic.write_synthetic_gym(data, tasks=["synth-sentiment_a", "synth-topic_a", "synth-sentiment_d"])

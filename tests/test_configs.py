@@ -144,7 +144,7 @@ def test_all_55_configs_resolve_their_setting_and_initialize_their_prompt(tiny_t
   import numpy as np
 
   import helpers_t5
-  from mpt_jax import pipeline
+  from mpt_jax import gyms, pipeline
   from mpt_jax.model.tokenizer import load_tokenizer
 
   tokenizer = load_tokenizer(tiny_tokenizer_dir)
@@ -154,7 +154,7 @@ def test_all_55_configs_resolve_their_setting_and_initialize_their_prompt(tiny_t
     config = _load(path)
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # nonli2nli's sick leak has its own test
-      setting = pipeline.resolve_setting(config)
+      setting = gyms.resolve_setting(config)
     # Upstream methods start from the source tasks' names; PT from each target task's own name.
     name_lists = [list(setting.source)] if config.method != "pt" else [[t] for t in setting.target]
     for names in name_lists:

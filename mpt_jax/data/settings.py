@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import json
 import os
 import warnings
@@ -69,7 +68,7 @@ class Gym:
 
 
 _GYMS: dict[str, Gym] = {}
-# Built-in gyms are loaded on first use (the synthetic one imports its module, which imports this one).
+# Built-in gyms are loaded on first use.
 _BUILTIN: dict[str, Callable[[], Gym]] = {}
 
 
@@ -84,7 +83,14 @@ def _load_crossfit() -> Gym:
 
 
 def _load_synthetic() -> Gym:
-  return importlib.import_module("mpt_jax.data.synthetic").synthetic_gym()
+  from mpt_jax.data import synthetic  # plain data: its task table and settings (it imports nothing of ours)
+
+  return make_gym(
+    synthetic.GYM_NAME,
+    synthetic.TASK_METRICS,
+    synthetic.SETTINGS,
+    classification=synthetic.CLASSIFICATION_TASKS,
+  )
 
 
 _BUILTIN["crossfit"] = _load_crossfit

@@ -31,7 +31,6 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mpt_jax.data import settings as settings_lib
 from mpt_jax.data import crossfit
 from mpt_jax.data.crossfit import SEEDS
 
@@ -130,11 +129,6 @@ SETTINGS = {
   # Two source tasks, one target: the smallest end-to-end run (demo, smoke tests).
   "synth_mini": {"source": ["synth-sentiment_a", "synth-topic_a"], "target": ["synth-sentiment_d"]},
 }
-
-
-def synthetic_gym() -> settings_lib.Gym:
-  """The gym's metric table and settings, for `mpt_jax.data.settings` (which loads it on first use)."""
-  return settings_lib.make_gym(GYM_NAME, TASK_METRICS, SETTINGS, classification=CLASSIFICATION_TASKS)
 
 
 # --- lexicons --------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import bench_steps  # noqa: E402
-from mpt_jax import algorithms, decode, gyms, optim  # noqa: E402
+from mpt_jax import algorithms, decode, gyms, methods, optim  # noqa: E402
 from mpt_jax.config import SEEDS  # noqa: E402
 from mpt_jax.data import batching, crossfit, settings as settings_lib  # noqa: E402
 from mpt_jax.model import hf  # noqa: E402
@@ -163,7 +163,7 @@ def section_buckets(args, results) -> None:
   step = common_bucket_step(samplers["bucketed"])
   optimizer = optim.make_optimizer("adafactor", 0.5)
   loss_fn = algorithms.make_loss_fn(model, deterministic=False)
-  maml = algorithms.jit_step(algorithms.make_step("maml", loss_fn, optimizer, inner_lr=3e-5))
+  maml = algorithms.jit_step(methods.make_step("maml", loss_fn, optimizer, inner_lr=3e-5))
   rows.append(
     _time_variants(
       "MAML step, 2 tasks x (2 + 2)",
@@ -186,7 +186,7 @@ def section_buckets(args, results) -> None:
   }
   grid_optimizer = optim.make_optimizer("adafactor", 1.0)
   grid = jax.jit(
-    algorithms.make_grid_step(algorithms.make_step("pt", loss_fn, grid_optimizer)), donate_argnums=(0,)
+    algorithms.make_grid_step(methods.make_step("pt", loss_fn, grid_optimizer)), donate_argnums=(0,)
   )
   lrs = np.resize(np.asarray(GRID_LRS, np.float32), len(runs))
   step = common_bucket_step(samplers["bucketed"])
@@ -243,14 +243,14 @@ import json, sys, time
 sys.path.insert(0, sys.argv[2])
 import jax, jax.numpy as jnp
 from benchmarks import bench_steps
-from mpt_jax import algorithms, compilation, optim
+from mpt_jax import algorithms, compilation, methods, optim
 start = time.perf_counter()
 compilation.enable_persistent_cache(sys.argv[1])
 model = bench_steps.build_model("small", dropout_rate=0.1)
 params = jax.device_put(bench_steps.random_params(model))
 prompt = bench_steps.initial_prompt(params, 100)
 optimizer = optim.make_optimizer("adafactor", 0.5)
-step = algorithms.jit_step(algorithms.make_step(
+step = algorithms.jit_step(methods.make_step(
     "maml", algorithms.make_loss_fn(model, deterministic=False), optimizer, inner_lr=3e-5))
 state = algorithms.init_state(jnp.asarray(prompt), optimizer)
 batch = jax.device_put(bench_steps.make_batches("small")["maml"])
@@ -402,7 +402,7 @@ def section_dev_eval(args, results) -> None:
   optimizer = optim.make_optimizer("adafactor", 1.0)
   grid = jax.jit(
     algorithms.make_grid_step(
-      algorithms.make_step("pt", algorithms.make_loss_fn(train_model, deterministic=False), optimizer)
+      methods.make_step("pt", algorithms.make_loss_fn(train_model, deterministic=False), optimizer)
     ),
     donate_argnums=(0,),
   )

@@ -155,7 +155,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mpt_jax import algorithms, optim  # noqa: E402
+from mpt_jax import algorithms, methods, optim  # noqa: E402
 from mpt_jax.algorithms import common  # noqa: E402
 from mpt_jax.model.t5 import T5, T5Config, init_params  # noqa: E402
 
@@ -323,12 +323,12 @@ def our_timed_step(method: str, model: T5, *, inner_lr: float = STUDY_INNER_LR, 
   optimizer = optim.make_optimizer("adafactor", 0.5)
   if method == "grid":
     return jax.jit(
-      algorithms.make_grid_step(algorithms.make_step("pt", loss_fn, optimizer)), donate_argnums=(0,)
+      algorithms.make_grid_step(methods.make_step("pt", loss_fn, optimizer)), donate_argnums=(0,)
     ), optimizer
   kwargs = {} if method == "pt" else dict(inner_lr=inner_lr)
   if method in ("maml", "fomaml"):
     kwargs["remat"] = remat
-  return algorithms.jit_step(algorithms.make_step(method, loss_fn, optimizer, **kwargs)), optimizer
+  return algorithms.jit_step(methods.make_step(method, loss_fn, optimizer, **kwargs)), optimizer
 
 
 def grid_learning_rates(num_runs: int) -> np.ndarray:

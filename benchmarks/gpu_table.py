@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import bench_steps
-from mpt_jax import algorithms, chunking, decode, optim
+from mpt_jax import algorithms, chunking, decode, methods, optim
 from mpt_jax.model.t5 import T5, T5Config, cast_params, stack_blocks
 
 SCALES = {
@@ -267,7 +267,7 @@ def step_run(table: Table, entry: dict, method: str, config: T5Config, params, b
   optimizer = optim.make_optimizer("adafactor", 0.5)
   loss_fn = algorithms.make_loss_fn(model, deterministic=True)
   kwargs = dict(inner_lr=INNER_LR) if method == "maml" else {}
-  jitted = algorithms.jit_step(algorithms.make_step(method, loss_fn, optimizer, **kwargs))
+  jitted = algorithms.jit_step(methods.make_step(method, loss_fn, optimizer, **kwargs))
   state = algorithms.init_state(jnp.asarray(table.state["prompt"]), optimizer)
   batch = jax.device_put(batch)
   compiled, info = compile_step(jitted, state, params, batch, jax.random.key(0))
@@ -296,7 +296,7 @@ def grid_run(table: Table, entry: dict, batch_key: str, **changes) -> None:
   optimizer = optim.make_optimizer("adafactor", 1.0)
   loss_fn = algorithms.make_loss_fn(T5(config), deterministic=True)
   jitted = jax.jit(
-    algorithms.make_grid_step(algorithms.make_step("pt", loss_fn, optimizer)), donate_argnums=(0,)
+    algorithms.make_grid_step(methods.make_step("pt", loss_fn, optimizer)), donate_argnums=(0,)
   )
   runs = table.scale["grid_runs"]
   # The device's free memory decides the chunks; a CPU reports none: plan for "unlimited" there, so the

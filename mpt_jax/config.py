@@ -19,26 +19,17 @@ import ml_collections
 from mpt_jax import paths, resources, study
 
 
-METHODS = study.METHODS
+METHODS = study.METHODS  # the study's; every registered method is mpt_jax.methods.names()
 SEEDS = study.SEEDS
 STAGES = ("upstream", "downstream")
 
-# The upstream hyperparameters of the study, per method (PROTOCOL.md, "Upstream").
-_UPSTREAM = {
-  "pt": dict(),  # no upstream: PT prompt-tunes downstream from the target task's name.
-  "mtl": dict(batch_size=4, num_epochs=20, max_target_len=study.DOWNSTREAM_TARGET_LEN),
-  "maml": dict(num_steps=5000, tasks_per_step=2, inner_steps=1, inner_batch_size=2, query_size=2),
-  # First-order MAML (the meta-gradient does not flow through the inner steps' gradients).
-  "fomaml": dict(num_steps=5000, tasks_per_step=2, inner_steps=1, inner_batch_size=4, query_size=4),
-  # Reptile: 10 inner SGD steps of 4 examples = the 40 support examples of the study, no query.
-  "reptile": dict(num_steps=5000, tasks_per_step=2, inner_steps=10, inner_batch_size=4, query_size=0),
-}
-
 
 def base_config(method: str, setting: str, preset: str | None = None) -> ml_collections.ConfigDict:
-  """The full config of `method` on `setting`, with the named preset applied."""
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  """The full config of `method` (any registered in mpt_jax/methods.py) on `setting`, with the named
+  preset applied."""
+  from mpt_jax import methods  # here, not above: a config file is read before JAX may start
+
+  method_entry = methods.get(method)  # an unknown name: ValueError naming the registered ones
   c = ml_collections.ConfigDict()
   c.method = method
   c.setting = setting
@@ -128,7 +119,7 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   u.lr = 0.5
   u.checkpoint_every = 200
   u.log_every = 10
-  u.update(_UPSTREAM[method])
+  u.update(method_entry.defaults)  # the method's own hyperparameters (the study's, PROTOCOL.md "Upstream")
 
   d = c.downstream = ml_collections.ConfigDict()
   d.lrs = (0.5, 0.4, 0.3, 0.2)
@@ -191,13 +182,20 @@ def _apply_preset(c: ml_collections.ConfigDict, preset: str | None) -> None:
   PRESETS[preset](c)
 
 
+def _pools_examples(c) -> bool:
+  """Whether c.method trains upstream on pooled batches of examples (MTL), not on episodes."""
+  from mpt_jax import methods
+
+  return methods.get(c.method).upstream == methods.POOL
+
+
 def _tiny(c):
   """A seconds-scale smoke run: tiny model size is set by the model path; few steps, short lengths."""
   c.seeds = (100, 13)
   c.prompt.length = 4
   c.data.max_input_len = 32
   c.upstream.num_steps = min(c.upstream.num_steps, 4) if c.upstream.num_steps else 0
-  c.upstream.num_epochs = 1 if c.method == "mtl" else 0
+  c.upstream.num_epochs = 1 if _pools_examples(c) else 0
   c.upstream.max_target_len = 8
   c.upstream.checkpoint_every = 2
   c.upstream.log_every = 1
@@ -248,7 +246,7 @@ def _mini(c):
   _demo(c)
   c.seeds = SEEDS
   u = c.upstream
-  u.num_steps = 400 if c.method == "mtl" else 200
+  u.num_steps = 400 if _pools_examples(c) else 200
   u.checkpoint_every = 100
   u.log_every = 25
   d = c.downstream
@@ -419,7 +417,7 @@ def validate(config, available_devices: int | None = None) -> None:
   and (given the devices there are) how upstream's batches split over the devices."""
   # The enumerations live with the code that dispatches on them; imported here rather than at the top so
   # that loading a config file stays light.
-  from mpt_jax import adapt, algorithms, decode, gyms, optim, prompt as prompt_lib
+  from mpt_jax import adapt, algorithms, decode, gyms, methods, optim, prompt as prompt_lib
   from mpt_jax.model import hf, loss as loss_lib, t5
 
   flat = flatten(config)
@@ -448,7 +446,7 @@ def validate(config, available_devices: int | None = None) -> None:
       add(key, "a finite number > 0")
     return ok
 
-  one_of("method", METHODS)
+  one_of("method", methods.names())
   one_of("prompt.placement", t5.PLACEMENTS)
   one_of("prompt.init", prompt_lib.INITS)
   one_of("dtype", t5.DTYPES)
@@ -529,22 +527,24 @@ def validate(config, available_devices: int | None = None) -> None:
   ):
     add("downstream.source_seeds", "distinct integers >= 0, or () for config.seeds")
 
-  method = flat["method"]
-  if method in study.UPSTREAM_METHODS:
+  method = methods.REGISTRY.get(flat["method"])  # an unknown one is reported above
+  if method is not None and method.has_upstream:
     one_of("upstream.optimizer", optim.OPTIMIZERS)
     rate("upstream.lr")
     for key in ("upstream.max_target_len",):
       integer(key, 2)
     for key in ("upstream.checkpoint_every", "upstream.log_every"):
       integer(key)
-    if method == "mtl":
+    if method.upstream == methods.POOL:
       integer("upstream.batch_size")
       integer("upstream.num_steps", 0)
       if flat["upstream.num_steps"] == 0 and not (
         isinstance(flat["upstream.num_epochs"], (int, float)) and flat["upstream.num_epochs"] > 0
       ):
-        add("upstream.num_epochs", "> 0 when upstream.num_steps is 0 (MTL trains num_steps, or epochs)")
-      per_step, per_step_key = flat["upstream.batch_size"], "upstream.batch_size"
+        add(
+          "upstream.num_epochs",
+          "> 0 when upstream.num_steps is 0 (MTL and any pooled method train num_steps, or epochs)",
+        )
     else:
       for key in (
         "upstream.num_steps",
@@ -553,10 +553,12 @@ def validate(config, available_devices: int | None = None) -> None:
         "upstream.inner_batch_size",
       ):
         integer(key)
-      if method != "reptile":
+      if method.needs_query:
         integer("upstream.query_size")
+    if "inner_lr" in method.options.values():
       rate("upstream.inner_lr")
-      per_step, per_step_key = flat["upstream.tasks_per_step"], "upstream.tasks_per_step"
+    per_step_key = "upstream." + methods.LEADING_SIZE_KEY[method.upstream]
+    per_step = flat[per_step_key]
     data_axis = _data_axis_size(flat, available_devices, problems)
     if data_axis and isinstance(per_step, int) and per_step > 0 and per_step % data_axis:
       problems.append(

@@ -35,7 +35,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mpt_jax import algorithms, sharding
+from mpt_jax import methods, sharding
 from mpt_jax.algorithms import common
 
 DATA_AXIS = "data"
@@ -339,8 +339,8 @@ def shard_step(per_device_step: common.StepFn, mesh: Mesh) -> common.StepFn:
 
 
 def make_sharded_step(method: str, loss_fn, optimizer, mesh: Mesh, **kwargs) -> common.StepFn:
-  """The jitted data-parallel step of `method` (kwargs as for `mpt_jax.algorithms.make_step`)."""
-  return shard_step(algorithms.make_step(method, loss_fn, optimizer, axis_name=DATA_AXIS, **kwargs), mesh)
+  """The jitted data-parallel step of `method` (kwargs as for `mpt_jax.methods.make_step`)."""
+  return shard_step(methods.make_step(method, loss_fn, optimizer, axis_name=DATA_AXIS, **kwargs), mesh)
 
 
 def shard_grid_step(step: common.StepFn, mesh: Mesh) -> common.StepFn:

@@ -34,6 +34,7 @@ from mpt_jax import (
   fingerprint,
   gyms,
   lease,
+  methods,
   metrics,
   optim,
   parallel,
@@ -42,13 +43,11 @@ from mpt_jax import (
   prompt as prompt_lib,
   results,
   sharding,
-  study,
   train,
 )
 from mpt_jax.data import batching, crossfit, settings as settings_lib
 from mpt_jax.model import hf, loss as loss_lib
 
-UPSTREAM_METHODS = study.UPSTREAM_METHODS
 CLASSIFICATION_METRICS = (metrics.ACC, metrics.CLASSIFICATION_F1, metrics.MATTHEW_CORRELATION)
 
 
@@ -131,10 +130,15 @@ def _run(config, workdir: str) -> dict | None:
 # --- 1. config ---------------------------------------------------------------------------------------------
 
 
+def has_upstream(config) -> bool:
+  """Whether the config's method learns a prompt initialization upstream (mpt_jax/methods.py)."""
+  return methods.get(config.method).has_upstream
+
+
 def needed_stages(config) -> tuple[bool, bool]:
   """(upstream, downstream): upstream only for a method that has one and no given initial prompt."""
   stages = set(config.stages)
-  upstream = "upstream" in stages and config.method in UPSTREAM_METHODS and not config.init_prompt
+  upstream = "upstream" in stages and has_upstream(config) and not config.init_prompt
   return upstream, "downstream" in stages
 
 
@@ -147,7 +151,9 @@ def prompt_tunes_sources(config) -> bool:
   """PT runs the downstream grid on the source tasks too (task embeddings for mpt_jax.analysis); the
   other methods leave that to PT (a study sets the switch for every method at once)."""
   return (
-    bool(config.downstream.prompt_tune_sources) and config.method == "pt" and "downstream" in config.stages
+    bool(config.downstream.prompt_tune_sources)
+    and methods.get(config.method).prompt_tunes_sources
+    and "downstream" in config.stages
   )
 
 
@@ -293,7 +299,7 @@ def initial_prompt_file(
   d_model]. None when upstream makes it now, or for PT (each task starts from its own name)."""
   if config.init_prompt:
     path, key = config.init_prompt, "config.init_prompt"
-  elif downstream and not upstream and config.method in UPSTREAM_METHODS:
+  elif downstream and not upstream and has_upstream(config):
     path, key = paths.join(workdir, "upstream", "prompt.npy"), "the upstream prompt"
     if not paths.exists(path):
       raise FileNotFoundError(
@@ -387,7 +393,7 @@ def check_workdir(
   problems, upstream_check = [], None
   upstream_prompt = paths.exists(paths.join(workdir, "upstream", "prompt.npy"))
   fix = _fresh_workdir_fix(workdir, upstream_prompt)
-  if config.method in UPSTREAM_METHODS and not config.init_prompt:
+  if has_upstream(config) and not config.init_prompt:
     upstream_check = fingerprint.check_stage(
       paths.join(workdir, "upstream"),
       upstream_fingerprint(config, data.source),
@@ -398,7 +404,7 @@ def check_workdir(
     problems.append(upstream_check.problem)
   # The upstream prompt is known here unless upstream is still to make it; then it is compared when the
   # downstream stage starts.
-  known_prompt = init_prompt is not None or config.method not in UPSTREAM_METHODS
+  known_prompt = init_prompt is not None or not has_upstream(config)
   for subdir, tasks in (("downstream", data.target), ("sources", data.source_runs)):
     for task, task_data in tasks.items():
       task_dir = paths.join(workdir, subdir, task)
@@ -586,12 +592,12 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
   upstream_optimizer = upstream_step = None
   if upstream:
     upstream_optimizer = optim.make_optimizer(u.optimizer, u.lr)
-    kwargs = {} if config.method == "mtl" else {"inner_lr": u.inner_lr, "remat": u.remat_inner}
+    kwargs = methods.get(config.method).step_options(u)
     if mesh.size > 1:  # config.validate checked that the step's tasks (MTL: examples) split over them
       upstream_step = parallel.make_sharded_step(config.method, loss_fn, upstream_optimizer, mesh, **kwargs)
     else:
       upstream_step = algorithms.jit_step(
-        algorithms.make_step(config.method, loss_fn, upstream_optimizer, **kwargs)
+        methods.make_step(config.method, loss_fn, upstream_optimizer, **kwargs)
       )
   grid_optimizer = optim.make_optimizer(d.optimizer, 1.0)
   budget = memory_budget_bytes(config)
@@ -751,13 +757,14 @@ def upstream_sampler(config, source_data, tokenizer, cache_dir):
     key: s if s.lengths == (input_len, target_len) else batching.pad_lengths(s, input_len, target_len)
     for key, s in tokenized.items()
   }
-  if config.method == "mtl":
-    pool = batching.concat_splits([tokenized[key] for key in sorted(tokenized)], "mtl")
+  method = methods.get(config.method)
+  if method.upstream == methods.POOL:
+    pool = batching.concat_splits([tokenized[key] for key in sorted(tokenized)], "source pool")
     sampler = batching.EpochSampler(
       pool, batch_size=u.batch_size, seed=config.seed, buckets=length_buckets(config)
     )
     return sampler, u.num_steps or sampler.steps_for_epochs(u.num_epochs)
-  with_query = config.method != "reptile"
+  with_query = method.needs_query
   tasks = batching.meta_tasks(tokenized, list(source_data), config.seeds, with_query=with_query)
   sampler = batching.EpisodeSampler(
     tasks,
@@ -772,8 +779,8 @@ def upstream_sampler(config, source_data, tokenizer, cache_dir):
 
 
 def upstream_batch_size(config) -> int:
-  """The leading size of an upstream batch, split over the devices: MTL's examples, else tasks."""
-  return config.upstream.batch_size if config.method == "mtl" else config.upstream.tasks_per_step
+  """The leading size of an upstream batch, split over the devices: a pool's examples, or an episode's tasks."""
+  return config.upstream[methods.LEADING_SIZE_KEY[methods.get(config.method).upstream]]
 
 
 def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], seed: int) -> np.ndarray:
@@ -950,7 +957,7 @@ def run_downstream(
     input_template=config.data.input_template,
   )
   grid = grid_config(config)
-  fix = _fresh_workdir_fix(runtime.workdir, config.method in UPSTREAM_METHODS)
+  fix = _fresh_workdir_fix(runtime.workdir, has_upstream(config))
   summaries = []
   for task, data in target_data.items():
     task_dir = paths.join(runtime.workdir, out_subdir, task)

@@ -45,12 +45,10 @@ from typing import Any
 
 import numpy as np
 
-from mpt_jax import paths, study
+from mpt_jax import paths
 
 STD_DDOF = 0  # np.std's default, as in the study's tables: population std over seeds.
 NAN_POLICIES = ("omit", "propagate")
-METHOD_ORDER = study.METHODS  # the study's column order, PT first.
-METHOD_DISPLAY_NAMES = study.METHOD_DISPLAY_NAMES
 RECORDED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy")
 RESULTS_FILE = "results.json"
 RUN_RECORD_FILE = "run_record.json"
@@ -103,12 +101,18 @@ def _method_key(method: str) -> str:
 
 
 def method_display_name(method: str) -> str:
-  return METHOD_DISPLAY_NAMES.get(_method_key(method), method)
+  from mpt_jax import methods  # the table of methods (it imports JAX: only when a table is made)
+
+  entry = methods.REGISTRY.get(_method_key(method))
+  return method if entry is None else entry.display_name
 
 
 def _method_sort_key(method: str) -> tuple[int, str]:
-  key = _method_key(method)
-  return (METHOD_ORDER.index(key) if key in METHOD_ORDER else len(METHOD_ORDER), key)
+  """The registry's order (the study's column order, PT first, then added methods), unknown ones last."""
+  from mpt_jax import methods
+
+  order, key = methods.names(), _method_key(method)
+  return (order.index(key) if key in order else len(order), key)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -55,13 +55,13 @@ def main(argv) -> None:
   del argv
   os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
   logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
-  from mpt_jax import pipeline, results
+  from mpt_jax import methods as methods_lib, pipeline, results
 
   setting, workdir = _SETTING.value, _WORKDIR.value
   methods = sorted(_METHODS.value, key=lambda m: m != "pt")  # PT first: the others compare to it
-  unknown = [m for m in methods if m not in config_lib.METHODS]
+  unknown = [m for m in methods if m not in methods_lib.names()]
   if unknown:
-    raise app.UsageError(f"--methods: unknown {unknown}; choose from {config_lib.METHODS}")
+    raise app.UsageError(f"--methods: unknown {unknown}; choose from {methods_lib.names()}")
   configs = {m: method_config(m, setting, _PRESET.value, _SET.value) for m in methods}
   for config in configs.values():
     # One cache for all methods: the tokenized tasks and the compiled steps (the downstream grid, the

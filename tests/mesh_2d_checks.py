@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import helpers_t5
-from mpt_jax import algorithms, optim, parallel, pipeline
+from mpt_jax import algorithms, methods, optim, parallel, pipeline
 from mpt_jax.algorithms import common
 
 pytestmark = [
@@ -78,7 +78,7 @@ def _steps_agree(mesh, t5, method, batches, *, deterministic, rtol=2e-5, **kwarg
   model, frozen, prompt = t5
   loss_fn = algorithms.make_loss_fn(model, deterministic=deterministic)
   sgd = optim.make_optimizer("sgd", 1.0)  # not scale invariant: a doubled gradient would show
-  single = algorithms.jit_step(algorithms.make_step(method, loss_fn, sgd, **kwargs))
+  single = algorithms.jit_step(methods.make_step(method, loss_fn, sgd, **kwargs))
   sharded = parallel.make_sharded_step(method, loss_fn, sgd, mesh, **kwargs)
   placed = parallel.place_frozen(frozen, mesh)
   single_state = common.init_state(prompt, sgd)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpt_jax import algorithms, optim
+from mpt_jax import algorithms, methods, optim
 from mpt_jax.algorithms import common, maml, reptile
 
 pytestmark = [
@@ -383,7 +383,7 @@ def test_pt_step_is_an_optimizer_step_on_the_loss_gradient():
   batch = random_batch(np.random.default_rng(0), (4,))
   rng = jax.random.key(4)
   optimizer = optim.make_optimizer("adafactor", 0.5)
-  state, metrics = algorithms.jit_step(algorithms.make_step("mtl", standin_loss, optimizer))(
+  state, metrics = algorithms.jit_step(methods.make_step("mtl", standin_loss, optimizer))(
     common.init_state(theta, optimizer), frozen, batch, rng
   )
 
@@ -427,7 +427,7 @@ def test_steps_compile_once_and_change_only_the_prompt(method):
   traces = []
   optimizer = optim.make_optimizer("adafactor", 0.5)
   step = algorithms.jit_step(
-    algorithms.make_step(method, counting(deterministic_standin_loss, traces), optimizer, inner_lr=0.1)
+    methods.make_step(method, counting(deterministic_standin_loss, traces), optimizer, inner_lr=0.1)
   )
   frozen_before = jax.tree_util.tree_map(np.array, model.frozen)
   state, _ = run_steps(model, method, step, common.init_state(model.prompt, optimizer), range(2))
@@ -445,7 +445,7 @@ def test_tiny_t5_maml_step_compiles_once_keeps_frozen_params_and_guards_nans():
   traces = []
   optimizer = optim.make_optimizer("adafactor", 0.5)
   step = algorithms.jit_step(
-    algorithms.make_step("maml", counting(model.loss_fn, traces), optimizer, inner_lr=INNER_LR)
+    methods.make_step("maml", counting(model.loss_fn, traces), optimizer, inner_lr=INNER_LR)
   )
   frozen_before = jax.tree_util.tree_map(np.array, model.frozen)
   state, _ = run_steps(model, "maml", step, common.init_state(model.prompt, optimizer), range(1))
@@ -483,7 +483,7 @@ def test_guard_rejects_a_finite_update_of_a_diverging_learning_rate():
   theta = random_prompt()
   frozen, batch = standin_params(), random_batch(np.random.default_rng(0), (4,))
   for lr, applied in ((0.5, True), (1e30, False)):
-    step = jax.jit(algorithms.make_step("pt", standin_loss, optim.make_optimizer("adafactor", lr)))
+    step = jax.jit(methods.make_step("pt", standin_loss, optim.make_optimizer("adafactor", lr)))
     state = common.init_state(theta, optim.make_optimizer("adafactor", lr))
     new_state, metrics = step(state, frozen, batch, jax.random.key(0))
     assert bool(metrics["update_ok"]) is applied
@@ -510,7 +510,7 @@ def test_grid_step_equals_runs_one_by_one(model):
     random_batch(np.random.default_rng(s), (num_runs, 4), **model.batch_kw) for s in range(num_steps)
   ]
   rngs = [jax.random.split(jax.random.key(s), num_runs) for s in range(num_steps)]
-  step = algorithms.make_step("pt", model.loss_fn, optim.make_optimizer("adafactor", 0.5))
+  step = methods.make_step("pt", model.loss_fn, optim.make_optimizer("adafactor", 0.5))
   grid_step = jax.jit(algorithms.make_grid_step(step))
   states = algorithms.init_grid_state(prompts, optim.make_optimizer("adafactor", 0.5), learning_rates)
   for s in range(num_steps):
@@ -537,7 +537,7 @@ def test_grid_step_equals_runs_one_by_one(model):
 def test_grid_guard_is_per_run():
   frozen = standin_params()
   states = algorithms.init_grid_state(random_prompt(), optim.make_optimizer("sgd", 0.1), [0.1, np.inf])
-  step = algorithms.make_grid_step(algorithms.make_step("pt", standin_loss, optim.make_optimizer("sgd", 0.1)))
+  step = algorithms.make_grid_step(methods.make_step("pt", standin_loss, optim.make_optimizer("sgd", 0.1)))
   new, metrics = jax.jit(step)(
     states, frozen, random_batch(np.random.default_rng(0), (2, 4)), jax.random.split(jax.random.key(0), 2)
   )
@@ -554,10 +554,10 @@ def test_grid_guard_is_per_run():
 def test_bad_inputs_fail_early_and_clearly():
   optimizer = optim.make_optimizer("sgd", 0.1)
   with pytest.raises(ValueError, match="unknown method"):
-    algorithms.make_step("promptsgd", standin_loss, optimizer)
+    methods.make_step("promptsgd", standin_loss, optimizer)
   with pytest.raises(ValueError, match="needs inner_lr"):
-    algorithms.make_step("maml", standin_loss, optimizer)
-  step = jax.jit(algorithms.make_step("fomaml", standin_loss, optimizer, inner_lr=0.1))
+    methods.make_step("maml", standin_loss, optimizer)
+  step = jax.jit(methods.make_step("fomaml", standin_loss, optimizer, inner_lr=0.1))
   state = common.init_state(random_prompt(), optimizer)
   with pytest.raises(ValueError, match="keys"):
     step(state, standin_params(), random_episode(0, with_query=False), jax.random.key(0))

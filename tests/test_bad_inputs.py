@@ -534,12 +534,12 @@ def test_a_diverging_downstream_run_is_marked_failed_and_the_others_go_on(tmp_pa
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, checkpoint, caplog):
   import jax
 
-  from mpt_jax import algorithms, train
+  from mpt_jax import algorithms, methods, train
 
   model, params = helpers_t5.tiny_t5("1.1", dropout_rate=0.0)
   optimizer = optim.make_optimizer("adafactor", 0.5)
   step = algorithms.jit_step(
-    algorithms.make_step("pt", algorithms.make_loss_fn(model, deterministic=True), optimizer)
+    methods.make_step("pt", algorithms.make_loss_fn(model, deterministic=True), optimizer)
   )
   prompt0 = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (3, model.config.d_model)))
   sample = lambda s: helpers_t5.random_batch(s, batch=4, input_length=6, target_length=3)

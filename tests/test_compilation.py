@@ -21,12 +21,12 @@ import json, sys, time
 sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
 import jax, jax.numpy as jnp, numpy as np
 from helpers_t5 import random_batch, tiny_t5
-from mpt_jax import algorithms, compilation, optim
+from mpt_jax import algorithms, compilation, methods, optim
 
 compilation.enable_persistent_cache(sys.argv[1], min_compile_time_secs=0)
 model, params = tiny_t5("1.1", seed=0, num_layers=1, num_decoder_layers=1, dropout_rate=0.0)
 optimizer = optim.make_optimizer("adafactor", 0.5)
-step = algorithms.jit_step(algorithms.make_step("pt", algorithms.make_loss_fn(model, deterministic=True),
+step = algorithms.jit_step(methods.make_step("pt", algorithms.make_loss_fn(model, deterministic=True),
                                                 optimizer))
 state = algorithms.init_state(jnp.ones((3, 16)), optimizer)
 batch, rng = jax.device_put(random_batch(0)), jax.random.key(0)

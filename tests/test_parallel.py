@@ -20,7 +20,7 @@ from test_algorithms import (
   standin_params,
 )
 
-from mpt_jax import algorithms, optim, parallel
+from mpt_jax import algorithms, methods, optim, parallel
 from mpt_jax.algorithms import common
 
 pytestmark = [
@@ -37,7 +37,7 @@ def mesh():
 def assert_steps_agree(method, loss_fn, frozen, prompt, batches, mesh, *, rtol=1e-5, **kwargs):
   """Two steps sharded vs on one device: same states and metrics."""
   sgd = optim.make_optimizer("sgd", 1.0)
-  single = algorithms.jit_step(algorithms.make_step(method, loss_fn, sgd, **kwargs))
+  single = algorithms.jit_step(methods.make_step(method, loss_fn, sgd, **kwargs))
   sharded = parallel.make_sharded_step(method, loss_fn, sgd, mesh, **kwargs)
   single_state = common.init_state(prompt, sgd)
   sharded_state = parallel.replicate(common.init_state(prompt, sgd), mesh)
@@ -89,7 +89,7 @@ def test_sharded_tiny_t5_pt_step_equals_single_device(mesh):
 def test_sharded_grid_equals_vmapped_grid(mesh):
   learning_rates = [0.5, 0.4, 0.3, 0.2]
   frozen = standin_params()
-  step = algorithms.make_step("pt", standin_loss, optim.make_optimizer("adafactor", 0.5))
+  step = methods.make_step("pt", standin_loss, optim.make_optimizer("adafactor", 0.5))
   prompts = jnp.stack([random_prompt(seed) for seed in range(4)])
   states = algorithms.init_grid_state(prompts, optim.make_optimizer("adafactor", 0.5), learning_rates)
   vmapped = jax.jit(algorithms.make_grid_step(step))
@@ -128,7 +128,7 @@ def test_a_grid_of_runs_that_does_not_divide_over_the_devices_is_padded_not_run_
   # dropped from what comes back; the 3 runs are those of the unsharded grid.
   learning_rates = [0.5, 0.3, 0.2]
   frozen = standin_params()
-  step = algorithms.make_step("pt", standin_loss, optim.make_optimizer("adafactor", 0.5))
+  step = methods.make_step("pt", standin_loss, optim.make_optimizer("adafactor", 0.5))
   states = algorithms.init_grid_state(
     jnp.stack([random_prompt(seed) for seed in range(3)]),
     optim.make_optimizer("adafactor", 0.5),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import helpers_t5
-from mpt_jax import adapt, algorithms, optim, train
+from mpt_jax import adapt, algorithms, methods, optim, train
 from mpt_jax.data import batching
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling dominates (tests/helpers_t5.py)
@@ -41,7 +41,7 @@ def maml_step(tiny):
   model, _, _ = tiny
   optimizer = optim.make_optimizer("adafactor", 0.5)
   loss_fn = algorithms.make_loss_fn(model, deterministic=False)
-  return optimizer, algorithms.jit_step(algorithms.make_step("maml", loss_fn, optimizer, inner_lr=0.3))
+  return optimizer, algorithms.jit_step(methods.make_step("maml", loss_fn, optimizer, inner_lr=0.3))
 
 
 def _upstream(tiny, maml_step, workdir, num_steps, fail_at=None, seed=7):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers_t5 import random_batch, tiny_t5
-from mpt_jax import algorithms, optim, prompt as prompts
+from mpt_jax import algorithms, methods, optim, prompt as prompts
 from mpt_jax.data import batching
 from mpt_jax.model.loss import seq2seq_loss
 from mpt_jax.model.tokenizer import load_tokenizer
@@ -202,7 +202,7 @@ def test_bucketed_episodes_and_grid_batches_give_the_padded_meta_gradient_and_up
   np.testing.assert_allclose(grad, padded_grad, rtol=1e-5, atol=1e-6 * float(jnp.abs(padded_grad).max()))
   # The downstream grid: 3 runs, one Adafactor step each.
   optimizer = optim.make_optimizer("adafactor", 0.5)
-  grid_step = jax.jit(algorithms.make_grid_step(algorithms.make_step("pt", loss_fn, optimizer)))
+  grid_step = jax.jit(algorithms.make_grid_step(methods.make_step("pt", loss_fn, optimizer)))
   batches, padded_batches = _bucketed_and_padded(9, (3, 4))
   states = algorithms.init_grid_state(prompt, optimizer, [0.5, 0.4, 0.3])
   rngs = jax.random.split(jax.random.key(1), 3)

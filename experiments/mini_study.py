@@ -1,5 +1,5 @@
 r"""The offline mini-study: all five methods on the WordNet gym's settings, with the small T5 pretrained
-here (assets/small_t5), 5 seeds per target task. The default preset is `mini_final` (mpt_jax/config.py:
+here (assets/small_t5), 5 seeds per target task. The default preset is `mini_final` (experiments/presets.py:
 `mini`, the study's direct form, changed to the noisy-channel form with calibrated rank classification,
 EOS-row initial prompts and a downstream grid reaching down to lr 0.03; experiments/README.md says why);
 `--preset=mini` runs the study's direct form.
@@ -29,6 +29,9 @@ import sys
 import time
 
 from absl import app, flags
+
+# Run by path (python experiments/mini_study.py): the repository root makes `experiments` a package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mpt_jax import study
 
@@ -132,7 +135,7 @@ def main(argv) -> None:
       write_loss_table(FLAGS.workdir, setting)
     return
   from mpt_jax.data import settings as settings_lib
-  from mpt_jax.data import wordnet_gym
+  from experiments import wordnet_gym
 
   wordnet_gym.register()
   timings_path = os.path.join(FLAGS.workdir, "timings.json")

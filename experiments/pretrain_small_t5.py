@@ -32,12 +32,15 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import os
 import pickle
 import time
 import zlib
 from pathlib import Path
 
+# Run by path (python experiments/pretrain_small_t5.py): the repository root makes `experiments` a package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -46,8 +49,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from mpt_jax.data import pretrain_objectives  # noqa: E402
-from mpt_jax.data import wordnet as wn  # noqa: E402
+from experiments import pretrain_objectives  # noqa: E402
+from experiments import wordnet as wn  # noqa: E402
 from mpt_jax.model import tokenizer as tokenizer_lib  # noqa: E402
 
 HELDOUT_PERCENT = 1  # synsets whose hash falls in this percent are never trained on

@@ -178,7 +178,10 @@ def _apply_preset(c: ml_collections.ConfigDict, preset: str | None) -> None:
   if not preset:
     return
   if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    raise ValueError(
+      f"unknown preset {preset!r}; expected one of {sorted(PRESETS)} (the offline mini-study's `mini` and "
+      f"`mini_final` are experiments/presets.py's: run them through experiments/run_setting.py)"
+    )
   PRESETS[preset](c)
 
 
@@ -238,44 +241,6 @@ def _demo(c):
   d.decoding = "auto"  # rank classification for classification tasks, greedy generation for the others
 
 
-def _mini(c):
-  """The offline mini-study (experiments/mini_study.py): the demo's model and gym, the study's 5 seeds on
-  every target task of four settings, sized to finish in 1.5-2.5 hours on 2 CPU cores (measured 2026-11-29:
-  48.6 + ~41 + 23.2 + 15.9 min, PT shared between settings, experiments/README.md): 2 learning rates, 60 prompt-tuning steps (15 epochs of a 2-class 16-shot task),
-  200 meta-learning steps; MTL sees as many examples as MAML (2 tasks x (2+2) x 200 = 400 batches of 4)."""
-  _demo(c)
-  c.seeds = SEEDS
-  u = c.upstream
-  u.num_steps = 400 if _pools_examples(c) else 200
-  u.checkpoint_every = 100
-  u.log_every = 25
-  d = c.downstream
-  d.tasks = ()
-  d.lrs = (0.5, 0.3)
-  d.num_steps = 60
-  d.eval_every = 20
-  # PT also prompt-tunes the source tasks (2 seeds): their prompts are the task embeddings of the
-  # similarity analysis (mpt_jax/analysis.py) that experiments/mini_study.py ends with.
-  d.prompt_tune_sources = True
-  d.source_seeds = SEEDS[:2]
-
-
-def _mini_final(c):
-  """The final offline mini-study's form (issue 11), frozen before its runs with the gym, settings, seeds
-  and steps of `mini`. Each change was chosen on the targets' dev files (experiments/README.md): the
-  noisy-channel form with the bare input (classification tasks score p(input | label); "Direct or
-  channel"), rank classification calibrated by each label's mean score over the train inputs ("Calibrated
-  rank classification"), prompts that start as EOS rows, near no prompt at all, and a learning-rate grid
-  reaching down to 0.03 for this model's small embeddings (RMS 0.96; "A prompt that starts near no
-  prompt")."""
-  _mini(c)
-  c.data.direction = "channel"
-  c.data.input_template = "{input}"
-  c.downstream.calibration = "train_mean"
-  c.prompt.init = "token"
-  c.downstream.lrs = (0.5, 0.3, 0.1, 0.03)
-
-
 # The reference implementation's behaviour, key by key, wherever ours can follow it (docs/PROTOCOL.md
 # lists every deviation and why; the first three differ from our defaults, the others restate them so the
 # preset stays the reference's if a default changes).
@@ -311,7 +276,16 @@ def _reference(c):
     node[name] = value
 
 
-PRESETS = {"tiny": _tiny, "demo": _demo, "mini": _mini, "mini_final": _mini_final, "reference": _reference}
+# A preset is a function that changes a config in place; experiments add their own with `register_preset`
+# (experiments/presets.py: the offline mini-study's `mini` and `mini_final`).
+PRESETS = {"tiny": _tiny, "demo": _demo, "reference": _reference}
+
+
+def register_preset(name: str, apply) -> None:
+  """Makes `apply(config)` the preset `name` (for `base_config(..., name)`, `:name` and --preset)."""
+  if name in PRESETS and PRESETS[name] is not apply:
+    raise ValueError(f"preset {name!r} exists already")
+  PRESETS[name] = apply
 
 
 # --- checks: every key, before anything is written or computed ------------------------------------------

@@ -2,7 +2,7 @@
 
 - "synthetic": artificial tasks from `mpt_jax.data.synthetic`, generated on first use (seconds).
 - "wordnet": real-language tasks built from WordNet, shipped in mpt_jax/assets/wordnet_gym (the generator,
-  `mpt_jax.data.wordnet_gym`, reproduces them from Debian's wordnet-base).
+  experiments/wordnet_gym.py in the repository, reproduces them from Debian's wordnet-base).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def data_dir(name: str, default_dir: str | os.PathLike) -> str:
     if not WORDNET_GYM_DIR.is_dir():
       raise FileNotFoundError(
         f"{WORDNET_GYM_DIR} is missing: it ships with the package; regenerate it "
-        f"with `python -m mpt_jax.data.wordnet_gym` (needs apt-get install "
+        f"from a clone of the repository with `python -m experiments.wordnet_gym --out_dir={WORDNET_GYM_DIR}` (needs apt-get install "
         f"wordnet-base)"
       )
     return str(WORDNET_GYM_DIR)

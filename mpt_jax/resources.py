@@ -16,7 +16,7 @@ PACKAGE_DIR = Path(str(resources.files("mpt_jax")))
 CONFIGS_DIR = PACKAGE_DIR / "configs"
 ASSETS_DIR = PACKAGE_DIR / "assets"
 SMALL_T5_DIR = ASSETS_DIR / "small_t5"  # the demo's frozen model (experiments/pretrain_small_t5.py)
-WORDNET_GYM_DIR = ASSETS_DIR / "wordnet_gym"  # the WordNet gym (mpt_jax/data/wordnet_gym.py)
+WORDNET_GYM_DIR = ASSETS_DIR / "wordnet_gym"  # the WordNet gym (built by experiments/wordnet_gym.py)
 
 
 def shipped_configs() -> list[str]:

@@ -115,6 +115,9 @@ def test_tiny_preset_shrinks_the_run(path):
 def test_mini_final_preset_is_mini_in_the_final_form_and_nothing_else(method):
   """The final mini-study's preset differs from `mini` in exactly the five keys experiments/README.md
   chose on dev, and is a valid config (channel and calibration need rank decoding)."""
+  from experiments import presets  # the mini-study's presets live beside it
+
+  presets.register()
   mini = config_lib.flatten(config_lib.base_config(method, "wn_cls2cls", "mini"))
   final_config = config_lib.base_config(method, "wn_cls2cls", "mini_final")
   final = config_lib.flatten(final_config)

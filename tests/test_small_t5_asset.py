@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from mpt_jax.data import pretrain_objectives
+from experiments import pretrain_objectives
 from mpt_jax.model.hf import load_pretrained
 from mpt_jax.model.loss import seq2seq_loss
 from mpt_jax.model.t5 import init_params
@@ -263,7 +263,7 @@ def test_mixture_flag_parses_fractions_and_refuses_bad_ones():
 
 
 def _synset(key, pos, lexname, lemmas, definition, pointers=()):
-  from mpt_jax.data import wordnet as wn
+  from experiments import wordnet as wn
 
   return wn.Synset(
     key=key,
@@ -279,7 +279,7 @@ def _synset(key, pos, lexname, lemmas, definition, pointers=()):
 
 
 def test_documents_carry_the_lexicographer_category_of_nouns_and_verbs_only():
-  from mpt_jax.data import wordnet as wn
+  from experiments import wordnet as wn
 
   tree = _synset(("n", 2), "n", "noun.plant", ("tree",), "a tall perennial woody plant")
   orange = _synset(

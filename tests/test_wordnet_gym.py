@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mpt_jax.data import crossfit, settings, wordnet, wordnet_gym
+from experiments import wordnet, wordnet_gym
+from mpt_jax.data import crossfit, settings
 
 SHIPPED = wordnet_gym.SHIPPED_DIR
 ALL_TASKS = list(wordnet_gym.TASK_METRICS)

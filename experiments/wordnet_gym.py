@@ -2,7 +2,7 @@
 
 The synthetic gym (`mpt_jax.data.synthetic`) is made of pseudo-words; this one asks real English
 questions about real words, so that a frozen T5 that was pretrained on English (assets/small_t5) has
-something to bring. Every task is read off the WordNet database (`mpt_jax.data.wordnet`): definitions and
+something to bring. Every task is read off the WordNet database (`experiments/wordnet.py`): definitions and
 example sentences, lexicographer categories (noun.animal, verb.motion, ...), topic domains, verb frames,
 and the relations between synsets and words (synonym, hypernym, antonym, similar, attribute, pertainym,
 derivation, entailment, part holonym, instance).
@@ -29,7 +29,7 @@ the same bytes from the database (`apt-get install wordnet-base`). The gym, its 
 settings (`wn_cls2cls`, `wn_nocls2cls`, `wn_both2cls`, `wn_nocls2nocls`, `wn_mini`; sources and targets
 disjoint) are what `wordnet_gym()` returns for `mpt_jax.data.settings`.
 
-  python -m mpt_jax.data.wordnet_gym --out_dir=assets/wordnet_gym   # regenerate the shipped gym
+  python -m experiments.wordnet_gym --out_dir=mpt_jax/assets/wordnet_gym   # regenerate the shipped gym
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from pathlib import Path
 
 from mpt_jax import resources
 from mpt_jax.data import settings as settings_lib
-from mpt_jax.data import wordnet as wn
+from experiments import wordnet as wn
 from mpt_jax.data import crossfit
 from mpt_jax.data.crossfit import SEEDS
 
@@ -575,12 +575,12 @@ def register(gym_dir: str | os.PathLike | None = None) -> settings_lib.Gym:
       if not path.is_file():
         raise FileNotFoundError(
           f"{path}: missing; {gym_dir} is not a generated WordNet gym (write one "
-          f"with `python -m mpt_jax.data.wordnet_gym --out_dir={gym_dir}`)"
+          f"with `python -m experiments.wordnet_gym --out_dir={gym_dir}`)"
         )
       if json.loads(path.read_text(encoding="utf-8")) != expected:
         raise ValueError(
-          f"{path} differs from mpt_jax.data.wordnet_gym's table: the gym in {gym_dir} "
-          f"is stale; regenerate it with `python -m mpt_jax.data.wordnet_gym "
+          f"{path} differs from experiments/wordnet_gym.py's table: the gym in {gym_dir} "
+          f"is stale; regenerate it with `python -m experiments.wordnet_gym "
           f"--out_dir={gym_dir}`"
         )
   return settings_lib.register_gym(GYM_NAME, TASK_METRICS, SETTINGS, classification=CLASSIFICATION_TASKS)
@@ -591,7 +591,7 @@ def shipped_gym_dir() -> Path:
   if not (SHIPPED_DIR / METRICS_FILE).is_file():
     raise FileNotFoundError(
       f"{SHIPPED_DIR}: the shipped WordNet gym is missing; regenerate it with `python -m "
-      f"mpt_jax.data.wordnet_gym --out_dir={SHIPPED_DIR}` (needs `apt-get install wordnet-base`)."
+      f"experiments.wordnet_gym --out_dir={SHIPPED_DIR}` (needs `apt-get install wordnet-base`)."
     )
   return SHIPPED_DIR
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -491,7 +491,8 @@ class Block(nn.Module):
   def cross_kv(self, encoded):
     return self.layer[1].project_kv(encoded)
 
-  # Positional arguments only: nn.remat marks `deterministic` (index 10, self = 0) static.
+  # Positional arguments only (`BlockInputs.args` builds them): nn.remat marks `deterministic` (index 10,
+  # self = 0) static.
   def __call__(
     self,
     x,
@@ -514,6 +515,36 @@ class Block(nn.Module):
     return x, position_bias, cache
 
 
+class BlockInputs(NamedTuple):
+  """What every block of one stack call shares; `args` puts it, with a block's own inputs, in the order of
+  `Block.__call__` (positional: nn.remat's static_argnums names `deterministic` by its index)."""
+
+  mask: Any
+  query_positions: Any
+  key_positions: Any
+  encoded: Any
+  encoder_mask: Any
+  cache_index: Any
+  deterministic: bool
+
+  def args(self, x, position_bias, layer_cache) -> tuple:
+    return (
+      x,
+      self.mask,
+      position_bias,
+      self.query_positions,
+      self.key_positions,
+      self.encoded,
+      self.encoder_mask,
+      layer_cache,
+      self.cache_index,
+      self.deterministic,
+    )
+
+
+_DETERMINISTIC_ARG = 10  # Block.__call__'s `deterministic`, counting self as 0
+
+
 class Stack(nn.Module):
   """Encoder or decoder stack (HF T5Stack) from input embeddings to the final layer norm."""
 
@@ -524,7 +555,7 @@ class Stack(nn.Module):
     c = self.config
     block_cls = Block
     if c.remat:
-      block_cls = nn.remat(Block, static_argnums=(10,), policy=REMAT_POLICIES[c.remat_policy])
+      block_cls = nn.remat(Block, static_argnums=(_DETERMINISTIC_ARG,), policy=REMAT_POLICIES[c.remat_policy])
     n = c.num_decoder_layers if self.is_decoder else c.num_layers
     if self._has_stacked_blocks:
       self.block = [block_cls(c, self.is_decoder, True)]
@@ -548,20 +579,9 @@ class Stack(nn.Module):
     x = jnp.zeros((1, 1, c.d_model), jnp.float32)
     mask = jnp.ones((1, 1, 1, 1), bool)
     positions = jnp.zeros((1,), jnp.int32)
-    encoded = x if self.is_decoder else None
-    init = lambda key: self._plain_block().init(
-      key,
-      x,
-      mask,
-      jnp.zeros((1, c.num_heads, 1, 1), jnp.float32),
-      positions,
-      positions,
-      encoded,
-      mask,
-      None,
-      None,
-      True,
-    )["params"]
+    inputs = BlockInputs(mask, positions, positions, x if self.is_decoder else None, mask, None, True)
+    bias = jnp.zeros((1, c.num_heads, 1, 1), jnp.float32)
+    init = lambda key: self._plain_block().init(key, *inputs.args(x, bias, None))["params"]
     return jax.vmap(init)(jax.random.split(rng, num_blocks))
 
   def _stacked_slices(self):
@@ -590,75 +610,35 @@ class Stack(nn.Module):
     cache_index=None,
   ):
     x = self.dropout(embeddings, deterministic=deterministic)
+    inputs = BlockInputs(
+      mask, query_positions, key_positions, encoded, encoder_mask, cache_index, deterministic
+    )
     position_bias = None
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.block):
       layer_cache = cache[i] if cache is not None else None
-      x, position_bias, layer_cache = block(
-        x,
-        mask,
-        position_bias,
-        query_positions,
-        key_positions,
-        encoded,
-        encoder_mask,
-        layer_cache,
-        cache_index,
-        deterministic,
-      )
+      x, position_bias, layer_cache = block(*inputs.args(x, position_bias, layer_cache))
       if cache is not None:
         new_cache.append(layer_cache)
     if self._has_stacked_blocks:
-      x, stacked_cache = self._run_stacked_blocks(
-        x,
-        mask,
-        position_bias,
-        query_positions,
-        key_positions,
-        encoded,
-        encoder_mask,
-        cache,
-        cache_index,
-        deterministic,
-      )
+      x, stacked_cache = self._run_stacked_blocks(x, position_bias, inputs, cache)
       if cache is not None:
         new_cache += stacked_cache
     x = self.final_layer_norm(x)
     return self.dropout(x, deterministic=deterministic), new_cache
 
-  def _run_stacked_blocks(
-    self,
-    x,
-    mask,
-    position_bias,
-    query_positions,
-    key_positions,
-    encoded,
-    encoder_mask,
-    cache,
-    cache_index,
-    deterministic,
-  ):
+  def _run_stacked_blocks(self, x, position_bias, inputs: BlockInputs, cache):
     """Blocks 1..N-1 from their stacked params: one lax.scan (one compiled body), or with a KV cache a
     loop over the layers' slices (the cache is a list per layer). Each layer draws its own dropout."""
     c = self.config
     block = self._plain_block()
     num_blocks = jax.tree_util.tree_leaves(self.blocks)[0].shape[0]
-    layer_rngs = None if deterministic else jax.random.split(self.make_rng("dropout"), num_blocks)
+    layer_rngs = None if inputs.deterministic else jax.random.split(self.make_rng("dropout"), num_blocks)
 
     def apply_block(x, params, rng, layer_cache):
       return block.apply(
         {"params": params},
-        x,
-        mask,
-        position_bias,
-        query_positions,
-        key_positions,
-        encoded,
-        encoder_mask,
-        layer_cache,
-        cache_index,
-        deterministic,
+        *inputs.args(x, position_bias, layer_cache),
         rngs={} if rng is None else {"dropout": rng},
       )
 

@@ -27,10 +27,8 @@ from mpt_jax import (
   adapt,
   algorithms,
   baselines,
-  chunking,
   compilation,
   config as config_lib,
-  decode,
   fingerprint,
   gyms,
   lease,
@@ -42,13 +40,12 @@ from mpt_jax import (
   peft_export,
   prompt as prompt_lib,
   results,
+  scoring,
   sharding,
   train,
 )
 from mpt_jax.data import batching, crossfit, settings as settings_lib
-from mpt_jax.model import hf, loss as loss_lib
-
-CLASSIFICATION_METRICS = (metrics.ACC, metrics.CLASSIFICATION_F1, metrics.MATTHEW_CORRELATION)
+from mpt_jax.model import hf
 
 
 def run(config, workdir: str) -> dict | None:
@@ -269,7 +266,7 @@ def channel_unfit_files(config, read: Mapping[str, Mapping[str, Any]]) -> list[t
   for name, data in read.items():
     trained = ("train", "dev") if name == "source" else ("train",)
     for task, task_data in data.items():
-      if task_direction(config, task) != "channel":
+      if scoring.task_direction(config, task) != "channel":
         continue
       for (_, split_name), split in sorted(task_data.splits.items()):
         count = sum(len(golds) > 1 for golds in split.answers)
@@ -357,7 +354,7 @@ RANK_ONLY_KEYS = ("downstream.calibration",)
 
 def task_fingerprint(config, task: str, task_data, init_prompt: np.ndarray | None) -> dict[str, Any]:
   keys = fingerprint.stage_keys(config, "downstream")
-  if resolve_decoding(config.downstream.decoding, task) != "rank":
+  if scoring.resolve_decoding(config.downstream.decoding, task) != "rank":
     keys = {k: v for k, v in keys.items() if k not in RANK_ONLY_KEYS}
   return {
     **keys,
@@ -426,15 +423,6 @@ def check_workdir(
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskDecoding:
-  """A target task's decoding, resolved once (`Runtime.task_decoding`)."""
-
-  task: str
-  direction: str  # `task_direction`: "channel" or "direct"
-  candidates: decode.Candidates | None  # rank classification's label set; None: generation
-
-
-@dataclasses.dataclass(frozen=True)
 class Runtime:
   """What the stages of one run compute with, built once by `build_runtime` and passed to them."""
 
@@ -450,70 +438,17 @@ class Runtime:
   grid_optimizer: Any  # the learning rates are state: one optimizer for every run
   grid_step: Callable  # jitted; runs split over the devices
   generate: Callable | None  # greedy or beam decoding of [R] prompts, jitted (None: rank only)
-  rank: Callable  # rank classification of [R] prompts over a task's labels (minus a bias [R, C]), jitted
-  channel_rank: Callable  # the same in the noisy-channel direction (config.data.direction), jitted
-  # direction -> every label's score with every input [R, B, C] for [R] prompts, jitted: what the
-  # "train_mean" calibration (config.downstream.calibration) averages over a task's train inputs
-  label_scores: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
-  # direction -> the grid step of config.downstream.objective's label choice; empty for "likelihood"
-  choice_grid_steps: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+  scorings: Mapping[str, scoring.DirectionScoring]  # direction -> rank, label scores, label-choice step
 
-  def task_decoding(self, train_split: batching.TokenizedSplit) -> TaskDecoding:
-    """How `train_split`'s task is decoded and trained: its direction and, under rank classification, its
-    label set (the split's, in the direct form), read once for `trainer`, `predictor` and
-    `calibration_scorer`."""
-    task = train_split.task
-    rank = resolve_decoding(self.config.downstream.decoding, task) == "rank"
-    return TaskDecoding(
-      task, task_direction(self.config, task), decode.label_candidates(train_split) if rank else None
-    )
-
-  def trainer(self, task: TaskDecoding) -> tuple[Callable, tuple | None]:
-    """(grid step, label set) a task's prompts train with: under a label-choice objective, a
-    classification task (rank decoding) trains on its labels in its direction; every other task on the
-    token cross-entropy, without a label set."""
-    if self.choice_grid_steps and task.candidates is not None:
-      label_set = (np.asarray(task.candidates.target_ids), np.asarray(task.candidates.target_mask))
-      return self.choice_grid_steps[task.direction], label_set
-    return self.grid_step, None
-
-  def predictor(self, task: TaskDecoding) -> Callable:
-    """predict(prompts [R, P, D], batch [R, B, ...], label_bias=None) -> token ids [R, B, T] with the task's
-    decoding (rank classification scores its labels, each run's scores minus its `label_bias` [R, C] if
-    given); runs split over the devices, padded to a multiple of them, each process feeding its own
-    (`parallel.RunLayout`); host arrays come back."""
-    candidates = task.candidates
-    if candidates is not None:
-      rank = self.channel_rank if task.direction == "channel" else self.rank
-      num_labels = candidates.target_ids.shape[0]
-
-      def generate(frozen, prompts, ids, mask, label_bias):
-        if label_bias is None:
-          label_bias = np.zeros((ids.shape[0], num_labels), np.float32)
-        return rank(frozen, prompts, ids, mask, candidates, label_bias)
-    else:
-
-      def generate(frozen, prompts, ids, mask, label_bias):
-        if label_bias is not None:
-          raise ValueError(f"{task.task}: a label bias needs rank classification")
-        return self.generate(frozen, prompts, ids, mask)
-
-    def predict(prompts, batch, label_bias=None):
-      return self._on_runs(
-        generate, prompts, batch, None if label_bias is None else np.asarray(label_bias, np.float32)
-      )
-
-    return predict
-
-  def calibration_scorer(self, task: TaskDecoding) -> Callable | None:
-    """scores(prompts [R, P, D], batch [R, B, ...]) -> every label's score with every input [R, B, C] (host),
-    for a task that config.downstream.calibration calibrates ("train_mean", rank classification; the
-    labels `predictor` scores); None for any other."""
-    if self.config.downstream.calibration == "none" or task.candidates is None:
-      return None
-    score = self.label_scores[task.direction]
-    return lambda prompts, batch: self._on_runs(
-      lambda frozen, *placed: score(frozen, *placed, task.candidates), prompts, batch
+  def task_scoring(self, train_split: batching.TokenizedSplit) -> scoring.TaskScoring:
+    """How `train_split`'s task is trained, decoded and calibrated (mpt_jax/scoring.py), resolved once."""
+    return scoring.task_scoring(
+      self.config,
+      train_split,
+      scorings=self.scorings,
+      grid_step=self.grid_step,
+      generate=self.generate,
+      on_runs=self._on_runs,
     )
 
   def _on_runs(self, fn: Callable, prompts, batch, *per_run):
@@ -560,14 +495,6 @@ def memory_budget_bytes(config) -> int | None:
   return int(budget * 2**30) if budget else None
 
 
-def runs_in_chunks(fn: Callable, run_axes, mesh, budget_bytes: int | None, name: str) -> Callable:
-  """fn over R runs in the fewest chunks of runs that fit the memory (one device; mpt_jax/chunking.py).
-  Over several devices the runs are split across them instead."""
-  if mesh.size > 1:
-    return fn
-  return chunking.RunChunks(fn, run_axes, budget_bytes=budget_bytes, name=name)
-
-
 def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
   """The model and its weights on the mesh, the tokenizer, the compiled steps and decoders (compiled at
   their first call, once per shape)."""
@@ -603,7 +530,7 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
   budget = memory_budget_bytes(config)
   generate = None
   if d.decoding in ("greedy", "beam", "auto"):
-    generate = make_generate(
+    generate = scoring.make_generate(
       model,
       "greedy" if d.decoding == "auto" else d.decoding,
       max_decode_len=d.max_decode_len,
@@ -612,48 +539,8 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
       repetition_penalty=float(d.repetition_penalty),
       early_stopping=bool(d.early_stopping),
     )
-    generate = runs_in_chunks(generate, (None, 0, 0, 0), mesh, budget, "dev decoding")
+    generate = scoring.runs_in_chunks(generate, (None, 0, 0, 0), mesh, budget, "dev decoding")
 
-  def over_runs(fn, name, *, with_bias: bool, **options):
-    """decode's `fn`(model, frozen, ids, mask, prompt, candidates=..., placement=..., **options) for [R]
-    prompts, vmapped and jitted; `with_bias`: a label bias per run too (rank classification)."""
-
-    def one(frozen, prompt, ids, mask, candidates, *label_bias):
-      bias = dict(label_bias=label_bias[0]) if with_bias else {}
-      return fn(
-        model,
-        frozen,
-        ids,
-        mask,
-        prompt,
-        candidates=candidates,
-        placement=config.prompt.placement,
-        **options,
-        **bias,
-      )
-
-    axes = (None, 0, 0, 0, None) + ((0,) if with_bias else ())
-    return runs_in_chunks(jax.jit(jax.vmap(one, in_axes=axes)), axes, mesh, budget, name)
-
-  choice_grid_steps = {}
-  if d.objective != "likelihood":
-    for direction in loss_lib.DIRECTIONS:
-      choice_loss = algorithms.make_loss_fn(
-        model,
-        deterministic=config.dropout_rate == 0,
-        placement=config.prompt.placement,
-        objective=d.objective,
-        direction=direction,
-      )
-      choice_grid_steps[direction] = adapt.make_grid_trainer(choice_loss, grid_optimizer, mesh, budget)
-  rank = over_runs(decode.rank_classify, "rank classification", with_bias=True)
-  channel_rank = over_runs(decode.channel_rank_classify, "channel rank classification", with_bias=True)
-  label_scores = {}
-  if d.calibration != "none":
-    for direction in loss_lib.DIRECTIONS:
-      label_scores[direction] = over_runs(
-        decode.label_scores, f"{direction} label scores", with_bias=False, direction=direction
-      )
   return Runtime(
     config=config,
     workdir=workdir,
@@ -667,67 +554,8 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
     grid_optimizer=grid_optimizer,
     grid_step=adapt.make_grid_trainer(loss_fn, grid_optimizer, mesh, budget),
     generate=generate,
-    rank=rank,
-    channel_rank=channel_rank,
-    label_scores=label_scores,
-    choice_grid_steps=choice_grid_steps,
+    scorings=scoring.build_scorings(config, model, mesh, grid_optimizer, budget),
   )
-
-
-def make_generate(
-  model,
-  decoding: str,
-  *,
-  max_decode_len: int,
-  placement: str,
-  num_beams: int,
-  repetition_penalty: float,
-  early_stopping: bool,
-) -> Callable:
-  """generate(frozen, prompts [R, P, D], ids [R, B, L], mask) -> tokens [R, B, T], jitted."""
-  if decoding == "greedy":  # all runs' rows in one decoding loop (see decode.greedy_decode_runs)
-    return jax.jit(
-      lambda frozen, prompts, ids, mask: decode.greedy_decode_runs(
-        model, frozen, ids, mask, prompts, max_length=max_decode_len, placement=placement
-      )
-    )
-
-  def one(frozen, prompt, ids, mask):
-    return decode.beam_search(
-      model,
-      frozen,
-      ids,
-      mask,
-      prompt,
-      max_length=max_decode_len,
-      placement=placement,
-      num_beams=num_beams,
-      repetition_penalty=repetition_penalty,
-      early_stopping=early_stopping,
-    )
-
-  return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
-
-
-def resolve_decoding(decoding: str, task: str) -> str:
-  """The decoding of `task`: "auto" is rank classification for a task scored by a classification
-  metric (its answers are a fixed label set) and greedy generation for any other (free-form answers)."""
-  if decoding != "auto":
-    return decoding
-  return "rank" if settings_lib.metric_for_task(task) in CLASSIFICATION_METRICS else "greedy"
-
-
-def task_direction(config, task: str) -> str:
-  """The form `task` is trained and scored in: "channel" for a task decoded by rank classification when
-  config.data.direction is "channel" (a label set to condition on), "direct" otherwise."""
-  if config.data.direction == "channel" and resolve_decoding(config.downstream.decoding, task) == "rank":
-    return "channel"
-  return "direct"
-
-
-def training_form(config, split: batching.TokenizedSplit) -> batching.TokenizedSplit:
-  """A tokenized split as prompt tuning trains on it: its channel form for a channel task."""
-  return batching.channel_form(split) if task_direction(config, split.task) == "channel" else split
 
 
 # --- 5. upstream -------------------------------------------------------------------------------------------
@@ -747,7 +575,7 @@ def upstream_sampler(config, source_data, tokenizer, cache_dir):
     input_template=config.data.input_template,
   )
   tokenized = {
-    key: training_form(config, split)
+    key: scoring.training_form(config, split)
     for key, split in batching.tokenize_tasks(source_data, tokenizer, spec, cache_dir).items()
   }
   # Channel and direct sources side by side (data.direction "channel" with generation sources) share a
@@ -988,29 +816,27 @@ def run_downstream(
       }
     else:
       prompts = {s: init_prompt for s in seeds}
-    decoding = runtime.task_decoding(tokenized[(seeds[0], "train")])  # the labels, from the direct form
-    predict, calibration_scores = runtime.predictor(decoding), runtime.calibration_scorer(decoding)
-    grid_step, label_set = runtime.trainer(decoding)
+    task_scoring = runtime.task_scoring(tokenized[(seeds[0], "train")])  # the labels, from the direct form
     runs = adapt.adapt_task(
       task,
       init_prompts=prompts,
       frozen_params=runtime.frozen_params,
       # Trained on the training form; dev and test stay direct (the channel scorer reads their inputs).
-      tokenized={k: training_form(config, v) if k[1] == "train" else v for k, v in tokenized.items()},
-      grid_step=grid_step,
+      tokenized={k: scoring.training_form(config, v) if k[1] == "train" else v for k, v in tokenized.items()},
+      grid_step=task_scoring.grid_step,
       optimizer=runtime.grid_optimizer,
-      predict=predict,
+      predict=task_scoring.predict,
       tokenizer=runtime.tokenizer,
       config=grid,
       seeds=seeds,
       out_dir=task_dir,
       prompt_meta=prompt_meta(runtime, config_fingerprint=record.hash),
       mesh=runtime.mesh,
-      label_set=label_set,
+      label_set=task_scoring.label_set,
       # The "train_mean" calibration averages each seed's train inputs, as the scorer reads them (direct).
       calibration=None
-      if calibration_scores is None
-      else (calibration_scores, {s: tokenized[(s, "train")] for s in seeds}),
+      if task_scoring.calibration_scores is None
+      else (task_scoring.calibration_scores, {s: tokenized[(s, "train")] for s in seeds}),
     )
     summary = {**results.summarize_task(task, runs), "config_fingerprint": record.hash}
     parallel.sync(f"grid of {task} done")  # every process is done with its checkpoints

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import helpers_t5
-from mpt_jax import algorithms, methods, optim, parallel, pipeline
+from mpt_jax import algorithms, methods, optim, parallel, scoring
 from mpt_jax.algorithms import common
 
 pytestmark = [
@@ -143,7 +143,7 @@ def test_grid_of_three_runs_equals_the_vmapped_grid(mesh, t5):
 
 def test_greedy_decoding_of_runs_equals_one_device(mesh, t5):
   model, frozen, prompt = t5
-  generate = pipeline.make_generate(
+  generate = scoring.make_generate(
     model,
     "greedy",
     max_decode_len=5,

@@ -161,8 +161,8 @@ def test_a_calibrated_grid_tests_each_seeds_prompt_with_its_train_mean_bias(tmp_
     for s in ("train", "test")
   )
   generation_train = batching.tokenize_split(data[targets[1]].split(100, "train"), runtime.tokenizer, spec)
-  assert runtime.calibration_scorer(runtime.task_decoding(generation_train)) is None
-  assert runtime.task_decoding(generation_train).candidates is None
+  assert runtime.task_scoring(generation_train).calibration_scores is None
+  assert runtime.task_scoring(generation_train).candidates is None
   run = classification["runs"][0]
   task_dir = tmp_path / "run" / "downstream" / targets[0]
   prompt = np.load(task_dir / "prompts" / f"seed100_lr{run['best_lr']:g}.npy")

@@ -373,7 +373,7 @@ def test_the_channel_direction_trains_and_scores_classification_tasks_as_p_input
   upstream episodes hold the classification task in the channel form (its label in, its input out) and the
   generation task direct, in one shape; the target's predictor is channel rank classification; the whole
   run (FoMAML, then the downstream grid) ends with scores."""
-  from mpt_jax import config as config_lib, decode, pipeline
+  from mpt_jax import config as config_lib, decode, pipeline, scoring
 
   setting = tmp_path / "setting.json"
   sources = ["synth-sentiment_a", "synth-transform_copy"]
@@ -386,7 +386,7 @@ def test_the_channel_direction_trains_and_scores_classification_tasks_as_p_input
   data_dir = pipeline.resolve_data_dir(config, workdir)
   runtime = pipeline.build_runtime(config, workdir, upstream=True)
   tokenizer = runtime.tokenizer
-  assert [pipeline.task_direction(config, t) for t in sources] == ["channel", "direct"]
+  assert [scoring.task_direction(config, t) for t in sources] == ["channel", "direct"]
 
   source_data = pipeline.read_tasks(data_dir, sources, config.seeds, ("train", "dev"))
   sampler, _ = pipeline.upstream_sampler(config, source_data, tokenizer, str(tmp_path / "cache"))
@@ -414,7 +414,7 @@ def test_the_channel_direction_trains_and_scores_classification_tasks_as_p_input
   train, test = (batching.tokenize_split(target.split(100, s), tokenizer, spec) for s in ("train", "test"))
   prompt = np.random.default_rng(0).normal(size=(1, config.prompt.length, runtime.model.config.d_model))
   batch = batching.make_batch(test, np.arange(min(8, len(test)))[None])
-  predicted = runtime.predictor(runtime.task_decoding(train))(prompt.astype(np.float32), batch)
+  predicted = runtime.task_scoring(train).predict(prompt.astype(np.float32), batch)
   expected = decode.channel_rank_classify(
     runtime.model,
     runtime.frozen_params,
@@ -448,17 +448,20 @@ def test_a_label_choice_objective_trains_classification_targets_on_their_label_s
   config.downstream.objective = "likelihood+label_choice"
   workdir = str(tmp_path / "run")
   runtime = pipeline.build_runtime(config, workdir, upstream=False)
-  assert set(runtime.choice_grid_steps) == {"direct", "channel"}
+  choice_grid_steps = {d: s.choice_grid_step for d, s in runtime.scorings.items() if s.choice_grid_step}
+  assert set(choice_grid_steps) == {"direct", "channel"}
   data = pipeline.read_tasks(pipeline.resolve_data_dir(config, workdir), targets, [100], ("train",))
   spec = batching.TextSpec(config.data.max_input_len, config.downstream.max_target_len)
   classification, generation = (
     batching.tokenize_split(data[t].split(100, "train"), runtime.tokenizer, spec) for t in targets
   )
-  step, label_set = runtime.trainer(runtime.task_decoding(classification))
-  assert step is runtime.choice_grid_steps[direction]
+  classification_scoring = runtime.task_scoring(classification)
+  step, label_set = classification_scoring.grid_step, classification_scoring.label_set
+  assert step is choice_grid_steps[direction]
   candidates = decode.label_candidates(classification)
   np.testing.assert_array_equal(label_set[0], candidates.target_ids)
-  assert runtime.trainer(runtime.task_decoding(generation)) == (runtime.grid_step, None)
+  generation_scoring = runtime.task_scoring(generation)
+  assert (generation_scoring.grid_step, generation_scoring.label_set) == (runtime.grid_step, None)
 
   assert runtime.grid_step._cache_size() == step._cache_size() == 0
   if direction == "direct":  # the direct label-choice step is tested in tests/test_label_choice.py
@@ -472,4 +475,4 @@ def test_a_label_choice_objective_trains_classification_targets_on_their_label_s
   # Each grid trained with its own step: the classification target's label choice, the generation
   # target's token cross-entropy.
   assert step._cache_size() > 0 and runtime.grid_step._cache_size() > 0
-  assert runtime.choice_grid_steps["channel" if direction == "direct" else "direct"]._cache_size() == 0
+  assert choice_grid_steps["channel" if direction == "direct" else "direct"]._cache_size() == 0

@@ -148,6 +148,39 @@ def test_a_held_lease_lets_writes_through(tmp_path, monkeypatch):
     lease.release(str(workdir))
 
 
+# A run whose lease is lost mid-way, as main reports it (the run itself stood in for: the loss is above).
+_LOST_RUN = """
+import sys
+from absl import app
+from mpt_jax import lease, main, pipeline
+def run(config, workdir):
+  raise lease.LeaseLost(f"lease of workdir {workdir} lost: another job took it over")
+pipeline.run = run
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+@pytest.mark.parametrize(
+  "error, code", [("lease.LeaseLost", 75), ("lease.WorkdirBusy", 75), ("fingerprint.WorkdirConflict", 1)]
+)
+def test_main_exits_75_when_the_workdir_is_another_jobs_and_1_for_a_mistake(tmp_path, error, code):
+  script = _LOST_RUN.replace("lease.LeaseLost", error).replace(
+    "from mpt_jax import lease,", "from mpt_jax import fingerprint, lease,"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", script, "--config=configs/maml_cls2cls.py:tiny", f"--workdir={tmp_path}"],
+    cwd=REPO,
+    env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == code, done.stderr[-3000:]
+  (fatal,) = [line for line in done.stderr.splitlines() if line.startswith("FATAL")]
+  assert fatal == f"FATAL {error.split('.')[1]}: lease of workdir {tmp_path} lost: another job took it over"
+  assert "Traceback" not in done.stderr
+
+
 # --- every process of a multi-process job hears the primary's refusal ------------------------------------
 
 

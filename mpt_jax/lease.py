@@ -74,14 +74,17 @@ def _identity(token: str, started: float) -> dict:
   }
 
 
-def read(workdir: str) -> dict | None:
-  """The lease in `workdir`, None when there is none (an unreadable one reads as very old)."""
+def read(workdir: str, strict: bool = False) -> dict | None:
+  """The lease in `workdir`, None when there is none (an unreadable one reads as very old; `strict`: the
+  error is raised instead, as the heartbeat wants: a storage hiccup is not another job's lease)."""
   path = paths.join(workdir, FILE)
   try:
     return json.loads(paths.read_text(path))
   except FileNotFoundError:
     return None
   except (OSError, ValueError):  # half-written or corrupt: nobody can be shown to hold it
+    if strict:
+      raise
     return {"host": "?", "pid": -1, "start": "?", "heartbeat_s": 0.0, "token": ""}
 
 
@@ -132,7 +135,8 @@ class Lease:
   def __init__(self, workdir: str, token: str, started: float):
     self.workdir, self.token, self.started = workdir, token, started
     self.path = paths.join(workdir, FILE)
-    self.lost: dict | None = None  # the lease as the heartbeat found it, once another job had taken it
+    self.lost = False  # whether the heartbeat found the lease another job's (or removed)
+    self.lost_to: dict | None = None  # the lease as it found it then (None: lease.json removed)
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._beat, name="mpt-lease-heartbeat", daemon=True)
     self._thread.start()
@@ -144,9 +148,9 @@ class Lease:
     interval = _env_float("MPT_LEASE_HEARTBEAT_S", 30.0)
     while not self._stop.wait(interval):
       try:
-        holder = read(self.workdir)
+        holder = read(self.workdir, strict=True)
         if holder is None or holder.get("token") != self.token:
-          self.lost = holder or {"host": "nobody (lease.json removed)", "pid": "?", "start": "?"}
+          self.lost, self.lost_to = True, holder
           logging.error(
             "lease of %s lost to %s: another job took this workdir over; this job stops at its next "
             "checkpoint or results write (LeaseLost)",
@@ -155,7 +159,7 @@ class Lease:
           )
           return
         self._write()
-      except OSError as error:  # a transient storage error: the next beat tries again
+      except (OSError, ValueError) as error:  # a transient storage error: the next beat tries again
         logging.warning("lease heartbeat of %s failed: %s", self.workdir, error)
 
   def release(self) -> None:
@@ -170,14 +174,18 @@ class Lease:
 
   def check(self, path: str) -> None:
     """Raises LeaseLost when the heartbeat found the lease taken by another job (before writing `path`)."""
-    if self.lost is not None:
-      raise LeaseLost(
-        f"lease of workdir {self.workdir} lost: another job ({describe(self.lost)}; {self.path}) took "
-        f"it over while this job ran (this job's heartbeat stalled past MPT_LEASE_STALE_S, or "
-        f"MPT_LEASE_FORCE was used); stopped before writing {path}, so that the two jobs' work does not "
-        f"mix. If that job still runs, let it finish (the same command afterwards reuses its work); if "
-        f"it is gone, rerun this command"
-      )
+    if not self.lost:
+      return
+    if self.lost_to is not None:
+      what = f"another job ({describe(self.lost_to)}; {self.path}) took it over"
+    else:
+      what = f"{self.path} was removed (by another job that took it over and ended, or by hand)"
+    raise LeaseLost(
+      f"lease of workdir {self.workdir} lost: {what} while this job ran (its heartbeat stalled past "
+      f"MPT_LEASE_STALE_S, or MPT_LEASE_FORCE was used); stopped before writing {path}, so that the two "
+      f"jobs' work does not mix. If that job still runs, let it finish (the same command afterwards "
+      f"reuses its work); if it is gone, rerun this command"
+    )
 
 
 _HELD: dict[str, Lease] = {}

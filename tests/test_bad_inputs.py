@@ -364,7 +364,7 @@ def lease_lost(ctx, monkeypatch):
     record = json.loads((workdir / lease.FILE).read_text())
     (workdir / lease.FILE).write_text(json.dumps(record | {"host": "tpu-w-9", "pid": 777, "token": "x"}))
     deadline = time.monotonic() + 60
-    while held.lost is None and time.monotonic() < deadline:
+    while not held.lost and time.monotonic() < deadline:
       time.sleep(0.02)
     summary = results.summarize_task("t", [{"task": "t", "seed": 1, "test_score": 0.5}])
     message = error_of(lambda: results.write_task_results(summary, workdir / "t"), lease.LeaseLost)

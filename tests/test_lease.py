@@ -99,9 +99,9 @@ def _lose(held: lease.Lease, **fields) -> None:
   record = json.loads(Path(held.path).read_text())
   Path(held.path).write_text(json.dumps(record | {"host": "tpu-w-9", "pid": 777, "token": "other"} | fields))
   deadline = time.monotonic() + 60
-  while held.lost is None and time.monotonic() < deadline:
+  while not held.lost and time.monotonic() < deadline:
     time.sleep(0.02)
-  assert held.lost is not None, "the heartbeat did not see the other job's lease"
+  assert held.lost, "the heartbeat did not see the other job's lease"
 
 
 def test_a_lost_lease_stops_the_next_checkpoint_and_results_write(tmp_path, monkeypatch):
@@ -136,13 +136,40 @@ def test_a_lost_lease_stops_the_next_checkpoint_and_results_write(tmp_path, monk
   lease.check(str(workdir / "x"))  # released: nothing held, nothing to refuse
 
 
+def test_a_removed_lease_is_lost_too_and_a_storage_hiccup_is_not(tmp_path, monkeypatch):
+  monkeypatch.setenv("MPT_LEASE_HEARTBEAT_S", "0.02")
+  workdir = tmp_path / "w"
+  held = lease.take(str(workdir))
+  try:
+    failed = []
+
+    def unreadable(path):  # a transient storage error while the heartbeat reads the lease
+      failed.append(path)
+      raise OSError("503 Service Unavailable")
+
+    monkeypatch.setattr(lease.paths, "read_text", unreadable)
+    deadline = time.monotonic() + 60
+    while len(failed) < 3 and time.monotonic() < deadline:
+      time.sleep(0.02)
+    monkeypatch.undo()
+    assert len(failed) >= 3 and not held.lost  # three failed beats, still held
+    monkeypatch.setenv("MPT_LEASE_HEARTBEAT_S", "0.02")
+    Path(held.path).unlink()
+    while not held.lost and time.monotonic() < deadline:
+      time.sleep(0.02)
+    with pytest.raises(lease.LeaseLost, match="lease.json was removed"):
+      lease.check(str(workdir / "results.json"))
+  finally:
+    lease.release(str(workdir))
+
+
 def test_a_held_lease_lets_writes_through(tmp_path, monkeypatch):
   monkeypatch.setenv("MPT_LEASE_HEARTBEAT_S", "0.02")
   workdir = tmp_path / "w"
   held = lease.take(str(workdir))
   try:
     time.sleep(0.2)  # several heartbeats, each finding its own token
-    assert held.lost is None
+    assert not held.lost
     lease.check(str(workdir / "results.json"))
   finally:
     lease.release(str(workdir))

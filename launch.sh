@@ -320,7 +320,7 @@ tpu_deploy() {
 tpu_start() { tpu_ssh all "$(tpu_stop_command)" && tpu_ssh all "$(tpu_start_command)"; }
 
 tpu_watch() {  # $1 create (recreate a lost TPU), $2 poll seconds, $3 restarts allowed
-  local recreate="$1" poll="$2" max="$3" restarts=0 state statuses
+  local recreate="$1" poll="$2" max="$3" restarts=0 state statuses busy=0 max_busy="${MPT_BUSY_RETRIES:-30}"
   if [ "$TPU_DRY" = 1 ]; then  # what one recovery runs
     if [ "$TPU_DIRECT" = 1 ]; then tpu_do "${TPU_VM[@]}" describe "$TPU_NAME" "${TPU_AT[@]}" --format='value(state)'
     else tpu_do "${TPU_QR[@]}" describe "$TPU_NAME" "${TPU_AT[@]}" --format='value(state.state)'; fi
@@ -347,6 +347,22 @@ tpu_watch() {  # $1 create (recreate a lost TPU), $2 poll seconds, $3 restarts a
       return 0
     fi
     if grep -q '^running$' <<<"$statuses" && ! grep -qv '^running$' <<<"$statuses"; then
+      sleep "$poll"; continue
+    fi
+    # Exit 75 (mpt_jax/main.py: another job holds the workdir's lease): not this job's error, and not a
+    # lost worker either: wait, and start it again (it runs once the other job ends or its lease goes
+    # stale), at most MPT_BUSY_RETRIES times (30), without spending --max-restarts.
+    if grep -q '^done 75$' <<<"$statuses" && ! grep -qvE '^done (0|75)$' <<<"$statuses"; then
+      if [ "$busy" -ge "$max_busy" ]; then
+        echo "tpu watch: the workdir is still another job's after $busy retries (MPT_BUSY_RETRIES=$max_busy);" \
+          "stopping: see bash launch.sh tpu logs --name=$TPU_NAME ${TPU_AT[*]}" >&2
+        return 75
+      fi
+      busy=$((busy + 1))
+      echo "tpu watch: $(date -u +%FT%TZ) another job holds the workdir (workers $(tr '\n' ' ' <<<"$statuses"))" \
+        "-> waiting ${poll} s, then starting again (retry $busy of $max_busy)" >&2
+      sleep "$poll"
+      tpu_start || true
       sleep "$poll"; continue
     fi
     if ! grep -qvE '^done -?[0-9]+$' <<<"$statuses"; then  # the job itself failed (e.g. a config error)

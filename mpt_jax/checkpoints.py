@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mpt_jax import parallel, paths
+from mpt_jax import lease, parallel, paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +107,8 @@ class Checkpointer:
       return False
     if self._manager.latest_step() == step:
       return False
+    # Not beside another job that took the workdir over (mpt_jax/lease.py); every process stops together.
+    parallel.primary_says(lambda: lease.check(self.directory), refusals=(lease.LeaseLost,))
     self._manager.save(
       step,
       args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(dict(meta or {}))),

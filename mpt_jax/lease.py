@@ -13,6 +13,14 @@ other take (a stale lease, a URL) is read back after a short pause (`MPT_LEASE_S
 create), so of two jobs that took a stale lease at once, the one whose write was overwritten refuses.
 `pipeline.run` is what `watch` (launch.sh tpu) and a SLURM requeue rely on: a relaunch beside a
 surviving job stops at once instead of mixing checkpoints.
+
+A lease can still be lost: this job stalled past `MPT_LEASE_STALE_S` (a frozen VM, a stopped process) and
+another job took the workdir over, or someone forced it. The heartbeat that finds another job's token in
+`lease.json` records it on the `Lease` and stops refreshing; `check(path)`, called before every
+checkpoint save (mpt_jax/checkpoints.py) and every results file written (mpt_jax/results.py), then
+raises `LeaseLost` instead of writing beside the other job. From the command line both are one FATAL line
+and exit 75 (EX_TEMPFAIL: another job has the workdir; the same command later may run), which the
+launchers retry (mpt_jax/main.py).
 """
 
 from __future__ import annotations
@@ -27,13 +35,19 @@ import uuid
 
 from absl import logging
 
-from mpt_jax import fingerprint, paths
+from mpt_jax import paths
 
 FILE = "lease.json"
 
 
-class WorkdirBusy(fingerprint.WorkdirConflict):
-  """Another job holds the workdir's lease (main prints it in one line, no traceback)."""
+class WorkdirBusy(ValueError):
+  """Another job holds the workdir's lease (main prints it in one line, no traceback, and exits 75). Not a
+  fingerprint.WorkdirConflict (a mistake to fix, exit 1): the same command later may run; and this module
+  stays below fingerprint's config imports, as checkpoints.py and results.py import it."""
+
+
+class LeaseLost(WorkdirBusy):
+  """Another job took this job's lease over while it ran: nothing more is written (exit 75 too)."""
 
 
 def _env_float(name: str, default: float) -> float:
@@ -60,14 +74,17 @@ def _identity(token: str, started: float) -> dict:
   }
 
 
-def read(workdir: str) -> dict | None:
-  """The lease in `workdir`, None when there is none (an unreadable one reads as very old)."""
+def read(workdir: str, strict: bool = False) -> dict | None:
+  """The lease in `workdir`, None when there is none (an unreadable one reads as very old; `strict`: the
+  error is raised instead, as the heartbeat wants: a storage hiccup is not another job's lease)."""
   path = paths.join(workdir, FILE)
   try:
     return json.loads(paths.read_text(path))
   except FileNotFoundError:
     return None
   except (OSError, ValueError):  # half-written or corrupt: nobody can be shown to hold it
+    if strict:
+      raise
     return {"host": "?", "pid": -1, "start": "?", "heartbeat_s": 0.0, "token": ""}
 
 
@@ -118,6 +135,8 @@ class Lease:
   def __init__(self, workdir: str, token: str, started: float):
     self.workdir, self.token, self.started = workdir, token, started
     self.path = paths.join(workdir, FILE)
+    self.lost = False  # whether the heartbeat found the lease another job's (or removed)
+    self.lost_to: dict | None = None  # the lease as it found it then (None: lease.json removed)
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._beat, name="mpt-lease-heartbeat", daemon=True)
     self._thread.start()
@@ -129,17 +148,18 @@ class Lease:
     interval = _env_float("MPT_LEASE_HEARTBEAT_S", 30.0)
     while not self._stop.wait(interval):
       try:
-        holder = read(self.workdir)
+        holder = read(self.workdir, strict=True)
         if holder is None or holder.get("token") != self.token:
+          self.lost, self.lost_to = True, holder
           logging.error(
-            "lease of %s lost to %s: another job took this workdir over; this job's further writes "
-            "may mix with its",
+            "lease of %s lost to %s: another job took this workdir over; this job stops at its next "
+            "checkpoint or results write (LeaseLost)",
             self.workdir,
             "nobody" if holder is None else describe(holder),
           )
           return
         self._write()
-      except OSError as error:  # a transient storage error: the next beat tries again
+      except (OSError, ValueError) as error:  # a transient storage error: the next beat tries again
         logging.warning("lease heartbeat of %s failed: %s", self.workdir, error)
 
   def release(self) -> None:
@@ -152,8 +172,37 @@ class Lease:
     except OSError as error:
       logging.warning("could not release the lease %s: %s", self.path, error)
 
+  def check(self, path: str) -> None:
+    """Raises LeaseLost when the heartbeat found the lease taken by another job (before writing `path`)."""
+    if not self.lost:
+      return
+    if self.lost_to is not None:
+      what = f"another job ({describe(self.lost_to)}; {self.path}) took it over"
+    else:
+      what = f"{self.path} was removed (by another job that took it over and ended, or by hand)"
+    raise LeaseLost(
+      f"lease of workdir {self.workdir} lost: {what} while this job ran (its heartbeat stalled past "
+      f"MPT_LEASE_STALE_S, or MPT_LEASE_FORCE was used); stopped before writing {path}, so that the two "
+      f"jobs' work does not mix. If that job still runs, let it finish (the same command afterwards "
+      f"reuses its work); if it is gone, rerun this command"
+    )
+
 
 _HELD: dict[str, Lease] = {}
+
+
+def _within(path: str, workdir: str) -> bool:
+  path, workdir = paths.absolute(path).rstrip("/"), paths.absolute(workdir).rstrip("/")
+  return path == workdir or path.startswith(workdir + "/")
+
+
+def check(path: str) -> None:
+  """Before a write to `path`: raises LeaseLost when the lease of a workdir holding `path`, taken by this
+  process, has been taken over by another job. Nothing when this process holds no such lease (another
+  process of a multi-process job, a write outside any run's workdir)."""
+  for workdir, held in list(_HELD.items()):
+    if _within(str(path), workdir):
+      held.check(str(path))
 
 
 def _create_local(path: str, text: str) -> bool:

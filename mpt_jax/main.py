@@ -9,6 +9,12 @@ results. `--config.init_prompt=path.npy` starts downstream from a saved prompt (
 Running the same command again with the same workdir resumes: upstream from its latest checkpoint,
 downstream from each target task's latest grid checkpoint; a different config in the same workdir is
 refused (docs/BAD_INPUTS.md lists what each mistake gives).
+
+Exit codes: 0 done; 1 a mistake to fix (one `FATAL <kind>: <message>` line, no traceback: a config, data,
+workdir or model error, a divergence); 75 (EX_TEMPFAIL, "try again later") the workdir is another job's:
+its lease is held by a live job (`WorkdirBusy`), or was taken over by another job while this one ran
+(`LeaseLost`), also one FATAL line. Launchers retry on 75 (launch.sh tpu watch, scripts/slurm/mpt_jax.sbatch)
+and stop on 1.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mpt_jax import resources
+
+EXIT_MISTAKE = 1  # the user's to fix: rerunning the same command fails the same way
+EXIT_BUSY = 75  # EX_TEMPFAIL (sysexits.h): another job holds the workdir; the same command later may run
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/<method>_<setting>.py[:preset]).", lock_config=True
@@ -109,7 +118,7 @@ def main(argv) -> None:
       process_id=_PROCESS_ID.value,
     )
     logging.info("process %d of %d", jax.process_index(), jax.process_count())
-  from mpt_jax import config as config_lib, fingerprint, pipeline
+  from mpt_jax import config as config_lib, fingerprint, lease, pipeline
   from mpt_jax.data import crossfit
   from mpt_jax.model import hf
 
@@ -119,6 +128,9 @@ def main(argv) -> None:
   logging.info("devices: %s", jax.devices())
   try:
     pipeline.run(config, workdir)
+  except lease.WorkdirBusy as error:  # (LeaseLost too) another job's workdir: not a mistake, try later
+    sys.stderr.write(f"FATAL {type(error).__name__}: {error}\n")
+    sys.exit(EXIT_BUSY)
   except (
     config_lib.ConfigError,
     crossfit.CrossFitError,
@@ -127,7 +139,7 @@ def main(argv) -> None:
     pipeline.UpstreamDiverged,
   ) as error:  # the user's to fix, and said in full: no traceback
     sys.stderr.write(f"FATAL {type(error).__name__}: {error}\n")
-    sys.exit(1)
+    sys.exit(EXIT_MISTAKE)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,41 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+_SAYING_BYTES = 4096  # the longest error message the primary's verdict carries (longer: cut)
+
+
+def primary_says(fn: Callable[[], Any], refusals: tuple[type[Exception], ...]) -> None:
+  """Runs `fn` on the primary process only, and makes every process share its outcome: when it raised one
+  of `refusals` (by isinstance, the first that fits), every process raises that class with the primary's
+  message; any other error of the primary is re-raised there and raised as a RuntimeError elsewhere. A
+  collective (every process must call it at the same point), so that the other processes stop with the
+  primary instead of waiting for it at the next `sync`. A single process runs `fn` alone."""
+  if jax.process_count() == 1:
+    fn()
+    return
+  kind, text, failure = 0, b"", None
+  if is_primary():
+    try:
+      fn()
+    except Exception as error:  # noqa: BLE001 (every outcome is told to the others)
+      failure = error
+      fits = [i for i, refusal in enumerate(refusals) if isinstance(error, refusal)]
+      kind = 1 + fits[0] if fits else len(refusals) + 1
+      text = f"{type(error).__name__}: {error}".encode()[:_SAYING_BYTES] if not fits else str(error).encode()
+  message = np.zeros(_SAYING_BYTES, np.uint8)
+  text = text[:_SAYING_BYTES]
+  message[: len(text)] = np.frombuffer(text, np.uint8)
+  verdict = multihost_utils.broadcast_one_to_all({"kind": np.int32(kind), "message": message})
+  kind = int(verdict["kind"])
+  if failure is not None:
+    raise failure
+  if kind:
+    said = bytes(np.asarray(verdict["message"], np.uint8)).rstrip(b"\0").decode(errors="replace")
+    if kind <= len(refusals):
+      raise refusals[kind - 1](said)
+    raise RuntimeError(f"the primary process (process 0) failed: {said}")
+
+
 def to_host(tree):
   """Host (numpy) copies of a tree's arrays. An array split over other processes' devices is gathered
   from them: a collective, so every process must call this at the same point of the run."""

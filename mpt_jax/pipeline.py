@@ -80,8 +80,8 @@ def _run(config, workdir: str) -> dict | None:
 
   # --- 3. workdir: refuse to mix work of another config -----------------------------------------------------
   upstream_check = check_workdir(config, workdir, data, init_prompt, upstream=do_upstream)
-  if parallel.is_primary():  # one job per workdir: refused while another job holds it
-    lease.take(workdir)
+  # One job per workdir: the primary takes the lease; refused while another job holds it, on every process.
+  parallel.primary_says(lambda: lease.take(workdir), refusals=(lease.WorkdirBusy,))
   parallel.sync("workdir checked")  # every process has read the workdir before the primary writes to it
   if parallel.is_primary():
     paths.makedirs(workdir)

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from mpt_jax import paths
+from mpt_jax import lease, paths
 
 STD_DDOF = 0  # np.std's default, as in the study's tables: population std over seeds.
 NAN_POLICIES = ("omit", "propagate")
@@ -280,6 +280,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_atomic(path: str, text: str) -> None:
+  lease.check(path)  # not beside another job that took the workdir over (mpt_jax/lease.py: LeaseLost)
   paths.write_text(path, text)  # whole or not at all; errors name the file
 
 

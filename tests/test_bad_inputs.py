@@ -15,13 +15,14 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import helpers_t5
-from mpt_jax import config as config_lib, fingerprint, gyms, optim, paths, pipeline, resources, results
+from mpt_jax import config as config_lib, fingerprint, gyms, lease, optim, paths, pipeline, resources, results
 from mpt_jax.model import hf
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling dominates (tests/helpers_t5.py)
@@ -332,6 +333,47 @@ def other_model_snapshot(ctx, monkeypatch):
   )
 
 
+OTHER_JOB = {"host": "tpu-w-0", "pid": 4242, "start": "2026-12-06T12:00:00Z"}
+
+
+def workdir_busy(ctx):
+  """The command line on a workdir whose lease another job holds (a live heartbeat, another host)."""
+  workdir = ctx.tmp / "busy"
+  workdir.mkdir()
+  held = json.dumps(OTHER_JOB | {"heartbeat_s": time.time() + 600})
+  (workdir / lease.FILE).write_text(held)
+  done = _main(
+    "--config=configs/maml_cls2cls.py:tiny",
+    f"--workdir={workdir}",
+    f"--config.model={ctx.checkpoint}",
+    "--config.gym=synthetic",
+    "--config.setting=synth_mini",
+  )
+  assert done.returncode == 75 and "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert os.listdir(workdir) == [lease.FILE] and (workdir / lease.FILE).read_text() == held  # nothing written
+  (fatal,) = [line for line in done.stderr.splitlines() if line.startswith("FATAL")]
+  return fatal
+
+
+def lease_lost(ctx, monkeypatch):
+  """A job whose lease another job took over: its next results write is refused (not made)."""
+  monkeypatch.setenv("MPT_LEASE_HEARTBEAT_S", "0.02")
+  workdir = ctx.tmp / "lost"
+  held = lease.take(str(workdir))
+  try:
+    record = json.loads((workdir / lease.FILE).read_text())
+    (workdir / lease.FILE).write_text(json.dumps(record | {"host": "tpu-w-9", "pid": 777, "token": "x"}))
+    deadline = time.monotonic() + 60
+    while not held.lost and time.monotonic() < deadline:
+      time.sleep(0.02)
+    summary = results.summarize_task("t", [{"task": "t", "seed": 1, "test_score": 0.5}])
+    message = error_of(lambda: results.write_task_results(summary, workdir / "t"), lease.LeaseLost)
+    assert not (workdir / "t" / "results.json").exists()
+    return message
+  finally:
+    lease.release(str(workdir))
+
+
 def upstream_diverges(ctx):
   return error_of(
     lambda: pipeline.run(tiny_config(ctx.checkpoint, **{"upstream.lr": 1e30}), str(ctx.tmp / "d")),
@@ -384,6 +426,8 @@ REPRODUCTIONS = {
   "other-model-snapshot": None,  # needs monkeypatch: test_catalogue passes it
   "harmless-change": None,  # needs caplog: test_catalogue passes it
   "old-workdir": old_workdir,
+  "workdir-busy": workdir_busy,
+  "lease-lost": None,  # needs monkeypatch: test_catalogue passes it
   "upstream-diverges": upstream_diverges,
   "same-lr-after-divergence": None,  # the recovery test below shows these three
   "lower-lr-after-divergence": None,
@@ -585,6 +629,8 @@ def test_catalogue(case, request, tmp_path, checkpoint, caplog, monkeypatch):
     message = harmless_change(ctx, caplog)
   elif case == "disk-full":
     message = disk_full(ctx, monkeypatch)
+  elif case == "lease-lost":
+    message = lease_lost(ctx, monkeypatch)
   elif case == "other-model-snapshot":
     message = other_model_snapshot(ctx, monkeypatch)
   else:

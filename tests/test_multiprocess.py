@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import helpers_t5
-from mpt_jax import config as config_lib, gyms, pipeline
+from mpt_jax import config as config_lib, gyms, lease, pipeline
 from test_slurm import SCRIPT, fake_slurm_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fast_compile")]
@@ -211,6 +211,52 @@ def test_two_processes_given_slurms_variables_reproduce_one_process_bitwise(tmp_
   logs = _wait_for(workers, log_paths)
   assert "process 1 of 2" in logs[1]  # joined through SLURM's variables, no coordinator flags
   _assert_bitwise_equal(_outputs(multi), expected)
+
+
+def test_a_held_workdir_stops_both_processes_with_exit_75(tmp_path):
+  """Another job holds the workdir's lease: the primary refuses and tells process 1 (parallel.primary_says),
+  so both exit 75 with one FATAL line instead of process 1 waiting for the primary at the next sync."""
+  checkpoint = str(helpers_t5.make_tiny_checkpoint(tmp_path / "tiny_t5"))
+  data_dir = gyms.data_dir("synthetic", tmp_path / "gym")
+  workdir = tmp_path / "held"
+  workdir.mkdir()
+  other = {"host": "tpu-w-0", "pid": 4242, "start": "2026-12-06T12:00:00Z", "heartbeat_s": time.time() + 600}
+  (workdir / lease.FILE).write_text(json.dumps(other))
+  flags = [
+    "--multihost",
+    f"--coordinator_address=localhost:{_free_port()}",
+    f"--num_processes={NUM_PROCESSES}",
+    *_job_flags(checkpoint, data_dir, workdir),
+  ]
+  log_paths = [tmp_path / f"{i}.log" for i in range(NUM_PROCESSES)]
+  workers = []
+  for i, path in enumerate(log_paths):
+    with open(path, "wb") as log:
+      workers.append(
+        subprocess.Popen(
+          [sys.executable, "-m", "mpt_jax.main", *flags, f"--process_id={i}"],
+          cwd=REPO,
+          env=_worker_env(dict(os.environ)),
+          stdout=log,
+          stderr=subprocess.STDOUT,
+        )
+      )
+  try:
+    codes = [worker.wait(timeout=600) for worker in workers]
+  finally:
+    for worker in workers:
+      if worker.poll() is None:
+        worker.kill()
+        worker.wait()
+  logs = [path.read_text(errors="replace") for path in log_paths]
+  assert codes == [75, 75], "\n".join(f"--- process {i}:\n{log[-3000:]}" for i, log in enumerate(logs))
+  for log in logs:
+    (fatal,) = [line for line in log.splitlines() if line.startswith("FATAL")]
+    assert fatal.startswith(f"FATAL WorkdirBusy: workdir {workdir} is in use by another job (host tpu-w-0")
+    assert "Traceback" not in log
+  assert (
+    sorted(os.listdir(workdir)) == [lease.FILE] and json.loads((workdir / lease.FILE).read_text()) == other
+  )
 
 
 def _slurm_job_id() -> str:

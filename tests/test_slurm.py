@@ -104,3 +104,48 @@ def test_the_template_requeues_and_runs_one_multihost_process_per_task(fake_slur
   assert done.returncode == 0, done.stderr
   assert (root / "srun.log").read_text().startswith("--kill-on-bad-exit=1 ")
   assert done.stdout.splitlines()[-1] == "python -m mpt_jax.main --multihost " + " ".join(JOB)
+
+
+def _run_template(root: Path, env: dict[str, str], python_body: str, **extra: str):
+  """The template under the stand-in srun, with a stand-in python whose body is `python_body`."""
+  fake_python = root / "bin" / "python"
+  fake_python.write_text("#!/usr/bin/env bash\n" + python_body)
+  fake_python.chmod(0o755)
+  return subprocess.run(
+    ["bash", str(SCRIPT), *JOB],
+    cwd=REPO,
+    env=env
+    | {"MPT_PYTHON": str(fake_python), "SLURM_SUBMIT_DIR": str(REPO), "MPT_BUSY_RETRY_S": "0"}
+    | extra,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+
+
+# Exits 75 (another job holds the workdir: mpt_jax/main.py) its first $BUSY_TIMES runs, then runs.
+BUSY_PYTHON = """n=$(cat "$FAKE_SLURM/runs" 2>/dev/null || echo 0); echo $((n + 1)) > "$FAKE_SLURM/runs"
+if [ "$n" -lt "$BUSY_TIMES" ]; then echo "FATAL WorkdirBusy: workdir ... is in use by another job" >&2; exit 75; fi
+echo "python $*"
+"""
+
+
+def test_the_template_retries_while_another_job_holds_the_workdir(fake_slurm):
+  root, env = fake_slurm
+  done = _run_template(root, env, BUSY_PYTHON, BUSY_TIMES="2")
+  assert done.returncode == 0, done.stderr
+  assert len((root / "srun.log").read_text().splitlines()) == 3  # twice refused, then run
+  assert [line for line in done.stdout.splitlines() if "retry" in line][1].endswith(
+    "another job holds the workdir (exit 75): retry 2 of 30 in 0 s (MPT_BUSY_RETRY_S)"
+  )
+  assert done.stdout.splitlines()[-1] == "python -m mpt_jax.main --multihost " + " ".join(JOB)
+
+
+def test_the_template_gives_up_after_its_retries_and_does_not_retry_other_errors(fake_slurm):
+  root, env = fake_slurm
+  done = _run_template(root, env, BUSY_PYTHON, BUSY_TIMES="99", MPT_BUSY_RETRIES="2")
+  assert done.returncode == 75 and "still another job's after 2 retries" in done.stderr
+  assert len((root / "srun.log").read_text().splitlines()) == 3
+  (root / "srun.log").unlink()
+  failed = _run_template(root, env, 'echo "FATAL ConfigError: ..." >&2; exit 1\n')
+  assert failed.returncode == 1 and len((root / "srun.log").read_text().splitlines()) == 1

@@ -67,6 +67,11 @@ FAKE_JOB = r"""#!/usr/bin/env bash
 for a; do case "$a" in --workdir=*) workdir="${a#*=}";; esac; done
 echo "args: $*"
 [ -n "${FAKE_JOB_FAILS:-}" ] && { echo "ConfigError: a bad flag"; exit 3; }
+busy="$FAKE_TPU/busy_$(basename "$HOME")"  # another job holds the workdir for this worker's first N runs
+n=$(cat "$busy" 2>/dev/null || echo 0)
+if [ "$n" -lt "${FAKE_JOB_BUSY:-0}" ]; then
+  echo $((n + 1)) > "$busy"; echo "FATAL WorkdirBusy: workdir $workdir is in use by another job"; exit 75
+fi
 ckpt="$FAKE_TPU/bucket/${workdir#gs://}/$(basename "$HOME").step"
 mkdir -p "$(dirname "$ckpt")"
 step=$(cat "$ckpt" 2>/dev/null || echo 0)
@@ -312,3 +317,30 @@ def test_the_startup_script_restarts_an_unfinished_job_and_the_log_goes_to_the_w
   while not (worker / "mpt-jax" / "logs" / "exit").exists() and time.monotonic() < deadline:
     time.sleep(0.2)
   assert (worker / "mpt-jax" / "logs" / "exit").read_text().strip() == "0"
+
+
+def test_watch_waits_and_starts_again_while_another_job_holds_the_workdir(fake_tpu):
+  """Exit 75 on every worker (mpt_jax/main.py: the workdir's lease is another job's) is waited out: the same
+  command again after a poll, without spending --max-restarts (1 here: the first start), until the job runs."""
+  root, env = fake_tpu
+  (root / "preempted").touch()  # no preemption in this run
+  args = ["--name=mpt", "--zone=z", "--create", "--poll=0.3", "--skip-validation", "--max-restarts=1"]
+  done = launch(env | {"FAKE_JOB_BUSY": "2"}, "watch", *args, "--", *JOB, timeout=300)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  waits = [line for line in done.stderr.splitlines() if "another job holds the workdir" in line]
+  assert len(waits) == 2 and "(workers done 75 done 75 )" in waits[0] and "(retry 2 of 30)" in waits[1]
+  assert "finished on every worker" in done.stderr and "restart 2" not in done.stderr
+  starts = [c for c in (root / "calls.log").read_text().splitlines() if "job.sh <<" in c]
+  assert len(starts) == 3 and len(set(starts)) == 1  # the same command every time
+  for worker in ("w0", "w1"):
+    assert (root / "bucket" / "b" / "runs" / "maml" / f"{worker}.step").read_text().strip() == "4"
+    log = (root / "vm" / worker / "mpt-jax" / "logs" / "job.log").read_text()
+    assert log.count("FATAL WorkdirBusy") == 2 and log.endswith("finished\n")
+
+
+def test_watch_gives_up_on_a_workdir_busy_for_longer_than_its_retries(fake_tpu):
+  root, env = fake_tpu
+  args = ["--name=mpt", "--zone=z", "--create", "--poll=0.3", "--skip-validation"]
+  done = launch(env | {"FAKE_JOB_BUSY": "99", "MPT_BUSY_RETRIES": "1"}, "watch", *args, "--", *JOB)
+  assert done.returncode == 75 and "still another job's after 1 retries" in done.stderr, done.stderr[-3000:]
+  assert sum("job.sh <<" in c for c in (root / "calls.log").read_text().splitlines()) == 2

@@ -571,8 +571,22 @@ def validate(config, available_devices: int | None = None) -> None:
   try:
     setting = gyms.resolve_setting(config)
   except (ValueError, OSError) as error:
-    problems.append(f"config.setting={flat['setting']!r}: {error}")
+    key = "setting_file" if flat["setting_file"] else "setting"
+    problems.append(f"config.{key}={flat[key]!r}: {error}")
   else:
+    method = methods.REGISTRY.get(flat["method"])
+    needs_sources = method is not None and method.has_upstream and not flat["init_prompt"]
+    if needs_sources and "upstream" in tuple(flat["stages"]) and not setting.source:
+      where = (
+        f"config.setting_file={flat['setting_file']!r}"
+        if flat["setting_file"]
+        else f"setting {setting.name!r}"
+      )
+      problems.append(
+        f"{where} has no source tasks, but config.method={flat['method']!r} learns its initialization on "
+        f"them: add 'source' tasks to it, or start from a given prompt with --config.init_prompt "
+        f"(PT needs no sources)"
+      )
     unknown = [t for t in flat[d + "tasks"] if t not in setting.target]
     if unknown:
       problems.append(

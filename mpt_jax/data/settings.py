@@ -113,7 +113,9 @@ def _read_json(path: str | os.PathLike):
     raise SettingError(f"{path}: not valid JSON ({e})") from None
 
 
-def _name_list(value, key: str, where: str) -> tuple[str, ...]:
+def _name_list(value, key: str, where: str, *, may_be_empty: bool = False) -> tuple[str, ...]:
+  if may_be_empty and value in (None, [], ()):
+    return ()
   if isinstance(value, str) or not isinstance(value, Iterable):
     raise SettingError(f"{where}: {key!r} must be a list of task names, got {value!r}")
   names = tuple(value)
@@ -121,7 +123,9 @@ def _name_list(value, key: str, where: str) -> tuple[str, ...]:
   if bad:
     raise SettingError(f"{where}: {key!r} holds entries that are not task names: {bad}")
   if not names:
-    raise SettingError(f"{where}: {key!r} is empty; a setting needs source and target tasks")
+    raise SettingError(
+      f"{where}: {key!r} is empty; a setting needs target tasks (and, to learn an initialization, source tasks)"
+    )
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
     raise SettingError(f"{where}: {key!r} lists {duplicates} more than once")
@@ -133,12 +137,19 @@ def _plain(spec):
   return spec.to_dict() if hasattr(spec, "to_dict") else spec
 
 
-def _setting_from_mapping(name: str, spec, gym: str, where: str) -> Setting:
-  if not isinstance(spec, Mapping) or "source" not in spec or "target" not in spec:
-    raise SettingError(f"{where}: setting {name!r} must be an object with 'source' and 'target' lists")
+def _setting_from_mapping(
+  name: str, spec, gym: str, where: str, *, sources_optional: bool = False
+) -> Setting:
+  """A setting from {"source": [...], "target": [...]}; `sources_optional` (a user's file or config):
+  "source" may be empty or absent (PT, or a method started from a given init_prompt, needs none)."""
+  if not isinstance(spec, Mapping) or "target" not in spec or ("source" not in spec and not sources_optional):
+    optional = " ('source' may be empty or left out: PT needs none)" if sources_optional else ""
+    raise SettingError(
+      f"{where}: setting {name!r} must be an object with 'source' and 'target' lists{optional}"
+    )
   return Setting(
     name=name,
-    source=_name_list(spec["source"], "source", f"{where} [{name}]"),
+    source=_name_list(spec.get("source"), "source", f"{where} [{name}]", may_be_empty=sources_optional),
     target=_name_list(spec["target"], "target", f"{where} [{name}]"),
     gym=gym,
     note=str(spec.get("note", "")),
@@ -329,7 +340,7 @@ def load_setting(spec: str | os.PathLike | Mapping | Setting, name: str | None =
     return spec
   if isinstance(spec, Mapping):
     where = "setting from config"
-    setting = _setting_from_mapping(name or "custom", dict(spec), "user", where)
+    setting = _setting_from_mapping(name or "custom", dict(spec), "user", where, sources_optional=True)
   else:
     text = str(spec)
     is_file = text.endswith(".json") or os.sep in text or Path(text).is_file()
@@ -340,7 +351,7 @@ def load_setting(spec: str | os.PathLike | Mapping | Setting, name: str | None =
     if not isinstance(raw, Mapping):
       raise SettingError(f"{where}: expected an object with 'source' and 'target' lists")
     if "source" in raw or "target" in raw:
-      setting = _setting_from_mapping(name or Path(text).stem, raw, "user", where)
+      setting = _setting_from_mapping(name or Path(text).stem, raw, "user", where, sources_optional=True)
     else:
       if name is None:
         if len(raw) != 1:
@@ -348,7 +359,7 @@ def load_setting(spec: str | os.PathLike | Mapping | Setting, name: str | None =
         name = next(iter(raw))
       if name not in raw:
         raise SettingError(f"{where}: no setting {name!r}{_suggest(name, raw)}; it holds {sorted(raw)}")
-      setting = _setting_from_mapping(name, raw[name], "user", where)
+      setting = _setting_from_mapping(name, raw[name], "user", where, sources_optional=True)
   check_task_names(setting.source + setting.target, where=where)
   _warn_overlap(setting)
   return setting

@@ -20,4 +20,4 @@ from mpt_jax import run_setting  # noqa: E402
 if __name__ == "__main__":
   presets.register()  # the mini-study's presets: --preset=mini, --preset=mini_final
   flags.mark_flags_as_required(["setting", "workdir"])
-  app.run(run_setting.main)
+  app.run(run_setting.main, flags_parser=run_setting.parse_flags)

@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpt_jax import run_setting as entry
 
     flags.mark_flags_as_required(["setting", "workdir"])
-    app.run(entry.main, argv=[prog, *args])
+    app.run(entry.main, argv=[prog, *args], flags_parser=entry.parse_flags)
   return 0  # app.run exits by itself
 
 

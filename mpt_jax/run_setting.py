@@ -26,8 +26,32 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one subdirect
 _PRESET = flags.DEFINE_string("preset", None, "Config preset for every method (e.g. tiny, demo).")
 _METHODS = flags.DEFINE_list("methods", list(config_lib.METHODS), "Methods to run, PT first.")
 _SET = flags.DEFINE_multi_string(
-  "set", [], "key=value config override for every method (e.g. --set downstream.num_steps=100)."
+  "set",
+  [],
+  "key=value config override for every method (e.g. --set downstream.num_steps=100); "
+  "--config.downstream.num_steps=100, as for a run, is the same.",
 )
+
+
+CONFIG_PREFIX = "--config."
+
+
+def as_set_flags(argv: list[str]) -> list[str]:
+  """`--config.KEY=VALUE` (a run's override syntax) as `--set=KEY=VALUE`: one syntax for a run and a study."""
+  out = []
+  for arg in argv:
+    if arg.startswith(CONFIG_PREFIX):
+      key, sep, value = arg[len(CONFIG_PREFIX) :].partition("=")
+      if not sep:
+        raise app.UsageError(f"{arg}: expected --config.key=value (every method of the study gets it)")
+      arg = f"--set={key}={value}"
+    out.append(arg)
+  return out
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with `--config.KEY=VALUE` accepted as an alias of `--set KEY=VALUE`."""
+  return app.parse_flags_with_usage(as_set_flags(argv))
 
 
 def method_config(method: str, setting: str, preset: str | None, overrides: list[str]):

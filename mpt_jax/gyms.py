@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from mpt_jax import resources
+from mpt_jax import paths, resources
 from mpt_jax.data import settings as settings_lib
 
 WORDNET_GYM_DIR = resources.WORDNET_GYM_DIR
@@ -32,9 +33,24 @@ def resolve_setting(config) -> settings_lib.Setting:
   built-in gym, or `config.gym`'s, registered here first)."""
   if config.gym:
     ensure(config.gym)
+  register_data_dir_tasks(config.data_dir)
   if config.setting_file:
     return settings_lib.load_setting(config.setting_file)
   return settings_lib.get_setting(config.setting)
+
+
+def register_data_dir_tasks(data_dir: str) -> None:
+  """Makes the tasks listed in `data_dir`'s tasks.json (their metric and kind) known, if it has one."""
+  if not data_dir:
+    return
+  path = paths.join(data_dir, settings_lib.TASK_TABLE_FILE)
+  if not paths.isfile(path):
+    return
+  try:
+    table = json.loads(paths.read_text(path))
+  except json.JSONDecodeError as error:
+    raise settings_lib.SettingError(f"{path}: not valid JSON ({error})") from None
+  settings_lib.register_task_table(table, where=str(path))
 
 
 def data_dir(name: str, default_dir: str | os.PathLike) -> str:

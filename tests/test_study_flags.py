@@ -7,38 +7,34 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from absl import app
-
-from mpt_jax import run_setting
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+CONVERSION_CHECK = """
+import pytest
+from absl import app
+from mpt_jax import run_setting
+
+argv = ["prog", "--setting=synth_mini", "--config.downstream.num_steps=7", "--set", "seed=3", "--config.model=a=b"]
+assert run_setting.as_set_flags(argv) == [
+  "prog", "--setting=synth_mini", "--set=downstream.num_steps=7", "--set", "seed=3", "--set=model=a=b"
+]
+for method in ("pt", "maml"):
+  config = run_setting.method_config(method, "synth_mini", "tiny", ["downstream.num_steps=7", "model=a=b"])
+  assert (config.downstream.num_steps, config.model) == (7, "a=b")
+with pytest.raises(app.UsageError, match="expected --config.key=value"):
+  run_setting.as_set_flags(["--config.downstream.num_steps"])
+print("ok")
+"""
+
+
 def test_config_flags_become_set_flags_and_reach_every_methods_config():
-  argv = [
-    "prog",
-    "--setting=synth_mini",
-    "--config.downstream.num_steps=7",
-    "--set",
-    "seed=3",
-    "--config.model=a=b",
-  ]
-  converted = run_setting.as_set_flags(argv)
-  assert converted == [
-    "prog",
-    "--setting=synth_mini",
-    "--set=downstream.num_steps=7",
-    "--set",
-    "seed=3",
-    "--set=model=a=b",
-  ]
-  overrides = ["downstream.num_steps=7", "model=a=b"]
-  for method in ("pt", "maml"):
-    config = run_setting.method_config(method, "synth_mini", "tiny", overrides)
-    assert (config.downstream.num_steps, config.model) == (7, "a=b")
-  with pytest.raises(app.UsageError, match="expected --config.key=value"):
-    run_setting.as_set_flags(["--config.downstream.num_steps"])
+  """In a process of its own: run_setting defines absl flags (--workdir) that mpt_jax.main defines too."""
+  result = subprocess.run(
+    [sys.executable, "-c", CONVERSION_CHECK], capture_output=True, text=True, timeout=300, cwd=REPO
+  )
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def test_a_study_refuses_a_mistyped_config_flag_before_any_compute(tmp_path):

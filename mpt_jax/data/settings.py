@@ -246,6 +246,42 @@ def register_gym_files(
   return register_gym(name, metrics, settings)
 
 
+TASK_TABLE_FILE = "tasks.json"  # in a data_dir: the metric and kind of its own tasks
+_CLASSIFICATION_METRICS = ("ACC", "Classification-F1", "Matthew-Correlation")
+
+
+def register_task_table(table, where: str) -> Gym:
+  """Makes the tasks of a data directory's `tasks.json` known: `{task: {"metric": M, "classification":
+  bool}}` (or `{task: M}`; "classification" defaults to whether M is a classification metric: ACC,
+  Classification-F1, Matthew-Correlation). `where` (the file) names the gym and every error."""
+  if not isinstance(table, Mapping) or not table:
+    raise SettingError(f'{where}: expected an object {{task: {{"metric": ..., "classification": ...}}}}')
+  metrics, classification, problems = {}, [], []
+  for task, spec in table.items():
+    spec = {"metric": spec} if isinstance(spec, str) else spec
+    if not isinstance(spec, Mapping) or set(spec) - {"metric", "classification"} or "metric" not in spec:
+      problems.append(
+        f'{task!r}: expected {{"metric": one of {list(METRICS)}, "classification": true/false}}'
+      )
+      continue
+    if spec["metric"] not in METRICS:
+      problems.append(f"{task!r}: unknown metric {spec['metric']!r}; known metrics: {list(METRICS)}")
+      continue
+    is_classification = spec.get("classification", spec["metric"] in _CLASSIFICATION_METRICS)
+    if not isinstance(is_classification, bool):
+      problems.append(f"{task!r}: 'classification' must be true or false, got {is_classification!r}")
+      continue
+    metrics[task] = spec["metric"]
+    if is_classification:
+      classification.append(task)
+  if problems:
+    raise SettingError(f"{where}: " + "; ".join(problems))
+  try:
+    return register_gym(f"tasks of {where}", metrics, {}, classification)
+  except SettingError as error:
+    raise SettingError(f"{where}: {error}") from None
+
+
 def gyms() -> dict[str, Gym]:
   _ensure_builtin()
   return dict(_GYMS)
@@ -277,7 +313,8 @@ def check_task_names(names: Iterable[str], where: str = "") -> None:
     raise SettingError(
       f"{prefix}{len(unknown)} unknown task name(s):\n{lines}\nKnown tasks are those of the gyms "
       f"{sorted(_GYMS)} (CrossFit's are in {CROSSFIT_METRICS_FILE.name}); a new task needs a metric: "
-      f"register its gym with mpt_jax.data.settings.register_gym."
+      f'list it in DATA_DIR/{TASK_TABLE_FILE} ({{"my-task": {{"metric": "ACC", "classification": true}}}}, '
+      f'README: "Add your own task"), or register its gym with mpt_jax.data.settings.register_gym.'
     )
 
 

@@ -44,10 +44,14 @@ def register_data_dir_tasks(data_dir: str) -> None:
   if not data_dir:
     return
   path = paths.join(data_dir, settings_lib.TASK_TABLE_FILE)
-  if not paths.isfile(path):
-    return
   try:
-    table = json.loads(paths.read_text(path))
+    if not paths.isfile(path):
+      return
+    text = paths.read_text(path)
+  except ImportError:  # a URL whose filesystem is not installed here (a laptop checking a gs:// job first):
+    return  # the job reads it where it runs
+  try:
+    table = json.loads(text)
   except json.JSONDecodeError as error:
     raise settings_lib.SettingError(f"{path}: not valid JSON ({error})") from None
   settings_lib.register_task_table(table, where=str(path))

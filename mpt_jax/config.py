@@ -574,9 +574,8 @@ def validate(config, available_devices: int | None = None) -> None:
     key = "setting_file" if flat["setting_file"] else "setting"
     problems.append(f"config.{key}={flat[key]!r}: {error}")
   else:
-    method = methods.REGISTRY.get(flat["method"])
-    needs_sources = method is not None and method.has_upstream and not flat["init_prompt"]
-    if needs_sources and "upstream" in tuple(flat["stages"]) and not setting.source:
+    known_method = flat["method"] in methods.REGISTRY  # an unknown one is reported above
+    if known_method and methods.trains_upstream(config) and not setting.source:
       where = (
         f"config.setting_file={flat['setting_file']!r}"
         if flat["setting_file"]

@@ -104,6 +104,12 @@ def get(name: str) -> Method:
     raise ValueError(f"unknown method {name!r}; choose one of {names()}") from None
 
 
+def trains_upstream(config) -> bool:
+  """Whether a run of `config` has an upstream stage: its method learns an initialization, the stage is
+  asked for, and no initial prompt is given instead."""
+  return "upstream" in config.stages and get(config.method).has_upstream and not config.init_prompt
+
+
 def make_step(
   name: str,
   loss_fn: common.LossFn,

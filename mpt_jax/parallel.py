@@ -195,9 +195,8 @@ def primary_says(fn: Callable[[], Any], refusals: tuple[type[Exception], ...]) -
       failure = error
       fits = [i for i, refusal in enumerate(refusals) if isinstance(error, refusal)]
       kind = 1 + fits[0] if fits else len(refusals) + 1
-      text = f"{type(error).__name__}: {error}".encode()[:_SAYING_BYTES] if not fits else str(error).encode()
+      text = (str(error) if fits else f"{type(error).__name__}: {error}").encode()[:_SAYING_BYTES]
   message = np.zeros(_SAYING_BYTES, np.uint8)
-  text = text[:_SAYING_BYTES]
   message[: len(text)] = np.frombuffer(text, np.uint8)
   verdict = multihost_utils.broadcast_one_to_all({"kind": np.int32(kind), "message": message})
   kind = int(verdict["kind"])

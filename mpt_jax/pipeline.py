@@ -134,9 +134,7 @@ def has_upstream(config) -> bool:
 
 def needed_stages(config) -> tuple[bool, bool]:
   """(upstream, downstream): upstream only for a method that has one and no given initial prompt."""
-  stages = set(config.stages)
-  upstream = "upstream" in stages and has_upstream(config) and not config.init_prompt
-  return upstream, "downstream" in stages
+  return methods.trains_upstream(config), "downstream" in config.stages
 
 
 def source_run_seeds(config) -> tuple[int, ...]:

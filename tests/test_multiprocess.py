@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,27 @@ def _job_flags(checkpoint: str, data_dir: str, workdir: Path) -> list[str]:
   ]
 
 
+def _multihost_flags(checkpoint: str, data_dir: str, workdir: Path) -> list[str]:
+  """mpt_jax.main's flags for one process of the local NUM_PROCESSES-process job (without --process_id)."""
+  return [
+    "--multihost",
+    f"--coordinator_address=localhost:{_free_port()}",
+    f"--num_processes={NUM_PROCESSES}",
+    *_job_flags(checkpoint, data_dir, workdir),
+  ]
+
+
+def _launch(
+  command: Callable[[int], list[str]], env: Callable[[int], dict[str, str]], log_paths: list[Path]
+) -> list[subprocess.Popen]:
+  """Process i runs command(i) in env(i) from the repository root, stdout and stderr into log_paths[i]."""
+  workers = []
+  for i, path in enumerate(log_paths):
+    with open(path, "wb") as log:  # the child keeps its own copy of the descriptor
+      workers.append(subprocess.Popen(command(i), cwd=REPO, env=env(i), stdout=log, stderr=subprocess.STDOUT))
+  return workers
+
+
 def _wait_for(workers: list[subprocess.Popen], log_paths: list[Path]) -> list[str]:
   """Waits for every worker; one that fails leaves the others waiting on a collective for minutes, so
   they are stopped at once. Returns the logs; fails the test with them if any worker failed."""
@@ -105,27 +127,13 @@ def _wait_for(workers: list[subprocess.Popen], log_paths: list[Path]) -> list[st
 
 
 def _run_workers(checkpoint: str, data_dir: str, workdir: Path, writes_dir: Path) -> None:
-  flags = [
-    "--multihost",
-    f"--coordinator_address=localhost:{_free_port()}",
-    f"--num_processes={NUM_PROCESSES}",
-    *_job_flags(checkpoint, data_dir, workdir),
-  ]
+  flags = _multihost_flags(checkpoint, data_dir, workdir)
   log_paths = [writes_dir / f"{i}.log" for i in range(NUM_PROCESSES)]
-  workers = []
-  for i, path in enumerate(log_paths):
-    with open(path, "wb") as log:  # the child keeps its own copy of the descriptor
-      workers.append(
-        subprocess.Popen(
-          [sys.executable, str(REPO / "tests" / "multiprocess_worker.py"), str(writes_dir / f"{i}.json")]
-          + flags
-          + [f"--process_id={i}"],
-          cwd=REPO,
-          env=_worker_env(dict(os.environ)),
-          stdout=log,
-          stderr=subprocess.STDOUT,
-        )
-      )
+  env = _worker_env(dict(os.environ))
+  worker = [sys.executable, str(REPO / "tests" / "multiprocess_worker.py")]
+  workers = _launch(
+    lambda i: [*worker, str(writes_dir / f"{i}.json"), *flags, f"--process_id={i}"], lambda i: env, log_paths
+  )
   logs = _wait_for(workers, log_paths)
   assert "process 1 of 2" in logs[1] and "over 2 processes" in logs[0]
 
@@ -196,18 +204,11 @@ def test_two_processes_given_slurms_variables_reproduce_one_process_bitwise(tmp_
     "SLURM_NTASKS": str(NUM_PROCESSES),
   }
   log_paths = [tmp_path / f"{i}.log" for i in range(NUM_PROCESSES)]
-  workers = []
-  for i, path in enumerate(log_paths):
-    with open(path, "wb") as log:
-      workers.append(
-        subprocess.Popen(
-          ["bash", str(SCRIPT), *_job_flags(checkpoint, data_dir, multi)],
-          cwd=REPO,
-          env=env | {"SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
-          stdout=log,
-          stderr=subprocess.STDOUT,
-        )
-      )
+  workers = _launch(
+    lambda i: ["bash", str(SCRIPT), *_job_flags(checkpoint, data_dir, multi)],
+    lambda i: env | {"SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+    log_paths,
+  )
   logs = _wait_for(workers, log_paths)
   assert "process 1 of 2" in logs[1]  # joined through SLURM's variables, no coordinator flags
   _assert_bitwise_equal(_outputs(multi), expected)
@@ -222,25 +223,12 @@ def test_a_held_workdir_stops_both_processes_with_exit_75(tmp_path):
   workdir.mkdir()
   other = {"host": "tpu-w-0", "pid": 4242, "start": "2026-12-06T12:00:00Z", "heartbeat_s": time.time() + 600}
   (workdir / lease.FILE).write_text(json.dumps(other))
-  flags = [
-    "--multihost",
-    f"--coordinator_address=localhost:{_free_port()}",
-    f"--num_processes={NUM_PROCESSES}",
-    *_job_flags(checkpoint, data_dir, workdir),
-  ]
+  flags = _multihost_flags(checkpoint, data_dir, workdir)
   log_paths = [tmp_path / f"{i}.log" for i in range(NUM_PROCESSES)]
-  workers = []
-  for i, path in enumerate(log_paths):
-    with open(path, "wb") as log:
-      workers.append(
-        subprocess.Popen(
-          [sys.executable, "-m", "mpt_jax.main", *flags, f"--process_id={i}"],
-          cwd=REPO,
-          env=_worker_env(dict(os.environ)),
-          stdout=log,
-          stderr=subprocess.STDOUT,
-        )
-      )
+  env = _worker_env(dict(os.environ))
+  workers = _launch(
+    lambda i: [sys.executable, "-m", "mpt_jax.main", *flags, f"--process_id={i}"], lambda i: env, log_paths
+  )
   try:
     codes = [worker.wait(timeout=600) for worker in workers]
   finally:

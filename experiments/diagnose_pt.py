@@ -59,6 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mpt_jax import algorithms, baselines, decode, gyms, metrics, optim, prompt as prompt_lib  # noqa: E402
+from mpt_jax import config as config_lib  # noqa: E402
 from mpt_jax.data import batching, crossfit  # noqa: E402
 from mpt_jax.data.settings import metric_for_task  # noqa: E402
 from mpt_jax.model import hf  # noqa: E402
@@ -580,10 +581,9 @@ def initial_prompt_of(spec: str, embedding, tokenizer, task: str, seed: int, len
     return None
   if name not in MEASURED_INITS:
     raise ValueError(f"--inits: {spec!r} is not one of none, {', '.join(MEASURED_INITS)} (token:<piece>)")
-  init = prompt_lib.initializer(
-    name, embedding, tokenizer, names=[task], token=piece or prompt_lib.DEFAULT_INIT_TOKEN
-  )
-  return init(jax.random.PRNGKey(seed), (length, embedding.shape[1]))
+  prompt_config = config_lib.base_config("pt", "cls2cls").prompt  # the study's prompt keys, then these
+  prompt_config.update(init=name, length=length, init_token=piece or prompt_lib.DEFAULT_INIT_TOKEN)
+  return prompt_lib.configured_prompt(prompt_config, embedding, tokenizer, [task], seed)
 
 
 def initial_prompts(

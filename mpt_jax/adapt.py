@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from mpt_jax import algorithms, checkpoints, chunking, logs, metrics, parallel, paths, throughput
+from mpt_jax import algorithms, checkpoints, chunking, logs, metrics, parallel, paths, results, throughput
 from mpt_jax import prompt as prompt_lib
 from mpt_jax.data import batching
 
@@ -179,6 +179,7 @@ def train_grid(
   checkpoint_meta: Mapping[str, Any] | None = None,
   run_names: Sequence[str] | None = None,
   mesh=None,
+  run_writers: logs.RunWriters | None = None,
 ) -> GridProgress:
   """Trains R runs together; returns their GridProgress at the end.
 
@@ -194,6 +195,8 @@ def train_grid(
   as host arrays of the R runs, so a grid resumes on another number of devices or processes too.
   mesh: the runs are split over its data axis (`parallel.RunLayout`: padded to a multiple of it, each
   process feeding only its own runs); `grid_step` must be the trainer of the same mesh. None: one device.
+  writer: the grid's mean loss and dev score (and its time and memory) at every evaluation; run_writers
+  (by `run_names`): each run's own loss and dev score there, while it is healthy and in its budget.
   """
   num_runs = int(np.asarray(states.step).shape[0])
   layout = parallel.RunLayout(mesh, num_runs)
@@ -273,9 +276,21 @@ def train_grid(
         progress.best_steps[improved] = done
         progress.has_candidate |= improved
         progress.last_prompts[ended] = prompts[ended]
-      if writer is not None:
+      if writer is not None or run_writers is not None:
         healthy = failed == 0
         loss = layout.to_host(step_metrics["loss"]).astype(np.float64)
+      if run_writers is not None:
+        run_writers.write(
+          done,
+          {
+            names[r]: {
+              **({"loss": loss[r]} if healthy[r] else {}),
+              **({"dev_score": scores[r]} if in_budget[r] else {}),
+            }
+            for r in range(num_runs)
+          },
+        )
+      if writer is not None:
         writer.write(
           done,
           {
@@ -333,6 +348,9 @@ def choose_best_runs(
 class Scorer:
   """Predictions and CrossFit scores of R prompts on R splits (run r on split r), batched over runs.
 
+  predict(prompts [R, P, D], batch [R, B, ...][, label_bias [R, C]]) -> token ids [R, B, T]; with
+  `scored`, it returns (token ids, every label's score [R, B, C] or None) instead (`scoring.TaskScoring.
+  predict_scored`), and `labels` names the C labels of those scores.
   calibration: (label_scores, {seed: train split}) for rank classification with the "train_mean"
   calibration (config.downstream.calibration): before each scoring, every run's label bias is its labels'
   mean score over its seed's train inputs under its prompt (`label_scores(prompts, batch)` -> [R, B, C]),
@@ -347,15 +365,17 @@ class Scorer:
     metric: str | None = None,
     length_buckets: batching.LengthBuckets = batching.NO_BUCKETS,
     calibration: tuple[Callable, Mapping[int, batching.TokenizedSplit]] | None = None,
+    scored: bool = False,
+    labels: Sequence[str] | None = None,
   ):
-    # predict(prompts [R, P, D], batch [R, B, ...][, label_bias [R, C]]) -> token ids [R, B, T]
-    self.predict = predict
+    self.predict_scored = predict if scored else (lambda *args: (predict(*args), None))
     self.tokenizer = tokenizer
     self.task = task
     self.batch_size = batch_size
     self.metric = metric
     self.length_buckets = length_buckets
     self.calibration = calibration
+    self.labels = tuple(labels) if labels is not None else None
 
   def label_bias(self, prompts, splits: Sequence[batching.TokenizedSplit]) -> np.ndarray:
     """[R, C]: run r's labels' mean score over the train inputs of splits[r]'s seed, under prompts[r]."""
@@ -369,11 +389,19 @@ class Scorer:
       count = count + mask.sum(axis=1)
     return total / np.maximum(count, 1.0)
 
-  def predictions(self, prompts, splits: Sequence[batching.TokenizedSplit]) -> list[list[str]]:
+  def scored_predictions(
+    self, prompts, splits: Sequence[batching.TokenizedSplit]
+  ) -> tuple[list[list[str]], list[np.ndarray] | None]:
+    """Each run's predicted texts (in its split's order) and, under rank classification, every label's
+    score with each of its examples [N, C] (what it chose from; None otherwise)."""
     out: list[list[str]] = [[""] * len(s) for s in splits]
+    label_scores: list[np.ndarray] | None = None
     extra = () if self.calibration is None else (self.label_bias(prompts, splits),)
     for eb in batching.grid_eval_batches(splits, self.batch_size, self.length_buckets):
-      ids = np.asarray(jax.device_get(self.predict(prompts, eb.batch, *extra)))
+      ids, scores = self.predict_scored(prompts, eb.batch, *extra)
+      ids = np.asarray(jax.device_get(ids))
+      if scores is not None and label_scores is None:
+        label_scores = [np.full((len(s), scores.shape[-1]), np.nan, np.float32) for s in splits]
       for r in range(len(splits)):
         real = eb.mask[r].astype(bool)
         # As the study decoded: spaces before punctuation are kept (a tokenizer may default to cleaning
@@ -383,17 +411,56 @@ class Scorer:
         )
         for index, text in zip(eb.indices[r][real], texts):
           out[r][int(index)] = text
-    return out
+        if scores is not None:
+          label_scores[r][eb.indices[r][real]] = np.asarray(scores[r])[real]
+    return out, label_scores
 
-  def scores(self, prompts, splits: Sequence[batching.TokenizedSplit]) -> np.ndarray:
-    preds = self.predictions(prompts, splits)
+  def predictions(self, prompts, splits: Sequence[batching.TokenizedSplit]) -> list[list[str]]:
+    return self.scored_predictions(prompts, splits)[0]
+
+  def score_texts(self, predictions: Sequence[Sequence[str]], splits) -> np.ndarray:
+    """The metric of each run's predictions on its split."""
     return np.asarray(
       [
         metrics.evaluate(self.task, p, [list(a) for a in s.answers], self.metric)
-        for p, s in zip(preds, splits)
+        for p, s in zip(predictions, splits)
       ],
       np.float64,
     )
+
+  def scores(self, prompts, splits: Sequence[batching.TokenizedSplit]) -> np.ndarray:
+    return self.score_texts(self.predictions(prompts, splits), splits)
+
+  def prediction_records(
+    self,
+    splits: Sequence[batching.TokenizedSplit],
+    predicted: tuple[list[list[str]], list[np.ndarray] | None],
+    runs: Sequence[Mapping[str, Any]],
+  ) -> list[dict]:
+    """One JSON record per example of each split from `scored_predictions`' output: its run (`runs[r]`:
+    seed, learning rate, step), split, index, input (as the model read it, decoded), golds and
+    prediction, and under rank classification every label's score (after any calibration bias)."""
+    texts, label_scores = predicted
+    records = []
+    for r, split in enumerate(splits):
+      inputs = self.tokenizer.batch_decode(
+        [row[:n].tolist() for row, n in zip(split.input_ids, split.input_lengths)],
+        skip_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+      )
+      for i in range(len(split)):
+        record = {
+          **runs[r],
+          "split": split.split,
+          "index": i,
+          "input": inputs[i],
+          "gold": list(split.answers[i]),
+          "prediction": texts[r][i],
+        }
+        if label_scores is not None and self.labels is not None:
+          record["label_scores"] = dict(zip(self.labels, _json_floats(label_scores[r][i])))
+        records.append(record)
+    return records
 
 
 def adapt_task(
@@ -413,12 +480,16 @@ def adapt_task(
   mesh=None,
   label_set: tuple[np.ndarray, np.ndarray] | None = None,
   calibration: tuple[Callable, Mapping[int, batching.TokenizedSplit]] | None = None,
+  labels: Sequence[str] | None = None,
 ) -> list[dict]:
   """The whole grid of one target task; returns one result dict per seed (for mpt_jax.results).
 
   init_prompts: the starting prompt of each seed's runs [P, D]. tokenized: (seed, split) -> split.
   grid_step / optimizer: from `make_grid_trainer` (built once, shared by every task of the same shapes).
-  Writes per-run best prompts and the dev curves under out_dir; checkpoints the grid in
+  predict: `scoring.TaskScoring.predict_scored` (token ids, and every label's score under rank
+  classification, whose label texts are `labels`).
+  Writes per-run best prompts, the dev curves, and the dev and test predictions of each seed's tested
+  prompt (results.PREDICTIONS_FILE) under out_dir; checkpoints the grid in
   out_dir/checkpoints (with `prompt_meta`) until the results are written, and resumes from there.
   mesh: the one `grid_step` is sharded over (see `train_grid`). In a multi-process run every process
   trains and scores the grid; only the primary one writes files.
@@ -458,11 +529,14 @@ def adapt_task(
     config.eval_batch_size,
     length_buckets=config.length_buckets,
     calibration=calibration,
+    scored=True,
+    labels=labels,
   )
   dev_splits = [tokenized[(r.seed, "dev")] for r in runs]
   checkpoint_dir = paths.join(out_dir, "checkpoints")
   checkpointer = checkpoints.Checkpointer(checkpoint_dir)
   writer = logs.MetricWriter(paths.join(out_dir, "logs"))
+  run_writers = logs.RunWriters(paths.join(out_dir, "logs", "runs"), [r.name for r in runs])
   try:
     progress = train_grid(
       grid_step,
@@ -478,31 +552,37 @@ def adapt_task(
       checkpoint_meta=prompt_meta,
       run_names=[r.name for r in runs],
       mesh=mesh,
+      run_writers=run_writers,
     )
+    failed = progress.failed_steps > 0
+    chosen = choose_best_runs(runs, progress.best_scores, failed)
+    _mark_choices(run_writers, runs, progress, chosen)
   finally:
     checkpointer.close()
     writer.close()
+    run_writers.close()
   if progress.throughput is not None and parallel.is_primary():
     throughput.write_summary(progress.throughput, paths.join(out_dir, "logs"))
-  failed = progress.failed_steps > 0
-  chosen = choose_best_runs(runs, progress.best_scores, failed)
   tested_prompts, tested_steps = (
     (progress.last_prompts, run_steps)
     if config.test_prompt == "last"
     else (progress.best_prompts, progress.best_steps)
   )
   tested_seeds = [s for s in seeds if s in chosen]
-  test_scores = dict(
-    zip(
-      tested_seeds,
-      scorer.scores(
-        tested_prompts[[chosen[s] for s in tested_seeds]],
-        [tokenized[(s, "test")] for s in tested_seeds],
-      )
-      if tested_seeds
-      else [],
-    )
-  )
+  tested = tested_prompts[[chosen[s] for s in tested_seeds]]
+  tested_runs = [
+    {"seed": s, "learning_rate": runs[chosen[s]].learning_rate, "step": int(tested_steps[chosen[s]])}
+    for s in tested_seeds
+  ]
+  predictions = []
+  test_scores = {}
+  if tested_seeds:
+    for split in ("dev", "test"):
+      splits = [tokenized[(s, split)] for s in tested_seeds]
+      predicted = scorer.scored_predictions(tested, splits)
+      predictions += scorer.prediction_records(splits, predicted, tested_runs)
+      if split == "test":
+        test_scores = dict(zip(tested_seeds, scorer.score_texts(predicted[0], splits)))
   if parallel.is_primary():
     _write_prompts(
       out_dir,
@@ -516,7 +596,10 @@ def adapt_task(
       config=config,
       prompt_meta=prompt_meta,
     )
-  results = []
+    paths.write_text(
+      paths.join(out_dir, results.PREDICTIONS_FILE), "".join(json.dumps(r) + "\n" for r in predictions)
+    )
+  seed_results = []
   for seed in seeds:
     failures = [
       {"learning_rate": runs[i].learning_rate, "step": int(progress.failed_steps[i])}
@@ -527,7 +610,7 @@ def adapt_task(
       logging.warning(
         "%s seed %d: every learning rate failed the guard (%s): no test score", task, seed, failures
       )
-      results.append(
+      seed_results.append(
         {
           "task": task,
           "seed": seed,
@@ -539,7 +622,7 @@ def adapt_task(
       continue
     i = chosen[seed]
     score = test_scores[seed]
-    results.append(
+    seed_results.append(
       {
         "task": task,
         "seed": seed,
@@ -565,7 +648,22 @@ def adapt_task(
       progress.best_steps[i],
       score,
     )
-  return results
+  return seed_results
+
+
+def _mark_choices(
+  run_writers: logs.RunWriters, runs: Sequence[Run], progress: GridProgress, chosen: Mapping[int, int]
+) -> None:
+  """Marks the best-dev selection in each run's TensorBoard series: every run's best dev score at its
+  best step ("best_dev_score"), and its seed's chosen run's ("chosen_dev_score", with its learning rate)."""
+  chosen_runs = set(chosen.values())
+  for i, run in enumerate(runs):
+    if not progress.has_candidate[i] or not np.isfinite(progress.best_scores[i]):
+      continue
+    marks = {"best_dev_score": progress.best_scores[i]}
+    if i in chosen_runs:
+      marks.update(chosen_dev_score=progress.best_scores[i], chosen_learning_rate=run.learning_rate)
+    run_writers.write(int(progress.best_steps[i]), {run.name: marks})
 
 
 def _write_prompts(
@@ -606,9 +704,11 @@ def _write_prompts(
     if config.test_prompt == "last":
       prompt_lib.save_prompt(paths.join(prompt_dir, f"{run.name}_last.npy"), progress.last_prompts[i], meta)
   _write_json_atomic(
-    paths.join(out_dir, "dev_curve.json"),
+    paths.join(out_dir, results.DEV_CURVE_FILE),
     {
       "runs": [r.name for r in runs],
+      "seeds": [r.seed for r in runs],
+      "learning_rates": [r.learning_rate for r in runs],
       "curve": [[step, [_json_float(x) for x in scores]] for step, scores in progress.dev_curve],
     },
   )

@@ -19,6 +19,8 @@ similarity and gain over the (setting, target) points of every study directory g
 
   python -m mpt_jax.analysis --out=runs/mini_study/analysis runs/mini_study/wn_cls2cls runs/mini_study/wn_nocls2cls
 
+`--compare A B` compares two runs example by example instead (mpt_jax/prediction_analysis.py).
+
 An analysis can also pool the points of an earlier one (`--points_from=<its similarity_analysis.json>`),
 for settings whose run directories are no longer at hand: their similarities and gains are read from that
 JSON as it was written, and the correlations are computed over every point. A (setting, target) point
@@ -309,20 +311,46 @@ def write_report(analysis: Mapping[str, Any], out_dir: str) -> dict[str, str]:
   return paths
 
 
+def as_options(argv: Sequence[str]) -> list[str]:
+  """The run's override syntax, `--config.out=DIR`, read as the option `--out=DIR` (both are accepted)."""
+  return ["--" + a[len("--config.") :] if a.startswith("--config.") else a for a in argv]
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  import sys
+
+  parser = argparse.ArgumentParser(
+    description=__doc__ + "\nOptions may be given as a run's overrides too: --config.out=DIR.",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("study_dirs", nargs="*", help="setting directories of experiments/run_setting.py")
-  parser.add_argument("--out", required=True, help="where similarity_analysis.{json,md,png} go")
+  parser.add_argument("--out", required=True, help="where the report's .json, .md (and .png) go")
   parser.add_argument(
     "--points_from",
     action="append",
     default=[],
     help="similarity_analysis.json of an earlier analysis whose points to pool with these (repeatable)",
   )
-  args = parser.parse_args(argv)
-  if not args.study_dirs and not args.points_from:
-    parser.error("give at least one study directory or --points_from")
-  paths = write_report(analyze(args.study_dirs, args.points_from), args.out)
+  parser.add_argument(
+    "--compare",
+    nargs=2,
+    metavar=("A", "B"),
+    help="instead: compare two runs (or task directories) example by example from their saved "
+    "predictions (mpt_jax/prediction_analysis.py): prediction_comparison.{json,md}",
+  )
+  parser.add_argument("--split", default="test", choices=("dev", "test"), help="--compare's split")
+  args = parser.parse_args(as_options(sys.argv[1:] if argv is None else argv))
+  if args.compare:
+    if args.study_dirs or args.points_from:
+      parser.error("--compare takes its two directories alone (no study directories, no --points_from)")
+    from mpt_jax import prediction_analysis
+
+    report = prediction_analysis.compare(*args.compare, split=args.split)
+    paths = prediction_analysis.write_report(report, args.out)
+  else:
+    if not args.study_dirs and not args.points_from:
+      parser.error("give at least one study directory or --points_from (or --compare A B)")
+    paths = write_report(analyze(args.study_dirs, args.points_from), args.out)
   print(open(paths["md"], encoding="utf-8").read())
   return paths
 

@@ -2,9 +2,11 @@
 
   mpt-jax demo [--workdir=runs/demo] [...]     the offline demo: five methods on wn_cls2cls, preset demo
   mpt-jax run --config=maml_cls2cls --workdir=runs/maml_cls2cls [--config.x=y ...]   (python -m mpt_jax.main)
-  mpt-jax study --setting=cls2cls --workdir=runs/cls2cls [--set key=value ...]       (mpt_jax/run_setting.py)
+  mpt-jax study --setting=cls2cls --workdir=runs/cls2cls [--config.x=y ...]         (mpt_jax/run_setting.py)
   mpt-jax analysis --out=DIR SETTING_DIR [...]   task similarity vs gain over PT     (python -m mpt_jax.analysis)
+  mpt-jax analysis --out=DIR --compare A B      two runs example by example, from their predictions
   mpt-jax configs                              the shipped configs, by name
+  mpt-jax config [NAME[:preset]] [--full]      every config key, its value there and its meaning
   mpt-jax export-prompt PROMPT.npy --to=peft OUT_DIR [--base_model=...]   a PEFT adapter (mpt_jax.peft_export)
 
 Each command takes the same flags as launch.sh passes to its entry point. `--config` takes a path or a
@@ -17,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("demo", "run", "study", "analysis", "configs", "export-prompt")
+COMMANDS = ("demo", "run", "study", "analysis", "configs", "config", "export-prompt")
 
 
 def _usage() -> str:
@@ -52,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# shipped in {resources.CONFIGS_DIR} (--config=NAME[:preset])")
     print("\n".join(resources.shipped_configs()))
     return 0
+  if command == "config":
+    from mpt_jax import config_docs
+
+    return config_docs.main(args)
   if command == "export-prompt":
     from mpt_jax import peft_export
 

@@ -31,16 +31,16 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
 
   method_entry = methods.get(method)  # an unknown name: ValueError naming the registered ones
   c = ml_collections.ConfigDict()
-  c.method = method
-  c.setting = setting
+  c.method = method  # the method: pt | mtl | maml | fomaml | reptile (or any in mpt_jax/methods.py)
+  c.setting = setting  # one of the study's 11 settings (reference/settings.json) or an offline gym's
   # A JSON file {"source": [...], "target": [...]} defines a setting of your own (overrides `setting`).
   c.setting_file = ""
   c.data_dir = ""  # CrossFit data directory (DATA_DIR/{task}/{task}_{k}_{seed}_{split}.tsv).
   # An offline gym instead of CrossFit ("synthetic" or "wordnet"); its data_dir is found or generated.
   c.gym = ""
-  c.seeds = SEEDS
+  c.seeds = SEEDS  # the data seeds of every task (CrossFit's k-shot files {task}_{k}_{seed}_*.tsv)
   c.seed = 0  # rng of upstream sampling, dropout and prompt init.
-  c.stages = ("upstream", "downstream")
+  c.stages = ("upstream", "downstream")  # which stages run (a stage's finished work is reused)
   c.init_prompt = ""  # a saved prompt (.npy) or a PEFT adapter dir to start downstream from; skips upstream.
   # Tokenized tasks and compiled steps; default: <workdir>/cache (for a URL workdir, a directory of this
   # machine's cache named after it). Always a local path.
@@ -48,14 +48,15 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # JAX's persistent compilation cache: a resumed or repeated run, and the next method of a study (which
   # share a cache_dir), load their compiled steps instead of compiling again (mpt_jax/compilation.py).
   c.compilation_cache = True
-  # Default: $MPT_COMPILATION_CACHE_DIR (one cache for every run of this machine) or <cache_dir>/compiled.
+  # Where JAX's compilation cache lives. Default: $MPT_COMPILATION_CACHE_DIR (one cache for every run of this machine) or
+  # <cache_dir>/compiled.
   c.compilation_cache_dir = os.environ.get("MPT_COMPILATION_CACHE_DIR", "")
   # Devices of the mesh ('data', 'model'): 0 = all. model_parallel of them form the 'model' axis, over
   # which the frozen weights are split (mpt_jax/sharding.py; 1: every device holds them all, the choice
   # while they fit); the rest of the factor is the data-parallel axis. Upstream splits each step's tasks
   # (MTL: examples) over 'data', so its size must divide upstream.tasks_per_step (MTL: batch_size).
   c.num_devices = 0
-  c.model_parallel = 1
+  c.model_parallel = 1  # size of the mesh's 'model' axis (see num_devices)
 
   c.model = "google/t5-large-lm-adapt"  # a hub id, or a checkpoint directory (local or a URL)
   # The hub revision of a hub id (a branch, tag or commit hash; a directory ignores it): every download
@@ -73,62 +74,63 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # Attention: our einsums, or jax.nn.dot_product_attention ("xla", or "cudnn": fused kernels on NVIDIA
   # GPUs, bfloat16, first-order gradients) where no dropout is drawn (evaluation, dropout_rate 0).
   c.attention = "einsum"
-  c.dropout_rate = 0.1
+  c.dropout_rate = 0.1  # T5's dropout while training (upstream and downstream); 0: deterministic
 
   c.prompt = ml_collections.ConfigDict()
-  c.prompt.length = study.PROMPT_LENGTH
+  c.prompt.length = study.PROMPT_LENGTH  # soft-prompt rows (the study's 100)
   # Deviation (docs/PROTOCOL.md): the reference appended the prompt after each batch's longest input
   # ("after_padding", reproduced exactly), so an example's prompt positions depend on the other inputs
   # of its batch; "prepend" is the prompt-tuning literature's placement, "suffix" puts the prompt right
   # after each example's own last token.
   c.prompt.placement = "prepend"
   c.prompt.init = "task_names"  # task_names (reference) | vocab | uniform | label_words | token
-  c.prompt.vocab_top_k = 5000
+  c.prompt.vocab_top_k = 5000  # for init "vocab": rows drawn from the embeddings of the first k pieces
   c.prompt.label_words = ()  # for init "label_words"
   c.prompt.init_token = "</s>"  # for init "token": every row is this vocabulary piece's embedding (EOS)
 
   c.data = ml_collections.ConfigDict()
-  c.data.input_template = " [{task}] {input}"
+  c.data.input_template = " [{task}] {input}"  # how an example's text is shown to T5 (the study's)
   # How classification tasks (those decoded by rank classification) are trained and scored: "direct" (the
   # study's: the model reads the input and generates the label) or "channel" (Min et al. 2022, noisy
   # channel prompting: the model reads the prompt and a label and generates the input, trained on
   # p(input | label), and each input gets the label under which it is most likely). Generation tasks stay
   # direct. Upstream uses each source task in the same form as downstream.
   c.data.direction = "direct"
-  c.data.max_input_len = study.MAX_INPUT_LEN
+  c.data.max_input_len = study.MAX_INPUT_LEN  # input tokens, EOS included; longer inputs are cut
   # Length buckets: each batch is padded to its longest input (target) rounded up to a multiple of these,
   # not to max_input_len (max_target_len): the study's inputs are mostly far shorter than 512, and a step
   # compiles once per bucket shape met (benchmarks/README.md: 1-6 per step). 0: pad to the maximum.
   # Losses do not depend on it, except with prompt.placement "after_padding", whose prompt position moves
   # with the padding (the reference cut each batch to its longest row: multiples of 1).
   c.data.input_bucket_multiple = 64
-  c.data.target_bucket_multiple = 16
+  c.data.target_bucket_multiple = 16  # the targets' bucket multiple (see input_bucket_multiple)
 
   u = c.upstream = ml_collections.ConfigDict()
-  u.num_steps = 0
-  u.tasks_per_step = 2
-  u.inner_steps = 1
-  u.inner_batch_size = 2
-  u.query_size = 2
-  u.inner_lr = 3e-5
+  u.num_steps = 0  # outer steps of a meta-learner (MTL: see num_epochs)
+  u.tasks_per_step = 2  # episodes (source tasks) per meta-step
+  u.inner_steps = 1  # SGD steps of each episode's inner loop
+  u.inner_batch_size = 2  # support examples of each inner step
+  u.query_size = 2  # query examples of each episode (MAML, first-order MAML)
+  u.inner_lr = 3e-5  # the inner loop's SGD learning rate
   u.remat_inner = False  # rematerialize each inner step (second-order MAML on T5-large).
-  u.batch_size = 4  # MTL
+  u.batch_size = 4  # MTL's batch: examples of a step, pooled over the source tasks
   u.num_epochs = 0  # MTL: epochs over the union of the source tasks' train+dev of all seeds
-  u.max_target_len = study.UPSTREAM_TARGET_LEN
-  u.optimizer = "adafactor"
-  u.lr = 0.5
-  u.checkpoint_every = 200
-  u.log_every = 10
+  u.max_target_len = study.UPSTREAM_TARGET_LEN  # answer tokens of the source tasks (EOS included)
+  u.optimizer = "adafactor"  # the outer (MTL: the only) optimizer: adafactor | adamw | sgd
+  u.lr = 0.5  # the outer optimizer's learning rate
+  u.checkpoint_every = 200  # steps between upstream checkpoints (a killed run resumes from the last)
+  u.log_every = 10  # steps between log lines (JSONL, TensorBoard, progress bar)
   u.update(method_entry.defaults)  # the method's own hyperparameters (the study's, PROTOCOL.md "Upstream")
 
   d = c.downstream = ml_collections.ConfigDict()
-  d.lrs = (0.5, 0.4, 0.3, 0.2)
-  d.batch_size = 16
-  d.num_steps = 3000
-  # The reference's loop also ended after 1000 epochs (--num_train_epochs 1000): a task of 32 train
-  # examples (batch 16, 2 steps an epoch) trained 2000 steps, not 3000. 0: no epoch cap.
+  d.lrs = (0.5, 0.4, 0.3, 0.2)  # the grid's learning rates: each seed trains one run per rate
+  d.batch_size = 16  # train examples of a run's step
+  d.num_steps = 3000  # steps of each run (capped by max_epochs)
+  # Each run's cap in epochs of its train split (0: no cap). The reference's loop also ended after 1000
+  # epochs (--num_train_epochs 1000): a task of 32 train examples (batch 16, 2 steps an epoch) trained
+  # 2000 steps, not 3000.
   d.max_epochs = 1000
-  d.eval_every = 50
+  d.eval_every = 50  # steps between dev scorings (the best-dev candidates)
   # Is the initial prompt (step 0) a candidate for the best-dev prompt? The reference's first candidate
   # came after eval_every steps; True can favour a good initialization over prompt tuning.
   d.step0_candidate = False
@@ -136,31 +138,34 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # or "last" (its prompt at the last step: what the reference tested, as its "best" was a reference to
   # the live parameter, not a copy).
   d.test_prompt = "best_dev"
-  d.optimizer = "adafactor"
+  d.optimizer = "adafactor"  # the runs' optimizer (see upstream.optimizer)
   # What a classification task's prompt (one decoded by rank classification) trains on: "likelihood", the
   # token cross-entropy of its gold answer (the study's); "label_choice", the cross-entropy of the gold among
   # the task's train labels, each scored by its log-likelihood in the task's direction (data.direction), as
   # rank classification scores them; "likelihood+label_choice", their sum. Generation tasks and upstream
   # stay on the likelihood.
   d.objective = "likelihood"
-  d.max_target_len = study.DOWNSTREAM_TARGET_LEN
-  d.eval_batch_size = 32
+  d.max_target_len = study.DOWNSTREAM_TARGET_LEN  # answer tokens of the target tasks (EOS included)
+  d.eval_batch_size = 32  # examples per run in a batch of dev and test scoring
   # Memory for the grid's step and its dev decoding, in GiB: the runs go in the fewest chunks that fit
   # (same results, mpt_jax/chunking.py). 0: the device's free memory (CPUs report none: one chunk).
   d.memory_budget_gb = 0.0
-  # The study's decoding of dev (best-dev selection) and test: transformers' beam search with 4 beams,
-  # repetition penalty 2.5, early stopping (an example stops once it holds 4 finished hypotheses).
-  # beam | greedy | rank (the most likely of the train split's labels) | auto (rank for a task scored by a
-  # classification metric, greedy for the others)
+  # How dev (best-dev selection) and test are decoded: beam | greedy | rank (the most likely of the train
+  # split's labels) | auto (rank for a task scored by a classification metric, greedy for the others).
+  # The study's: transformers' beam search with 4 beams, repetition penalty 2.5, early stopping (an
+  # example stops once it holds 4 finished hypotheses).
   d.decoding = "beam"
   # How rank classification weighs the labels' scores (decode.CALIBRATIONS): "none", as scored (the
   # study's); "train_mean", each label's score minus its mean score over the task's train inputs under the
   # same prompt, for dev and test alike (no label is read; docs/PROTOCOL.md).
   d.calibration = "none"
-  d.num_beams = 4
-  d.repetition_penalty = 2.5
-  d.early_stopping = True  # False: transformers' default heuristic ("never" only through decode.py)
-  # The study's generate(max_length=128) counts the decoder start token; ours counts generated tokens.
+  d.num_beams = 4  # beam search's beams
+  d.repetition_penalty = 2.5  # beam search's repetition penalty (transformers')
+  # Beam search stops an example once it holds num_beams finished hypotheses. False: transformers' default
+  # heuristic ("never" only through decode.py).
+  d.early_stopping = True
+  # Tokens a generation may produce. The study's generate(max_length=128) counts the decoder start token;
+  # ours counts generated tokens.
   d.max_decode_len = 127
   d.tasks = ()  # a subset of the setting's target tasks; empty = all
   # Also prompt-tune every source task of the setting with the same grid, into <workdir>/sources/<task>/:
@@ -384,233 +389,269 @@ def _data_axis_size(flat: Mapping[str, Any], available_devices: int | None, prob
   return devices // model_parallel
 
 
-def validate(config, available_devices: int | None = None) -> None:
-  """Raises ConfigError naming every invalid value: enumerations (method, decoding, placement,
-  optimizers, gym, stages, prompt init, dtype, tested prompt), positive integers (steps, sizes, eval and
-  log intervals), learning rates, seeds, the setting and its target tasks, files named by the config,
-  and (given the devices there are) how upstream's batches split over the devices."""
-  # The enumerations live with the code that dispatches on them; imported here rather than at the top so
-  # that loading a config file stays light.
-  from mpt_jax import adapt, algorithms, decode, gyms, methods, optim, prompt as prompt_lib
-  from mpt_jax.model import hf, loss as loss_lib, t5
+class _Checks:
+  """The problems found in a flattened config, and the checks every section's validation uses."""
 
-  flat = flatten(config)
-  problems = []
+  def __init__(self, config, available_devices: int | None):
+    self.config = config
+    self.flat = flatten(config)
+    self.available_devices = available_devices
+    self.problems: list[str] = []
 
-  def add(key: str, expected: str) -> None:
-    problems.append(f"config.{key}={flat[key]!r}: expected {expected}")
+  def __getitem__(self, key: str):
+    return self.flat[key]
 
-  def one_of(key: str, options) -> None:
-    value = flat[key]
+  def note(self, problem: str) -> None:
+    self.problems.append(problem)
+
+  def add(self, key: str, expected: str) -> None:
+    self.note(f"config.{key}={self.flat[key]!r}: expected {expected}")
+
+  def one_of(self, key: str, options) -> None:
+    value = self.flat[key]
     if value not in options:
       hint = _did_you_mean(value, options) if isinstance(value, str) else ""
-      problems.append(f"config.{key}={value!r}: expected one of {', '.join(map(repr, options))}{hint}")
+      self.note(f"config.{key}={value!r}: expected one of {', '.join(map(repr, options))}{hint}")
 
-  def integer(key: str, minimum: int = 1) -> None:
-    value = flat[key]
+  def integer(self, key: str, minimum: int = 1) -> None:
+    value = self.flat[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-      add(key, f"an integer >= {minimum}")
+      self.add(key, f"an integer >= {minimum}")
 
-  def rate(key: str, value=None) -> bool:
-    value = flat[key] if value is None else value
-    ok = (
-      isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
-    if not ok:
-      add(key, "a finite number > 0")
-    return ok
+  def rate(self, key: str) -> None:
+    value = self.flat[key]
+    if not (_is_number(value) and math.isfinite(value) and value > 0):
+      self.add(key, "a finite number > 0")
 
-  one_of("method", methods.names())
-  one_of("prompt.placement", t5.PLACEMENTS)
-  one_of("prompt.init", prompt_lib.INITS)
-  one_of("dtype", t5.DTYPES)
-  one_of("remat_policy", tuple(t5.REMAT_POLICIES))
-  one_of("attention", t5.ATTENTION_IMPLEMENTATIONS)
-  one_of("downstream.decoding", decode.DECODINGS)
-  one_of("data.direction", loss_lib.DIRECTIONS)
-  one_of("downstream.objective", algorithms.OBJECTIVES)
-  one_of("downstream.calibration", decode.CALIBRATIONS)
-  # Options that work on a task's label set, which only rank classification has.
-  for key, chosen, why in (
-    ("data.direction", flat["data.direction"] == "channel", "the channel form scores a task's label set"),
-    (
-      "downstream.objective",
-      flat["downstream.objective"] != "likelihood",
-      "a label-choice objective trains on a task's label set",
-    ),
-    (
-      "downstream.calibration",
-      flat["downstream.calibration"] != "none",
-      "calibration weighs the scores of a task's label set",
-    ),
-  ):
-    if chosen and flat["downstream.decoding"] not in ("rank", "auto"):
-      add(
-        "downstream.decoding",
-        f"'rank' or 'auto' with {key}={flat[key]!r} ({why}; beam or greedy generation has none)",
-      )
-  one_of("downstream.optimizer", optim.OPTIMIZERS)
-  one_of("downstream.test_prompt", adapt.TEST_PROMPTS)
-  if flat["gym"]:
-    one_of("gym", gyms.GYMS)
-  elif not flat["data_dir"]:
-    problems.append(
+  def seeds(self, key: str, expected: str, allow_empty: bool) -> None:
+    seeds = tuple(self.flat[key])
+    if (
+      (not seeds and not allow_empty)
+      or len(set(seeds)) != len(seeds)
+      or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
+      self.add(key, expected)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# --- one check per section of base_config, in its order -------------------------------------------------
+
+
+def _check_run(c: _Checks) -> None:
+  """The top-level keys: method, data source, stages, devices, model and its compute."""
+  from mpt_jax import gyms, methods
+  from mpt_jax.model import hf, t5
+
+  c.one_of("method", methods.names())
+  if c["gym"]:
+    c.one_of("gym", gyms.GYMS)
+  elif not c["data_dir"]:
+    c.note(
       "config.data_dir is empty: pass --config.data_dir=/path/to/crossfit_data (the CrossFit "
       "layout DATA_DIR/{task}/{task}_{k}_{seed}_{split}.tsv), or --config.gym=wordnet (or "
       "synthetic) for an offline gym"
     )
-  stages = tuple(flat["stages"])
+  c.seeds("seeds", "distinct integers >= 0 (CrossFit's data seeds: 100, 13, 21, 42, 87)", allow_empty=False)
+  c.integer("seed", 0)
+  stages = tuple(c["stages"])
   if not stages or any(stage not in STAGES for stage in stages):
-    add("stages", f"one or both of {STAGES}")
-  if flat["prompt.init"] == "label_words" and not flat["prompt.label_words"]:
-    add("prompt.label_words", "label words for prompt.init='label_words'")
-  if flat["prompt.init"] == "token" and not (
-    isinstance(flat["prompt.init_token"], str) and flat["prompt.init_token"]
-  ):
-    add("prompt.init_token", "one piece of the tokenizer's vocabulary (e.g. '</s>') for prompt.init='token'")
-  for key, minimum in (
-    ("prompt.length", 1),
-    ("prompt.vocab_top_k", 1),
-    ("data.max_input_len", 2),
-    ("data.input_bucket_multiple", 0),
-    ("data.target_bucket_multiple", 0),
-    ("num_devices", 0),
-    ("model_parallel", 1),
-    ("seed", 0),
-  ):
-    integer(key, minimum)
-  if not 0 <= flat["dropout_rate"] < 1:
-    add("dropout_rate", "a probability in [0, 1)")
-  template = flat["data.input_template"]
+    c.add("stages", f"one or both of {STAGES}")
+  c.integer("num_devices", 0)
+  c.integer("model_parallel", 1)
+  revision = c["model_revision"]
+  if not isinstance(revision, str) or not revision.strip() or revision != revision.strip():
+    c.add("model_revision", "a hub revision: a branch, tag or commit hash (a string; default 'main')")
+  model = c["model"]
+  if hf.looks_local(model) and not paths.isdir(paths.absolute(model)):
+    c.note(
+      f"config.model={model!r}: no such checkpoint directory (or pass a hub id such as "
+      f"google/t5-large-lm-adapt)"
+    )
+  c.one_of("dtype", t5.DTYPES)
+  c.one_of("remat_policy", tuple(t5.REMAT_POLICIES))
+  c.one_of("attention", t5.ATTENTION_IMPLEMENTATIONS)
+  if not (_is_number(c["dropout_rate"]) and 0 <= c["dropout_rate"] < 1):
+    c.add("dropout_rate", "a probability in [0, 1)")
+
+
+def _check_prompt(c: _Checks) -> None:
+  from mpt_jax import prompt as prompt_lib
+  from mpt_jax.model import t5
+
+  c.integer("prompt.length")
+  c.one_of("prompt.placement", t5.PLACEMENTS)
+  c.one_of("prompt.init", prompt_lib.INITS)
+  c.integer("prompt.vocab_top_k")
+  if c["prompt.init"] == "label_words" and not c["prompt.label_words"]:
+    c.add("prompt.label_words", "label words for prompt.init='label_words'")
+  if c["prompt.init"] == "token" and not (isinstance(c["prompt.init_token"], str) and c["prompt.init_token"]):
+    c.add(
+      "prompt.init_token", "one piece of the tokenizer's vocabulary (e.g. '</s>') for prompt.init='token'"
+    )
+
+
+def _check_data(c: _Checks) -> None:
+  from mpt_jax.model import loss as loss_lib
+
+  template = c["data.input_template"]
   try:
     template.format(task="t", input="x")
     if "{input}" not in template:
-      add("data.input_template", "a format with {input} (and optionally {task})")
+      c.add("data.input_template", "a format with {input} (and optionally {task})")
   except (KeyError, IndexError, ValueError):
-    add("data.input_template", "a format with the fields {input} and optionally {task}, nothing else")
-  seeds = tuple(flat["seeds"])
-  if (
-    not seeds
-    or len(set(seeds)) != len(seeds)
-    or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
-  ):
-    add("seeds", "distinct integers >= 0 (CrossFit's data seeds: 100, 13, 21, 42, 87)")
-  source_seeds = tuple(flat["downstream.source_seeds"])
-  if len(set(source_seeds)) != len(source_seeds) or not all(
-    isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in source_seeds
-  ):
-    add("downstream.source_seeds", "distinct integers >= 0, or () for config.seeds")
+    c.add("data.input_template", "a format with the fields {input} and optionally {task}, nothing else")
+  c.one_of("data.direction", loss_lib.DIRECTIONS)
+  c.integer("data.max_input_len", 2)
+  c.integer("data.input_bucket_multiple", 0)
+  c.integer("data.target_bucket_multiple", 0)
 
-  method = methods.REGISTRY.get(flat["method"])  # an unknown one is reported above
-  if method is not None and method.has_upstream:
-    one_of("upstream.optimizer", optim.OPTIMIZERS)
-    rate("upstream.lr")
-    for key in ("upstream.max_target_len",):
-      integer(key, 2)
-    for key in ("upstream.checkpoint_every", "upstream.log_every"):
-      integer(key)
-    if method.upstream == methods.POOL:
-      integer("upstream.batch_size")
-      integer("upstream.num_steps", 0)
-      if flat["upstream.num_steps"] == 0 and not (
-        isinstance(flat["upstream.num_epochs"], (int, float)) and flat["upstream.num_epochs"] > 0
-      ):
-        add(
-          "upstream.num_epochs",
-          "> 0 when upstream.num_steps is 0 (MTL and any pooled method train num_steps, or epochs)",
-        )
-    else:
-      for key in (
-        "upstream.num_steps",
-        "upstream.tasks_per_step",
-        "upstream.inner_steps",
-        "upstream.inner_batch_size",
-      ):
-        integer(key)
-      if method.needs_query:
-        integer("upstream.query_size")
-    if "inner_lr" in method.options.values():
-      rate("upstream.inner_lr")
-    per_step_key = "upstream." + methods.LEADING_SIZE_KEY[method.upstream]
-    per_step = flat[per_step_key]
-    data_axis = _data_axis_size(flat, available_devices, problems)
-    if data_axis and isinstance(per_step, int) and per_step > 0 and per_step % data_axis:
-      problems.append(
-        f"config.{per_step_key}={per_step} does not split over the {data_axis} devices of the data axis "
-        f"(upstream is data parallel over it): make it a multiple of {data_axis}, or use fewer devices "
-        f"with --config.num_devices (data axis = num_devices / model_parallel, a divisor of {per_step})"
+
+def _check_upstream(c: _Checks) -> None:
+  """The method's own keys (its Method entry says which it reads) and how its batches split over the
+  data axis of the mesh."""
+  from mpt_jax import methods, optim
+
+  method = methods.REGISTRY.get(c["method"])  # an unknown one is reported by _check_run
+  if method is None or not method.has_upstream:
+    _data_axis_size(c.flat, c.available_devices, c.problems)
+    return
+  c.one_of("upstream.optimizer", optim.OPTIMIZERS)
+  c.rate("upstream.lr")
+  c.integer("upstream.max_target_len", 2)
+  c.integer("upstream.checkpoint_every")
+  c.integer("upstream.log_every")
+  if method.upstream == methods.POOL:
+    c.integer("upstream.batch_size")
+    c.integer("upstream.num_steps", 0)
+    if c["upstream.num_steps"] == 0 and not (
+      _is_number(c["upstream.num_epochs"]) and c["upstream.num_epochs"] > 0
+    ):
+      c.add(
+        "upstream.num_epochs",
+        "> 0 when upstream.num_steps is 0 (MTL and any pooled method train num_steps, or epochs)",
       )
   else:
-    _data_axis_size(flat, available_devices, problems)
+    for key in ("num_steps", "tasks_per_step", "inner_steps", "inner_batch_size"):
+      c.integer("upstream." + key)
+    if method.needs_query:
+      c.integer("upstream.query_size")
+  if "inner_lr" in method.options.values():
+    c.rate("upstream.inner_lr")
+  per_step_key = "upstream." + methods.LEADING_SIZE_KEY[method.upstream]
+  per_step = c[per_step_key]
+  data_axis = _data_axis_size(c.flat, c.available_devices, c.problems)
+  if data_axis and isinstance(per_step, int) and per_step > 0 and per_step % data_axis:
+    c.note(
+      f"config.{per_step_key}={per_step} does not split over the {data_axis} devices of the data axis "
+      f"(upstream is data parallel over it): make it a multiple of {data_axis}, or use fewer devices "
+      f"with --config.num_devices (data axis = num_devices / model_parallel, a divisor of {per_step})"
+    )
+
+
+def _check_downstream(c: _Checks) -> None:
+  from mpt_jax import adapt, algorithms, decode, optim
 
   d = "downstream."
-  lrs = tuple(flat[d + "lrs"])
+  lrs = tuple(c[d + "lrs"])
   if (
     not lrs
     or len(set(lrs)) != len(lrs)
-    or not all(
-      isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0 for lr in lrs
-    )
+    or not all(_is_number(lr) and math.isfinite(lr) and lr > 0 for lr in lrs)
   ):
-    add(d + "lrs", "distinct finite learning rates > 0")
+    c.add(d + "lrs", "distinct finite learning rates > 0")
   for key in ("batch_size", "num_steps", "eval_every", "eval_batch_size", "max_decode_len", "num_beams"):
-    integer(d + key)
-  integer(d + "max_target_len", 2)
-  integer(d + "max_epochs", 0)
-  rate(d + "repetition_penalty")
-  budget = flat[d + "memory_budget_gb"]
-  if (
-    isinstance(budget, bool)
-    or not isinstance(budget, (int, float))
-    or not math.isfinite(budget)
-    or budget < 0
+    c.integer(d + key)
+  c.integer(d + "max_target_len", 2)
+  c.integer(d + "max_epochs", 0)
+  c.one_of(d + "test_prompt", adapt.TEST_PROMPTS)
+  c.one_of(d + "optimizer", optim.OPTIMIZERS)
+  c.one_of(d + "objective", algorithms.OBJECTIVES)
+  budget = c[d + "memory_budget_gb"]
+  if not (_is_number(budget) and math.isfinite(budget) and budget >= 0):
+    c.add(d + "memory_budget_gb", "a number of GiB >= 0 (0: the device's free memory)")
+  c.one_of(d + "decoding", decode.DECODINGS)
+  c.one_of(d + "calibration", decode.CALIBRATIONS)
+  # Options that work on a task's label set, which only rank classification has.
+  for key, chosen, why in (
+    ("data.direction", c["data.direction"] == "channel", "the channel form scores a task's label set"),
+    (
+      d + "objective",
+      c[d + "objective"] != "likelihood",
+      "a label-choice objective trains on a task's label set",
+    ),
+    (
+      d + "calibration",
+      c[d + "calibration"] != "none",
+      "calibration weighs the scores of a task's label set",
+    ),
   ):
-    add(d + "memory_budget_gb", "a number of GiB >= 0 (0: the device's free memory)")
-
-  # The setting, its target tasks and the files the config names.
-  try:
-    setting = gyms.resolve_setting(config)
-  except (ValueError, OSError) as error:
-    key = "setting_file" if flat["setting_file"] else "setting"
-    problems.append(f"config.{key}={flat[key]!r}: {error}")
-  else:
-    known_method = flat["method"] in methods.REGISTRY  # an unknown one is reported above
-    if known_method and methods.trains_upstream(config) and not setting.source:
-      where = (
-        f"config.setting_file={flat['setting_file']!r}"
-        if flat["setting_file"]
-        else f"setting {setting.name!r}"
+    if chosen and c[d + "decoding"] not in ("rank", "auto"):
+      c.add(
+        d + "decoding", f"'rank' or 'auto' with {key}={c[key]!r} ({why}; beam or greedy generation has none)"
       )
-      problems.append(
-        f"{where} has no source tasks, but config.method={flat['method']!r} learns its initialization on "
+  c.rate(d + "repetition_penalty")
+  c.seeds(d + "source_seeds", "distinct integers >= 0, or () for config.seeds", allow_empty=True)
+
+
+def _check_setting_and_files(c: _Checks) -> None:
+  """The setting and its target tasks (resolved as the run will), and the files the config names."""
+  from mpt_jax import gyms, methods
+
+  try:
+    setting = gyms.resolve_setting(c.config)
+  except (ValueError, OSError) as error:
+    key = "setting_file" if c["setting_file"] else "setting"
+    c.note(f"config.{key}={c[key]!r}: {error}")
+  else:
+    known_method = c["method"] in methods.REGISTRY  # an unknown one is reported by _check_run
+    if known_method and methods.trains_upstream(c.config) and not setting.source:
+      where = (
+        f"config.setting_file={c['setting_file']!r}" if c["setting_file"] else f"setting {setting.name!r}"
+      )
+      c.note(
+        f"{where} has no source tasks, but config.method={c['method']!r} learns its initialization on "
         f"them: add 'source' tasks to it, or start from a given prompt with --config.init_prompt "
         f"(PT needs no sources)"
       )
-    unknown = [t for t in flat[d + "tasks"] if t not in setting.target]
+    unknown = [t for t in c["downstream.tasks"] if t not in setting.target]
     if unknown:
-      problems.append(
-        f"config.downstream.tasks: {unknown} are not target tasks of {setting.name!r} "
-        f"({list(setting.target)})"
+      c.note(
+        f"config.downstream.tasks: {unknown} are not target tasks of {setting.name!r} ({list(setting.target)})"
       )
   for key in ("init_prompt", "pt_results", "setting_file"):
-    path = flat[key]
+    path = c[key]
     adapter = key == "init_prompt" and path and paths.isfile(paths.join(path, "adapter_config.json"))
     if path and not paths.isfile(path) and not adapter:  # a local path or a URL (mpt_jax/paths.py)
-      problems.append(f"config.{key}={path!r}: no such file")
+      c.note(f"config.{key}={path!r}: no such file")
   for key, what in (
     ("setting_file", "a small JSON file read at startup"),
     ("cache_dir", "per-machine scratch"),
   ):
-    if paths.is_url(flat[key]):
-      problems.append(f"config.{key}={flat[key]!r}: must be a local path ({what}); copy it to the machine")
-  revision = flat["model_revision"]
-  if not isinstance(revision, str) or not revision.strip() or revision != revision.strip():
-    add("model_revision", "a hub revision: a branch, tag or commit hash (a string; default 'main')")
-  model = flat["model"]
-  if hf.looks_local(model) and not paths.isdir(paths.absolute(model)):
-    problems.append(
-      f"config.model={model!r}: no such checkpoint directory (or pass a hub id such as "
-      f"google/t5-large-lm-adapt)"
-    )
-  if problems:
-    raise ConfigError(problems)
+    if paths.is_url(c[key]):
+      c.note(f"config.{key}={c[key]!r}: must be a local path ({what}); copy it to the machine")
+
+
+# Each section of the config and its check (imports inside each: loading a config file stays light). A
+# key added to a section is checked in that section's function.
+SECTION_CHECKS = (
+  ("", _check_run),
+  ("prompt", _check_prompt),
+  ("data", _check_data),
+  ("upstream", _check_upstream),
+  ("downstream", _check_downstream),
+  ("setting and files", _check_setting_and_files),
+)
+
+
+def validate(config, available_devices: int | None = None) -> None:
+  """Raises ConfigError naming every invalid value, found by each section's check (SECTION_CHECKS):
+  enumerations, positive integers, learning rates, seeds, the setting and its target tasks, the files the
+  config names, and (given the devices there are) how upstream's batches split over the devices."""
+  checks = _Checks(config, available_devices)
+  for _, check in SECTION_CHECKS:
+    check(checks)
+  if checks.problems:
+    raise ConfigError(checks.problems)

@@ -508,8 +508,35 @@ def channel_rank_classify(
 def _most_likely_label(
   model, frozen_params, input_ids, input_mask, prompt, candidates, placement, direction, label_bias
 ):
-  """The token ids [B, L_out] of each input's highest-scoring label (`label_scores`, minus `label_bias`
-  when given); ties go to the first label in `candidates` order."""
+  """The token ids [B, L_out] of each input's highest-scoring label (see `scored_rank_classify`)."""
+  return scored_rank_classify(
+    model,
+    frozen_params,
+    input_ids,
+    input_mask,
+    prompt,
+    candidates=candidates,
+    placement=placement,
+    direction=direction,
+    label_bias=label_bias,
+  )[0]
+
+
+def scored_rank_classify(
+  model,
+  frozen_params,
+  input_ids,
+  input_mask,
+  prompt=None,
+  *,
+  candidates: Candidates,
+  placement: str,
+  direction: str,
+  label_bias=None,
+):
+  """Rank classification in `direction` with what it chose from: (each input's highest-scoring label as
+  its token ids [B, L_out] int32, every label's score [B, C] minus `label_bias` [C] when given). Scores
+  are `label_scores`; ties go to the first label in `candidates` order."""
   scores = label_scores(
     model,
     frozen_params,
@@ -522,4 +549,4 @@ def _most_likely_label(
   )
   if label_bias is not None:
     scores = scores - jnp.asarray(label_bias, scores.dtype)[None, :]
-  return jnp.asarray(candidates.target_ids, jnp.int32)[jnp.argmax(scores, axis=-1)]
+  return jnp.asarray(candidates.target_ids, jnp.int32)[jnp.argmax(scores, axis=-1)], scores

@@ -54,6 +54,23 @@ class MetricWriter:
       self._mirror.upload()
 
 
+class RunWriters:
+  """One MetricWriter per run, in `directory`/<run name>: TensorBoard draws every run as its own line of
+  the same chart (tags are the same in each), to be picked out by name (`seed13_lr0.3`)."""
+
+  def __init__(self, directory: str | os.PathLike, names):
+    self._writers = {name: MetricWriter(paths.join(os.fspath(directory), name)) for name in names}
+
+  def write(self, step: int, metrics_by_run: Mapping[str, Mapping[str, float]]) -> None:
+    for name, metrics in metrics_by_run.items():
+      if metrics:
+        self._writers[name].write(step, metrics)
+
+  def close(self) -> None:
+    for writer in self._writers.values():
+      writer.close()
+
+
 def _scalar(value) -> float:
   return float(np.asarray(jax.device_get(value), np.float64).mean())
 
@@ -61,3 +78,28 @@ def _scalar(value) -> float:
 def read_metrics(path: str | os.PathLike) -> list[dict]:
   """The records of a metrics.jsonl file."""
   return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
+
+
+def read_events(directory: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value)]} of the TensorBoard event files in a local `directory`, read without
+  TensorFlow (TFRecord framing: length, its CRC, the Event proto, its CRC; tensorboardX's protos)."""
+  import glob
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  files = sorted(glob.glob(os.path.join(os.fspath(directory), "events.out.tfevents.*")))
+  if not files:
+    raise FileNotFoundError(f"{directory}: no TensorBoard event file (events.out.tfevents.*)")
+  out: dict[str, list[tuple[int, float]]] = {}
+  for path in files:
+    with open(path, "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        out.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return out

@@ -66,21 +66,33 @@ def config_mistakes(argv: list[str]) -> list[str]:
       keys.append(arg.split(".", 1)[1].split("=", 1)[0])
   if config_arg is None:
     return []
+  try:
+    config = load_config(config_arg)
+  except ValueError as error:
+    return [str(error)]
+  return config_lib.unknown_keys(config, keys)
+
+
+def load_config(config_arg: str):
+  """The config of `--config`'s value (a path or a shipped config's name, `[:preset]`), loaded as
+  ml_collections loads it (the file's get_config(preset)); a ValueError saying what is wrong if not."""
+  config_arg = resources.resolve_config(config_arg)
   path, _, preset = config_arg.partition(":")
   if not os.path.isfile(path):
-    return [
+    raise ValueError(
       f"--config={config_arg}: no config file {path!r} (from {os.getcwd()}); the configs are "
       f"configs/<method>_<setting>.py[:preset], or by name: <method>_<setting>[:preset] (shipped in "
       f"{resources.CONFIGS_DIR})"
-    ]
-  try:  # as ml_collections loads it: the file's get_config(preset)
+    )
+  try:
     spec = importlib.util.spec_from_file_location("mpt_jax_checked_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(*([preset] if preset else []))
+    return module.get_config(*([preset] if preset else []))
   except Exception as error:  # noqa: BLE001 (a config file can raise anything)
-    return [f"--config={config_arg}: the config does not load: {type(error).__name__}: {error}"]
-  return config_lib.unknown_keys(config, keys)
+    raise ValueError(
+      f"--config={config_arg}: the config does not load: {type(error).__name__}: {error}"
+    ) from None
 
 
 def with_shipped_configs(argv: list[str]) -> list[str]:

@@ -48,6 +48,8 @@ MATTHEW_CORRELATION = "Matthew-Correlation"
 PEARSON_CORRELATION = "Pearson-Correlation"
 ROUGE_L = "Rouge-L"
 METRIC_NAMES = (EM, ACC, QA_F1, CLASSIFICATION_F1, MATTHEW_CORRELATION, PEARSON_CORRELATION, ROUGE_L)
+# Those of a task with a fixed label set (decoded by rank classification under decoding "auto")
+CLASSIFICATION_METRICS = (ACC, CLASSIFICATION_F1, MATTHEW_CORRELATION)
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -257,6 +259,25 @@ def evaluate(
   if metric is None:
     metric = _metric_for_task(task)
   return score(metric, [p.strip() if isinstance(p, str) else p for p in predictions], golds)
+
+
+def example_scores(
+  task: str, predictions: Sequence[str], golds: Sequence[Sequence[str]], metric: str | None = None
+) -> list[float]:
+  """Each example's own score under `task`'s metric, predictions stripped as in `evaluate`: for a metric
+  that is a mean over examples (EM, ACC, QA-F1, Rouge-L), its value on the example (their mean is the
+  score); for a corpus-level one (Classification-F1, Matthew-Correlation, Pearson-Correlation), 1.0 when
+  the prediction is the example's first gold and 0.0 otherwise (what those scores are built from)."""
+  if metric is None:
+    metric = _metric_for_task(task)
+  predictions = [p.strip() if isinstance(p, str) else p for p in predictions]
+  _check_inputs(predictions, golds, metric)
+  if metric in _PER_EXAMPLE:
+    return [float(_PER_EXAMPLE[metric](p, g)) for p, g in zip(predictions, golds)]
+  if metric in _CORPUS_LEVEL:
+    first = _first_golds(golds, metric)
+    return [float(p == g) for p, g in zip(predictions, first)]
+  raise ValueError(f"unknown metric {metric!r}; expected one of {METRIC_NAMES}")
 
 
 def _metric_for_task(task: str) -> str:

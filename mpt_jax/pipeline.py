@@ -42,6 +42,7 @@ from mpt_jax import (
   results,
   scoring,
   sharding,
+  throughput,
   train,
 )
 from mpt_jax.data import batching, crossfit, settings as settings_lib
@@ -54,6 +55,7 @@ def run(config, workdir: str) -> dict | None:
     return _run(config, workdir)
   finally:
     lease.release(workdir)
+    throughput.end_run()
 
 
 def _run(config, workdir: str) -> dict | None:
@@ -98,9 +100,12 @@ def _run(config, workdir: str) -> dict | None:
     parallel.describe(runtime.mesh),
   )
 
+  throughput.plan_run(planned_stages(config, data, upstream=do_upstream, downstream=do_downstream))
+
   # --- 5. upstream -----------------------------------------------------------------------------------------
   if do_upstream:
     init_prompt = run_upstream(runtime, data.source, upstream_check)
+    throughput.skip_stage("upstream")  # if it was done already
   if not do_downstream:
     return None
 
@@ -135,6 +140,22 @@ def has_upstream(config) -> bool:
 def needed_stages(config) -> tuple[bool, bool]:
   """(upstream, downstream): upstream only for a method that has one and no given initial prompt."""
   return methods.trains_upstream(config), "downstream" in config.stages
+
+
+def planned_stages(config, data: RunData, *, upstream: bool, downstream: bool) -> list[tuple[str, int]]:
+  """The stages this run may train, for its ETA (mpt_jax/throughput.py): upstream (its steps are known
+  when it starts, first), then every target task's grid (and source run's) at its longest step budget."""
+  d = config.downstream
+  stages = [("upstream", 0)] if upstream else []
+  if downstream:
+    for tasks, seeds in ((data.target, config.seeds), (data.source_runs, source_run_seeds(config))):
+      for task, task_data in tasks.items():
+        budgets = [
+          adapt.step_budget(d.num_steps, d.max_epochs, len(task_data.split(s, "train")), d.batch_size)
+          for s in seeds
+        ]
+        stages.append((f"downstream/{task}", max(budgets)))
+  return stages
 
 
 def source_run_seeds(config) -> tuple[int, ...]:
@@ -622,16 +643,7 @@ def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], 
       p.length,
       p.length,
     )
-  init = prompt_lib.initializer(
-    p.init,
-    embedding,
-    tokenizer,
-    names=task_names,
-    words=p.label_words,
-    token=p.init_token,
-    num_candidates=p.vocab_top_k,
-  )
-  return np.asarray(init(jax.random.PRNGKey(seed), (p.length, embedding.shape[1])))
+  return prompt_lib.configured_prompt(p, embedding, tokenizer, task_names, seed)
 
 
 def _learning_rates(keys: Mapping[str, Any]) -> dict[str, Any]:
@@ -770,7 +782,7 @@ def run_downstream(
   runtime: Runtime,
   target_data,
   init_prompt: np.ndarray | None,
-  out_subdir: str = "downstream",
+  out_subdir: str = results.DOWNSTREAM_DIR,
   seeds: Sequence[int] | None = None,
 ) -> list[dict]:
   """The grid on every task of `target_data` from `init_prompt` (None: PT, each seed from the task's own
@@ -794,6 +806,7 @@ def run_downstream(
     done = paths.join(task_dir, results.RESULTS_FILE)
     if check.record is not None and paths.exists(done):
       logging.info("downstream %s: done with this config (%s), reusing it", task, done)
+      throughput.skip_stage(f"downstream/{task}")
       if parallel.is_primary():  # left behind when a run stopped between results and cleanup
         adapt.remove_checkpoints(task_dir)
       summaries.append(results.load_results(done))
@@ -823,7 +836,8 @@ def run_downstream(
       tokenized={k: scoring.training_form(config, v) if k[1] == "train" else v for k, v in tokenized.items()},
       grid_step=task_scoring.grid_step,
       optimizer=runtime.grid_optimizer,
-      predict=task_scoring.predict,
+      predict=task_scoring.predict_scored,
+      labels=None if task_scoring.candidates is None else task_scoring.candidates.texts,
       tokenizer=runtime.tokenizer,
       config=grid,
       seeds=seeds,

@@ -196,6 +196,24 @@ def initializer(
   return builders[init]()
 
 
+def configured_prompt(
+  prompt_config, embedding, tokenizer, task_names: Sequence[str], seed: int
+) -> np.ndarray:
+  """The prompt of a config's `prompt` section (its init, length, label words, token and vocab_top_k):
+  [length, d_model] rows of `embedding`'s space, drawn with PRNGKey(seed); task_names for "task_names"."""
+  p = prompt_config
+  init = initializer(
+    p.init,
+    embedding,
+    tokenizer,
+    names=task_names,
+    words=p.label_words,
+    token=p.init_token,
+    num_candidates=p.vocab_top_k,
+  )
+  return np.asarray(init(jax.random.PRNGKey(seed), (p.length, embedding.shape[1])))
+
+
 def _check_shape(shape, embedding):
   if len(shape) != 2 or shape[1] != embedding.shape[1]:
     raise ValueError(f"prompt shape {tuple(shape)}: expected (length, d_model={embedding.shape[1]})")

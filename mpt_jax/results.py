@@ -51,6 +51,15 @@ STD_DDOF = 0  # np.std's default, as in the study's tables: population std over 
 NAN_POLICIES = ("omit", "propagate")
 RECORDED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy")
 RESULTS_FILE = "results.json"
+# Beside a target task's results (mpt_jax/adapt.py writes the curve): every evaluation's dev score of
+# every run of its grid, and their plot with the chosen runs marked.
+DEV_CURVE_FILE = "dev_curve.json"
+DEV_CURVES_PLOT = "dev_curves.png"
+# ... and the dev and test predictions of each seed's tested prompt, one JSON object an example
+# (`adapt.Scorer.prediction_records`): what `mpt_jax.analysis --compare` reads.
+PREDICTIONS_FILE = "predictions.jsonl"
+# Where a run's target tasks are, under its workdir: <workdir>/downstream/<task>/.
+DOWNSTREAM_DIR = "downstream"
 RUN_RECORD_FILE = "run_record.json"
 
 
@@ -304,10 +313,14 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_task_results(task_summary: Mapping[str, Any], task_dir: str | os.PathLike) -> str:
-  """<task_dir>/results.json of one task; returns its path."""
+  """<task_dir>/results.json of one task, and the plot of its grid's dev curves (DEV_CURVES_PLOT) when
+  the grid's dev_curve.json is there; returns the results' path."""
   paths.makedirs(task_dir)
   path = paths.join(task_dir, RESULTS_FILE)
   _write_json(path, task_summary)
+  curve = paths.join(task_dir, DEV_CURVE_FILE)
+  if paths.exists(curve):
+    plot_dev_curves(json.loads(paths.read_text(curve)), task_summary, paths.join(task_dir, DEV_CURVES_PLOT))
   return path
 
 
@@ -478,6 +491,50 @@ def plot_bars(
   figure.tight_layout()
   path = os.fspath(path)
   paths.write_atomic(path, lambda f: figure.savefig(f, format="png", dpi=120))
+  return path
+
+
+def plot_dev_curves(
+  dev_curve: Mapping[str, Any], task_summary: Mapping[str, Any], path: str | os.PathLike
+) -> str:
+  """The dev curves of a target's grid (dev_curve.json: its runs' names, seeds and learning rates, and
+  each evaluation's scores), one panel per seed, one line per learning rate, each run's best dev score
+  marked (o) and the seed's chosen run's, the one tested, starred; PNG."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  names = dev_curve["runs"]
+  seeds, lrs = dev_curve["seeds"], dev_curve["learning_rates"]
+  steps = np.asarray([step for step, _ in dev_curve["curve"]], float)
+  scores = np.asarray([[_num(x) for x in row] for _, row in dev_curve["curve"]], float).reshape(
+    len(steps), len(names)
+  )
+  chosen = {int(r["seed"]): r for r in task_summary.get("runs", []) if r.get("best_lr") is not None}
+  panels = sorted(set(seeds))
+  figure = Figure(figsize=(3.2 * len(panels) + 0.8, 3.4))
+  FigureCanvasAgg(figure)
+  colors = {lr: f"C{i}" for i, lr in enumerate(sorted(set(lrs), reverse=True))}
+  for p, seed in enumerate(panels):
+    axes = figure.add_subplot(1, len(panels), p + 1)
+    for r in (r for r in range(len(names)) if seeds[r] == seed):
+      lr, color = lrs[r], colors[lrs[r]]
+      axes.plot(steps, 100 * scores[:, r], color=color, marker=".", markersize=3, label=f"lr {lr:g}")
+      if np.isfinite(scores[:, r]).any():
+        best = int(np.nanargmax(scores[:, r]))  # the first of equal scores, as the selection keeps it
+        axes.plot(steps[best], 100 * scores[best, r], "o", color=color, fillstyle="none", markersize=8)
+    pick = chosen.get(int(seed))
+    if pick is not None and pick.get("dev_score") is not None:
+      axes.plot(pick["best_step"], 100 * pick["dev_score"], "*", color="black", markersize=13, label="chosen")
+    axes.set_title(f"seed {seed}", fontsize=9)
+    axes.set_xlabel("step", fontsize=8)
+    if p == 0:
+      axes.set_ylabel("dev score x100", fontsize=8)
+    axes.tick_params(labelsize=7)
+    axes.legend(fontsize=7)
+  figure.suptitle(f"{task_summary.get('task', '')}: dev curves of the grid (o best, * chosen)", fontsize=9)
+  figure.tight_layout()
+  path = os.fspath(path)
+  paths.write_atomic(path, lambda f: figure.savefig(f, format="png", dpi=100))
   return path
 
 
@@ -655,7 +712,19 @@ def compare_methods(
   return comparison
 
 
-def comparison_table_markdown(comparison: Mapping[str, Any], digits: int = 1) -> str:
+def comparison_table_markdown(
+  comparison: Mapping[str, Any], digits: int = 1, run_dirs: Mapping[str, str] | None = None
+) -> str:
+  """The table as markdown. run_dirs: {method: its workdir, relative to where the table is written}: each
+  of its cells links to the task's grid (`<dir>/downstream/<task>/`: dev curves, prompts, predictions)."""
+  run_dirs = run_dirs or {}
+
+  def cell(m: str, task: str) -> str:
+    text = _mean_std_cell(comparison["cells"][m][task], digits)
+    if m not in run_dirs:
+      return text
+    return f"[{text}]({run_dirs[m]}/{DOWNSTREAM_DIR}/{task}/{DEV_CURVES_PLOT})"
+
   methods = comparison["methods"]
   baselines = comparison.get("baselines")
   chance = ("constant", "random") if baselines else ()
@@ -669,10 +738,7 @@ def comparison_table_markdown(comparison: Mapping[str, Any], digits: int = 1) ->
     rows.append(
       [task]
       + [_pct(baselines[task][kind], digits) for kind in chance]
-      + [
-        _mean_std_cell(comparison["cells"][m][task], digits) if task in comparison["cells"][m] else "—"
-        for m in methods
-      ]
+      + [cell(m, task) if task in comparison["cells"][m] else "—" for m in methods]
     )
   all_tasks = len(comparison["tasks"])
   rows.append(
@@ -693,6 +759,11 @@ def comparison_table_markdown(comparison: Mapping[str, Any], digits: int = 1) ->
     f"# {comparison['setting']}: test scores x100, mean ± std over seeds (population std)\n\n"
     "ARG: mean over tasks of (m - PT) / PT.\n\n" + _markdown(header, rows)
   )
+  if run_dirs:
+    text += (
+      "\nEach cell links to the plot of its grid's dev curves; the grid's directory holds its runs' "
+      "prompts, curves (dev_curve.json, logs/runs/ for TensorBoard) and predictions (predictions.jsonl).\n"
+    )
   if baselines:
     text += (
       "\nconstant answer: the train file's most frequent answer for every test example; random "
@@ -745,15 +816,20 @@ def comparison_table_csv(comparison: Mapping[str, Any]) -> str:
 
 
 def write_comparison(
-  comparison: Mapping[str, Any], out_dir: str | os.PathLike, name: str | None = None, digits: int = 1
+  comparison: Mapping[str, Any],
+  out_dir: str | os.PathLike,
+  name: str | None = None,
+  digits: int = 1,
+  run_dirs: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-  """<name>.json/.md/.csv/.png of a comparison table (name defaults to the setting)."""
+  """<name>.json/.md/.csv/.png of a comparison table (name defaults to the setting); run_dirs: see
+  `comparison_table_markdown`."""
   out_dir = os.fspath(out_dir)
   paths.makedirs(out_dir)
   name = name or f"comparison_{comparison['setting']}"
   files = {ext: paths.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "csv", "png")}
   _write_json(files["json"], comparison)
-  _write_atomic(files["md"], comparison_table_markdown(comparison, digits))
+  _write_atomic(files["md"], comparison_table_markdown(comparison, digits, run_dirs))
   _write_atomic(files["csv"], comparison_table_csv(comparison))
   tasks = comparison["tasks"]
   nan_cell = {"mean": float("nan"), "std": float("nan")}

@@ -103,7 +103,10 @@ def main(argv) -> None:
   first = next(iter(configs))
   chance = pipeline.target_baselines(configs[first], paths_lib.join(workdir, first))
   comparison = results.compare_methods(summaries, baselines=chance)
-  paths = results.write_comparison(comparison, workdir)
+  # each method's runs are in <workdir>/<method>: the table's cells link there
+  paths = results.write_comparison(
+    comparison, workdir, run_dirs={s["method"]: s["method"] for s in summaries}
+  )
   print(paths_lib.read_text(paths["md"]))
   print(f"written: {', '.join(paths.values())}")
 

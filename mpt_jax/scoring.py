@@ -28,7 +28,7 @@ from mpt_jax import adapt, algorithms, chunking, decode, metrics
 from mpt_jax.data import batching, settings as settings_lib
 from mpt_jax.model import loss as loss_lib
 
-CLASSIFICATION_METRICS = (metrics.ACC, metrics.CLASSIFICATION_F1, metrics.MATTHEW_CORRELATION)
+CLASSIFICATION_METRICS = metrics.CLASSIFICATION_METRICS
 
 
 def resolve_decoding(decoding: str, task: str) -> str:
@@ -99,7 +99,9 @@ def make_generate(
 class DirectionScoring:
   """What a classification task in one direction is scored and trained with, compiled at first use."""
 
-  rank: Callable  # rank classification of [R] prompts over a task's labels (minus a bias [R, C])
+  # rank classification of [R] prompts over a task's labels (minus a bias [R, C]): (the chosen labels'
+  # token ids [R, B, L], every label's score minus the bias [R, B, C]; `decode.scored_rank_classify`)
+  rank: Callable
   # every label's score with every input [R, B, C] for [R] prompts: what "train_mean" averages; None
   # when config.downstream.calibration is "none"
   label_scores: Callable | None
@@ -144,13 +146,14 @@ def build_scorings(
     )
     return adapt.make_grid_trainer(choice_loss, grid_optimizer, mesh, budget_bytes)
 
-  rankers = {
-    "direct": (decode.rank_classify, "rank classification"),
-    "channel": (decode.channel_rank_classify, "channel rank classification"),
-  }
   return {
     direction: DirectionScoring(
-      rank=over_runs(*rankers[direction], with_bias=True),
+      rank=over_runs(
+        decode.scored_rank_classify,
+        f"{direction} rank classification",
+        with_bias=True,
+        direction=direction,
+      ),
       label_scores=None
       if d.calibration == "none"
       else over_runs(decode.label_scores, f"{direction} label scores", with_bias=False, direction=direction),
@@ -169,11 +172,16 @@ class TaskScoring:
   candidates: decode.Candidates | None  # rank classification's label set; None: generation
   grid_step: Callable  # what its prompts train with
   label_set: tuple | None  # (target ids, mask) of its labels under a label-choice objective; else None
-  # predict(prompts [R, P, D], batch [R, B, ...], label_bias=None) -> token ids [R, B, T] (host)
-  predict: Callable
+  # predict_scored(prompts [R, P, D], batch [R, B, ...], label_bias=None) -> (token ids [R, B, T], every
+  # label's score [R, B, C] that rank classification chose from, minus the bias; None for generation), host
+  predict_scored: Callable
   # scores(prompts, batch) -> every label's score with every input [R, B, C] (host), for a task that
   # config.downstream.calibration calibrates (rank classification); None for any other
   calibration_scores: Callable | None
+
+  def predict(self, prompts, batch, label_bias=None):
+    """The predicted token ids [R, B, T] (host) of `predict_scored`."""
+    return self.predict_scored(prompts, batch, label_bias)[0]
 
 
 def task_scoring(
@@ -200,9 +208,9 @@ def task_scoring(
     def decoder(frozen, prompts, ids, mask, label_bias):
       if label_bias is not None:
         raise ValueError(f"{task}: a label bias needs rank classification")
-      return generate(frozen, prompts, ids, mask)
+      return generate(frozen, prompts, ids, mask), None
 
-    return TaskScoring(task, direction, None, grid_step, None, _predict(on_runs, decoder), None)
+    return TaskScoring(task, direction, None, grid_step, None, _predict_scored(on_runs, decoder), None)
 
   scoring = scorings[direction]
   num_labels = candidates.target_ids.shape[0]
@@ -223,14 +231,14 @@ def task_scoring(
   else:
     label_set, train_step = None, grid_step
   return TaskScoring(
-    task, direction, candidates, train_step, label_set, _predict(on_runs, ranker), calibration_scores
+    task, direction, candidates, train_step, label_set, _predict_scored(on_runs, ranker), calibration_scores
   )
 
 
-def _predict(on_runs: Callable, decoder: Callable) -> Callable:
-  def predict(prompts, batch, label_bias=None):
+def _predict_scored(on_runs: Callable, decoder: Callable) -> Callable:
+  def predict_scored(prompts, batch, label_bias=None):
     return on_runs(
       decoder, prompts, batch, None if label_bias is None else np.asarray(label_bias, np.float32)
     )
 
-  return predict
+  return predict_scored

@@ -11,6 +11,13 @@ apart as `first_step_s` (tracing, compiling or loading from the persistent cache
 XLA compile time is `compile_s` (JAX's backend-compile events, every program of the stage), and the
 persistent cache's hits and misses are counted.
 
+The ETA of the whole run (`eta_run_s`) needs the stages still to come: `pipeline.run` declares them
+(`plan_run`: upstream, then each target task's grid with its step budget), each StageMeter takes its own
+off the plan when it starts, and an interval's ETA is its stage's remaining steps at its step time plus
+each later stage's steps at the step time last measured for that kind of stage (upstream, downstream).
+Before a kind has run once (the grids, while upstream trains) its stages cannot be timed:
+`eta_run_lower_bound` is 1 then, and the ETA counts only what can be.
+
 Device memory is read from `Device.memory_stats()` on the first local device, which GPUs and TPUs
 report and the CPU backend does not (None): there the memory fields are left out of the intervals and
 the summary says so instead of reporting a number.
@@ -18,10 +25,11 @@ the summary says so instead of reporting a number.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -97,6 +105,60 @@ def host_rss_gb() -> float | None:
   return pages * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
+class RunPlan:
+  """The stages a run has still to train, in order: (stage name, steps), the kind of a stage being its
+  name's first part ("upstream", "downstream/<task>" -> "downstream"); and each kind's last step time."""
+
+  def __init__(self, stages: Sequence[tuple[str, int]]):
+    self.pending = [(str(name), int(steps)) for name, steps in stages]
+    self.step_s: dict[str, float] = {}
+
+  def take(self, stage: str) -> None:
+    """`stage` starts (or is reused, skipped): it is no longer to come."""
+    for i, (name, _) in enumerate(self.pending):
+      if name == stage:
+        del self.pending[i]
+        return
+
+  def eta_after(self, stage: str, step_s: float) -> tuple[float, bool]:
+    """(seconds the stages to come take, whether some could not be timed yet), with `stage`'s step time
+    now `step_s`."""
+    self.step_s[_kind(stage)] = step_s
+    seconds, untimed = 0.0, False
+    for name, steps in self.pending:
+      kind_s = self.step_s.get(_kind(name))
+      if kind_s is None:
+        untimed = True
+      else:
+        seconds += kind_s * steps
+    return seconds, untimed
+
+
+def _kind(stage: str) -> str:
+  return stage.split("/", 1)[0]
+
+
+_PLAN: contextvars.ContextVar[RunPlan | None] = contextvars.ContextVar("mpt_jax_run_plan", default=None)
+
+
+def plan_run(stages: Sequence[tuple[str, int]]) -> RunPlan:
+  """Declares the run's stages (see the module doc); `end_run()` when the run ends."""
+  plan = RunPlan(stages)
+  _PLAN.set(plan)
+  return plan
+
+
+def skip_stage(stage: str) -> None:
+  """A declared stage that will not train (its work is reused)."""
+  plan = _PLAN.get()
+  if plan is not None:
+    plan.take(stage)
+
+
+def end_run() -> None:
+  _PLAN.set(None)
+
+
 def _zero() -> dict[str, int]:
   return {"steps": 0, "examples": 0, "tokens": 0}
 
@@ -122,6 +184,9 @@ class StageMeter:
     self._started = self._interval_started = time.perf_counter()
     self._paused_at: float | None = None
     self._wall_s: float | None = None
+    self._plan = _PLAN.get()
+    if self._plan is not None:
+      self._plan.take(stage)
 
   def _on_duration(self, event: str, duration: float, **kwargs) -> None:
     del kwargs
@@ -171,6 +236,10 @@ class StageMeter:
       out["examples_per_s"] = counts["examples"] / elapsed
       out["tokens_per_s"] = counts["tokens"] / elapsed
       out["eta_stage_s"] = step_s * max(self.total_steps - done, 0)
+      if self._plan is not None:
+        later_s, untimed = self._plan.eta_after(self.stage, step_s)
+        out["eta_run_s"] = out["eta_stage_s"] + later_s
+        out["eta_run_lower_bound"] = float(untimed)
     elif done >= self.total_steps:
       out["eta_stage_s"] = 0.0
     if self.first_step_s is not None:
@@ -246,6 +315,8 @@ def progress_text(scalars: Mapping[str, float]) -> str:
     parts.append(f"{scalars['tokens_per_s']:.0f}tok/s")
   if "eta_stage_s" in scalars:
     parts.append(f"eta {scalars['eta_stage_s']:.0f}s")
+  if "eta_run_s" in scalars:
+    parts.append(f"run eta {'>' if scalars.get('eta_run_lower_bound') else ''}{scalars['eta_run_s']:.0f}s")
   parts.append(f"compile {scalars.get('compile_s', 0.0):.1f}s")
   if "device_memory_gb" in scalars:
     parts.append(f"mem {scalars['device_memory_gb']:.2f}GB")

@@ -8,7 +8,6 @@ relations that hold by construction (examples/s x step time = examples a step, t
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import jax
@@ -41,25 +40,6 @@ def tiny():
   prompt0 = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (2, model.config.d_model)))
   loss = algorithms.make_loss_fn(model, deterministic=True)
   return model, params, prompt0, loss
-
-
-def read_events(directory: Path) -> dict[str, list[tuple[int, float]]]:
-  """{tag: [(step, value)]} of the TensorBoard event files in `directory` (TFRecord framing: length,
-  its CRC, the Event proto, its CRC), read with tensorboardX's own protos."""
-  from tensorboardX.proto import event_pb2
-
-  out: dict[str, list[tuple[int, float]]] = {}
-  files = sorted(directory.glob("events.out.tfevents.*"))
-  assert files, f"no event file in {directory}"
-  for path in files:
-    data, offset = path.read_bytes(), 0
-    while offset < len(data):
-      (length,) = struct.unpack("<Q", data[offset : offset + 8])
-      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-      offset += 12 + length + 4
-      for value in event.summary.value:
-        out.setdefault(value.tag, []).append((event.step, value.simple_value))
-  return out
 
 
 def check_interval_records(records: list[dict], prefix: str, examples: int, tokens: int, total: int):
@@ -112,7 +92,7 @@ def test_an_upstream_run_logs_time_throughput_compile_eta_and_memory(tiny, tmp_p
   assert [r["step"] for r in records] == [2, 4, 6]
   check_interval_records(records, "upstream/perf/", EXAMPLES, TOKENS, total=6)
   # TensorBoard holds the same scalars (float32)
-  events = read_events(tmp_path / "logs")
+  events = logs.read_events(tmp_path / "logs")
   for key in PERF_KEYS:
     tag = f"upstream/perf/{key}"
     assert [s for s, _ in events[tag]] == [2, 4, 6]
@@ -154,7 +134,7 @@ def test_a_downstream_grid_logs_time_throughput_and_memory_per_task(tiny, tmp_pa
   assert [r["step"] for r in records] == [2, 4, 6]
   # a grid step is one step of every run: its examples and tokens are those of the R runs' batches
   check_interval_records(records, "task_a/perf/", EXAMPLES * len(runs), TOKENS * len(runs), total=6)
-  events = read_events(tmp_path / "logs")
+  events = logs.read_events(tmp_path / "logs")
   assert [s for s, _ in events["task_a/perf/step_time_s"]] == [2, 4, 6]
   summary = progress.throughput
   assert summary["stage"] == "downstream/task_a" and summary["runs"] == len(runs)
@@ -162,3 +142,31 @@ def test_a_downstream_grid_logs_time_throughput_and_memory_per_task(tiny, tmp_pa
   assert summary["other_s"] > 0  # dev scoring is timed apart from the steps
   path = throughput.write_summary(summary, str(tmp_path / "logs"))
   assert json.loads(Path(path).read_text()) == [summary]
+
+
+def test_the_run_eta_adds_the_stages_to_come_at_their_kinds_step_time():
+  """A declared run of upstream then two grids: while upstream trains, the grids cannot be timed (a lower
+  bound); in the first grid, the second is timed at the first's step time; a reused one drops out."""
+  import jax.numpy as jnp
+
+  def one_interval(stage: str, total: int) -> dict:
+    meter = throughput.StageMeter(stage, total)
+    with meter:
+      for _ in range(3):
+        meter.after_step(BATCH, jnp.ones(()))
+      return meter.interval(3)
+
+  throughput.plan_run([("upstream", 0), ("downstream/a", 7), ("downstream/b", 5), ("downstream/c", 2)])
+  try:
+    up = one_interval("upstream", 10)
+    assert up["eta_run_lower_bound"] == 1.0 and up["eta_run_s"] == up["eta_stage_s"]
+    a = one_interval("downstream/a", 7)
+    assert a["eta_run_lower_bound"] == 0.0
+    np.testing.assert_allclose(a["eta_run_s"], a["eta_stage_s"] + (5 + 2) * a["step_time_s"], rtol=1e-9)
+    throughput.skip_stage("downstream/b")  # its results were there already
+    b = one_interval("downstream/c", 2)
+    assert b["eta_run_s"] == b["eta_stage_s"]
+    assert "run eta" in throughput.progress_text(a) and "run eta >" in throughput.progress_text(up)
+  finally:
+    throughput.end_run()
+  assert "eta_run_s" not in one_interval("downstream/a", 7)  # no run declared: no run ETA

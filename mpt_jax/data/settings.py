@@ -247,6 +247,7 @@ def register_gym_files(
 
 
 TASK_TABLE_FILE = "tasks.json"  # in a data_dir: the metric and kind of its own tasks
+# metrics.CLASSIFICATION_METRICS, by value: metrics reads this module (task -> metric), not the reverse
 _CLASSIFICATION_METRICS = ("ACC", "Classification-F1", "Matthew-Correlation")
 
 

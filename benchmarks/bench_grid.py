@@ -62,7 +62,9 @@ def build(config: str, runs: int):
   pt_step = methods.make_step("pt", loss_fn, optimizer)
   rng = np.random.default_rng(0)
   kw = dict(
-    vocab_size=cfg["model"]["vocab_size"], input_length=cfg["input_length"], output_length=cfg["output_length"]
+    vocab_size=cfg["model"]["vocab_size"],
+    input_length=cfg["input_length"],
+    output_length=cfg["output_length"],
   )
   grid_batch = bs.random_batch(rng, (runs, 16), **kw)
   lrs = bs.grid_learning_rates(runs)

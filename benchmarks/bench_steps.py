@@ -318,12 +318,14 @@ def our_grad_fn(method: str, loss_fn, inner_lr: float):
 
 
 def our_timed_step(method: str, model: T5, *, inner_lr: float = STUDY_INNER_LR, remat: bool = False):
-  """The jitted step users run (state donated), dropout on; the grid: PT runs vmapped."""
+  """The jitted step users run (state donated), dropout on; the grid: PT runs as the pipeline groups
+  them on this backend (`algorithms.grid_runs_at_once`: one at a time on a CPU)."""
   loss_fn = algorithms.make_loss_fn(model, deterministic=False)
   optimizer = optim.make_optimizer("adafactor", 0.5)
   if method == "grid":
+    step = methods.make_step("pt", loss_fn, optimizer)
     return jax.jit(
-      algorithms.make_grid_step(methods.make_step("pt", loss_fn, optimizer)), donate_argnums=(0,)
+      algorithms.make_grid_step(step, algorithms.grid_runs_at_once(0)), donate_argnums=(0,)
     ), optimizer
   kwargs = {} if method == "pt" else dict(inner_lr=inner_lr)
   if method in ("maml", "fomaml"):

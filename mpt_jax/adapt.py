@@ -91,15 +91,18 @@ def grid_runs(seeds: Sequence[int], learning_rates: Sequence[float]) -> list[Run
   return [Run(int(s), float(lr)) for s in seeds for lr in learning_rates]
 
 
-def make_grid_trainer(loss_fn, optimizer, mesh=None, memory_budget_bytes: int | None = None) -> Callable:
+def make_grid_trainer(
+  loss_fn, optimizer, mesh=None, memory_budget_bytes: int | None = None, runs_at_once: int | None = None
+) -> Callable:
   """grid_step(states [R], frozen_params, batches [R, ...], rngs [R]), jitted (split over the devices by
   run if a mesh with several devices is given; runs are padded to a multiple of them). On one device, the
   runs go in the fewest chunks whose compiled step fits the memory budget (default: the device's free
-  memory; mpt_jax/chunking.py), so a grid too big for the device still runs, with the same results."""
+  memory; mpt_jax/chunking.py), so a grid too big for the device still runs, with the same results.
+  runs_at_once: how many runs the step computes together (`algorithms.make_grid_step`; None: all)."""
   step = algorithms.make_pt_step(loss_fn, optimizer)
   if mesh is not None and mesh.size > 1:
-    return parallel.shard_grid_step(step, mesh)
-  grid_step = jax.jit(algorithms.make_grid_step(step), donate_argnums=(0,))
+    return parallel.shard_grid_step(step, mesh, runs_at_once)
+  grid_step = jax.jit(algorithms.make_grid_step(step, runs_at_once), donate_argnums=(0,))
   return chunking.RunChunks(
     grid_step, (0, None, 0, 0), budget_bytes=memory_budget_bytes, name="downstream grid step"
   )

@@ -150,6 +150,10 @@ def base_config(method: str, setting: str, preset: str | None = None) -> ml_coll
   # Memory for the grid's step and its dev decoding, in GiB: the runs go in the fewest chunks that fit
   # (same results, mpt_jax/chunking.py). 0: the device's free memory (CPUs report none: one chunk).
   d.memory_budget_gb = 0.0
+  # How many of the grid's runs a step computes together (vmapped); the others follow one group after
+  # another in the same step. 0: auto, one at a time on a CPU (vmapping them was ~1.6x slower there:
+  # benchmarks/results/grid_small.md) and all at once on a GPU or TPU. Same results to float rounding.
+  d.runs_at_once = 0
   # How dev (best-dev selection) and test are decoded: beam | greedy | rank (the most likely of the train
   # split's labels) | auto (rank for a task scored by a classification metric, greedy for the others).
   # The study's: transformers' beam search with 4 beams, repetition penalty 2.5, early stopping (an
@@ -566,6 +570,7 @@ def _check_downstream(c: _Checks) -> None:
     c.integer(d + key)
   c.integer(d + "max_target_len", 2)
   c.integer(d + "max_epochs", 0)
+  c.integer(d + "runs_at_once", 0)
   c.one_of(d + "test_prompt", adapt.TEST_PROMPTS)
   c.one_of(d + "optimizer", optim.OPTIMIZERS)
   c.one_of(d + "objective", algorithms.OBJECTIVES)

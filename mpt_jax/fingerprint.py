@@ -64,6 +64,7 @@ HARMLESS = {
   "model_parallel": "the same step, with the frozen weights split over more or fewer devices",
   # The batch only sets the prompt's position under after_padding (see `stage_keys`).
   "downstream.eval_batch_size": "evaluation batches score each example on its own",
+  "downstream.runs_at_once": "the same runs, computed in groups of another size",
 }
 
 # Keys added to the config after records were written, with the value every earlier run computed with: a

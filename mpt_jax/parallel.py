@@ -377,15 +377,16 @@ def make_sharded_step(method: str, loss_fn, optimizer, mesh: Mesh, **kwargs) -> 
   return shard_step(methods.make_step(method, loss_fn, optimizer, axis_name=DATA_AXIS, **kwargs), mesh)
 
 
-def shard_grid_step(step: common.StepFn, mesh: Mesh) -> common.StepFn:
+def shard_grid_step(step: common.StepFn, mesh: Mesh, runs_at_once: int | None = None) -> common.StepFn:
   """Jitted grid step: R runs of the (unsharded, axis_name=None) `step`, split over devices by run.
 
   `grid_step(states [R], frozen_params, batches [R, ...], rngs [R])`. Each device vmaps its share of the
-  runs; runs are independent, so nothing is reduced across devices. When R does not divide over the
+  runs (or maps over them, `runs_at_once` at a time: `common.make_grid_step`); runs are independent, so
+  nothing is reduced across devices. When R does not divide over the
   devices, the runs are padded (the last one repeated) inside the step and the padding dropped from
   what it returns, so no device idles and the results are those of the R runs.
   """
-  grid = common.make_grid_step(step)
+  grid = common.make_grid_step(step, runs_at_once)
   sharded = jax.shard_map(
     grid,
     mesh=mesh,

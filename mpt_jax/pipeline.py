@@ -571,7 +571,9 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
     upstream_optimizer=upstream_optimizer,
     upstream_step=upstream_step,
     grid_optimizer=grid_optimizer,
-    grid_step=adapt.make_grid_trainer(loss_fn, grid_optimizer, mesh, budget),
+    grid_step=adapt.make_grid_trainer(
+      loss_fn, grid_optimizer, mesh, budget, algorithms.grid_runs_at_once(config.downstream.runs_at_once)
+    ),
     generate=generate,
     scorings=scoring.build_scorings(config, model, mesh, grid_optimizer, budget),
   )

@@ -144,7 +144,8 @@ def build_scorings(
       objective=d.objective,
       direction=direction,
     )
-    return adapt.make_grid_trainer(choice_loss, grid_optimizer, mesh, budget_bytes)
+    runs_at_once = algorithms.grid_runs_at_once(d.runs_at_once)
+    return adapt.make_grid_trainer(choice_loss, grid_optimizer, mesh, budget_bytes, runs_at_once)
 
   return {
     direction: DirectionScoring(

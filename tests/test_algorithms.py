@@ -501,6 +501,15 @@ def test_guard_rejects_a_finite_update_of_a_diverging_learning_rate():
 # Downstream grid: R runs with their own learning rates in one computation
 # ---------------------------------------------------------------------------------------------------
 def test_grid_step_equals_runs_one_by_one(model):
+  check_grid_against_runs_one_by_one(model, runs_at_once=None)
+
+
+@pytest.mark.parametrize("runs_at_once", [1, 3])  # one run at a time (CPU's default); groups of 3 + 1
+def test_grid_step_in_groups_of_runs_equals_runs_one_by_one(model, runs_at_once):
+  check_grid_against_runs_one_by_one(model, runs_at_once)
+
+
+def check_grid_against_runs_one_by_one(model, runs_at_once):
   learning_rates = [0.5, 0.4, 0.3, 0.2]
   num_runs, num_steps = len(learning_rates), 3
   prompts = jnp.stack(
@@ -511,7 +520,7 @@ def test_grid_step_equals_runs_one_by_one(model):
   ]
   rngs = [jax.random.split(jax.random.key(s), num_runs) for s in range(num_steps)]
   step = methods.make_step("pt", model.loss_fn, optim.make_optimizer("adafactor", 0.5))
-  grid_step = jax.jit(algorithms.make_grid_step(step))
+  grid_step = jax.jit(algorithms.make_grid_step(step, runs_at_once))
   states = algorithms.init_grid_state(prompts, optim.make_optimizer("adafactor", 0.5), learning_rates)
   for s in range(num_steps):
     states, metrics = grid_step(states, model.frozen, batches[s], rngs[s])

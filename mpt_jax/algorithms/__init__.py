@@ -18,6 +18,7 @@ from mpt_jax.algorithms.common import (
   init_grid_state,
   init_state,
   jit_step,
+  grid_runs_at_once,
   make_grid_step,
   make_loss_fn,
 )
@@ -35,6 +36,7 @@ __all__ = [
   "init_grid_state",
   "init_state",
   "jit_step",
+  "grid_runs_at_once",
   "make_grid_step",
   "make_loss_fn",
   "make_maml_grad_fn",

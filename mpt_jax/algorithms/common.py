@@ -283,15 +283,42 @@ def inner_and_outer_rngs(task_rng: jax.Array, num_inner_steps: int) -> tuple[jax
   return (jax.random.split(jax.random.fold_in(task_rng, 0), num_inner_steps), jax.random.fold_in(task_rng, 1))
 
 
-def make_grid_step(step: StepFn) -> StepFn:
-  """R independent runs in one computation: the step vmapped over a leading run axis.
+def make_grid_step(step: StepFn, runs_at_once: int | None = None) -> StepFn:
+  """R independent runs in one computation over a leading run axis: the step vmapped over all of them
+  (`runs_at_once` None), or `lax.map` over them `runs_at_once` at a time (vmapped within a group; the
+  remainder in a group of its own), the same step body compiled once either way.
 
   `grid_step(states [R], frozen_params, batches [R, ...], rngs [R]) -> (states [R], metrics [R])`.
   Each run has its own prompt, optimizer state and learning rate (a leaf of the optimizer state: see
   `init_grid_state`), so e.g. the 4 learning rates of the downstream grid compile once. Runs never
   interact (no mean across them); a non-finite run keeps its old state while the others move on.
+
+  On a CPU, one run at a time is faster than all of them vmapped (benchmarks/results/grid_small.md:
+  vmapping 4 runs of T5-small shape cost ~1.6x their time one after another); on a GPU or TPU, the
+  vmapped runs fill the device (`grid_runs_at_once` picks by backend).
   """
-  return jax.vmap(step, in_axes=(0, None, 0, 0))
+  if runs_at_once is None:
+    return jax.vmap(step, in_axes=(0, None, 0, 0))
+  if runs_at_once < 1:
+    raise ValueError(f"runs_at_once={runs_at_once}: expected None (all) or a group size >= 1")
+
+  def grid_step(states, frozen_params, batches, rngs):
+    def one(run):
+      return step(run[0], frozen_params, run[1], run[2])
+
+    return jax.lax.map(one, (states, batches, rngs), batch_size=None if runs_at_once == 1 else runs_at_once)
+
+  return grid_step
+
+
+def grid_runs_at_once(setting: int, backend: str | None = None) -> int | None:
+  """`make_grid_step`'s group size for config.downstream.runs_at_once: 0 (auto) is one run at a time on
+  a CPU and every run at once on another backend; n > 0 is n at a time."""
+  if setting < 0:
+    raise ValueError(f"downstream.runs_at_once={setting}: expected 0 (auto) or a group size >= 1")
+  if setting > 0:
+    return setting
+  return 1 if (backend or jax.default_backend()) == "cpu" else None
 
 
 def init_grid_state(

@@ -21,13 +21,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mpt_jax import metrics
-from mpt_jax.results import DOWNSTREAM_DIR, PREDICTIONS_FILE
+from mpt_jax.results import DOWNSTREAM_DIR, PREDICTIONS_FILE, RESULTS_FILE
 
 SHOWN_EXAMPLES = 5  # wins and losses listed in the markdown, per task (the JSON has them all)
 
 
 def load_predictions(directory: str) -> dict[str, list[dict]]:
   """{task: its prediction records} of a task directory, or of every task of a run's downstream/."""
+  return {task: records for task, (records, _) in load_task_predictions(directory).items()}
+
+
+def load_task_predictions(directory: str) -> dict[str, tuple[list[dict], str | None]]:
+  """{task: (its prediction records, its metric)} of a task directory, or of every task of a run's
+  downstream/; the metric is the one its results.json names (None without one: the task's own)."""
   own = os.path.join(directory, PREDICTIONS_FILE)
   if os.path.exists(own):
     found = {os.path.basename(os.path.normpath(directory)): own}
@@ -46,7 +52,13 @@ def load_predictions(directory: str) -> dict[str, list[dict]]:
   out = {}
   for task, path in found.items():
     with open(path, encoding="utf-8") as f:
-      out[task] = [json.loads(line) for line in f if line.strip()]
+      records = [json.loads(line) for line in f if line.strip()]
+    results_path = os.path.join(os.path.dirname(path), RESULTS_FILE)
+    metric = None
+    if os.path.exists(results_path):
+      with open(results_path, encoding="utf-8") as f:
+        metric = json.load(f).get("metric")
+    out[task] = (records, metric)
   return out
 
 
@@ -54,15 +66,8 @@ def _by_example(records: Sequence[dict], split: str) -> dict[tuple[int, int], di
   return {(int(r["seed"]), int(r["index"])): r for r in records if r["split"] == split}
 
 
-def _is_classification(task: str, records: Sequence[dict]) -> bool:
-  if any("label_scores" in r for r in records):
-    return True
-  from mpt_jax.data.settings import metric_for_task
-
-  try:
-    return metric_for_task(task) in metrics.CLASSIFICATION_METRICS
-  except ValueError:  # a task this process does not know: judge by its records alone
-    return False
+def _is_classification(records: Sequence[dict], metric: str) -> bool:
+  return any("label_scores" in r for r in records) or metric in metrics.CLASSIFICATION_METRICS
 
 
 def _confusion(records: Sequence[dict]) -> dict[str, dict[str, int]]:
@@ -72,8 +77,15 @@ def _confusion(records: Sequence[dict]) -> dict[str, dict[str, int]]:
   return {gold: dict(sorted(row.items())) for gold, row in sorted(table.items())}
 
 
-def compare_task(task: str, a: Sequence[dict], b: Sequence[dict], split: str = "test") -> dict[str, Any]:
-  """The example-by-example comparison of A's and B's records of one task on `split`."""
+def compare_task(
+  task: str, a: Sequence[dict], b: Sequence[dict], split: str = "test", metric: str | None = None
+) -> dict[str, Any]:
+  """The example-by-example comparison of A's and B's records of one task on `split`, scored by
+  `metric` (None: the task's, from the known gyms)."""
+  if metric is None:
+    from mpt_jax.data.settings import metric_for_task
+
+    metric = metric_for_task(task)
   a_examples, b_examples = _by_example(a, split), _by_example(b, split)
   if not a_examples or not b_examples:
     raise ValueError(f"{task}: no {split} predictions in {'A' if not a_examples else 'B'}")
@@ -90,8 +102,8 @@ def compare_task(task: str, a: Sequence[dict], b: Sequence[dict], split: str = "
         f"{b_examples[key]['gold']} in B; these are not the same {split} files"
       )
   golds = [a_examples[k]["gold"] for k in keys]
-  a_scores = metrics.example_scores(task, [a_examples[k]["prediction"] for k in keys], golds)
-  b_scores = metrics.example_scores(task, [b_examples[k]["prediction"] for k in keys], golds)
+  a_scores = metrics.example_scores(task, [a_examples[k]["prediction"] for k in keys], golds, metric)
+  b_scores = metrics.example_scores(task, [b_examples[k]["prediction"] for k in keys], golds, metric)
   outcome = {"wins": [], "losses": [], "ties": []}
   for key, sa, sb in zip(keys, a_scores, b_scores):
     outcome["wins" if sa > sb else "losses" if sa < sb else "ties"].append(key)
@@ -110,6 +122,7 @@ def compare_task(task: str, a: Sequence[dict], b: Sequence[dict], split: str = "
   report = {
     "task": task,
     "split": split,
+    "metric": metric,
     "n": len(keys),
     "seeds": sorted({k[0] for k in keys}),
     "a_mean_example_score": sum(a_scores) / len(keys),
@@ -118,7 +131,7 @@ def compare_task(task: str, a: Sequence[dict], b: Sequence[dict], split: str = "
     "win_examples": [shown(k) for k in outcome["wins"]],
     "loss_examples": [shown(k) for k in outcome["losses"]],
   }
-  if _is_classification(task, list(a) + list(b)):
+  if _is_classification(list(a) + list(b), metric):
     for side, examples in (("a", a_examples), ("b", b_examples)):
       records = [examples[k] for k in keys]
       report[f"{side}_confusion"] = _confusion(records)
@@ -130,7 +143,7 @@ def compare_task(task: str, a: Sequence[dict], b: Sequence[dict], split: str = "
 
 def compare(a_dir: str, b_dir: str, split: str = "test") -> dict[str, Any]:
   """Every target task that both A and B have predictions of, compared (`compare_task`)."""
-  a, b = load_predictions(a_dir), load_predictions(b_dir)
+  a, b = load_task_predictions(a_dir), load_task_predictions(b_dir)
   tasks = [t for t in a if t in b]
   if not tasks:
     raise ValueError(f"{a_dir} and {b_dir} have no target task in common (A: {sorted(a)}, B: {sorted(b)})")
@@ -140,23 +153,31 @@ def compare(a_dir: str, b_dir: str, split: str = "test") -> dict[str, Any]:
     "split": split,
     "only_in_a": sorted(set(a) - set(b)),
     "only_in_b": sorted(set(b) - set(a)),
-    "tasks": {t: compare_task(t, a[t], b[t], split) for t in tasks},
+    "tasks": {t: compare_task(t, a[t][0], b[t][0], split, _one_metric(t, a[t][1], b[t][1])) for t in tasks},
   }
+
+
+def _one_metric(task: str, a: str | None, b: str | None) -> str | None:
+  if a is not None and b is not None and a != b:
+    raise ValueError(f"{task}: A's results are scored by {a}, B's by {b}; compare runs of one metric")
+  return a if a is not None else b
 
 
 def markdown(report: Mapping[str, Any]) -> str:
   lines = [
     f"# Per-example comparison on {report['split']}: A = {report['a']}, B = {report['b']}",
     "",
-    "Each (seed, example) scored alone by the task's metric; wins: A higher than B.",
+    "Each (seed, example) scored alone by the task's metric (for a corpus-level metric, Classification-F1, "
+    "Matthew-Correlation or Pearson-Correlation, whether it is its first gold: the means are then "
+    "accuracies, not the metric); wins: A higher than B.",
     "",
-    "| task | examples | A mean | B mean | A wins | B wins | ties |",
-    "|---|---|---|---|---|---|---|",
+    "| task | metric | examples | A mean | B mean | A wins | B wins | ties |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for task, t in report["tasks"].items():
     lines.append(
-      f"| {task} | {t['n']} | {100 * t['a_mean_example_score']:.1f} | {100 * t['b_mean_example_score']:.1f} "
-      f"| {t['wins']} | {t['losses']} | {t['ties']} |"
+      f"| {task} | {t['metric']} | {t['n']} | {100 * t['a_mean_example_score']:.1f} | "
+      f"{100 * t['b_mean_example_score']:.1f} | {t['wins']} | {t['losses']} | {t['ties']} |"
     )
   for task, t in report["tasks"].items():
     lines += ["", f"## {task}"]

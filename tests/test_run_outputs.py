@@ -136,7 +136,7 @@ def test_two_methods_compare_example_by_example(tmp_path):
   assert report["a_confusion"] == {"happy": {"happy": 2}, "sad": {"happy": 1, "sad": 1}}
   assert report["b_confusion"] == {"happy": {"sad": 2}, "sad": {"sad": 2}}
   assert report["b_predicted"] == {"sad": 4}
-  assert "| synth-sentiment_d | 4 | 75.0 | 50.0 | 2 | 1 | 1 |" in open(paths["md"]).read()
+  assert f"| {TASK} | {report['metric']} | 4 | 75.0 | 50.0 | 2 | 1 | 1 |" in open(paths["md"]).read()
   # not the same examples: refused, naming the task and the example
   write_predictions(tmp_path / "C" / TASK, [record(7, i, "happy", "happy") for i in range(4)])
   with pytest.raises(ValueError, match=f"{TASK}: seed 7 example 1 has gold"):
@@ -145,6 +145,21 @@ def test_two_methods_compare_example_by_example(tmp_path):
     )
   with pytest.raises(FileNotFoundError, match="no predictions.jsonl"):
     analysis.main(["--compare", str(tmp_path / "A"), str(tmp_path), f"--out={tmp_path / 'out3'}"])
+
+
+def test_the_metric_comes_from_the_results_beside_the_predictions(tmp_path):
+  """A task no gym of this process knows (a data_dir's tasks.json, a gym registered elsewhere) is scored
+  by the metric its results.json names; two runs scored by different metrics are refused."""
+  from mpt_jax import prediction_analysis
+
+  for name, metric in (("A", "EM"), ("B", "EM"), ("C", "ACC")):
+    task_dir = tmp_path / name / results.DOWNSTREAM_DIR / "my-own-task"
+    write_predictions(task_dir, [record(1, 0, "yes", "yes" if name == "A" else "no")])
+    (task_dir / results.RESULTS_FILE).write_text(json.dumps({"task": "my-own-task", "metric": metric}))
+  report = prediction_analysis.compare(str(tmp_path / "A"), str(tmp_path / "B"))["tasks"]["my-own-task"]
+  assert (report["metric"], report["wins"], report["losses"]) == ("EM", 1, 0)
+  with pytest.raises(ValueError, match="my-own-task: A's results are scored by EM, B's by ACC"):
+    prediction_analysis.compare(str(tmp_path / "A"), str(tmp_path / "C"))
 
 
 def test_a_run_compared_with_itself_ties_everywhere(finished, tmp_path):

@@ -1,4 +1,4 @@
-"""Predictions of the frozen T5 with a soft prompt: greedy decoding, beam search, rank scoring.
+"""Predictions of the frozen model with a soft prompt: greedy decoding, beam search, rank scoring.
 
 Everything is jitted with static shapes: the cache holds `max_length` decoder positions and the
 generation loops are `lax.while_loop`s that stop once every sequence is done. The building blocks
@@ -6,7 +6,8 @@ generation loops are `lax.while_loop`s that stop once every sequence is done. Th
 shared; beam search keeps its beams on the batch axis and reorders the batch-first cache by gathers.
 Beam search follows transformers' `generate(num_beams=...)` (the study decoded with it; the tests
 compare token for token). Rank classification picks the label with the highest likelihood.
-All three return token ids [B, T]: the caller turns them into text the same way.
+All three return token ids [B, T]: the caller turns them into text the same way. The model is any
+encoder-decoder of the model protocol (model/protocol.py); beam search also reads its cache's layout.
 """
 
 from __future__ import annotations
@@ -19,40 +20,41 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from mpt_jax.model import protocol
 from mpt_jax.model.loss import label_log_likelihoods
-from mpt_jax.model.t5 import T5
+from mpt_jax.model.protocol import EncoderDecoder
 
 if TYPE_CHECKING:
   from mpt_jax.data.batching import TokenizedSplit
 
 
 def start_generation(
-  model: T5, frozen_params, input_ids, input_mask, prompt=None, *, placement: str = "prepend", max_length: int
+  model: EncoderDecoder,
+  frozen_params,
+  input_ids,
+  input_mask,
+  prompt=None,
+  *,
+  placement: str = "prepend",
+  max_length: int,
 ):
   """Encodes the inputs once -> (encoded, encoder_mask, cache for max_length decoder positions)."""
-  variables = {"params": frozen_params}
-  encoded, encoder_mask = model.apply(variables, input_ids, input_mask, prompt, placement, method=T5.encode)
-  cache = model.apply(variables, encoded, max_length, method=T5.init_cache)
+  encoded, encoder_mask = protocol.encode(model, frozen_params, input_ids, input_mask, prompt, placement)
+  cache = protocol.init_cache(model, frozen_params, encoded, max_length)
   return encoded, encoder_mask, cache
 
 
-def decode_step(model: T5, frozen_params, tokens, encoded, encoder_mask, cache, index):
+def decode_step(model: EncoderDecoder, frozen_params, tokens, encoded, encoder_mask, cache, index):
   """Next-token logits [B, V] (float32) given the token at decoder position `index` [B]."""
-  logits, cache = model.apply(
-    {"params": frozen_params},
-    encoded,
-    encoder_mask,
-    tokens[:, None],
-    cache=cache,
-    cache_index=index,
-    method=T5.decode,
+  logits, cache = protocol.decode_step(
+    model, frozen_params, tokens[:, None], encoded, encoder_mask, cache, index
   )
   return logits[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_length", "placement"))
 def greedy_decode(
-  model: T5,
+  model: EncoderDecoder,
   frozen_params,
   input_ids,
   input_mask,
@@ -67,14 +69,13 @@ def greedy_decode(
 
   eos_token_id: the stop token, default the model's; a traced value (changing it does not recompile).
   """
-  variables = {"params": frozen_params}
-  encoded, encoder_mask = model.apply(variables, input_ids, input_mask, prompt, placement, method=T5.encode)
+  encoded, encoder_mask = protocol.encode(model, frozen_params, input_ids, input_mask, prompt, placement)
   return _greedy_from_encoded(model, frozen_params, encoded, encoder_mask, max_length, eos_token_id)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_length", "placement"))
 def greedy_decode_runs(
-  model: T5,
+  model: EncoderDecoder,
   frozen_params,
   input_ids,
   input_mask,
@@ -92,9 +93,8 @@ def greedy_decode_runs(
   greedy_decode batches the loop's stop condition instead, and then selects between the new and the
   old value of the whole loop state, the cache included, at every step for every run.)
   """
-  variables = {"params": frozen_params}
   encoded, encoder_mask = jax.vmap(
-    lambda prompt, ids, mask: model.apply(variables, ids, mask, prompt, placement, method=T5.encode)
+    lambda prompt, ids, mask: protocol.encode(model, frozen_params, ids, mask, prompt, placement)
   )(prompts, input_ids, input_mask)
   num_runs, batch = input_ids.shape[:2]
   rows = lambda x: x.reshape(num_runs * batch, *x.shape[2:])
@@ -104,14 +104,15 @@ def greedy_decode_runs(
   return output.reshape(num_runs, batch, max_length)
 
 
-def _greedy_from_encoded(model: T5, frozen_params, encoded, encoder_mask, max_length: int, eos_token_id):
+def _greedy_from_encoded(
+  model: EncoderDecoder, frozen_params, encoded, encoder_mask, max_length: int, eos_token_id
+):
   """The greedy loop over encoder outputs [B, L, D]: the cross-attention keys/values computed once."""
-  config = model.config
-  eos = config.eos_token_id if eos_token_id is None else eos_token_id
+  eos = model.eos_id if eos_token_id is None else eos_token_id
   batch = encoded.shape[0]
-  cache = model.apply({"params": frozen_params}, encoded, max_length, method=T5.init_cache)
-  output = jnp.full((batch, max_length), config.pad_token_id, jnp.int32)
-  start = jnp.full((batch,), config.decoder_start_token_id, jnp.int32)
+  cache = protocol.init_cache(model, frozen_params, encoded, max_length)
+  output = jnp.full((batch, max_length), model.pad_id, jnp.int32)
+  start = jnp.full((batch,), model.decoder_start_id, jnp.int32)
   done = jnp.zeros((batch,), bool)
 
   def not_finished(carry):
@@ -122,7 +123,7 @@ def _greedy_from_encoded(model: T5, frozen_params, encoded, encoder_mask, max_le
     index, tokens, output, done, cache = carry
     logits, cache = decode_step(model, frozen_params, tokens, encoded, encoder_mask, cache, index)
     next_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    next_tokens = jnp.where(done, config.pad_token_id, next_tokens)
+    next_tokens = jnp.where(done, model.pad_id, next_tokens)
     output = output.at[:, index].set(next_tokens)
     done = done | (next_tokens == eos)
     return index + 1, next_tokens, output, done, cache
@@ -176,7 +177,7 @@ def _reorder_self_attention(cache, rows):
   jax.jit, static_argnames=("model", "max_length", "placement", "num_beams", "early_stopping")
 )
 def beam_search(
-  model: T5,
+  model: EncoderDecoder,
   frozen_params,
   input_ids,
   input_mask,
@@ -226,8 +227,7 @@ def beam_search(
     raise ValueError(f"beam_search: num_beams={num_beams}; expected at least 1")
   if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
     raise ValueError(f"beam_search: early_stopping={early_stopping!r}; expected True, False or 'never'")
-  config = model.config
-  eos = config.eos_token_id if eos_token_id is None else eos_token_id
+  eos = model.eos_id if eos_token_id is None else eos_token_id
   batch = input_ids.shape[0]
   num_candidates = 2 * num_beams  # transformers' beams_to_keep with one EOS id
   encoded, encoder_mask, cache = start_generation(
@@ -237,14 +237,14 @@ def beam_search(
   to_beams = lambda x: jnp.repeat(x, num_beams, axis=0)
   encoded, encoder_mask, cache = jax.tree_util.tree_map(to_beams, (encoded, encoder_mask, cache))
 
-  running_sequences = jnp.full((batch, num_beams, max_length), config.pad_token_id, jnp.int32)
+  running_sequences = jnp.full((batch, num_beams, max_length), model.pad_id, jnp.int32)
   running_scores = jnp.where(jnp.arange(num_beams) == 0, 0.0, _EXCLUDED)
   running_scores = jnp.broadcast_to(running_scores, (batch, num_beams)).astype(jnp.float32)
   finished_sequences = running_sequences
   finished_scores = jnp.full((batch, num_beams), _EXCLUDED, jnp.float32)
   is_finished = jnp.zeros((batch, num_beams), bool)
   can_improve = jnp.ones((batch,), bool)  # transformers' is_early_stop_heuristic_unsatisfied
-  tokens = jnp.full((batch * num_beams,), config.decoder_start_token_id, jnp.int32)
+  tokens = jnp.full((batch * num_beams,), model.decoder_start_id, jnp.int32)
   is_top_half = jnp.arange(num_candidates) < num_beams
   example_offset = jnp.arange(batch)[:, None] * num_beams
 
@@ -278,7 +278,7 @@ def beam_search(
       log_probs,
       running_sequences.reshape(batch * num_beams, max_length),
       index,
-      config.decoder_start_token_id,
+      model.decoder_start_id,
       repetition_penalty,
     )
     scores = log_probs.reshape(batch, num_beams, vocab) + running_scores[..., None]
@@ -418,7 +418,7 @@ CALIBRATIONS = ("none", "train_mean")
 
 @functools.partial(jax.jit, static_argnames=("model", "placement", "direction"))
 def label_scores(
-  model: T5,
+  model: EncoderDecoder,
   frozen_params,
   input_ids,
   input_mask,
@@ -456,7 +456,7 @@ def label_bias(scores, example_mask=None):
 
 @functools.partial(jax.jit, static_argnames=("model", "placement"))
 def rank_classify(
-  model: T5,
+  model: EncoderDecoder,
   frozen_params,
   input_ids,
   input_mask,
@@ -481,7 +481,7 @@ def rank_classify(
 
 @functools.partial(jax.jit, static_argnames=("model", "placement"))
 def channel_rank_classify(
-  model: T5,
+  model: EncoderDecoder,
   frozen_params,
   input_ids,
   input_mask,

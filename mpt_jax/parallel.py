@@ -154,10 +154,11 @@ def describe(mesh: Mesh) -> str:
   return f"{len(devices)} x {'/'.join(kinds)} (ids {ids}) as {shape}{over}"
 
 
-def place_frozen(frozen_params, mesh: Mesh):
-  """The frozen weights on the mesh, each split over the 'model' axis by its partition rule
-  (mpt_jax/sharding.py) and whole along 'data'; from host arrays, each device receiving only its part."""
-  specs = sharding.frozen_specs(frozen_params, mesh.shape[MODEL_AXIS])
+def place_frozen(frozen_params, mesh: Mesh, rules: sharding.PartitionRules = sharding.PARTITION_RULES):
+  """The frozen weights on the mesh, each split over the 'model' axis by its partition rule (the model's
+  `partition_rules`, default T5's; mpt_jax/sharding.py) and whole along 'data'; from host arrays, each
+  device receiving only its part."""
+  specs = sharding.frozen_specs(frozen_params, mesh.shape[MODEL_AXIS], rules)
   return place(frozen_params, sharding.shardings(mesh, specs))
 
 

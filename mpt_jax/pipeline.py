@@ -527,11 +527,13 @@ def build_runtime(config, workdir: str, *, upstream: bool) -> Runtime:
       ),
     )
   model, frozen_params, tokenizer = load_model(config)
+  batching.check_special_ids(model)
   if config.prompt.init == "token":  # refused here, before any compute, not when the first prompt is made
     prompt_lib.vocabulary_id(tokenizer, config.prompt.init_token)
   mesh = parallel.make_mesh(num_devices=config.num_devices, model_parallel=config.model_parallel)
-  logging.info("%s", sharding.describe(frozen_params, config.model_parallel))
-  frozen_params = parallel.place_frozen(frozen_params, mesh)  # from host memory, each device its part
+  logging.info("%s", sharding.describe(frozen_params, config.model_parallel, model.partition_rules))
+  # From host memory, each device its part.
+  frozen_params = parallel.place_frozen(frozen_params, mesh, model.partition_rules)
   loss_fn = algorithms.make_loss_fn(
     model, deterministic=config.dropout_rate == 0, placement=config.prompt.placement
   )
@@ -632,12 +634,14 @@ def upstream_batch_size(config) -> int:
   return config.upstream[methods.LEADING_SIZE_KEY[methods.get(config.method).upstream]]
 
 
-def initial_prompt(config, frozen_params, tokenizer, task_names: Sequence[str], seed: int) -> np.ndarray:
+def initial_prompt(
+  config, frozen_params, tokenizer, task_names: Sequence[str], seed: int, model=None
+) -> np.ndarray:
   """The configured prompt init: task names (the study's), sampled vocabulary, uniform, label words or one
-  repeated token.
+  repeated token, from `model`'s token embedding (default: T5's).
   Every process computes it (the embedding is gathered to each host)."""
   p = config.prompt
-  embedding = parallel.to_host(prompt_lib.token_embedding(frozen_params))
+  embedding = parallel.to_host(prompt_lib.token_embedding(frozen_params, model))
   if p.init == "task_names" and len(task_names) > p.length:
     logging.info(
       "prompt init: %d task names for %d prompt rows: the first %d fill it (as the reference)",
@@ -686,7 +690,9 @@ def run_upstream(runtime: Runtime, source_data, check: fingerprint.Check) -> np.
   sampler, num_steps = upstream_sampler(config, source_data, runtime.tokenizer, runtime.cache_dir)
   # Each process builds and sends only its devices' share of each batch.
   sample_batch = parallel.fed_by_process(sampler, upstream_batch_size(config), runtime.mesh)
-  prompt0 = initial_prompt(config, runtime.frozen_params, runtime.tokenizer, list(source_data), config.seed)
+  prompt0 = initial_prompt(
+    config, runtime.frozen_params, runtime.tokenizer, list(source_data), config.seed, runtime.model
+  )
   logging.info("upstream: %s on %d source tasks, %d steps", config.method, len(source_data), num_steps)
   state = parallel.replicate(algorithms.init_state(prompt0, runtime.upstream_optimizer), runtime.mesh)
   loop = train.LoopConfig(
@@ -824,7 +830,9 @@ def run_downstream(
     }
     if init_prompt is None:  # PT: each seed starts from the target task's own name
       prompts = {
-        s: initial_prompt(config, runtime.frozen_params, runtime.tokenizer, [task], config.seed + s)
+        s: initial_prompt(
+          config, runtime.frozen_params, runtime.tokenizer, [task], config.seed + s, runtime.model
+        )
         for s in seeds
       }
     else:

@@ -45,9 +45,14 @@ NUM_SPECIAL_TOKENS = 3  # T5: pad 0, eos 1, unk 2
 FREQUENT_VOCAB = 5000
 
 
-def token_embedding(frozen_params) -> jax.Array:
-  """The shared token embedding [V, d_model] (float32) of a frozen T5 params tree."""
-  return jnp.asarray(frozen_params["shared"]["embedding"], jnp.float32)
+def token_embedding(frozen_params, model=None) -> jax.Array:
+  """The token embedding [V, d_model] (float32) of a frozen params tree: the model's
+  (`token_embedding` of the model protocol, mpt_jax/model/protocol.py), T5's without one."""
+  if model is not None:
+    return model.token_embedding(frozen_params)
+  from mpt_jax.model import t5  # deferred: config.py imports this module and needs no flax
+
+  return t5.token_embedding(frozen_params)
 
 
 def frequent_id_range(

@@ -1,12 +1,13 @@
-"""Where the frozen T5's weights live on a 2-D mesh ('data', 'model'): partition rules by parameter name.
+"""Where the frozen weights live on a 2-D mesh ('data', 'model'): partition rules by parameter name.
 
 The prompt, its optimizer state and every batch are small and stay as parallel.py places them
 (replicated, or split over 'data'); the frozen weights are what outgrows one device (T5-XXL: 11B
 parameters, 22 GB in bfloat16). Each weight is split over the 'model' axis by a rule matched on its
-name, as t5x's logical axis rules do (`heads`, `mlp` and `vocab` -> 'model'): the Megatron layout,
-in which each device holds a slice of every attention head group and of the feed-forward hidden units,
-so a layer's matmuls run on the slices and XLA inserts one reduction per block, never gathering a
-whole weight.
+name, as t5x's logical axis rules do (`heads`, `mlp` and `vocab` -> 'model'). The rules are the model's
+(`partition_rules` of the model protocol, mpt_jax/model/protocol.py); T5's (model/t5.py PARTITION_RULES,
+the default here) are the Megatron layout, in which each device holds a slice of every attention head
+group and of the feed-forward hidden units, so a layer's matmuls run on the slices and XLA inserts one
+reduction per block, never gathering a whole weight.
 
   attention q, k, v [d_model, heads * d_kv]     split by heads        P(None, 'model')
   attention o       [heads * d_kv, d_model]     split by heads        P('model', None)
@@ -32,20 +33,10 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-MODEL_AXIS = "model"
-_M = MODEL_AXIS
+from mpt_jax.model.protocol import MODEL_AXIS, PartitionRules
+from mpt_jax.model.t5 import PARTITION_RULES
 
-# (pattern searched in the '/'-joined parameter path, spec of its trailing dimensions)
-PARTITION_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-  (r"(SelfAttention|EncDecAttention)/(q|k|v)/kernel$", (None, _M)),
-  (r"(SelfAttention|EncDecAttention)/o/kernel$", (_M, None)),
-  (r"DenseReluDense/wi(_0|_1)?/kernel$", (None, _M)),
-  (r"DenseReluDense/wo/kernel$", (_M, None)),
-  (r"(^|/)shared/embedding$", (_M, None)),
-  (r"(^|/)lm_head/kernel$", (None, _M)),
-  (r"relative_attention_bias/embedding$", ()),
-  (r"layer_norm/weight$", ()),
-)
+_M = MODEL_AXIS
 
 
 def param_path(path) -> str:
@@ -53,9 +44,11 @@ def param_path(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def partition_spec(name: str, shape: Sequence[int], model_size: int) -> P:
+def partition_spec(
+  name: str, shape: Sequence[int], model_size: int, rules: PartitionRules = PARTITION_RULES
+) -> P:
   """The PartitionSpec of the parameter `name` of `shape` on a 'model' axis of `model_size` devices."""
-  for pattern, trailing in PARTITION_RULES:
+  for pattern, trailing in rules:
     if re.search(pattern, name):
       if len(trailing) > len(shape):
         raise ValueError(
@@ -68,15 +61,16 @@ def partition_spec(name: str, shape: Sequence[int], model_size: int) -> P:
         return P()  # does not divide: whole on every device
       return P(*spec)
   raise ValueError(
-    f"parameter {name}: no partition rule names it (mpt_jax/sharding.py PARTITION_RULES); add one saying "
+    f"parameter {name}: no partition rule names it (the model's partition_rules, T5's in "
+    f"mpt_jax/model/t5.py PARTITION_RULES); add one saying "
     f"which of its dimensions splits over the 'model' axis, or () to keep it whole on every device"
   )
 
 
-def frozen_specs(params, model_size: int):
+def frozen_specs(params, model_size: int, rules: PartitionRules = PARTITION_RULES):
   """The tree of PartitionSpecs of a frozen params tree (arrays or jax.ShapeDtypeStructs)."""
   return jax.tree_util.tree_map_with_path(
-    lambda path, leaf: partition_spec(param_path(path), np.shape(leaf), model_size), params
+    lambda path, leaf: partition_spec(param_path(path), np.shape(leaf), model_size, rules), params
   )
 
 
@@ -84,23 +78,23 @@ def _nbytes(leaf) -> int:
   return math.prod(np.shape(leaf)) * np.dtype(leaf.dtype).itemsize
 
 
-def bytes_per_device(params, model_size: int) -> int:
+def bytes_per_device(params, model_size: int, rules: PartitionRules = PARTITION_RULES) -> int:
   """Bytes of the frozen weights on each device of a 'model' axis of `model_size` (shapes suffice)."""
-  specs = frozen_specs(params, model_size)
+  specs = frozen_specs(params, model_size, rules)
   total = 0
   for leaf, spec in zip(jax.tree.leaves(params), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
     total += _nbytes(leaf) // (model_size if any(spec) else 1)
   return total
 
 
-def describe(params, model_size: int) -> str:
+def describe(params, model_size: int, rules: PartitionRules = PARTITION_RULES) -> str:
   """'frozen weights: 2.9 GB, 0.74 GB per device (split over 4); whole on every device: ...' for the log."""
   total = sum(_nbytes(leaf) for leaf in jax.tree.leaves(params))
   text = f"frozen weights: {total / 1e9:.3g} GB"
   if model_size <= 1:
     return text + " on every device"
-  per_device = bytes_per_device(params, model_size)
-  whole = _unsplit_by_size(params, model_size)
+  per_device = bytes_per_device(params, model_size, rules)
+  whole = _unsplit_by_size(params, model_size, rules)
   text += f", {per_device / 1e9:.3g} GB per device (split over {model_size} on the 'model' axis)"
   if whole:
     text += f"; not divisible by {model_size}, whole on every device: {', '.join(whole[:4])}"
@@ -108,14 +102,14 @@ def describe(params, model_size: int) -> str:
   return text
 
 
-def _unsplit_by_size(params, model_size: int) -> list[str]:
+def _unsplit_by_size(params, model_size: int, rules: PartitionRules) -> list[str]:
   """Parameters a rule would split that stay whole because a dimension does not divide."""
   found = []
 
   def check(path, leaf):
     name = param_path(path)
-    rule = next((t for pattern, t in PARTITION_RULES if re.search(pattern, name)), ())
-    if any(rule) and not any(partition_spec(name, np.shape(leaf), model_size)):
+    rule = next((t for pattern, t in rules if re.search(pattern, name)), ())
+    if any(rule) and not any(partition_spec(name, np.shape(leaf), model_size, rules)):
       found.append(name)
 
   jax.tree_util.tree_map_with_path(check, params)

@@ -34,6 +34,9 @@ import numpy as np
 from mpt_jax import study
 from mpt_jax.data.crossfit import Split, TaskData
 
+# T5's special ids (the model protocol's pad_id, eos_id: mpt_jax/model/protocol.py). Tokenized splits are
+# cached with them, so they are constants here, not threaded from the model: `check_special_ids` refuses a
+# model whose ids differ (it would need them threaded through tokenization and its cache key first).
 PAD_ID = 0
 EOS_ID = 1
 INPUT_FORMAT = " [{task}] {input}"
@@ -62,6 +65,15 @@ class TextSpec:
       raise ValueError(
         f"input_template {self.input_template!r} must use only the fields {{task}} and {{input}}: {e!r}"
       ) from None
+
+
+def check_special_ids(model) -> None:
+  """Raises ValueError unless `model` (of the model protocol) pads with PAD_ID and ends with EOS_ID."""
+  if (model.pad_id, model.eos_id) != (PAD_ID, EOS_ID):
+    raise ValueError(
+      f"the model's pad and eos ids are ({model.pad_id}, {model.eos_id}); the tokenized data pads with "
+      f"{PAD_ID} and ends with {EOS_ID} (mpt_jax/data/batching.py PAD_ID, EOS_ID)"
+    )
 
 
 def bucket_length(longest: int, multiple: int, maximum: int) -> int:

@@ -1,8 +1,9 @@
-"""Sequence-to-sequence losses of the frozen T5 with a soft prompt (docs/CONTRACTS.md).
+"""Sequence-to-sequence losses of the frozen model with a soft prompt (docs/CONTRACTS.md).
 
 Both are pure functions of (prompt, frozen_params, batch): differentiate with respect to `prompt` only;
 the frozen params are an argument so that jit does not bake them in as constants. `weights_loss` is the
 same token cross-entropy for training the model's own weights (pretraining, fine-tuning), no prompt.
+The model is any encoder-decoder of the model protocol (model/protocol.py); T5 is the one shipped.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mpt_jax.model.t5 import T5
+from mpt_jax.model import protocol
+from mpt_jax.model.protocol import EncoderDecoder
 
 
 def shift_right(target_ids, decoder_start_token_id: int):
@@ -32,20 +34,28 @@ def mean_token_nll(token_ll, target_mask):
 
 
 def token_log_likelihoods(
-  model: T5, frozen_params, prompt, batch, rng=None, *, deterministic=True, placement: str = "prepend"
+  model: EncoderDecoder,
+  frozen_params,
+  prompt,
+  batch,
+  rng=None,
+  *,
+  deterministic=True,
+  placement: str = "prepend",
 ):
   """log p(target_t | input, target_<t) per target position, float32 [B, L_out] (pads included)."""
   target_ids = batch["target_ids"]
   rngs = {} if deterministic or rng is None else {"dropout": rng}
   if not deterministic and rng is None:
     raise ValueError("dropout (deterministic=False) needs an rng")
-  # stop_gradient: the T5 is frozen by construction, even for a caller that differentiates the
+  # stop_gradient: the model is frozen by construction, even for a caller that differentiates the
   # whole argument list (its gradient is then zero and XLA drops the work).
-  logits = model.apply(
-    {"params": jax.lax.stop_gradient(frozen_params)},
+  logits = protocol.logits(
+    model,
+    jax.lax.stop_gradient(frozen_params),
     batch["input_ids"],
     batch["input_mask"],
-    shift_right(target_ids, model.config.decoder_start_token_id),
+    shift_right(target_ids, model.decoder_start_id),
     prompt=prompt,
     placement=placement,
     deterministic=deterministic,
@@ -55,7 +65,14 @@ def token_log_likelihoods(
 
 
 def seq2seq_loss(
-  model: T5, frozen_params, prompt, batch, rng=None, *, deterministic: bool, placement: str = "prepend"
+  model: EncoderDecoder,
+  frozen_params,
+  prompt,
+  batch,
+  rng=None,
+  *,
+  deterministic: bool,
+  placement: str = "prepend",
 ):
   """Token cross-entropy, mean over the non-pad target tokens of the batch (float32 scalar)."""
   token_ll = token_log_likelihoods(
@@ -64,19 +81,22 @@ def seq2seq_loss(
   return mean_token_nll(token_ll, batch["target_mask"])
 
 
-def weights_loss(model: T5, params, batch):
-  """`seq2seq_loss` without a prompt and without its stop_gradient on the T5 params (which guards the
-  frozen model in prompt tuning): for differentiating the weights themselves. Dropout off."""
-  logits = model.apply(
-    {"params": params},
+def weights_loss(model: EncoderDecoder, params, batch):
+  """`seq2seq_loss` without a prompt and without its stop_gradient on the model's params (which guards
+  the frozen model in prompt tuning): for differentiating the weights themselves. Dropout off."""
+  logits = protocol.logits(
+    model,
+    params,
     batch["input_ids"],
     batch["input_mask"],
-    shift_right(batch["target_ids"], model.config.decoder_start_token_id),
+    shift_right(batch["target_ids"], model.decoder_start_id),
   )
   return mean_token_nll(target_log_likelihoods(logits, batch["target_ids"]), batch["target_mask"])
 
 
-def sequence_log_likelihood(model: T5, frozen_params, prompt, batch, *, placement: str = "prepend"):
+def sequence_log_likelihood(
+  model: EncoderDecoder, frozen_params, prompt, batch, *, placement: str = "prepend"
+):
   """Sum of target-token log-likelihoods per example [B] (deterministic): rank classification scores."""
   token_ll = token_log_likelihoods(
     model, frozen_params, prompt, batch, deterministic=True, placement=placement
@@ -90,7 +110,7 @@ DIRECTIONS = ("direct", "channel")  # which side the model reads: the text (dire
 
 
 def label_log_likelihoods(
-  model: T5,
+  model: EncoderDecoder,
   frozen_params,
   prompt,
   text_ids,
@@ -119,28 +139,21 @@ def label_log_likelihoods(
     raise ValueError(f"direction {direction!r}: expected one of {DIRECTIONS}")
   if not deterministic and rng is None:
     raise ValueError("dropout (deterministic=False) needs an rng")
-  variables = {"params": jax.lax.stop_gradient(frozen_params)}
+  params = jax.lax.stop_gradient(frozen_params)
   rngs = {} if deterministic else {"dropout": rng}
-  start = model.config.decoder_start_token_id
+  start = model.decoder_start_id
   text_ids, label_ids = jnp.asarray(text_ids, jnp.int32), jnp.asarray(label_ids, jnp.int32)
   batch, num_labels = text_ids.shape[0], label_ids.shape[0]
 
   def decode(encoded, encoder_mask, targets, target_mask):
-    logits = model.apply(
-      variables,
-      encoded,
-      encoder_mask,
-      shift_right(targets, start),
-      None,
-      deterministic,
-      method=T5.decode,
-      rngs=rngs,
+    logits = protocol.decode(
+      model, params, encoded, encoder_mask, shift_right(targets, start), deterministic, rngs=rngs
     )
     return jnp.sum(target_log_likelihoods(logits, targets) * target_mask, axis=-1)
 
   if direction == "direct":
-    encoded, encoder_mask = model.apply(
-      variables, text_ids, text_mask, prompt, placement, deterministic, method=T5.encode, rngs=rngs
+    encoded, encoder_mask = protocol.encode(
+      model, params, text_ids, text_mask, prompt, placement, deterministic, rngs=rngs
     )
     # Row b * C + c: text b with label c.
     scores = decode(
@@ -150,8 +163,8 @@ def label_log_likelihoods(
       jnp.tile(jnp.asarray(label_mask, jnp.float32), (batch, 1)),
     )
     return scores.reshape(batch, num_labels)
-  encoded, encoder_mask = model.apply(
-    variables, label_ids, label_mask, prompt, placement, deterministic, method=T5.encode, rngs=rngs
+  encoded, encoder_mask = protocol.encode(
+    model, params, label_ids, label_mask, prompt, placement, deterministic, rngs=rngs
   )
   text_mask = jnp.asarray(text_mask, jnp.float32)
 
@@ -177,7 +190,7 @@ def gold_label_one_hot(gold_ids, label_ids):
 
 
 def label_choice_loss(
-  model: T5,
+  model: EncoderDecoder,
   frozen_params,
   prompt,
   batch,

@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpt_jax.model.protocol import MODEL_AXIS
+
 PLACEMENTS = ("prepend", "suffix", "after_padding")
 FEED_FORWARD_PROJS = ("relu", "gated-gelu")
 DTYPES = ("float32", "bfloat16")
@@ -72,6 +74,21 @@ STACKED_BLOCKS = "blocks"  # the parameter of blocks 1..N-1 of a stack when conf
 # only). dot_product_attention has no dropout, so it serves only dropout-free calls (evaluation,
 # dropout_rate 0); others fall back to the einsums.
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+
+_M = MODEL_AXIS
+# Where each weight lives on the mesh's 'model' axis (sharding.py, which explains the layout): (pattern
+# searched in the '/'-joined parameter path, spec of its trailing dimensions). The Megatron split: heads
+# and feed-forward hidden units over 'model', the vocabulary too; layer norms and position biases whole.
+PARTITION_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+  (r"(SelfAttention|EncDecAttention)/(q|k|v)/kernel$", (None, _M)),
+  (r"(SelfAttention|EncDecAttention)/o/kernel$", (_M, None)),
+  (r"DenseReluDense/wi(_0|_1)?/kernel$", (None, _M)),
+  (r"DenseReluDense/wo/kernel$", (_M, None)),
+  (r"(^|/)shared/embedding$", (_M, None)),
+  (r"(^|/)lm_head/kernel$", (None, _M)),
+  (r"relative_attention_bias/embedding$", ()),
+  (r"layer_norm/weight$", ()),
+)
 
 Cache = list  # per decoder layer: {"self_key", "self_value", "cross_key", "cross_value"}
 
@@ -694,9 +711,29 @@ def place_prompt(embeddings, input_mask, prompt, placement: str):
 
 
 class T5(nn.Module):
-  """T5ForConditionalGeneration. `__call__` -> float32 logits [B, L_out, V] (docs/CONTRACTS.md)."""
+  """T5ForConditionalGeneration. `__call__` -> float32 logits [B, L_out, V] (docs/CONTRACTS.md).
+
+  The implementation of the model protocol (model/protocol.py): `encode`, `decode`, `init_cache` below,
+  and these attributes read outside `apply`."""
 
   config: T5Config
+  partition_rules = PARTITION_RULES
+
+  @property
+  def pad_id(self) -> int:
+    return self.config.pad_token_id
+
+  @property
+  def eos_id(self) -> int:
+    return self.config.eos_token_id
+
+  @property
+  def decoder_start_id(self) -> int:
+    return self.config.decoder_start_token_id
+
+  def token_embedding(self, params) -> jax.Array:
+    """The shared token embedding [V, d_model] (float32) of a T5 params tree."""
+    return token_embedding(params)
 
   def setup(self):
     c = self.config
@@ -801,6 +838,11 @@ class T5(nn.Module):
         }
       )
     return cache
+
+
+def token_embedding(params) -> jax.Array:
+  """The shared token embedding [V, d_model] (float32) of a T5 params tree (needs no module)."""
+  return jnp.asarray(params["shared"]["embedding"], jnp.float32)
 
 
 def _init_std(config: T5Config, path: tuple[str, ...]) -> float | None:

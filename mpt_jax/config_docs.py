@@ -1,5 +1,6 @@
-"""Every config key with its default and meaning, read from the comments beside the keys in
-`config.base_config` (the one place a key is documented): `mpt-jax config [NAME[:preset]]`.
+"""Every config key with its default and meaning, read from the comments beside the keys where the config
+declares them (`config.base_config` and its section builders, `config.SECTIONS`: the one place a key is
+documented): `mpt-jax config [NAME[:preset]]`.
 
 A key's meaning is its line's trailing comment, else the comment block right above it; a test checks
 that every key of every method's config has one, so a new key without a comment fails CI.
@@ -15,18 +16,22 @@ import sys
 import tokenize
 from collections.abc import Mapping, Sequence
 
-# The names base_config gives its sections: `u = c.upstream = ...`, `d = c.downstream = ...`
-_SECTION_ALIASES = {"c": "", "u": "upstream.", "d": "downstream."}
-_ASSIGNMENT = re.compile(r"^\s*(c|u|d)((?:\.\w+)+)\s*=(?!=)")
+
+def key_meanings() -> dict[str, str]:
+  """{dotted key: its comment, as one line} for every key base_config and its section builders
+  (`config.SECTIONS`) assign with a comment."""
+  from mpt_jax import config as config_lib
+
+  meanings = assigned_meanings(inspect.getsource(config_lib.base_config), "c", "")
+  for prefix, builder, _ in config_lib.SECTIONS:
+    meanings.update(assigned_meanings(inspect.getsource(builder), "s", f"{prefix}." if prefix else ""))
+  return meanings
 
 
-def key_meanings(source: str | None = None) -> dict[str, str]:
-  """{dotted key: its comment, as one line} for every key base_config (or the function `source`) assigns
-  with a comment."""
-  if source is None:
-    from mpt_jax import config as config_lib
-
-    source = inspect.getsource(config_lib.base_config)
+def assigned_meanings(source: str, variable: str, prefix: str) -> dict[str, str]:
+  """{prefix + key: its comment} of each `variable.key = ...` line of `source` with a comment: the line's
+  own trailing comment, else the comment block right above it."""
+  assignment = re.compile(rf"^\s*{variable}((?:\.\w+)+)\s*=(?!=)")
   lines = source.splitlines()
   comments: dict[int, str] = {}  # line number -> its comment
   own_line: set[int] = set()  # lines that hold only a comment
@@ -38,10 +43,10 @@ def key_meanings(source: str | None = None) -> dict[str, str]:
         own_line.add(row)
   meanings = {}
   for row, line in enumerate(lines, start=1):
-    match = _ASSIGNMENT.match(line)
-    if match is None or "ConfigDict()" in line:
+    match = assignment.match(line)
+    if match is None or "ConfigDict()" in line or "_keys(" in line:
       continue
-    key = _SECTION_ALIASES[match.group(1)] + match.group(2)[1:]
+    key = prefix + match.group(1)[1:]
     if row in comments and row not in own_line:
       meanings[key] = comments[row]
       continue

@@ -16,24 +16,21 @@ def test_every_key_of_every_method_has_a_meaning(method):
 
 
 def test_meanings_come_from_the_trailing_comment_or_the_block_above():
-  source = """def base_config():
-  c = ml_collections.ConfigDict()
-  c.alpha = 1  # the first
+  source = """def _prompt_keys():
+  s = ml_collections.ConfigDict()
+  s.alpha = 1  # the first
   # The second, over
   # two lines.
-  c.beta = 2
-  c.gamma = 3
-  c.sub = ml_collections.ConfigDict()
-  u = c.upstream = ml_collections.ConfigDict()
-  u.delta = 4  # of upstream
-  d = c.downstream = ml_collections.ConfigDict()
-  d.eps = "#"  # a '#' in the value is not the comment
+  s.beta = 2
+  s.gamma = 3
+  s.sub = ml_collections.ConfigDict()
+  s.eps = "#"  # a '#' in the value is not the comment
+  return s
 """
-  assert config_docs.key_meanings(source) == {
-    "alpha": "the first",
-    "beta": "The second, over two lines.",
-    "upstream.delta": "of upstream",
-    "downstream.eps": "a '#' in the value is not the comment",
+  assert config_docs.assigned_meanings(source, "s", "prompt.") == {
+    "prompt.alpha": "the first",
+    "prompt.beta": "The second, over two lines.",
+    "prompt.eps": "a '#' in the value is not the comment",
   }  # gamma has none: the check above would name it
   assert config_docs.first_sentence("Min et al. 2022 say so. Then more.") == "Min et al. 2022 say so."
 

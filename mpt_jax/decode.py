@@ -474,9 +474,17 @@ def rank_classify(
   positions after it irrelevant). `label_bias` [C] (None: zeros) is subtracted from every input's scores
   first (the "train_mean" calibration). Ties go to the first label in `candidates` order.
   """
-  return _most_likely_label(
-    model, frozen_params, input_ids, input_mask, prompt, candidates, placement, "direct", label_bias
-  )
+  return scored_rank_classify(
+    model,
+    frozen_params,
+    input_ids,
+    input_mask,
+    prompt,
+    candidates=candidates,
+    placement=placement,
+    direction="direct",
+    label_bias=label_bias,
+  )[0]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "placement"))
@@ -500,15 +508,6 @@ def channel_rank_classify(
   `batching.channel_form` targets). Each label is encoded once with the prompt; the decoder scores every
   input against one label at a time (a `lax.map` over the C labels keeps the logits at [B, L, V]). Ties
   go to the first label in `candidates` order."""
-  return _most_likely_label(
-    model, frozen_params, input_ids, input_mask, prompt, candidates, placement, "channel", label_bias
-  )
-
-
-def _most_likely_label(
-  model, frozen_params, input_ids, input_mask, prompt, candidates, placement, direction, label_bias
-):
-  """The token ids [B, L_out] of each input's highest-scoring label (see `scored_rank_classify`)."""
   return scored_rank_classify(
     model,
     frozen_params,
@@ -517,7 +516,7 @@ def _most_likely_label(
     prompt,
     candidates=candidates,
     placement=placement,
-    direction=direction,
+    direction="channel",
     label_bias=label_bias,
   )[0]
 

@@ -26,12 +26,7 @@ from mpt_jax.results import DOWNSTREAM_DIR, PREDICTIONS_FILE, RESULTS_FILE
 SHOWN_EXAMPLES = 5  # wins and losses listed in the markdown, per task (the JSON has them all)
 
 
-def load_predictions(directory: str) -> dict[str, list[dict]]:
-  """{task: its prediction records} of a task directory, or of every task of a run's downstream/."""
-  return {task: records for task, (records, _) in load_task_predictions(directory).items()}
-
-
-def load_task_predictions(directory: str) -> dict[str, tuple[list[dict], str | None]]:
+def load_predictions(directory: str) -> dict[str, tuple[list[dict], str | None]]:
   """{task: (its prediction records, its metric)} of a task directory, or of every task of a run's
   downstream/; the metric is the one its results.json names (None without one: the task's own)."""
   own = os.path.join(directory, PREDICTIONS_FILE)
@@ -143,7 +138,7 @@ def compare_task(
 
 def compare(a_dir: str, b_dir: str, split: str = "test") -> dict[str, Any]:
   """Every target task that both A and B have predictions of, compared (`compare_task`)."""
-  a, b = load_task_predictions(a_dir), load_task_predictions(b_dir)
+  a, b = load_predictions(a_dir), load_predictions(b_dir)
   tasks = [t for t in a if t in b]
   if not tasks:
     raise ValueError(f"{a_dir} and {b_dir} have no target task in common (A: {sorted(a)}, B: {sorted(b)})")

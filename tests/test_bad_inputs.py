@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import helpers_lease
 import helpers_t5
 from mpt_jax import config as config_lib, fingerprint, gyms, lease, optim, paths, pipeline, resources, results
 from mpt_jax.model import hf
@@ -361,11 +362,7 @@ def lease_lost(ctx, monkeypatch):
   workdir = ctx.tmp / "lost"
   held = lease.take(str(workdir))
   try:
-    record = json.loads((workdir / lease.FILE).read_text())
-    (workdir / lease.FILE).write_text(json.dumps(record | {"host": "tpu-w-9", "pid": 777, "token": "x"}))
-    deadline = time.monotonic() + 60
-    while not held.lost and time.monotonic() < deadline:
-      time.sleep(0.02)
+    helpers_lease.lose(held)
     summary = results.summarize_task("t", [{"task": "t", "seed": 1, "test_score": 0.5}])
     message = error_of(lambda: results.write_task_results(summary, workdir / "t"), lease.LeaseLost)
     assert not (workdir / "t" / "results.json").exists()

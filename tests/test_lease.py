@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import helpers_lease
 import helpers_t5
 from mpt_jax import checkpoints, lease, parallel, paths, results
 
@@ -103,27 +104,6 @@ def test_a_url_workdir_holds_a_lease_too(monkeypatch):
 # --- a lease lost while the job runs ------------------------------------------------------------------------
 
 
-def _until_lost(held: lease.Lease, take_over) -> None:
-  """Calls `take_over()` (another job's move on `held`'s lease.json) until `held`'s heartbeat has seen it.
-
-  Once is not enough: a beat that read its own lease just before may write it back right after (a read
-  and a write, not one atomic step), as a real takeover meets it too; there the other job's settle
-  read-back (lease.take) refuses, and the other job's own heartbeat rewrites its lease. Here the move is
-  simply repeated, as that heartbeat would."""
-  deadline = time.monotonic() + 60
-  while not held.lost and time.monotonic() < deadline:
-    take_over()
-    time.sleep(0.05)
-  assert held.lost, "the heartbeat did not see the other job's move"
-
-
-def _lose(held: lease.Lease, **fields) -> None:
-  """Another job takes `held`'s workdir over; returns once `held`'s heartbeat has seen it."""
-  record = json.loads(Path(held.path).read_text())
-  other = json.dumps(record | {"host": "tpu-w-9", "pid": 777, "token": "other"} | fields)
-  _until_lost(held, lambda: Path(held.path).write_text(other))
-
-
 def test_a_lost_lease_stops_the_next_checkpoint_and_results_write(tmp_path, monkeypatch):
   monkeypatch.setenv("MPT_LEASE_HEARTBEAT_S", "0.02")
   workdir = tmp_path / "w"
@@ -133,7 +113,7 @@ def test_a_lost_lease_stops_the_next_checkpoint_and_results_write(tmp_path, monk
     assert ckpt.save(1, {"prompt": np.ones(3)})  # held: saved
     ckpt.close()
     ckpt = checkpoints.Checkpointer(workdir / "upstream" / "checkpoints")
-    _lose(held)
+    helpers_lease.lose(held)
     with pytest.raises(lease.LeaseLost) as lost:
       ckpt.save(2, {"prompt": np.ones(3)})
     message = str(lost.value)
@@ -174,7 +154,7 @@ def test_a_removed_lease_is_lost_too_and_a_storage_hiccup_is_not(tmp_path, monke
     monkeypatch.undo()
     assert len(failed) >= 3 and not held.lost  # three failed beats, still held
     monkeypatch.setenv("MPT_LEASE_HEARTBEAT_S", "0.02")
-    _until_lost(held, lambda: Path(held.path).unlink(missing_ok=True))
+    helpers_lease.until_lost(held, lambda: Path(held.path).unlink(missing_ok=True))
     with pytest.raises(lease.LeaseLost, match="lease.json was removed"):
       lease.check(str(workdir / "results.json"))
   finally:

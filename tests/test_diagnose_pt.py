@@ -16,6 +16,34 @@ diagnose_pt = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(diagnose_pt)
 
 
+EVAL_PER_LABEL = 6  # dev and test examples kept per label (tests/test_diagnose_pt.py's cut of the gym)
+
+
+@pytest.fixture(scope="module")
+def gym(tmp_path_factory) -> Path:
+  """The shipped gym's two tasks these tests read (seed 100), their dev and test files cut to the first
+  EVAL_PER_LABEL examples of each label (as balanced as the whole files; train files whole): scoring
+  the 120-example test files in every form was most of these tests' time."""
+  gym = tmp_path_factory.mktemp("gym")
+  for name in ("wordnet_gym_info.json", "wordnet_task_metrics.json", "wordnet_settings.json"):
+    (gym / name).write_bytes((diagnose_pt.GYM_DIR / name).read_bytes())
+  for task in ("wn-antonym_pair", "wn-noun_category_living"):
+    (gym / task).mkdir()
+    for path in sorted((diagnose_pt.GYM_DIR / task).glob(f"{task}_*_100_*.tsv")):
+      lines = path.read_text().splitlines(keepends=True)
+      if not path.name.endswith("_train.tsv"):
+        seen: dict[str, int] = {}
+        kept = []
+        for line in lines:
+          label = line.rstrip("\n").split("\t")[1]
+          seen[label] = seen.get(label, 0) + 1
+          if seen[label] <= EVAL_PER_LABEL:
+            kept.append(line)
+        lines = kept
+      (gym / task / path.name).write_text("".join(lines))
+  return gym
+
+
 def test_ceiling_summary_averages_over_seeds_then_over_tasks():
   def row(task, constant, probe, tuned):
     return {
@@ -32,7 +60,7 @@ def test_ceiling_summary_averages_over_seeds_then_over_tasks():
   assert summary["average"] == {"constant": 30.0, "linear_probe": 50.0, "fine_tune": 60.0}
 
 
-def test_ceilings_of_the_shipped_model_on_a_gym_task():
+def test_ceilings_of_the_shipped_model_on_a_gym_task(gym):
   """Short runs on the real asset and gym: the probe separates its 80 train examples, fine-tuning lowers
   the loss, and the constant answer scores what macro-F1 gives a majority guess over 5 balanced classes."""
   model, params, tokenizer = load_pretrained(str(REPO / "assets" / "small_t5"))
@@ -40,7 +68,7 @@ def test_ceilings_of_the_shipped_model_on_a_gym_task():
     model,
     params,
     tokenizer,
-    diagnose_pt.GYM_DIR,
+    gym,
     "wn-noun_category_living",
     100,
     probe_steps=200,
@@ -79,12 +107,12 @@ def test_direction_summary_averages_each_direction_over_seeds_then_tasks():
   assert summary["average"]["channel_pt"] == 65.0 and summary["average"]["direct_pt"] == 40.0
 
 
-def test_direct_and_channel_prompt_tuning_of_the_shipped_model_on_a_gym_task():
+def test_direct_and_channel_prompt_tuning_of_the_shipped_model_on_a_gym_task(gym):
   """A short grid on the real asset and gym: both directions train, pick a best-dev (lr, step) among the
   evaluated ones and score the test file; the constant answer of a balanced 2-label ACC task is 0.5."""
   model, params, tokenizer = load_pretrained(str(REPO / "assets" / "small_t5"))
   row = diagnose_pt.directions(
-    model, params, tokenizer, diagnose_pt.GYM_DIR, "wn-antonym_pair", 100, steps=4, eval_every=2, lrs=(0.5,)
+    model, params, tokenizer, gym, "wn-antonym_pair", 100, steps=4, eval_every=2, lrs=(0.5,)
   )
   assert row["metric"] == "ACC" and row["constant_answer"] == 0.5
   for direction in diagnose_pt.DIRECTIONS:
@@ -103,7 +131,7 @@ def test_direct_and_channel_prompt_tuning_of_the_shipped_model_on_a_gym_task():
     model,
     params,
     tokenizer,
-    diagnose_pt.GYM_DIR,
+    gym,
     "wn-antonym_pair",
     100,
     forms=("channel",),
@@ -120,7 +148,7 @@ def test_direct_and_channel_prompt_tuning_of_the_shipped_model_on_a_gym_task():
     diagnose_pt.prompt_tune_direction(model, params, tokenizer, {}, "channel", 100, calibration="median")
 
 
-def test_calibrated_rank_predictions_take_each_labels_train_mean_off_its_scores():
+def test_calibrated_rank_predictions_take_each_labels_train_mean_off_its_scores(gym):
   """--direction_calibration=train_mean: each dev input's label is the argmax of its scores minus the
   labels' mean scores over the train inputs (the zero-shot model, both directions)."""
   from mpt_jax import decode
@@ -128,7 +156,7 @@ def test_calibrated_rank_predictions_take_each_labels_train_mean_off_its_scores(
 
   model, params, tokenizer = load_pretrained(str(REPO / "assets" / "small_t5"))
   task = "wn-noun_category_living"
-  raw = crossfit.read_crossfit(diagnose_pt.GYM_DIR, [task], [100], ["train", "dev"])[task].splits
+  raw = crossfit.read_crossfit(gym, [task], [100], ["train", "dev"])[task].splits
   train, dev = (
     batching.tokenize_split(raw[(100, s)], tokenizer, diagnose_pt.CHANNEL_SPEC) for s in ("train", "dev")
   )
@@ -188,16 +216,16 @@ def test_source_tuning_pools_every_source_train_file_of_the_setting_and_no_targe
     tune_on_sources.source_pool(gym, "wn_nosuch", tokenizer)
 
 
-def test_zero_shot_rank_classification_reports_both_directions_raw_and_calibrated():
+def test_zero_shot_rank_classification_reports_both_directions_raw_and_calibrated(gym):
   """Measurement 8 on the real asset and gym: four forms, each with dev and test scores and a count of the
   test inputs per predicted label (they add up to the test file), and the summary over seeds and tasks."""
   model, params, tokenizer = load_pretrained(str(REPO / "assets" / "small_t5"))
-  row = diagnose_pt.zero_shot(model, params, tokenizer, diagnose_pt.GYM_DIR, "wn-antonym_pair", 100)
+  row = diagnose_pt.zero_shot(model, params, tokenizer, gym, "wn-antonym_pair", 100)
   forms = [f"{d}/{c}" for d in diagnose_pt.DIRECTIONS for c in ("none", "train_mean")]
   assert [k for k in row if "/" in k] == forms
   for form in forms:
     assert 0.0 <= row[form]["dev_score"] <= 1.0 and 0.0 <= row[form]["test_score"] <= 1.0
-    assert sum(row[form]["test_label_counts"].values()) == 120
+    assert sum(row[form]["test_label_counts"].values()) == 2 * EVAL_PER_LABEL
     assert set(row[form]["test_label_counts"]) <= {"opposite", "similar"}
   summary = diagnose_pt.zero_shot_summary([row])
   assert summary["average"]["channel/train_mean/test"] == pytest.approx(
@@ -205,16 +233,16 @@ def test_zero_shot_rank_classification_reports_both_directions_raw_and_calibrate
   )
 
 
-def test_initial_prompts_score_each_untrained_init_and_no_prompt_as_zero_shot():
+def test_initial_prompts_score_each_untrained_init_and_no_prompt_as_zero_shot(gym):
   """Measurement 9 on the real asset and gym: "none" is measurement 8's zero-shot score in the same form;
   "token:</s>" scores a prompt of EOS rows, which differs from no prompt; an unknown init is refused."""
   model, params, tokenizer = load_pretrained(str(REPO / "assets" / "small_t5"))
   task, seed = "wn-antonym_pair", 100
   inits = ["none", "task_names", "token:</s>"]
   row = diagnose_pt.initial_prompts(
-    model, params, tokenizer, diagnose_pt.GYM_DIR, task, seed, inits, "channel", "train_mean"
+    model, params, tokenizer, gym, task, seed, inits, "channel", "train_mean"
   )
-  zero = diagnose_pt.zero_shot(model, params, tokenizer, diagnose_pt.GYM_DIR, task, seed)[
+  zero = diagnose_pt.zero_shot(model, params, tokenizer, gym, task, seed)[
     "channel/train_mean"
   ]
   assert row["none"] == {"dev_score": zero["dev_score"], "test_score": zero["test_score"]}

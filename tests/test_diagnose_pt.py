@@ -239,12 +239,8 @@ def test_initial_prompts_score_each_untrained_init_and_no_prompt_as_zero_shot(gy
   model, params, tokenizer = load_pretrained(str(REPO / "assets" / "small_t5"))
   task, seed = "wn-antonym_pair", 100
   inits = ["none", "task_names", "token:</s>"]
-  row = diagnose_pt.initial_prompts(
-    model, params, tokenizer, gym, task, seed, inits, "channel", "train_mean"
-  )
-  zero = diagnose_pt.zero_shot(model, params, tokenizer, gym, task, seed)[
-    "channel/train_mean"
-  ]
+  row = diagnose_pt.initial_prompts(model, params, tokenizer, gym, task, seed, inits, "channel", "train_mean")
+  zero = diagnose_pt.zero_shot(model, params, tokenizer, gym, task, seed)["channel/train_mean"]
   assert row["none"] == {"dev_score": zero["dev_score"], "test_score": zero["test_score"]}
   embedding = np.asarray(params["shared"]["embedding"], np.float32)
   eos_prompt = diagnose_pt.initial_prompt_of("token:</s>", embedding, tokenizer, task, seed, 16)

@@ -41,13 +41,6 @@ def test_a_held_workdir_is_refused_in_one_line_naming_the_holder(tmp_path):
   assert json.loads((tmp_path / "w" / lease.FILE).read_text())["host"] == "tpu-w-0"  # left as it was
 
 
-def _heartbeat_s(path: str) -> float:
-  try:
-    return json.loads(Path(path).read_text())["heartbeat_s"]
-  except ValueError:  # read while the heartbeat rewrote it
-    return 0.0
-
-
 def test_take_refresh_and_release(tmp_path, monkeypatch):
   monkeypatch.setenv("MPT_LEASE_HEARTBEAT_S", "0.05")
   workdir = str(tmp_path / "new" / "w")
@@ -55,7 +48,7 @@ def test_take_refresh_and_release(tmp_path, monkeypatch):
   first = json.loads((tmp_path / "new" / "w" / lease.FILE).read_text())
   assert (first["host"], first["pid"]) == (socket.gethostname(), os.getpid())
   deadline = time.monotonic() + 60  # a loaded machine may delay the first beats
-  while _heartbeat_s(held.path) <= first["heartbeat_s"]:
+  while lease.read(workdir)["heartbeat_s"] <= first["heartbeat_s"]:  # mid-rewrite: reads as 0
     assert time.monotonic() < deadline, "the heartbeat never refreshed the lease"
     time.sleep(0.05)
   lease.release(workdir)

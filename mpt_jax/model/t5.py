@@ -5,7 +5,7 @@ d_model**-0.5) and v1.1 / LM-adapted (gated-GELU with the tanh approximation `ge
 `lm_head`, no output scaling). Numerics follow transformers' PyTorch T5 (the parity tests compare the
 two): RMS layer norm without mean or bias, no 1/sqrt(d) attention scaling, relative position bias
 (bidirectional buckets in the encoder, causal in the decoder) held by the first block of each stack and
-shared by the others, dropout where HF puts it.
+shared by the others, dropout where HF puts it (drawn 16 bits an element: model/dropout.py).
 
 Parameter names mirror the HF checkpoint so `hf.py` is a mechanical mapping: HF
 `encoder.block.0.layer.0.SelfAttention.q.weight` is ours `encoder/block_0/layer_0/SelfAttention/q/kernel`
@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpt_jax.model.dropout import Dropout
 from mpt_jax.model.protocol import MODEL_AXIS
 
 PLACEMENTS = ("prepend", "suffix", "after_padding")
@@ -354,7 +355,7 @@ class Attention(nn.Module):
     self.k = _dense(c, inner, c.d_model**-0.5, "k")
     self.v = _dense(c, inner, c.d_model**-0.5, "v")
     self.o = _dense(c, c.d_model, inner**-0.5, "o")
-    self.dropout = nn.Dropout(c.dropout_rate)
+    self.dropout = Dropout(c.dropout_rate)
     if self.has_relative_attention_bias:
       self.relative_attention_bias = nn.Embed(
         c.relative_attention_num_buckets,
@@ -419,7 +420,7 @@ class SelfAttentionLayer(nn.Module):
   def setup(self):
     self.SelfAttention = Attention(self.config, self.is_decoder, self.has_relative_attention_bias)
     self.layer_norm = LayerNorm(self.config)
-    self.dropout = nn.Dropout(self.config.dropout_rate)
+    self.dropout = Dropout(self.config.dropout_rate)
 
   def __call__(
     self, x, mask, position_bias, query_positions, key_positions, deterministic, cache=None, cache_index=None
@@ -449,7 +450,7 @@ class CrossAttentionLayer(nn.Module):
   def setup(self):
     self.EncDecAttention = Attention(self.config)
     self.layer_norm = LayerNorm(self.config)
-    self.dropout = nn.Dropout(self.config.dropout_rate)
+    self.dropout = Dropout(self.config.dropout_rate)
 
   def project_kv(self, encoded):
     return self.EncDecAttention.project_kv(encoded)
@@ -473,7 +474,7 @@ class FeedForwardLayer(nn.Module):
     c = self.config
     normed = LayerNorm(c, name="layer_norm")(x)
     ff = FeedForward(c, name="DenseReluDense")(normed, deterministic)
-    return x + nn.Dropout(c.dropout_rate)(ff, deterministic=deterministic)
+    return x + Dropout(c.dropout_rate)(ff, deterministic=deterministic)
 
 
 class FeedForward(nn.Module):
@@ -487,7 +488,7 @@ class FeedForward(nn.Module):
       hidden = gate * _dense(c, c.d_ff, c.d_model**-0.5, "wi_1")(x)
     else:
       hidden = nn.relu(_dense(c, c.d_ff, c.d_model**-0.5, "wi")(x))
-    hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
+    hidden = Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
     return _dense(c, c.d_model, c.d_ff**-0.5, "wo")(hidden)
 
 
@@ -580,7 +581,7 @@ class Stack(nn.Module):
     else:
       self.block = [block_cls(c, self.is_decoder, i == 0) for i in range(n)]
     self.final_layer_norm = LayerNorm(c)
-    self.dropout = nn.Dropout(c.dropout_rate)
+    self.dropout = Dropout(c.dropout_rate)
 
   @property
   def _has_stacked_blocks(self) -> bool:

@@ -56,6 +56,9 @@ if __name__ == "__main__":
   cores = sorted(os.sched_getaffinity(0))[: ARGS.threads]
   os.sched_setaffinity(0, cores)  # before JAX starts: XLA sizes its thread pool from the affinity
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from mpt_jax import host_memory
+
+  host_memory.reuse_freed_memory()  # as the entry points do, before JAX starts
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -44,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mpt_jax import host_memory
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 METHODS_ORDER = ("maml", "fomaml", "reptile", "pt", "grid")
@@ -136,6 +138,9 @@ def pin_threads(threads: int | None) -> list[int]:
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
+# As our entry points do, before JAX starts (mpt_jax/host_memory.py); the baseline shares the process
+# and so the policy.
+HOST_MALLOC = host_memory.reuse_freed_memory() if ARGS is not None else None
 if ARGS is not None and ARGS.gpu:
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the reference (torch) runs first
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -543,7 +548,16 @@ def time_method(
 # --------------------------------------------------------------------------------------------------
 # Profiles: where each side's time goes
 # --------------------------------------------------------------------------------------------------
-_RNG_MARKERS = ("threefry", "_bernoulli", "_uniform", "random_bits", "fold_in", "random_split")
+# JAX's own random ops, and mpt_jax/model/dropout.py's draws (its named scope)
+_RNG_MARKERS = (
+  "threefry",
+  "_bernoulli",
+  "_uniform",
+  "random_bits",
+  "fold_in",
+  "random_split",
+  "random_draws",
+)
 _CONTAINERS = ("while", "conditional", "call")  # their events enclose their bodies' events
 PROFILE_CATEGORIES = ("matmul", "dropout RNG", "other ops", "copies/broadcasts", "outside ops")
 
@@ -552,7 +566,7 @@ class HloOps:
   """What the profile needs from a compiled module's HLO text: each instruction's JAX op path
   (metadata op_name), and the matmul FLOPs each executed op performs (its own dot, or the dots inside
   the fusion it calls: XLA's CPU runtime runs most dots as `ynn_fusion`s, a dot with fused elementwise
-  ops)."""
+  ops), and whether it computes random bits (itself, or inside the fusion it calls)."""
 
   _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
   _INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -562,12 +576,14 @@ class HloOps:
     self.op_name, self.dims, self.calls, self.dot_flops = {}, {}, {}, {}
     self.computation_dots: dict[str, list[str]] = {}
     self.computation_calls: dict[str, list[str]] = {}
+    self.computation_draws: dict[str, bool] = {}
     computation = None
     for line in hlo_text.splitlines():
       header = self._HEADER.match(line)
       if header:
         computation = header.group(1)
         self.computation_dots[computation], self.computation_calls[computation] = [], []
+        self.computation_draws[computation] = False
         continue
       match = self._INSTRUCTION.match(line)
       if not match or computation is None:
@@ -575,6 +591,8 @@ class HloOps:
       name, rest = match.groups()
       op_name = re.search(r'op_name="([^"]*)"', rest)
       self.op_name[name] = op_name.group(1) if op_name else ""
+      if any(marker in self.op_name[name] for marker in _RNG_MARKERS):
+        self.computation_draws[computation] = True
       array = self._ARRAY.match(rest)
       if not array:
         continue  # a tuple-shaped op (while, call, ...)
@@ -607,15 +625,27 @@ class HloOps:
       return [name]
     return [dot for called in self.calls.get(name, []) for dot in self._dots_in(called)]
 
+  def _draws_in(self, computation: str) -> bool:
+    return self.computation_draws.get(computation, False) or any(
+      self._draws_in(called) for called in self.computation_calls.get(computation, [])
+    )
 
-def hlo_category(name: str, op_name: str, has_dots: bool) -> str | None:
+  def draws_random_bits(self, name: str) -> bool:
+    """Whether an executed op computes random bits: its own op, or one inside the computations it
+    calls (a fusion's root, whose metadata names the op, is often the select that applies the mask)."""
+    if any(marker in self.op_name.get(name, "") for marker in _RNG_MARKERS):
+      return True
+    return any(self._draws_in(called) for called in self.calls.get(name, []))
+
+
+def hlo_category(name: str, op_name: str, has_dots: bool, draws: bool) -> str | None:
   """What an executed HLO op (a thunk of XLA's CPU runtime) spends its time on."""
   if name.startswith(_CONTAINERS):
     return None
   if has_dots:
     return "matmul"
-  if any(marker in op_name for marker in _RNG_MARKERS):
-    return "dropout RNG"  # threefry counter-based random bits for the dropout masks
+  if draws:
+    return "dropout RNG"  # threefry random bits for the dropout masks, and what XLA fused with them
   if not op_name and name.startswith(("copy", "wrapped_broadcast", "transpose", "bitcast")):
     return "copies/broadcasts"
   return "other ops"
@@ -674,7 +704,7 @@ def profile_ours(compiled, call) -> dict:
     if event.get("ph") != "X" or name not in hlo.op_name:
       continue
     dots = hlo.dots(name)
-    category = hlo_category(name, hlo.op_name[name], bool(dots))
+    category = hlo_category(name, hlo.op_name[name], bool(dots), hlo.draws_random_bits(name))
     if category is None:
       continue
     duration = event["dur"] * 1e-6
@@ -919,6 +949,7 @@ def machine_record(cores: list[int]) -> dict:
     f"core{'s' if num_cores > 1 else ''})",
     load_average_at_start=os.getloadavg(),
     xla_flags=os.environ.get("XLA_FLAGS", ""),
+    host_malloc=HOST_MALLOC,
     python=platform.python_version(),
     platform=platform.platform(),
     jax=jax.__version__,
@@ -942,7 +973,7 @@ def markdown(results: dict) -> str:
   lines = [
     f"`{results['command']}`: {m['cpu_model']}, {len(m['cores_used'])} core(s) used of "
     f"{m['logical_cpus_on_machine']} logical CPUs; torch threads {m['torch_threads']}, "
-    f"{m['xla_threads']}. Python {m['python']}, jax {m['jax']}, flax {m['flax']}, torch "
+    f"{m['xla_threads']}; host malloc {m.get('host_malloc') or 'system'} (mpt_jax/host_memory.py). Python {m['python']}, jax {m['jax']}, flax {m['flax']}, torch "
     f"{m['torch']}, transformers {m['transformers']}, higher {m['higher']}. Load average at "
     f"start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}. {m['date']}"
     + (f"; total {results['total_s'] / 60:.0f} min." if results.get("total_s") else "."),

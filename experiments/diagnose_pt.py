@@ -58,7 +58,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mpt_jax import algorithms, baselines, decode, gyms, metrics, optim, prompt as prompt_lib  # noqa: E402
+from mpt_jax import algorithms, baselines, decode, gyms, host_memory, metrics, optim, prompt as prompt_lib  # noqa: E402
 from mpt_jax import config as config_lib  # noqa: E402
 from mpt_jax.data import batching, crossfit  # noqa: E402
 from mpt_jax.data.settings import metric_for_task  # noqa: E402
@@ -722,6 +722,7 @@ def add_tasks_and_seeds(parser, name: str, measurement: str) -> None:
 
 
 def main(argv=None):
+  host_memory.reuse_freed_memory()  # before JAX runs anything (mpt_jax/host_memory.py)
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default=str(REPO_ROOT / "assets" / "small_t5"))
   p.add_argument("--gym_dir", default=str(GYM_DIR))

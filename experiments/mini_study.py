@@ -33,7 +33,7 @@ from absl import app, flags
 # Run by path (python experiments/mini_study.py): the repository root makes `experiments` a package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mpt_jax import study
+from mpt_jax import host_memory, study
 
 FLAGS = flags.FLAGS
 
@@ -130,6 +130,7 @@ def write_loss_table(workdir: str, setting: str) -> None:
 
 def main(argv) -> None:
   del argv
+  host_memory.reuse_freed_memory()  # before JAX runs anything (mpt_jax/host_memory.py)
   if FLAGS.report_only:
     for setting in FLAGS.settings:
       write_loss_table(FLAGS.workdir, setting)

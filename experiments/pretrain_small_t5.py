@@ -51,6 +51,7 @@ import optax  # noqa: E402
 
 from experiments import pretrain_objectives  # noqa: E402
 from experiments import wordnet as wn  # noqa: E402
+from mpt_jax import host_memory  # noqa: E402
 from mpt_jax.model import tokenizer as tokenizer_lib  # noqa: E402
 
 HELDOUT_PERCENT = 1  # synsets whose hash falls in this percent are never trained on
@@ -654,6 +655,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+  host_memory.reuse_freed_memory()  # before JAX runs anything (mpt_jax/host_memory.py)
   args = parse_args(argv)
   t_start = time.time()
   out_dir, work_dir = Path(args.out_dir), Path(args.work_dir)

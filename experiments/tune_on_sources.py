@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import diagnose_pt  # noqa: E402
 
-from mpt_jax import gyms  # noqa: E402
+from mpt_jax import gyms, host_memory  # noqa: E402
 from mpt_jax.data import batching, crossfit, settings as settings_lib  # noqa: E402
 from mpt_jax.model import hf  # noqa: E402
 
@@ -46,6 +46,7 @@ def source_pool(gym_dir, setting: str, tokenizer) -> batching.TokenizedSplit:
 
 
 def main(argv=None):
+  host_memory.reuse_freed_memory()  # before JAX runs anything (mpt_jax/host_memory.py)
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default=str(diagnose_pt.REPO_ROOT / "assets" / "small_t5"))
   p.add_argument("--gym_dir", default=str(diagnose_pt.GYM_DIR))

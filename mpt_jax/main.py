@@ -118,6 +118,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv) -> None:
   del argv
+  from mpt_jax import host_memory  # before JAX starts: the CPU steps then reuse their memory
+
+  logging.info("host malloc: %s", host_memory.reuse_freed_memory())
   os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
   import jax
 

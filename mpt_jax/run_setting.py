@@ -77,6 +77,9 @@ def method_config(method: str, setting: str, preset: str | None, overrides: list
 
 def main(argv) -> None:
   del argv
+  from mpt_jax import host_memory  # before JAX starts: the CPU steps then reuse their memory
+
+  logging.info("host malloc: %s", host_memory.reuse_freed_memory())
   os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
   logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
   from mpt_jax import methods as methods_lib, pipeline, results

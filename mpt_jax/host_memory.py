@@ -1,11 +1,11 @@
 """How the process's C allocator treats freed memory: kept for reuse, so a step does not fault in its pages.
 
-Every call of a compiled step on the CPU backend allocates its temporaries (2.1 GB at the T5-small
+Every call of a compiled step on the CPU backend allocates its temporaries (1.7 GiB at the T5-small
 shape of benchmarks/bench_steps.py) and frees them when it returns. glibc's defaults give big blocks
 back to the kernel: blocks over the mmap threshold are unmapped on free, and a thread's own heap is
 deleted once empty. The next call then touches fresh pages, one minor page fault (and a zeroed page)
-per 4 KiB: 550,000 faults per T5-small PT step, a third of its time on the Xeon machines here
-(`python -m benchmarks.bench_host_memory`).
+per 4 KiB: 440,000 faults per T5-small PT step, whose time falls to 0.85x without them on the Xeon
+machines here (`python -m benchmarks.bench_host_memory`, benchmarks/results/host_memory.md).
 
 `reuse_freed_memory()` sets glibc's malloc (mallopt) to one arena, no mmap and no trimming: freed
 memory stays in the process and the next step reuses the same pages. The cost is that the resident

@@ -101,12 +101,10 @@ def machine_record() -> dict:
     except OSError:
       return "unknown"
 
-  cpu = next(
-    (line.split(":", 1)[1].strip() for line in read("/proc/cpuinfo").splitlines() if "model name" in line),
-    "unknown",
-  )
+  from benchmarks.bench_steps import cpu_model  # (imports JAX; starts nothing)
+
   return dict(
-    cpu_model=cpu,
+    cpu_model=cpu_model(),
     glibc=" ".join(platform.libc_ver()),
     transparent_hugepages=read("/sys/kernel/mm/transparent_hugepage/enabled"),
     python=platform.python_version(),

@@ -558,6 +558,12 @@ _RNG_MARKERS = (
   "random_split",
   "random_draws",
 )
+
+
+def _draws_random_bits(op_name: str) -> bool:
+  return any(marker in op_name for marker in _RNG_MARKERS)
+
+
 _CONTAINERS = ("while", "conditional", "call")  # their events enclose their bodies' events
 PROFILE_CATEGORIES = ("matmul", "dropout RNG", "other ops", "copies/broadcasts", "outside ops")
 
@@ -591,7 +597,7 @@ class HloOps:
       name, rest = match.groups()
       op_name = re.search(r'op_name="([^"]*)"', rest)
       self.op_name[name] = op_name.group(1) if op_name else ""
-      if any(marker in self.op_name[name] for marker in _RNG_MARKERS):
+      if _draws_random_bits(self.op_name[name]):
         self.computation_draws[computation] = True
       array = self._ARRAY.match(rest)
       if not array:
@@ -633,7 +639,7 @@ class HloOps:
   def draws_random_bits(self, name: str) -> bool:
     """Whether an executed op computes random bits: its own op, or one inside the computations it
     calls (a fusion's root, whose metadata names the op, is often the select that applies the mask)."""
-    if any(marker in self.op_name.get(name, "") for marker in _RNG_MARKERS):
+    if _draws_random_bits(self.op_name.get(name, "")):
       return True
     return any(self._draws_in(called) for called in self.calls.get(name, []))
 
@@ -924,6 +930,17 @@ def flop_rates(name: str, model: T5, maml_compiled, maml_row: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Machine record and tables
 # --------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return "unknown"
+
+
 def machine_record(cores: list[int]) -> dict:
   import flax
   import optax
@@ -931,16 +948,8 @@ def machine_record(cores: list[int]) -> dict:
   import transformers
 
   num_cores = len(os.sched_getaffinity(0))
-  cpu_model = "unknown"
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu_model = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
   return dict(
-    cpu_model=cpu_model,
+    cpu_model=cpu_model(),
     logical_cpus_on_machine=os.cpu_count(),
     cores_used=cores,
     torch_threads=torch.get_num_threads(),

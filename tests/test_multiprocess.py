@@ -1,13 +1,14 @@
-"""Two processes joined by `jax.distributed` (a local coordinator, gloo collectives on CPU) run MAML
-upstream and the downstream grid of a tiny T5 as one job, and end with the prompts and results of a
-single-process run on as many devices: what a TPU pod slice's hosts do, on one machine.
+"""Two processes joined by `jax.distributed` (gloo collectives on CPU) run MAML upstream and the
+downstream grid of a tiny T5 as one job, and end with the prompts and results of a single-process run
+on as many devices: what a TPU pod slice's hosts or a SLURM job's tasks do, on one machine.
 
 Each worker process has one CPU device, so the 2-device mesh spans both; the reference run (this
 process, tests/conftest.py's 2 simulated devices) runs the same per-device programs, so the results
-are bitwise equal. The workers run `python -m mpt_jax.main --multihost` unchanged
-(tests/multiprocess_worker.py adds an audit hook that records what each process writes). The SLURM path
-(scripts/slurm/mpt_jax.sbatch under a stand-in srun, the processes joined by jax.distributed.initialize()'s
-own SLURM detection) is compared with the same reference run, made once for the module.
+are bitwise equal. The training job runs as a SLURM job step does (scripts/slurm/mpt_jax.sbatch under a
+stand-in srun, the processes joined by jax.distributed.initialize()'s own SLURM detection), each task
+`python -m mpt_jax.main --multihost` unchanged (tests/multiprocess_worker.py adds an audit hook that
+records what each process writes). The explicit flags of a TPU pod's hosts (--coordinator_address,
+--num_processes, --process_id, a local coordinator) join the two processes of the held-workdir test.
 """
 
 from __future__ import annotations
@@ -126,18 +127,6 @@ def _wait_for(workers: list[subprocess.Popen], log_paths: list[Path]) -> list[st
   return logs
 
 
-def _run_workers(checkpoint: str, data_dir: str, workdir: Path, writes_dir: Path) -> None:
-  flags = _multihost_flags(checkpoint, data_dir, workdir)
-  log_paths = [writes_dir / f"{i}.log" for i in range(NUM_PROCESSES)]
-  env = _worker_env(dict(os.environ))
-  worker = [sys.executable, str(REPO / "tests" / "multiprocess_worker.py")]
-  workers = _launch(
-    lambda i: [*worker, str(writes_dir / f"{i}.json"), *flags, f"--process_id={i}"], lambda i: env, log_paths
-  )
-  logs = _wait_for(workers, log_paths)
-  assert "process 1 of 2" in logs[1] and "over 2 processes" in logs[0]
-
-
 def _outputs(workdir: Path) -> dict[str, object]:
   """The run's prompts (arrays) and results (JSON) by path, for comparison across runs."""
   task_dir = workdir / "downstream" / TASK
@@ -168,33 +157,32 @@ def _assert_bitwise_equal(got: dict[str, object], expected: dict[str, object]) -
       assert got[name] == expected[name], name
 
 
-def test_two_processes_train_as_one_and_only_process_0_writes_the_runs_files(tmp_path, reference_run):
+def _python_with_audit_hook(path: Path, writes_dir: Path) -> Path:
+  """An executable for MPT_PYTHON: scripts/slurm/mpt_jax.sbatch runs `$MPT_PYTHON -m mpt_jax.main FLAGS`;
+  this runs tests/multiprocess_worker.py (mpt_jax.main with the audit hook) with FLAGS instead, recording
+  task SLURM_PROCID's writes in writes_dir/<SLURM_PROCID>.json."""
+  worker = REPO / "tests" / "multiprocess_worker.py"
+  path.write_text(
+    "#!/usr/bin/env bash\n"
+    '[ "$1 $2" = "-m mpt_jax.main" ] || { echo "expected -m mpt_jax.main, got $*" >&2; exit 2; }\n'
+    f'shift 2; exec "{sys.executable}" "{worker}" "{writes_dir}/$SLURM_PROCID.json" "$@"\n'
+  )
+  path.chmod(0o755)
+  return path
+
+
+def test_two_processes_joined_by_slurms_variables_train_as_one_and_only_process_0_writes_the_runs_files(
+  tmp_path, reference_run
+):
+  """The SLURM template under a stand-in srun: its 2 tasks join through SLURM's variables alone (no
+  coordinator flags; those are the held-workdir test's below), train as one process on 2 devices would,
+  bitwise, and only process 0 writes the run's own files."""
   checkpoint, data_dir, expected = reference_run
   multi, writes = tmp_path / "multi", tmp_path / "writes"
   writes.mkdir()
-  _run_workers(checkpoint, data_dir, multi, writes)
-  _assert_bitwise_equal(_outputs(multi), expected)
-  logged = [json.loads(line)["step"] for line in open(multi / "upstream" / "logs" / "metrics.jsonl")]
-  assert logged == [1, 2, 3, 4]  # one writer: each step logged once
-
-  # Process 1 wrote nothing of the run's own files; it took part in the orbax checkpoints (which
-  # every process saves together) and wrote tokenization cache entries (atomically, the same bytes).
-  changed = [Path(p) for p in json.load(open(writes / "1.json"))]
-  in_workdir = [p.relative_to(multi) for p in changed if p.is_relative_to(multi)]
-  assert in_workdir, "the audit hook saw none of process 1's checkpoint writes"
-  # (The workdir itself: its cache directories are made with their parents, e.g. the compiled steps'.)
-  in_workdir = [p for p in in_workdir if p != Path(".")]
-  assert all(p.parts[0] == "cache" or "checkpoints" in p.parts for p in in_workdir), in_workdir
-  primary = json.load(open(writes / "0.json"))  # the hook sees the primary's writes (written atomically)
-  assert any(p.startswith(str(multi / "upstream" / "prompt.npy")) for p in primary)
-
-
-def test_two_processes_given_slurms_variables_reproduce_one_process_bitwise(tmp_path, reference_run):
-  checkpoint, data_dir, expected = reference_run
-  multi = tmp_path / "multi"
   env = {key: value for key, value in fake_slurm_env(tmp_path).items() if not key.startswith("SLURM_")}
   env = _worker_env(env) | {
-    "MPT_PYTHON": sys.executable,
+    "MPT_PYTHON": str(_python_with_audit_hook(tmp_path / "python", writes)),
     "SLURM_SUBMIT_DIR": str(REPO),
     # what srun sets for the 2 tasks of a one-node step
     "SLURM_JOB_ID": _slurm_job_id(),
@@ -210,8 +198,21 @@ def test_two_processes_given_slurms_variables_reproduce_one_process_bitwise(tmp_
     log_paths,
   )
   logs = _wait_for(workers, log_paths)
-  assert "process 1 of 2" in logs[1]  # joined through SLURM's variables, no coordinator flags
+  assert "process 1 of 2" in logs[1] and "over 2 processes" in logs[0]
   _assert_bitwise_equal(_outputs(multi), expected)
+  logged = [json.loads(line)["step"] for line in open(multi / "upstream" / "logs" / "metrics.jsonl")]
+  assert logged == [1, 2, 3, 4]  # one writer: each step logged once
+
+  # Process 1 wrote nothing of the run's own files; it took part in the orbax checkpoints (which
+  # every process saves together) and wrote tokenization cache entries (atomically, the same bytes).
+  changed = [Path(p) for p in json.load(open(writes / "1.json"))]
+  in_workdir = [p.relative_to(multi) for p in changed if p.is_relative_to(multi)]
+  assert in_workdir, "the audit hook saw none of process 1's checkpoint writes"
+  # (The workdir itself: its cache directories are made with their parents, e.g. the compiled steps'.)
+  in_workdir = [p for p in in_workdir if p != Path(".")]
+  assert all(p.parts[0] == "cache" or "checkpoints" in p.parts for p in in_workdir), in_workdir
+  primary = json.load(open(writes / "0.json"))  # the hook sees the primary's writes (written atomically)
+  assert any(p.startswith(str(multi / "upstream" / "prompt.npy")) for p in primary)
 
 
 def test_a_held_workdir_stops_both_processes_with_exit_75(tmp_path):

@@ -34,6 +34,8 @@ RANDOM_BITS = "(random bits)"
 # The hub commit of the model's weights (`hf.snapshot_commit`: a hub id's snapshot; None for a directory,
 # known by its path): a hub id's revision ("main") moves, and a month later may name other weights.
 MODEL_SNAPSHOT = "(model snapshot)"
+# Which dropout masks an rng draws (mpt_jax/model/dropout.py's MASKS): the code, not the config, decides.
+DROPOUT_MASKS = "(dropout masks)"
 # Recorded from 2026-11-30 (random bits) and 2026-12-06 (model snapshot) on; what an earlier record was
 # made with is unknown, so a record without them is not compared on them (and keeps its old hash).
 UNRECORDED_BEFORE = (RANDOM_BITS, MODEL_SNAPSHOT)
@@ -67,14 +69,17 @@ HARMLESS = {
   "downstream.runs_at_once": "the same runs, computed in groups of another size",
 }
 
-# Keys added to the config after records were written, with the value every earlier run computed with: a
-# record without such a key was made with that value (so a workdir, or a grid copied from one, written
+# Keys added to the config (or to the fingerprint) after records were written, with the value every earlier
+# run computed with: a record without such a key was made with that value (so a workdir, or a grid copied from one, written
 # before the key existed stays reusable under it, and is refused under any other value).
 ADDED_KEYS = {
   "data.direction": "direct",  # 2026-11-30: before it, every task was trained and scored direct
   "downstream.objective": "likelihood",  # 2026-11-30: before it, every prompt trained the token loss
   "downstream.calibration": "none",  # 2026-11-30: before it, rank classification took the raw scores
   "prompt.init_token": "</s>",  # 2026-11-30: before it, no init read it
+  # 2026-12-08 (not a config key: what the code drew): before it, other masks for the same rng
+  DROPOUT_MASKS: "threefry-2x32 16-bit draws keyed by jax.random.bits of the site rng (until 2026-12-07: "
+  "flax nn.Dropout)",
 }
 
 # Where the shipped small T5 was before it moved into the package (2026-12-06: <checkout>/assets/small_t5,

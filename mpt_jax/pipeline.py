@@ -46,7 +46,7 @@ from mpt_jax import (
   train,
 )
 from mpt_jax.data import batching, crossfit, settings as settings_lib
-from mpt_jax.model import hf
+from mpt_jax.model import dropout, hf
 
 
 def run(config, workdir: str) -> dict | None:
@@ -360,6 +360,7 @@ def upstream_fingerprint(config, source_data) -> dict[str, Any]:
     **fingerprint.stage_keys(config, "upstream"),
     fingerprint.DATA: fingerprint.data_digest(source_data),
     fingerprint.RANDOM_BITS: fingerprint.random_bits(),
+    fingerprint.DROPOUT_MASKS: dropout.MASKS,
     fingerprint.MODEL_SNAPSHOT: hf.snapshot_commit(model_dir(config)),
   }
 
@@ -380,6 +381,7 @@ def task_fingerprint(config, task: str, task_data, init_prompt: np.ndarray | Non
     fingerprint.DATA: fingerprint.data_digest({task: task_data}),
     fingerprint.INITIAL_PROMPT: None if init_prompt is None else fingerprint.digest(init_prompt),
     fingerprint.RANDOM_BITS: fingerprint.random_bits(),
+    fingerprint.DROPOUT_MASKS: dropout.MASKS,
     fingerprint.MODEL_SNAPSHOT: hf.snapshot_commit(model_dir(config)),
   }
 

@@ -248,6 +248,17 @@ def other_random_bits(ctx):
     return rerun(ctx)
 
 
+def older_dropout_masks(ctx):
+  """A finished workdir whose records predate the dropout-masks entry (made before 2026-12-08)."""
+  old = ctx.tmp / "old_masks"
+  shutil.copytree(ctx.finished, old)
+  for path in old.rglob(fingerprint.FILE):
+    record = fingerprint.Record.load(str(path.parent))
+    del record.keys[fingerprint.DROPOUT_MASKS]
+    record.save(str(path.parent))
+  return error_of(lambda: pipeline.run(tiny_config(ctx.checkpoint), str(old)), fingerprint.WorkdirConflict)
+
+
 def harmless_change(ctx, caplog):
   before = snapshot(ctx.finished)
   with caplog.at_level("INFO"):
@@ -420,6 +431,7 @@ REPRODUCTIONS = {
   "fewer-steps": lambda ctx: rerun(ctx, **{"upstream.num_steps": 2}),
   "other-seed": lambda ctx: rerun(ctx, seed=1),
   "other-random-bits": lambda ctx: other_random_bits(ctx),
+  "older-dropout-masks": older_dropout_masks,
   "other-model-snapshot": None,  # needs monkeypatch: test_catalogue passes it
   "harmless-change": None,  # needs caplog: test_catalogue passes it
   "old-workdir": old_workdir,
@@ -462,7 +474,7 @@ def test_a_record_written_before_a_key_existed_was_made_with_its_added_value():
   ]
   # A key missing from the current side (a key since removed) still counts.
   assert [d.key for d in fingerprint.differences(current, {**old, "data.direction": "direct"})] == sorted(
-    set(fingerprint.ADDED_KEYS) - {"data.direction"}
+    set(fingerprint.ADDED_KEYS) & set(current) - {"data.direction"}
   )
   # The calibration, added later still, likewise: a record without it was decoded uncalibrated.
   calibrated = {**current, "downstream.calibration": "train_mean"}

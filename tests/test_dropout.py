@@ -22,13 +22,21 @@ def test_the_hash_is_jaxs_threefry_2x32():
     np.testing.assert_array_equal(np.concatenate([np.asarray(w) for w in words]), expected)
 
 
-def test_draws_are_the_hash_words_halves_in_order():
+@pytest.mark.parametrize(
+  "rng, words",
+  [
+    (jax.random.key(3), jax.random.key_data),  # Threefry: the key's own words
+    (jax.random.PRNGKey(4), jax.random.key_data),  # a raw uint32 key is a Threefry key
+    (jax.random.key(3, impl="rbg"), lambda k: jax.random.bits(k, (2,), jnp.uint32)),  # other kinds
+  ],
+  ids=["threefry", "raw", "rbg"],
+)
+def test_draws_are_the_hash_words_halves_in_order(rng, words):
   """Element 4i..4i+3 of a row: hash i's first word low, high, second word low, high; counters run
-  over the whole array."""
-  rng = jax.random.key(3)
+  over the whole array; the hash's key is a Threefry rng's own two words, two random words of others."""
   shape = (2, 3, 9)  # 9: the last hash of a row gives one element
   draws = np.asarray(dropout.random_draws(rng, shape))
-  key1, key2 = (np.uint32(k) for k in np.asarray(jax.random.bits(rng, (2,), jnp.uint32)))
+  key1, key2 = (np.uint32(k) for k in np.asarray(words(rng)))
   hashes = 2 * 3 * 3
   w1, w2 = (
     np.asarray(w)

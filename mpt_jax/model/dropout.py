@@ -25,6 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+# Which masks a given rng draws, recorded in every stage's fingerprint (mpt_jax/fingerprint.py): a workdir
+# made with other masks is not resumed or reused under these. Change it with the draws.
+MASKS = "threefry-2x32 16-bit draws keyed by the key data of the site rng (2026-12-08)"
+
 DRAW_BITS = 16
 DRAW_LEVELS = 2**DRAW_BITS
 DRAWS_PER_HASH = 64 // DRAW_BITS
@@ -63,6 +67,18 @@ def keep_probability(rate: float) -> float:
   return 1.0 - drop_threshold(rate) / DRAW_LEVELS
 
 
+def hash_key(rng) -> tuple[jax.Array, jax.Array]:
+  """The (key1, key2) of the draws' hash: a Threefry key's own two words (the rng a site gets is already
+  hashed apart from every other site's), other kinds (rbg) through `jax.random.bits`. Until 2026-12-08
+  every kind went through `jax.random.bits(rng, (2,))`: one more Threefry hash per site, which JAX's CPU
+  backend compiles as a rolled loop (a fifth of a tiny MAML step's compile time)."""
+  if jax.random.key_impl(rng) == jax.random.key_impl(jax.random.key(0, impl="threefry2x32")):
+    key1, key2 = jax.random.key_data(rng)
+  else:
+    key1, key2 = jax.random.bits(rng, (2,), jnp.uint32)
+  return key1, key2
+
+
 def random_draws(rng, shape: tuple[int, ...]) -> jax.Array:
   """uint32 array of `shape` holding independent uniform 16-bit draws. Along the last axis, hash i of
   a row (counter: its index among all the array's hashes) gives elements 4i .. 4i + 3, from its first
@@ -72,7 +88,7 @@ def random_draws(rng, shape: tuple[int, ...]) -> jax.Array:
   if math.prod(hashes) >= 2**32:
     raise ValueError(f"dropout over {shape}: more than 2**32 hashes; split the array")
   with jax.named_scope("random_draws"):  # what profiles (benchmarks/bench_steps.py) count as dropout RNG
-    key1, key2 = jax.random.bits(rng, (2,), jnp.uint32)  # any key implementation
+    key1, key2 = hash_key(rng)
     counter = jax.lax.iota(jnp.uint32, math.prod(hashes)).reshape(hashes)
     word1, word2 = threefry2x32(key1, key2, jnp.zeros_like(counter), counter)
     low = np.uint32(DRAW_LEVELS - 1)

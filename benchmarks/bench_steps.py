@@ -209,8 +209,10 @@ CONFIGS = {
     input_length=128,
     output_length=16,
     grid_runs=4,
-    repeats=dict(maml=3, fomaml=3, reptile=2, pt=3, grid=2),
-    # Reptile and the grid take ~50 / ~40 s a call here: no warm-up call (compilation is apart,
+    # Three timed calls each: the median of two is their mean, which one disturbed call moves (a grid call
+    # at 22.6 s beside one at 18.9 s, 2026-12-08; bench_grid's 4 calls then read 18.3-18.7 s).
+    repeats=dict(maml=3, fomaml=3, reptile=3, pt=3, grid=3),
+    # Reptile and the grid take ~25 / ~20 s a call here: no warm-up call (compilation is apart,
     # and a first call's one-off costs are small against that).
     warmup=dict(maml=1, fomaml=1, reptile=0, pt=1, grid=0),
     check=("maml",),

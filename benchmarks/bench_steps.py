@@ -14,9 +14,8 @@ order, for each model configuration:
    is raised until second- and first-order MAML differ by >= 5%, so the check can tell them apart.
    The MAML meta-gradient is also timed there without dropout, on both sides.
 2. Timing, dropout 0.1 on both sides (the study's): median wall time of the timed calls after
-   compilation and a warm-up call (none for T5-small's ~50 s Reptile and grid calls), ours and the
-   baseline interleaved so that load from other processes hits both alike. Compile time (trace +
-   lower + compile) is reported apart. Then one call per side under its profiler (jax.profiler /
+   compilation and a warm-up call, ours and the baseline interleaved so that load from other
+   processes hits both alike. Compile time (trace + lower + compile) is reported apart. Then one call per side under its profiler (jax.profiler /
    torch.profiler): time per category of op.
 3. (T5-small only) achieved FLOP/s of our MAML step against a large float32 matmul on the same cores,
    and the compiled memory of the MAML step with and without rematerialization.
@@ -212,9 +211,9 @@ CONFIGS = {
     # Three timed calls each: the median of two is their mean, which one disturbed call moves (a grid call
     # at 22.6 s beside one at 18.9 s, 2026-12-08; bench_grid's 4 calls then read 18.3-18.7 s).
     repeats=dict(maml=3, fomaml=3, reptile=3, pt=3, grid=3),
-    # Reptile and the grid take ~25 / ~20 s a call here: no warm-up call (compilation is apart,
-    # and a first call's one-off costs are small against that).
-    warmup=dict(maml=1, fomaml=1, reptile=0, pt=1, grid=0),
+    # A warm-up call for every step: without one, the grid's first two calls after compiling read 18.9 and
+    # 22.8 s and its third 18.0 s (2026-12-08, twice: the process's heap, shared with torch, still grew).
+    warmup=dict(maml=1, fomaml=1, reptile=1, pt=1, grid=1),
     check=("maml",),
     profile=("maml", "pt"),
   ),

@@ -211,8 +211,8 @@ CONFIGS = {
     # Three timed calls each: the median of two is their mean, which one disturbed call moves (a grid call
     # at 22.6 s beside one at 18.9 s, 2026-12-08; bench_grid's 4 calls then read 18.3-18.7 s).
     repeats=dict(maml=3, fomaml=3, reptile=3, pt=3, grid=3),
-    # A warm-up call for every step: without one, the grid's first two calls after compiling read 18.9 and
-    # 22.8 s and its third 18.0 s (2026-12-08, twice: the process's heap, shared with torch, still grew).
+    # A warm-up call for every step, and three timed calls: the grid's second call after compiling read
+    # 22.4-22.8 s in three runs (2026-12-08), its others 18.0-19.1 s; the median then skips it.
     warmup=dict(maml=1, fomaml=1, reptile=1, pt=1, grid=1),
     check=("maml",),
     profile=("maml", "pt"),

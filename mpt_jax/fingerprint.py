@@ -35,6 +35,7 @@ RANDOM_BITS = "(random bits)"
 # known by its path): a hub id's revision ("main") moves, and a month later may name other weights.
 MODEL_SNAPSHOT = "(model snapshot)"
 # Which dropout masks an rng draws (mpt_jax/model/dropout.py's MASKS): the code, not the config, decides.
+# Recorded only where dropout is on (`pipeline.dropout_masks`).
 DROPOUT_MASKS = "(dropout masks)"
 # Recorded from 2026-11-30 (random bits) and 2026-12-06 (model snapshot) on; what an earlier record was
 # made with is unknown, so a record without them is not compared on them (and keeps its old hash).
@@ -69,9 +70,9 @@ HARMLESS = {
   "downstream.runs_at_once": "the same runs, computed in groups of another size",
 }
 
-# Keys added to the config (or to the fingerprint) after records were written, with the value every earlier
-# run computed with: a record without such a key was made with that value (so a workdir, or a grid copied from one, written
-# before the key existed stays reusable under it, and is refused under any other value).
+# Keys added to the config (or to the fingerprint) after records were written, with the value every
+# earlier run computed with: a record without such a key was made with that value (so a workdir, or a grid
+# copied from one, written before the key existed stays reusable under it, and is refused under any other).
 ADDED_KEYS = {
   "data.direction": "direct",  # 2026-11-30: before it, every task was trained and scored direct
   "downstream.objective": "likelihood",  # 2026-11-30: before it, every prompt trained the token loss

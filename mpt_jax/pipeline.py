@@ -355,12 +355,18 @@ def model_record(config) -> dict[str, Any]:
   }
 
 
+def dropout_masks(config) -> dict[str, Any]:
+  """Which masks the stage's dropout draws (with dropout on: without it no mask is drawn, and a stage made
+  before the entry existed stays reusable under any later masks)."""
+  return {fingerprint.DROPOUT_MASKS: dropout.MASKS} if config.dropout_rate > 0 else {}
+
+
 def upstream_fingerprint(config, source_data) -> dict[str, Any]:
   return {
     **fingerprint.stage_keys(config, "upstream"),
     fingerprint.DATA: fingerprint.data_digest(source_data),
     fingerprint.RANDOM_BITS: fingerprint.random_bits(),
-    fingerprint.DROPOUT_MASKS: dropout.MASKS,
+    **dropout_masks(config),
     fingerprint.MODEL_SNAPSHOT: hf.snapshot_commit(model_dir(config)),
   }
 
@@ -381,7 +387,7 @@ def task_fingerprint(config, task: str, task_data, init_prompt: np.ndarray | Non
     fingerprint.DATA: fingerprint.data_digest({task: task_data}),
     fingerprint.INITIAL_PROMPT: None if init_prompt is None else fingerprint.digest(init_prompt),
     fingerprint.RANDOM_BITS: fingerprint.random_bits(),
-    fingerprint.DROPOUT_MASKS: dropout.MASKS,
+    **dropout_masks(config),
     fingerprint.MODEL_SNAPSHOT: hf.snapshot_commit(model_dir(config)),
   }
 

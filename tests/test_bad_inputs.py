@@ -249,14 +249,27 @@ def other_random_bits(ctx):
 
 
 def older_dropout_masks(ctx):
-  """A finished workdir whose records predate the dropout-masks entry (made before 2026-12-08)."""
-  old = ctx.tmp / "old_masks"
-  shutil.copytree(ctx.finished, old)
-  for path in old.rglob(fingerprint.FILE):
-    record = fingerprint.Record.load(str(path.parent))
-    del record.keys[fingerprint.DROPOUT_MASKS]
-    record.save(str(path.parent))
-  return error_of(lambda: pipeline.run(tiny_config(ctx.checkpoint), str(old)), fingerprint.WorkdirConflict)
+  """Finished grids whose records predate the dropout-masks entry (made before 2026-12-08): with dropout
+  off no mask was drawn and the grid is reused; with dropout on it is refused."""
+  task = "synth-sentiment_d"
+  data = pipeline.RunData(str(ctx.tmp), source={}, target={task: _NoTaskData()}, source_runs={})
+
+  def finished_before_the_entry(config, workdir: str) -> None:
+    stage = Path(workdir) / "downstream" / task
+    keys = pipeline.task_fingerprint(config, task, _NoTaskData(), None)
+    keys.pop(fingerprint.DROPOUT_MASKS, None)
+    fingerprint.Record(keys).save(str(stage))
+    (stage / "results.json").write_text("{}")  # finished work, which a rerun would reuse
+
+  off, on = tiny_config(ctx.checkpoint, "pt"), tiny_config(ctx.checkpoint, "pt", dropout_rate=0.1)
+  assert fingerprint.DROPOUT_MASKS not in pipeline.task_fingerprint(off, task, _NoTaskData(), None)
+  for config, workdir in ((off, str(ctx.tmp / "masks_off")), (on, str(ctx.tmp / "masks_on"))):
+    finished_before_the_entry(config, workdir)
+  pipeline.check_workdir(off, str(ctx.tmp / "masks_off"), data, None, upstream=False)  # accepted
+  return error_of(
+    lambda: pipeline.check_workdir(on, str(ctx.tmp / "masks_on"), data, None, upstream=False),
+    fingerprint.WorkdirConflict,
+  )
 
 
 def harmless_change(ctx, caplog):

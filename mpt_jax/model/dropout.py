@@ -71,7 +71,8 @@ def hash_key(rng) -> tuple[jax.Array, jax.Array]:
   """The (key1, key2) of the draws' hash: a Threefry key's own two words (the rng a site gets is already
   hashed apart from every other site's), other kinds (rbg) through `jax.random.bits`. Until 2026-12-08
   every kind went through `jax.random.bits(rng, (2,))`: one more Threefry hash per site, which JAX's CPU
-  backend compiles as a rolled loop (a fifth of a tiny MAML step's compile time)."""
+  backend compiles as a rolled loop (a sixth of a tiny MAML step's compile time, `python -m
+  benchmarks.bench_compile`)."""
   if jax.random.key_impl(rng) == jax.random.key_impl(jax.random.key(0, impl="threefry2x32")):
     key1, key2 = jax.random.key_data(rng)
   else:

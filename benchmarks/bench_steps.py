@@ -15,8 +15,8 @@ order, for each model configuration:
    The MAML meta-gradient is also timed there without dropout, on both sides.
 2. Timing, dropout 0.1 on both sides (the study's): median wall time of the timed calls after
    compilation and a warm-up call, ours and the baseline interleaved so that load from other
-   processes hits both alike. Compile time (trace + lower + compile) is reported apart. Then one call per side under its profiler (jax.profiler /
-   torch.profiler): time per category of op.
+   processes hits both alike. Compile time (trace + lower + compile) is reported apart. Then one call
+   per side under its profiler (jax.profiler / torch.profiler): time per category of op.
 3. (T5-small only) achieved FLOP/s of our MAML step against a large float32 matmul on the same cores,
    and the compiled memory of the MAML step with and without rematerialization.
 Results go to benchmarks/results/steps.{json,md}; the Markdown is what benchmarks/README.md shows.
@@ -208,11 +208,10 @@ CONFIGS = {
     input_length=128,
     output_length=16,
     grid_runs=4,
-    # Three timed calls each: the median of two is their mean, which one disturbed call moves (a grid call
-    # at 22.6 s beside one at 18.9 s, 2026-12-08; bench_grid's 4 calls then read 18.3-18.7 s).
+    # A warm-up call and three timed calls for every step: the grid's second call after compiling read
+    # 22.4-22.8 s in three runs (2026-12-08), its others 18.0-19.1 s; a median of two calls is their mean,
+    # the median of three skips it.
     repeats=dict(maml=3, fomaml=3, reptile=3, pt=3, grid=3),
-    # A warm-up call for every step, and three timed calls: the grid's second call after compiling read
-    # 22.4-22.8 s in three runs (2026-12-08), its others 18.0-19.1 s; the median then skips it.
     warmup=dict(maml=1, fomaml=1, reptile=1, pt=1, grid=1),
     check=("maml",),
     profile=("maml", "pt"),
@@ -323,10 +322,17 @@ def our_grad_fn(method: str, loss_fn, inner_lr: float):
   return algorithms.make_pt_grad_fn(loss_fn)
 
 
-def our_timed_step(method: str, model: T5, *, inner_lr: float = STUDY_INNER_LR, remat: bool = False):
-  """The jitted step users run (state donated), dropout on; the grid: PT runs as the pipeline groups
-  them on this backend (`algorithms.grid_runs_at_once`: one at a time on a CPU)."""
-  loss_fn = algorithms.make_loss_fn(model, deterministic=False)
+def our_timed_step(
+  method: str,
+  model: T5,
+  *,
+  inner_lr: float = STUDY_INNER_LR,
+  remat: bool = False,
+  deterministic: bool = False,
+):
+  """The jitted step users run (state donated), dropout on unless `deterministic`; the grid: PT runs as
+  the pipeline groups them on this backend (`algorithms.grid_runs_at_once`: one at a time on a CPU)."""
+  loss_fn = algorithms.make_loss_fn(model, deterministic=deterministic)
   optimizer = optim.make_optimizer("adafactor", 0.5)
   if method == "grid":
     step = methods.make_step("pt", loss_fn, optimizer)

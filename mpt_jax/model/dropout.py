@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-# Which masks a given rng draws, recorded in every stage's fingerprint (mpt_jax/fingerprint.py): a workdir
-# made with other masks is not resumed or reused under these. Change it with the draws.
+# Which masks a given rng draws, recorded in the fingerprint of every stage with dropout on
+# (`pipeline.dropout_masks`): a workdir made with other masks is not resumed or reused. Change it with
+# the draws.
 MASKS = "threefry-2x32 16-bit draws keyed by the key data of the site rng (2026-12-08)"
 
 DRAW_BITS = 16

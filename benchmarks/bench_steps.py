@@ -984,6 +984,25 @@ def mib(num_bytes) -> str:
   return f"{num_bytes / 2**20:,.1f}"
 
 
+def grid_against_pt(timing: list[dict]) -> list[str]:
+  """Per configuration timed with both: our grid step against our PT step times its R runs (the grid
+  is never slower than its runs one by one, issue 31), from the medians and from the fastest calls."""
+  rows = {(r["config"], r["method"]): r for r in timing}
+  lines = []
+  for (name, method), grid in rows.items():
+    pt = rows.get((name, "pt"))
+    if method != "grid" or pt is None:
+      continue
+    runs = CONFIGS[name]["grid_runs"]
+    median = grid["ours_s"] / (runs * pt["ours_s"])
+    fastest = min(grid["ours_all_s"]) / (runs * min(pt["ours_all_s"]))
+    lines.append(
+      f"Our grid against our PT step x {runs} runs, `{name}`: medians {grid['ours_s']:.4f} s / "
+      f"({runs} x {pt['ours_s']:.4f} s) = **{median:.2f}**; fastest calls {fastest:.2f}."
+    )
+  return lines
+
+
 def markdown(results: dict) -> str:
   m = results["machine"]
   lines = [
@@ -1030,6 +1049,9 @@ def markdown(results: dict) -> str:
       f"**{r['ratio']:.2f}** | {r['ours_compile_s']:.1f} | {r['ours_cpu_s']:.3f} | "
       f"{r['baseline_cpu_s']:.3f} | {r['repeats']} (+{r['warmup']}) |"
     )
+  grid_lines = grid_against_pt(results["timing"])
+  if grid_lines:
+    lines += ["", *grid_lines]
   profiled = [r for r in results["timing"] if "profile" in r]
   if profiled:
     lines += [
